@@ -1,0 +1,140 @@
+"""A small, tolerant CIF 1.1 reader that remembers line numbers.
+
+PETS2 files are simple CIF, but real ones carry CRLF line ends, duplicated scalar tags and
+comments between loops, which strict parsers reject. This reader keeps the last value of a
+duplicated scalar and records the line of every value so errors can point at it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+
+@dataclass
+class CifLoop:
+    tags: list[str]
+    rows: list[list[str]]
+    lines: list[int]  # line number of each row's first value
+
+    def column(self, tag: str) -> list[str] | None:
+        tag = tag.lower()
+        if tag not in self.tags:
+            return None
+        i = self.tags.index(tag)
+        return [r[i] for r in self.rows]
+
+
+@dataclass
+class CifBlock:
+    path: str
+    values: dict[str, str] = field(default_factory=dict)
+    value_lines: dict[str, int] = field(default_factory=dict)
+    loops: list[CifLoop] = field(default_factory=list)
+
+    def find_loop(self, tag: str) -> CifLoop | None:
+        tag = tag.lower()
+        for loop in self.loops:
+            if tag in loop.tags:
+                return loop
+        return None
+
+
+def _split_line(line: str, path: str, lineno: int) -> list[str]:
+    s = line.strip()
+    if not s or s.startswith("#"):
+        return []
+    if "'" not in s and '"' not in s:
+        return s.split("#", 1)[0].split()
+    try:
+        lex = shlex.shlex(s, posix=True)
+        lex.whitespace_split = True
+        lex.commenters = "#"
+        return list(lex)
+    except ValueError as exc:
+        raise InputError(path, f"line {lineno}", f"cannot parse ({exc})") from None
+
+
+def read_cif_block(path: str | Path) -> CifBlock:
+    """Read the first data block of a CIF file into scalars and loops (tags lower-cased)."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+    # Tokenise into (token, line) with text fields as single tokens.
+    tokens: list[tuple[str, int, bool]] = []  # (value, line, is_text_field)
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(";"):
+            start = i + 1
+            buf = [line[1:]]
+            i += 1
+            while i < len(lines) and not lines[i].startswith(";"):
+                buf.append(lines[i])
+                i += 1
+            if i >= len(lines):
+                raise InputError(path, f"line {start}", "text field opened with ';' is never closed")
+            tokens.append(("\n".join(buf).strip("\n"), start, True))
+            i += 1
+            continue
+        for tok in _split_line(line, path, i + 1):
+            tokens.append((tok, i + 1, False))
+        i += 1
+
+    block = CifBlock(path=path)
+    k = 0
+    seen_data = False
+    n = len(tokens)
+    while k < n:
+        tok, ln, is_text = tokens[k]
+        low = tok.lower()
+        if not is_text and low.startswith("data_"):
+            if seen_data:
+                break
+            seen_data = True
+            k += 1
+        elif not is_text and low == "loop_":
+            k += 1
+            tags = []
+            while k < n and not tokens[k][2] and tokens[k][0].startswith("_"):
+                tags.append(tokens[k][0].lower())
+                k += 1
+            if not tags:
+                raise InputError(path, f"line {ln}", "loop_ without tags")
+            vals: list[tuple[str, int]] = []
+            while k < n:
+                t, l2, txt = tokens[k]
+                if not txt and (t.startswith("_") or t.lower() == "loop_" or t.lower().startswith("data_")):
+                    break
+                vals.append((t, l2))
+                k += 1
+            if len(vals) % len(tags):
+                bad_line = vals[-1][1] if vals else ln
+                raise InputError(
+                    path, f"loop starting line {ln} ({tags[0]})",
+                    f"{len(vals)} values do not fill rows of {len(tags)} columns (near line {bad_line})",
+                )
+            rows, row_lines = [], []
+            for r in range(0, len(vals), len(tags)):
+                rows.append([v for v, _ in vals[r:r + len(tags)]])
+                row_lines.append(vals[r][1])
+            block.loops.append(CifLoop(tags, rows, row_lines))
+        elif not is_text and tok.startswith("_"):
+            if k + 1 >= n:
+                raise InputError(path, f"line {ln}", f"tag {tok} has no value")
+            val, vln, _ = tokens[k + 1]
+            block.values[low] = val  # duplicated scalars: the last one wins
+            block.value_lines[low] = vln
+            k += 2
+        else:
+            k += 1  # stray token (e.g. garbage between blocks): ignored
+    if not seen_data and not block.values and not block.loops:
+        raise InputError(path, "file", "no CIF data found")
+    return block

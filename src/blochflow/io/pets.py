@@ -1,0 +1,247 @@
+"""Reader for PETS2 dynamical-refinement files (``.cif_pets``) into plain records."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .cif_tokens import CifBlock, CifLoop, read_cif_block
+from .errors import InputError
+
+Geometry = Literal["continuous", "precession"]
+
+
+@dataclass(frozen=True)
+class MeasurementDetails:
+    """Header of a PETS2 file: acquisition geometry and integration settings."""
+
+    geometry: Geometry
+    dstarmax: float  # 1/A
+    rc_width: float  # 1/A, rocking-curve width PETS used
+    mosaicity: float  # degrees
+    rotation_axis_deg: float  # azimuth of the rotation (tilt) axis in the detector plane, degrees
+
+
+@dataclass(frozen=True)
+class FrameTable:
+    """Per-frame (virtual frame / zone) settings, arrays of length n_frames."""
+
+    ids: np.ndarray  # (F,) int
+    uvw: np.ndarray  # (F, 3)
+    half_angle_deg: np.ndarray  # (F,) wedge half-width or precession semi-angle, degrees
+    alpha_deg: np.ndarray
+    beta_deg: np.ndarray
+    omega_deg: np.ndarray
+    scale: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class ReflectionTable:
+    """Observed reflections, arrays of length n_reflections."""
+
+    hkl: np.ndarray  # (R, 3) int
+    intensity: np.ndarray  # (R,)
+    sigma: np.ndarray  # (R,)
+    frame_id: np.ndarray  # (R,) int, refers to FrameTable.ids
+
+    def __len__(self) -> int:
+        return len(self.hkl)
+
+
+@dataclass(frozen=True)
+class EmbeddedAtoms:
+    """An ``_atom_site`` loop some synthetic files carry (the structure they were made from)."""
+
+    labels: list[str]
+    types: list[str]
+    xyz: np.ndarray  # (A, 3) fractional
+    occupancy: np.ndarray
+
+
+@dataclass(frozen=True)
+class PetsDataset:
+    path: str
+    cell: tuple[float, float, float, float, float, float]  # a, b, c (A), alpha, beta, gamma (deg)
+    wavelength: float  # A
+    ub: np.ndarray  # (3, 3), 1/A
+    details: MeasurementDetails
+    frames: FrameTable
+    reflections: ReflectionTable
+    atoms: EmbeddedAtoms | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _num(block: CifBlock, tag: str, *, required: bool = True, default: float | None = None) -> float:
+    val = block.values.get(tag)
+    if val is None:
+        if required:
+            raise InputError(block.path, tag, "missing")
+        return default  # type: ignore[return-value]
+    try:
+        out = float(re.sub(r"\(\d+\)$", "", val))
+    except ValueError:
+        raise InputError(block.path, f"{tag} (line {block.value_lines[tag]})",
+                         f"value '{val}' is not a number") from None
+    if not math.isfinite(out):
+        raise InputError(block.path, f"{tag} (line {block.value_lines[tag]})", "value is not finite")
+    return out
+
+
+def _columns(block: CifBlock, loop: CifLoop, spec: dict[str, tuple[str, ...]], what: str):
+    """Numeric columns of a loop, with the row's line named when a value is bad."""
+    out = {}
+    for key, candidates in spec.items():
+        col = None
+        for tag in candidates:
+            col = loop.column(tag)
+            if col is not None:
+                break
+        if col is None:
+            raise InputError(block.path, f"{what} loop", f"missing column {candidates[0]}")
+        arr = np.empty(len(col))
+        for r, v in enumerate(col):
+            try:
+                arr[r] = float(v)
+            except ValueError:
+                raise InputError(block.path, f"{what} loop, line {loop.lines[r]}, column {candidates[0]}",
+                                 f"value '{v}' is not a number") from None
+            if not math.isfinite(arr[r]):
+                raise InputError(block.path, f"{what} loop, line {loop.lines[r]}, column {candidates[0]}",
+                                 "value is not finite")
+        out[key] = arr
+    return out
+
+
+def parse_measurement_details(text: str, path: str) -> MeasurementDetails:
+    """Parse the free-text ``_diffrn_measurement_details`` field of PETS2."""
+    fields = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, _, val = line.partition(":")
+            fields[key.strip().lower()] = val.strip()
+    geo_text = fields.get("data collection geometry", "continuous rotation").lower()
+    if "precession" in geo_text:
+        geometry: Geometry = "precession"
+    elif "continuous" in geo_text or "rotation" in geo_text or "stepwise" in geo_text:
+        geometry = "continuous"
+    else:
+        raise InputError(path, "_diffrn_measurement_details", f"unknown geometry '{geo_text}'")
+
+    def val(key, default):
+        if key not in fields:
+            return default
+        try:
+            return float(fields[key].split()[0])
+        except (ValueError, IndexError):
+            raise InputError(path, f"_diffrn_measurement_details '{key}'",
+                             f"value '{fields[key]}' is not a number") from None
+
+    return MeasurementDetails(
+        geometry=geometry,
+        dstarmax=val("dstarmax", 2.0),
+        rc_width=val("rc width", 0.001),
+        mosaicity=val("mosaicity", 0.0),
+        rotation_axis_deg=val("rotation axis position", 0.0),
+    )
+
+
+def read_pets(path: str | Path) -> PetsDataset:
+    """Read a ``.cif_pets`` file; raise :class:`InputError` on malformed content."""
+    path = str(path)
+    block = read_cif_block(path)
+    cell = tuple(_num(block, t) for t in (
+        "_cell_length_a", "_cell_length_b", "_cell_length_c",
+        "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma"))
+    if min(cell[:3]) <= 0 or not all(0 < x < 180 for x in cell[3:]):
+        raise InputError(path, "_cell_*", f"impossible cell {cell}")
+    wavelength = _num(block, "_diffrn_radiation_wavelength")
+    if not 0.001 < wavelength < 0.2:
+        raise InputError(path, "_diffrn_radiation_wavelength", f"{wavelength} A is not an electron wavelength")
+    ub = np.array([[_num(block, f"_diffrn_orient_matrix_ub_{i}{j}") for j in (1, 2, 3)] for i in (1, 2, 3)])
+    if abs(np.linalg.det(ub)) < 1e-12:
+        raise InputError(path, "_diffrn_orient_matrix_UB", "matrix is singular")
+
+    details_text = block.values.get("_diffrn_measurement_details") or block.values.get(
+        "_diffrn_reflns_reduction_process")
+    if details_text is None:
+        raise InputError(path, "_diffrn_measurement_details", "missing (geometry, rotation axis position)")
+    details = parse_measurement_details(details_text, path)
+
+    floop = block.find_loop("_diffrn_zone_axis_id")
+    if floop is None:
+        raise InputError(path, "frame loop", "missing (_diffrn_zone_axis_* loop)")
+    fcols = _columns(block, floop, {
+        "id": ("_diffrn_zone_axis_id",),
+        "u": ("_diffrn_zone_axis_u",), "v": ("_diffrn_zone_axis_v",), "w": ("_diffrn_zone_axis_w",),
+        "prec": ("_diffrn_zone_axis_precession_angle",),
+        "alpha": ("_diffrn_zone_axis_alpha",), "beta": ("_diffrn_zone_axis_beta",),
+        "omega": ("_diffrn_zone_axis_omega",), "scale": ("_diffrn_zone_axis_scale",),
+    }, "frame")
+    ids = fcols["id"].astype(int)
+    if len(set(ids.tolist())) != len(ids):
+        dup = [i for i in ids.tolist() if list(ids).count(i) > 1][0]
+        raise InputError(path, "frame loop", f"frame id {dup} appears twice")
+    if np.any(fcols["prec"] < 0):
+        r = int(np.argmax(fcols["prec"] < 0))
+        raise InputError(path, f"frame loop, line {floop.lines[r]}", "negative precession/wedge angle")
+    frames = FrameTable(ids=ids, uvw=np.stack([fcols["u"], fcols["v"], fcols["w"]], 1),
+                        half_angle_deg=fcols["prec"], alpha_deg=fcols["alpha"], beta_deg=fcols["beta"],
+                        omega_deg=fcols["omega"], scale=fcols["scale"])
+
+    rloop = block.find_loop("_refln_index_h")
+    if rloop is None:
+        raise InputError(path, "reflection loop", "missing (_refln_index_h ... loop)")
+    rcols = _columns(block, rloop, {
+        "h": ("_refln_index_h",), "k": ("_refln_index_k",), "l": ("_refln_index_l",),
+        "i": ("_refln_intensity_meas", "_refln_f_squared_meas"),
+        "s": ("_refln_intensity_sigma", "_refln_f_squared_sigma"),
+        "f": ("_refln_zone_axis_id",),
+    }, "reflection")
+    # Zero-count Poisson observations (I = 0, sigma = 0) carry no weight information: drop them
+    # and count them; any other sigma <= 0 is an error.
+    zero_count = (rcols["s"] == 0) & (rcols["i"] == 0)
+    n_zero_count = int(zero_count.sum())
+    if n_zero_count:
+        rcols = {k: v[~zero_count] for k, v in rcols.items()}
+        rloop = CifLoop(rloop.tags, [], [ln for ln, z in zip(rloop.lines, zero_count) if not z])
+    hkl = np.stack([rcols["h"], rcols["k"], rcols["l"]], 1)
+    if np.any(hkl != np.round(hkl)):
+        r = int(np.argmax(np.any(hkl != np.round(hkl), 1)))
+        raise InputError(path, f"reflection loop, line {rloop.lines[r]}", "Miller index is not an integer")
+    bad = np.flatnonzero(rcols["s"] <= 0)
+    if len(bad):
+        r = int(bad[0])
+        raise InputError(path, f"reflection loop, line {rloop.lines[r]}",
+                         f"sigma {rcols['s'][r]} <= 0 ({len(bad)} such rows)")
+    fid = rcols["f"].astype(int)
+    known = set(ids.tolist())
+    missing = [r for r, f in enumerate(fid.tolist()) if f not in known]
+    if missing:
+        r = missing[0]
+        raise InputError(path, f"reflection loop, line {rloop.lines[r]}",
+                         f"frame id {fid[r]} has no entry in the frame loop")
+    if len(hkl) == 0:
+        raise InputError(path, "reflection loop", "no reflections")
+    refl = ReflectionTable(hkl=hkl.astype(int), intensity=rcols["i"], sigma=rcols["s"], frame_id=fid)
+
+    atoms = None
+    aloop = block.find_loop("_atom_site_fract_x")
+    if aloop is not None:
+        acols = _columns(block, aloop, {"x": ("_atom_site_fract_x",), "y": ("_atom_site_fract_y",),
+                                        "z": ("_atom_site_fract_z",)}, "atom_site")
+        occ = aloop.column("_atom_site_occupancy")
+        types = aloop.column("_atom_site_type_symbol") or aloop.column("_atom_site_label")
+        atoms = EmbeddedAtoms(labels=aloop.column("_atom_site_label") or types, types=types,
+                              xyz=np.stack([acols["x"], acols["y"], acols["z"]], 1),
+                              occupancy=np.array([float(o) for o in occ]) if occ else np.ones(len(types)))
+    return PetsDataset(path=path, cell=cell, wavelength=wavelength, ub=ub, details=details,
+                       frames=frames, reflections=refl, atoms=atoms,
+                       extra={"n_zero_count_dropped": n_zero_count})

@@ -1,0 +1,292 @@
+"""Frame intensities: beam selection, structure matrices, Bloch solves, integration over samples.
+
+Geometry (which beams couple, index tables, scored reflections) is integer bookkeeping computed once
+into a :class:`DiffractionPlan`; values (potential, excitation errors, thickness) are recomputed
+on every call and carry gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..crystal.cell import direct_basis, reciprocal_basis
+from .bloch import propagate, propagate_perturbative
+from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations,
+                       frame_samples, rotation_axis_lab)
+
+AbsorptionMethod = Literal["exact", "perturbative"]
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    """How beams and scored reflections are chosen and how frames are integrated."""
+
+    g_max: float | None = None  # 1/A; None: data dstarmax + 0.4
+    s_max: float = 0.02  # 1/A, excitation-error limit for coupled beams at each sample
+    n_samples: int = 16  # tilts per frame (continuous) or azimuths (precession)
+    sample_rule: Literal["midpoint", "gauss"] = "midpoint"
+    rsg: float = 0.66  # Klar et al. 2023: keep |s_g| / dS_g < rsg
+    dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
+    chunk_elements: int = 3_000_000  # samples x N^2 per batched solve
+    nonparallel: bool = True  # (1 + g.n/K_n)^-1/2 factors
+
+
+@dataclass(frozen=True)
+class ScoredReflections:
+    """The observed reflections that are simulated and compared, in one flat order."""
+
+    row: np.ndarray  # (R,) row in the dataset's reflection table
+    frame: np.ndarray  # (R,) frame index (0-based position in the frame table)
+    hkl: np.ndarray  # (R, 3)
+    excitation_error: np.ndarray  # (R,) s_g at the frame centre (1/A)
+    excitation_range: np.ndarray  # (R,) dS_g (1/A)
+
+
+@dataclass(frozen=True)
+class BeamChunk:
+    """A batch of samples solved together, beams padded to a common count N."""
+
+    sample: torch.Tensor  # (B,) global sample index
+    frame: torch.Tensor  # (B,) frame index
+    hkl: torch.Tensor  # (B, N, 3) float, zeros at padding
+    mask: torch.Tensor  # (B, N) bool, True for real beams
+    out_sample: torch.Tensor  # (P,) local sample of each (sample, scored reflection) pair
+    out_beam: torch.Tensor  # (P,) beam position of that reflection in the sample
+    out_refl: torch.Tensor  # (P,) index into ScoredReflections
+
+
+@dataclass
+class DiffractionPlan:
+    settings: BeamSettings
+    geometry: str
+    wavelength: float
+    g_max: float
+    ub: torch.Tensor  # (3, 3)
+    axis_azimuth: float  # radians
+    samples: SampleSet
+    scored: ScoredReflections
+    chunks: list[BeamChunk]
+    potential_hkl: np.ndarray  # (M, 3) hkl differences needed, row 0 is 000
+    lut: torch.Tensor  # dense index box -> potential row (M = zero padding entry)
+    lut_offset: torch.Tensor  # (3,)
+    lut_shape: tuple
+    n_beams: np.ndarray = field(default=None)  # (S,) real beams per sample
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.samples.frame.max()) + 1
+
+
+def _candidate_beams(cell, g_max: float) -> np.ndarray:
+    a_len = np.linalg.norm(direct_basis(cell), axis=0)
+    hmax = np.ceil(g_max * a_len).astype(int)
+    grids = np.meshgrid(*[np.arange(-m, m + 1) for m in hmax], indexing="ij")
+    hkl = np.stack([g.ravel() for g in grids], 1)
+    g = hkl @ reciprocal_basis(cell).T
+    keep = (np.linalg.norm(g, axis=1) <= g_max) & np.any(hkl != 0, axis=1)
+    return hkl[keep]
+
+
+def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.ndarray | None = None) -> DiffractionPlan:
+    """Choose beams per sample and scored reflections per frame for a PETS dataset record."""
+    frames, refl = dataset.frames, dataset.reflections
+    geometry = dataset.details.geometry
+    g_max = settings.g_max if settings.g_max is not None else dataset.details.dstarmax + 0.4
+    k = 1.0 / dataset.wavelength
+    ub = torch.as_tensor(dataset.ub, dtype=torch.float64)
+    phi = math.radians(dataset.details.rotation_axis_deg)
+    alpha = torch.as_tensor(np.radians(frames.alpha_deg))
+    beta = torch.as_tensor(np.radians(frames.beta_deg))
+    omega = torch.as_tensor(np.radians(frames.omega_deg))
+    orient = frame_orientations(ub, alpha, beta, omega, phi).numpy()
+    axis = rotation_axis_lab(omega, phi).numpy()
+    samples = frame_samples(frames.half_angle_deg, geometry, settings.n_samples, settings.sample_rule)
+
+    # Scored reflections: Klar et al. (2023) criteria at the frame centre.
+    id_to_index = {int(f): i for i, f in enumerate(frames.ids)}
+    fidx = np.array([id_to_index[int(f)] for f in refl.frame_id])
+    g_obs = np.einsum("rij,rj->ri", orient[fidx], refl.hkl)
+    centre_inc = np.array([0.0, 0.0, -1.0])
+    s_obs = excitation_error(torch.as_tensor(g_obs), torch.as_tensor(centre_inc), k).numpy()
+    ds_obs = excitation_error_range(g_obs, axis[fidx], centre_inc, np.radians(frames.half_angle_deg[fidx]), geometry)
+    keep = (np.abs(s_obs) < settings.rsg * ds_obs) & (ds_obs - np.abs(s_obs) > settings.dsg)
+    keep &= np.any(refl.hkl != 0, axis=1)
+    if frame_mask is not None:
+        keep &= frame_mask[fidx]
+    rows = np.flatnonzero(keep)
+    scored = ScoredReflections(row=rows, frame=fidx[rows], hkl=refl.hkl[rows], excitation_error=s_obs[rows],
+                               excitation_range=ds_obs[rows])
+
+    cand = _candidate_beams(dataset.cell, g_max)
+    per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
+    sample_beams: list[np.ndarray] = []
+    for s in range(len(samples.frame)):
+        f = samples.frame[s]
+        o = frame_orientations(ub, alpha[f:f + 1] + samples.alpha_offset[s], beta[f:f + 1], omega[f:f + 1], phi)[0].numpy()
+        sg = excitation_error(torch.as_tensor(cand @ o.T), torch.as_tensor(samples.incident[s]), k).numpy()
+        sel = cand[np.abs(sg) < settings.s_max]
+        sc = scored.hkl[per_frame_scored[f]]
+        if len(sc):
+            # drop selected beams that are already scored reflections
+            key = lambda h: (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
+            sel = sel[~np.isin(key(sel), key(sc))]
+        sample_beams.append(np.concatenate([np.zeros((1, 3), int), sc.reshape(-1, 3), sel], 0))
+    n_beams = np.array([len(b) for b in sample_beams])
+
+    # Chunks of consecutive samples with a bounded B x N^2.
+    chunks_idx: list[list[int]] = []
+    cur: list[int] = []
+    cur_n = 0
+    for s in range(len(sample_beams)):
+        n = max(cur_n, n_beams[s])
+        if cur and (len(cur) + 1) * n * n > settings.chunk_elements:
+            chunks_idx.append(cur)
+            cur, n = [], n_beams[s]
+        cur.append(s)
+        cur_n = n
+    if cur:
+        chunks_idx.append(cur)
+
+    # Potential table: every hkl difference that occurs, via a dense lookup box.
+    hmax = np.max(np.abs(np.concatenate(sample_beams)), axis=0) * 2
+    shape = tuple(int(2 * m + 1) for m in hmax)
+    used = np.zeros(shape, bool)
+    for b in sample_beams:
+        d = b[:, None, :] - b[None, :, :]
+        used[d[..., 0] + hmax[0], d[..., 1] + hmax[1], d[..., 2] + hmax[2]] = True
+    used[hmax[0], hmax[1], hmax[2]] = True
+    pot_hkl = np.argwhere(used) - hmax
+    # 000 first
+    zero = np.flatnonzero(np.all(pot_hkl == 0, axis=1))[0]
+    order = np.concatenate([[zero], np.delete(np.arange(len(pot_hkl)), zero)])
+    pot_hkl = pot_hkl[order]
+    lut = np.full(shape, len(pot_hkl), dtype=np.int64)
+    lut[pot_hkl[:, 0] + hmax[0], pot_hkl[:, 1] + hmax[1], pot_hkl[:, 2] + hmax[2]] = np.arange(len(pot_hkl))
+
+    chunks = []
+    for idx in chunks_idx:
+        n = max(n_beams[s] for s in idx)
+        hkl = np.zeros((len(idx), n, 3))
+        mask = np.zeros((len(idx), n), bool)
+        osamp, obeam, orefl = [], [], []
+        for j, s in enumerate(idx):
+            b = sample_beams[s]
+            hkl[j, :len(b)] = b
+            mask[j, :len(b)] = True
+            sc = per_frame_scored[samples.frame[s]]
+            osamp.append(np.full(len(sc), j))
+            obeam.append(1 + np.arange(len(sc)))
+            orefl.append(sc)
+        chunks.append(BeamChunk(
+            sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
+            hkl=torch.as_tensor(hkl), mask=torch.as_tensor(mask),
+            out_sample=torch.as_tensor(np.concatenate(osamp)).long(),
+            out_beam=torch.as_tensor(np.concatenate(obeam)).long(),
+            out_refl=torch.as_tensor(np.concatenate(orefl)).long()))
+    return DiffractionPlan(settings=settings, geometry=geometry, wavelength=dataset.wavelength, g_max=g_max,
+                           ub=ub, axis_azimuth=phi, samples=samples, scored=scored, chunks=chunks,
+                           potential_hkl=pot_hkl, lut=torch.as_tensor(lut), lut_offset=torch.as_tensor(hmax),
+                           lut_shape=shape, n_beams=n_beams)
+
+
+@dataclass
+class FrameState:
+    """Per-frame values that enter the simulation (tensors, may require grad).
+
+    alpha/beta/omega in radians (F,), thickness (F, Q) in A with weights (F, Q) summing to 1.
+    surface_normal (F, 3) unit lab vectors along propagation, or None for 'along the beam'.
+    """
+
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    omega: torch.Tensor
+    thickness: torch.Tensor
+    thickness_weight: torch.Tensor
+    surface_normal: torch.Tensor | None = None
+
+
+def frame_state_from_dataset(dataset, thickness: float | torch.Tensor, dtype=torch.float64) -> FrameState:
+    f = dataset.frames
+    n = len(f)
+    t = torch.as_tensor(thickness, dtype=dtype)
+    if t.dim() == 0:
+        t = t.expand(n)[:, None].clone()
+    elif t.dim() == 1:
+        t = t[:, None] if len(t) == n else t[None, :].expand(n, -1).clone()
+    return FrameState(alpha=torch.as_tensor(np.radians(f.alpha_deg), dtype=dtype),
+                      beta=torch.as_tensor(np.radians(f.beta_deg), dtype=dtype),
+                      omega=torch.as_tensor(np.radians(f.omega_deg), dtype=dtype),
+                      thickness=t, thickness_weight=torch.full_like(t, 1.0 / t.shape[1]))
+
+
+def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
+                    state: FrameState, *, absorption_method: AbsorptionMethod = "exact",
+                    per_thickness: bool = False) -> torch.Tensor:
+    """Calculated intensities of the scored reflections, integrated over each frame's samples.
+
+    potential (M,) complex U over ``plan.potential_hkl`` (1/A^2); potential_abs (M,) or None.
+    Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average.
+    """
+    ctype = potential.dtype
+    rtype = potential.real.dtype
+    u0 = potential[0].real
+    k = torch.sqrt(1.0 / plan.wavelength ** 2 + u0)  # wave number in the crystal (1/A)
+    pot = torch.cat([potential, potential.new_zeros(1)])
+    pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
+    samples = plan.samples
+    inc_all = torch.as_tensor(samples.incident, dtype=rtype)
+    offs_all = torch.as_tensor(samples.alpha_offset, dtype=rtype)
+    w_all = torch.as_tensor(samples.weight, dtype=rtype)
+    q = state.thickness.shape[1]
+    n_refl = len(plan.scored.row)
+    out = torch.zeros((n_refl, q), dtype=rtype)
+    for ch in plan.chunks:
+        fr = ch.frame
+        s_idx = ch.sample
+        orient = frame_orientations(plan.ub.to(rtype), state.alpha[fr] + offs_all[s_idx], state.beta[fr],
+                                    state.omega[fr], plan.axis_azimuth)  # (B,3,3)
+        hkl = ch.hkl.to(rtype)
+        g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
+        inc = inc_all[s_idx]
+        sg = excitation_error(g_lab, inc[:, None, :], k)  # (B,N)
+        d = (ch.hkl[:, :, None, :] - ch.hkl[:, None, :, :]).long() + plan.lut_offset
+        idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
+        pair = ch.mask[:, :, None] & ch.mask[:, None, :]
+        eye = torch.eye(hkl.shape[1], dtype=torch.bool)
+        idx = torch.where(pair & ~eye, idx, torch.full_like(idx, len(potential)))
+        big = 1e4 * (1 + torch.arange(hkl.shape[1], dtype=rtype) * 1e-3)
+        diag = torch.where(ch.mask, 2 * k * sg, big)
+        if state.surface_normal is None:
+            normal = inc
+        else:
+            normal = state.surface_normal[fr].to(rtype)
+        kn = k * torch.sum(inc * normal, -1)  # (B,)
+        a_mat = pot[idx] + torch.diag_embed(diag).to(ctype)
+        if plan.settings.nonparallel:
+            m = torch.where(ch.mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
+                            torch.ones_like(sg))
+            a_mat = a_mat * (m[:, :, None] * m[:, None, :]).to(ctype)
+        thick = state.thickness[fr]  # (B,Q)
+        if pot_abs is None:
+            psi = propagate(a_mat, thick, 1.0 / kn, hermitian=True)
+        else:
+            a_abs = pot_abs[idx] + torch.diag_embed(ch.mask.to(ctype) * potential_abs[0])
+            if plan.settings.nonparallel:
+                a_abs = a_abs * (m[:, :, None] * m[:, None, :]).to(ctype)
+            if absorption_method == "exact":
+                psi = propagate(a_mat + 1j * a_abs, thick, 1.0 / kn, hermitian=False)
+            else:
+                psi = propagate_perturbative(a_mat, a_abs, thick, 1.0 / kn)
+        if plan.settings.nonparallel:
+            psi = psi * m[:, None, :].to(ctype)
+        inten = psi.real ** 2 + psi.imag ** 2  # (B,Q,N)
+        vals = inten[ch.out_sample, :, ch.out_beam] * w_all[s_idx][ch.out_sample][:, None]
+        out = out.index_add(0, ch.out_refl, vals)
+    if per_thickness:
+        return out
+    return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)

@@ -1,0 +1,111 @@
+"""Frame geometry in the PETS2 convention: orientations, rocking/precession samples, excitation errors.
+
+Lab frame: beam travels along -z, goniometer axis along x after the azimuth correction.
+A frame's orientation maps Miller indices to lab reciprocal vectors (1/A):
+    g_lab = R_z(-phi_axis) R_z(omega) R_x(alpha) R_y(beta) UB h,
+with UB from the file (U = UB B^-1 not re-orthonormalised). A continuous-rotation frame integrates
+over alpha +- half-angle; a precession frame over a cone of incident directions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def rotation_matrix(axis: str, angle: torch.Tensor) -> torch.Tensor:
+    """Active rotation matrices (..., 3, 3) about a lab axis by ``angle`` (radians)."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    o, z = torch.ones_like(angle), torch.zeros_like(angle)
+    if axis == "x":
+        rows = [[o, z, z], [z, c, -s], [z, s, c]]
+    elif axis == "y":
+        rows = [[c, z, s], [z, o, z], [-s, z, c]]
+    elif axis == "z":
+        rows = [[c, -s, z], [s, c, z], [z, z, o]]
+    else:
+        raise ValueError(axis)
+    return torch.stack([torch.stack(r, -1) for r in rows], -2)
+
+
+def frame_orientations(ub: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, omega: torch.Tensor,
+                       axis_azimuth: float) -> torch.Tensor:
+    """Orientation matrices O (F, 3, 3), g_lab = O h; angles in radians, differentiable."""
+    phi = torch.full_like(alpha, -axis_azimuth)
+    return (rotation_matrix("z", phi) @ rotation_matrix("z", omega) @ rotation_matrix("x", alpha)
+            @ rotation_matrix("y", beta) @ ub)
+
+
+def rotation_axis_lab(omega: torch.Tensor, axis_azimuth: float) -> torch.Tensor:
+    """Unit vector (F, 3) of the goniometer (alpha) axis in the lab frame."""
+    ang = omega - axis_azimuth
+    return torch.stack([torch.cos(ang), torch.sin(ang), torch.zeros_like(ang)], -1)
+
+
+def excitation_error(g_lab: torch.Tensor, incident: torch.Tensor, k: float | torch.Tensor) -> torch.Tensor:
+    """Exact s_g = (K^2 - |K + g|^2) / (2K) (1/A); g_lab (..., 3), incident unit vectors (..., 3)."""
+    return -torch.sum(incident * g_lab, -1) - torch.sum(g_lab * g_lab, -1) / (2 * k)
+
+
+def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nodes in [-1, 1] and weights summing to 1."""
+    x, w = np.polynomial.legendre.leggauss(n)
+    return x, w / w.sum()
+
+
+def midpoint(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Midpoint-rule nodes in [-1, 1] and equal weights summing to 1."""
+    x = (np.arange(n) + 0.5) / n * 2 - 1
+    return x, np.full(n, 1.0 / n)
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """The incident directions that integrate each frame (tilts or precession azimuths).
+
+    For continuous rotation each sample is an alpha offset with the beam along -z; for precession
+    each sample is an azimuth on the cone with the crystal at the frame's orientation.
+    """
+
+    frame: np.ndarray  # (S,) frame index
+    alpha_offset: np.ndarray  # (S,) radians
+    incident: np.ndarray  # (S, 3) unit incident direction
+    weight: np.ndarray  # (S,) sums to 1 within each frame
+
+
+def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int, rule: str = "midpoint") -> SampleSet:
+    """Sample each frame's integration range: rocking wedge (continuous) or precession cone."""
+    n_frames = len(half_angle_deg)
+    frame = np.repeat(np.arange(n_frames), n_samples)
+    if geometry == "continuous":
+        x, w = (gauss_legendre if rule == "gauss" else midpoint)(n_samples)
+        offs = (np.radians(half_angle_deg)[:, None] * x[None, :]).ravel()
+        inc = np.tile([0.0, 0.0, -1.0], (len(frame), 1))
+        weights = np.tile(w, n_frames)
+    elif geometry == "precession":
+        az = 2 * np.pi * (np.arange(n_samples) + 0.5) / n_samples
+        ph = np.radians(half_angle_deg)[:, None]
+        inc = np.stack([np.sin(ph) * np.cos(az), np.sin(ph) * np.sin(az), -np.cos(ph) * np.ones_like(az)], -1)
+        inc = inc.reshape(-1, 3)
+        offs = np.zeros(len(frame))
+        weights = np.full(len(frame), 1.0 / n_samples)
+    else:
+        raise ValueError(f"unknown geometry '{geometry}'")
+    return SampleSet(frame=frame, alpha_offset=offs, incident=inc, weight=weights)
+
+
+def excitation_error_range(g_lab: np.ndarray, axis: np.ndarray, incident: np.ndarray, half_angle_rad,
+                           geometry: str) -> np.ndarray:
+    """dS_g: the excitation-error range swept by a frame for each reflection (1/A).
+
+    Continuous rotation: |k . (axis x g)| * half-angle (the lever arm about the rotation axis).
+    Precession: |g_perp| * semi-angle, g_perp the component normal to the beam.
+    """
+    if geometry == "continuous":
+        lever = np.abs(np.sum(incident * np.cross(axis, g_lab), -1))
+    else:
+        lever = np.linalg.norm(g_lab - np.sum(g_lab * incident, -1, keepdims=True) * incident, axis=-1)
+    return lever * half_angle_rad

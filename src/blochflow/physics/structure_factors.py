@@ -1,0 +1,100 @@
+"""Fourier coefficients of the crystal potential U_g (1/A^2), elastic and absorptive.
+
+U_g = gamma/(pi Omega) sum_atoms occ f(|g|) T(g) exp(-2 pi i h.x), summed over every symmetry
+copy of each asymmetric-unit atom (copies on special positions weighted so each site counts once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ..crystal.cell import reciprocal_basis
+from ..crystal.structure import Crystal
+from .absorption import absorptive_scattering_factor
+from .constants import interaction_prefactor
+from .scattering import atomic_number, electron_scattering_factor
+
+AbsorptionModel = Literal["none", "proportional", "tds"]
+
+
+@dataclass(frozen=True)
+class PotentialPlan:
+    """Geometry of a set of reflections for the potential: fixed integers and lengths, no atoms."""
+
+    hkl: torch.Tensor  # (M, 3) float
+    g_length: torch.Tensor  # (M,) 1/A
+    hkl_rot: torch.Tensor  # (S, M, 3): R_s^T h for every operator
+    phase_shift: torch.Tensor  # (S, M): h . t_s
+    element_z: torch.Tensor  # (E,) atomic numbers of the distinct elements
+    atom_element: torch.Tensor  # (A,) index into element_z
+    site_weight: torch.Tensor  # (A,)
+    prefactor: float  # gamma / (pi Omega), 1/A^3
+    wavelength: float
+
+
+def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=torch.float64) -> PotentialPlan:
+    hkl_t = torch.as_tensor(np.asarray(hkl), dtype=dtype)
+    b = torch.as_tensor(reciprocal_basis(crystal.cell), dtype=dtype)
+    g_len = torch.linalg.norm(hkl_t @ b.T, dim=-1)
+    rots = torch.as_tensor(crystal.symmetry.rotations, dtype=dtype)
+    trans = torch.as_tensor(crystal.symmetry.translations, dtype=dtype)
+    hkl_rot = torch.einsum("sji,mj->smi", rots, hkl_t)
+    phase_shift = torch.einsum("mi,si->sm", hkl_t, trans)
+    elements = sorted(set(crystal.asu.elements), key=crystal.asu.elements.index)
+    return PotentialPlan(
+        hkl=hkl_t, g_length=g_len, hkl_rot=hkl_rot, phase_shift=phase_shift,
+        element_z=torch.tensor([atomic_number(e) for e in elements]),
+        atom_element=torch.tensor([elements.index(e) for e in crystal.asu.elements]),
+        site_weight=crystal.site_multiplicity_weights().to(dtype),
+        prefactor=interaction_prefactor(wavelength, crystal.volume), wavelength=wavelength)
+
+
+def _atom_sums(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
+    """sum over operators of T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom: (A, M) complex."""
+    hr = plan.hkl_rot  # (S, M, 3)
+    phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None])
+    dw = torch.exp(-2 * math.pi ** 2 * torch.einsum("smi,aij,smj->asm", hr, u_frac, hr))
+    return torch.sum(dw * torch.polar(torch.ones_like(phase), -phase), dim=1)
+
+
+def crystal_potential(plan: PotentialPlan, xyz: torch.Tensor, occupancy: torch.Tensor, u_frac: torch.Tensor,
+                      absorption: AbsorptionModel = "none", kappa: torch.Tensor | float = 0.0,
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Elastic U_g and absorptive U'_g (1/A^2) for the plan's reflections.
+
+    xyz (A, 3) fractional, occupancy (A,), u_frac (A, 3, 3) as in :class:`AsymmetricUnit`.
+    Returns (U, U_abs) with U_abs None when ``absorption == 'none'``.
+    """
+    sums = _atom_sums(plan, xyz, u_frac)  # (A, M)
+    f_el = electron_scattering_factor(plan.element_z[:, None], plan.g_length[None, :])  # (E, M)
+    f_atom = f_el[plan.atom_element]  # (A, M)
+    w = (occupancy * plan.site_weight)[:, None]
+    u_g = plan.prefactor * torch.sum(w * f_atom * sums, dim=0)
+    if absorption == "none":
+        return u_g, None
+    if absorption == "proportional":
+        return u_g, kappa * u_g
+    if absorption == "tds":
+        u_iso = _u_iso_equivalent(plan, u_frac)
+        f_abs = absorptive_scattering_factor(plan.element_z[plan.atom_element][:, None],
+                                             plan.g_length[None, :], u_iso[:, None], plan.wavelength)
+        return u_g, plan.prefactor * torch.sum(w * f_abs * sums, dim=0)
+    raise ValueError(f"unknown absorption model '{absorption}'")
+
+
+def _u_iso_equivalent(plan: PotentialPlan, u_frac: torch.Tensor) -> torch.Tensor:
+    """U_eq-like isotropic value (A^2) per atom for the absorptive factor: mean over directions.
+
+    With u_frac = N U N, h^T u_frac h = g^T U_cart g; the isotropic equivalent is taken as the
+    ratio of mean DW exponents over the plan's reflections, which equals U_iso exactly for
+    isotropic atoms.
+    """
+    hr = plan.hkl[None]  # (1, M, 3)
+    num = torch.einsum("smi,aij,smj->am", hr, u_frac, hr).sum(-1)
+    den = (plan.g_length ** 2).sum().clamp_min(1e-30)
+    return num / den

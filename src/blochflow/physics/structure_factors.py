@@ -15,7 +15,6 @@ import torch
 
 from ..crystal.cell import reciprocal_basis
 from ..crystal.structure import Crystal
-from .absorption import absorptive_scattering_factor
 from .constants import interaction_prefactor
 from .scattering import atomic_number, electron_scattering_factor
 
@@ -80,6 +79,7 @@ def crystal_potential(plan: PotentialPlan, xyz: torch.Tensor, occupancy: torch.T
     if absorption == "proportional":
         return u_g, kappa * u_g
     if absorption == "tds":
+        from .absorption import absorptive_scattering_factor
         u_iso = _u_iso_equivalent(plan, u_frac)
         f_abs = absorptive_scattering_factor(plan.element_z[plan.atom_element][:, None],
                                              plan.g_length[None, :], u_iso[:, None], plan.wavelength)

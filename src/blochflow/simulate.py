@@ -69,13 +69,14 @@ class ThicknessSpec:
 
 def synthesize(crystal: Crystal, dataset: PetsDataset, thickness: ThicknessSpec, settings: ModelSettings,
                noise: Noise = "poisson", max_counts: float = 1e5, seed: int = 0):
-    """Simulated intensities for every reflection row of ``dataset`` with noise.
+    """Simulated intensities, with noise, for the reflection rows of ``dataset`` that ``settings`` score.
 
     Returns (rows, I, sigma) with rows indexing the input reflection table. The calculated
-    intensities are scaled so that the strongest one has ``max_counts``.
+    intensities are scaled so that the strongest one has ``max_counts``. Only scored rows are
+    written because the scored reflections are part of each sample's beam set: simulating the file
+    again with the same settings reproduces the same beams and intensities exactly.
     """
-    beams = dataclasses.replace(settings.beams, rsg=float("inf"), dsg=-float("inf"))
-    model = ForwardModel(crystal, dataset, dataclasses.replace(settings, beams=beams))
+    model = ForwardModel(crystal, dataset, settings)
     with torch.no_grad():
         ic = model.intensities(thickness.frame_state(dataset)).numpy()
     rows = model.plan.scored.row

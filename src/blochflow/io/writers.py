@@ -89,5 +89,5 @@ def format_pets(dataset: PetsDataset, hkl: np.ndarray, intensity: np.ndarray, si
     out += ["", "loop_", "_refln_index_h", "_refln_index_k", "_refln_index_l", "_refln_intensity_meas",
             "_refln_intensity_sigma", "_refln_zone_axis_id"]
     for (h, k, l), i_, s_, fid in zip(hkl, intensity, sigma, frame_id):
-        out.append(f"{h:4d} {k:4d} {l:4d} {i_!r} {s_!r} {fid:5d}")
+        out.append(f"{h:4d} {k:4d} {l:4d} {float(i_)!r} {float(s_)!r} {fid:5d}")
     return "\n".join(out) + "\n"

@@ -63,12 +63,17 @@ class _Propagate(torch.autograd.Function):
             y = y * w[:, None, :]
             # dL = Re tr(Y^T V^-1 dA V)  ->  grad_A = (V Y^T V^-1)^H
             grad_a = (vec @ y.transpose(-1, -2) @ vinv).mH
-        if ctx.needs_input_grad[1]:
-            # d psi_q / d t_q = V (c_q/t_q * lam * expo * w) with c_q/t_q = i pi / K_n
-            dpsi = torch.einsum("bij,bqj->bqi", vec,
-                                (1j * math.pi) * inv_kn[:, None, None].to(vec.dtype) * lam[:, None, :] * expo * w[:, None, :])
-            grad_t = torch.real(torch.sum(gpsi.conj() * dpsi, dim=-1))
-        return grad_a, grad_t, None, None, None
+        grad_kn = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # psi_q depends on c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w)
+            dpsi_dc = torch.einsum("bij,bqj->bqi", vec, lam[:, None, :] * expo * w[:, None, :])
+            gc = torch.sum(gpsi.conj() * dpsi_dc, dim=-1)  # (B,Q)
+            thickness = c / ((1j * math.pi) * inv_kn[:, None].to(c.dtype))
+            if ctx.needs_input_grad[1]:
+                grad_t = torch.real(gc * (1j * math.pi) * inv_kn[:, None].to(c.dtype))
+            if ctx.needs_input_grad[2]:
+                grad_kn = torch.real(torch.sum(gc * (1j * math.pi) * thickness, dim=-1))
+        return grad_a, grad_t, grad_kn, None, None
 
 
 def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor, *,

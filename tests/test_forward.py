@@ -82,10 +82,12 @@ def test_absorption_reduces_intensity_and_methods_agree(quartz):
     mask = _mask(ds, [20, 21])
     out = {}
     for name, kw in {"none": {}, "exact": dict(absorption="proportional", kappa=0.05),
-                     "pert": dict(absorption="proportional", kappa=0.05, absorption_method="perturbative")}.items():
+                     "pert": dict(absorption="proportional", kappa=0.05, absorption_method="perturbative"),
+                     "tds": dict(absorption="tds")}.items():
         m = ForwardModel(crystal, ds, dataclasses.replace(FAST, **kw), frame_mask=mask)
         with torch.no_grad():
             out[name] = m.intensities(m.frame_state(600.0))
     assert out["exact"].sum() < out["none"].sum()
+    assert out["tds"].sum() < out["none"].sum()
     rel = ((out["pert"] - out["exact"]).abs().sum() / out["exact"].sum()).item()
     assert rel < 0.02  # the measured first-order error at kappa = 0.05, 600 A

@@ -209,24 +209,24 @@ def read_pets(path: str | Path) -> PetsDataset:
     # and count them; any other sigma <= 0 is an error.
     zero_count = (rcols["s"] == 0) & (rcols["i"] == 0)
     n_zero_count = int(zero_count.sum())
+    row_lines = [ln for ln, z in zip(rloop.lines, zero_count) if not z]
     if n_zero_count:
         rcols = {k: v[~zero_count] for k, v in rcols.items()}
-        rloop = CifLoop(rloop.tags, [], [ln for ln, z in zip(rloop.lines, zero_count) if not z])
     hkl = np.stack([rcols["h"], rcols["k"], rcols["l"]], 1)
     if np.any(hkl != np.round(hkl)):
         r = int(np.argmax(np.any(hkl != np.round(hkl), 1)))
-        raise InputError(path, f"reflection loop, line {rloop.lines[r]}", "Miller index is not an integer")
+        raise InputError(path, f"reflection loop, line {row_lines[r]}", "Miller index is not an integer")
     bad = np.flatnonzero(rcols["s"] <= 0)
     if len(bad):
         r = int(bad[0])
-        raise InputError(path, f"reflection loop, line {rloop.lines[r]}",
+        raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"sigma {rcols['s'][r]} <= 0 ({len(bad)} such rows)")
     fid = rcols["f"].astype(int)
     known = set(ids.tolist())
     missing = [r for r, f in enumerate(fid.tolist()) if f not in known]
     if missing:
         r = missing[0]
-        raise InputError(path, f"reflection loop, line {rloop.lines[r]}",
+        raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"frame id {fid[r]} has no entry in the frame loop")
     if len(hkl) == 0:
         raise InputError(path, "reflection loop", "no reflections")

@@ -124,17 +124,21 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
 
     cand = _candidate_beams(dataset.cell, g_max)
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
+    sf = samples.frame
+    sample_orient = frame_orientations(ub, alpha[sf] + torch.as_tensor(samples.alpha_offset), beta[sf], omega[sf],
+                                       phi).numpy()
+
+    def key(h):
+        return (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
+
+    cand_key = key(cand)
+    not_scored = [~np.isin(cand_key, key(scored.hkl[rows_f])) for rows_f in per_frame_scored]
     sample_beams: list[np.ndarray] = []
-    for s in range(len(samples.frame)):
-        f = samples.frame[s]
-        o = frame_orientations(ub, alpha[f:f + 1] + samples.alpha_offset[s], beta[f:f + 1], omega[f:f + 1], phi)[0].numpy()
-        sg = excitation_error(torch.as_tensor(cand @ o.T), torch.as_tensor(samples.incident[s]), k).numpy()
-        sel = cand[np.abs(sg) < settings.s_max]
+    for s in range(len(sf)):
+        f = sf[s]
+        sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k).numpy()
+        sel = cand[(np.abs(sg) < settings.s_max) & not_scored[f]]  # scored reflections are added once below
         sc = scored.hkl[per_frame_scored[f]]
-        if len(sc):
-            # drop selected beams that are already scored reflections
-            key = lambda h: (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
-            sel = sel[~np.isin(key(sel), key(sc))]
         sample_beams.append(np.concatenate([np.zeros((1, 3), int), sc.reshape(-1, 3), sel], 0))
     n_beams = np.array([len(b) for b in sample_beams])
 

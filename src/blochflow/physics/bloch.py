@@ -34,8 +34,17 @@ def _divided_exp(lam: torch.Tensor, c: torch.Tensor, expo: torch.Tensor) -> torc
 
 
 class _Propagate(torch.autograd.Function):
+    """psi = V exp(c lam) V^-1 e_0 with reverse (vjp) and forward (jvp) rules from divided differences.
+
+    Written in the functorch form (setup_context, generated vmap rule) so that ``torch.func.jacfwd``
+    pushes many tangents through one eigendecomposition: the Jacobian for Gauss-Newton costs a few
+    matrix products per parameter direction, not a decomposition.
+    """
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, a_mat, thickness, inv_kn, hermitian, q_block):
+    def forward(a_mat, thickness, inv_kn, hermitian, q_block):
         # a_mat (B,N,N) complex; thickness (B,Q) real (A); inv_kn (B,) real (A)
         if hermitian:
             lam, vec = torch.linalg.eigh(a_mat)
@@ -44,41 +53,74 @@ class _Propagate(torch.autograd.Function):
         else:
             lam, vec = torch.linalg.eig(a_mat)
             vinv = torch.linalg.inv(vec)
-        w = vinv[:, :, 0]  # V^-1 e_0, (B,N)
-        c = (1j * math.pi) * thickness.to(a_mat.dtype) * inv_kn[:, None].to(a_mat.dtype)  # (B,Q)
-        expo = torch.exp(c[:, :, None] * lam[:, None, :])  # (B,Q,N)
-        psi = torch.einsum("bij,bqj->bqi", vec, expo * w[:, None, :])
-        ctx.save_for_backward(lam, vec, vinv, w, c, expo, inv_kn)
-        ctx.q_block = q_block
-        ctx.hermitian = hermitian
-        return psi
+        w = vinv[..., :, 0]  # V^-1 e_0, (B,N)
+        c = (1j * math.pi) * thickness.to(a_mat.dtype) * inv_kn[..., None].to(a_mat.dtype)  # (B,Q)
+        expo = torch.exp(c[..., :, None] * lam[..., None, :])  # (B,Q,N)
+        psi = torch.einsum("bij,bqj->bqi", vec, expo * w[..., None, :])
+        return psi, lam, vec, vinv, expo
 
     @staticmethod
-    def backward(ctx, gpsi):
-        lam, vec, vinv, w, c, expo, inv_kn = ctx.saved_tensors
-        grad_a = grad_t = None
+    def setup_context(ctx, inputs, output):
+        a_mat, thickness, inv_kn, hermitian, q_block = inputs
+        psi, lam, vec, vinv, expo = output
+        ctx.mark_non_differentiable(lam, vec, vinv, expo)
+        ctx.save_for_backward(lam, vec, vinv, expo, thickness, inv_kn)
+        ctx.save_for_forward(lam, vec, vinv, expo, thickness, inv_kn)
+        ctx.q_block = q_block
+
+    @staticmethod
+    def backward(ctx, gpsi, *_):
+        lam, vec, vinv, expo, thickness, inv_kn = ctx.saved_tensors
+        w = vinv[:, :, 0]
+        c = (1j * math.pi) * thickness.to(vec.dtype) * inv_kn[:, None].to(vec.dtype)
+        grad_a = grad_t = grad_kn = None
         b = torch.einsum("bij,bqi->bqj", vec.conj(), gpsi)  # (V^H g)_j  (B,Q,N)
         if ctx.needs_input_grad[0]:
             y = torch.zeros_like(vec)
-            q_total = c.shape[1]
-            for q0 in range(0, q_total, ctx.q_block):
+            for q0 in range(0, c.shape[1], ctx.q_block):
                 sl = slice(q0, q0 + ctx.q_block)
                 g = _divided_exp(lam, c[:, sl], expo[:, sl])  # (B,q,N,N)
                 y = y + torch.einsum("bqi,bqij->bij", b[:, sl].conj(), g)
             y = y * w[:, None, :]
             # dL = Re tr(Y^T V^-1 dA V)  ->  grad_A = (V Y^T V^-1)^H
             grad_a = (vec @ y.transpose(-1, -2) @ vinv).mH
-        grad_kn = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # psi_q depends on c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w)
             dpsi_dc = torch.einsum("bij,bqj->bqi", vec, lam[:, None, :] * expo * w[:, None, :])
             gc = torch.sum(gpsi.conj() * dpsi_dc, dim=-1)  # (B,Q)
-            thickness = c / ((1j * math.pi) * inv_kn[:, None].to(c.dtype))
             if ctx.needs_input_grad[1]:
                 grad_t = torch.real(gc * (1j * math.pi) * inv_kn[:, None].to(c.dtype))
             if ctx.needs_input_grad[2]:
-                grad_kn = torch.real(torch.sum(gc * (1j * math.pi) * thickness, dim=-1))
+                grad_kn = torch.real(torch.sum(gc * (1j * math.pi) * thickness.to(c.dtype), dim=-1))
         return grad_a, grad_t, grad_kn, None, None
+
+    @staticmethod
+    def jvp(ctx, da, dt, dkn, *_):
+        lam, vec, vinv, expo, thickness, inv_kn = ctx.saved_tensors
+        w = vinv[..., :, 0]
+        ctype = vec.dtype
+        c = (1j * math.pi) * thickness.to(ctype) * inv_kn[..., None].to(ctype)
+        dpsi = None
+        if da is not None:
+            m = vinv @ da @ vec  # tangent in the eigenbasis (B,N,N)
+            parts = []
+            for q0 in range(0, c.shape[-1], ctx.q_block):
+                sl = slice(q0, q0 + ctx.q_block)
+                g = _divided_exp(lam, c[..., sl], expo[..., sl, :])  # (B,q,N,N)
+                parts.append(torch.einsum("bqij,bij,bj->bqi", g, m, w))
+            dpsi = torch.einsum("bij,bqj->bqi", vec, torch.cat(parts, -2))
+        dc = None
+        if dt is not None:
+            dc = (1j * math.pi) * dt.to(ctype) * inv_kn[..., None].to(ctype)
+        if dkn is not None:
+            extra = (1j * math.pi) * thickness.to(ctype) * dkn[..., None].to(ctype)
+            dc = extra if dc is None else dc + extra
+        if dc is not None:
+            dpsi_c = torch.einsum("bij,bqj->bqi", vec, lam[..., None, :] * expo * w[..., None, :] * dc[..., None])
+            dpsi = dpsi_c if dpsi is None else dpsi + dpsi_c
+        if dpsi is None:
+            dpsi = torch.zeros_like(expo)
+        return dpsi, None, None, None, None
 
 
 def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor, *,
@@ -90,7 +132,7 @@ def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor
     """
     if thickness.dim() == 1:
         thickness = thickness[:, None]
-    return _Propagate.apply(a_mat, thickness, inv_kn, hermitian, q_block)
+    return _Propagate.apply(a_mat, thickness, inv_kn, hermitian, q_block)[0]
 
 
 def propagate_expm(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor) -> torch.Tensor:

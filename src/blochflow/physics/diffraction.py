@@ -17,7 +17,7 @@ import torch
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations,
-                       frame_samples, rotation_axis_lab)
+                       frame_samples, rotation_axis_lab, rotation_matrix)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 
@@ -142,11 +142,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         sample_beams.append(np.concatenate([np.zeros((1, 3), int), sc.reshape(-1, 3), sel], 0))
     n_beams = np.array([len(b) for b in sample_beams])
 
-    # Chunks of consecutive samples with a bounded B x N^2.
+    # Chunks of samples with similar beam counts (little padding) and a bounded B x N^2.
     chunks_idx: list[list[int]] = []
     cur: list[int] = []
     cur_n = 0
-    for s in range(len(sample_beams)):
+    for s in np.argsort(n_beams, kind="stable"):
         n = max(cur_n, n_beams[s])
         if cur and (len(cur) + 1) * n * n > settings.chunk_elements:
             chunks_idx.append(cur)
@@ -204,6 +204,8 @@ class FrameState:
 
     alpha/beta/omega in radians (F,), thickness (F, Q) in A with weights (F, Q) summing to 1.
     surface_normal (F, 3) unit lab vectors along propagation, or None for 'along the beam'.
+    orientation_correction (F, 3): small rotations (radians) about lab x, y, z applied after the
+    goniometer, g_lab = R_x R_y R_z O h, or None.
     """
 
     alpha: torch.Tensor
@@ -212,6 +214,11 @@ class FrameState:
     thickness: torch.Tensor
     thickness_weight: torch.Tensor
     surface_normal: torch.Tensor | None = None
+    orientation_correction: torch.Tensor | None = None
+
+    def tensors(self) -> tuple:
+        return (self.alpha, self.beta, self.omega, self.thickness, self.thickness_weight,
+                self.surface_normal, self.orientation_correction)
 
 
 def frame_state_from_dataset(dataset, thickness: float | torch.Tensor, dtype=torch.float64) -> FrameState:
@@ -228,6 +235,75 @@ def frame_state_from_dataset(dataset, thickness: float | torch.Tensor, dtype=tor
                       thickness=t, thickness_weight=torch.full_like(t, 1.0 / t.shape[1]))
 
 
+def correction_rotation(angles: torch.Tensor) -> torch.Tensor:
+    """R_x(a) R_y(b) R_z(c) (..., 3, 3) from small angles (..., 3) in radians."""
+    return (rotation_matrix("x", angles[..., 0]) @ rotation_matrix("y", angles[..., 1])
+            @ rotation_matrix("z", angles[..., 2]))
+
+
+def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
+                       absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
+    """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
+
+    ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
+    """
+    ctype = potential.dtype
+    rtype = potential.real.dtype
+    pot = torch.cat([potential, potential.new_zeros(1)])
+    pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
+    k = torch.sqrt(1.0 / plan.wavelength ** 2 + potential[0].real)  # wave number in the crystal (1/A)
+    samples = plan.samples
+    ch_hkl, mask, fr, s_idx = ch.hkl, ch.mask, ch.frame, ch.sample
+    out_sample, out_beam, out_refl = ch.out_sample, ch.out_beam, ch.out_refl
+    if sample_slice is not None:
+        keep = (out_sample >= sample_slice.start) & (out_sample < sample_slice.stop)
+        out_sample = out_sample[keep] - sample_slice.start
+        out_beam, out_refl = out_beam[keep], out_refl[keep]
+        ch_hkl, mask, fr, s_idx = (ch_hkl[sample_slice], mask[sample_slice], fr[sample_slice],
+                                   s_idx[sample_slice])
+    inc = torch.as_tensor(samples.incident, dtype=rtype)[s_idx]
+    offs = torch.as_tensor(samples.alpha_offset, dtype=rtype)[s_idx]
+    weight = torch.as_tensor(samples.weight, dtype=rtype)[s_idx]
+    orient = frame_orientations(plan.ub.to(rtype), state.alpha[fr] + offs, state.beta[fr], state.omega[fr],
+                                plan.axis_azimuth)  # (B,3,3)
+    if state.orientation_correction is not None:
+        orient = correction_rotation(state.orientation_correction[fr]) @ orient
+    hkl = ch_hkl.to(rtype)
+    n = hkl.shape[1]
+    g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
+    sg = excitation_error(g_lab, inc[:, None, :], k)  # (B,N)
+    d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
+    idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
+    pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool)
+    idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
+    big = 1e4 * (1 + torch.arange(n, dtype=rtype) * 1e-3)
+    diag = torch.where(mask, 2 * k * sg, big)
+    normal = inc if state.surface_normal is None else state.surface_normal[fr].to(rtype)
+    kn = k * torch.sum(inc * normal, -1)  # (B,)
+    a_mat = pot[idx] + torch.diag_embed(diag).to(ctype)
+    if plan.settings.nonparallel:
+        m = torch.where(mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
+                        torch.ones_like(sg))
+        mm = (m[:, :, None] * m[:, None, :]).to(ctype)
+        a_mat = a_mat * mm
+    thick = state.thickness[fr]  # (B,Q)
+    if pot_abs is None:
+        psi = propagate(a_mat, thick, 1.0 / kn, hermitian=True)
+    else:
+        a_abs = pot_abs[idx] + torch.diag_embed(mask.to(ctype) * potential_abs[0])
+        if plan.settings.nonparallel:
+            a_abs = a_abs * mm
+        if absorption_method == "exact":
+            psi = propagate(a_mat + 1j * a_abs, thick, 1.0 / kn, hermitian=False)
+        else:
+            psi = propagate_perturbative(a_mat, a_abs, thick, 1.0 / kn)
+    if plan.settings.nonparallel:
+        psi = psi * m[:, None, :].to(ctype)
+    inten = psi.real ** 2 + psi.imag ** 2  # (B,Q,N)
+    vals = inten[out_sample, :, out_beam] * weight[out_sample][:, None]
+    return vals, out_refl
+
+
 def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                     state: FrameState, *, absorption_method: AbsorptionMethod = "exact",
                     per_thickness: bool = False) -> torch.Tensor:
@@ -236,61 +312,86 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     potential (M,) complex U over ``plan.potential_hkl`` (1/A^2); potential_abs (M,) or None.
     Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average.
     """
-    ctype = potential.dtype
     rtype = potential.real.dtype
-    u0 = potential[0].real
-    k = torch.sqrt(1.0 / plan.wavelength ** 2 + u0)  # wave number in the crystal (1/A)
-    pot = torch.cat([potential, potential.new_zeros(1)])
-    pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
-    samples = plan.samples
-    inc_all = torch.as_tensor(samples.incident, dtype=rtype)
-    offs_all = torch.as_tensor(samples.alpha_offset, dtype=rtype)
-    w_all = torch.as_tensor(samples.weight, dtype=rtype)
-    q = state.thickness.shape[1]
-    n_refl = len(plan.scored.row)
-    out = torch.zeros((n_refl, q), dtype=rtype)
+    out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
     for ch in plan.chunks:
-        fr = ch.frame
-        s_idx = ch.sample
-        orient = frame_orientations(plan.ub.to(rtype), state.alpha[fr] + offs_all[s_idx], state.beta[fr],
-                                    state.omega[fr], plan.axis_azimuth)  # (B,3,3)
-        hkl = ch.hkl.to(rtype)
-        g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
-        inc = inc_all[s_idx]
-        sg = excitation_error(g_lab, inc[:, None, :], k)  # (B,N)
-        d = (ch.hkl[:, :, None, :] - ch.hkl[:, None, :, :]).long() + plan.lut_offset
-        idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
-        pair = ch.mask[:, :, None] & ch.mask[:, None, :]
-        eye = torch.eye(hkl.shape[1], dtype=torch.bool)
-        idx = torch.where(pair & ~eye, idx, torch.full_like(idx, len(potential)))
-        big = 1e4 * (1 + torch.arange(hkl.shape[1], dtype=rtype) * 1e-3)
-        diag = torch.where(ch.mask, 2 * k * sg, big)
-        if state.surface_normal is None:
-            normal = inc
-        else:
-            normal = state.surface_normal[fr].to(rtype)
-        kn = k * torch.sum(inc * normal, -1)  # (B,)
-        a_mat = pot[idx] + torch.diag_embed(diag).to(ctype)
-        if plan.settings.nonparallel:
-            m = torch.where(ch.mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
-                            torch.ones_like(sg))
-            a_mat = a_mat * (m[:, :, None] * m[:, None, :]).to(ctype)
-        thick = state.thickness[fr]  # (B,Q)
-        if pot_abs is None:
-            psi = propagate(a_mat, thick, 1.0 / kn, hermitian=True)
-        else:
-            a_abs = pot_abs[idx] + torch.diag_embed(ch.mask.to(ctype) * potential_abs[0])
-            if plan.settings.nonparallel:
-                a_abs = a_abs * (m[:, :, None] * m[:, None, :]).to(ctype)
-            if absorption_method == "exact":
-                psi = propagate(a_mat + 1j * a_abs, thick, 1.0 / kn, hermitian=False)
-            else:
-                psi = propagate_perturbative(a_mat, a_abs, thick, 1.0 / kn)
-        if plan.settings.nonparallel:
-            psi = psi * m[:, None, :].to(ctype)
-        inten = psi.real ** 2 + psi.imag ** 2  # (B,Q,N)
-        vals = inten[ch.out_sample, :, ch.out_beam] * w_all[s_idx][ch.out_sample][:, None]
-        out = out.index_add(0, ch.out_refl, vals)
+        vals, rows = _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method)
+        out = out.index_add(0, rows, vals)
     if per_thickness:
         return out
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
+
+
+def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
+                        state: FrameState, tangents: list[tuple], *, absorption_method: AbsorptionMethod = "exact",
+                        batch_elements: float = 2e7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intensities (R,) and their directional derivatives (R, T) along T tangents, forward mode.
+
+    Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
+    ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
+    eigendecomposition per sample serves every tangent (the solver's jvp rule); samples are
+    batched so that samples x N^2 x T stays below ``batch_elements``.
+    """
+    from torch.func import jvp, vmap
+
+    n_t = len(tangents)
+    primals = (potential, potential_abs, state.tensors())
+    present = [x is not None for x in (potential, potential_abs)]
+
+    def stack(parts):
+        if all(p is None for p in parts):
+            return None
+        ref = next(p for p in parts if p is not None)
+        return torch.stack([torch.zeros_like(ref) if p is None else p for p in parts])
+
+    t_pot = stack([t[0] for t in tangents])
+    t_pot_abs = stack([t[1] for t in tangents]) if present[1] else None
+    t_state = tuple(None if x is None else stack([t[2][i] for t in tangents])
+                    for i, x in enumerate(primals[2]))
+    # zero tangents where a primal exists but no tangent was given
+    if t_pot is None:
+        t_pot = torch.zeros((n_t,) + potential.shape, dtype=potential.dtype)
+    if present[1] and t_pot_abs is None:
+        t_pot_abs = torch.zeros((n_t,) + potential_abs.shape, dtype=potential_abs.dtype)
+    t_state = tuple(None if x is None else (torch.zeros((n_t,) + x.shape, dtype=x.dtype) if t is None else t)
+                    for x, t in zip(primals[2], t_state))
+
+    rtype = potential.real.dtype
+    n_refl, q = len(plan.scored.row), state.thickness.shape[1]
+    out = torch.zeros((n_refl, q), dtype=rtype)
+    d_out = torch.zeros((n_refl, q, n_t), dtype=rtype)
+    state_idx = [i for i, x in enumerate(primals[2]) if x is not None]
+    has_abs = potential_abs is not None
+    prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
+    tan_args = (t_pot,) + ((t_pot_abs,) if has_abs else ()) + tuple(t_state[i] for i in state_idx)
+    for ch in plan.chunks:
+        b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]
+        step = max(1, int(batch_elements // (n * n * n_t)))
+        for b0 in range(0, b_total, step):
+            sl = slice(b0, min(b0 + step, b_total))
+            rows_holder = {}
+
+            def f(*args, sl=sl, ch=ch, rows_holder=rows_holder):
+                pot = args[0]
+                pot_abs = args[1] if has_abs else None
+                full = list(primals[2])
+                for i, v in zip(state_idx, args[1 + has_abs:]):
+                    full[i] = v
+                vals, rows = _chunk_intensities(plan, ch, pot, pot_abs, FrameState(*full), absorption_method, sl)
+                rows_holder["rows"] = rows
+                return vals
+
+            def one(*tans, f=f):
+                return jvp(f, prim_args, tans)
+
+            vals, dvals = vmap(one, out_dims=(None, 0))(*tan_args)
+            rows = rows_holder["rows"]
+            out = out.index_add(0, rows, vals)
+            d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))
+    w = state.thickness_weight[torch.as_tensor(plan.scored.frame)]  # (R,Q)
+    ic = torch.sum(out * w, -1)
+    d_ic = torch.einsum("rqt,rq->rt", d_out, w)
+    tw = t_state[4]
+    if tw is not None:
+        d_ic = d_ic + torch.einsum("trq,rq->rt", tw[:, torch.as_tensor(plan.scored.frame)], out)
+    return ic, d_ic

@@ -1,0 +1,324 @@
+"""Refinement parameters: the map from a flat vector theta to the asymmetric-unit tensors.
+
+Every constraint used here (special positions, site-symmetric ADPs, riding hydrogens, occupancy
+sums) is linear, so physical(theta) is an affine map c + J theta. It is stored as a sparse
+coefficient list and evaluated with torch, so autograd carries gradients from the potential back
+to theta and the constant Jacobian J propagates covariances to standard uncertainties.
+
+Raw units are chosen for conditioning: positions in Angstrom along the allowed directions, ADPs as
+CIF-frame U_ij or U_iso in A^2, occupancies as fractions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from . import cell as cellmod
+from .constraints import (U6_INDEX, U6_NAMES, _adp_basis6, _sym_from6, position_basis,
+                          site_stabilizer, symmetrize_adp)
+from .structure import AsymmetricUnit, Crystal
+
+_W = 13  # per-atom row layout of the flat physical vector: xyz (3), occupancy (1), u_frac (9, row-major)
+_XYZ, _OCC, _U = slice(0, 3), 3, slice(4, 13)
+_AXES = "xyz"
+
+
+class StructureParameters:
+    """Flat parameter vector <-> (xyz, occupancy, u_frac) of the asymmetric unit, with constraints.
+
+    Parameters are named '<label>.<what>': '.x' '.y' '.z' (Angstrom along a, b, c, or the free axis
+    of a special position), '.p1' for a special-position direction not along an axis, '.U11'...
+    (CIF frame, A^2; only the independent ones on special positions), '.Uiso', '.occ'.
+    """
+
+    def __init__(self, crystal: Crystal, *, refine_xyz: bool = True, refine_adp: bool = True,
+                 adp: str = "keep", hydrogens: str = "riding", refine_occupancy: bool = False,
+                 special_tol_A: float = 0.05, site_tol_A: float = 0.1, riding_max_A: float = 1.3):
+        if adp not in ("keep", "iso", "aniso"):
+            raise ValueError(f"adp must be 'keep', 'iso' or 'aniso', not {adp!r}")
+        if hydrogens not in ("riding", "free", "fixed"):
+            raise ValueError(f"hydrogens must be 'riding', 'free' or 'fixed', not {hydrogens!r}")
+        self.crystal = crystal
+        cell = crystal.cell
+        asu = crystal.asu
+        self.labels, self.elements = list(asu.labels), list(asu.elements)
+        a_mat = cellmod.direct_basis(cell)  # (3, 3) A per fractional unit
+        self._a = a_mat
+        g_dir = a_mat.T @ a_mat  # direct metric: U_eq = tr(G u_frac) / 3
+        g_rec = np.linalg.inv(g_dir)  # G*: u_frac of an isotropic U = 1 A^2
+        self._nvec = cellmod.reciprocal_lengths(cell)
+        x_in = asu.xyz.detach().cpu().numpy().astype(float)  # (A, 3)
+        occ_in = asu.occupancy.detach().cpu().numpy().astype(float)  # (A,)
+        u_in = asu.u_frac.detach().cpu().numpy().astype(float)  # (A, 3, 3)
+        nat = len(self.labels)
+        is_h = [e.upper() in ("H", "D") for e in self.elements]
+        self.mode = ["riding" if h and hydrogens == "riding" else "fixed" if h and hydrogens == "fixed"
+                     else "free" for h in is_h]
+        keep = list(asu.anisotropic)
+        self.anisotropic = [False if m == "riding" or adp == "iso" else keep[i] if adp == "keep" or is_h[i]
+                            else True for i, m in enumerate(self.mode)]
+
+        const = np.zeros(nat * _W)
+        coef = [defaultdict(float) for _ in range(nat * _W)]  # row -> {parameter index: coefficient}
+        self.names: list[str] = []
+        start: list[float] = []
+        group: list[str] = []
+
+        def new(name, value, kind):
+            self.names.append(name)
+            start.append(float(value))
+            group.append(kind)
+            return len(self.names) - 1
+
+        for i in range(nat):
+            if self.mode[i] == "riding":
+                continue
+            lab, base = self.labels[i], i * _W
+            free = self.mode[i] == "free"
+            stab = site_stabilizer(crystal.symmetry, x_in[i], special_tol_A, cell)
+            img = np.einsum("sij,j->si", stab.rotations, x_in[i]) + stab.translations - stab.shifts
+            x0 = img.mean(axis=0)  # exact special-position point nearest the input
+            if free and refine_xyz:
+                v, fr = position_basis(stab)  # (3, k) reduced, free axes (k,)
+                scale = 1.0 / np.linalg.norm(a_mat @ v, axis=0)  # fractional per Angstrom
+                const[base:base + 3] = x0 - v @ x0[fr]
+                for k, f in enumerate(fr):
+                    name = _AXES[f] if np.count_nonzero(v[:, k]) == 1 else f"p{k + 1}"
+                    p = new(f"{lab}.{name}", x0[f] / scale[k], "xyz")
+                    for r in range(3):
+                        if v[r, k]:
+                            coef[base + r][p] = v[r, k] * scale[k]
+            else:
+                const[base:base + 3] = x0
+            u0 = u_in[i]
+            if self.anisotropic[i]:
+                if not asu.anisotropic[i]:
+                    u0 = np.trace(g_dir @ u0) / 3 * g_rec  # isotropic start Uiso G*
+                u0 = symmetrize_adp(stab, u0)
+                if free and refine_adp:
+                    b6, fr = _adp_basis6(stab, cell)  # (6, m) CIF-frame basis
+                    u6 = cellmod.u_frac_to_cif(u0, cell)
+                    nn = np.outer(self._nvec, self._nvec)
+                    for k, f in enumerate(fr):
+                        p = new(f"{lab}.{U6_NAMES[f]}", u6[f], "adp")
+                        for r, val in enumerate((_sym_from6(b6[:, k]) * nn).ravel()):
+                            if val:
+                                coef[base + 4 + r][p] = val
+                else:
+                    const[base + 4:base + 13] = u0.ravel()
+            else:
+                ueq = np.trace(g_dir @ u0) / 3
+                if free and refine_adp:
+                    p = new(f"{lab}.Uiso", ueq, "adp")
+                    for r, val in enumerate(g_rec.ravel()):
+                        coef[base + 4 + r][p] = val
+                else:
+                    const[base + 4:base + 13] = ueq * g_rec.ravel()
+
+        # occupancies: atoms sharing a site (within site_tol_A, any image) keep their starting sum
+        refined = [i for i in range(nat) if refine_occupancy and self.mode[i] == "free"]
+        for i in range(nat):
+            const[i * _W + _OCC] = occ_in[i]
+        parent_of = list(range(nat))
+
+        def root(i):
+            while parent_of[i] != i:
+                i = parent_of[i]
+            return i
+
+        for n1, i in enumerate(refined):
+            for j in refined[n1 + 1:]:
+                if _nearest_image(crystal.symmetry, x_in[j], x_in[i], a_mat)[0] < site_tol_A:
+                    parent_of[root(j)] = root(i)
+        for r in sorted({root(i) for i in refined}):
+            members = [i for i in refined if root(i) == r]
+            total = occ_in[members].sum()
+            last = members[-1] if len(members) > 1 else None
+            if last is not None:
+                const[last * _W + _OCC] = total
+            for i in members:
+                if i == last:
+                    continue
+                p = new(f"{self.labels[i]}.occ", occ_in[i], "occupancy")
+                const[i * _W + _OCC] = 0.0
+                coef[i * _W + _OCC][p] = 1.0
+                if last is not None:
+                    coef[last * _W + _OCC][p] = -1.0
+
+        # riding hydrogens: parent image + fixed offset; U_iso = 1.2 or 1.5 U_eq(parent)
+        theta0 = np.array(start)
+
+        def value(row):
+            return const[row] + sum(c * theta0[p] for p, c in coef[row].items())
+
+        heavy = {i: np.array([value(i * _W + r) for r in range(3)]) for i in range(nat) if not is_h[i]}
+        self.riding: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
+        for h in (i for i in range(nat) if self.mode[i] == "riding"):
+            best = (np.inf, None, None, None)
+            for j, xj in heavy.items():
+                d, rot, tr = _nearest_image(crystal.symmetry, xj, x_in[h], a_mat)
+                if d < best[0]:
+                    best = (d, j, rot, tr)
+            if best[0] > riding_max_A:
+                raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on")
+            _, j, rot, tr = best
+            self.riding[h] = (j, rot, tr)  # parent image = rot @ x_parent + tr
+        n_h = defaultdict(int)
+        for j, _, _ in self.riding.values():
+            n_h[j] += 1
+        self.parent = [self.riding[i][0] if i in self.riding else None for i in range(nat)]
+        self.u_factor: dict[int, float] = {}  # riding H: U_iso / U_eq(parent)
+        for h, (j, rot, tr) in self.riding.items():
+            hb, jb = h * _W, j * _W
+            offset = x_in[h] - (rot @ heavy[j] + tr)  # fixed (fractional = Cartesian, the cell is fixed)
+            for r in range(3):
+                const[hb + r] = tr[r] + offset[r]
+                for s in range(3):
+                    _add(const, coef, hb + r, jb + s, rot[r, s])
+            factor = self.u_factor[h] = 1.5 if self.elements[j] == "O" or n_h[j] == 3 else 1.2
+            for r, gr in enumerate(g_rec.ravel()):
+                for s, gd in enumerate(g_dir.ravel()):
+                    _add(const, coef, hb + 4 + r, jb + 4 + s, factor * gr * gd / 3)
+            occ_j = value(jb + _OCC)
+            if occ_j > 0:
+                const[hb + _OCC] = 0.0
+                _add(const, coef, hb + _OCC, jb + _OCC, occ_in[h] / occ_j)
+
+        rows, cols, vals = [], [], []
+        for r, d in enumerate(coef):
+            for p, c in d.items():
+                if c != 0.0:
+                    rows.append(r), cols.append(p), vals.append(c)
+        order = np.argsort(np.array(rows, dtype=np.int64), kind="stable")
+        self._rows = np.array(rows, dtype=np.int64)[order]
+        self._cols = np.array(cols, dtype=np.int64)[order]
+        self._vals = np.array(vals, dtype=float)[order]
+        self._const = const
+        self._torch = {}
+        self.theta0 = torch.tensor(start, dtype=torch.float64)
+        self.groups = {k: torch.tensor([i for i, g in enumerate(group) if g == k], dtype=torch.long)
+                       for k in ("xyz", "adp", "occupancy")}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    # -- the map -------------------------------------------------------------------------------
+
+    def _tensors(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._torch:
+            self._torch[key] = (torch.tensor(self._const, dtype=like.dtype, device=like.device),
+                                torch.tensor(self._rows, device=like.device),
+                                torch.tensor(self._cols, device=like.device),
+                                torch.tensor(self._vals, dtype=like.dtype, device=like.device))
+        return self._torch[key]
+
+    def physical(self, theta: torch.Tensor):
+        """(xyz (A, 3) fractional, occupancy (A,), u_frac (A, 3, 3)) from theta (P,); differentiable."""
+        const, rows, cols, vals = self._tensors(theta)
+        flat = const.index_add(0, rows, vals * theta[cols]).view(-1, _W)
+        return flat[:, _XYZ], flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
+
+    def crystal_at(self, theta: torch.Tensor) -> Crystal:
+        """A detached :class:`Crystal` at theta (e.g. for writing the refined model)."""
+        xyz, occ, u = (t.detach().clone() for t in self.physical(theta))
+        asu = AsymmetricUnit(list(self.labels), list(self.elements), xyz, occ, u, list(self.anisotropic))
+        return Crystal(cell=self.crystal.cell, symmetry=self.crystal.symmetry, asu=asu, name=self.crystal.name)
+
+    # -- ADP positivity ------------------------------------------------------------------------
+
+    def _u_cart(self, theta) -> np.ndarray:
+        u = self.physical(torch.as_tensor(theta, dtype=torch.float64).detach())[2].cpu().numpy()
+        return np.einsum("ij,ajk,lk->ail", self._a, u, self._a)  # (A, 3, 3) A^2
+
+    def adp_positive_definite(self, theta, floor: float = 0.0) -> bool:
+        """True when every Cartesian ADP tensor has all eigenvalues above ``floor`` (A^2)."""
+        return bool(np.all(np.linalg.eigvalsh(self._u_cart(theta)) > floor))
+
+    def max_step_scale(self, theta, delta, floor: float = 1e-4) -> float:
+        """Largest s in (0, 1] keeping every ADP's eigenvalues >= floor (A^2) along theta + s delta.
+
+        U(s) = U0 + s D is affine, so per atom with W = U0 - f I = L L^T the bound is
+        s <= -1/mu for the negative eigenvalues mu of L^-1 D L^-T. Atoms already below the floor use
+        f = lambda_min / 2 (they may not get worse than that); atoms not positive definite at theta
+        are left unrestricted (see :meth:`adp_positive_definite`).
+        """
+        u0 = self._u_cart(theta)
+        d = self._u_cart(torch.as_tensor(theta) + torch.as_tensor(delta)) - u0
+        lam0 = np.linalg.eigvalsh(u0)[:, 0]
+        ok = (lam0 > 0) & (np.abs(d).max(axis=(1, 2)) > 0)
+        if not ok.any():
+            return 1.0
+        f = np.where(lam0 > floor, floor, 0.5 * lam0)[ok]
+        lo = np.linalg.cholesky(u0[ok] - f[:, None, None] * np.eye(3))
+        li = np.linalg.inv(lo)
+        mu = np.linalg.eigvalsh(li @ d[ok] @ np.swapaxes(li, 1, 2))[:, 0]
+        neg = mu < 0
+        return float(min(1.0, np.min(-1.0 / mu[neg]))) if neg.any() else 1.0
+
+    # -- standard uncertainties ----------------------------------------------------------------
+
+    def jacobian(self) -> np.ndarray:
+        """Dense d physical / d theta (A * 13, P): rows per atom xyz (3), occupancy, u_frac (9)."""
+        j = np.zeros((len(self._const), len(self.names)))
+        np.add.at(j, (self._rows, self._cols), self._vals)
+        return j
+
+    def standard_uncertainties(self, theta, covariance) -> list[dict]:
+        """Per-atom values and s.u.s (CIF frame) from the covariance (P, P) of theta.
+
+        The covariance is propagated through the Jacobian of :meth:`physical`; riding hydrogens get
+        zero s.u. (calc_flag 'R'), as do coordinates and ADPs fixed by symmetry or by choice.
+        """
+        cov = np.asarray(torch.as_tensor(covariance).detach().cpu(), dtype=float)
+        xyz, occ, u = (t.detach().cpu().numpy() for t in self.physical(torch.as_tensor(theta, dtype=torch.float64)))
+        ninv = 1.0 / self._nvec
+        t6 = np.zeros((6, 9))  # u_frac (9) -> CIF U11 U22 U33 U12 U13 U23
+        for k, (i, j) in enumerate(U6_INDEX):
+            t6[k, 3 * i + j] = ninv[i] * ninv[j]
+        w_eq = (self._a.T @ self._a).ravel() / 3  # u_frac (9) -> U_eq
+        bounds = np.searchsorted(self._rows, np.arange(len(self.labels) + 1) * _W)
+        out = []
+        for a, lab in enumerate(self.labels):
+            sl = slice(bounds[a], bounds[a + 1])
+            cols = np.unique(self._cols[sl])
+            jac = np.zeros((_W, len(cols)))
+            np.add.at(jac, (self._rows[sl] - a * _W, np.searchsorted(cols, self._cols[sl])), self._vals[sl])
+            c = jac @ cov[np.ix_(cols, cols)] @ jac.T if a not in self.riding else np.zeros((_W, _W))
+            cu = c[4:, 4:]
+            aniso = self.anisotropic[a]
+
+            def su(m):
+                return np.sqrt(np.clip(np.diag(m), 0, None))
+
+            out.append(dict(
+                label=lab, xyz=xyz[a].tolist(), xyz_su=su(c[:3, :3]).tolist(),
+                occupancy=float(occ[a]), occupancy_su=float(np.sqrt(max(c[3, 3], 0.0))),
+                adp_type="Uani" if aniso else "Uiso",
+                u_iso=float(w_eq @ u[a].ravel()), u_iso_su=float(np.sqrt(max(w_eq @ cu @ w_eq, 0.0))),
+                u_aniso=(t6 @ u[a].ravel()).tolist() if aniso else None,
+                u_aniso_su=su(t6 @ cu @ t6.T).tolist() if aniso else None,
+                calc_flag="R" if a in self.riding else ""))
+        return out
+
+
+def _add(const, coef, row, src, factor):
+    """row += factor * src for rows of the affine map."""
+    const[row] += factor * const[src]
+    for p, c in coef[src].items():
+        coef[row][p] += factor * c
+
+
+def _nearest_image(symmetry, x_from, x_to, a_mat):
+    """Shortest distance (A) from x_to to any image R x_from + t + n, and that image's (R, t + n)."""
+    img = np.einsum("sij,j->si", symmetry.rotations, x_from) + symmetry.translations  # (S, 3)
+    d = img - x_to
+    n0 = -np.rint(d)
+    shifts = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)  # (27, 3)
+    cand = (d + n0)[:, None, :] + shifts[None]  # (S, 27, 3)
+    dist = np.linalg.norm(cand @ a_mat.T, axis=-1)
+    s, k = np.unravel_index(np.argmin(dist), dist.shape)
+    return float(dist[s, k]), np.asarray(symmetry.rotations[s], float), symmetry.translations[s] + n0[s] + shifts[k]

@@ -1,0 +1,234 @@
+"""Refinement result files: a CIF 1.1 structure with s.u.s and an fcf-like reflection list."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import gemmi
+import numpy as np
+
+from .. import __version__
+from .writers import atomic_write_text
+
+_ONE = Decimal(1)
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(float(x))
+
+
+def format_plain(value) -> str:
+    """A number without s.u.: up to 6 decimals, trailing zeros dropped; '?' when unknown."""
+    if not _finite(value):
+        return "?"
+    v = float(value)
+    if v != 0 and abs(v) < 1e-4:
+        return f"{v:.6g}"
+    s = f"{v:.6f}".rstrip("0")
+    s = s + "0" if s.endswith(".") else s
+    return "0.0" if s == "-0.0" else s
+
+
+def format_su(value, su) -> str:
+    """``value(su)`` in IUCr notation: 2 s.u. digits when they are <= 19, else 1; value rounded alike.
+
+    Values are never rounded above the units place (``123(25)``). Without a positive finite s.u.
+    the value is written plain (:func:`format_plain`).
+    """
+    if not _finite(value):
+        return "?"
+    if not _finite(su) or float(su) <= 0:
+        return format_plain(value)
+    s, v = Decimal(repr(float(su))), Decimal(repr(float(value)))
+    e = s.adjusted()  # power of ten of the leading digit
+    two = s.scaleb(1 - e).quantize(_ONE, ROUND_HALF_UP)
+    p = min(e - 1 if two <= 19 else e, 0)
+    s_int = int(s.scaleb(-p).quantize(_ONE, ROUND_HALF_UP))
+    vr = v.quantize(_ONE.scaleb(p), ROUND_HALF_UP)
+    if vr == 0:
+        vr = abs(vr)  # no '-0.000'
+    return f"{vr:f}({s_int})"
+
+
+@dataclass
+class AtomResult:
+    """One refined atom; s.u.s are None (or 0/nan) for fixed or riding parameters."""
+
+    label: str
+    element: str
+    xyz: tuple[float, float, float]
+    xyz_su: tuple[float, float, float] | None = None
+    occupancy: float = 1.0
+    occupancy_su: float | None = None
+    adp_type: str = "Uiso"  # 'Uiso' | 'Uani'
+    u_iso: float = float("nan")  # A^2; U_eq for Uani (computed from u_aniso when nan)
+    u_iso_su: float | None = None
+    u_aniso: tuple[float, ...] | None = None  # U11 U22 U33 U12 U13 U23
+    u_aniso_su: tuple[float, ...] | None = None
+    calc_flag: str = ""  # '' (refined, written 'd') or 'R' (riding)
+
+    def __post_init__(self):
+        if self.adp_type not in ("Uiso", "Uani"):
+            raise ValueError(f"atom {self.label}: adp_type must be 'Uiso' or 'Uani', not {self.adp_type!r}")
+        if self.adp_type == "Uani" and (self.u_aniso is None or len(self.u_aniso) != 6):
+            raise ValueError(f"atom {self.label}: Uani needs six u_aniso values")
+
+
+@dataclass
+class RefinementSummary:
+    """Cell, symmetry and figures of merit of a refinement (R values as fractions, not %)."""
+
+    cell: tuple[float, float, float, float, float, float]
+    space_group: str  # Hermann-Mauguin, e.g. 'P 32 2 1'
+    symops: tuple[str, ...]  # operator triplets
+    wavelength: float  # A
+    r_obs: float  # R1 on Io > 3 sigma
+    wr2: float
+    gof: float
+    n_reflections: int  # all
+    n_obs: int  # Io > 3 sigma
+    n_params: int
+    n_restraints: int = 0
+    max_shift_su: float = float("nan")
+    r_free: float | None = None
+    thickness: float | None = None  # mean crystal thickness, A
+    program: str = f"blochflow {__version__}"
+    weighting: str = "w = 1/sigma^2^(Io)"
+
+
+def u_equiv(cell, u_aniso) -> float:
+    """U_eq = trace(U_cart)/3 from U11 U22 U33 U12 U13 U23 (CIF convention)."""
+    uc = gemmi.UnitCell(*cell)
+    a = np.array(uc.orth.mat.tolist())
+    rc = uc.reciprocal()
+    n = np.diag([rc.a, rc.b, rc.c])
+    u11, u22, u33, u12, u13, u23 = u_aniso
+    u = np.array([[u11, u12, u13], [u12, u22, u23], [u13, u23, u33]])
+    return float(np.trace(a @ n @ u @ n @ a.T) / 3)
+
+
+def _q(text: str) -> str:
+    return gemmi.cif.quote(str(text)) if str(text) else "."
+
+
+def _su(values, i):
+    return None if values is None else values[i]
+
+
+def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult]) -> str:
+    """The text written by :func:`write_refined_cif`."""
+    s = summary
+    name = "".join(c if c.isalnum() or c in "_-." else "_" for c in block_name) or "blochflow"
+    uc = gemmi.UnitCell(*s.cell)
+    sg = gemmi.find_spacegroup_by_name(s.space_group) if s.space_group else None
+    out = [f"data_{name}", "", f"_audit_creation_method {_q(s.program)}",
+           f"_computing_structure_refinement {_q(s.program)}", ""]
+    for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"),
+                      s.cell):
+        out.append(f"_cell_{tag} {format_plain(v)}")
+    out += [f"_cell_volume {uc.volume:.3f}", "",
+            f"_space_group_name_H-M_alt {_q(s.space_group or '?')}"]
+    if sg is not None:
+        out.append(f"_space_group_IT_number {sg.number}")
+    out += ["loop_", "_space_group_symop_id", "_space_group_symop_operation_xyz"]
+    out += [f"{i + 1} {_q(op)}" for i, op in enumerate(s.symops or ("x,y,z",))]
+    out += ["", "_diffrn_radiation_type electron", "_diffrn_radiation_probe electron",
+            f"_diffrn_radiation_wavelength {format_plain(s.wavelength)}", "",
+            f"_reflns_number_total {int(s.n_reflections)}", f"_reflns_number_gt {int(s.n_obs)}",
+            "_reflns_threshold_expression 'I>3sigma(I)'", "",
+            "_refine_ls_structure_factor_coef Fsqd", "_refine_ls_matrix_type full",
+            "_refine_ls_weighting_scheme calc", f"_refine_ls_weighting_details {_q(s.weighting)}",
+            f"_refine_ls_number_reflns {int(s.n_reflections)}",
+            f"_refine_ls_number_parameters {int(s.n_params)}",
+            f"_refine_ls_number_restraints {int(s.n_restraints)}",
+            f"_refine_ls_R_factor_gt {format_plain(s.r_obs)}",
+            f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
+            f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
+            f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]
+    if s.r_free is not None or s.thickness is not None:
+        out += ["", "# local items (blochflow): R1 of the free (unrefined) reflections; mean thickness in A"]
+        if s.r_free is not None:
+            out.append(f"_blochflow_refine_R_free {format_plain(s.r_free)}")
+        if s.thickness is not None:
+            out.append(f"_blochflow_refine_thickness_mean {format_plain(s.thickness)}")
+
+    out += ["", "loop_"] + [f"_atom_site_{t}" for t in (
+        "label", "type_symbol", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv", "adp_type",
+        "occupancy", "calc_flag")]
+    for a in atoms:
+        u = a.u_iso
+        if a.adp_type == "Uani" and not _finite(u):
+            u = u_equiv(s.cell, a.u_aniso)
+        xyz = " ".join(format_su(a.xyz[i], _su(a.xyz_su, i)) for i in range(3))
+        out.append(f"{_q(a.label)} {_q(a.element)} {xyz} {format_su(u, a.u_iso_su)} {a.adp_type} "
+                   f"{format_su(a.occupancy, a.occupancy_su)} {a.calc_flag or 'd'}")
+    aniso = [a for a in atoms if a.adp_type == "Uani"]
+    if aniso:
+        order = (0, 1, 2, 5, 4, 3)  # U11 U22 U33 U23 U13 U12, the SHELX order
+        tags = ("U_11", "U_22", "U_33", "U_12", "U_13", "U_23")
+        out += ["", "loop_", "_atom_site_aniso_label", "_atom_site_aniso_type_symbol"]
+        out += [f"_atom_site_aniso_{tags[j]}" for j in order]
+        for a in aniso:
+            us = " ".join(format_su(a.u_aniso[j], _su(a.u_aniso_su, j)) for j in order)
+            out.append(f"{_q(a.label)} {_q(a.element)} {us}")
+    return "\n".join(out) + "\n"
+
+
+def write_refined_cif(path: str | Path, block_name: str, summary: RefinementSummary,
+                      atoms: list[AtomResult], overwrite: bool = True) -> None:
+    """Write the refined structure as CIF 1.1 (atomically; InputError if it exists and not overwrite)."""
+    atomic_write_text(path, format_refined_cif(block_name, summary, atoms), overwrite=overwrite)
+
+
+_FCF_KEYS = ("frame", "h", "k", "l", "ic", "io", "sigma")
+
+
+def _fcf_columns(rows):
+    """Rows (dicts with frame h k l ic io sigma [obs], or 7/8-column sequences) -> column arrays."""
+    rows = list(rows) if not isinstance(rows, np.ndarray) else rows
+    if len(rows) and isinstance(rows[0], dict):
+        cols = {k: np.array([r[k] for r in rows]) for k in _FCF_KEYS}
+        obs = np.array([r["obs"] for r in rows], bool) if all("obs" in r for r in rows) else None
+    else:
+        arr = np.asarray(rows, dtype=float).reshape(len(rows), -1)
+        if len(rows) and arr.shape[1] not in (7, 8):
+            raise ValueError(f"fcf rows need 7 or 8 columns, got {arr.shape[1]}")
+        cols = {k: arr[:, i] if len(rows) else np.zeros(0) for i, k in enumerate(_FCF_KEYS)}
+        obs = arr[:, 7].astype(bool) if len(rows) and arr.shape[1] == 8 else None
+    io, sig = cols["io"].astype(float), cols["sigma"].astype(float)
+    if obs is None:
+        obs = io > 3 * sig
+    return cols, obs
+
+
+def _num(x: float) -> str:
+    return f"{x:.7g}" if math.isfinite(x) else "?"
+
+
+def write_fcf(path: str | Path, rows, summary: RefinementSummary | None = None,
+              block_name: str = "blochflow_fcf", overwrite: bool = True) -> None:
+    """SHELX LIST 4-like reflection list (F^2 calc, F^2 meas, sigma, status 'o'/'<') plus a frame column.
+
+    For dynamical 3D-ED data each reflection is listed per frame; Ic is the scaled calculated
+    intensity. Status is the row's ``obs`` when given, else 'o' for Io > 3 sigma.
+    """
+    cols, obs = _fcf_columns(rows)
+    out = [f"data_{block_name}", "", "# SHELX LIST 4 columns; _refln_blochflow_frame (frame id) appended",
+           "_shelx_refln_list_code 4", ""]
+    if summary is not None:
+        for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta",
+                           "angle_gamma"), summary.cell):
+            out.append(f"_cell_{tag} {format_plain(v)}")
+        out += ["loop_", "_space_group_symop_operation_xyz"] + [_q(op) for op in summary.symops] + [""]
+    out += ["loop_", "_refln_index_h", "_refln_index_k", "_refln_index_l", "_refln_F_squared_calc",
+            "_refln_F_squared_meas", "_refln_F_squared_sigma", "_refln_observed_status",
+            "_refln_blochflow_frame"]
+    for i in range(len(obs)):
+        h, k, l, fr = (int(cols[c][i]) for c in ("h", "k", "l", "frame"))
+        ic, io, sg = (float(cols[c][i]) for c in ("ic", "io", "sigma"))
+        out.append(f"{h:4d}{k:4d}{l:4d} {_num(ic):>12} {_num(io):>12} {_num(sg):>12} "
+                   f"{'o' if obs[i] else '<'} {fr:5d}")
+    atomic_write_text(path, "\n".join(out) + "\n", overwrite=overwrite)

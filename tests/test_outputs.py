@@ -1,0 +1,197 @@
+"""Refined CIF / fcf writers, s.u. formatting and SVG plots."""
+
+import re
+import xml.etree.ElementTree as ET
+from decimal import Decimal
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from blochflow.io.errors import InputError
+from blochflow.io.refined_cif import (AtomResult, RefinementSummary, format_su, u_equiv, write_fcf,
+                                      write_refined_cif)
+from blochflow.io.structure_cif import read_structure
+from blochflow.io.writers import atomic_write_text
+from blochflow.report.plots import fo_fc_svg, thickness_svg
+
+QUARTZ = Path(__file__).parents[2] / "shared" / "data" / "quartz" / "experimental" / "quartz_reference.cif"
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.mark.parametrize("value,su,expected", [
+    (0.123456, 0.000234, "0.1235(2)"), (0.123456, 0.000123, "0.12346(12)"), (1.5, 0, "1.5"),
+    (1.5, None, "1.5"), (1.5, float("nan"), "1.5"), (12.3456, 1.4, "12.3(14)"), (123.4, 25, "123(25)"),
+    (-0.123456, 0.000234, "-0.1235(2)"), (0.5, 0.0996, "0.50(10)"), (0.5, 0.0199, "0.50(2)"),
+    (0.333333, None, "0.333333"), (float("nan"), 0.1, "?"),
+])
+def test_format_su_cases(value, su, expected):
+    assert format_su(value, su) == expected
+
+
+def _parse_su(text):
+    m = re.fullmatch(r"(-?\d+(?:\.(\d+))?)\((\d+)\)", text)
+    assert m, text
+    ndec = len(m.group(2) or "")
+    return float(m.group(1)), int(m.group(3)), 10.0 ** -ndec
+
+
+def test_format_su_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        value = rng.normal() * 10 ** rng.uniform(-2, 2)
+        su = 10 ** rng.uniform(-6, 0.2)  # keeps the last digit below the units place
+        v, s_int, unit = _parse_su(format_su(value, su))
+        assert abs(v - value) <= unit / 2 + 1e-12
+        assert 2 <= s_int <= 19  # 2 digits iff leading digits <= 19
+        assert abs(s_int * unit - su) <= unit / 2 + 1e-12
+        # the kept digits are those of su rounded at that place
+        assert s_int == int(Decimal(repr(su / unit)).quantize(Decimal(1), "ROUND_HALF_UP"))
+
+
+@pytest.fixture(scope="module")
+def quartz():
+    if not QUARTZ.exists():
+        pytest.skip("shared data not present")
+    return read_structure(QUARTZ)
+
+
+def _results(st):
+    atoms = []
+    for i, a in enumerate(st.atoms):
+        if i == 0:  # anisotropic with full s.u.s, one special-position coordinate fixed
+            atoms.append(AtomResult(a.label, a.element, a.xyz, (0.00012, 0.0, 0.000034), 1.0, None, "Uani",
+                                    float("nan"), 0.00011, a.u_aniso, (0.0002,) * 6))
+        else:
+            atoms.append(AtomResult(a.label, a.element, a.xyz, (0.0003, 0.00025, 0.0002), 0.98, 0.012,
+                                    "Uiso", a.u_iso, 0.0004))
+    atoms.append(AtomResult("H1", "H", (0.1, 0.2, 0.3), None, 1.0, None, "Uiso", 0.02, None, calc_flag="R"))
+    summary = RefinementSummary(st.cell, "P 32 2 1", st.symops, 0.0251, r_obs=0.0612, wr2=0.1534, gof=1.07,
+                                n_reflections=4321, n_obs=2100, n_params=57, n_restraints=3,
+                                max_shift_su=0.002, r_free=0.071, thickness=612.5)
+    return summary, atoms
+
+
+def test_u_equiv(quartz):
+    o1 = quartz.atoms[1]  # the file's U_eq for O1 is consistent with its U_ij
+    assert u_equiv(quartz.cell, o1.u_aniso) == pytest.approx(o1.u_iso, abs=2e-6)
+    assert u_equiv((5, 6, 7, 90, 90, 90), (0.01, 0.02, 0.03, 0, 0, 0)) == pytest.approx(0.02)
+
+
+def test_refined_cif_round_trip(quartz, tmp_path):
+    summary, atoms = _results(quartz)
+    path = tmp_path / "refined.cif"
+    write_refined_cif(path, "quartz refined", summary, atoms)
+    block = gemmi.cif.read(str(path)).sole_block()
+    small = gemmi.make_small_structure_from_block(block)
+    assert [s.label for s in small.sites] == ["Si1", "O1", "H1"]
+    for site, ref in zip(small.sites, atoms):
+        assert np.allclose(site.fract.tolist(), ref.xyz, atol=1e-3)
+    assert small.sites[1].u_iso == pytest.approx(atoms[1].u_iso, abs=1e-3)
+    assert small.sites[1].occ == pytest.approx(0.98)
+    si = small.sites[0]
+    assert si.aniso.nonzero()
+    u = atoms[0].u_aniso
+    assert [si.aniso.u11, si.aniso.u22, si.aniso.u33, si.aniso.u12, si.aniso.u13, si.aniso.u23] == \
+        pytest.approx(u, abs=1e-3)
+    assert si.u_iso == pytest.approx(u_equiv(summary.cell, u), abs=1e-4)
+    assert small.spacegroup is not None and small.spacegroup.number == 154
+    # s.u. items are written and parse
+    table = block.find("_atom_site_", ["label", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv",
+                                       "occupancy", "calc_flag"])
+    rows = {r[0]: list(r) for r in table}
+    assert rows["Si1"][2] == format_su(atoms[0].xyz[1], None) and "(" not in rows["Si1"][2]
+    assert rows["Si1"][1].endswith("(12)") and rows["O1"][5] == "0.980(12)"
+    assert rows["H1"][1] == "0.1" and rows["H1"][6] == "R" and rows["O1"][6] == "d"
+    assert gemmi.cif.as_number(rows["O1"][4]) == pytest.approx(atoms[1].u_iso, abs=1e-3)
+    aniso = block.find("_atom_site_aniso_", ["label", "U_11", "U_23"])
+    assert len(aniso) == 1 and aniso[0][1].endswith("(2)")
+    # R values under the standard tags
+    num = lambda tag: gemmi.cif.as_number(block.find_value(tag))  # noqa: E731
+    assert num("_refine_ls_R_factor_gt") == pytest.approx(0.0612)
+    assert num("_refine_ls_wR_factor_ref") == pytest.approx(0.1534)
+    assert num("_refine_ls_goodness_of_fit_ref") == pytest.approx(1.07)
+    assert num("_refine_ls_number_reflns") == 4321 and num("_reflns_number_gt") == 2100
+    assert num("_refine_ls_number_parameters") == 57 and num("_refine_ls_number_restraints") == 3
+    assert num("_refine_ls_shift/su_max") == pytest.approx(0.002)
+    assert num("_blochflow_refine_R_free") == pytest.approx(0.071)
+    assert num("_diffrn_radiation_wavelength") == pytest.approx(0.0251)
+    assert gemmi.cif.as_string(block.find_value("_diffrn_radiation_type")) == "electron"
+    assert gemmi.cif.as_string(block.find_value("_refine_ls_structure_factor_coef")) == "Fsqd"
+    assert len(block.find_values("_space_group_symop_operation_xyz")) == 6
+    assert [p.name for p in tmp_path.iterdir()] == ["refined.cif"]  # no temp files left
+    with pytest.raises(InputError):
+        write_refined_cif(path, "x", summary, atoms, overwrite=False)
+
+
+def test_fcf(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 500
+    io = rng.gamma(1.0, 50.0, n) - 5
+    sig = np.full(n, 4.0)
+    hkl = rng.integers(-9, 10, (n, 3))
+    arr = np.column_stack([rng.integers(1, 40, n), hkl, io * 1.1, io, sig])
+    path = tmp_path / "refined.fcf"
+    write_fcf(path, arr)
+    block = gemmi.cif.read(str(path)).sole_block()
+    t = block.find("_refln_", ["index_h", "index_k", "index_l", "F_squared_calc", "F_squared_meas",
+                               "F_squared_sigma", "observed_status", "blochflow_frame"])
+    assert len(t) == n
+    status = np.array([r[6] for r in t])
+    assert (status == "o").sum() == (io > 3 * sig).sum() and set(status) <= {"o", "<"}
+    assert [int(t[3][i]) for i in (0, 1, 2)] == hkl[3].tolist()
+    assert float(t[3][4]) == pytest.approx(io[3], rel=1e-6) and int(t[3][7]) == int(arr[3, 0])
+    # dict rows with explicit obs flags, and the cell/symmetry header
+    rows = [dict(frame=1, h=1, k=0, l=0, ic=10.0, io=9.0, sigma=1.0, obs=False),
+            dict(frame=2, h=0, k=1, l=-1, ic=1.0, io=0.5, sigma=1.0, obs=True)]
+    summary = RefinementSummary((4.9, 4.9, 5.4, 90, 90, 120), "P 32 2 1", ("x,y,z", "-y,x-y,z+2/3"), 0.0251,
+                                0.1, 0.2, 1.0, 2, 1, 5)
+    write_fcf(path, rows, summary=summary)
+    block = gemmi.cif.read(str(path)).sole_block()
+    assert list(block.find_values("_refln_observed_status")) == ["<", "o"]
+    assert gemmi.cif.as_number(block.find_value("_cell_length_c")) == pytest.approx(5.4)
+    with pytest.raises(InputError):
+        write_fcf(path, rows, overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["refined.fcf"]
+
+
+def test_fo_fc_svg(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 3000
+    ic = rng.gamma(1.0, 100.0, n)
+    io = ic + rng.normal(0, 10, n)
+    sig = np.full(n, 10.0)
+    io[0] = np.nan
+    path = tmp_path / "fofc.svg"
+    fo_fc_svg(path, io, ic, sig, "Fo vs Fc <quartz & co>")
+    root = ET.parse(path).getroot()
+    assert root.tag == SVG + "svg"
+    groups = {g.get("class"): g for g in root.iter(SVG + "g")}
+    n_obs = len(groups["obs"].findall(SVG + "circle"))
+    n_unobs = len(groups["unobs"].findall(SVG + "circle"))
+    assert n_obs + n_unobs == n - 1 and n_obs == int((io[1:] > 30).sum())
+    assert groups["unobs"].get("fill") == "none" and groups["obs"].get("fill") != "none"
+    assert any("quartz & co" in (t.text or "") for t in root.iter(SVG + "text"))
+    assert [p.name for p in tmp_path.iterdir()] == ["fofc.svg"]
+
+
+def test_thickness_svg(tmp_path):
+    ang = np.linspace(-30, 30, 61)
+    mean = 500 + 100 / np.cos(np.radians(ang))
+    path = tmp_path / "thickness.svg"
+    thickness_svg(path, ang, mean, mean - 20, mean + 25, "thickness", truth=mean + 5)
+    root = ET.parse(path).getroot()
+    lines = {p.get("class"): p for p in root.iter(SVG + "polyline")}
+    assert len(lines["mean"].get("points").split()) == 61
+    assert "stroke-dasharray" in lines["truth"].attrib
+    band = next(root.iter(SVG + "polygon"))
+    assert len(band.get("points").split()) == 122
+    thickness_svg(path, ang, mean, mean - 20, mean + 25, "no truth")
+    root = ET.parse(path).getroot()
+    assert {p.get("class") for p in root.iter(SVG + "polyline")} == {"mean"}
+    thickness_svg(path, [], [], [], [], "empty")  # still a valid document
+    ET.parse(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["thickness.svg"]
+    with pytest.raises(InputError):
+        atomic_write_text(path, "x", overwrite=False)

@@ -172,6 +172,144 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def _read_config(path: str) -> dict:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
+    if path.endswith(".json"):
+        import json
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg})") from None
+    else:
+        import tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(path, "file", f"not valid TOML ({exc})") from None
+    data = data.get("refine", data)
+    if not isinstance(data, dict):
+        raise InputError(path, "file", "expected key = value settings")
+    return data
+
+
+_REFINE_FLAGS = {  # flag dest -> setting name
+    "samples": "n_samples", "thickness_model": "thickness_model", "thickness": "thickness",
+    "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
+    "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
+    "g_max": "g_max", "s_max": "s_max",
+}
+
+
+def _refine_settings(args):
+    import tomllib
+
+    from .refine.run import settings_from_mapping
+    values = _read_config(args.config) if args.config else {}
+    source = args.config or "command line"
+    for dest, name in _REFINE_FLAGS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            values[name] = v
+    if args.no_orientation:
+        values["refine_orientation"] = False
+    if args.refine_occupancy:
+        values["refine_occupancy"] = True
+    for item in args.set or []:
+        if "=" not in item:
+            raise InputError("--set", item, "expected NAME=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key.strip()] = raw
+        source = "--set"
+    if isinstance(values.get("thickness"), str) and values["thickness"] != "auto":
+        try:
+            values["thickness"] = float(values["thickness"])
+        except ValueError:
+            raise InputError(source, "thickness", f"'{values['thickness']}' is not a number or 'auto'") from None
+    try:
+        return settings_from_mapping(values, source)
+    except (ValueError, TypeError) as exc:
+        raise InputError(source, str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()) from None
+
+
+def cmd_refine(args) -> int:
+    from .crystal.structure import inverted
+    from .refine.run import build_problem, load_checkpoint, refine
+    from .report.outputs import write_outputs
+
+    if args.example:
+        structure, data = _example_paths(args.example)
+    else:
+        if not args.structure or not args.data:
+            raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
+        structure, data = args.structure, args.data
+    settings = _refine_settings(args)
+    out = Path(args.out)
+    checkpoint = out / "checkpoint.pt"
+    if (out / "summary.json").exists() and not (args.resume or args.overwrite):
+        raise InputError(out, "--out", "holds a finished refinement; pass --resume, --overwrite or another --out")
+    resume = None
+    if args.resume:
+        if not checkpoint.exists():
+            raise InputError(checkpoint, "--resume", "no checkpoint to resume from")
+        try:
+            resume = load_checkpoint(checkpoint)
+        except Exception as exc:  # a truncated or foreign file
+            raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
+    crystal, ds = _load(structure, data)
+    log = print
+    hands = [("model", crystal)] + ([("inverted", inverted(crystal))] if args.enantiomer else [])
+    results = []
+    for name, cr in hands:
+        sub = out if name == "model" else out / "inverted"
+        problem = build_problem(cr, ds, settings)
+        print(f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / "
+              f"{int(problem.free.sum())} free reflections on {len(ds.frames)} frames, "
+              f"{problem.model.n_beams_mean():.0f} beams per solve")
+        try:
+            res = refine(problem, settings, checkpoint=sub / "checkpoint.pt",
+                         resume=resume if name == "model" else None, log=log)
+        except ValueError as exc:
+            raise InputError(checkpoint, "--resume", str(exc)) from None
+        results.append((name, sub, res))
+        if res.interrupted:
+            break
+    extra = {}
+    if args.enantiomer and len(results) == 2:
+        (_, _, ra), (_, _, rb) = results
+        ca, cb = ra.lm.cost, rb.lm.cost
+        dof = max(ra.figures.n_all - len(ra.refined_index), 1)
+        gof2 = ca / dof
+        delta = (cb - ca) / gof2  # chi^2 difference in units of the fit's variance
+        z = max(min(delta / 2, 700), -700)
+        p_model = 1 / (1 + np.exp(-z))
+        extra["enantiomer"] = {"chosen": "model" if ca <= cb else "inverted",
+                               "wR2_model": ra.figures.wR2, "wR2_inverted": rb.figures.wR2,
+                               "R_obs_model": ra.figures.R_obs, "R_obs_inverted": rb.figures.R_obs,
+                               "delta_chi2_scaled": delta, "probability_model_hand": p_model}
+    code = 0
+    for name, sub, res in results:
+        summ = write_outputs(res, sub, structure_path=structure, data_path=data, settings=settings, extra=extra)
+        f = res.figures
+        free = f"  R_free {summ['R_free']:.4f}" if summ["R_free"] is not None else ""
+        print(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
+              f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
+              f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
+        if res.interrupted:
+            code = 130
+    if "enantiomer" in extra:
+        e = extra["enantiomer"]
+        print(f"absolute structure: the data prefer the {e['chosen']} hand (wR2 {e['wR2_model']:.4f} vs "
+              f"{e['wR2_inverted']:.4f}; scaled chi2 difference {e['delta_chi2_scaled']:.1f}, "
+              f"P(model hand) = {e['probability_model_hand']:.4f})")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blochflow", description="Bloch-wave refinement of 3D-ED data")
     sub = p.add_subparsers(dest="command", required=True)
@@ -191,6 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="allow replacing an existing --write-pets file")
     _add_model_options(s)
     s.set_defaults(func=cmd_simulate)
+
+    r = sub.add_parser("refine", help="refine a structure against a 3D-ED dataset (dynamical)")
+    r.add_argument("structure", nargs="?", help="starting structure CIF")
+    r.add_argument("data", nargs="?", help="PETS2 .cif_pets file")
+    r.add_argument("--example", help="use a bundled example dataset (quartz)")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--config", help="TOML (or .json) file with settings; flags override it")
+    r.add_argument("--set", action="append", metavar="NAME=VALUE", help="any setting, e.g. --set lr_xyz=0.01")
+    r.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    r.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
+    r.add_argument("--enantiomer", action="store_true", help="also refine the inverted model and compare hands")
+    r.add_argument("--samples", type=int, help="tilt samples per frame")
+    r.add_argument("--thickness-model", choices=["global", "per-frame"])
+    r.add_argument("--thickness", help="start thickness in A or 'auto'")
+    r.add_argument("--adam-steps", type=int)
+    r.add_argument("--lm-iterations", type=int)
+    r.add_argument("--adp", choices=["keep", "iso", "aniso"])
+    r.add_argument("--hydrogens", choices=["riding", "free", "fixed"])
+    r.add_argument("--refine-occupancy", action="store_true")
+    r.add_argument("--no-orientation", action="store_true", help="do not refine per-frame orientation corrections")
+    r.add_argument("--free-fraction", type=float)
+    r.add_argument("--absorption", choices=["none", "proportional", "tds"])
+    r.add_argument("--g-max", type=float)
+    r.add_argument("--s-max", type=float)
+    r.add_argument("--checkpoint-every", type=int)
+    r.set_defaults(func=cmd_refine)
     return p
 
 
@@ -198,7 +362,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if getattr(args, "thickness", "auto") != "auto":
+        if args.command == "simulate" and getattr(args, "thickness", "auto") != "auto":
             try:
                 args.thickness = float(args.thickness)
             except ValueError:

@@ -245,3 +245,15 @@ def read_pets(path: str | Path) -> PetsDataset:
     return PetsDataset(path=path, cell=cell, wavelength=wavelength, ub=ub, details=details,
                        frames=frames, reflections=refl, atoms=atoms,
                        extra={"n_zero_count_dropped": n_zero_count})
+
+
+def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
+    """The dataset restricted to the frames where ``keep`` (F,) bool is True, with their reflections."""
+    import dataclasses
+    keep = np.asarray(keep, bool)
+    f = dataset.frames
+    frames = FrameTable(*(getattr(f, n.name)[keep] for n in dataclasses.fields(FrameTable)))
+    r = dataset.reflections
+    rows = np.isin(r.frame_id, f.ids[keep])
+    refl = ReflectionTable(r.hkl[rows], r.intensity[rows], r.sigma[rows], r.frame_id[rows])
+    return dataclasses.replace(dataset, frames=frames, reflections=refl)

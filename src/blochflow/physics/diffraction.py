@@ -136,6 +136,9 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     sample_beams: list[np.ndarray] = []
     for s in range(len(sf)):
         f = sf[s]
+        if len(per_frame_scored[f]) == 0:  # nothing to compare: no solve needed
+            sample_beams.append(np.zeros((1, 3), int))
+            continue
         sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k).numpy()
         sel = cand[(np.abs(sg) < settings.s_max) & not_scored[f]]  # scored reflections are added once below
         sc = scored.hkl[per_frame_scored[f]]
@@ -147,6 +150,8 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     cur: list[int] = []
     cur_n = 0
     for s in np.argsort(n_beams, kind="stable"):
+        if len(per_frame_scored[sf[s]]) == 0:
+            continue
         n = max(cur_n, n_beams[s])
         if cur and (len(cur) + 1) * n * n > settings.chunk_elements:
             chunks_idx.append(cur)
@@ -204,8 +209,9 @@ class FrameState:
 
     alpha/beta/omega in radians (F,), thickness (F, Q) in A with weights (F, Q) summing to 1.
     surface_normal (F, 3) unit lab vectors along propagation, or None for 'along the beam'.
-    orientation_correction (F, 3): small rotations (radians) about lab x, y, z applied after the
-    goniometer, g_lab = R_x R_y R_z O h, or None.
+    orientation_correction (F, 2): small rotations (radians) about lab x and y applied after the
+    goniometer, g_lab = R_x R_y O h, or None. (A rotation about the beam leaves every excitation
+    error unchanged, so it cannot be refined from intensities.)
     """
 
     alpha: torch.Tensor
@@ -236,9 +242,8 @@ def frame_state_from_dataset(dataset, thickness: float | torch.Tensor, dtype=tor
 
 
 def correction_rotation(angles: torch.Tensor) -> torch.Tensor:
-    """R_x(a) R_y(b) R_z(c) (..., 3, 3) from small angles (..., 3) in radians."""
-    return (rotation_matrix("x", angles[..., 0]) @ rotation_matrix("y", angles[..., 1])
-            @ rotation_matrix("z", angles[..., 2]))
+    """R_x(a) R_y(b) (..., 3, 3) from small angles (..., 2) in radians."""
+    return rotation_matrix("x", angles[..., 0]) @ rotation_matrix("y", angles[..., 1])
 
 
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,

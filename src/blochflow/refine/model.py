@@ -12,7 +12,7 @@ from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, potential_plan
-from .objective import Figures, figures_of_merit
+from .objective import Figures, figures_of_merit, frame_scales, klar_weights
 
 
 @dataclass(frozen=True)
@@ -83,4 +83,34 @@ class ForwardModel:
         return best, {"coarse_thickness": coarse.tolist(), "coarse_wR2": w1}
 
     def n_beams_mean(self) -> float:
-        return float(np.mean(self.plan.n_beams))
+        solved = self.plan.n_beams > 1  # frames without scored reflections are not solved
+        return float(np.mean(self.plan.n_beams[solved])) if solved.any() else 0.0
+
+    def thickness_scan(self, grid, potential=None, state: FrameState | None = None,
+                       use: torch.Tensor | None = None, block: int = 48) -> np.ndarray:
+        """Per-frame weighted residual sum w (Io - k Ic)^2 (F, Q) for each grid thickness (A).
+
+        Every grid point reuses the same eigendecompositions; ``use`` masks the reflections that
+        count (e.g. the work set). Frames without reflections get NaN.
+        """
+        grid = torch.as_tensor(np.asarray(grid, float))
+        use = torch.ones(len(self.io), dtype=torch.bool) if use is None else use
+        w = klar_weights(self.io, self.sigma, self.settings.instability) * use
+        base = self.frame_state(1.0) if state is None else state
+        out = []
+        with torch.no_grad():
+            pot = self.potential() if potential is None else potential
+            for q0 in range(0, len(grid), block):
+                ts = grid[q0:q0 + block]
+                st = FrameState(base.alpha, base.beta, base.omega, ts[None, :].expand(self.n_frames, -1),
+                                torch.full((self.n_frames, len(ts)), 1.0 / len(ts), dtype=torch.float64),
+                                base.surface_normal, base.orientation_correction)
+                ic = self.intensities(st, pot, per_thickness=True)  # (R, q)
+                for j in range(len(ts)):
+                    k = frame_scales(self.io, ic[:, j], w, self.frame, self.n_frames)
+                    res = w * (self.io - k[self.frame] * ic[:, j]) ** 2
+                    out.append(torch.zeros(self.n_frames, dtype=torch.float64).index_add(0, self.frame, res))
+        table = torch.stack(out, 1).numpy()
+        counts = np.bincount(self.frame.numpy()[use.numpy()], minlength=self.n_frames)
+        table[counts == 0] = np.nan
+        return table

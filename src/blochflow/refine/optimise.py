@@ -1,0 +1,152 @@
+"""Optimisers on a :class:`RefinementProblem`: Adam with per-group rates, then Levenberg-Marquardt.
+
+Both are written as explicit state + step functions so that a run can be checkpointed after any
+step and resumed to the same result. The Gauss-Newton normal matrix of the last LM iteration also
+gives the covariance (see :mod:`.covariance`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .problem import RefinementProblem
+
+
+@dataclass
+class AdamState:
+    step: int
+    m: torch.Tensor
+    v: torch.Tensor
+
+
+def adam_learning_rates(problem: RefinementProblem, rates: dict[str, float]) -> torch.Tensor:
+    """A per-parameter learning-rate vector from per-group rates (0 freezes a group)."""
+    lr = torch.zeros(problem.n_params, dtype=torch.float64)
+    for group, rate in rates.items():
+        lr[problem.group_index(group)] = rate
+    return lr
+
+
+def adam_step(problem: RefinementProblem, theta: torch.Tensor, state: AdamState, lr: torch.Tensor,
+              total_steps: int, betas=(0.9, 0.99), final_fraction: float = 0.1) -> tuple[torch.Tensor, float]:
+    """One Adam step on wR2^2 (work set) with a cosine-decayed rate; returns (theta, loss before)."""
+    th = theta.detach().clone().requires_grad_(True)
+    norm = torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2)
+    loss = problem.objective(th) / norm
+    (grad,) = torch.autograd.grad(loss, th)
+    state.step += 1
+    b1, b2 = betas
+    state.m = b1 * state.m + (1 - b1) * grad
+    state.v = b2 * state.v + (1 - b2) * grad * grad
+    mhat = state.m / (1 - b1 ** state.step)
+    vhat = state.v / (1 - b2 ** state.step)
+    frac = min(state.step / max(total_steps, 1), 1.0)
+    decay = final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
+    delta = -lr * decay * mhat / (vhat.sqrt() + 1e-12)
+    s = problem.structure_step_scale(theta, delta)
+    return (theta + s * delta).detach(), float(loss.detach())
+
+
+@dataclass
+class LMState:
+    iteration: int = 0
+    damping: float = 1e-3
+    cost: float = float("nan")
+    converged: bool = False
+    reason: str = ""
+    max_shift_su: float = float("nan")
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class NormalEquations:
+    """J^T J and J^T r at the last accepted point, with the indices they refer to."""
+
+    index: torch.Tensor  # (p,) refined parameter indices
+    jtj: torch.Tensor  # (p, p)
+    jtr: torch.Tensor  # (p,)
+    cost: float  # sum of squared weighted residuals
+    n_obs: int
+
+
+def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: torch.Tensor) -> tuple[NormalEquations, torch.Tensor]:
+    ic, r, j = problem.jacobian(theta, index)
+    return NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r)), ic
+
+
+def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
+            shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 8) -> tuple[torch.Tensor, NormalEquations]:
+    """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta.
+
+    Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
+    normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``.
+    """
+    ne, _ = normal_equations(problem, theta, index)
+    a, g = ne.jtj, ne.jtr
+    diag = torch.diagonal(a).clamp_min(1e-12 * float(torch.diagonal(a).max()))
+    dof = max(ne.n_obs - len(index), 1)
+    cov_unit = _safe_inverse(a)
+    su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
+    state.cost = ne.cost
+    for _ in range(max_tries):
+        lhs = a + state.damping * torch.diag(diag)
+        step = -torch.linalg.solve(lhs, g)
+        delta = torch.zeros_like(theta)
+        delta[index] = step
+        s = problem.structure_step_scale(theta, delta)
+        delta = s * delta
+        trial = theta + delta
+        with torch.no_grad():
+            new_cost = float(problem.objective(trial))
+        if np.isfinite(new_cost) and new_cost <= ne.cost:
+            state.damping = max(state.damping / 3, 1e-7)
+            shift_su = float(torch.max(torch.abs(delta[index]) / su.clamp_min(1e-300)))
+            rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
+            state.iteration += 1
+            state.max_shift_su = shift_su
+            state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
+                                  "max_shift_su": shift_su})
+            state.cost = new_cost
+            if shift_su < shift_tol:
+                state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
+            elif rel < rel_tol:
+                state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"
+            return trial.detach(), ne
+        state.damping *= 4
+    state.iteration += 1
+    state.converged, state.reason = True, "no downhill step found (at a minimum to numerical precision)"
+    state.max_shift_su = 0.0
+    return theta, ne
+
+
+def _safe_inverse(a: torch.Tensor) -> torch.Tensor:
+    """Inverse of a symmetric positive semi-definite matrix; null directions get zero variance."""
+    d = torch.sqrt(torch.diagonal(a).clamp_min(1e-300))
+    scaled = a / d[:, None] / d[None, :]
+    lam, vec = torch.linalg.eigh(scaled)
+    inv_lam = torch.where(lam > 1e-12 * lam.max(), 1.0 / lam, torch.zeros_like(lam))
+    return (vec * inv_lam) @ vec.T / d[:, None] / d[None, :]
+
+
+def covariance(ne: NormalEquations) -> tuple[torch.Tensor, float]:
+    """Covariance of the refined parameters: (J^T J)^-1 GoF^2, and GoF itself."""
+    dof = max(ne.n_obs - len(ne.index), 1)
+    gof2 = ne.cost / dof
+    return _safe_inverse(ne.jtj) * gof2, math.sqrt(gof2)
+
+
+def strong_correlations(cov: torch.Tensor, names: list[str], threshold: float = 0.9) -> list[dict]:
+    """Pairs of parameters with |correlation| above ``threshold``."""
+    sd = torch.sqrt(torch.diagonal(cov).clamp_min(1e-300))
+    corr = cov / sd[:, None] / sd[None, :]
+    out = []
+    iu = torch.triu_indices(len(names), len(names), 1)
+    for i, j in iu.T.tolist():
+        c = float(corr[i, j])
+        if abs(c) > threshold and torch.diagonal(cov)[i] > 0 and torch.diagonal(cov)[j] > 0:
+            out.append({"a": names[i], "b": names[j], "correlation": round(c, 4)})
+    return out

@@ -1,0 +1,227 @@
+"""The refinement problem: one flat parameter vector -> weighted residuals, gradients, Jacobians.
+
+theta = [structure | frame blocks (thickness, orientation) | absorption]. Frame scales are profiled
+out in closed form (weighted least squares per frame over the work reflections), so they are not
+parameters; R_free reflections are simulated and scaled with the work scales but never fitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..crystal.parameters import StructureParameters
+from ..experiment.frames import Block, FrameModel
+from ..physics.diffraction import FrameState, simulate_frames, simulate_frames_jvp
+from .model import ForwardModel
+from .objective import Figures, figures_of_merit, frame_scales, klar_weights
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a block lives in theta."""
+
+    block: Block
+    start: int
+    stop: int
+
+
+def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """R_free reflections: whole symmetry-equivalence groups (Laue class, all frames), ~``fraction``.
+
+    The group key is the lexicographically largest equivalent of h under the point group with
+    inversion; a deterministic hash of the key picks the groups, so every run and every frame
+    agrees on which reflections are free.
+    """
+    if fraction <= 0:
+        return np.zeros(len(hkl), bool)
+    ops = np.concatenate([rotations, -rotations])  # h' = h R (row vector) for each operator
+    images = np.einsum("rj,sji->rsi", hkl, ops)  # (R, S, 3)
+    keyval = (images[..., 0] * 1_000_003 + images[..., 1]) * 1_000_003 + images[..., 2]
+    best = images[np.arange(len(hkl)), np.argmax(keyval, 1)]
+    rng_key = (best[:, 0] * 73856093) ^ (best[:, 1] * 19349663) ^ (best[:, 2] * 83492791) ^ (seed * 2654435761)
+    u = (rng_key % 1_000_003) / 1_000_003.0
+    return u < fraction
+
+
+class RefinementProblem:
+    """Composes structure parameters, the frame model and the forward model into residuals."""
+
+    def __init__(self, model: ForwardModel, structure: StructureParameters, frames: FrameModel,
+                 refine_absorption: bool = False, free_fraction: float = 0.05, free_seed: int = 0):
+        self.model = model
+        self.structure = structure
+        self.frames = frames
+        self.refine_absorption = refine_absorption and model.settings.absorption == "proportional"
+        slots, pos = [], 0
+        blocks = [Block("structure", (len(structure),), False, "structure")] + frames.blocks()
+        if self.refine_absorption:
+            blocks.append(Block("kappa", (1,), False, "absorption"))
+        for b in blocks:
+            size = int(np.prod(b.shape))
+            slots.append(Slot(b, pos, pos + size))
+            pos += size
+        self.slots = {s.block.name: s for s in slots}
+        self.n_params = pos
+        init = {"structure": structure.theta0, **frames.initial()}
+        if self.refine_absorption:
+            init["kappa"] = torch.tensor([model.settings.kappa], dtype=torch.float64)
+        self.theta0 = torch.cat([init[s.block.name].reshape(-1) for s in slots]).to(torch.float64)
+        hkl = model.plan.scored.hkl
+        self.free = torch.as_tensor(free_set_mask(hkl, model.crystal.symmetry.rotations, free_fraction, free_seed))
+        self.work = ~self.free
+        self.weight = klar_weights(model.io, model.sigma, model.settings.instability)
+        self.names = self._names()
+        self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
+
+    # -- layout --------------------------------------------------------------------------------
+
+    def _names(self) -> list[str]:
+        names = list(self.structure.names)
+        ids = self.model.dataset.frames.ids
+        for s in self.slots.values():
+            b = s.block
+            if b.name == "structure":
+                continue
+            if b.per_frame:
+                names += [f"{b.name}[{int(ids[f])}].{k}" for f in range(b.shape[0]) for k in range(b.shape[1])]
+            else:
+                names += [f"{b.name}.{k}" for k in range(int(np.prod(b.shape)))]
+        return names
+
+    def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: theta[s.start:s.stop].reshape(s.block.shape) for n, s in self.slots.items()}
+
+    def group_index(self, group: str) -> torch.Tensor:
+        """Indices of theta in a reporting / learning-rate group ('xyz', 'adp', 'occupancy', or a block group)."""
+        st = self.slots["structure"]
+        if group in self.structure.groups:
+            return self.structure.groups[group] + st.start
+        idx = [torch.arange(s.start, s.stop) for s in self.slots.values() if s.block.group == group]
+        return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+
+    def structure_step_scale(self, theta: torch.Tensor, delta: torch.Tensor) -> float:
+        """Largest fraction of ``delta`` that keeps every ADP positive definite."""
+        st = self.slots["structure"]
+        d = delta[st.start:st.stop]
+        if not torch.any(d != 0):
+            return 1.0
+        return self.structure.max_step_scale(theta[st.start:st.stop].detach(), d.detach())
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def potential(self, raw: dict[str, torch.Tensor]):
+        xyz, occ, u = self.structure.physical(raw["structure"])
+        kappa = raw["kappa"][0] if "kappa" in raw else None
+        return self.model.potential(xyz, occ, u, kappa)
+
+    def state(self, raw: dict[str, torch.Tensor]) -> FrameState:
+        return self.frames.state(raw)
+
+    def intensities(self, theta: torch.Tensor) -> torch.Tensor:
+        raw = self.split(theta)
+        u, u_abs = self.potential(raw)
+        return simulate_frames(self.model.plan, u, u_abs, self.state(raw),
+                               absorption_method=self.model.settings.absorption_method)
+
+    def scales(self, ic: torch.Tensor) -> torch.Tensor:
+        w = torch.where(self.work, self.weight, torch.zeros_like(self.weight))
+        return frame_scales(self.model.io, ic, w, self.model.frame, self.model.n_frames)
+
+    def residuals(self, ic: torch.Tensor) -> torch.Tensor:
+        """sqrt(w) (Io - k Ic) over work reflections, scales profiled (differentiable in ic)."""
+        k = self.scales(ic)
+        r = torch.sqrt(self.weight) * (self.model.io - k[self.model.frame] * ic)
+        return r[self.work]
+
+    def objective(self, theta: torch.Tensor) -> torch.Tensor:
+        """sum w (Io - k Ic)^2 over the work set."""
+        return torch.sum(self.residuals(self.intensities(theta)) ** 2)
+
+    def figures(self, ic: torch.Tensor, subset: str = "work") -> Figures:
+        ic = ic.detach()
+        k = self.scales(ic)
+        m = {"work": self.work, "free": self.free, "all": torch.ones_like(self.work)}[subset]
+        frame = self.model.frame[m]
+        return figures_of_merit(self.model.io[m], self.model.sigma[m], ic[m], frame, self.model.n_frames,
+                                self.n_refined if subset == "work" else 0, self.model.settings.instability,
+                                scale=k)
+
+    # -- Jacobian ------------------------------------------------------------------------------
+
+    def jacobian(self, theta: torch.Tensor, index: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ic (R,), residuals (W,), J (W, p)) at theta for the columns ``index`` (default all).
+
+        Forward mode through one decomposition per sample: global parameters are one tangent
+        each; a per-frame block of width k costs k tangents for all frames together (frame f's
+        intensities depend only on row f).
+        """
+        theta = theta.detach()
+        wanted = torch.zeros(self.n_params, dtype=torch.bool)
+        wanted[torch.arange(self.n_params) if index is None else index] = True
+        raw = self.split(theta)
+        from torch.func import jvp
+
+        u, u_abs = self.potential(raw)
+        state = self.state(raw)
+        layout = [u_abs is not None] + [x is not None for x in state.tensors()]
+
+        def cheap(th):
+            r = self.split(th)
+            uu, uua = self.potential(r)
+            return tuple(x for x in (uu, uua, *self.state(r).tensors()) if x is not None)
+
+        def unflatten(flat):
+            it = iter(flat)
+            du = next(it)
+            dua = next(it) if layout[0] else None
+            return du, dua, tuple(next(it) if present else None for present in layout[1:])
+
+        tangents, columns = [], []  # columns: list of (kind, data)
+        for name, s in self.slots.items():
+            b = s.block
+            if b.per_frame:
+                f, k = b.shape
+                for j in range(k):
+                    cols = s.start + torch.arange(f) * k + j
+                    if not wanted[cols].any():
+                        continue
+                    d = torch.zeros_like(theta)
+                    d[s.start:s.stop].view(f, k)[:, j] = 1.0
+                    tangents.append(d)
+                    columns.append(("frame", cols))
+            else:
+                for i in range(s.start, s.stop):
+                    if not wanted[i]:
+                        continue
+                    d = torch.zeros_like(theta)
+                    d[i] = 1.0
+                    tangents.append(d)
+                    columns.append(("global", i))
+        t_list = [unflatten(jvp(cheap, (theta,), (d,))[1]) for d in tangents]
+        ic, d_ic = simulate_frames_jvp(self.model.plan, u.detach(), None if u_abs is None else u_abs.detach(),
+                                       FrameState(*[None if x is None else x.detach() for x in state.tensors()]),
+                                       t_list, absorption_method=self.model.settings.absorption_method)
+        j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
+        frame = self.model.frame
+        for c, (kind, data) in enumerate(columns):
+            if kind == "global":
+                j_ic[:, data] = d_ic[:, c]
+            else:
+                j_ic[torch.arange(len(ic)), data[frame]] = d_ic[:, c]
+        # residual r = sqrt(w)(Io - k_f Ic), k_f = sum_f w Io Ic / sum_f w Ic^2 over work rows
+        io, w = self.model.io, self.weight
+        ww = torch.where(self.work, w, torch.zeros_like(w))
+        den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * ic * ic)
+        k = self.scales(ic)
+        dk_coef = ww * (io - 2 * k[frame] * ic) / den[frame].clamp_min(1e-300)  # dk_f / dIc_j
+        dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_add(
+            0, frame, dk_coef[:, None] * j_ic)
+        sw = torch.sqrt(w)
+        jac = -sw[:, None] * (k[frame, None] * j_ic + ic[:, None] * dk[frame])
+        r = sw * (io - k[frame] * ic)
+        cols = torch.arange(self.n_params) if index is None else index
+        return ic, r[self.work], jac[self.work][:, cols]

@@ -1,0 +1,329 @@
+"""A whole refinement: settings, start values, Adam then Levenberg-Marquardt, checkpoints, results.
+
+The run is a sequence of steps on explicit state (theta, Adam moments, LM damping); after every
+``checkpoint_every`` steps that state is written atomically, and ``resume`` continues from it to
+the same result. Interrupts (SIGINT/SIGTERM) stop cleanly with the best model so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..crystal.parameters import StructureParameters
+from ..crystal.structure import Crystal
+from ..experiment.frames import FrameContext, FrameModel, GlobalThickness, PerFrameThickness
+from ..physics.diffraction import BeamSettings
+from .model import ForwardModel, ModelSettings
+from .objective import Figures
+from .optimise import (AdamState, LMState, NormalEquations, adam_learning_rates, adam_step, covariance, lm_step,
+                       normal_equations, strong_correlations)
+from .problem import RefinementProblem
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Every setting of ``blochflow refine`` (config-file keys are these names)."""
+
+    # physics
+    n_samples: int = 32
+    g_max: float | None = None
+    s_max: float = 0.02
+    rsg: float = 0.66
+    dsg: float = 0.0015
+    absorption: str = "none"
+    kappa: float = 0.05
+    refine_absorption: bool = False
+    instability: float = 0.01
+    # experiment models
+    thickness_model: str = "per-frame"  # global | per-frame
+    thickness: float | str = "auto"
+    thickness_grid: tuple = (100.0, 3000.0, 25.0)  # start, stop, step (A) for the 'auto' scan
+    refine_thickness: bool = True
+    refine_orientation: bool = True
+    # structure
+    refine_xyz: bool = True
+    refine_adp: bool = True
+    adp: str = "keep"
+    hydrogens: str = "riding"
+    refine_occupancy: bool = False
+    # objective
+    free_fraction: float = 0.05
+    free_seed: int = 0
+    # optimiser
+    adam_steps: int = 20
+    lr_xyz: float = 0.005  # A
+    lr_adp: float = 0.002  # A^2
+    lr_occupancy: float = 0.01
+    lr_thickness: float = 0.02  # log thickness
+    lr_orientation: float = 0.3  # mrad
+    lr_absorption: float = 0.005
+    lm_iterations: int = 15
+    shift_tol: float = 0.01
+    checkpoint_every: int = 5
+
+    def model_settings(self) -> ModelSettings:
+        beams = BeamSettings(g_max=self.g_max, s_max=self.s_max, n_samples=self.n_samples, rsg=self.rsg,
+                             dsg=self.dsg)
+        return ModelSettings(beams=beams, absorption=self.absorption, kappa=self.kappa,
+                             instability=self.instability)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+SETTING_CHOICES = {"absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame"),
+                   "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed")}
+
+
+def settings_from_mapping(values: dict, source: str) -> RefineSettings:
+    """Validated settings from a mapping (config file or flags); raises ValueError naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(RefineSettings)}
+    kw = {}
+    for key, val in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ValueError(f"{key}: unknown setting")
+        default = getattr(RefineSettings(), name)
+        if name in SETTING_CHOICES and val not in SETTING_CHOICES[name]:
+            raise ValueError(f"{key}: '{val}' is not one of {', '.join(SETTING_CHOICES[name])}")
+        if isinstance(default, bool):
+            if not isinstance(val, bool):
+                raise ValueError(f"{key}: expected true or false, got {val!r}")
+        elif isinstance(default, int) and not isinstance(default, bool):
+            if not isinstance(val, int) or isinstance(val, bool):
+                raise ValueError(f"{key}: expected an integer, got {val!r}")
+        elif isinstance(default, float) or name == "g_max":
+            if val is not None and (not isinstance(val, (int, float)) or isinstance(val, bool)):
+                raise ValueError(f"{key}: expected a number, got {val!r}")
+        elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
+            raise ValueError(f"{key}: expected a number or 'auto', got {val!r}")
+        elif name == "thickness_grid":
+            val = tuple(float(v) for v in val)
+        kw[name] = val
+    s = RefineSettings(**kw)
+    if s.n_samples < 1:
+        raise ValueError("n_samples: must be at least 1")
+    if not 0 <= s.free_fraction < 0.5:
+        raise ValueError("free_fraction: must be in [0, 0.5)")
+    return s
+
+
+@dataclass
+class RefinementResult:
+    problem: RefinementProblem
+    theta: torch.Tensor
+    ic: torch.Tensor
+    figures: Figures
+    figures_free: Figures | None
+    covariance: torch.Tensor | None  # (P, P) over all parameters (zeros where not refined)
+    refined_index: torch.Tensor
+    lm: LMState
+    adam_steps: int
+    phase_times: dict
+    elapsed_s: float
+    interrupted: bool
+    correlations: list = field(default_factory=list)
+    start_figures: Figures | None = None
+
+
+class Interrupted(Exception):
+    """Raised inside the loop when SIGINT/SIGTERM arrives."""
+
+
+def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.Tensor) -> float:
+    """Start thickness (A): the best single value of a scan over the grid at the start structure.
+
+    Every frame starts there, also for per-frame models: a per-frame scan at a wrong structure
+    picks wrong branches of the thickness oscillation, while the global optimum is robust and the
+    refinement then moves each frame locally.
+    """
+    if settings.thickness != "auto":
+        return float(settings.thickness)
+    a, b, step = settings.thickness_grid
+    grid = np.arange(a, b + 0.5 * step, step)
+    table = model.thickness_scan(grid, use=use)  # (F, Q)
+    return float(grid[int(np.argmin(np.nansum(table, 0)))])
+
+
+def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None) -> RefinementProblem:
+    structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
+                                    adp=settings.adp, hydrogens=settings.hydrogens,
+                                    refine_occupancy=settings.refine_occupancy)
+    # the model sees the start projected onto its special positions, so site weights are right
+    model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
+                         frame_mask=frame_mask)
+    ctx = FrameContext.from_dataset(dataset)
+    from .problem import free_set_mask
+    free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
+                                         settings.free_seed))
+    t0 = initial_thickness(model, settings, ~free)
+    thick = (GlobalThickness(t0) if settings.thickness_model == "global"
+             else PerFrameThickness(np.full(model.n_frames, t0)))
+    frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
+    return RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
+                             free_fraction=settings.free_fraction, free_seed=settings.free_seed)
+
+
+def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:
+    groups = []
+    if settings.refine_xyz:
+        groups.append("xyz")
+    if settings.refine_adp:
+        groups.append("adp")
+    if settings.refine_occupancy:
+        groups.append("occupancy")
+    if settings.refine_thickness:
+        groups.append("thickness")
+    if settings.refine_orientation:
+        groups.append("orientation")
+    if problem.refine_absorption:
+        groups.append("absorption")
+    idx = torch.cat([problem.group_index(g) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+    # parameters that no scored reflection depends on (frames without reflections) are left out
+    frame_has = np.bincount(problem.model.frame[problem.work].numpy(), minlength=problem.model.n_frames) > 0
+    keep = []
+    for i in idx.tolist():
+        name = problem.names[i]
+        if "[" in name:
+            fid = int(name.split("[")[1].split("]")[0])
+            f = int(np.flatnonzero(problem.model.dataset.frames.ids == fid)[0])
+            if not frame_has[f]:
+                continue
+        keep.append(i)
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _lm_to_dict(s: LMState) -> dict:
+    return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
+            "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history)}
+
+
+def _lm_from_dict(d: dict) -> LMState:
+    return LMState(iteration=int(d["iteration"]), damping=float(d["damping"]), cost=float(d["cost"]),
+                   converged=bool(d["converged"]), reason=str(d["reason"]), max_shift_su=float(d["max_shift_su"]),
+                   history=json.loads(d["history"]))
+
+
+def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
+           resume: dict | None = None, log: Callable[[str], None] = print) -> RefinementResult:
+    """Run Adam then LM on ``problem``; returns the result (also when interrupted)."""
+    t_start = time.perf_counter()
+    index = refined_index(problem, settings)
+    problem.n_refined = len(index)
+    theta = problem.theta0.clone()
+    lr = adam_learning_rates(problem, {"xyz": settings.lr_xyz, "adp": settings.lr_adp,
+                                       "occupancy": settings.lr_occupancy, "thickness": settings.lr_thickness,
+                                       "orientation": settings.lr_orientation, "absorption": settings.lr_absorption})
+    mask = torch.zeros(problem.n_params, dtype=torch.float64)
+    mask[index] = 1.0
+    lr = lr * mask
+    adam = AdamState(0, torch.zeros_like(theta), torch.zeros_like(theta))
+    lm = LMState()
+    phase_times = {"setup_s": 0.0, "adam_s": 0.0, "lm_s": 0.0, "covariance_s": 0.0}
+    if resume is not None:
+        if resume["fingerprint"] != settings.fingerprint() or resume["n_params"] != problem.n_params:
+            raise ValueError("checkpoint was written with different settings or data")
+        theta = resume["theta"].clone()
+        adam = AdamState(int(resume["adam_step"]), resume["adam_m"].clone(), resume["adam_v"].clone())
+        lm = _lm_from_dict(resume["lm"])
+        phase_times.update(json.loads(resume["phase_times"]))
+        log(f"resumed at Adam step {adam.step}, LM iteration {lm.iteration}")
+    with torch.no_grad():
+        start_fig = problem.figures(problem.intensities(problem.theta0))
+
+    def save():
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {"fingerprint": settings.fingerprint(), "n_params": problem.n_params,
+                                          "theta": theta, "adam_step": adam.step, "adam_m": adam.m,
+                                          "adam_v": adam.v, "lm": _lm_to_dict(lm),
+                                          "phase_times": json.dumps(phase_times)})
+
+    interrupted = False
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        raise Interrupted()
+
+    for s in previous:
+        signal.signal(s, handler)
+    ne: NormalEquations | None = None
+    try:
+        while adam.step < settings.adam_steps and len(index):
+            t0 = time.perf_counter()
+            theta, loss = adam_step(problem, theta, adam, lr, settings.adam_steps)
+            phase_times["adam_s"] += time.perf_counter() - t0
+            log(f"adam {adam.step:4d}/{settings.adam_steps}  wR2(work) {math.sqrt(loss):.4f}")
+            if adam.step % settings.checkpoint_every == 0:
+                save()
+        while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
+            t0 = time.perf_counter()
+            theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol)
+            phase_times["lm_s"] += time.perf_counter() - t0
+            log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "
+                f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"
+                f"  max shift/su {lm.max_shift_su:.3g}  damping {lm.damping:.2g}")
+            if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
+                save()
+    except (Interrupted, KeyboardInterrupt):
+        interrupted = True
+        save()
+        log("interrupted: checkpoint written; the results below are the model so far")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if not interrupted:
+        save()
+    cov_full, corr = None, []
+    t0 = time.perf_counter()
+    if len(index) and not interrupted:
+        ne, _ = normal_equations(problem, theta, index)
+        cov, _ = covariance(ne)
+        cov_full = torch.zeros((problem.n_params, problem.n_params), dtype=torch.float64)
+        cov_full[index[:, None], index[None, :]] = cov
+        st = problem.slots["structure"]
+        sidx = index[(index >= st.start) & (index < st.stop)]
+        pos = torch.searchsorted(index, sidx)
+        corr = strong_correlations(cov[pos[:, None], pos[None, :]], [problem.names[i] for i in sidx.tolist()])
+    phase_times["covariance_s"] = time.perf_counter() - t0
+    with torch.no_grad():
+        ic = problem.intensities(theta)
+    fig = problem.figures(ic, "work")
+    fig_free = problem.figures(ic, "free") if bool(problem.free.any()) else None
+    return RefinementResult(problem=problem, theta=theta, ic=ic, figures=fig, figures_free=fig_free,
+                            covariance=cov_full, refined_index=index, lm=lm, adam_steps=adam.step,
+                            phase_times=phase_times, elapsed_s=time.perf_counter() - t_start,
+                            interrupted=interrupted, correlations=corr, start_figures=start_fig)

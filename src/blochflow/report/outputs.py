@@ -1,0 +1,135 @@
+"""Files a refinement leaves in --out: refined.cif, summary.json, frames.csv, fcf, plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import torch
+
+from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
+from ..io.writers import write_csv, write_json
+from ..refine.run import RefinementResult
+from .plots import fo_fc_svg, thickness_svg
+
+
+def _space_group_name(crystal) -> str:
+    ops = gemmi.GroupOps([gemmi.Op(_triplet(r, t)) for r, t in zip(crystal.symmetry.rotations,
+                                                                    crystal.symmetry.translations)])
+    sg = gemmi.find_spacegroup_by_ops(ops)
+    return sg.hm if sg is not None else "P 1"
+
+
+def _triplet(rot, trans) -> str:
+    out = []
+    for i in range(3):
+        terms = []
+        for j, ax in enumerate("xyz"):
+            c = int(rot[i][j])
+            if c:
+                terms.append(("+" if c > 0 else "-") + (ax if abs(c) == 1 else f"{abs(c)}*{ax}"))
+        t = float(trans[i]) % 1.0
+        if abs(t) > 1e-6 and abs(t - 1) > 1e-6:
+            from fractions import Fraction
+            fr = Fraction(t).limit_denominator(12)
+            terms.append(f"+{fr.numerator}/{fr.denominator}")
+        s = "".join(terms)
+        out.append(s[1:] if s.startswith("+") else s)
+    return ",".join(out)
+
+
+def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
+    """Per-frame values: id, angles, scale, thickness statistics, orientation corrections, R."""
+    pr = result.problem
+    ds = pr.model.dataset
+    raw = pr.split(result.theta)
+    k = pr.scales(result.ic).numpy()
+    desc = pr.frames.thickness.describe(raw, pr.frames.ctx)
+    orient = raw["orientation"].detach().numpy() if "orientation" in raw else np.zeros((pr.model.n_frames, 2))
+    n_refl = np.bincount(pr.model.frame.numpy(), minlength=pr.model.n_frames)
+    return {"frame": ds.frames.ids, "alpha_deg": ds.frames.alpha_deg, "scale": k, "n_reflections": n_refl,
+            **desc, "orientation_x_mrad": orient[:, 0], "orientation_y_mrad": orient[:, 1]}
+
+
+def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
+                  extra: dict | None = None) -> dict:
+    """Write every output file; returns the summary dictionary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pr = result.problem
+    crystal = pr.structure.crystal_at(pr.split(result.theta)["structure"])
+    n_s = len(pr.structure)
+    cov_s = (result.covariance[:n_s, :n_s] if result.covariance is not None
+             else torch.zeros((n_s, n_s), dtype=torch.float64))
+    atoms_su = pr.structure.standard_uncertainties(result.theta[:n_s], cov_s)
+    atoms = []
+    for a, el in zip(atoms_su, crystal.asu.elements):
+        atoms.append(AtomResult(label=a["label"], element=el, xyz=tuple(a["xyz"]), xyz_su=tuple(a["xyz_su"]),
+                                occupancy=a["occupancy"], occupancy_su=a["occupancy_su"], adp_type=a["adp_type"],
+                                u_iso=a["u_iso"], u_iso_su=a["u_iso_su"],
+                                u_aniso=None if a["u_aniso"] is None else tuple(a["u_aniso"]),
+                                u_aniso_su=None if a["u_aniso_su"] is None else tuple(a["u_aniso_su"]),
+                                calc_flag=a["calc_flag"]))
+    fig, ffree = result.figures, result.figures_free
+    frames = frame_table(result)
+    mean_t = float(np.nanmean(frames["thickness_mean"][frames["n_reflections"] > 0]))
+    sym = crystal.symmetry
+    symops = tuple(_triplet(r, t) for r, t in zip(sym.rotations, sym.translations))
+    summary_cif = RefinementSummary(
+        cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,
+        wavelength=pr.model.dataset.wavelength, r_obs=fig.R_obs, wr2=fig.wR2, gof=fig.GoF,
+        n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=len(result.refined_index),
+        max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t)
+    write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms)
+
+    # reflections (all scored, with the work scales)
+    k = pr.scales(result.ic)
+    kic = (k[pr.model.frame] * result.ic).detach().numpy()
+    io, sigma = pr.model.io.numpy(), pr.model.sigma.numpy()
+    refl = pr.model.dataset.reflections
+    rows = pr.model.plan.scored.row
+    fcf_rows = np.column_stack([refl.frame_id[rows], refl.hkl[rows], kic, io, sigma])
+    write_fcf(out / "reflections.fcf", fcf_rows, summary_cif)
+    fo_fc_svg(out / "fo_fc.svg", io, kic, sigma, f"Fo vs Fc: R_obs {100 * fig.R_obs:.2f} %")
+    spread_lo = frames.get("thickness_q10", frames["thickness_mean"])
+    spread_hi = frames.get("thickness_q90", frames["thickness_mean"])
+    has = frames["n_reflections"] > 0
+    thickness_svg(out / "thickness.svg", frames["alpha_deg"][has], frames["thickness_mean"][has], spread_lo[has],
+                  spread_hi[has], "thickness per frame (A)")
+    names = list(frames)
+    write_csv(out / "frames.csv", names, (list(row) for row in zip(*[frames[n] for n in names])))
+
+    theta = result.theta
+    shifts = {}
+    for name, s in pr.slots.items():
+        shifts[name] = pr.split(theta)[name].detach().numpy()
+    summary = {
+        **fig.as_dict(),
+        "R_free": None if ffree is None else ffree.R_obs,
+        "wR2_free": None if ffree is None else ffree.wR2,
+        "n_free": 0 if ffree is None else ffree.n_all,
+        "n_params": len(result.refined_index),
+        "n_beams_mean": pr.model.n_beams_mean(),
+        "iterations": {"adam": result.adam_steps, "lm": result.lm.iteration},
+        "converged": bool(result.lm.converged and not result.interrupted),
+        "convergence": result.lm.reason,
+        "interrupted": result.interrupted,
+        "max_shift_su": result.lm.max_shift_su,
+        "start": None if result.start_figures is None else result.start_figures.as_dict(),
+        "thickness": mean_t,
+        "thickness_model": pr.frames.thickness.kind,
+        "frames": {n: np.asarray(v).tolist() for n, v in frames.items()},
+        "strong_correlations": result.correlations,
+        "lm_history": result.lm.history,
+        "phase_times_s": result.phase_times,
+        "elapsed_s": result.elapsed_s,
+        "structure": structure_path, "data": data_path,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        "atoms": atoms_su,
+    }
+    if extra:
+        summary.update(extra)
+    write_json(out / "summary.json", summary)
+    return summary

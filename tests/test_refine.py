@@ -1,0 +1,174 @@
+"""Refinement: Jacobian, recovery of a known structure, resume, R_free groups, the refine command."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gemmi
+import numpy as np
+import pytest
+import torch
+
+from blochflow.cli import main
+from blochflow.crystal import cell as cellmod
+from blochflow.crystal.structure import Crystal, crystal_from_record
+from blochflow.io.pets import ReflectionTable, read_pets, select_frames
+from blochflow.io.structure_cif import read_structure
+from blochflow.io.writers import atomic_write_text, format_pets
+from blochflow.physics.diffraction import BeamSettings
+from blochflow.refine.model import ModelSettings
+from blochflow.refine.problem import free_set_mask
+from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine
+from blochflow.simulate import ThicknessSpec, synthesize
+
+N_SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def truth(quartz_paths):
+    return crystal_from_record(read_structure(quartz_paths[0]))
+
+
+@pytest.fixture(scope="module")
+def small_dataset(quartz_paths, truth, tmp_path_factory):
+    """Six quartz frames simulated from the reference structure (known truth), Poisson noise."""
+    ds = read_pets(quartz_paths[1])
+    keep = np.zeros(len(ds.frames), bool)
+    keep[::8] = True
+    ds = select_frames(ds, keep)
+    thickness = 450 + 100 * np.cos(np.radians(ds.frames.alpha_deg))
+    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
+                                    ModelSettings(beams=BeamSettings(n_samples=N_SAMPLES)),
+                                    noise="poisson", max_counts=1e6, seed=3)
+    r = ds.reflections
+    ds = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+    path = tmp_path_factory.mktemp("refine") / "small.cif_pets"
+    atomic_write_text(path, format_pets(ds, ds.reflections.hkl, i_obs, sigma, ds.reflections.frame_id))
+    return ds, thickness, path
+
+
+def _displaced(truth: Crystal, shift_a: float, u_iso: float, seed: int = 0) -> Crystal:
+    asu = truth.asu.clone()
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(len(asu.labels), 3))
+    d *= shift_a / np.linalg.norm(d, axis=1, keepdims=True)
+    asu.xyz = asu.xyz + torch.as_tensor(np.linalg.solve(cellmod.direct_basis(truth.cell), d.T).T)
+    asu.u_frac = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(u_iso, truth.cell)) for _ in asu.labels])
+    asu.anisotropic = [False] * len(asu.labels)
+    return Crystal(truth.cell, truth.symmetry, asu)
+
+
+def _rmsd(xyz, truth: Crystal) -> float:
+    d = (xyz.detach() - truth.asu.xyz).numpy()
+    d -= np.round(d)
+    return float(np.sqrt(np.mean(np.sum((d @ cellmod.direct_basis(truth.cell).T) ** 2, 1))))
+
+
+def test_jacobian_matches_finite_differences(small_dataset, truth):
+    ds, _, _ = small_dataset
+    keep = np.zeros(len(ds.frames), bool)
+    keep[[1, 4]] = True
+    settings = RefineSettings(n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
+                              thickness=500.0, free_fraction=0.2)
+    problem = build_problem(_displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
+    theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 0.4  # away from zero, where all angles matter
+    _, r, jac = problem.jacobian(theta)
+    assert torch.allclose(r, problem.residuals(problem.intensities(theta)), rtol=1e-12, atol=1e-12)
+    for i in range(problem.n_params):
+        e = torch.zeros_like(theta)
+        e[i] = 1e-6
+        fd = (problem.residuals(problem.intensities(theta + e)) - problem.residuals(problem.intensities(theta - e))) / 2e-6
+        scale = max(float(fd.abs().max()), 1e-3)
+        assert float((jac[:, i] - fd).abs().max()) < 1e-5 * scale, problem.names[i]
+    assert float(jac.abs().max(0).values.min()) > 0  # every parameter reaches the residuals
+
+
+def test_free_set_keeps_symmetry_groups_together(truth):
+    hkl = np.array([[h, k, l] for h in range(-4, 5) for k in range(-4, 5) for l in range(-4, 5)])
+    free = free_set_mask(hkl, truth.symmetry.rotations, 0.1)
+    assert 0.03 < free.mean() < 0.2
+    rots = np.concatenate([truth.symmetry.rotations, -truth.symmetry.rotations])
+    index = {tuple(h): i for i, h in enumerate(hkl)}
+    for i, h in enumerate(hkl):
+        for r in rots:
+            j = index.get(tuple(h @ r))
+            if j is not None:
+                assert free[i] == free[j]
+
+
+def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth):
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(n_samples=N_SAMPLES, adp="aniso", adam_steps=10, lm_iterations=15, free_fraction=0.0)
+    problem = build_problem(_displaced(truth, 0.02, 0.03), ds, settings)
+    res = refine(problem, settings, log=lambda s: None)
+    assert res.lm.converged, res.lm.reason
+    xyz, _, u = problem.structure.physical(res.theta[:len(problem.structure)])
+    assert _rmsd(xyz, truth) < 0.002
+    u_true = np.array([cellmod.u_frac_to_cif(x, truth.cell)[:3] for x in truth.asu.u_frac.numpy()])
+    u_ref = np.array([cellmod.u_frac_to_cif(x, truth.cell)[:3] for x in u.detach().numpy()])
+    assert np.max(np.abs(u_ref - u_true) / u_true) < 0.15
+    t_ref = 1000 * torch.exp(problem.split(res.theta)["thickness"][:, 0]).numpy()
+    assert np.max(np.abs(t_ref - thickness)) < 20
+    assert 0.5 < res.figures.GoF < 2.0  # Poisson sigma and the same forward model: GoF near 1
+    # errors against the truth in units of the reported s.u. (positions, fractional)
+    sus = problem.structure.standard_uncertainties(res.theta[:len(problem.structure)],
+                                                   res.covariance[:len(problem.structure), :len(problem.structure)])
+    z = []
+    for a, t in zip(sus, truth.asu.xyz.numpy()):
+        for c in range(3):
+            if a["xyz_su"][c] > 0:
+                d = (a["xyz"][c] - t[c] + 0.5) % 1 - 0.5
+                z.append(d / a["xyz_su"][c])
+    assert len(z) >= 4 and np.max(np.abs(z)) < 5
+
+
+def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_path):
+    ds, _, _ = small_dataset
+    settings = RefineSettings(n_samples=2, adam_steps=4, lm_iterations=3, checkpoint_every=1, thickness=500.0,
+                              free_fraction=0.0)
+    start = _displaced(truth, 0.02, 0.03)
+    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
+
+    def stop_after_lm1(line):
+        if line.startswith("lm      1/"):
+            raise Interrupted()
+
+    ck = tmp_path / "checkpoint.pt"
+    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=stop_after_lm1)
+    assert part.interrupted and ck.exists()
+    resumed = refine(build_problem(start, ds, settings), settings, checkpoint=ck,
+                     resume=torch.load(ck, weights_only=True), log=lambda s: None)
+    assert not resumed.interrupted
+    assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
+
+def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_path, capsys):
+    _, _, data = small_dataset
+    out = tmp_path / "run"
+    config = tmp_path / "settings.toml"
+    config.write_text("n_samples = 2\nadam_steps = 2\nlm_iterations = 2\nthickness = 500.0\n")
+    code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--config", str(config),
+                 "--free-fraction", "0.1", "--lm-iterations", "1"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "wR2_frame_mean", "n_obs", "n_all", "n_frames",
+                "n_beams_mean", "elapsed_s", "R_free", "n_params", "iterations", "converged", "thickness", "frames"):
+        assert key in summary, key
+    assert summary["iterations"] == {"adam": 2, "lm": 1}  # the flag overrides the config file
+    assert summary["settings"]["n_samples"] == 2
+    block = gemmi.cif.read(str(out / "refined.cif")).sole_block()
+    small = gemmi.make_small_structure_from_block(block)
+    assert len(small.sites) == 2
+    assert block.find_value("_refine_ls_R_factor_gt") is not None
+    assert "(" in block.find_loop("_atom_site_fract_x")[0] or "(" in block.find_loop("_atom_site_fract_y")[0]
+    for name in ("frames.csv", "reflections.fcf", "fo_fc.svg", "thickness.svg", "checkpoint.pt"):
+        assert (out / name).exists(), name
+    before = (out / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--resume" in err
+    assert (out / "summary.json").read_bytes() == before
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "x"), "--set", "lr_xyz=fast"]) == 2

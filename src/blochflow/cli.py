@@ -15,6 +15,9 @@ import numpy as np
 from .io.errors import InputError
 
 EXAMPLES = {"quartz": ("quartz_reference.cif", "quartz.cif_pets")}
+# refine --example starts where a user starts: from the kinematical model, with light settings
+REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
+                              {"n_samples": 8, "adam_steps": 5, "lm_iterations": 6})}
 
 
 def _example_paths(name: str) -> tuple[str, str]:
@@ -203,11 +206,12 @@ _REFINE_FLAGS = {  # flag dest -> setting name
 }
 
 
-def _refine_settings(args):
+def _refine_settings(args, base: dict | None = None):
     import tomllib
 
     from .refine.run import settings_from_mapping
-    values = _read_config(args.config) if args.config else {}
+    values = dict(base or {})
+    values.update(_read_config(args.config) if args.config else {})
     source = args.config or "command line"
     for dest, name in _REFINE_FLAGS.items():
         v = getattr(args, dest, None)
@@ -242,13 +246,18 @@ def cmd_refine(args) -> int:
     from .refine.run import build_problem, load_checkpoint, refine
     from .report.outputs import write_outputs
 
+    example_settings = {}
     if args.example:
-        structure, data = _example_paths(args.example)
+        if args.example not in REFINE_EXAMPLES:
+            raise InputError("--example", args.example, f"unknown example; choose from {', '.join(REFINE_EXAMPLES)}")
+        base = resources.files("blochflow").joinpath("data", "examples", args.example)
+        cif, pets, example_settings = REFINE_EXAMPLES[args.example]
+        structure, data = str(base.joinpath(cif)), str(base.joinpath(pets))
     else:
         if not args.structure or not args.data:
             raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
         structure, data = args.structure, args.data
-    settings = _refine_settings(args)
+    settings = _refine_settings(args, example_settings)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
     if (out / "summary.json").exists() and not (args.resume or args.overwrite):

@@ -111,7 +111,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
                                   "max_shift_su": shift_su})
             state.cost = new_cost
-            if shift_su < shift_tol:
+            if shift_su < shift_tol and state.damping < 1e-2:  # a damped step is short, not converged
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"

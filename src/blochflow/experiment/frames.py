@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..physics.diffraction import FrameState
-from ..physics.geometry import frame_orientations
+from ..physics.diffraction import FrameState, frame_state_from_dataset
 
 THICKNESS_REF = 1000.0  # A; raw thickness parameters are log(t / THICKNESS_REF)
 
@@ -32,22 +31,16 @@ class Block:
 
 @dataclass(frozen=True)
 class FrameContext:
-    """What frame models may look at: goniometer angles (radians) and the nominal orientations."""
+    """What frame models may look at: goniometer angles (radians)."""
 
     alpha: torch.Tensor  # (F,)
     beta: torch.Tensor  # (F,)
     omega: torch.Tensor  # (F,)
-    orientation: torch.Tensor  # (F, 3, 3) g_lab = O h at the frame centre
 
     @classmethod
     def from_dataset(cls, dataset, dtype=torch.float64) -> "FrameContext":
-        f = dataset.frames
-        alpha = torch.as_tensor(np.radians(f.alpha_deg), dtype=dtype)
-        beta = torch.as_tensor(np.radians(f.beta_deg), dtype=dtype)
-        omega = torch.as_tensor(np.radians(f.omega_deg), dtype=dtype)
-        ub = torch.as_tensor(dataset.ub, dtype=dtype)
-        orient = frame_orientations(ub, alpha, beta, omega, math.radians(dataset.details.rotation_axis_deg))
-        return cls(alpha, beta, omega, orient)
+        st = frame_state_from_dataset(dataset, 1.0, dtype)
+        return cls(st.alpha, st.beta, st.omega)
 
     @property
     def n_frames(self) -> int:

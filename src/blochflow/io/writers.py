@@ -16,14 +16,19 @@ from .pets import PetsDataset
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise InputError(path, "output", "exists already; choose another name or pass --overwrite")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

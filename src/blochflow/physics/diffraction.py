@@ -341,25 +341,15 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
     n_t = len(tangents)
     primals = (potential, potential_abs, state.tensors())
-    present = [x is not None for x in (potential, potential_abs)]
 
-    def stack(parts):
-        if all(p is None for p in parts):
+    def stack(parts, primal):  # (T, ...) tangents of one input; zeros where a tangent is None
+        if primal is None:
             return None
-        ref = next(p for p in parts if p is not None)
-        return torch.stack([torch.zeros_like(ref) if p is None else p for p in parts])
+        return torch.stack([torch.zeros_like(primal) if p is None else p for p in parts])
 
-    t_pot = stack([t[0] for t in tangents])
-    t_pot_abs = stack([t[1] for t in tangents]) if present[1] else None
-    t_state = tuple(None if x is None else stack([t[2][i] for t in tangents])
-                    for i, x in enumerate(primals[2]))
-    # zero tangents where a primal exists but no tangent was given
-    if t_pot is None:
-        t_pot = torch.zeros((n_t,) + potential.shape, dtype=potential.dtype)
-    if present[1] and t_pot_abs is None:
-        t_pot_abs = torch.zeros((n_t,) + potential_abs.shape, dtype=potential_abs.dtype)
-    t_state = tuple(None if x is None else (torch.zeros((n_t,) + x.shape, dtype=x.dtype) if t is None else t)
-                    for x, t in zip(primals[2], t_state))
+    t_pot = stack([t[0] for t in tangents], potential)
+    t_pot_abs = stack([t[1] for t in tangents], potential_abs)
+    t_state = tuple(stack([t[2][i] for t in tangents], x) for i, x in enumerate(primals[2]))
 
     rtype = potential.real.dtype
     n_refl, q = len(plan.scored.row), state.thickness.shape[1]

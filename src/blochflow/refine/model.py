@@ -68,11 +68,10 @@ class ForwardModel:
         """
         with torch.no_grad():
             pot = self.potential()
+            norm = float(torch.sum(klar_weights(self.io, self.sigma, self.settings.instability) * self.io ** 2))
 
-            def scan(ts):
-                state = self.frame_state(torch.as_tensor(ts, dtype=torch.float64))
-                ic = self.intensities(state, pot, per_thickness=True)
-                return [self.figures(ic[:, q]).wR2 for q in range(len(ts))]
+            def scan(ts):  # global wR2 per grid thickness
+                return np.sqrt(np.nansum(self.thickness_scan(ts, potential=pot), 0) / norm).tolist()
 
             coarse = np.arange(100.0, 3001.0, 50.0) if grid is None else np.asarray(grid, float)
             w1 = scan(coarse)

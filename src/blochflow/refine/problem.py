@@ -91,6 +91,15 @@ class RefinementProblem:
                 names += [f"{b.name}.{k}" for k in range(int(np.prod(b.shape)))]
         return names
 
+    def parameter_frames(self) -> torch.Tensor:
+        """(P,) frame index of each parameter of a per-frame block, -1 for global parameters."""
+        frames = torch.full((self.n_params,), -1, dtype=torch.long)
+        for s in self.slots.values():
+            if s.block.per_frame:
+                f, k = s.block.shape
+                frames[s.start:s.stop] = torch.arange(f).repeat_interleave(k)
+        return frames
+
     def split(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         return {n: theta[s.start:s.stop].reshape(s.block.shape) for n, s in self.slots.items()}
 

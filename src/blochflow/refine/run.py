@@ -12,9 +12,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 
 from ..crystal.parameters import StructureParameters
 from ..crystal.structure import Crystal
+from ..io.writers import atomic_write_bytes
 from ..experiment.frames import FrameContext, FrameModel, GlobalThickness, PerFrameThickness
 from ..physics.diffraction import BeamSettings
 from .model import ForwardModel, ModelSettings
@@ -179,48 +178,24 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
 
 
 def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:
-    groups = []
-    if settings.refine_xyz:
-        groups.append("xyz")
-    if settings.refine_adp:
-        groups.append("adp")
-    if settings.refine_occupancy:
-        groups.append("occupancy")
-    if settings.refine_thickness:
-        groups.append("thickness")
-    if settings.refine_orientation:
-        groups.append("orientation")
-    if problem.refine_absorption:
-        groups.append("absorption")
+    switches = {"xyz": settings.refine_xyz, "adp": settings.refine_adp, "occupancy": settings.refine_occupancy,
+                "thickness": settings.refine_thickness, "orientation": settings.refine_orientation,
+                "absorption": problem.refine_absorption}
+    groups = [g for g, on in switches.items() if on]
     idx = torch.cat([problem.group_index(g) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
     # parameters that no scored reflection depends on (frames without reflections) are left out
-    frame_has = np.bincount(problem.model.frame[problem.work].numpy(), minlength=problem.model.n_frames) > 0
-    keep = []
-    for i in idx.tolist():
-        name = problem.names[i]
-        if "[" in name:
-            fid = int(name.split("[")[1].split("]")[0])
-            f = int(np.flatnonzero(problem.model.dataset.frames.ids == fid)[0])
-            if not frame_has[f]:
-                continue
-        keep.append(i)
-    return torch.tensor(sorted(keep), dtype=torch.long)
+    frame_has = torch.bincount(problem.model.frame[problem.work], minlength=problem.model.n_frames) > 0
+    frame = problem.parameter_frames()[idx]
+    keep = (frame < 0) | frame_has[frame.clamp_min(0)]
+    return torch.sort(idx[keep]).values
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
 
 def _save_checkpoint(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:

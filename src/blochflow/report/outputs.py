@@ -15,29 +15,19 @@ from ..refine.run import RefinementResult
 from .plots import fo_fc_svg, thickness_svg
 
 
+def _triplet(rot, trans) -> str:
+    """Operator triplet ('-y,x-y,z+2/3') of x' = R x + t, written by gemmi."""
+    op = gemmi.Op()
+    op.rot = [[int(round(v * gemmi.Op.DEN)) for v in row] for row in np.asarray(rot)]
+    op.tran = [int(round(v * gemmi.Op.DEN)) % gemmi.Op.DEN for v in np.asarray(trans)]
+    return op.triplet()
+
+
 def _space_group_name(crystal) -> str:
     ops = gemmi.GroupOps([gemmi.Op(_triplet(r, t)) for r, t in zip(crystal.symmetry.rotations,
                                                                     crystal.symmetry.translations)])
     sg = gemmi.find_spacegroup_by_ops(ops)
     return sg.hm if sg is not None else "P 1"
-
-
-def _triplet(rot, trans) -> str:
-    out = []
-    for i in range(3):
-        terms = []
-        for j, ax in enumerate("xyz"):
-            c = int(rot[i][j])
-            if c:
-                terms.append(("+" if c > 0 else "-") + (ax if abs(c) == 1 else f"{abs(c)}*{ax}"))
-        t = float(trans[i]) % 1.0
-        if abs(t) > 1e-6 and abs(t - 1) > 1e-6:
-            from fractions import Fraction
-            fr = Fraction(t).limit_denominator(12)
-            terms.append(f"+{fr.numerator}/{fr.denominator}")
-        s = "".join(terms)
-        out.append(s[1:] if s.startswith("+") else s)
-    return ",".join(out)
 
 
 def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
@@ -101,10 +91,6 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     names = list(frames)
     write_csv(out / "frames.csv", names, (list(row) for row in zip(*[frames[n] for n in names])))
 
-    theta = result.theta
-    shifts = {}
-    for name, s in pr.slots.items():
-        shifts[name] = pr.split(theta)[name].detach().numpy()
     summary = {
         **fig.as_dict(),
         "R_free": None if ffree is None else ffree.R_obs,

@@ -1,11 +1,23 @@
-import os
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from blochflow.crystal import cell as cellmod
+from blochflow.crystal.structure import Crystal, crystal_from_record
+from blochflow.io.pets import ReflectionTable, read_pets, select_frames
+from blochflow.io.structure_cif import read_structure
+from blochflow.io.writers import atomic_write_text, format_pets
+from blochflow.physics.diffraction import BeamSettings
+from blochflow.refine.model import ModelSettings
+from blochflow.simulate import ThicknessSpec, synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "src" / "blochflow" / "data" / "examples" / "quartz"
 SHARED = ROOT.parent / "shared" / "data"
+N_SAMPLES = 4  # tilt samples per frame in the small refinement datasets
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +31,43 @@ def quartz_synthetic_path():
     if not p.exists():
         pytest.skip("shared data not present")
     return p
+
+
+@pytest.fixture(scope="session")
+def truth(quartz_paths):
+    return crystal_from_record(read_structure(quartz_paths[0]))
+
+
+@pytest.fixture(scope="session")
+def small_dataset(quartz_paths, truth, tmp_path_factory):
+    """Six quartz frames simulated from the reference structure (known truth), Poisson noise."""
+    ds = read_pets(quartz_paths[1])
+    keep = np.zeros(len(ds.frames), bool)
+    keep[::8] = True
+    ds = select_frames(ds, keep)
+    thickness = 450 + 100 * np.cos(np.radians(ds.frames.alpha_deg))
+    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
+                                    ModelSettings(beams=BeamSettings(n_samples=N_SAMPLES)),
+                                    noise="poisson", max_counts=1e6, seed=3)
+    r = ds.reflections
+    ds = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+    path = tmp_path_factory.mktemp("refine") / "small.cif_pets"
+    atomic_write_text(path, format_pets(ds, ds.reflections.hkl, i_obs, sigma, ds.reflections.frame_id))
+    return ds, thickness, path
+
+
+def _displaced(truth: Crystal, shift_a: float, u_iso: float, seed: int = 0) -> Crystal:
+    asu = truth.asu.clone()
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(len(asu.labels), 3))
+    d *= shift_a / np.linalg.norm(d, axis=1, keepdims=True)
+    asu.xyz = asu.xyz + torch.as_tensor(np.linalg.solve(cellmod.direct_basis(truth.cell), d.T).T)
+    asu.u_frac = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(u_iso, truth.cell)) for _ in asu.labels])
+    asu.anisotropic = [False] * len(asu.labels)
+    return Crystal(truth.cell, truth.symmetry, asu)
+
+
+def _rmsd(xyz, truth: Crystal) -> float:
+    d = (xyz.detach() - truth.asu.xyz).numpy()
+    d -= np.round(d)
+    return float(np.sqrt(np.mean(np.sum((d @ cellmod.direct_basis(truth.cell).T) ** 2, 1))))

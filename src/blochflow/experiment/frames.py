@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..physics.diffraction import FrameState, frame_state_from_dataset
+from ..physics.geometry import rotation_matrix
 
 THICKNESS_REF = 1000.0  # A; raw thickness parameters are log(t / THICKNESS_REF)
 
@@ -27,20 +28,28 @@ class Block:
     shape: tuple
     per_frame: bool
     group: str  # learning-rate / reporting group
+    derived: bool = False  # global weights that act only through per-frame features (a network)
 
 
 @dataclass(frozen=True)
 class FrameContext:
-    """What frame models may look at: goniometer angles (radians)."""
+    """What frame models may look at: goniometer angles (radians) and the rotation-axis azimuth."""
 
     alpha: torch.Tensor  # (F,)
     beta: torch.Tensor  # (F,)
     omega: torch.Tensor  # (F,)
+    axis_azimuth: float = 0.0
 
     @classmethod
     def from_dataset(cls, dataset, dtype=torch.float64) -> "FrameContext":
         st = frame_state_from_dataset(dataset, 1.0, dtype)
-        return cls(st.alpha, st.beta, st.omega)
+        return cls(st.alpha, st.beta, st.omega, math.radians(dataset.details.rotation_axis_deg))
+
+    def goniometer(self) -> torch.Tensor:
+        """(F, 3, 3) rotation of the crystal by the goniometer (the orientation without U B)."""
+        phi = torch.full_like(self.alpha, -self.axis_azimuth)
+        return (rotation_matrix("z", phi) @ rotation_matrix("z", self.omega) @ rotation_matrix("x", self.alpha)
+                @ rotation_matrix("y", self.beta))
 
     @property
     def n_frames(self) -> int:
@@ -61,9 +70,29 @@ class ThicknessModel:
     def evaluate(self, raw: dict[str, torch.Tensor], ctx: FrameContext) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def surface_normal(self, raw: dict[str, torch.Tensor], ctx: FrameContext) -> torch.Tensor | None:
+        """(F, 3) lab surface normals along propagation, or None: thickness is measured along the beam."""
+        return None
+
+    def prior_residuals(self, raw: dict[str, torch.Tensor], ctx: FrameContext) -> torch.Tensor:
+        """Extra least-squares rows (priors such as smoothness across frames); empty by default."""
+        return torch.zeros(0, dtype=torch.float64)
+
+    def config(self) -> dict:
+        """JSON-able constructor arguments (with :meth:`initial` shapes) to rebuild the model."""
+        raise NotImplementedError
+
+    def path_length(self, raw: dict[str, torch.Tensor], ctx: FrameContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thickness points along the beam (F, Q) and their weights, for reports."""
+        t, w = self.evaluate(raw, ctx)
+        n = self.surface_normal(raw, ctx)
+        if n is not None:
+            t = t / n[:, 2:3].abs().clamp_min(1e-3)  # beam along -z
+        return t, w
+
     def describe(self, raw: dict[str, torch.Tensor], ctx: FrameContext) -> dict[str, np.ndarray]:
         """Per-frame mean, spread and quantiles (A) for reports."""
-        t, w = (x.detach() for x in self.evaluate(raw, ctx))
+        t, w = (x.detach() for x in self.path_length(raw, ctx))
         mean = (t * w).sum(-1)
         spread = ((t - mean[:, None]) ** 2 * w).sum(-1).clamp_min(0).sqrt()
         out = {"thickness_mean": mean.numpy(), "thickness_spread": spread.numpy()}
@@ -94,6 +123,9 @@ class GlobalThickness(ThicknessModel):
         t = t.expand(ctx.n_frames)[:, None]
         return t, torch.ones_like(t)
 
+    def config(self):
+        return {"kind": self.kind, "thickness": self.start}
+
 
 class PerFrameThickness(ThicknessModel):
     """One free thickness per frame."""
@@ -112,6 +144,197 @@ class PerFrameThickness(ThicknessModel):
     def evaluate(self, raw, ctx):
         t = THICKNESS_REF * torch.exp(raw["thickness"])  # (F,1)
         return t, torch.ones_like(t)
+
+    def config(self):
+        return {"kind": self.kind, "thickness": self.start.tolist()}
+
+
+BEAM = (0.0, 0.0, -1.0)  # lab propagation direction
+
+
+class SlabThickness(ThicknessModel):
+    """A parallel-sided slab: thickness t0 along its normal, the normal fixed to the crystal.
+
+    Raw: log(t0 / 1000) and two angles (rad) tilting the normal away from the beam direction at
+    zero goniometer angles, n0 = R_x(a) R_y(b) (0, 0, -1); frame f sees n = G_f n0 (G the
+    goniometer rotation). The path length is t0 / |cos(beam, n)| for each frame and, through the
+    solver's surface-normal geometry, for each tilt inside a frame.
+    """
+
+    kind = "slab"
+
+    def __init__(self, thickness: float, normal=(0.0, 0.0)):
+        self.start = float(thickness)
+        self.normal = tuple(float(x) for x in normal)
+
+    def blocks(self):
+        return [Block("thickness", (1,), False, "thickness"), Block("surface_normal", (2,), False, "surface")]
+
+    def initial(self):
+        return {"thickness": torch.tensor([math.log(self.start / THICKNESS_REF)], dtype=torch.float64),
+                "surface_normal": torch.tensor(self.normal, dtype=torch.float64)}
+
+    def evaluate(self, raw, ctx):
+        t = THICKNESS_REF * torch.exp(raw["thickness"])
+        t = t.expand(ctx.n_frames)[:, None]
+        return t, torch.ones_like(t)
+
+    def surface_normal(self, raw, ctx):
+        a = raw["surface_normal"]
+        n0 = rotation_matrix("x", a[0]) @ rotation_matrix("y", a[1]) @ torch.tensor(BEAM, dtype=a.dtype)
+        return torch.einsum("fij,j->fi", ctx.goniometer().to(a.dtype), n0)
+
+    def config(self):
+        return {"kind": self.kind, "thickness": self.start, "normal": list(self.normal)}
+
+
+def _mlp_shapes(n_in: int, hidden: int, n_out: int) -> list[tuple]:
+    return [(hidden, n_in), (hidden,), (hidden, hidden), (hidden,), (n_out, hidden), (n_out,)]
+
+
+class LearnedThickness(ThicknessModel):
+    """A small network maps a frame's goniometer angle to its thickness distribution.
+
+    The distribution is a monotone quantile function: the network gives K + 2 logits per frame,
+    their softmax splits the allowed range [t_lo, t_hi] into a gap below, K increments between
+    K + 1 knots at quantile levels 0, 1/K, ..., 1, and a gap above. Knots are therefore ordered and
+    bounded by construction, and a steep increment makes the distribution two-peaked, equal
+    increments make it uniform-like. The intensity of a frame is the average over Q thickness
+    points at the mid-levels (q + 1/2) / Q of that quantile function: fixed quadrature, so the
+    objective is smooth and deterministic. A smoothness prior ties the knots of neighbouring
+    frames (by angle) together.
+    """
+
+    kind = "learned"
+
+    def __init__(self, mean, spread=None, bounds=(20.0, 5000.0), knots: int = 8, points: int = 16,
+                 hidden: int = 16, smoothness: float = 1.0, seed: int = 0, weights=None, inputs=None):
+        self.mean = np.asarray(mean, float)
+        self.spread = 0.05 * self.mean if spread is None else np.broadcast_to(np.asarray(spread, float),
+                                                                             self.mean.shape).copy()
+        self.bounds = (float(bounds[0]), float(bounds[1]))
+        if not 0 < self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"thickness bounds {bounds} must satisfy 0 < low < high")
+        self.knots, self.points, self.hidden = int(knots), int(points), int(hidden)
+        self.smoothness, self.seed = float(smoothness), int(seed)
+        self.shapes = _mlp_shapes(1, self.hidden, self.knots + 2)
+        self.n_weights = int(sum(np.prod(s) for s in self.shapes))
+        self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.inputs = inputs  # (centre, scale) of alpha (rad), fixed at construction for reuse
+
+    # -- network ---------------------------------------------------------------------------------
+
+    def _inputs(self, ctx: FrameContext) -> torch.Tensor:
+        if self.inputs is None:
+            a = ctx.alpha.detach().numpy()
+            self.inputs = (float(np.mean(a)), float(max(np.ptp(a) / 2, 1e-3)))
+        c, s = self.inputs
+        return ((ctx.alpha - c) / s)[:, None]
+
+    def features(self, raw, ctx) -> torch.Tensor:
+        """Per-frame logits (F, K + 2): the only way the weights reach the intensities."""
+        w = raw["thickness_net"]
+        parts, pos = [], 0
+        for shp in self.shapes:
+            n = int(np.prod(shp))
+            parts.append(w[pos:pos + n].reshape(shp))
+            pos += n
+        w1, b1, w2, b2, w3, b3 = parts
+        x = self._inputs(ctx).to(w.dtype)
+        h = torch.tanh(x @ w1.T + b1)
+        h = torch.tanh(h @ w2.T + b2)
+        return h @ w3.T + b3
+
+    def knot_values(self, features: torch.Tensor) -> torch.Tensor:
+        """(F, K + 1) thickness at quantile levels 0, 1/K, ..., 1 (A), inside the bounds."""
+        lo, hi = self.bounds
+        p = torch.softmax(features, -1)
+        return lo + (hi - lo) * torch.cumsum(p, -1)[:, :-1]
+
+    def quadrature(self, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        u = (torch.arange(self.points, dtype=knots.dtype) + 0.5) / self.points * self.knots
+        i = torch.clamp(u.floor().long(), max=self.knots - 1)
+        f = u - i
+        t = knots[:, i] * (1 - f) + knots[:, i + 1] * f
+        return t, torch.full_like(t, 1.0 / self.points)
+
+    def evaluate_features(self, features, ctx):
+        return self.quadrature(self.knot_values(features))
+
+    # -- ThicknessModel --------------------------------------------------------------------------
+
+    def blocks(self):
+        return [Block("thickness_net", (self.n_weights,), False, "network", derived=True)]
+
+    def initial(self):
+        if self._weights is None:
+            raise RuntimeError("LearnedThickness.initial needs warm_start(ctx) first")
+        return {"thickness_net": self._weights.clone()}
+
+    def evaluate(self, raw, ctx):
+        return self.evaluate_features(self.features(raw, ctx), ctx)
+
+    def prior_residuals(self, raw, ctx):
+        if self.smoothness <= 0 or ctx.n_frames < 2:
+            return torch.zeros(0, dtype=torch.float64)
+        knots = self.knot_values(self.features(raw, ctx))
+        order = torch.argsort(ctx.alpha)
+        d = knots[order[1:]] - knots[order[:-1]]  # (F-1, K+1)
+        return math.sqrt(self.smoothness) * d.reshape(-1) / SMOOTHNESS_UNIT
+
+    def target_knots(self) -> np.ndarray:
+        """Warm-start knots: Gaussian quantiles of (mean, spread) per frame, levels clipped to 2..98 %."""
+        from statistics import NormalDist
+        lv = np.clip(np.arange(self.knots + 1) / self.knots, 0.02, 0.98)
+        z = np.array([NormalDist().inv_cdf(float(u)) for u in lv])
+        lo, hi = self.bounds
+        return np.clip(self.mean[:, None] + self.spread[:, None] * z[None, :], lo + 1.0, hi - 1.0)
+
+    def warm_start(self, ctx: FrameContext, steps: int = 600, lr: float = 0.02) -> "LearnedThickness":
+        """Fit the weights to :meth:`target_knots` (no physics involved; deterministic)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        parts = []
+        for shp in self.shapes:
+            fan_in = shp[-1] if len(shp) == 2 else 1
+            parts.append(torch.randn(shp, generator=gen, dtype=torch.float64) / math.sqrt(fan_in)
+                         * (1.0 if len(shp) == 2 else 0.1))
+        parts[4] = parts[4] * 0.1  # last layer starts small: the bias carries the frame-average shape
+        target = torch.as_tensor(self.target_knots())
+        lo, hi = self.bounds
+        p = np.diff(np.concatenate([np.full((len(self.mean), 1), lo), target.numpy(),
+                                    np.full((len(self.mean), 1), hi)], 1), axis=1)
+        parts[5] = torch.as_tensor(np.log(np.clip(p, 1e-9, None)).mean(0))
+        w = torch.cat([x.reshape(-1) for x in parts]).requires_grad_(True)
+        opt = torch.optim.Adam([w], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.mean(((self.knot_values(self.features({"thickness_net": w}, ctx)) - target)
+                               / SMOOTHNESS_UNIT) ** 2)
+            loss.backward()
+            opt.step()
+        self._weights = w.detach()
+        return self
+
+    def config(self):
+        return {"kind": self.kind, "mean": self.mean.tolist(), "spread": self.spread.tolist(),
+                "bounds": list(self.bounds), "knots": self.knots, "points": self.points, "hidden": self.hidden,
+                "smoothness": self.smoothness, "seed": self.seed,
+                "inputs": None if self.inputs is None else list(self.inputs)}
+
+
+SMOOTHNESS_UNIT = 100.0  # A: a knot jump of this size between neighbouring frames costs `smoothness`
+
+THICKNESS_MODELS = {"global": GlobalThickness, "per-frame": PerFrameThickness, "slab": SlabThickness,
+                    "learned": LearnedThickness}
+
+
+def thickness_model_from_config(cfg: dict) -> ThicknessModel:
+    """Rebuild a thickness model from :meth:`ThicknessModel.config` output."""
+    cfg = dict(cfg)
+    kind = cfg.pop("kind")
+    if kind not in THICKNESS_MODELS:
+        raise ValueError(f"unknown thickness model '{kind}'")
+    return THICKNESS_MODELS[kind](**cfg)
 
 
 class FrameModel:
@@ -138,8 +361,18 @@ class FrameModel:
             raw["orientation"] = torch.zeros((self.ctx.n_frames, 2), dtype=torch.float64)
         return raw
 
-    def state(self, raw: dict[str, torch.Tensor]) -> FrameState:
-        t, w = self.thickness.evaluate(raw, self.ctx)
+    def state(self, raw: dict[str, torch.Tensor], feature_shift: torch.Tensor | None = None) -> FrameState:
+        """The physics state; ``feature_shift`` (F, k) is added to a network's per-frame features
+        (the refinement's Jacobian differentiates through it)."""
+        if feature_shift is not None:
+            f = self.thickness.features(raw, self.ctx) + feature_shift
+            t, w = self.thickness.evaluate_features(f, self.ctx)
+        else:
+            t, w = self.thickness.evaluate(raw, self.ctx)
         corr = raw["orientation"] * 1e-3 if "orientation" in raw else None
         return FrameState(alpha=self.ctx.alpha, beta=self.ctx.beta, omega=self.ctx.omega, thickness=t,
-                          thickness_weight=w, orientation_correction=corr)
+                          thickness_weight=w, surface_normal=self.thickness.surface_normal(raw, self.ctx),
+                          orientation_correction=corr)
+
+    def prior_residuals(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.thickness.prior_residuals(raw, self.ctx)

@@ -246,6 +246,12 @@ def correction_rotation(angles: torch.Tensor) -> torch.Tensor:
     return rotation_matrix("x", angles[..., 0]) @ rotation_matrix("y", angles[..., 1])
 
 
+def _rotate_about(v: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rodrigues rotation of vectors v (B, 3) about unit axes (B, 3) by angles (B,)."""
+    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+    return v * c + torch.linalg.cross(axis, v) * s + axis * torch.sum(axis * v, -1, keepdim=True) * (1 - c)
+
+
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
                        absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
@@ -283,7 +289,13 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
     big = 1e4 * (1 + torch.arange(n, dtype=rtype) * 1e-3)
     diag = torch.where(mask, 2 * k * sg, big)
-    normal = inc if state.surface_normal is None else state.surface_normal[fr].to(rtype)
+    if state.surface_normal is None:
+        normal = inc
+    else:  # the normal turns with the crystal: by the tilt inside the frame, then the correction
+        normal = _rotate_about(state.surface_normal[fr].to(rtype),
+                               rotation_axis_lab(state.omega[fr], plan.axis_azimuth).to(rtype), offs)
+        if state.orientation_correction is not None:
+            normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
     kn = k * torch.sum(inc * normal, -1)  # (B,)
     a_mat = pot[idx] + torch.diag_embed(diag).to(ctype)
     if plan.settings.nonparallel:
@@ -340,7 +352,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     from torch.func import jvp, vmap
 
     n_t = len(tangents)
-    primals = (potential, potential_abs, state.tensors())
+    primals = (potential, potential_abs, tuple(None if x is None else x.contiguous() for x in state.tensors()))
 
     def stack(parts, primal):  # (T, ...) tangents of one input; zeros where a tangent is None
         if primal is None:

@@ -104,7 +104,8 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             new_cost = float(problem.objective(trial))
         if np.isfinite(new_cost) and new_cost <= ne.cost:
             state.damping = max(state.damping / 3, 1e-7)
-            shift_su = float(torch.max(torch.abs(delta[index]) / su.clamp_min(1e-300)))
+            determined = su > 0  # null directions (e.g. redundant network weights) have no s.u.
+            shift_su = float(torch.max(torch.abs(delta[index][determined]) / su[determined])) if determined.any() else 0.0
             rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
             state.iteration += 1
             state.max_shift_su = shift_su

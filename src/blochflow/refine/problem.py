@@ -46,11 +46,29 @@ def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed:
     return u < fraction
 
 
+def holdout_frame_mask(n_frames: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """Hold-out frames: ~``fraction`` of the frames, spread evenly over the rotation (never the ends).
+
+    Their reflections are not fitted; a model of the frames (e.g. a learned thickness) must predict
+    them from the frame angle, which shows over-fitting that R_free alone cannot.
+    """
+    mask = np.zeros(n_frames, bool)
+    n = int(round(fraction * n_frames))
+    if n <= 0 or n_frames < 3:
+        return mask
+    step = (n_frames - 2) / n
+    offset = (seed % 997) / 997.0 * step
+    idx = 1 + np.floor(offset + step * np.arange(n)).astype(int)
+    mask[np.clip(idx, 1, n_frames - 2)] = True
+    return mask
+
+
 class RefinementProblem:
     """Composes structure parameters, the frame model and the forward model into residuals."""
 
     def __init__(self, model: ForwardModel, structure: StructureParameters, frames: FrameModel,
-                 refine_absorption: bool = False, free_fraction: float = 0.05, free_seed: int = 0):
+                 refine_absorption: bool = False, free_fraction: float = 0.05, free_seed: int = 0,
+                 holdout_frames: float = 0.0):
         self.model = model
         self.structure = structure
         self.frames = frames
@@ -71,7 +89,9 @@ class RefinementProblem:
         self.theta0 = torch.cat([init[s.block.name].reshape(-1) for s in slots]).to(torch.float64)
         hkl = model.plan.scored.hkl
         self.free = torch.as_tensor(free_set_mask(hkl, model.crystal.symmetry.rotations, free_fraction, free_seed))
-        self.work = ~self.free
+        self.holdout_frame = torch.as_tensor(holdout_frame_mask(model.n_frames, holdout_frames, free_seed))
+        self.holdout = self.holdout_frame[model.frame] & ~self.free
+        self.work = ~self.free & ~self.holdout
         self.weight = klar_weights(model.io, model.sigma, model.settings.instability)
         self.names = self._names()
         self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
@@ -145,14 +165,21 @@ class RefinementProblem:
         r = torch.sqrt(self.weight) * (self.model.io - k[self.model.frame] * ic)
         return r[self.work]
 
+    def prior_residuals(self, theta: torch.Tensor) -> torch.Tensor:
+        """Least-squares rows that are not observations: priors of the frame model (smoothness)."""
+        return self.frames.prior_residuals(self.split(theta))
+
     def objective(self, theta: torch.Tensor) -> torch.Tensor:
-        """sum w (Io - k Ic)^2 over the work set."""
-        return torch.sum(self.residuals(self.intensities(theta)) ** 2)
+        """sum w (Io - k Ic)^2 over the work set, plus the squared prior rows."""
+        return torch.sum(self.residuals(self.intensities(theta)) ** 2) + torch.sum(self.prior_residuals(theta) ** 2)
 
     def figures(self, ic: torch.Tensor, subset: str = "work") -> Figures:
         ic = ic.detach()
         k = self.scales(ic)
-        m = {"work": self.work, "free": self.free, "all": torch.ones_like(self.work)}[subset]
+        m = {"work": self.work, "free": self.free, "holdout": self.holdout, "all": torch.ones_like(self.work)}[subset]
+        if subset == "holdout":  # these frames have no work reflections: their scale is fitted on themselves
+            k = frame_scales(self.model.io, ic, torch.where(m, self.weight, torch.zeros_like(self.weight)),
+                             self.model.frame, self.model.n_frames)
         frame = self.model.frame[m]
         return figures_of_merit(self.model.io[m], self.model.sigma[m], ic[m], frame, self.model.n_frames,
                                 self.n_refined if subset == "work" else 0, self.model.settings.instability,
@@ -177,11 +204,15 @@ class RefinementProblem:
         u, u_abs = self.potential(raw)
         state = self.state(raw)
         layout = [u_abs is not None] + [x is not None for x in state.tensors()]
+        derived = [s for s in self.slots.values() if s.block.derived]
+        net = self.frames.thickness
+        feat0 = net.features(raw, self.frames.ctx).detach() if derived else None
 
-        def cheap(th):
+        def cheap(th, shift):
             r = self.split(th)
             uu, uua = self.potential(r)
-            return tuple(x for x in (uu, uua, *self.state(r).tensors()) if x is not None)
+            st = self.frames.state(r, feature_shift=shift) if derived else self.state(r)
+            return tuple(x for x in (uu, uua, *st.tensors()) if x is not None)
 
         def unflatten(flat):
             it = iter(flat)
@@ -189,10 +220,19 @@ class RefinementProblem:
             dua = next(it) if layout[0] else None
             return du, dua, tuple(next(it) if present else None for present in layout[1:])
 
-        tangents, columns = [], []  # columns: list of (kind, data)
+        tangents, columns = [], []  # columns: list of (kind, data); tangents: (d_theta, d_feature_shift)
+        zero_shift = None if feat0 is None else torch.zeros_like(feat0)
         for name, s in self.slots.items():
             b = s.block
-            if b.per_frame:
+            if b.derived:  # network weights: one tangent per feature column, then the chain rule
+                if not wanted[s.start:s.stop].any():
+                    continue
+                for j in range(feat0.shape[1]):
+                    e = torch.zeros_like(feat0)
+                    e[:, j] = 1.0
+                    tangents.append((torch.zeros_like(theta), e))
+                    columns.append(("feature", (s, j)))
+            elif b.per_frame:
                 f, k = b.shape
                 for j in range(k):
                     cols = s.start + torch.arange(f) * k + j
@@ -200,7 +240,7 @@ class RefinementProblem:
                         continue
                     d = torch.zeros_like(theta)
                     d[s.start:s.stop].view(f, k)[:, j] = 1.0
-                    tangents.append(d)
+                    tangents.append((d, zero_shift))
                     columns.append(("frame", cols))
             else:
                 for i in range(s.start, s.stop):
@@ -208,19 +248,30 @@ class RefinementProblem:
                         continue
                     d = torch.zeros_like(theta)
                     d[i] = 1.0
-                    tangents.append(d)
+                    tangents.append((d, zero_shift))
                     columns.append(("global", i))
-        t_list = [unflatten(jvp(cheap, (theta,), (d,))[1]) for d in tangents]
+        if zero_shift is None:
+            t_list = [unflatten(jvp(lambda th: cheap(th, None), (theta,), (d,))[1]) for d, _ in tangents]
+        else:
+            t_list = [unflatten(jvp(cheap, (theta, zero_shift), (d, e))[1]) for d, e in tangents]
         ic, d_ic = simulate_frames_jvp(self.model.plan, u.detach(), None if u_abs is None else u_abs.detach(),
                                        FrameState(*[None if x is None else x.detach() for x in state.tensors()]),
                                        t_list, absorption_method=self.model.settings.absorption_method)
         j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
         frame = self.model.frame
+        d_feat = {}  # slot name -> (F, k, P) d features / d weights
         for c, (kind, data) in enumerate(columns):
             if kind == "global":
                 j_ic[:, data] = d_ic[:, c]
-            else:
+            elif kind == "frame":
                 j_ic[torch.arange(len(ic)), data[frame]] = d_ic[:, c]
+            else:
+                s, jf = data
+                if s.block.name not in d_feat:
+                    from torch.func import jacrev
+                    d_feat[s.block.name] = jacrev(
+                        lambda w, s=s: net.features({**raw, s.block.name: w}, self.frames.ctx))(raw[s.block.name])
+                j_ic[:, s.start:s.stop] += d_ic[:, c, None] * d_feat[s.block.name][frame, jf, :]
         # residual r = sqrt(w)(Io - k_f Ic), k_f = sum_f w Io Ic / sum_f w Ic^2 over work rows
         io, w = self.model.io, self.weight
         ww = torch.where(self.work, w, torch.zeros_like(w))
@@ -233,4 +284,9 @@ class RefinementProblem:
         jac = -sw[:, None] * (k[frame, None] * j_ic + ic[:, None] * dk[frame])
         r = sw * (io - k[frame] * ic)
         cols = torch.arange(self.n_params) if index is None else index
+        prior = self.prior_residuals(theta)
+        if len(prior):
+            from torch.func import jacrev
+            j_prior = jacrev(self.prior_residuals)(theta)
+            return ic, torch.cat([r[self.work], prior]), torch.cat([jac[self.work], j_prior])[:, cols]
         return ic, r[self.work], jac[self.work][:, cols]

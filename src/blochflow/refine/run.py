@@ -24,7 +24,8 @@ import torch
 from ..crystal.parameters import StructureParameters
 from ..crystal.structure import Crystal
 from ..io.writers import atomic_write_bytes
-from ..experiment.frames import FrameContext, FrameModel, GlobalThickness, PerFrameThickness
+from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, LearnedThickness, PerFrameThickness,
+                                 SlabThickness)
 from ..physics.diffraction import BeamSettings
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
@@ -48,9 +49,15 @@ class RefineSettings:
     refine_absorption: bool = False
     instability: float = 0.01
     # experiment models
-    thickness_model: str = "per-frame"  # global | per-frame
+    thickness_model: str = "per-frame"  # global | per-frame | slab | learned
     thickness: float | str = "auto"
     thickness_grid: tuple = (100.0, 3000.0, 25.0)  # start, stop, step (A) for the 'auto' scan
+    thickness_points: int = 16  # quadrature points of a learned distribution per frame
+    thickness_knots: int = 8  # quantile knots of a learned distribution
+    thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
+    thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions
+    thickness_hidden: int = 16  # hidden units per layer of the thickness network
+    holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
     refine_thickness: bool = True
     refine_orientation: bool = True
     # structure
@@ -68,6 +75,8 @@ class RefineSettings:
     lr_adp: float = 0.002  # A^2
     lr_occupancy: float = 0.01
     lr_thickness: float = 0.02  # log thickness
+    lr_network: float = 0.01  # thickness-network weights
+    lr_surface: float = 0.01  # slab normal angles (rad)
     lr_orientation: float = 0.3  # mrad
     lr_absorption: float = 0.005
     lm_iterations: int = 15
@@ -84,7 +93,7 @@ class RefineSettings:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SETTING_CHOICES = {"absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame"),
+SETTING_CHOICES = {"absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed")}
 
 
@@ -110,7 +119,10 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
                 raise ValueError(f"{key}: expected a number, got {val!r}")
         elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
             raise ValueError(f"{key}: expected a number or 'auto', got {val!r}")
-        elif name == "thickness_grid":
+        elif isinstance(default, tuple):
+            if (not isinstance(val, (list, tuple)) or len(val) != len(default)
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in val)):
+                raise ValueError(f"{key}: expected {len(default)} numbers, got {val!r}")
             val = tuple(float(v) for v in val)
         kw[name] = val
     s = RefineSettings(**kw)
@@ -118,6 +130,14 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         raise ValueError("n_samples: must be at least 1")
     if not 0 <= s.free_fraction < 0.5:
         raise ValueError("free_fraction: must be in [0, 0.5)")
+    if not 0 <= s.holdout_frames < 0.5:
+        raise ValueError("holdout_frames: must be in [0, 0.5)")
+    if not 0 < s.thickness_bounds[0] < s.thickness_bounds[1]:
+        raise ValueError("thickness_bounds: must be two numbers 0 < low < high")
+    if s.thickness_points < 1 or s.thickness_knots < 1 or s.thickness_hidden < 1:
+        raise ValueError("thickness_points, thickness_knots, thickness_hidden: must be at least 1")
+    if s.thickness_smoothness < 0:
+        raise ValueError("thickness_smoothness: must not be negative")
     return s
 
 
@@ -170,16 +190,28 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
     t0 = initial_thickness(model, settings, ~free)
-    thick = (GlobalThickness(t0) if settings.thickness_model == "global"
-             else PerFrameThickness(np.full(model.n_frames, t0)))
+    kind = settings.thickness_model
+    if kind == "global":
+        thick = GlobalThickness(t0)
+    elif kind == "slab":
+        thick = SlabThickness(t0)
+    elif kind == "learned":
+        thick = LearnedThickness(np.full(model.n_frames, t0), 0.05 * t0, bounds=settings.thickness_bounds,
+                                 knots=settings.thickness_knots, points=settings.thickness_points,
+                                 hidden=settings.thickness_hidden, smoothness=settings.thickness_smoothness,
+                                 seed=settings.free_seed).warm_start(ctx)
+    else:
+        thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
     return RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
-                             free_fraction=settings.free_fraction, free_seed=settings.free_seed)
+                             free_fraction=settings.free_fraction, free_seed=settings.free_seed,
+                             holdout_frames=settings.holdout_frames)
 
 
 def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:
     switches = {"xyz": settings.refine_xyz, "adp": settings.refine_adp, "occupancy": settings.refine_occupancy,
-                "thickness": settings.refine_thickness, "orientation": settings.refine_orientation,
+                "thickness": settings.refine_thickness, "network": settings.refine_thickness,
+                "surface": settings.refine_thickness, "orientation": settings.refine_orientation,
                 "absorption": problem.refine_absorption}
     groups = [g for g, on in switches.items() if on]
     idx = torch.cat([problem.group_index(g) for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
@@ -222,6 +254,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     theta = problem.theta0.clone()
     lr = adam_learning_rates(problem, {"xyz": settings.lr_xyz, "adp": settings.lr_adp,
                                        "occupancy": settings.lr_occupancy, "thickness": settings.lr_thickness,
+                                       "network": settings.lr_network, "surface": settings.lr_surface,
                                        "orientation": settings.lr_orientation, "absorption": settings.lr_absorption})
     mask = torch.zeros(problem.n_params, dtype=torch.float64)
     mask[index] = 1.0

@@ -105,3 +105,59 @@ def test_slab_normal_turns_with_the_goniometer():
     n = slab.surface_normal(slab.initial(), ctx)
     assert torch.allclose(n[0], torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64))
     assert abs(float(n[1, 2]) + math.cos(math.radians(30))) < 1e-12  # rotated about x by alpha
+
+
+def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths, tmp_path, capsys):
+    import csv
+    import json
+
+    from blochflow.cli import main
+
+    _, _, data = small_dataset
+    out = tmp_path / "learned"
+    code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--thickness-model", "learned",
+                 "--samples", "2", "--adam-steps", "2", "--lm-iterations", "1", "--thickness", "500",
+                 "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_hidden=4"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["thickness_model"] == "learned" and summary["n_holdout_frames"] == 3
+    assert summary["R_holdout"] is not None and 0 < summary["R_holdout"] < 1
+    with open(out / "frames.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"thickness_mean", "thickness_spread", "thickness_q10", "thickness_q90", "holdout"} <= set(rows[0])
+    assert all(float(r["thickness_q10"]) <= float(r["thickness_q90"]) for r in rows)
+    # simulate with the saved model reproduces the refined fit on the same data
+    sim = tmp_path / "sim"
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim), "--samples", "2",
+                 "--frame-model", str(out / "frame_model.json")]) == 0
+    again = json.loads((sim / "summary.json").read_text())
+    assert abs(again["wR2_frame_mean"] - summary["wR2_frame_mean"]) < 0.02
+    capsys.readouterr()
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim),
+                 "--frame-model", str(tmp_path / "bad.json")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_simulate_writes_data_from_a_weighted_thickness_table(small_dataset, quartz_paths, tmp_path):
+    """A two-point thickness table gives the incoherent mixture of the two thicknesses."""
+    from blochflow.cli import main
+    from blochflow.io.pets import read_pets
+
+    ds, _, data = small_dataset
+
+    def make(name, points):
+        table = tmp_path / f"{name}.csv"
+        lines = ["frame,thickness,weight"] + [f"{int(f)},{t},{w}" for f in ds.frames.ids for t, w in points]
+        table.write_text("\n".join(lines) + "\n")
+        target = tmp_path / f"{name}.cif_pets"
+        assert main(["simulate", str(quartz_paths[0]), str(data), "--out", str(tmp_path / name), "--samples", "2",
+                     "--thickness-profile", str(table), "--write-pets", str(target), "--noise", "none",
+                     "--max-counts", "1e7"]) == 0
+        return read_pets(target).reflections.intensity
+
+    mix, thin, thick = make("mix", [(300, 0.25), (900, 0.75)]), make("thin", [(300, 1)]), make("thick", [(900, 1)])
+    basis = np.stack([thin, thick], 1)  # each file is scaled to its own maximum: fit the two scales
+    coef, *_ = np.linalg.lstsq(basis, mix, rcond=None)
+    assert np.max(np.abs(basis @ coef - mix)) < 1e-5 * mix.max()
+    assert np.max(np.abs(thin / thin.max() - thick / thick.max())) > 0.05  # the two really differ

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
 import sys
 import time
 from importlib import resources
@@ -80,17 +81,32 @@ def _thickness_spec(args, ds):
                 rows = list(csv.DictReader(fh))
         except OSError as exc:
             raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
-        by_id = {}
+        by_id: dict[int, list] = {}
+        weighted = bool(rows) and "weight" in rows[0]
         for i, r in enumerate(rows):
             try:
-                by_id[int(r["frame"])] = (float(r["thickness"]), float(r.get("spread") or 0.0))
+                fid, t = int(r["frame"]), float(r["thickness"])
+                extra = float(r.get("weight") or 0.0) if weighted else float(r.get("spread") or 0.0)
             except (KeyError, ValueError, TypeError):
-                raise InputError(path, f"row {i + 2}", "needs numeric columns frame, thickness[, spread]") from None
+                raise InputError(path, f"row {i + 2}", "needs numeric columns frame, thickness[, spread | weight]") from None
+            if t <= 0 or extra < 0:
+                raise InputError(path, f"row {i + 2}", "thickness must be positive and spread/weight not negative")
+            if not weighted and fid in by_id:
+                raise InputError(path, f"row {i + 2}", f"frame {fid} repeated without a weight column")
+            by_id.setdefault(fid, []).append((t, extra))
         missing = [int(f) for f in ds.frames.ids if int(f) not in by_id]
         if missing:
             raise InputError(path, "frame", f"no thickness for frame id {missing[0]}")
-        mean = np.array([by_id[int(f)][0] for f in ds.frames.ids])
-        spread = np.array([by_id[int(f)][1] for f in ds.frames.ids])
+        if weighted:
+            q = max(len(by_id[int(f)]) for f in ds.frames.ids)
+            pts = np.array([[p[0] for p in by_id[int(f)]] + [by_id[int(f)][0][0]] * (q - len(by_id[int(f)]))
+                            for f in ds.frames.ids])
+            wts = np.array([[p[1] for p in by_id[int(f)]] + [0.0] * (q - len(by_id[int(f)])) for f in ds.frames.ids])
+            if np.any(wts.sum(1) <= 0):
+                raise InputError(path, "weight", "every frame needs a positive total weight")
+            return ThicknessSpec.from_points(pts, wts)
+        mean = np.array([by_id[int(f)][0][0] for f in ds.frames.ids])
+        spread = np.array([by_id[int(f)][0][1] for f in ds.frames.ids])
     elif args.thickness_expr:
         mean = evaluate_profile(args.thickness_expr, ds.frames)
     else:
@@ -100,6 +116,29 @@ def _thickness_spec(args, ds):
     if np.any(mean <= 0):
         raise InputError("--thickness", str(mean.min()), "thickness must be positive")
     return ThicknessSpec(mean=mean, spread=spread)
+
+
+def _frame_model_spec(path: str, ds):
+    import torch
+
+    from .experiment.frames import FrameContext, frame_model_from_record
+    from .simulate import FrameModelSpec
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"line {exc.lineno}", "not valid JSON") from None
+    if not isinstance(record, dict) or record.get("format") != "blochflow-frame-model-1":
+        raise InputError(path, "format", "not a frame_model.json written by 'blochflow refine'")
+    try:
+        frames, raw = frame_model_from_record(record, FrameContext.from_dataset(ds), ds.frames.ids)
+        with torch.no_grad():
+            state = frames.state(raw)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(path, "thickness_model", str(exc)) from None
+    return FrameModelSpec(state)
 
 
 def cmd_simulate(args) -> int:
@@ -123,9 +162,10 @@ def cmd_simulate(args) -> int:
         target = Path(args.write_pets)
         if target.exists() and not args.overwrite:
             raise InputError(target, "--write-pets", "exists already; choose another name or pass --overwrite")
-        if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr):
-            raise InputError("--thickness", "auto", "--write-pets needs a thickness (value, profile or expression)")
-        spec = _thickness_spec(args, ds)
+        if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr or args.frame_model):
+            raise InputError("--thickness", "auto", "--write-pets needs a thickness (value, profile, expression "
+                                                    "or --frame-model)")
+        spec = _frame_model_spec(args.frame_model, ds) if args.frame_model else _thickness_spec(args, ds)
         rows, i_obs, sigma = synthesize(crystal, ds, spec, settings, noise=args.noise,
                                         max_counts=args.max_counts, seed=args.seed)
         refl = ds.reflections
@@ -134,7 +174,7 @@ def cmd_simulate(args) -> int:
         comments = [f"synthetic data made by blochflow simulate from {structure} on the geometry of {data}",
                     f"noise {args.noise}, max counts {args.max_counts}, seed {args.seed}",
                     "thickness per frame (A): " + " ".join(f"{t:.1f}" for t in spec.mean)]
-        if spec.spread is not None:
+        if getattr(spec, "spread", None) is not None:
             comments.append("thickness spread per frame (A): " + " ".join(f"{t:.1f}" for t in spec.spread))
         text = format_pets(ds, refl.hkl[rows], i_obs, sigma, refl.frame_id[rows], comments, atoms)
         atomic_write_text(target, text, overwrite=True)
@@ -142,7 +182,10 @@ def cmd_simulate(args) -> int:
         return 0
 
     model = ForwardModel(crystal, ds, settings)
-    if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr):
+    if args.frame_model:
+        scan = None
+        spec = _frame_model_spec(args.frame_model, ds)
+    elif args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr):
         best, scan = model.best_thickness()
         spec = _thickness_spec(argparse.Namespace(**{**vars(args), "thickness": best}), ds)
     else:
@@ -155,7 +198,8 @@ def cmd_simulate(args) -> int:
     k = frame_scales(model.io, ic, klar_weights(model.io, model.sigma, settings.instability), model.frame, model.n_frames)
     summary = {**fig.as_dict(), "n_beams_mean": model.n_beams_mean(),
                "elapsed_s": time.perf_counter() - t_start,
-               "thickness": float(spec.mean.mean()) if spec.spread is None else spec.mean.tolist(),
+               "thickness": (float(spec.mean.mean()) if np.ptp(spec.mean) == 0 and getattr(spec, "spread", None) is None
+                             and getattr(spec, "points", None) is None else spec.mean.tolist()),
                "structure": structure, "data": data,
                "settings": {**dataclasses.asdict(settings), "g_max_used": model.plan.g_max}}
     if scan is not None:
@@ -202,7 +246,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "samples": "n_samples", "thickness_model": "thickness_model", "thickness": "thickness",
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
-    "g_max": "g_max", "s_max": "s_max",
+    "g_max": "g_max", "s_max": "s_max", "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
 }
 
 
@@ -328,9 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--example", help="use a bundled example dataset (quartz)")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--thickness", default="auto", help="thickness in A, or 'auto' for the best single value")
-    s.add_argument("--thickness-profile", help="CSV with columns frame, thickness[, spread] (A)")
+    s.add_argument("--thickness-profile", help="CSV with columns frame, thickness[, spread | weight] (A); several "
+                                               "rows with a weight per frame give a distribution")
     s.add_argument("--thickness-expr", help="per-frame expression, e.g. '800/cos(radians(alpha))'")
     s.add_argument("--thickness-spread", type=float, default=0.0, help="Gaussian spread per frame (A)")
+    s.add_argument("--frame-model", help="frame_model.json written by 'blochflow refine' (thickness model, "
+                                         "orientation corrections)")
     s.add_argument("--write-pets", help="write a synthetic .cif_pets with this name instead of comparing")
     s.add_argument("--noise", choices=["poisson", "gaussian", "none"], default="poisson")
     s.add_argument("--max-counts", type=float, default=1e5, help="counts of the strongest synthetic reflection")
@@ -350,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
     r.add_argument("--enantiomer", action="store_true", help="also refine the inverted model and compare hands")
     r.add_argument("--samples", type=int, help="tilt samples per frame")
-    r.add_argument("--thickness-model", choices=["global", "per-frame"])
+    r.add_argument("--thickness-model", choices=["global", "per-frame", "slab", "learned"])
+    r.add_argument("--thickness-points", type=int, help="quadrature points of a learned thickness distribution")
+    r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")
     r.add_argument("--thickness", help="start thickness in A or 'auto'")
     r.add_argument("--adam-steps", type=int)
     r.add_argument("--lm-iterations", type=int)

@@ -50,14 +50,25 @@ def evaluate_profile(expr: str, frames, source: str = "--thickness-expr") -> np.
 
 @dataclass(frozen=True)
 class ThicknessSpec:
-    """Per-frame thickness: mean (F,) in A and, optionally, a Gaussian spread (F,) in A."""
+    """Per-frame thickness: mean (F,) in A and, optionally, a Gaussian spread (F,) in A, or an
+    explicit distribution: points (F, Q) in A with weights (F, Q) summing to 1 per frame."""
 
     mean: np.ndarray
     spread: np.ndarray | None = None
     n_points: int = 16
+    points: np.ndarray | None = None
+    weights: np.ndarray | None = None
+
+    @classmethod
+    def from_points(cls, points: np.ndarray, weights: np.ndarray) -> "ThicknessSpec":
+        w = np.asarray(weights, float) / np.sum(weights, 1, keepdims=True)
+        return cls(mean=np.sum(points * w, 1), points=np.asarray(points, float), weights=w)
 
     def frame_state(self, dataset: PetsDataset) -> FrameState:
         state = frame_state_from_dataset(dataset, torch.as_tensor(self.mean))
+        if self.points is not None:
+            return dataclasses.replace(state, thickness=torch.as_tensor(self.points),
+                                       thickness_weight=torch.as_tensor(self.weights))
         if self.spread is None or np.all(self.spread == 0):
             return state
         x, w = np.polynomial.hermite_e.hermegauss(self.n_points)
@@ -67,7 +78,22 @@ class ThicknessSpec:
                                    thickness_weight=torch.as_tensor(np.broadcast_to(w, t.shape).copy()))
 
 
-def synthesize(crystal: Crystal, dataset: PetsDataset, thickness: ThicknessSpec, settings: ModelSettings,
+@dataclass(frozen=True)
+class FrameModelSpec:
+    """Thickness and orientation from a refined frame model (``refine``'s frame_model.json)."""
+
+    state: FrameState
+
+    @property
+    def mean(self) -> np.ndarray:
+        return torch.sum(self.state.thickness * self.state.thickness_weight, -1).detach().numpy()
+
+    def frame_state(self, dataset: PetsDataset) -> FrameState:
+        return self.state
+
+
+def synthesize(crystal: Crystal, dataset: PetsDataset, thickness: ThicknessSpec | FrameModelSpec,
+               settings: ModelSettings,
                noise: Noise = "poisson", max_counts: float = 1e5, seed: int = 0):
     """Simulated intensities, with noise, for the reflection rows of ``dataset`` that ``settings`` score.
 

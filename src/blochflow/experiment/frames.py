@@ -376,3 +376,21 @@ class FrameModel:
 
     def prior_residuals(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.thickness.prior_residuals(raw, self.ctx)
+
+
+def frame_model_from_record(record: dict, ctx: FrameContext, frame_ids) -> tuple[FrameModel, dict[str, torch.Tensor]]:
+    """A saved frame model applied to (possibly other) frames: global, slab and learned models
+    predict any frame from its angles; per-frame values and orientation corrections need the same
+    frame ids. Raises ValueError naming what does not fit."""
+    thick = thickness_model_from_config(record["thickness_model"])
+    same = [int(f) for f in frame_ids] == [int(f) for f in record["frame_ids"]]
+    raw = {}
+    for b in thick.blocks():
+        if b.per_frame and not same:
+            raise ValueError(f"the '{thick.kind}' thickness model holds values for other frames")
+        raw[b.name] = torch.as_tensor(record["raw"][b.name], dtype=torch.float64).reshape(
+            (ctx.n_frames, *b.shape[1:]) if b.per_frame else b.shape)
+    orientation = record.get("refine_orientation", False) and same and "orientation" in record["raw"]
+    if orientation:
+        raw["orientation"] = torch.as_tensor(record["raw"]["orientation"], dtype=torch.float64).reshape(-1, 2)
+    return FrameModel(ctx, thick, refine_orientation=orientation), raw

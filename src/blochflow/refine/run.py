@@ -148,6 +148,7 @@ class RefinementResult:
     ic: torch.Tensor
     figures: Figures
     figures_free: Figures | None
+    figures_holdout: Figures | None
     covariance: torch.Tensor | None  # (P, P) over all parameters (zeros where not refined)
     refined_index: torch.Tensor
     lm: LMState
@@ -331,7 +332,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         ic = problem.intensities(theta)
     fig = problem.figures(ic, "work")
     fig_free = problem.figures(ic, "free") if bool(problem.free.any()) else None
+    fig_hold = problem.figures(ic, "holdout") if bool(problem.holdout.any()) else None
     return RefinementResult(problem=problem, theta=theta, ic=ic, figures=fig, figures_free=fig_free,
+                            figures_holdout=fig_hold,
                             covariance=cov_full, refined_index=index, lm=lm, adam_steps=adam.step,
                             phase_times=phase_times, elapsed_s=time.perf_counter() - t_start,
                             interrupted=interrupted, correlations=corr, start_figures=start_fig)

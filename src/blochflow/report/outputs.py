@@ -40,7 +40,19 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
     orient = raw["orientation"].detach().numpy() if "orientation" in raw else np.zeros((pr.model.n_frames, 2))
     n_refl = np.bincount(pr.model.frame.numpy(), minlength=pr.model.n_frames)
     return {"frame": ds.frames.ids, "alpha_deg": ds.frames.alpha_deg, "scale": k, "n_reflections": n_refl,
-            **desc, "orientation_x_mrad": orient[:, 0], "orientation_y_mrad": orient[:, 1]}
+            **desc, "orientation_x_mrad": orient[:, 0], "orientation_y_mrad": orient[:, 1],
+            "holdout": pr.holdout_frame.numpy().astype(int)}
+
+
+def frame_model_record(result: RefinementResult) -> dict:
+    """The refined frame model (kind, constructor values, raw parameters) for ``simulate --frame-model``."""
+    pr = result.problem
+    raw = pr.split(result.theta)
+    ds = pr.model.dataset
+    return {"format": "blochflow-frame-model-1", "thickness_model": pr.frames.thickness.config(),
+            "refine_orientation": pr.frames.refine_orientation,
+            "raw": {n: v.detach().reshape(-1).tolist() for n, v in raw.items() if n != "structure" and n != "kappa"},
+            "frame_ids": [int(f) for f in ds.frames.ids], "alpha_deg": ds.frames.alpha_deg.tolist()}
 
 
 def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
@@ -90,12 +102,17 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                   spread_hi[has], "thickness per frame (A)")
     names = list(frames)
     write_csv(out / "frames.csv", names, (list(row) for row in zip(*[frames[n] for n in names])))
+    write_json(out / "frame_model.json", frame_model_record(result))
+    fhold = result.figures_holdout
 
     summary = {
         **fig.as_dict(),
         "R_free": None if ffree is None else ffree.R_obs,
         "wR2_free": None if ffree is None else ffree.wR2,
         "n_free": 0 if ffree is None else ffree.n_all,
+        "R_holdout": None if fhold is None else fhold.R_obs,
+        "wR2_holdout": None if fhold is None else fhold.wR2,
+        "n_holdout_frames": int(pr.holdout_frame.sum()),
         "n_params": len(result.refined_index),
         "n_beams_mean": pr.model.n_beams_mean(),
         "iterations": {"adam": result.adam_steps, "lm": result.lm.iteration},

@@ -320,7 +320,11 @@ def cmd_refine(args) -> int:
     results = []
     for name, cr in hands:
         sub = out if name == "model" else out / "inverted"
-        problem = build_problem(cr, ds, settings)
+        try:
+            problem = build_problem(cr, ds, settings)
+        except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
+            item, _, why = str(exc).partition(": ")
+            raise InputError(args.config or structure, item, why or item) from None
         print(f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / "
               f"{int(problem.free.sum())} free reflections on {len(ds.frames)} frames, "
               f"{problem.model.n_beams_mean():.0f} beams per solve")

@@ -47,7 +47,7 @@ def adam_step(problem: RefinementProblem, theta: torch.Tensor, state: AdamState,
     frac = min(state.step / max(total_steps, 1), 1.0)
     decay = final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
     delta = -lr * decay * mhat / (vhat.sqrt() + 1e-12)
-    s = problem.structure_step_scale(theta, delta)
+    s = problem.step_scale(theta, delta)
     return (theta + s * delta).detach(), float(loss.detach())
 
 
@@ -79,7 +79,7 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
 
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
-            shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 8) -> tuple[torch.Tensor, NormalEquations]:
+            shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12) -> tuple[torch.Tensor, NormalEquations]:
     """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta.
 
     Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
@@ -88,6 +88,9 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     ne, _ = normal_equations(problem, theta, index)
     a, g = ne.jtj, ne.jtr
     diag = torch.diagonal(a).clamp_min(1e-12 * float(torch.diagonal(a).max()))
+    net = problem.derived_mask()[index]
+    if net.any():  # network weights: nearly flat directions get the block's mean curvature as damping scale
+        diag = torch.where(net, diag.clamp_min(float(diag[net].mean())), diag)
     dof = max(ne.n_obs - len(index), 1)
     cov_unit = _safe_inverse(a)
     su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
@@ -97,7 +100,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
         step = -torch.linalg.solve(lhs, g)
         delta = torch.zeros_like(theta)
         delta[index] = step
-        s = problem.structure_step_scale(theta, delta)
+        s = problem.step_scale(theta, delta)
         delta = s * delta
         trial = theta + delta
         with torch.no_grad():
@@ -112,7 +115,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
                                   "max_shift_su": shift_su})
             state.cost = new_cost
-            if shift_su < shift_tol and state.damping < 1e-2:  # a damped step is short, not converged
+            if shift_su < shift_tol and state.damping < 1e-2 and s >= 1.0:  # a damped or cut step is short
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"

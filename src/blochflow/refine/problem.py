@@ -13,10 +13,14 @@ import numpy as np
 import torch
 
 from ..crystal.parameters import StructureParameters
+from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
 from ..physics.diffraction import FrameState, simulate_frames, simulate_frames_jvp
 from .model import ForwardModel
 from .objective import Figures, figures_of_merit, frame_scales, klar_weights
+
+
+NETWORK_MAX_STEP = 0.5  # largest change of one network weight in one step
 
 
 @dataclass(frozen=True)
@@ -68,9 +72,10 @@ class RefinementProblem:
 
     def __init__(self, model: ForwardModel, structure: StructureParameters, frames: FrameModel,
                  refine_absorption: bool = False, free_fraction: float = 0.05, free_seed: int = 0,
-                 holdout_frames: float = 0.0):
+                 holdout_frames: float = 0.0, restraints: list | None = None):
         self.model = model
         self.structure = structure
+        self.restraints = list(restraints or [])
         self.frames = frames
         self.refine_absorption = refine_absorption and model.settings.absorption == "proportional"
         slots, pos = [], 0
@@ -131,13 +136,29 @@ class RefinementProblem:
         idx = [torch.arange(s.start, s.stop) for s in self.slots.values() if s.block.group == group]
         return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
 
-    def structure_step_scale(self, theta: torch.Tensor, delta: torch.Tensor) -> float:
-        """Largest fraction of ``delta`` that keeps every ADP positive definite."""
+    def derived_mask(self) -> torch.Tensor:
+        """(P,) True for weights that act only through per-frame features (network weights)."""
+        m = torch.zeros(self.n_params, dtype=torch.bool)
+        for s in self.slots.values():
+            if s.block.derived:
+                m[s.start:s.stop] = True
+        return m
+
+    def step_scale(self, theta: torch.Tensor, delta: torch.Tensor) -> float:
+        """Largest fraction (<= 1) of ``delta`` that keeps every ADP positive definite and moves no
+        network weight by more than ``NETWORK_MAX_STEP`` (weights of nearly flat directions would
+        otherwise get huge Gauss-Newton steps far outside where the linearisation holds)."""
+        scale = 1.0
+        for s in self.slots.values():
+            if s.block.derived:
+                biggest = float(delta[s.start:s.stop].abs().max()) if s.stop > s.start else 0.0
+                if biggest > NETWORK_MAX_STEP:
+                    scale = NETWORK_MAX_STEP / biggest
         st = self.slots["structure"]
-        d = delta[st.start:st.stop]
+        d = scale * delta[st.start:st.stop]
         if not torch.any(d != 0):
-            return 1.0
-        return self.structure.max_step_scale(theta[st.start:st.stop].detach(), d.detach())
+            return scale
+        return scale * self.structure.max_step_scale(theta[st.start:st.stop].detach(), d.detach())
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -166,8 +187,14 @@ class RefinementProblem:
         return r[self.work]
 
     def prior_residuals(self, theta: torch.Tensor) -> torch.Tensor:
-        """Least-squares rows that are not observations: priors of the frame model (smoothness)."""
-        return self.frames.prior_residuals(self.split(theta))
+        """Least-squares rows that are not observations: structure restraints and priors of the
+        frame model (smoothness)."""
+        raw = self.split(theta)
+        rows = [self.frames.prior_residuals(raw)]
+        if self.restraints:
+            xyz, _, u = self.structure.physical(raw["structure"])
+            rows.append(restraint_residuals(self.restraints, self.model.crystal.cell, xyz, u))
+        return torch.cat(rows)
 
     def objective(self, theta: torch.Tensor) -> torch.Tensor:
         """sum w (Io - k Ic)^2 over the work set, plus the squared prior rows."""

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..crystal.parameters import StructureParameters
+from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
 from ..io.writers import atomic_write_bytes
 from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, LearnedThickness, PerFrameThickness,
@@ -58,6 +59,7 @@ class RefineSettings:
     thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions
     thickness_hidden: int = 16  # hidden units per layer of the thickness network
     holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
+    restraints: tuple = ()  # tables {type: distance|same_adp, atoms: [a, b], target (A), sigma}
     refine_thickness: bool = True
     refine_orientation: bool = True
     # structure
@@ -119,6 +121,10 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
                 raise ValueError(f"{key}: expected a number, got {val!r}")
         elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
             raise ValueError(f"{key}: expected a number or 'auto', got {val!r}")
+        elif name == "restraints":
+            if not isinstance(val, (list, tuple)):
+                raise ValueError(f"{key}: expected a list of tables")
+            val = tuple(dict(v) if isinstance(v, dict) else v for v in val)
         elif isinstance(default, tuple):
             if (not isinstance(val, (list, tuple)) or len(val) != len(default)
                     or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in val)):
@@ -204,9 +210,10 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     else:
         thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
+    restraints = restraints_from_config(settings.restraints, structure.crystal_at(structure.theta0))
     return RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
                              free_fraction=settings.free_fraction, free_seed=settings.free_seed,
-                             holdout_frames=settings.holdout_frames)
+                             holdout_frames=settings.holdout_frames, restraints=restraints)
 
 
 def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:

@@ -1,0 +1,115 @@
+"""Refinement benchmark: quartz experimental end to end, time per phase and iteration, peak memory;
+and the cost of learned thickness distributions with 1, 8 and 32 points per frame.
+
+    python benchmarks/refine.py [--start kinematical|reference] [--samples 8] [--adam-steps 5]
+                                [--lm-iterations 6] [--threads 2] [--json FILE]
+    python benchmarks/refine.py --thickness-points 1,8,32 [--samples 8]
+
+The first form runs the same refinement as ``blochflow refine`` (orientation corrections,
+structure, per-frame thickness, profiled scales) and reports the wall time of each phase, the time
+per Adam step and per LM iteration, R values and the peak resident memory of the process. The
+second times one Adam step (forward + backward) and one Jacobian of the quartz problem with a
+learned thickness distribution of Q points per frame, as ratios to the single-thickness
+(per-frame) model measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from importlib import resources
+
+import torch
+
+from blochflow.crystal.structure import crystal_from_record
+from blochflow.io.pets import read_pets
+from blochflow.io.structure_cif import read_structure
+from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
+from blochflow.refine.run import RefineSettings, build_problem, refine, refined_index
+
+
+def _paths(start: str):
+    base = resources.files("blochflow").joinpath("data", "examples", "quartz")
+    name = {"kinematical": "quartz_kinematical.cif", "reference": "quartz_reference.cif"}[start]
+    return str(base.joinpath(name)), str(base.joinpath("quartz.cif_pets"))
+
+
+def peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def full_refinement(args) -> dict:
+    structure, data = _paths(args.start)
+    settings = RefineSettings(n_samples=args.samples, adam_steps=args.adam_steps, lm_iterations=args.lm_iterations)
+    t0 = time.perf_counter()
+    problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
+    setup = time.perf_counter() - t0
+    result = refine(problem, settings, log=lambda s: None)
+    pt = result.phase_times
+    fig = result.figures
+    return {"start": args.start, "n_samples": args.samples, "threads": torch.get_num_threads(),
+            "n_params": len(result.refined_index), "setup_s": setup, "adam_s": pt["adam_s"],
+            "adam_per_step_s": pt["adam_s"] / max(result.adam_steps, 1), "lm_s": pt["lm_s"],
+            "lm_per_iteration_s": pt["lm_s"] / max(result.lm.iteration, 1), "covariance_s": pt["covariance_s"],
+            "total_s": setup + result.elapsed_s, "lm_iterations": result.lm.iteration,
+            "converged": result.lm.converged, "R_obs": fig.R_obs, "wR2": fig.wR2, "GoF": fig.GoF,
+            "R_obs_frame_mean": fig.R_obs_frame_mean, "wR2_frame_mean": fig.wR2_frame_mean,
+            "R_free": None if result.figures_free is None else result.figures_free.R_obs,
+            "peak_rss_mb": peak_memory_mb()}
+
+
+def thickness_points(args) -> list[dict]:
+    structure, data = _paths("reference")
+    crystal, ds = crystal_from_record(read_structure(structure)), read_pets(data)
+    rows, base = [], None
+    for q in [0] + [int(x) for x in args.thickness_points.split(",")]:
+        model = "per-frame" if q == 0 else "learned"
+        settings = RefineSettings(n_samples=args.samples, thickness=600.0, thickness_model=model,
+                                  thickness_points=max(q, 1), refine_orientation=False)
+        problem = build_problem(crystal, ds, settings)
+        index = refined_index(problem, settings)
+        lr = adam_learning_rates(problem, {"xyz": 1e-4, "adp": 1e-4, "thickness": 1e-3, "network": 1e-3})
+        state = AdamState(0, torch.zeros_like(problem.theta0), torch.zeros_like(problem.theta0))
+        adam_step(problem, problem.theta0, state, lr, 10)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            adam_step(problem, problem.theta0, state, lr, 10)
+        t_adam = (time.perf_counter() - t0) / args.repeat
+        t0 = time.perf_counter()
+        problem.jacobian(problem.theta0, index)
+        t_jac = time.perf_counter() - t0
+        row = {"model": model, "points": max(q, 1), "adam_step_s": t_adam, "jacobian_s": t_jac,
+               "n_params": len(index)}
+        if q == 0:
+            base = row
+        row["adam_ratio"] = t_adam / base["adam_step_s"]
+        row["jacobian_ratio"] = t_jac / base["jacobian_s"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--start", choices=["kinematical", "reference"], default="kinematical")
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--adam-steps", type=int, default=5)
+    p.add_argument("--lm-iterations", type=int, default=6)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = thickness_points(args) if args.thickness_points else full_refinement(args)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -125,3 +125,22 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     assert err.count("\n") == 1 and "--resume" in err
     assert (out / "summary.json").read_bytes() == before
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "x"), "--set", "lr_xyz=fast"]) == 2
+
+
+def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tmp_path):
+    """Data simulated from the reference hand: --enantiomer picks it, with a decisive probability."""
+    ds, _, _ = small_dataset
+    keep = np.zeros(len(ds.frames), bool)
+    keep[:5] = True
+    sub = select_frames(ds, keep)
+    data = tmp_path / "five.cif_pets"
+    from blochflow.io.writers import atomic_write_text, format_pets
+    r = sub.reflections
+    atomic_write_text(data, format_pets(sub, r.hkl, r.intensity, r.sigma, r.frame_id))
+    out = tmp_path / "hands"
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--enantiomer", "--samples", str(N_SAMPLES),
+                 "--thickness", "500", "--adam-steps", "0", "--lm-iterations", "3", "--free-fraction", "0"]) == 0
+    e = json.loads((out / "summary.json").read_text())["enantiomer"]
+    assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
+    assert e["wR2_inverted"] > 1.5 * e["wR2_model"]
+    assert (out / "inverted" / "refined.cif").exists()

@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--frames-step", type=int, default=4)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--points", type=int, default=16)
-    p.add_argument("--adam-steps", type=int, default=30)
+    p.add_argument("--adam-steps", type=int, default=20)
     p.add_argument("--lm-iterations", type=int, default=10)
     args = p.parse_args()
     work = Path(args.out)

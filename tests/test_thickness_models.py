@@ -57,7 +57,7 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
 
 def test_learned_jacobian_through_the_network(small_dataset, truth):
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="learned", thickness_hidden=3,
+    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
                               thickness_knots=3, thickness_points=4, thickness_smoothness=2.0,
                               free_fraction=0.0, refine_orientation=False)
     problem = build_problem(_displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
@@ -72,7 +72,7 @@ def test_learned_jacobian_through_the_network(small_dataset, truth):
 def test_quantile_distribution_is_ordered_bounded_and_flexible():
     ctx = FrameContext(alpha=torch.linspace(-0.8, 0.8, 7, dtype=torch.float64), beta=torch.zeros(7, dtype=torch.float64),
                        omega=torch.zeros(7, dtype=torch.float64))
-    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, points=12, hidden=5)
+    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, points=12, basis=5)
     model.warm_start(ctx)
     raw = model.initial()
     t, w = model.evaluate(raw, ctx)
@@ -117,7 +117,7 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     out = tmp_path / "learned"
     code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--thickness-model", "learned",
                  "--samples", "2", "--adam-steps", "2", "--lm-iterations", "1", "--thickness", "500",
-                 "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_hidden=4"])
+                 "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_basis=4"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["thickness_model"] == "learned" and summary["n_holdout_frames"] == 3

@@ -57,7 +57,7 @@ class RefineSettings:
     thickness_knots: int = 8  # quantile knots of a learned distribution
     thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
     thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions
-    thickness_hidden: int = 16  # hidden units per layer of the thickness network
+    thickness_basis: int = 6  # radial basis functions of the thickness network
     holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
     restraints: tuple = ()  # tables {type: distance|same_adp, atoms: [a, b], target (A), sigma}
     refine_thickness: bool = True
@@ -140,8 +140,8 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         raise ValueError("holdout_frames: must be in [0, 0.5)")
     if not 0 < s.thickness_bounds[0] < s.thickness_bounds[1]:
         raise ValueError("thickness_bounds: must be two numbers 0 < low < high")
-    if s.thickness_points < 1 or s.thickness_knots < 1 or s.thickness_hidden < 1:
-        raise ValueError("thickness_points, thickness_knots, thickness_hidden: must be at least 1")
+    if s.thickness_points < 1 or s.thickness_knots < 1 or s.thickness_basis < 1:
+        raise ValueError("thickness_points, thickness_knots, thickness_basis: must be at least 1")
     if s.thickness_smoothness < 0:
         raise ValueError("thickness_smoothness: must not be negative")
     return s
@@ -205,8 +205,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     elif kind == "learned":
         thick = LearnedThickness(np.full(model.n_frames, t0), 0.05 * t0, bounds=settings.thickness_bounds,
                                  knots=settings.thickness_knots, points=settings.thickness_points,
-                                 hidden=settings.thickness_hidden, smoothness=settings.thickness_smoothness,
-                                 seed=settings.free_seed).warm_start(ctx)
+                                 basis=settings.thickness_basis,
+                                 smoothness=settings.thickness_smoothness).warm_start(ctx)
     else:
         thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)

@@ -91,3 +91,11 @@ def test_absorption_reduces_intensity_and_methods_agree(quartz):
     assert out["tds"].sum() < out["none"].sum()
     rel = ((out["pert"] - out["exact"]).abs().sum() / out["exact"].sum()).item()
     assert rel < 0.02  # the measured first-order error at kappa = 0.05, 600 A
+
+
+def test_linspace_rule_includes_both_ends_of_the_wedge():
+    from blochflow.physics.geometry import frame_samples
+    s = frame_samples(np.array([1.0, 0.5]), "continuous", 5, "linspace")
+    offs = np.degrees(s.alpha_offset).reshape(2, 5)
+    assert np.allclose(offs[0], [-1, -0.5, 0, 0.5, 1]) and np.allclose(offs[1], [-0.5, -0.25, 0, 0.25, 0.5])
+    assert np.allclose(s.weight.reshape(2, 5).sum(1), 1.0)

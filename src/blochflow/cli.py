@@ -33,6 +33,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--g-max", type=float, default=None, help="beam cut-off |g| (1/A); default dstarmax + 0.4")
     g.add_argument("--s-max", type=float, default=0.02, help="excitation-error limit for beams (1/A)")
     g.add_argument("--samples", type=int, default=32, help="tilt samples per frame (or precession azimuths)")
+    g.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], default="midpoint",
+                   help="tilts across a frame's wedge; linspace includes both ends (diffBloch's set)")
     g.add_argument("--rsg", type=float, default=0.66, help="score reflections with |s_g|/dS_g < RSG")
     g.add_argument("--dsg", type=float, default=0.0015, help="... and dS_g - |s_g| > DSG (1/A)")
     g.add_argument("--absorption", choices=["none", "proportional", "tds"], default="none")
@@ -47,7 +49,8 @@ def _model_settings(args):
     for name in ("samples",):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}", str(getattr(args, name)), "must be at least 1")
-    beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg)
+    beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
+                         sample_rule=args.sample_rule)
     return ModelSettings(beams=beams, absorption=args.absorption, kappa=args.kappa,
                          absorption_method=args.absorption_method, instability=args.instability)
 

@@ -29,7 +29,7 @@ class BeamSettings:
     g_max: float | None = None  # 1/A; None: data dstarmax + 0.4
     s_max: float = 0.02  # 1/A, excitation-error limit for coupled beams at each sample
     n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession)
-    sample_rule: Literal["midpoint", "gauss"] = "midpoint"
+    sample_rule: Literal["midpoint", "gauss", "linspace"] = "midpoint"
     rsg: float = 0.66  # Klar et al. 2023: keep |s_g| / dS_g < rsg
     dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
     chunk_elements: int = 3_000_000  # samples x N^2 per batched solve

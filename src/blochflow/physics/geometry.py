@@ -56,6 +56,12 @@ def gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     return x, w / w.sum()
 
 
+def linspace(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Evenly spaced nodes in [-1, 1] with both ends, equal weights (the tilt set diffBloch uses)."""
+    x = np.linspace(-1.0, 1.0, n) if n > 1 else np.zeros(1)
+    return x, np.full(n, 1.0 / n)
+
+
 def midpoint(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Midpoint-rule nodes in [-1, 1] and equal weights summing to 1."""
     x = (np.arange(n) + 0.5) / n * 2 - 1
@@ -81,7 +87,7 @@ def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int, rul
     n_frames = len(half_angle_deg)
     frame = np.repeat(np.arange(n_frames), n_samples)
     if geometry == "continuous":
-        x, w = (gauss_legendre if rule == "gauss" else midpoint)(n_samples)
+        x, w = {"gauss": gauss_legendre, "midpoint": midpoint, "linspace": linspace}[rule](n_samples)
         offs = (np.radians(half_angle_deg)[:, None] * x[None, :]).ravel()
         inc = np.tile([0.0, 0.0, -1.0], (len(frame), 1))
         weights = np.tile(w, n_frames)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 
 import numpy as np
 import torch
 
 from blochflow.crystal.structure import crystal_from_record
+from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.bloch import propagate
@@ -33,9 +33,8 @@ def _time(fn, repeat=1):
 
 
 def quartz_case(n_samples: int, dtype_note: str = "complex128") -> dict:
-    base = resources.files("blochflow").joinpath("data", "examples", "quartz")
-    crystal = crystal_from_record(read_structure(str(base.joinpath("quartz_reference.cif"))))
-    ds = read_pets(str(base.joinpath("quartz.cif_pets")))
+    crystal = crystal_from_record(read_structure(example_path("quartz", "quartz_reference.cif")))
+    ds = read_pets(example_path("quartz", "quartz.cif_pets"))
     settings = ModelSettings(beams=BeamSettings(n_samples=n_samples))
     t0 = time.perf_counter()
     model = ForwardModel(crystal, ds, settings)

@@ -19,11 +19,11 @@ import argparse
 import json
 import resource
 import time
-from importlib import resources
 
 import torch
 
 from blochflow.crystal.structure import crystal_from_record
+from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
@@ -31,9 +31,8 @@ from blochflow.refine.run import RefineSettings, build_problem, refine, refined_
 
 
 def _paths(start: str):
-    base = resources.files("blochflow").joinpath("data", "examples", "quartz")
     name = {"kinematical": "quartz_kinematical.cif", "reference": "quartz_reference.cif"}[start]
-    return str(base.joinpath(name)), str(base.joinpath("quartz.cif_pets"))
+    return example_path("quartz", name), example_path("quartz", "quartz.cif_pets")
 
 
 def peak_memory_mb() -> float:

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import torch
 from blochflow.cli import main as cli
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import Crystal, crystal_from_record
+from blochflow.data import example_path
 from blochflow.io.pets import read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets, write_json
@@ -38,8 +38,7 @@ SLAB_T0, SLAB_NORMAL = 350.0, (0.35, 0.10)  # A; rad tilt of the normal at zero 
 
 
 def example_paths():
-    base = resources.files("blochflow").joinpath("data", "examples", "quartz")
-    return str(base.joinpath("quartz_reference.cif")), str(base.joinpath("quartz.cif_pets"))
+    return example_path("quartz", "quartz_reference.cif"), example_path("quartz", "quartz.cif_pets")
 
 
 def true_distribution(case: str, alpha_deg: np.ndarray, q: int = 16) -> tuple[np.ndarray, np.ndarray]:

@@ -8,11 +8,11 @@ import dataclasses
 import json
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
+from .data import example_path
 from .io.errors import InputError
 
 EXAMPLES = {"quartz": ("quartz_reference.cif", "quartz.cif_pets")}
@@ -24,8 +24,7 @@ REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
 def _example_paths(name: str) -> tuple[str, str]:
     if name not in EXAMPLES:
         raise InputError("--example", name, f"unknown example; choose from {', '.join(EXAMPLES)}")
-    base = resources.files("blochflow").joinpath("data", "examples", name)
-    return tuple(str(base.joinpath(f)) for f in EXAMPLES[name])
+    return tuple(example_path(name, f) for f in EXAMPLES[name])
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -177,7 +176,7 @@ def cmd_simulate(args) -> int:
         comments = [f"synthetic data made by blochflow simulate from {structure} on the geometry of {data}",
                     f"noise {args.noise}, max counts {args.max_counts}, seed {args.seed}",
                     "thickness per frame (A): " + " ".join(f"{t:.1f}" for t in spec.mean)]
-        if getattr(spec, "spread", None) is not None:
+        if spec.spread is not None:
             comments.append("thickness spread per frame (A): " + " ".join(f"{t:.1f}" for t in spec.spread))
         text = format_pets(ds, refl.hkl[rows], i_obs, sigma, refl.frame_id[rows], comments, atoms)
         atomic_write_text(target, text, overwrite=True)
@@ -201,8 +200,7 @@ def cmd_simulate(args) -> int:
     k = frame_scales(model.io, ic, klar_weights(model.io, model.sigma, settings.instability), model.frame, model.n_frames)
     summary = {**fig.as_dict(), "n_beams_mean": model.n_beams_mean(),
                "elapsed_s": time.perf_counter() - t_start,
-               "thickness": (float(spec.mean.mean()) if np.ptp(spec.mean) == 0 and getattr(spec, "spread", None) is None
-                             and getattr(spec, "points", None) is None else spec.mean.tolist()),
+               "thickness": float(spec.mean.mean()) if spec.is_constant else spec.mean.tolist(),
                "structure": structure, "data": data,
                "settings": {**dataclasses.asdict(settings), "g_max_used": model.plan.g_max}}
     if scan is not None:
@@ -297,9 +295,8 @@ def cmd_refine(args) -> int:
     if args.example:
         if args.example not in REFINE_EXAMPLES:
             raise InputError("--example", args.example, f"unknown example; choose from {', '.join(REFINE_EXAMPLES)}")
-        base = resources.files("blochflow").joinpath("data", "examples", args.example)
         cif, pets, example_settings = REFINE_EXAMPLES[args.example]
-        structure, data = str(base.joinpath(cif)), str(base.joinpath(pets))
+        structure, data = example_path(args.example, cif), example_path(args.example, pets)
     else:
         if not args.structure or not args.data:
             raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")

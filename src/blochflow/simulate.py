@@ -64,6 +64,11 @@ class ThicknessSpec:
         w = np.asarray(weights, float) / np.sum(weights, 1, keepdims=True)
         return cls(mean=np.sum(points * w, 1), points=np.asarray(points, float), weights=w)
 
+    @property
+    def is_constant(self) -> bool:
+        """The same thickness (no spread, no distribution) for every frame: summaries give one number."""
+        return self.points is None and self.spread is None and np.ptp(self.mean) == 0
+
     def frame_state(self, dataset: PetsDataset) -> FrameState:
         state = frame_state_from_dataset(dataset, torch.as_tensor(self.mean))
         if self.points is not None:
@@ -84,9 +89,16 @@ class FrameModelSpec:
 
     state: FrameState
 
+    spread = None  # a refined distribution is not a Gaussian spread: see frames.csv of the run
+
     @property
     def mean(self) -> np.ndarray:
         return torch.sum(self.state.thickness * self.state.thickness_weight, -1).detach().numpy()
+
+    @property
+    def is_constant(self) -> bool:
+        """The same mean thickness for every frame: summaries give one number."""
+        return np.ptp(self.mean) == 0
 
     def frame_state(self, dataset: PetsDataset) -> FrameState:
         return self.state

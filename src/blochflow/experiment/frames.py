@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..physics.diffraction import FrameState, frame_state_from_dataset
-from ..physics.geometry import rotation_matrix
+from ..physics.geometry import frame_orientations, rotation_matrix
 
 THICKNESS_REF = 1000.0  # A; raw thickness parameters are log(t / THICKNESS_REF)
 
@@ -47,9 +47,8 @@ class FrameContext:
 
     def goniometer(self) -> torch.Tensor:
         """(F, 3, 3) rotation of the crystal by the goniometer (the orientation without U B)."""
-        phi = torch.full_like(self.alpha, -self.axis_azimuth)
-        return (rotation_matrix("z", phi) @ rotation_matrix("z", self.omega) @ rotation_matrix("x", self.alpha)
-                @ rotation_matrix("y", self.beta))
+        eye = torch.eye(3, dtype=self.alpha.dtype)
+        return frame_orientations(eye, self.alpha, self.beta, self.omega, self.axis_azimuth)
 
     @property
     def n_frames(self) -> int:
@@ -152,7 +151,7 @@ class PerFrameThickness(ThicknessModel):
 BEAM = (0.0, 0.0, -1.0)  # lab propagation direction
 
 
-class SlabThickness(ThicknessModel):
+class SlabThickness(GlobalThickness):
     """A parallel-sided slab: thickness t0 along its normal, the normal fixed to the crystal.
 
     Raw: log(t0 / 1000) and two angles (rad) tilting the normal away from the beam direction at
@@ -164,20 +163,14 @@ class SlabThickness(ThicknessModel):
     kind = "slab"
 
     def __init__(self, thickness: float, normal=(0.0, 0.0)):
-        self.start = float(thickness)
+        super().__init__(thickness)
         self.normal = tuple(float(x) for x in normal)
 
     def blocks(self):
-        return [Block("thickness", (1,), False, "thickness"), Block("surface_normal", (2,), False, "surface")]
+        return super().blocks() + [Block("surface_normal", (2,), False, "surface")]
 
     def initial(self):
-        return {"thickness": torch.tensor([math.log(self.start / THICKNESS_REF)], dtype=torch.float64),
-                "surface_normal": torch.tensor(self.normal, dtype=torch.float64)}
-
-    def evaluate(self, raw, ctx):
-        t = THICKNESS_REF * torch.exp(raw["thickness"])
-        t = t.expand(ctx.n_frames)[:, None]
-        return t, torch.ones_like(t)
+        return {**super().initial(), "surface_normal": torch.tensor(self.normal, dtype=torch.float64)}
 
     def surface_normal(self, raw, ctx):
         a = raw["surface_normal"]

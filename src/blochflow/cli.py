@@ -34,6 +34,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=32, help="tilt samples per frame (or precession azimuths)")
     g.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], default="midpoint",
                    help="tilts across a frame's wedge; linspace includes both ends (diffBloch's set)")
+    g.add_argument("--ub-convention", choices=["pets", "diffbloch"], default="pets",
+                   help="g = U B h with UB as written (pets), or U^-T B h as diffBloch (paper's synthetic data)")
     g.add_argument("--rsg", type=float, default=0.66, help="score reflections with |s_g|/dS_g < RSG")
     g.add_argument("--dsg", type=float, default=0.0015, help="... and dS_g - |s_g| > DSG (1/A)")
     g.add_argument("--absorption", choices=["none", "proportional", "tds"], default="none")
@@ -49,7 +51,7 @@ def _model_settings(args):
         if getattr(args, name) < 1:
             raise InputError(f"--{name}", str(getattr(args, name)), "must be at least 1")
     beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
-                         sample_rule=args.sample_rule)
+                         sample_rule=args.sample_rule, ub_convention=args.ub_convention)
     return ModelSettings(beams=beams, absorption=args.absorption, kappa=args.kappa,
                          absorption_method=args.absorption_method, instability=args.instability)
 
@@ -247,7 +249,8 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "samples": "n_samples", "thickness_model": "thickness_model", "thickness": "thickness",
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
-    "g_max": "g_max", "s_max": "s_max", "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
+    "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
+    "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
 }
 
 
@@ -401,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
     r.add_argument("--enantiomer", action="store_true", help="also refine the inverted model and compare hands")
     r.add_argument("--samples", type=int, help="tilt samples per frame")
+    r.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], help="tilts across a frame's wedge")
+    r.add_argument("--ub-convention", choices=["pets", "diffbloch"], help="g = U B h (pets) or U^-T B h (diffbloch)")
     r.add_argument("--thickness-model", choices=["global", "per-frame", "slab", "learned"])
     r.add_argument("--thickness-points", type=int, help="quadrature points of a learned thickness distribution")
     r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")

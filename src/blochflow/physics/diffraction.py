@@ -16,7 +16,7 @@ import torch
 
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import propagate, propagate_perturbative
-from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations,
+from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, orientation_ub,
                        frame_samples, rotation_axis_lab, rotation_matrix)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
@@ -34,6 +34,7 @@ class BeamSettings:
     dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
     chunk_elements: int = 3_000_000  # samples x N^2 per batched solve
     nonparallel: bool = True  # (1 + g.n/K_n)^-1/2 factors
+    ub_convention: Literal["pets", "diffbloch"] = "pets"  # g = U B h, or U^-T B h (diffBloch)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     geometry = dataset.details.geometry
     g_max = settings.g_max if settings.g_max is not None else dataset.details.dstarmax + 0.4
     k = 1.0 / dataset.wavelength
-    ub = torch.as_tensor(dataset.ub, dtype=torch.float64)
+    ub = torch.as_tensor(orientation_ub(dataset.ub, reciprocal_basis(dataset.cell), settings.ub_convention),
+                         dtype=torch.float64)
     phi = math.radians(dataset.details.rotation_axis_deg)
     alpha = torch.as_tensor(np.radians(frames.alpha_deg))
     beta = torch.as_tensor(np.radians(frames.beta_deg))

@@ -39,6 +39,24 @@ def frame_orientations(ub: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
             @ rotation_matrix("y", beta) @ ub)
 
 
+UB_CONVENTIONS = ("pets", "diffbloch")
+
+
+def orientation_ub(ub: np.ndarray, b_matrix: np.ndarray, convention: str = "pets") -> np.ndarray:
+    """The matrix that maps h to the crystal's Cartesian g before the goniometer rotations.
+
+    ``pets``: UB as written (g = U B h, U = UB B^-1 not re-orthonormalised). ``diffbloch``:
+    g = U^-T B h, the convention of diffBloch, with which the paper's synthetic data were simulated.
+    The two agree when U is orthonormal; they differ by U's small strain.
+    """
+    if convention == "pets":
+        return ub
+    if convention == "diffbloch":
+        u = ub @ np.linalg.inv(b_matrix)
+        return np.linalg.inv(u).T @ b_matrix
+    raise ValueError(f"unknown UB convention '{convention}' (choose {', '.join(UB_CONVENTIONS)})")
+
+
 def rotation_axis_lab(omega: torch.Tensor, axis_azimuth: float) -> torch.Tensor:
     """Unit vector (F, 3) of the goniometer (alpha) axis in the lab frame."""
     ang = omega - axis_azimuth

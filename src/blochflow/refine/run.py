@@ -42,6 +42,7 @@ class RefineSettings:
     # physics
     n_samples: int = 32
     sample_rule: str = "midpoint"  # tilts in a frame's wedge: midpoint | gauss | linspace (ends included)
+    ub_convention: str = "pets"  # pets: g = U B h as written; diffbloch: g = U^-T B h (paper's synthetic data)
     g_max: float | None = None
     s_max: float = 0.02
     rsg: float = 0.66
@@ -88,7 +89,7 @@ class RefineSettings:
 
     def model_settings(self) -> ModelSettings:
         beams = BeamSettings(g_max=self.g_max, s_max=self.s_max, n_samples=self.n_samples, rsg=self.rsg,
-                             dsg=self.dsg, sample_rule=self.sample_rule)
+                             dsg=self.dsg, sample_rule=self.sample_rule, ub_convention=self.ub_convention)
         return ModelSettings(beams=beams, absorption=self.absorption, kappa=self.kappa,
                              instability=self.instability)
 
@@ -96,7 +97,8 @@ class RefineSettings:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
+SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": ("pets", "diffbloch"),
+                   "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed")}
 
 

@@ -213,6 +213,11 @@ def test_max_step_scale_and_positivity():
     assert sp.adp_positive_definite(th + s * big)
     assert abs(lam - 1e-4) < 1e-9  # the step stops exactly at the floor
     assert np.linalg.eigvalsh(sp._u_cart(th + 1.01 * s * big)).min() < 1e-4
+    # from the floor itself, a further step the same way is still bounded (no singular factor)
+    at_floor = th + s * big
+    s2 = sp.max_step_scale(at_floor, big)
+    assert 0 <= s2 < 1
+    assert np.linalg.eigvalsh(sp._u_cart(at_floor + s2 * big)).min() > 0.4e-4
 
 
 def test_standard_uncertainties():

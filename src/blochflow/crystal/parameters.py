@@ -242,9 +242,10 @@ class StructureParameters:
         """Largest s in (0, 1] keeping every ADP's eigenvalues >= floor (A^2) along theta + s delta.
 
         U(s) = U0 + s D is affine, so per atom with W = U0 - f I = L L^T the bound is
-        s <= -1/mu for the negative eigenvalues mu of L^-1 D L^-T. Atoms already below the floor use
-        f = lambda_min / 2 (they may not get worse than that); atoms not positive definite at theta
-        are left unrestricted (see :meth:`adp_positive_definite`).
+        s <= -1/mu for the negative eigenvalues mu of L^-1 D L^-T. Atoms at or below twice the floor
+        use f = lambda_min / 2 (they may not get worse than that; an atom sitting on the floor would
+        make W singular); atoms not positive definite at theta are left unrestricted (see
+        :meth:`adp_positive_definite`).
         """
         u0 = self._u_cart(theta)
         d = self._u_cart(torch.as_tensor(theta) + torch.as_tensor(delta)) - u0
@@ -252,7 +253,7 @@ class StructureParameters:
         ok = (lam0 > 0) & (np.abs(d).max(axis=(1, 2)) > 0)
         if not ok.any():
             return 1.0
-        f = np.where(lam0 > floor, floor, 0.5 * lam0)[ok]
+        f = np.where(lam0 > 2 * floor, floor, 0.5 * lam0)[ok]
         lo = np.linalg.cholesky(u0[ok] - f[:, None, None] * np.eye(3))
         li = np.linalg.inv(lo)
         mu = np.linalg.eigvalsh(li @ d[ok] @ np.swapaxes(li, 1, 2))[:, 0]

@@ -110,3 +110,32 @@ def inverted(crystal: Crystal) -> Crystal:
     asu = crystal.asu.clone()
     asu.xyz = -asu.xyz
     return Crystal(cell=crystal.cell, symmetry=SymmetryOps(rots, trans), asu=asu, name=crystal.name + "_inv")
+
+
+def structure_deviation(model: Crystal, truth: Crystal, skip_elements: tuple[str, ...] = ()) -> dict:
+    """Position RMSD (A) and ADP errors of ``model`` against ``truth``, atoms matched by label.
+
+    Each model atom is compared with the nearest symmetry and lattice image of the truth site, so
+    an equivalent choice of atom is not an error. ``mean_abs_dU`` is the mean |U_ij| difference
+    over the six Cartesian components (A^2); ``max_rel_dUeq`` the largest |dU_eq| / U_eq.
+    """
+    index = {lab: i for i, lab in enumerate(truth.asu.labels)}
+    basis = cellmod.direct_basis(truth.cell)
+    rot, trans = truth.symmetry.rotations, truth.symmetry.translations
+    dists, du, rel = [], [], []
+    xm, xt = model.asu.xyz.detach().cpu().numpy(), truth.asu.xyz.detach().cpu().numpy()
+    um, ut = model.asu.u_frac.detach().cpu().numpy(), truth.asu.u_frac.detach().cpu().numpy()
+    for i, (lab, el) in enumerate(zip(model.asu.labels, model.asu.elements)):
+        if lab not in index or el in skip_elements:
+            continue
+        j = index[lab]
+        d = np.einsum("sij,j->si", rot, xm[i]) + trans - xt[j]
+        d -= np.round(d)
+        dists.append(float(np.min(np.linalg.norm(d @ basis.T, axis=1))))
+        ca, cb = cellmod.u_frac_to_cart(um[i], truth.cell), cellmod.u_frac_to_cart(ut[j], truth.cell)
+        du.extend(np.abs((ca - cb)[np.triu_indices(3)]))
+        rel.append(abs(np.trace(ca) - np.trace(cb)) / max(abs(np.trace(cb)), 1e-12))
+    if not dists:
+        raise ValueError("no atom labels in common between the model and the truth")
+    return {"rmsd_A": float(np.sqrt(np.mean(np.square(dists)))), "max_dev_A": float(np.max(dists)),
+            "mean_abs_dU": float(np.mean(du)), "max_rel_dUeq": float(np.max(rel)), "n_atoms": len(dists)}

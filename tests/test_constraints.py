@@ -194,7 +194,7 @@ def test_occupancy_site_groups():
     assert abs(occ[4] - 0.9) > 1e-6  # O1 on its own is refined freely
 
 
-def test_max_step_scale_and_positivity():
+def test_bounded_step_cuts_only_the_offending_atom():
     cr = _load(QUARTZ)
     sp = StructureParameters(cr)
     th = sp.theta0
@@ -202,22 +202,26 @@ def test_max_step_scale_and_positivity():
     small = torch.zeros_like(th)
     small[sp.groups["adp"]] = 1e-4
     small[sp.groups["xyz"]] = 0.05
-    assert sp.max_step_scale(th, small) == 1.0
+    step, cut = sp.bounded_step(th, small)
+    assert not cut and torch.equal(step, small)
     big = torch.zeros_like(th)
     big[sp.names.index("O1.U22")] = -0.05
-    big[sp.names.index("Si1.U13")] = 0.02
+    big[sp.names.index("Si1.U11")] = 0.001
+    big[sp.groups["xyz"]] = 0.02
     assert not sp.adp_positive_definite(th + big)
-    s = sp.max_step_scale(th, big)
-    assert 0 < s < 1
-    lam = np.linalg.eigvalsh(sp._u_cart(th + s * big)).min()
-    assert sp.adp_positive_definite(th + s * big)
-    assert abs(lam - 1e-4) < 1e-9  # the step stops exactly at the floor
-    assert np.linalg.eigvalsh(sp._u_cart(th + 1.01 * s * big)).min() < 1e-4
+    step, cut = sp.bounded_step(th, big)
+    assert cut and sp.adp_positive_definite(th + step)
+    o1 = [i for i, n in enumerate(sp.names) if n.startswith("O1.U")]
+    s = float(step[sp.names.index("O1.U22")] / big[sp.names.index("O1.U22")])
+    assert 0 < s < 1 and torch.allclose(step[o1], s * big[o1])
+    assert abs(np.linalg.eigvalsh(sp._u_cart(th + step))[1].min() - 1e-4) < 1e-9  # O1 stops at the floor
+    keep = torch.ones_like(th, dtype=torch.bool)
+    keep[o1] = False
+    assert torch.equal(step[keep], big[keep])  # Si1's ADP and every position take the full step
     # from the floor itself, a further step the same way is still bounded (no singular factor)
-    at_floor = th + s * big
-    s2 = sp.max_step_scale(at_floor, big)
-    assert 0 <= s2 < 1
-    assert np.linalg.eigvalsh(sp._u_cart(at_floor + s2 * big)).min() > 0.4e-4
+    at_floor = th + step
+    step2, cut2 = sp.bounded_step(at_floor, big)
+    assert cut2 and np.linalg.eigvalsh(sp._u_cart(at_floor + step2)).min() > 0.4e-4
 
 
 def test_standard_uncertainties():

@@ -201,6 +201,12 @@ class StructureParameters:
         self.theta0 = torch.tensor(start, dtype=torch.float64)
         self.groups = {k: torch.tensor([i for i, g in enumerate(group) if g == k], dtype=torch.long)
                        for k in ("xyz", "adp", "occupancy")}
+        # the atom whose own U each ADP parameter sets (riding hydrogens inherit it, never own it)
+        self._adp_owner = np.full(len(start), -1, dtype=np.int64)
+        for r, c in zip(self._rows, self._cols):
+            atom = r // _W
+            if (r % _W) >= _U.start and atom not in self.riding and group[c] == "adp":
+                self._adp_owner[c] = atom
 
     def __len__(self) -> int:
         return len(self.names)
@@ -238,8 +244,8 @@ class StructureParameters:
         """True when every Cartesian ADP tensor has all eigenvalues above ``floor`` (A^2)."""
         return bool(np.all(np.linalg.eigvalsh(self._u_cart(theta)) > floor))
 
-    def max_step_scale(self, theta, delta, floor: float = 1e-4) -> float:
-        """Largest s in (0, 1] keeping every ADP's eigenvalues >= floor (A^2) along theta + s delta.
+    def adp_step_scales(self, theta, delta, floor: float = 1e-4) -> np.ndarray:
+        """Per atom, the largest s in (0, 1] keeping its ADP eigenvalues >= floor (A^2) along theta + s delta.
 
         U(s) = U0 + s D is affine, so per atom with W = U0 - f I = L L^T the bound is
         s <= -1/mu for the negative eigenvalues mu of L^-1 D L^-T. Atoms at or below twice the floor
@@ -250,15 +256,31 @@ class StructureParameters:
         u0 = self._u_cart(theta)
         d = self._u_cart(torch.as_tensor(theta) + torch.as_tensor(delta)) - u0
         lam0 = np.linalg.eigvalsh(u0)[:, 0]
+        out = np.ones(len(u0))
         ok = (lam0 > 0) & (np.abs(d).max(axis=(1, 2)) > 0)
         if not ok.any():
-            return 1.0
+            return out
         f = np.where(lam0 > 2 * floor, floor, 0.5 * lam0)[ok]
-        lo = np.linalg.cholesky(u0[ok] - f[:, None, None] * np.eye(3))
-        li = np.linalg.inv(lo)
+        li = np.linalg.inv(np.linalg.cholesky(u0[ok] - f[:, None, None] * np.eye(3)))
         mu = np.linalg.eigvalsh(li @ d[ok] @ np.swapaxes(li, 1, 2))[:, 0]
-        neg = mu < 0
-        return float(min(1.0, np.min(-1.0 / mu[neg]))) if neg.any() else 1.0
+        out[ok] = np.where(mu < 0, np.minimum(1.0, -1.0 / np.where(mu < 0, mu, -1.0)), 1.0)
+        return out
+
+    def bounded_step(self, theta, delta, floor: float = 1e-4) -> tuple[torch.Tensor, bool]:
+        """``delta`` with each atom's ADP components shortened to keep that atom positive definite.
+
+        Only the offending atom's ADP step is cut (a projection onto the feasible set), so one ADP
+        at its bound does not stall every other parameter. Returns (step, whether it was cut).
+        Riding hydrogens follow their parent's U_eq and need no bound of their own.
+        """
+        delta = torch.as_tensor(delta)
+        scales = self.adp_step_scales(theta, delta, floor)
+        if np.all(scales >= 1.0):
+            return delta, False
+        factor = torch.ones_like(delta)
+        adp = self.groups["adp"].numpy()
+        factor[adp] = torch.as_tensor(scales[self._adp_owner[adp]], dtype=delta.dtype)
+        return delta * factor, True
 
     # -- standard uncertainties ----------------------------------------------------------------
 

@@ -6,6 +6,8 @@ Definitions (also in docs/figures_of_merit.md):
   R_obs         sum_obs | sqrt(Io) - sqrt(k Ic) | / sum_obs sqrt(Io),  obs: Io > 3 sigma
   wR2           sqrt( sum w (Io - k Ic)^2 / sum w Io^2 )        over all scored reflections
   GoF           sqrt( sum w (Io - k Ic)^2 / (n - p) )
+  amplitudes    F = sqrt(max(I, 0)), sigma_F = sigma / (2 sqrt(max(Io, sigma))), w_F = 1 / (sigma_F^2 + (u Fo)^2)
+                (the first-order phase's objective: sum w_F (Fo - k_F Fc)^2 is smooth far from the minimum)
 Each is reported globally and as the unweighted mean of per-frame values (diffBloch's figure).
 """
 
@@ -19,6 +21,17 @@ import torch
 def klar_weights(io: torch.Tensor, sigma: torch.Tensor, instability: float = 0.01) -> torch.Tensor:
     """w = 1 / (sigma^2 + (u Io)^2)."""
     return 1.0 / (sigma ** 2 + (instability * io) ** 2)
+
+
+def amplitude_weights(io: torch.Tensor, sigma: torch.Tensor, instability: float = 0.01) -> torch.Tensor:
+    """w_F = 1 / (sigma_F^2 + (u Fo)^2) with sigma_F = sigma / (2 sqrt(max(Io, sigma)))."""
+    sigma_f = sigma / (2 * torch.sqrt(torch.maximum(io, sigma)))
+    return 1.0 / (sigma_f ** 2 + instability ** 2 * io.clamp_min(0))
+
+
+def amplitude(i: torch.Tensor) -> torch.Tensor:
+    """sqrt(max(I, 0)) with a finite derivative at zero (intensities are never exactly zero in use)."""
+    return torch.sqrt(i.clamp_min(0) + 1e-30)
 
 
 def frame_scales(io, ic, weight, frame, n_frames: int) -> torch.Tensor:

@@ -32,11 +32,14 @@ def adam_learning_rates(problem: RefinementProblem, rates: dict[str, float]) -> 
 
 
 def adam_step(problem: RefinementProblem, theta: torch.Tensor, state: AdamState, lr: torch.Tensor,
-              total_steps: int, betas=(0.9, 0.99), final_fraction: float = 0.1) -> tuple[torch.Tensor, float]:
-    """One Adam step on wR2^2 (work set) with a cosine-decayed rate; returns (theta, loss before)."""
+              total_steps: int, betas=(0.9, 0.99), final_fraction: float = 0.1,
+              objective: str = "intensity") -> tuple[torch.Tensor, float]:
+    """One Adam step with a cosine-decayed rate; returns (theta, loss before).
+
+    ``objective``: "amplitude" minimises wR(F)^2, "intensity" wR2^2 (both on the work set).
+    """
     th = theta.detach().clone().requires_grad_(True)
-    norm = torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2)
-    loss = problem.objective(th) / norm
+    loss = problem.objective(th, objective) / problem.objective_norm(objective)
     (grad,) = torch.autograd.grad(loss, th)
     state.step += 1
     b1, b2 = betas
@@ -47,8 +50,8 @@ def adam_step(problem: RefinementProblem, theta: torch.Tensor, state: AdamState,
     frac = min(state.step / max(total_steps, 1), 1.0)
     decay = final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
     delta = -lr * decay * mhat / (vhat.sqrt() + 1e-12)
-    s = problem.step_scale(theta, delta)
-    return (theta + s * delta).detach(), float(loss.detach())
+    delta, _ = problem.bounded_step(theta, delta)
+    return (theta + delta).detach(), float(loss.detach())
 
 
 @dataclass
@@ -73,19 +76,22 @@ class NormalEquations:
     n_obs: int
 
 
-def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: torch.Tensor) -> tuple[NormalEquations, torch.Tensor]:
-    ic, r, j = problem.jacobian(theta, index)
+def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: torch.Tensor,
+                     kind: str = "intensity") -> tuple[NormalEquations, torch.Tensor]:
+    ic, r, j = problem.jacobian(theta, index, kind)
     return NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r)), ic
 
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
-            shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12) -> tuple[torch.Tensor, NormalEquations]:
-    """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta.
+            shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12,
+            kind: str = "intensity") -> tuple[torch.Tensor, NormalEquations]:
+    """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta,
+    on the intensity or the amplitude objective (``kind``).
 
     Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
     normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``.
     """
-    ne, _ = normal_equations(problem, theta, index)
+    ne, _ = normal_equations(problem, theta, index, kind)
     a, g = ne.jtj, ne.jtr
     diag = torch.diagonal(a).clamp_min(1e-12 * float(torch.diagonal(a).max()))
     net = problem.derived_mask()[index]
@@ -100,11 +106,10 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
         step = -torch.linalg.solve(lhs, g)
         delta = torch.zeros_like(theta)
         delta[index] = step
-        s = problem.step_scale(theta, delta)
-        delta = s * delta
+        delta, cut = problem.bounded_step(theta, delta)
         trial = theta + delta
         with torch.no_grad():
-            new_cost = float(problem.objective(trial))
+            new_cost = float(problem.objective(trial, kind))
         if np.isfinite(new_cost) and new_cost <= ne.cost:
             state.damping = max(state.damping / 3, 1e-7)
             determined = su > 0  # null directions (e.g. redundant network weights) have no s.u.
@@ -115,7 +120,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
                                   "max_shift_su": shift_su})
             state.cost = new_cost
-            if shift_su < shift_tol and state.damping < 1e-2 and s >= 1.0:  # a damped or cut step is short
+            if shift_su < shift_tol and state.damping < 1e-2 and not cut:  # a damped or cut step is short
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"

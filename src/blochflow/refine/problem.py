@@ -7,6 +7,8 @@ parameters; R_free reflections are simulated and scaled with the work scales but
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,7 @@ from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
 from ..physics.diffraction import FrameState, simulate_frames, simulate_frames_jvp
 from .model import ForwardModel
-from .objective import Figures, figures_of_merit, frame_scales, klar_weights
+from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights
 
 
 NETWORK_MAX_STEP = 0.5  # largest change of one network weight in one step
@@ -98,6 +100,7 @@ class RefinementProblem:
         self.holdout = self.holdout_frame[model.frame] & ~self.free
         self.work = ~self.free & ~self.holdout
         self.weight = klar_weights(model.io, model.sigma, model.settings.instability)
+        self.amplitude_weight = amplitude_weights(model.io, model.sigma, model.settings.instability)
         self.names = self._names()
         self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
 
@@ -144,21 +147,26 @@ class RefinementProblem:
                 m[s.start:s.stop] = True
         return m
 
-    def step_scale(self, theta: torch.Tensor, delta: torch.Tensor) -> float:
-        """Largest fraction (<= 1) of ``delta`` that keeps every ADP positive definite and moves no
-        network weight by more than ``NETWORK_MAX_STEP`` (weights of nearly flat directions would
-        otherwise get huge Gauss-Newton steps far outside where the linearisation holds)."""
-        scale = 1.0
+    def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``delta`` made feasible: each atom's ADP step shortened to keep it positive definite, and the
+        network block scaled so that no weight moves by more than ``NETWORK_MAX_STEP`` (weights of
+        nearly flat directions would otherwise get huge Gauss-Newton steps far outside where the
+        linearisation holds). Other components are untouched. Returns (step, whether it was cut)."""
+        delta = delta.detach().clone()
+        cut = False
         for s in self.slots.values():
-            if s.block.derived:
-                biggest = float(delta[s.start:s.stop].abs().max()) if s.stop > s.start else 0.0
+            if s.block.derived and s.stop > s.start:
+                biggest = float(delta[s.start:s.stop].abs().max())
                 if biggest > NETWORK_MAX_STEP:
-                    scale = NETWORK_MAX_STEP / biggest
+                    delta[s.start:s.stop] *= NETWORK_MAX_STEP / biggest
+                    cut = True
         st = self.slots["structure"]
-        d = scale * delta[st.start:st.stop]
-        if not torch.any(d != 0):
-            return scale
-        return scale * self.structure.max_step_scale(theta[st.start:st.stop].detach(), d.detach())
+        d = delta[st.start:st.stop]
+        if torch.any(d != 0):
+            d, cut_adp = self.structure.bounded_step(theta[st.start:st.stop].detach(), d)
+            delta[st.start:st.stop] = d
+            cut = cut or cut_adp
+        return delta, cut
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -180,11 +188,27 @@ class RefinementProblem:
         w = torch.where(self.work, self.weight, torch.zeros_like(self.weight))
         return frame_scales(self.model.io, ic, w, self.model.frame, self.model.n_frames)
 
-    def residuals(self, ic: torch.Tensor) -> torch.Tensor:
-        """sqrt(w) (Io - k Ic) over work reflections, scales profiled (differentiable in ic)."""
-        k = self.scales(ic)
-        r = torch.sqrt(self.weight) * (self.model.io - k[self.model.frame] * ic)
-        return r[self.work]
+    def residuals(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """Weighted residuals over work reflections with frame scales profiled (differentiable in ic):
+        sqrt(w) (Io - k Ic) for ``kind`` "intensity", sqrt(w_F) (Fo - k_F Fc) for "amplitude"."""
+        yo, yc, w = self._observable(ic, kind)
+        w = torch.where(self.work, w, torch.zeros_like(w))
+        k = frame_scales(yo, yc, w, self.model.frame, self.model.n_frames)
+        return (torch.sqrt(w) * (yo - k[self.model.frame] * yc))[self.work]
+
+    def _observable(self, ic: torch.Tensor, kind: str):
+        if kind == "intensity":
+            return self.model.io, ic, self.weight
+        if kind == "amplitude":
+            return amplitude(self.model.io), amplitude(ic), self.amplitude_weight
+        raise ValueError(f"unknown objective kind '{kind}'")
+
+    def _prior_factor(self, kind: str) -> float:
+        """Prior rows are written against the intensity objective; the amplitude objective sees them
+        scaled by the ratio of the two objectives' norms, so their relative weight is the same."""
+        if kind == "intensity":
+            return 1.0
+        return math.sqrt(self.objective_norm(kind) / self.objective_norm("intensity"))
 
     def prior_residuals(self, theta: torch.Tensor) -> torch.Tensor:
         """Least-squares rows that are not observations: structure restraints and priors of the
@@ -196,9 +220,17 @@ class RefinementProblem:
             rows.append(restraint_residuals(self.restraints, self.model.crystal.cell, xyz, u))
         return torch.cat(rows)
 
-    def objective(self, theta: torch.Tensor) -> torch.Tensor:
-        """sum w (Io - k Ic)^2 over the work set, plus the squared prior rows."""
-        return torch.sum(self.residuals(self.intensities(theta)) ** 2) + torch.sum(self.prior_residuals(theta) ** 2)
+    def objective(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """Sum of squared weighted residuals over the work set (see :meth:`residuals`) plus the
+        squared prior rows. The amplitude objective is smoother far from the minimum (a misplaced
+        atom changes strong intensities quadratically, amplitudes linearly): the first phases use it."""
+        prior = self.prior_residuals(theta) * self._prior_factor(kind)
+        return torch.sum(self.residuals(self.intensities(theta), kind) ** 2) + torch.sum(prior ** 2)
+
+    def objective_norm(self, kind: str = "intensity") -> float:
+        """sum w Io^2 (or sum w_F Fo^2) over the work set: objective / norm = wR2^2 (or wR(F)^2)."""
+        yo, _, w = self._observable(self.model.io, kind)
+        return float(torch.sum(w[self.work] * yo[self.work] ** 2))
 
     def figures(self, ic: torch.Tensor, subset: str = "work") -> Figures:
         ic = ic.detach()
@@ -214,7 +246,7 @@ class RefinementProblem:
 
     # -- Jacobian ------------------------------------------------------------------------------
 
-    def jacobian(self, theta: torch.Tensor, index: torch.Tensor | None = None
+    def jacobian(self, theta: torch.Tensor, index: torch.Tensor | None = None, kind: str = "intensity"
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ic (R,), residuals (W,), J (W, p)) at theta for the columns ``index`` (default all).
 
@@ -287,10 +319,10 @@ class RefinementProblem:
         j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
         frame = self.model.frame
         d_feat = {}  # slot name -> (F, k, P) d features / d weights
-        for c, (kind, data) in enumerate(columns):
-            if kind == "global":
+        for c, (column, data) in enumerate(columns):
+            if column == "global":
                 j_ic[:, data] = d_ic[:, c]
-            elif kind == "frame":
+            elif column == "frame":
                 j_ic[torch.arange(len(ic)), data[frame]] = d_ic[:, c]
             else:
                 s, jf = data
@@ -299,21 +331,24 @@ class RefinementProblem:
                     d_feat[s.block.name] = jacrev(
                         lambda w, s=s: net.features({**raw, s.block.name: w}, self.frames.ctx))(raw[s.block.name])
                 j_ic[:, s.start:s.stop] += d_ic[:, c, None] * d_feat[s.block.name][frame, jf, :]
-        # residual r = sqrt(w)(Io - k_f Ic), k_f = sum_f w Io Ic / sum_f w Ic^2 over work rows
-        io, w = self.model.io, self.weight
+        # residual r = sqrt(w)(yo - k_f yc), k_f = sum_f w yo yc / sum_f w yc^2 over work rows;
+        # y = I, or y = F = sqrt(I) with dF = dI / 2F
+        yo, yc, w = self._observable(ic, kind)
+        j_y = j_ic if kind == "intensity" else j_ic / (2 * yc[:, None])
         ww = torch.where(self.work, w, torch.zeros_like(w))
-        den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * ic * ic)
-        k = self.scales(ic)
-        dk_coef = ww * (io - 2 * k[frame] * ic) / den[frame].clamp_min(1e-300)  # dk_f / dIc_j
+        den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * yc * yc)
+        k = frame_scales(yo, yc, ww, frame, self.model.n_frames)
+        dk_coef = ww * (yo - 2 * k[frame] * yc) / den[frame].clamp_min(1e-300)  # dk_f / dy_j
         dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_add(
-            0, frame, dk_coef[:, None] * j_ic)
+            0, frame, dk_coef[:, None] * j_y)
         sw = torch.sqrt(w)
-        jac = -sw[:, None] * (k[frame, None] * j_ic + ic[:, None] * dk[frame])
-        r = sw * (io - k[frame] * ic)
+        jac = -sw[:, None] * (k[frame, None] * j_y + yc[:, None] * dk[frame])
+        r = sw * (yo - k[frame] * yc)
         cols = torch.arange(self.n_params) if index is None else index
-        prior = self.prior_residuals(theta)
+        factor = self._prior_factor(kind)
+        prior = self.prior_residuals(theta) * factor
         if len(prior):
             from torch.func import jacrev
-            j_prior = jacrev(self.prior_residuals)(theta)
+            j_prior = jacrev(self.prior_residuals)(theta) * factor
             return ic, torch.cat([r[self.work], prior]), torch.cat([jac[self.work], j_prior])[:, cols]
         return ic, r[self.work], jac[self.work][:, cols]

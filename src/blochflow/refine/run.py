@@ -75,6 +75,7 @@ class RefineSettings:
     free_seed: int = 0
     # optimiser
     adam_steps: int = 20
+    adam_objective: str = "intensity"  # first-order phase on intensities wR2, or on amplitudes wR(F)
     lr_xyz: float = 0.005  # A
     lr_adp: float = 0.002  # A^2
     lr_occupancy: float = 0.01
@@ -99,7 +100,8 @@ class RefineSettings:
 
 SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": ("pets", "diffbloch"),
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
-                   "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed")}
+                   "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
+                   "adam_objective": ("amplitude", "intensity")}
 
 
 def settings_from_mapping(values: dict, source: str) -> RefineSettings:
@@ -303,9 +305,10 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     try:
         while adam.step < settings.adam_steps and len(index):
             t0 = time.perf_counter()
-            theta, loss = adam_step(problem, theta, adam, lr, settings.adam_steps)
+            theta, loss = adam_step(problem, theta, adam, lr, settings.adam_steps, objective=settings.adam_objective)
             phase_times["adam_s"] += time.perf_counter() - t0
-            log(f"adam {adam.step:4d}/{settings.adam_steps}  wR2(work) {math.sqrt(loss):.4f}")
+            figure = "wR(F)" if settings.adam_objective == "amplitude" else "wR2"
+            log(f"adam {adam.step:4d}/{settings.adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")
             if adam.step % settings.checkpoint_every == 0:
                 save()
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):

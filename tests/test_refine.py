@@ -18,7 +18,8 @@ from blochflow.refine.run import Interrupted, RefineSettings, build_problem, ref
 from conftest import N_SAMPLES, _displaced, _rmsd
 
 
-def test_jacobian_matches_finite_differences(small_dataset, truth):
+@pytest.mark.parametrize("kind", ["intensity", "amplitude"])
+def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     ds, _, _ = small_dataset
     keep = np.zeros(len(ds.frames), bool)
     keep[[1, 4]] = True
@@ -27,12 +28,17 @@ def test_jacobian_matches_finite_differences(small_dataset, truth):
     problem = build_problem(_displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 0.4  # away from zero, where all angles matter
-    _, r, jac = problem.jacobian(theta)
-    assert torch.allclose(r, problem.residuals(problem.intensities(theta)), rtol=1e-12, atol=1e-12)
+    _, r, jac = problem.jacobian(theta, kind=kind)
+
+    def res(th):
+        return problem.residuals(problem.intensities(th), kind)
+
+    assert torch.allclose(r, res(theta), rtol=1e-12, atol=1e-12)
+    assert abs(float(r @ r) - float(problem.objective(theta, kind))) < 1e-10 * float(r @ r)
     for i in range(problem.n_params):
         e = torch.zeros_like(theta)
         e[i] = 1e-6
-        fd = (problem.residuals(problem.intensities(theta + e)) - problem.residuals(problem.intensities(theta - e))) / 2e-6
+        fd = (res(theta + e) - res(theta - e)) / 2e-6
         scale = max(float(fd.abs().max()), 1e-3)
         assert float((jac[:, i] - fd).abs().max()) < 1e-5 * scale, problem.names[i]
     assert float(jac.abs().max(0).values.min()) > 0  # every parameter reaches the residuals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import gemmi
@@ -11,7 +12,10 @@ import torch
 
 from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
-from blochflow.io.pets import select_frames
+from blochflow.io.pets import ReflectionTable, read_pets, select_frames
+from blochflow.physics.diffraction import BeamSettings
+from blochflow.refine.model import ModelSettings
+from blochflow.simulate import ThicknessSpec, synthesize
 from blochflow.refine.problem import free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine
 
@@ -150,3 +154,38 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
     assert e["wR2_inverted"] > 1.5 * e["wR2_model"]
     assert (out / "inverted" / "refined.cif").exists()
+
+
+def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths, truth):
+    """Over independent Poisson realisations of the same data, (refined - true) / s.u. of every
+    refined coordinate and U_ij has mean ~0 and spread ~1 (not 0.1 or 10: s.u. are not decoration)."""
+    ds = read_pets(quartz_paths[1])
+    keep = np.zeros(len(ds.frames), bool)
+    keep[::12] = True
+    ds = select_frames(ds, keep)
+    thickness = np.full(len(ds.frames), 500.0)
+    settings = RefineSettings(n_samples=2, adp="aniso", adam_steps=0, lm_iterations=8, free_fraction=0.0,
+                              refine_orientation=False, thickness=500.0)
+    u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
+    z = []
+    for seed in range(6):
+        rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
+                                        ModelSettings(beams=BeamSettings(n_samples=2)),
+                                        noise="poisson", max_counts=2e4, seed=100 + seed)
+        r = ds.reflections
+        noisy = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+        problem = build_problem(truth, noisy, settings)
+        res = refine(problem, settings, log=lambda s: None)
+        n = len(problem.structure)
+        sus = problem.structure.standard_uncertainties(res.theta[:n], res.covariance[:n, :n])
+        for a, x_true, u_true in zip(sus, truth.asu.xyz.numpy(), u6_true):
+            for c in range(3):
+                if a["xyz_su"][c] > 0:
+                    z.append(((a["xyz"][c] - x_true[c] + 0.5) % 1 - 0.5) / a["xyz_su"][c])
+            for c in range(6):
+                if a["u_aniso_su"][c] > 0:
+                    z.append((a["u_aniso"][c] - u_true[c]) / a["u_aniso_su"][c])
+    z = np.array(z)
+    print(f"s.u. honesty: n={len(z)} mean={z.mean():.3f} std={z.std():.3f}")
+    assert len(z) >= 50
+    assert abs(z.mean()) < 0.5 and 0.6 < z.std() < 1.6, (z.mean(), z.std())

@@ -178,9 +178,9 @@ class _Propagate(torch.autograd.Function):
             extra = (1j * math.pi) * thickness.to(ctype) * dkn[..., None].to(ctype)
             dc = extra if dc is None else dc + extra
         lw = (lam * w)[..., :, None]  # (B,N,1)
-        if da is None or expo.shape[-2] == 0:
-            if dc is None or expo.shape[-2] == 0:
-                return torch.zeros_like(expo), None, None, None, None
+        if expo.shape[-2] == 0 or (da is None and dc is None):
+            return torch.zeros_like(expo), None, None, None, None
+        if da is None:
             core_t = lw * expo.mT * dc[..., None, :]
         else:
             # d psi = V core with core^T (...,B,N,Q) in the eigenbasis, from the divided differences

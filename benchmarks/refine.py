@@ -2,7 +2,7 @@
 and the cost of learned thickness distributions with 1, 8 and 32 points per frame.
 
     python benchmarks/refine.py [--start kinematical|reference] [--samples 8] [--adam-steps 5]
-                                [--lm-iterations 6] [--threads 2] [--json FILE]
+                                [--lm-iterations 6] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
     python benchmarks/refine.py --thickness-points 1,8,32 [--samples 8]
 
 The first form runs the same refinement as ``blochflow refine`` (orientation corrections,
@@ -27,7 +27,7 @@ from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
-from blochflow.refine.run import RefineSettings, build_problem, refine, refined_index
+from blochflow.refine.run import RefineSettings, build_problem, parse_setting, refine, refined_index, settings_from_mapping
 
 
 def _paths(start: str):
@@ -41,7 +41,9 @@ def peak_memory_mb() -> float:
 
 def full_refinement(args) -> dict:
     structure, data = _paths(args.start)
-    settings = RefineSettings(n_samples=args.samples, adam_steps=args.adam_steps, lm_iterations=args.lm_iterations)
+    settings = settings_from_mapping({"n_samples": args.samples, "adam_steps": args.adam_steps,
+                                      "lm_iterations": args.lm_iterations,
+                                      **dict(parse_setting(item) for item in args.set)}, "benchmark")
     t0 = time.perf_counter()
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     setup = time.perf_counter() - t0
@@ -99,6 +101,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any refine setting")
     p.add_argument("--json")
     args = p.parse_args()
     if args.threads:

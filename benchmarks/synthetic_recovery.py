@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from blochflow.crystal.structure import crystal_from_record, structure_deviation
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
-from blochflow.refine.run import build_problem, refine, settings_from_mapping
+from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
 
 DATASETS = {  # dataset -> (data file, truth, start pattern), relative to the data root
     "quartz": ("quartz/synthetic/quartz_paper_data.cif_pets", "quartz/experimental/quartz_kinematical.cif",
@@ -77,13 +76,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        key, raw = item.split("=", 1)
-        try:
-            overrides[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = raw
+    overrides = dict(parse_setting(item) for item in args.set)
     results = []
     for start in args.starts.split(","):
         res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step)

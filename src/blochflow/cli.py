@@ -255,9 +255,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
 
 
 def _refine_settings(args, base: dict | None = None):
-    import tomllib
-
-    from .refine.run import settings_from_mapping
+    from .refine.run import parse_setting, settings_from_mapping
     values = dict(base or {})
     values.update(_read_config(args.config) if args.config else {})
     source = args.config or "command line"
@@ -272,11 +270,8 @@ def _refine_settings(args, base: dict | None = None):
     for item in args.set or []:
         if "=" not in item:
             raise InputError("--set", item, "expected NAME=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key.strip()] = raw
+        key, value = parse_setting(item)
+        values[key] = value
         source = "--set"
     if isinstance(values.get("thickness"), str) and values["thickness"] != "auto":
         try:

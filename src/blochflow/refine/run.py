@@ -104,6 +104,18 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
                    "adam_objective": ("amplitude", "intensity")}
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """'NAME=VALUE' with VALUE read as a TOML value where it is one (numbers, booleans, lists), else text."""
+    import tomllib
+    if "=" not in item:
+        raise ValueError(f"{item}: expected NAME=VALUE")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), raw
+
+
 def settings_from_mapping(values: dict, source: str) -> RefineSettings:
     """Validated settings from a mapping (config file or flags); raises ValueError naming the key."""
     fields = {f.name: f for f in dataclasses.fields(RefineSettings)}

@@ -135,34 +135,11 @@ def _divided_exp_reference(lam, c, expo):
     return torch.where(close, series, quotient)
 
 
-class _PropagateReference(torch.autograd.Function):
-    """The previous solver verbatim: G_qij built elementwise for every thickness point."""
+class _PropagateReference(bloch_mod._Propagate):
+    """The previous solver's gradient rules verbatim (G_qij built elementwise for every thickness
+    point, in blocks of Q_BLOCK points); the forward pass is the solver's own."""
 
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(a_mat, thickness, inv_kn, hermitian, q_block):
-        if hermitian:
-            lam, vec = torch.linalg.eigh(a_mat)
-            lam = lam.to(a_mat.dtype)
-            vinv = vec.mH
-        else:
-            lam, vec = torch.linalg.eig(a_mat)
-            vinv = torch.linalg.inv(vec)
-        w = vinv[..., :, 0]
-        c = (1j * math.pi) * thickness.to(a_mat.dtype) * inv_kn[..., None].to(a_mat.dtype)
-        expo = torch.exp(c[..., :, None] * lam[..., None, :])
-        psi = torch.einsum("bij,bqj->bqi", vec, expo * w[..., None, :])
-        return psi, lam, vec, vinv, expo
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        a_mat, thickness, inv_kn, hermitian, q_block = inputs
-        psi, lam, vec, vinv, expo = output
-        ctx.mark_non_differentiable(lam, vec, vinv, expo)
-        ctx.save_for_backward(lam, vec, vinv, expo, thickness, inv_kn)
-        ctx.save_for_forward(lam, vec, vinv, expo, thickness, inv_kn)
-        ctx.q_block = q_block
+    Q_BLOCK = 4
 
     @staticmethod
     def backward(ctx, gpsi, *_):
@@ -173,8 +150,8 @@ class _PropagateReference(torch.autograd.Function):
         b = torch.einsum("bij,bqi->bqj", vec.conj(), gpsi)
         if ctx.needs_input_grad[0]:
             y = torch.zeros_like(vec)
-            for q0 in range(0, c.shape[1], ctx.q_block):
-                sl = slice(q0, q0 + ctx.q_block)
+            for q0 in range(0, c.shape[1], _PropagateReference.Q_BLOCK):
+                sl = slice(q0, q0 + _PropagateReference.Q_BLOCK)
                 g = _divided_exp_reference(lam, c[:, sl], expo[:, sl])
                 y = y + torch.einsum("bqi,bqij->bij", b[:, sl].conj(), g)
             y = y * w[:, None, :]
@@ -186,7 +163,7 @@ class _PropagateReference(torch.autograd.Function):
                 grad_t = torch.real(gc * (1j * math.pi) * inv_kn[:, None].to(c.dtype))
             if ctx.needs_input_grad[2]:
                 grad_kn = torch.real(torch.sum(gc * (1j * math.pi) * thickness.to(c.dtype), dim=-1))
-        return grad_a, grad_t, grad_kn, None, None
+        return grad_a, grad_t, grad_kn, None
 
     @staticmethod
     def jvp(ctx, da, dt, dkn, *_):
@@ -198,8 +175,8 @@ class _PropagateReference(torch.autograd.Function):
         if da is not None:
             m = vinv @ da @ vec
             parts = []
-            for q0 in range(0, c.shape[-1], ctx.q_block):
-                sl = slice(q0, q0 + ctx.q_block)
+            for q0 in range(0, c.shape[-1], _PropagateReference.Q_BLOCK):
+                sl = slice(q0, q0 + _PropagateReference.Q_BLOCK)
                 g = _divided_exp_reference(lam, c[..., sl], expo[..., sl, :])
                 parts.append(torch.einsum("bqij,bij,bj->bqi", g, m, w))
             dpsi = torch.einsum("bij,bqj->bqi", vec, torch.cat(parts, -2))
@@ -217,12 +194,12 @@ class _PropagateReference(torch.autograd.Function):
         return dpsi, None, None, None, None
 
 
-def _reference(a_mat, thickness, inv_kn, hermitian=True, q_block=4):
-    return _PropagateReference.apply(a_mat, thickness, inv_kn, hermitian, q_block)[0]
+def _reference(a_mat, thickness, inv_kn, hermitian=True):
+    return _PropagateReference.apply(a_mat, thickness, inv_kn, hermitian)[0]
 
 
-def _new(a_mat, thickness, inv_kn, hermitian=True, q_block=4):
-    return propagate(a_mat, thickness, inv_kn, hermitian=hermitian, q_block=q_block)
+def _new(a_mat, thickness, inv_kn, hermitian=True):
+    return propagate(a_mat, thickness, inv_kn, hermitian=hermitian)
 
 
 def _rel(x, ref):
@@ -451,7 +428,7 @@ def test_jvp_rule_accepts_leading_tangent_dimensions():
     a[:, 2, 2] = a[:, 3, 3]
     t = _thickness(3, 4, seed=22)
     inv_k = torch.full((3,), 1 / K, dtype=torch.float64)
-    out = bloch_mod._Propagate.forward(a, t, inv_k, True, 4)
+    out = bloch_mod._Propagate.forward(a, t, inv_k, True)
 
     class Ctx:
         saved_tensors = out[1:] + (t, inv_k)

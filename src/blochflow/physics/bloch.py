@@ -111,7 +111,7 @@ class _Propagate(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(a_mat, thickness, inv_kn, hermitian, q_block):
+    def forward(a_mat, thickness, inv_kn, hermitian):
         # a_mat (B,N,N) complex; thickness (B,Q) real (A); inv_kn (B,) real (A)
         if hermitian:
             lam, vec = torch.linalg.eigh(a_mat)
@@ -128,12 +128,11 @@ class _Propagate(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        a_mat, thickness, inv_kn, hermitian, q_block = inputs
+        a_mat, thickness, inv_kn, hermitian = inputs
         psi, lam, vec, vinv, expo = output
         ctx.mark_non_differentiable(lam, vec, vinv, expo)
         ctx.save_for_backward(lam, vec, vinv, expo, thickness, inv_kn)
         ctx.save_for_forward(lam, vec, vinv, expo, thickness, inv_kn)
-        ctx.q_block = q_block  # accepted for compatibility; the rules no longer block over q
 
     @staticmethod
     def backward(ctx, gpsi, *_):
@@ -163,7 +162,7 @@ class _Propagate(torch.autograd.Function):
                 grad_t = torch.real(gc * (1j * math.pi) * inv_kn[..., None].to(c.dtype))
             if ctx.needs_input_grad[2]:
                 grad_kn = torch.real(torch.sum(gc * (1j * math.pi) * thickness.to(c.dtype), dim=-1))
-        return grad_a, grad_t, grad_kn, None, None
+        return grad_a, grad_t, grad_kn, None
 
     @staticmethod
     def jvp(ctx, da, dt, dkn, *_):
@@ -179,7 +178,7 @@ class _Propagate(torch.autograd.Function):
             dc = extra if dc is None else dc + extra
         lw = (lam * w)[..., :, None]  # (B,N,1)
         if expo.shape[-2] == 0 or (da is None and dc is None):
-            return torch.zeros_like(expo), None, None, None, None
+            return torch.zeros_like(expo), None, None, None, None  # one tangent per output
         if da is None:
             core_t = lw * expo.mT * dc[..., None, :]
         else:
@@ -200,21 +199,21 @@ class _Propagate(torch.autograd.Function):
             h = _cat_broadcast(cols) @ _cat_broadcast(rows).mT
             core_t = torch.addcmul(sep[..., 1:], expo.mT, h)
         dpsi = core_t.mT @ vec.mT
-        return dpsi, None, None, None, None
+        return dpsi, None, None, None, None  # one tangent per output
 
 
 def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor, *,
-              hermitian: bool = True, q_block: int = 4) -> torch.Tensor:
+              hermitian: bool = True) -> torch.Tensor:
     """Wave amplitudes psi (B, Q, N) for structure matrices (B, N, N) at thicknesses (B, Q) in A.
 
     ``hermitian`` selects ``eigh`` (elastic, or perturbative absorption handled outside); set it
-    False for an exact treatment of absorption by a general eigendecomposition. ``q_block`` is
-    accepted for compatibility and unused: the gradient rules sum over thickness points by matrix
-    products, so many points per eigendecomposition cost little more than one.
+    False for an exact treatment of absorption by a general eigendecomposition. The gradient rules
+    sum over thickness points by matrix products, so many points per eigendecomposition cost little
+    more than one.
     """
     if thickness.dim() == 1:
         thickness = thickness[:, None]
-    return _Propagate.apply(a_mat, thickness, inv_kn, hermitian, q_block)[0]
+    return _Propagate.apply(a_mat, thickness, inv_kn, hermitian)[0]
 
 
 def propagate_expm(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,6 @@ parameters; R_free reflections are simulated and scaled with the work scales but
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -184,16 +183,16 @@ class RefinementProblem:
         return simulate_frames(self.model.plan, u, u_abs, self.state(raw),
                                absorption_method=self.model.settings.absorption_method)
 
-    def scales(self, ic: torch.Tensor) -> torch.Tensor:
-        w = torch.where(self.work, self.weight, torch.zeros_like(self.weight))
-        return frame_scales(self.model.io, ic, w, self.model.frame, self.model.n_frames)
+    def scales(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """Per-frame least-squares scales k_f of Ic (or k_F of Fc) fitted on the work reflections."""
+        yo, yc, w = self._observable(ic, kind)
+        return frame_scales(yo, yc, torch.where(self.work, w, torch.zeros_like(w)), self.model.frame, self.model.n_frames)
 
     def residuals(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """Weighted residuals over work reflections with frame scales profiled (differentiable in ic):
         sqrt(w) (Io - k Ic) for ``kind`` "intensity", sqrt(w_F) (Fo - k_F Fc) for "amplitude"."""
         yo, yc, w = self._observable(ic, kind)
-        w = torch.where(self.work, w, torch.zeros_like(w))
-        k = frame_scales(yo, yc, w, self.model.frame, self.model.n_frames)
+        k = self.scales(ic, kind)
         return (torch.sqrt(w) * (yo - k[self.model.frame] * yc))[self.work]
 
     def _observable(self, ic: torch.Tensor, kind: str):
@@ -337,7 +336,7 @@ class RefinementProblem:
         j_y = j_ic if kind == "intensity" else j_ic / (2 * yc[:, None])
         ww = torch.where(self.work, w, torch.zeros_like(w))
         den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * yc * yc)
-        k = frame_scales(yo, yc, ww, frame, self.model.n_frames)
+        k = self.scales(ic, kind)
         dk_coef = ww * (yo - 2 * k[frame] * yc) / den[frame].clamp_min(1e-300)  # dk_f / dy_j
         dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_add(
             0, frame, dk_coef[:, None] * j_y)

@@ -54,8 +54,10 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
     problem = build_problem(begin, ds, settings, frame_mask=mask)
     result = refine(problem, settings, log=lambda s: None)
     elapsed = time.perf_counter() - t0
-    before = structure_deviation(problem.structure.crystal_at(problem.theta0), truth, skip_elements=("H",))
-    after = structure_deviation(problem.structure.crystal_at(result.theta), truth, skip_elements=("H",))
+    before = structure_deviation(problem.structure.crystal_at(problem.split(problem.theta0)["structure"]), truth,
+                                 skip_elements=("H",))
+    after = structure_deviation(problem.structure.crystal_at(problem.split(result.theta)["structure"]), truth,
+                                skip_elements=("H",))
     f, ff = result.figures, result.figures_free
     return {"dataset": dataset, "start": start, "frames_step": frames_step, "start_rmsd_A": before["rmsd_A"],
             "start_mean_abs_dU": before["mean_abs_dU"], **after, "R_obs": f.R_obs, "wR2": f.wR2, "GoF": f.GoF,

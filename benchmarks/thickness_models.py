@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from blochflow.cli import main as cli
-from blochflow.crystal import cell as cellmod
-from blochflow.crystal.structure import Crystal, crystal_from_record
+from blochflow.crystal.structure import Crystal, crystal_from_record, displaced, structure_deviation
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
@@ -107,16 +106,6 @@ def wasserstein1(t1, w1, t2, w2, n: int = 400) -> np.ndarray:
     return np.array(out)
 
 
-def displaced(truth: Crystal, shift: float, u_iso: float, seed: int) -> Crystal:
-    asu = truth.asu.clone()
-    d = np.random.default_rng(seed).normal(size=(len(asu.labels), 3))
-    d *= shift / np.linalg.norm(d, axis=1, keepdims=True)
-    asu.xyz = asu.xyz + torch.as_tensor(np.linalg.solve(cellmod.direct_basis(truth.cell), d.T).T)
-    asu.u_frac = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(u_iso, truth.cell)) for _ in asu.labels])
-    asu.anisotropic = [False] * len(asu.labels)
-    return Crystal(truth.cell, truth.symmetry, asu)
-
-
 def run_one(case: str, model: str, data: Path, truth: Crystal, args) -> dict:
     ds = read_pets(str(data))
     settings = RefineSettings(n_samples=args.samples, thickness_model=model, adam_steps=args.adam_steps,
@@ -127,12 +116,7 @@ def run_one(case: str, model: str, data: Path, truth: Crystal, args) -> dict:
     result = refine(problem, settings, log=lambda s: None)
     elapsed = time.perf_counter() - t0
     raw = problem.split(result.theta)
-    xyz, _, u = problem.structure.physical(raw["structure"])
-    d = (xyz.detach() - truth.asu.xyz).numpy()
-    d -= np.round(d)
-    rmsd = float(np.sqrt(np.mean(np.sum((d @ cellmod.direct_basis(truth.cell).T) ** 2, 1))))
-    du = float(np.mean([abs(cellmod.u_equivalent(a, truth.cell) - cellmod.u_equivalent(b, truth.cell))
-                        for a, b in zip(u.detach().numpy(), truth.asu.u_frac.numpy())]))
+    dev = structure_deviation(problem.structure.crystal_at(raw["structure"]), truth)
     t_fit, w_fit = (x.detach().numpy() for x in problem.frames.thickness.path_length(raw, problem.frames.ctx))
     t_true, w_true = truth_points(case, problem)
     has = np.bincount(problem.model.frame.numpy(), minlength=problem.model.n_frames) > 0
@@ -141,7 +125,8 @@ def run_one(case: str, model: str, data: Path, truth: Crystal, args) -> dict:
     fh = result.figures_holdout
     return {"case": case, "model": model, "R_obs": result.figures.R_obs, "wR2": result.figures.wR2,
             "GoF": result.figures.GoF, "R_holdout": None if fh is None else fh.R_obs,
-            "rmsd_A": rmsd, "mean_abs_dU": du, "thickness_mean_error_A": float(np.mean(mean_err)),
+            "rmsd_A": dev["rmsd_A"], "mean_abs_dU": dev["mean_abs_dUeq"],
+            "thickness_mean_error_A": float(np.mean(mean_err)),
             "wasserstein1_A": float(np.mean(w1)), "time_s": elapsed, "lm_iterations": result.lm.iteration,
             "converged": result.lm.converged}
 

@@ -56,17 +56,6 @@ def small_dataset(quartz_paths, truth, tmp_path_factory):
     return ds, thickness, path
 
 
-def _displaced(truth: Crystal, shift_a: float, u_iso: float, seed: int = 0) -> Crystal:
-    asu = truth.asu.clone()
-    rng = np.random.default_rng(seed)
-    d = rng.normal(size=(len(asu.labels), 3))
-    d *= shift_a / np.linalg.norm(d, axis=1, keepdims=True)
-    asu.xyz = asu.xyz + torch.as_tensor(np.linalg.solve(cellmod.direct_basis(truth.cell), d.T).T)
-    asu.u_frac = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(u_iso, truth.cell)) for _ in asu.labels])
-    asu.anisotropic = [False] * len(asu.labels)
-    return Crystal(truth.cell, truth.symmetry, asu)
-
-
 def _rmsd(xyz, truth: Crystal) -> float:
     d = (xyz.detach() - truth.asu.xyz).numpy()
     d -= np.round(d)

@@ -12,14 +12,15 @@ import torch
 
 from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
+from blochflow.crystal.structure import displaced
 from blochflow.io.pets import ReflectionTable, read_pets, select_frames
 from blochflow.physics.diffraction import BeamSettings
 from blochflow.refine.model import ModelSettings
-from blochflow.simulate import ThicknessSpec, synthesize
 from blochflow.refine.problem import free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine
+from blochflow.simulate import ThicknessSpec, synthesize
 
-from conftest import N_SAMPLES, _displaced, _rmsd
+from conftest import N_SAMPLES, _rmsd
 
 
 @pytest.mark.parametrize("kind", ["intensity", "amplitude"])
@@ -29,7 +30,7 @@ def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     keep[[1, 4]] = True
     settings = RefineSettings(n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
                               thickness=500.0, free_fraction=0.2)
-    problem = build_problem(_displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
+    problem = build_problem(displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 0.4  # away from zero, where all angles matter
     _, r, jac = problem.jacobian(theta, kind=kind)
@@ -64,7 +65,7 @@ def test_free_set_keeps_symmetry_groups_together(truth):
 def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth):
     ds, thickness, _ = small_dataset
     settings = RefineSettings(n_samples=N_SAMPLES, adp="aniso", adam_steps=10, lm_iterations=15, free_fraction=0.0)
-    problem = build_problem(_displaced(truth, 0.02, 0.03), ds, settings)
+    problem = build_problem(displaced(truth, 0.02, 0.03), ds, settings)
     res = refine(problem, settings, log=lambda s: None)
     assert res.lm.converged, res.lm.reason
     xyz, _, u = problem.structure.physical(res.theta[:len(problem.structure)])
@@ -91,7 +92,7 @@ def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_pat
     ds, _, _ = small_dataset
     settings = RefineSettings(n_samples=2, adam_steps=4, lm_iterations=3, checkpoint_every=1, thickness=500.0,
                               free_fraction=0.0)
-    start = _displaced(truth, 0.02, 0.03)
+    start = displaced(truth, 0.02, 0.03)
     full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
 
     def stop_after_lm1(line):

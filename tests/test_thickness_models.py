@@ -7,12 +7,11 @@ import math
 import numpy as np
 import torch
 
+from blochflow.crystal.structure import displaced
 from blochflow.experiment.frames import (FrameContext, LearnedThickness, SlabThickness,
                                          thickness_model_from_config)
 from blochflow.io.pets import select_frames
 from blochflow.refine.run import RefineSettings, build_problem
-
-from conftest import _displaced
 
 
 def _two_frames(ds):
@@ -40,7 +39,7 @@ def _check_jacobian(problem, theta, columns, h=1e-6, rtol=1e-5):
 def test_slab_jacobian_and_path_length(small_dataset, truth):
     ds, _, _ = small_dataset
     settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="slab", free_fraction=0.0)
-    problem = build_problem(_displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
+    problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     theta = problem.theta0.clone()
     normal = problem.slots["surface_normal"]
     theta[normal.start:normal.stop] = torch.tensor([0.3, -0.2])
@@ -60,7 +59,7 @@ def test_learned_jacobian_through_the_network(small_dataset, truth):
     settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
                               thickness_knots=3, thickness_points=4, thickness_smoothness=2.0,
                               free_fraction=0.0, refine_orientation=False)
-    problem = build_problem(_displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
+    problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     theta = problem.theta0.clone()
     net = problem.group_index("network")
     theta[net] += 0.3 * torch.randn(len(net), generator=torch.Generator().manual_seed(1), dtype=torch.float64)

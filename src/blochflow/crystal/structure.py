@@ -112,17 +112,30 @@ def inverted(crystal: Crystal) -> Crystal:
     return Crystal(cell=crystal.cell, symmetry=SymmetryOps(rots, trans), asu=asu, name=crystal.name + "_inv")
 
 
+def displaced(crystal: Crystal, shift_a: float, u_iso: float, seed: int = 0) -> Crystal:
+    """A start for recovery tests: every atom moved by ``shift_a`` (A) in a random direction and given
+    an isotropic U of ``u_iso`` (A^2)."""
+    asu = crystal.asu.clone()
+    d = np.random.default_rng(seed).normal(size=(len(asu.labels), 3))
+    d *= shift_a / np.linalg.norm(d, axis=1, keepdims=True)
+    asu.xyz = asu.xyz + torch.as_tensor(np.linalg.solve(cellmod.direct_basis(crystal.cell), d.T).T)
+    asu.u_frac = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(u_iso, crystal.cell)) for _ in asu.labels])
+    asu.anisotropic = [False] * len(asu.labels)
+    return Crystal(crystal.cell, crystal.symmetry, asu)
+
+
 def structure_deviation(model: Crystal, truth: Crystal, skip_elements: tuple[str, ...] = ()) -> dict:
     """Position RMSD (A) and ADP errors of ``model`` against ``truth``, atoms matched by label.
 
     Each model atom is compared with the nearest symmetry and lattice image of the truth site, so
     an equivalent choice of atom is not an error. ``mean_abs_dU`` is the mean |U_ij| difference
-    over the six Cartesian components (A^2); ``max_rel_dUeq`` the largest |dU_eq| / U_eq.
+    over the six Cartesian components (A^2), ``mean_abs_dUeq`` the mean |dU_eq| (A^2) and
+    ``max_rel_dUeq`` the largest |dU_eq| / U_eq.
     """
     index = {lab: i for i, lab in enumerate(truth.asu.labels)}
     basis = cellmod.direct_basis(truth.cell)
     rot, trans = truth.symmetry.rotations, truth.symmetry.translations
-    dists, du, rel = [], [], []
+    dists, du, dueq, rel = [], [], [], []
     xm, xt = model.asu.xyz.detach().cpu().numpy(), truth.asu.xyz.detach().cpu().numpy()
     um, ut = model.asu.u_frac.detach().cpu().numpy(), truth.asu.u_frac.detach().cpu().numpy()
     for i, (lab, el) in enumerate(zip(model.asu.labels, model.asu.elements)):
@@ -134,8 +147,10 @@ def structure_deviation(model: Crystal, truth: Crystal, skip_elements: tuple[str
         dists.append(float(np.min(np.linalg.norm(d @ basis.T, axis=1))))
         ca, cb = cellmod.u_frac_to_cart(um[i], truth.cell), cellmod.u_frac_to_cart(ut[j], truth.cell)
         du.extend(np.abs((ca - cb)[np.triu_indices(3)]))
+        dueq.append(abs(np.trace(ca) - np.trace(cb)) / 3)
         rel.append(abs(np.trace(ca) - np.trace(cb)) / max(abs(np.trace(cb)), 1e-12))
     if not dists:
         raise ValueError("no atom labels in common between the model and the truth")
     return {"rmsd_A": float(np.sqrt(np.mean(np.square(dists)))), "max_dev_A": float(np.max(dists)),
-            "mean_abs_dU": float(np.mean(du)), "max_rel_dUeq": float(np.max(rel)), "n_atoms": len(dists)}
+            "mean_abs_dU": float(np.mean(du)), "mean_abs_dUeq": float(np.mean(dueq)),
+            "max_rel_dUeq": float(np.max(rel)), "n_atoms": len(dists)}

@@ -16,8 +16,8 @@ import torch
 
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import propagate, propagate_perturbative
-from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, orientation_ub,
-                       frame_samples, rotation_axis_lab, rotation_matrix)
+from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
+                       orientation_ub, rotation_axis_lab, rotation_matrix)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 

@@ -24,10 +24,11 @@ import torch
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
-from ..io.writers import atomic_write_bytes
 from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, LearnedThickness, PerFrameThickness,
                                  SlabThickness)
+from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import BeamSettings
+from ..physics.geometry import UB_CONVENTIONS
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
 from .optimise import (AdamState, LMState, NormalEquations, adam_learning_rates, adam_step, covariance, lm_step,
@@ -98,7 +99,7 @@ class RefineSettings:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": ("pets", "diffbloch"),
+SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": UB_CONVENTIONS,
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
                    "adam_objective": ("amplitude", "intensity")}

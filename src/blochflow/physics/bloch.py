@@ -86,6 +86,19 @@ def _close_factors(lam: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, orde
     return weights, torch.exp(phase), torch.exp(-phase)
 
 
+def divided_differences(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """G_ij = (e_i - e_j) / (l_i - l_j), e = exp(c l), G_ii = c e_i, for one thickness (c (B,1)): (B,N,N).
+
+    Separated pairs take the quotient, close ones the interpolated integral form of
+    :func:`_close_factors`, as in the rules that sum over many thickness points.
+    """
+    scale, close, inv_d = _pair_tables(lam, c)
+    weights, left, right = _close_factors(lam, c, scale, _interpolation_order(lam.dtype))
+    e = torch.exp(c * lam)  # (B,N)
+    g_close = ((e[..., :, None] * left) * weights[..., 0, None, :]) @ right.mT
+    return torch.where(close, g_close, (e[..., :, None] - e[..., None, :]) * inv_d)
+
+
 def _cat_broadcast(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along the last dimension after broadcasting the leading ones."""
     lead = torch.broadcast_shapes(*(p.shape[:-1] for p in parts))
@@ -181,6 +194,15 @@ class _Propagate(torch.autograd.Function):
             return torch.zeros_like(expo), None, None, None, None  # one tangent per output
         if da is None:
             core_t = lw * expo.mT * dc[..., None, :]
+        elif expo.shape[-2] == 1:
+            # one thickness: form G once per matrix and fold it with V and w into
+            # H_li = sum_j V_lj w_j G_ij, so that each tangent costs one product dA H:
+            # dpsi'_i = sum_j G_ij (V^-1 dA V)_ij w_j = sum_k (V^-1)_ik (dA H)_ki
+            h = (vec * w[..., None, :]) @ divided_differences(lam, c).mT
+            core = torch.sum(vinv * (da @ h).mT, -1)  # (...,B,N)
+            if dc is not None:
+                core = core + lw[..., 0] * expo[..., 0, :] * dc
+            core_t = core[..., None]
         else:
             # d psi = V core with core^T (...,B,N,Q) in the eigenbasis, from the divided differences
             scale, close, inv_d = _pair_tables(lam, c)

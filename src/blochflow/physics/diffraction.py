@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import direct_basis, reciprocal_basis
-from .bloch import propagate, propagate_perturbative
+from .bloch import divided_differences, propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rotation_axis_lab, rotation_matrix)
 
@@ -254,13 +254,27 @@ def _rotate_about(v: torch.Tensor, axis: torch.Tensor, angle: torch.Tensor) -> t
     return v * c + torch.linalg.cross(axis, v) * s + axis * torch.sum(axis * v, -1, keepdim=True) * (1 - c)
 
 
-def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
-                       absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
-    """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
+@dataclass
+class _ChunkTerms:
+    """What a chunk's structure matrices are made of: A = M (pot[idx] + diag(diag)) M, M = diag(m)."""
 
-    ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
-    """
-    ctype = potential.dtype
+    pot: torch.Tensor  # (M+1,) potential with a trailing 0 for uncoupled pairs
+    pot_abs: torch.Tensor | None
+    idx: torch.Tensor  # (B,N,N) index into pot
+    diag: torch.Tensor  # (B,N) 2 K s_g, large on padding
+    m: torch.Tensor | None  # (B,N) non-parallel illumination factors, None when off
+    kn: torch.Tensor  # (B,) K_n
+    thickness: torch.Tensor  # (B,Q)
+    weight: torch.Tensor  # (B,) rocking-integration weight of each sample
+    mask: torch.Tensor  # (B,N)
+    out_sample: torch.Tensor
+    out_beam: torch.Tensor
+    out_refl: torch.Tensor
+
+
+def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
+                 sample_slice: slice | None = None) -> _ChunkTerms:
+    """Structure-matrix ingredients of a chunk (optionally of some of its samples)."""
     rtype = potential.real.dtype
     pot = torch.cat([potential, potential.new_zeros(1)])
     pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
@@ -299,28 +313,41 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
         if state.orientation_correction is not None:
             normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
     kn = k * torch.sum(inc * normal, -1)  # (B,)
-    a_mat = pot[idx] + torch.diag_embed(diag).to(ctype)
+    m = None
     if plan.settings.nonparallel:
         m = torch.where(mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
                         torch.ones_like(sg))
-        mm = (m[:, :, None] * m[:, None, :]).to(ctype)
+    return _ChunkTerms(pot, pot_abs, idx, diag, m, kn, state.thickness[fr], weight, mask,
+                       out_sample, out_beam, out_refl)
+
+
+def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
+                       absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
+    """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
+
+    ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
+    """
+    ctype = potential.dtype
+    tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
+    a_mat = tm.pot[tm.idx] + torch.diag_embed(tm.diag).to(ctype)
+    if tm.m is not None:
+        mm = (tm.m[:, :, None] * tm.m[:, None, :]).to(ctype)
         a_mat = a_mat * mm
-    thick = state.thickness[fr]  # (B,Q)
-    if pot_abs is None:
-        psi = propagate(a_mat, thick, 1.0 / kn, hermitian=True)
+    if tm.pot_abs is None:
+        psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=True)
     else:
-        a_abs = pot_abs[idx] + torch.diag_embed(mask.to(ctype) * potential_abs[0])
-        if plan.settings.nonparallel:
+        a_abs = tm.pot_abs[tm.idx] + torch.diag_embed(tm.mask.to(ctype) * potential_abs[0])
+        if tm.m is not None:
             a_abs = a_abs * mm
         if absorption_method == "exact":
-            psi = propagate(a_mat + 1j * a_abs, thick, 1.0 / kn, hermitian=False)
+            psi = propagate(a_mat + 1j * a_abs, tm.thickness, 1.0 / tm.kn, hermitian=False)
         else:
-            psi = propagate_perturbative(a_mat, a_abs, thick, 1.0 / kn)
-    if plan.settings.nonparallel:
-        psi = psi * m[:, None, :].to(ctype)
+            psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
+    if tm.m is not None:
+        psi = psi * tm.m[:, None, :].to(ctype)
     inten = psi.real ** 2 + psi.imag ** 2  # (B,Q,N)
-    vals = inten[out_sample, :, out_beam] * weight[out_sample][:, None]
-    return vals, out_refl
+    vals = inten[tm.out_sample, :, tm.out_beam] * tm.weight[tm.out_sample][:, None]
+    return vals, tm.out_refl
 
 
 def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
@@ -341,9 +368,61 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
 
 
+def _chunk_jvp_one_thickness(tm: _ChunkTerms, small, prim_args, tan_args):
+    """Intensities (P, 1) and tangents (T, P, 1) of a chunk at one thickness per sample, elastic.
+
+    The tangents of the structure matrix are never formed: with A = M (P + D) M and the divided
+    differences G of exp folded into H_li = sum_j V_lj w_j G_ij, a tangent contributes to the
+    eigenbasis amplitudes dpsi'_i = sum_kl (V^-1)_ik dA_kl H_li, which splits into one matrix product
+    for the potential part (dP, one per tangent), and matrix-vector products with tables shared by
+    every tangent for the diagonal (D: excitation errors) and the illumination factors (M). ``small``
+    maps the inputs to (pot, diag, m, kn, thickness), whose tangents are cheap.
+    """
+    from torch.func import jvp, vmap
+
+    (pot, diag, m, kn, thick), (dpot, ddiag, dm, dkn, dthick) = vmap(
+        lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
+    ctype = pot.dtype
+    with torch.no_grad():
+        a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
+        mc = m.to(ctype)
+        lam, vec = torch.linalg.eigh(a0 * (mc[:, :, None] * mc[:, None, :]))
+        lam = lam.to(ctype)
+        vinv = vec.mH
+        w = vinv[:, :, 0]
+        inv_kn = (1.0 / kn).to(ctype)
+        c = (1j * math.pi) * thick.to(ctype) * inv_kn[:, None]  # (B,1)
+        e = torch.exp(c * lam)  # (B,N)
+        psi_in = torch.einsum("bgi,bi->bg", vec, e * w)  # before the illumination factors
+        psi = psi_in * mc
+        h = (vec * w[:, None, :]) @ divided_differences(lam, c).mT  # H (B,N,N)
+        hm = mc[:, :, None] * h  # M H
+        vinv_m = vinv * mc[:, None, :]  # V^-1 M
+        (b, n), n_t = diag.shape, dpot.shape[0]
+        core = torch.zeros((n_t, b, n), dtype=ctype)
+        live = torch.nonzero(dpot.abs().amax(-1) > 0)[:, 0]  # tangents that move the potential
+        if len(live):
+            d_p = dpot[live[None, :, None, None], tm.idx[:, None]]  # dP (B,T',N,N)
+            y = (d_p.view(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
+            core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
+        core = core + torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag.to(ctype))
+        k_m = vinv * (a0 @ hm).mT + (vinv_m @ a0) * h.mT
+        core = core + torch.einsum("bik,tbk->tbi", k_m, dm.to(ctype))
+        dc = (1j * math.pi) * (dthick[..., 0].to(ctype) * inv_kn - thick[:, 0].to(ctype) * dkn.to(ctype) * inv_kn ** 2)
+        core = core + (lam * w * e) * dc[..., None]
+        dpsi = torch.einsum("bgi,tbi->tbg", vec, core) * mc + psi_in * dm.to(ctype)
+        inten = psi.real ** 2 + psi.imag ** 2
+        d_inten = 2 * (psi.real * dpsi.real + psi.imag * dpsi.imag)
+        wt = tm.weight[tm.out_sample]
+        vals = inten[tm.out_sample, tm.out_beam] * wt
+        dvals = d_inten[:, tm.out_sample, tm.out_beam] * wt
+    return vals[:, None], dvals[..., None]
+
+
 def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                         state: FrameState, tangents: list[tuple], *, absorption_method: AbsorptionMethod = "exact",
-                        batch_elements: float = 2e7) -> tuple[torch.Tensor, torch.Tensor]:
+                        batch_elements: float = 2e6, one_thickness_rule: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intensities (R,) and their directional derivatives (R, T) along T tangents, forward mode.
 
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
@@ -373,6 +452,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     has_abs = potential_abs is not None
     prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
     tan_args = (t_pot,) + ((t_pot_abs,) if has_abs else ()) + tuple(t_state[i] for i in state_idx)
+    fast = potential_abs is None and q == 1 and one_thickness_rule
     for ch in plan.chunks:
         b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]
         step = max(1, int(batch_elements // (n * n * n_t)))
@@ -390,10 +470,23 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                 rows_holder["rows"] = rows
                 return vals
 
-            def one(*tans, f=f):
-                return jvp(f, prim_args, tans)
+            if fast:
+                def small(*args, sl=sl, ch=ch):
+                    full = list(primals[2])
+                    for i, v in zip(state_idx, args[1:]):
+                        full[i] = v
+                    t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
+                    return t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness
 
-            vals, dvals = vmap(one, out_dims=(None, 0))(*tan_args)
+                with torch.no_grad():
+                    tm = _chunk_terms(plan, ch, potential, None, state, sl)
+                vals, dvals = _chunk_jvp_one_thickness(tm, small, prim_args, tan_args)
+                rows_holder["rows"] = tm.out_refl
+            else:
+                def one(*tans, f=f):
+                    return jvp(f, prim_args, tans)
+
+                vals, dvals = vmap(one, out_dims=(None, 0))(*tan_args)
             rows = rows_holder["rows"]
             out = out.index_add(0, rows, vals)
             d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))

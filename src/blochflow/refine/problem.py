@@ -102,6 +102,8 @@ class RefinementProblem:
         self.amplitude_weight = amplitude_weights(model.io, model.sigma, model.settings.instability)
         self.names = self._names()
         self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
+        self.jacobian_dtype = torch.float64  # float32: derivatives in single precision, values in double
+        self._last_intensities = None
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -178,10 +180,15 @@ class RefinementProblem:
         return self.frames.state(raw)
 
     def intensities(self, theta: torch.Tensor) -> torch.Tensor:
+        """Calculated intensities (R,) at theta. Values computed without gradient are remembered for
+        the last theta (see :meth:`jacobian`)."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
-        return simulate_frames(self.model.plan, u, u_abs, self.state(raw),
-                               absorption_method=self.model.settings.absorption_method)
+        ic = simulate_frames(self.model.plan, u, u_abs, self.state(raw),
+                             absorption_method=self.model.settings.absorption_method)
+        if not ic.requires_grad:
+            self._last_intensities = (theta.detach().clone(), ic)
+        return ic
 
     def scales(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """Per-frame least-squares scales k_f of Ic (or k_F of Fc) fitted on the work reflections."""
@@ -257,7 +264,7 @@ class RefinementProblem:
         wanted = torch.zeros(self.n_params, dtype=torch.bool)
         wanted[torch.arange(self.n_params) if index is None else index] = True
         raw = self.split(theta)
-        from torch.func import jvp
+        from torch.func import jvp, vmap
 
         u, u_abs = self.potential(raw)
         state = self.state(raw)
@@ -308,13 +315,33 @@ class RefinementProblem:
                     d[i] = 1.0
                     tangents.append((d, zero_shift))
                     columns.append(("global", i))
+        # tangents of the potential and the frame state: all directions in one batched pass
+        d_theta = torch.stack([d for d, _ in tangents])
         if zero_shift is None:
-            t_list = [unflatten(jvp(lambda th: cheap(th, None), (theta,), (d,))[1]) for d, _ in tangents]
+            stacked = vmap(lambda d: jvp(lambda th: cheap(th, None), (theta,), (d,))[1])(d_theta)
         else:
-            t_list = [unflatten(jvp(cheap, (theta, zero_shift), (d, e))[1]) for d, e in tangents]
-        ic, d_ic = simulate_frames_jvp(self.model.plan, u.detach(), None if u_abs is None else u_abs.detach(),
-                                       FrameState(*[None if x is None else x.detach() for x in state.tensors()]),
+            stacked = vmap(lambda d, e: jvp(cheap, (theta, zero_shift), (d, e))[1])(
+                d_theta, torch.stack([e for _, e in tangents]))
+        t_list = [unflatten([x[i] for x in stacked]) for i in range(len(tangents))]
+        low = self.jacobian_dtype != torch.float64
+
+        def cast(x):  # the Jacobian's working precision
+            if x is None or not low:
+                return None if x is None else x.detach()
+            return x.detach().to(torch.complex64 if x.is_complex() else self.jacobian_dtype)
+
+        t_list = [(cast(a), cast(b), tuple(cast(x) for x in c)) for a, b, c in t_list]
+        ic, d_ic = simulate_frames_jvp(self.model.plan, cast(u), cast(u_abs),
+                                       FrameState(*[cast(x) for x in state.tensors()]),
                                        t_list, absorption_method=self.model.settings.absorption_method)
+        d_ic = d_ic.to(torch.float64)
+        if low:  # values (residuals, scales, cost) in double precision; an LM iteration has just
+            last = self._last_intensities  # computed them at its accepted trial point
+            if last is not None and last[0].shape == theta.shape and torch.equal(last[0], theta):
+                ic = last[1]
+            else:
+                with torch.no_grad():
+                    ic = self.intensities(theta)
         j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
         frame = self.model.frame
         d_feat = {}  # slot name -> (F, k, P) d features / d weights

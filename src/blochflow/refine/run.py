@@ -86,6 +86,7 @@ class RefineSettings:
     lr_orientation: float = 0.3  # mrad
     lr_absorption: float = 0.005
     lm_iterations: int = 15
+    jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
     shift_tol: float = 0.01
     checkpoint_every: int = 5
 
@@ -102,7 +103,7 @@ class RefineSettings:
 SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": UB_CONVENTIONS,
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
-                   "adam_objective": ("amplitude", "intensity")}
+                   "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double")}
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -229,9 +230,11 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
     restraints = restraints_from_config(settings.restraints, structure.crystal_at(structure.theta0))
-    return RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
-                             free_fraction=settings.free_fraction, free_seed=settings.free_seed,
-                             holdout_frames=settings.holdout_frames, restraints=restraints)
+    problem = RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
+                                free_fraction=settings.free_fraction, free_seed=settings.free_seed,
+                                holdout_frames=settings.holdout_frames, restraints=restraints)
+    problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
+    return problem
 
 
 def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:

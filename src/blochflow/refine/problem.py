@@ -190,6 +190,15 @@ class RefinementProblem:
             self._last_intensities = (theta.detach().clone(), ic)
         return ic
 
+    def intensities_at(self, theta: torch.Tensor) -> torch.Tensor:
+        """Intensities at theta without gradient, reusing the last such evaluation when theta is the
+        same (an LM iteration has just computed them at its accepted trial point)."""
+        last = self._last_intensities
+        if last is not None and last[0].shape == theta.shape and torch.equal(last[0], theta.detach()):
+            return last[1]
+        with torch.no_grad():
+            return self.intensities(theta.detach())
+
     def scales(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """Per-frame least-squares scales k_f of Ic (or k_F of Fc) fitted on the work reflections."""
         yo, yc, w = self._observable(ic, kind)
@@ -335,13 +344,8 @@ class RefinementProblem:
                                        FrameState(*[cast(x) for x in state.tensors()]),
                                        t_list, absorption_method=self.model.settings.absorption_method)
         d_ic = d_ic.to(torch.float64)
-        if low:  # values (residuals, scales, cost) in double precision; an LM iteration has just
-            last = self._last_intensities  # computed them at its accepted trial point
-            if last is not None and last[0].shape == theta.shape and torch.equal(last[0], theta):
-                ic = last[1]
-            else:
-                with torch.no_grad():
-                    ic = self.intensities(theta)
+        if low:  # values (residuals, scales, cost) in double precision
+            ic = self.intensities_at(theta)
         j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
         frame = self.model.frame
         d_feat = {}  # slot name -> (F, k, P) d features / d weights

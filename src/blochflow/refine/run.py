@@ -357,8 +357,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         pos = torch.searchsorted(index, sidx)
         corr = strong_correlations(cov[pos[:, None], pos[None, :]], [problem.names[i] for i in sidx.tolist()])
     phase_times["covariance_s"] = time.perf_counter() - t0
-    with torch.no_grad():
-        ic = problem.intensities(theta)
+    ic = problem.intensities_at(theta)
     fig = problem.figures(ic, "work")
     fig_free = problem.figures(ic, "free") if bool(problem.free.any()) else None
     fig_hold = problem.figures(ic, "holdout") if bool(problem.holdout.any()) else None

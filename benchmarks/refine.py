@@ -47,7 +47,7 @@ def full_refinement(args) -> dict:
     t0 = time.perf_counter()
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     setup = time.perf_counter() - t0
-    result = refine(problem, settings, log=lambda s: None)
+    result = refine(problem, settings, log=print if args.log else (lambda s: None))
     pt = result.phase_times
     fig = result.figures
     return {"start": args.start, "n_samples": args.samples, "threads": torch.get_num_threads(),
@@ -103,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any refine setting")
     p.add_argument("--json")
+    p.add_argument("--log", action="store_true", help="print the optimiser's progress lines")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

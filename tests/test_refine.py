@@ -49,6 +49,29 @@ def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     assert float(jac.abs().max(0).values.min()) > 0  # every parameter reaches the residuals
 
 
+def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
+    """A frame's thickness and orientation step is scaled to PER_FRAME_MAX_STEP on its own; other
+    frames and the structure keep their full step."""
+    from blochflow.refine.problem import PER_FRAME_MAX_STEP
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(n_samples=2, thickness=500.0, free_fraction=0.0)
+    problem = build_problem(truth, ds, settings)
+    theta = problem.theta0.clone()
+    delta = 1e-3 * torch.ones_like(theta)
+    th, orient = problem.slots["thickness"], problem.slots["orientation"]
+    delta[th.start + 2] = 0.5  # frame 2: log-thickness step of 0.5
+    delta[orient.start + 2 * 3: orient.start + 2 * 3 + 2] = torch.tensor([4.0, -2.0])  # frame 3
+    step, cut = problem.bounded_step(theta, delta)
+    assert cut
+    assert float(step[th.start + 2]) == pytest.approx(PER_FRAME_MAX_STEP["thickness"])
+    o3 = step[orient.start + 6: orient.start + 8]
+    assert torch.allclose(o3, torch.tensor([4.0, -2.0], dtype=o3.dtype) * PER_FRAME_MAX_STEP["orientation"] / 4.0)
+    untouched = torch.ones_like(theta, dtype=torch.bool)
+    untouched[[th.start + 2, orient.start + 6, orient.start + 7]] = False
+    assert torch.equal(step[untouched], delta[untouched])
+
+
 def test_single_precision_jacobian_agrees_with_double(small_dataset, truth):
     """The default Jacobian works in complex64 (values stay double): every column within 1e-3 of
     the double-precision one, relative to the column's size, on every parameter kind (measured:

@@ -22,6 +22,12 @@ from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, 
 
 
 NETWORK_MAX_STEP = 0.5  # largest change of one network weight in one step
+# Largest change of a frame's own parameters in one step, by group: log thickness 0.1 (10 %, well
+# inside a Pendelloesung period of strong reflections at a few hundred A) and orientation 1 mrad
+# (about half a rocking-curve width, 1 / (t |g|), for |g| = 1 / A at 500 A). A Gauss-Newton step
+# that moves one frame further than its linearisation holds would otherwise be rejected and raise
+# the damping of every parameter.
+PER_FRAME_MAX_STEP = {"thickness": 0.1, "orientation": 1.0}
 
 
 @dataclass(frozen=True)
@@ -149,13 +155,21 @@ class RefinementProblem:
         return m
 
     def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``delta`` made feasible: each atom's ADP step shortened to keep it positive definite, and the
-        network block scaled so that no weight moves by more than ``NETWORK_MAX_STEP`` (weights of
-        nearly flat directions would otherwise get huge Gauss-Newton steps far outside where the
+        """``delta`` made feasible: each atom's ADP step shortened to keep it positive definite, each
+        frame's own thickness and orientation step scaled to ``PER_FRAME_MAX_STEP``, and the network
+        block scaled so that no weight moves by more than ``NETWORK_MAX_STEP`` (weights of nearly
+        flat directions would otherwise get huge Gauss-Newton steps far outside where the
         linearisation holds). Other components are untouched. Returns (step, whether it was cut)."""
         delta = delta.detach().clone()
         cut = False
         for s in self.slots.values():
+            cap = PER_FRAME_MAX_STEP.get(s.block.group)
+            if s.block.per_frame and cap is not None and s.stop > s.start:
+                rows = delta[s.start:s.stop].view(s.block.shape)
+                factor = torch.clamp(cap / rows.abs().amax(1, keepdim=True).clamp_min(1e-300), max=1.0)
+                if bool((factor < 1).any()):
+                    delta[s.start:s.stop] = (rows * factor).reshape(-1)
+                    cut = True
             if s.block.derived and s.stop > s.start:
                 biggest = float(delta[s.start:s.stop].abs().max())
                 if biggest > NETWORK_MAX_STEP:

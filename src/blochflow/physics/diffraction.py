@@ -427,8 +427,10 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
     ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
-    eigendecomposition per sample serves every tangent (the solver's jvp rule); samples are
-    batched so that samples x N^2 x T stays below ``batch_elements``.
+    eigendecomposition per sample serves every tangent; samples are batched so that
+    samples x N^2 x T stays below ``batch_elements``. With one thickness per sample and no
+    absorption the fused rule of :func:`_chunk_jvp_one_thickness` is used (``one_thickness_rule``),
+    else the solver's generic jvp rule under vmap.
     """
     from torch.func import jvp, vmap
 

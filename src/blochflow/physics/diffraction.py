@@ -368,7 +368,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
 
 
-def _chunk_jvp_one_thickness(tm: _ChunkTerms, small, prim_args, tan_args):
+def _chunk_jvp_one_thickness(small, prim_args, tan_args):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk at one thickness per sample, elastic.
 
     The tangents of the structure matrix are never formed: with A = M (P + D) M and the divided
@@ -376,12 +376,14 @@ def _chunk_jvp_one_thickness(tm: _ChunkTerms, small, prim_args, tan_args):
     eigenbasis amplitudes dpsi'_i = sum_kl (V^-1)_ik dA_kl H_li, which splits into one matrix product
     for the potential part (dP, one per tangent), and matrix-vector products with tables shared by
     every tangent for the diagonal (D: excitation errors) and the illumination factors (M). ``small``
-    maps the inputs to (pot, diag, m, kn, thickness), whose tangents are cheap.
+    maps the inputs to (pot, diag, m, kn, thickness), whose tangents are cheap, and leaves the
+    chunk's :class:`_ChunkTerms` (for the index tables and output rows) in ``small.terms``.
     """
     from torch.func import jvp, vmap
 
     (pot, diag, m, kn, thick), (dpot, ddiag, dm, dkn, dthick) = vmap(
         lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
+    tm = small.terms
     ctype = pot.dtype
     with torch.no_grad():
         a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
@@ -478,12 +480,11 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                     for i, v in zip(state_idx, args[1:]):
                         full[i] = v
                     t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
+                    small.terms = t  # index tables and output rows: plain tensors, no tangent
                     return t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness
 
-                with torch.no_grad():
-                    tm = _chunk_terms(plan, ch, potential, None, state, sl)
-                vals, dvals = _chunk_jvp_one_thickness(tm, small, prim_args, tan_args)
-                rows_holder["rows"] = tm.out_refl
+                vals, dvals = _chunk_jvp_one_thickness(small, prim_args, tan_args)
+                rows_holder["rows"] = small.terms.out_refl
             else:
                 def one(*tans, f=f):
                     return jvp(f, prim_args, tans)

@@ -163,18 +163,17 @@ class RefinementProblem:
         delta = delta.detach().clone()
         cut = False
         for s in self.slots.values():
-            cap = PER_FRAME_MAX_STEP.get(s.block.group)
-            if s.block.per_frame and cap is not None and s.stop > s.start:
-                rows = delta[s.start:s.stop].view(s.block.shape)
-                factor = torch.clamp(cap / rows.abs().amax(1, keepdim=True).clamp_min(1e-300), max=1.0)
-                if bool((factor < 1).any()):
-                    delta[s.start:s.stop] = (rows * factor).reshape(-1)
-                    cut = True
-            if s.block.derived and s.stop > s.start:
-                biggest = float(delta[s.start:s.stop].abs().max())
-                if biggest > NETWORK_MAX_STEP:
-                    delta[s.start:s.stop] *= NETWORK_MAX_STEP / biggest
-                    cut = True
+            if s.block.per_frame:  # each frame's row on its own
+                cap, shape = PER_FRAME_MAX_STEP.get(s.block.group), s.block.shape
+            else:  # the network block as a whole
+                cap, shape = (NETWORK_MAX_STEP if s.block.derived else None), (1, -1)
+            if cap is None or s.stop == s.start:
+                continue
+            rows = delta[s.start:s.stop].view(shape)
+            factor = torch.clamp(cap / rows.abs().amax(1, keepdim=True).clamp_min(1e-300), max=1.0)
+            if bool((factor < 1).any()):
+                delta[s.start:s.stop] = (rows * factor).reshape(-1)
+                cut = True
         st = self.slots["structure"]
         d = delta[st.start:st.stop]
         if torch.any(d != 0):
@@ -208,7 +207,7 @@ class RefinementProblem:
         """Intensities at theta without gradient, reusing the last such evaluation when theta is the
         same (an LM iteration has just computed them at its accepted trial point)."""
         last = self._last_intensities
-        if last is not None and last[0].shape == theta.shape and torch.equal(last[0], theta.detach()):
+        if last is not None and torch.equal(last[0], theta.detach()):
             return last[1]
         with torch.no_grad():
             return self.intensities(theta.detach())
@@ -349,9 +348,10 @@ class RefinementProblem:
         low = self.jacobian_dtype != torch.float64
 
         def cast(x):  # the Jacobian's working precision
-            if x is None or not low:
-                return None if x is None else x.detach()
-            return x.detach().to(torch.complex64 if x.is_complex() else self.jacobian_dtype)
+            if x is None:
+                return None
+            x = x.detach()
+            return x.to(torch.complex64 if x.is_complex() else self.jacobian_dtype) if low else x
 
         t_list = [(cast(a), cast(b), tuple(cast(x) for x in c)) for a, b, c in t_list]
         ic, d_ic = simulate_frames_jvp(self.model.plan, cast(u), cast(u_abs),

@@ -106,11 +106,15 @@ def wasserstein1(t1, w1, t2, w2, n: int = 400) -> np.ndarray:
     return np.array(out)
 
 
-def run_one(case: str, model: str, data: Path, truth: Crystal, args) -> dict:
+def run_one(case: str, spec: str, data: Path, truth: Crystal, args) -> dict:
+    """Refine one case with one model; ``spec`` is a model name, for the learned model optionally
+    with its warm start (``learned/scan``, ``learned/per-frame``, ``learned/slab``)."""
     ds = read_pets(str(data))
+    model, _, warm = spec.partition("/")
     settings = RefineSettings(n_samples=args.samples, thickness_model=model, adam_steps=args.adam_steps,
                               lm_iterations=args.lm_iterations, refine_orientation=False, adp="aniso",
-                              holdout_frames=0.1, thickness_points=args.points)
+                              holdout_frames=0.1, thickness_points=args.points,
+                              learned_warm_start=warm or RefineSettings.learned_warm_start)
     t0 = time.perf_counter()
     problem = build_problem(displaced(truth, 0.03, 0.03, seed=1), ds, settings)
     result = refine(problem, settings, log=lambda s: None)
@@ -123,7 +127,7 @@ def run_one(case: str, model: str, data: Path, truth: Crystal, args) -> dict:
     mean_err = np.abs((t_fit * w_fit).sum(1) - (t_true * w_true).sum(1))[has]
     w1 = wasserstein1(t_fit, w_fit, t_true, w_true)[has]
     fh = result.figures_holdout
-    return {"case": case, "model": model, "R_obs": result.figures.R_obs, "wR2": result.figures.wR2,
+    return {"case": case, "model": spec, "R_obs": result.figures.R_obs, "wR2": result.figures.wR2,
             "GoF": result.figures.GoF, "R_holdout": None if fh is None else fh.R_obs,
             "rmsd_A": dev["rmsd_A"], "mean_abs_dU": dev["mean_abs_dUeq"],
             "thickness_mean_error_A": float(np.mean(mean_err)),
@@ -135,7 +139,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--cases", default="abcd")
-    p.add_argument("--models", default="global,per-frame,slab,learned")
+    p.add_argument("--models", default="global,per-frame,slab,learned",
+                   help="comma list; learned/scan, learned/per-frame, learned/slab choose its warm start")
     p.add_argument("--frames-step", type=int, default=4)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--points", type=int, default=16)

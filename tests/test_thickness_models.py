@@ -88,7 +88,8 @@ def test_learned_jacobian_through_the_network(small_dataset, truth):
     ds, _, _ = small_dataset
     settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
                               thickness_knots=3, thickness_points=4, thickness_smoothness=2.0,
-                              free_fraction=0.0, refine_orientation=False, jacobian_precision="double")
+                              free_fraction=0.0, refine_orientation=False, jacobian_precision="double",
+                              learned_warm_start="scan")
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     theta = problem.theta0.clone()
     net = problem.group_index("network")
@@ -190,3 +191,42 @@ def test_simulate_writes_data_from_a_weighted_thickness_table(small_dataset, qua
     coef, *_ = np.linalg.lstsq(basis, mix, rcond=None)
     assert np.max(np.abs(basis @ coef - mix)) < 1e-5 * mix.max()
     assert np.max(np.abs(thin / thin.max() - thick / thick.max())) > 0.05  # the two really differ
+
+
+def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):
+    """learned_warm_start = per-frame: a per-frame fit runs first and the network starts at its
+    thicknesses (a thickness that varies with angle), not at one global value; hold-out frames,
+    which the per-frame fit cannot see, get the network's prediction from their angle."""
+    import dataclasses
+
+    from blochflow.io.pets import ReflectionTable, read_pets
+    from blochflow.physics.diffraction import BeamSettings
+    from blochflow.refine.model import ModelSettings
+    from blochflow.simulate import ThicknessSpec, synthesize
+
+    ds = read_pets(quartz_paths[1])
+    keep = np.zeros(len(ds.frames), bool)
+    keep[::9] = True
+    ds = select_frames(ds, keep)
+    thickness = 450 + 90 * np.sin(np.radians(ds.frames.alpha_deg))
+    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
+                                    ModelSettings(beams=BeamSettings(n_samples=4)), noise="poisson",
+                                    max_counts=1e6, seed=5)
+    r = ds.reflections
+    ds = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+    means = {}
+    for warm in ("scan", "per-frame"):
+        settings = RefineSettings(n_samples=4, thickness_model="learned", learned_warm_start=warm,
+                                  warm_start_iterations=6, adam_steps=0, free_fraction=0.0,
+                                  refine_orientation=False, holdout_frames=0.15)
+        problem = build_problem(displaced(truth, 0.01, 0.01, seed=2), ds, settings)
+        ctx = problem.frames.ctx
+        means[warm] = problem.frames.thickness.describe(problem.split(problem.theta0), ctx)["thickness_mean"]
+    hold = problem.holdout_frame.numpy()
+    assert 0 < hold.sum() < len(hold)
+    err = {w: np.abs(m - thickness) for w, m in means.items()}
+    print({w: (float(e[~hold].mean()), float(e[hold].mean())) for w, e in err.items()})
+    assert np.ptp(means["scan"]) < 1.0  # one global value
+    assert err["per-frame"][~hold].mean() < 0.3 * err["scan"][~hold].mean()
+    assert err["per-frame"][~hold].mean() < 20.0
+    assert err["per-frame"][hold].mean() < 0.5 * err["scan"][hold].mean()

@@ -320,7 +320,7 @@ def cmd_refine(args) -> int:
     for name, cr in hands:
         sub = out if name == "model" else out / "inverted"
         try:
-            problem = build_problem(cr, ds, settings)
+            problem = build_problem(cr, ds, settings, log=log)
         except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
             item, _, why = str(exc).partition(": ")
             raise InputError(args.config or structure, item, why or item) from None

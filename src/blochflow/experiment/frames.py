@@ -282,8 +282,10 @@ class LearnedThickness(ThicknessModel):
         lo, hi = self.bounds
         return np.clip(self.mean[:, None] + self.spread[:, None] * z[None, :], lo + 1.0, hi - 1.0)
 
-    def warm_start(self, ctx: FrameContext, ridge: float = 1e-6) -> "LearnedThickness":
-        """Weights whose logits reproduce :meth:`target_knots` (ridge least squares; no physics)."""
+    def warm_start(self, ctx: FrameContext, ridge: float = 1e-6, frames=None) -> "LearnedThickness":
+        """Weights whose logits reproduce :meth:`target_knots` (ridge least squares; no physics),
+        over the ``frames`` given (a boolean mask; default all): the others get the network's
+        prediction from their angle."""
         target = self.target_knots()
         lo, hi = self.bounds
         gaps = np.diff(np.concatenate([np.full((len(self.mean), 1), lo), target,
@@ -291,6 +293,8 @@ class LearnedThickness(ThicknessModel):
         logits = np.log(np.clip(gaps, 1e-9, None))
         logits -= logits.mean(1, keepdims=True)  # softmax is shift-invariant: centre each frame
         phi = self.hidden(ctx).numpy()
+        if frames is not None:
+            phi, logits = phi[np.asarray(frames, bool)], logits[np.asarray(frames, bool)]
         a = phi.T @ phi + ridge * np.eye(phi.shape[1])
         w = np.linalg.solve(a, phi.T @ logits).T  # (K+2, H+1)
         self._weights = torch.as_tensor(w.reshape(-1))

@@ -61,6 +61,10 @@ class RefineSettings:
     thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
     thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions
     thickness_basis: int = 6  # radial basis functions of the thickness network
+    # learned model's start: 'scan' (the best global thickness, 5 % spread), or a fit of the
+    # per-frame or slab model first (warm_start_iterations LM), the network then fitted to its path lengths
+    learned_warm_start: str = "per-frame"
+    warm_start_iterations: int = 6
     holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
     restraints: tuple = ()  # tables {type: distance|same_adp, atoms: [a, b], target (A), sigma}
     refine_thickness: bool = True
@@ -103,7 +107,8 @@ class RefineSettings:
 SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": UB_CONVENTIONS,
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
-                   "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double")}
+                   "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double"),
+                   "learned_warm_start": ("scan", "per-frame", "slab")}
 
 
 def parse_setting(item: str) -> tuple[str, object]:
@@ -204,7 +209,33 @@ def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.
     return float(grid[int(np.argmin(np.nansum(table, 0)))])
 
 
-def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None) -> RefinementProblem:
+def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_mask, log):
+    """Fit the simpler model named by ``learned_warm_start`` first (same settings otherwise).
+
+    Returns the refined crystal, each frame's mean path length (A), its orientation corrections
+    (or None) and the frames whose thickness was fitted (hold-out frames were not).
+    """
+    pre = dataclasses.replace(settings, thickness_model=settings.learned_warm_start,
+                              lm_iterations=settings.warm_start_iterations)
+    problem = build_problem(crystal, dataset, pre, frame_mask)
+    result = refine(problem, pre, log=lambda line: log(f"warm start ({pre.thickness_model}): {line}"))
+    raw = problem.split(result.theta)
+    mean = problem.frames.thickness.describe(raw, problem.frames.ctx)["thickness_mean"]
+    fitted = ~problem.holdout_frame.numpy()
+    if frame_mask is not None:
+        fitted &= np.asarray(frame_mask, bool)
+    return problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted
+
+
+def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
+                  log: Callable[[str], None] = lambda line: None) -> RefinementProblem:
+    """The refinement problem for a start structure and a dataset; a learned thickness model with a
+    per-frame or slab warm start first refines that model (logged through ``log``)."""
+    kind = settings.thickness_model
+    warm = None
+    if kind == "learned" and settings.learned_warm_start != "scan":
+        warm = _warm_start_fit(crystal, dataset, settings, frame_mask, log)
+        crystal = warm[0]
     structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
                                     adp=settings.adp, hydrogens=settings.hydrogens,
                                     refine_occupancy=settings.refine_occupancy)
@@ -215,24 +246,33 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     from .problem import free_set_mask
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
-    t0 = initial_thickness(model, settings, ~free)
-    kind = settings.thickness_model
-    if kind == "global":
-        thick = GlobalThickness(t0)
-    elif kind == "slab":
-        thick = SlabThickness(t0)
-    elif kind == "learned":
-        thick = LearnedThickness(np.full(model.n_frames, t0), 0.05 * t0, bounds=settings.thickness_bounds,
+    if warm is not None:
+        mean = warm[1]
+        thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,
                                  knots=settings.thickness_knots, points=settings.thickness_points,
                                  basis=settings.thickness_basis,
-                                 smoothness=settings.thickness_smoothness).warm_start(ctx)
+                                 smoothness=settings.thickness_smoothness).warm_start(ctx, frames=warm[3])
     else:
-        thick = PerFrameThickness(np.full(model.n_frames, t0))
+        t0 = initial_thickness(model, settings, ~free)
+        if kind == "global":
+            thick = GlobalThickness(t0)
+        elif kind == "slab":
+            thick = SlabThickness(t0)
+        elif kind == "learned":
+            thick = LearnedThickness(np.full(model.n_frames, t0), 0.05 * t0, bounds=settings.thickness_bounds,
+                                     knots=settings.thickness_knots, points=settings.thickness_points,
+                                     basis=settings.thickness_basis,
+                                     smoothness=settings.thickness_smoothness).warm_start(ctx)
+        else:
+            thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
     restraints = restraints_from_config(settings.restraints, structure.crystal_at(structure.theta0))
     problem = RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
                                 free_fraction=settings.free_fraction, free_seed=settings.free_seed,
                                 holdout_frames=settings.holdout_frames, restraints=restraints)
+    if warm is not None and warm[2] is not None and "orientation" in problem.slots:
+        o = problem.slots["orientation"]
+        problem.theta0[o.start:o.stop] = warm[2].reshape(-1)
     problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
     return problem
 

@@ -202,21 +202,26 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
 
 
 def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths, truth):
-    """Over independent Poisson realisations of the same data, (refined - true) / s.u. of every
-    refined coordinate and U_ij has mean ~0 and spread ~1 (not 0.1 or 10: s.u. are not decoration)."""
+    """Over independent noise realisations of the same data, (refined - true) / s.u. of every
+    refined coordinate and U_ij has mean ~0 and spread ~1 (not 0.1 or 10: s.u. are not decoration).
+
+    Gaussian noise with sigma from the expected counts and weights 1/sigma^2 (no instability
+    term): the weights are the noise, so the spread must be 1 within its sampling error. (With
+    Poisson counts and sigma = sqrt(I_obs), floored at 1, the same check gives 1.29: weights taken
+    from the observed counts favour reflections that fluctuated down; measured over 8 seeds.)"""
     ds = read_pets(quartz_paths[1])
     keep = np.zeros(len(ds.frames), bool)
     keep[::12] = True
     ds = select_frames(ds, keep)
     thickness = np.full(len(ds.frames), 500.0)
     settings = RefineSettings(n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
-                              refine_orientation=False, thickness=500.0)
+                              refine_orientation=False, thickness=500.0, instability=0.0)
     u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
     z = []
     for seed in range(6):
         rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
                                         ModelSettings(beams=BeamSettings(n_samples=2)),
-                                        noise="poisson", max_counts=2e4, seed=100 + seed)
+                                        noise="gaussian", max_counts=2e4, seed=100 + seed)
         r = ds.reflections
         noisy = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
         problem = build_problem(truth, noisy, settings)
@@ -234,4 +239,4 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     z = np.array(z)
     print(f"s.u. honesty: n={len(z)} mean={z.mean():.3f} std={z.std():.3f}")
     assert len(z) >= 50
-    assert abs(z.mean()) < 0.5 and 0.6 < z.std() < 1.6, (z.mean(), z.std())
+    assert abs(z.mean()) < 0.5 and 0.75 < z.std() < 1.3, (z.mean(), z.std())

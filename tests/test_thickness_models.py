@@ -147,7 +147,8 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     out = tmp_path / "learned"
     code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--thickness-model", "learned",
                  "--samples", "2", "--adam-steps", "2", "--lm-iterations", "1", "--thickness", "500",
-                 "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_basis=4"])
+                 "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_basis=4",
+                 "--set", "learned_warm_start=scan"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["thickness_model"] == "learned" and summary["n_holdout_frames"] == 3
@@ -222,6 +223,8 @@ def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):
         problem = build_problem(displaced(truth, 0.01, 0.01, seed=2), ds, settings)
         ctx = problem.frames.ctx
         means[warm] = problem.frames.thickness.describe(problem.split(problem.theta0), ctx)["thickness_mean"]
+        assert (problem.warm_start is None) == (warm == "scan")
+    assert problem.warm_start["model"] == "per-frame" and problem.warm_start["lm_iterations"] >= 1
     hold = problem.holdout_frame.numpy()
     assert 0 < hold.sum() < len(hold)
     err = {w: np.abs(m - thickness) for w, m in means.items()}

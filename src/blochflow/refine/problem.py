@@ -110,6 +110,7 @@ class RefinementProblem:
         self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
         self.jacobian_dtype = torch.float64  # float32: derivatives in single precision, values in double
         self._last_intensities = None
+        self.warm_start = None  # record of the simpler model's fit this problem started from, if any
 
     # -- layout --------------------------------------------------------------------------------
 

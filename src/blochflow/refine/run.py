@@ -213,7 +213,8 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
     """Fit the simpler model named by ``learned_warm_start`` first (same settings otherwise).
 
     Returns the refined crystal, each frame's mean path length (A), its orientation corrections
-    (or None) and the frames whose thickness was fitted (hold-out frames were not).
+    (or None), the frames whose thickness was fitted (hold-out frames were not) and a record of
+    the fit for the summary.
     """
     pre = dataclasses.replace(settings, thickness_model=settings.learned_warm_start,
                               lm_iterations=settings.warm_start_iterations)
@@ -224,7 +225,10 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
     fitted = ~problem.holdout_frame.numpy()
     if frame_mask is not None:
         fitted &= np.asarray(frame_mask, bool)
-    return problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted
+    record = {"model": pre.thickness_model, "adam_steps": result.adam_steps, "lm_iterations": result.lm.iteration,
+              "R_obs": result.figures.R_obs, "wR2": result.figures.wR2,
+              "seconds": result.elapsed_s}
+    return problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted, record
 
 
 def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
@@ -273,6 +277,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     if warm is not None and warm[2] is not None and "orientation" in problem.slots:
         o = problem.slots["orientation"]
         problem.theta0[o.start:o.stop] = warm[2].reshape(-1)
+    if warm is not None:
+        problem.warm_start = warm[4]  # refine() then skips Adam: the warm-start fit ran it
     problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
     return problem
 
@@ -316,8 +322,13 @@ def _lm_from_dict(d: dict) -> LMState:
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
            resume: dict | None = None, log: Callable[[str], None] = print) -> RefinementResult:
-    """Run Adam then LM on ``problem``; returns the result (also when interrupted)."""
+    """Run Adam then LM on ``problem``; returns the result (also when interrupted).
+
+    A problem that was warm-started by a fit of a simpler model (``problem.warm_start``) starts in
+    the basin that fit found: Adam is skipped and LM refines from there.
+    """
     t_start = time.perf_counter()
+    adam_steps = 0 if getattr(problem, "warm_start", None) else settings.adam_steps
     index = refined_index(problem, settings)
     problem.n_refined = len(index)
     theta = problem.theta0.clone()
@@ -359,12 +370,12 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         signal.signal(s, handler)
     ne: NormalEquations | None = None
     try:
-        while adam.step < settings.adam_steps and len(index):
+        while adam.step < adam_steps and len(index):
             t0 = time.perf_counter()
-            theta, loss = adam_step(problem, theta, adam, lr, settings.adam_steps, objective=settings.adam_objective)
+            theta, loss = adam_step(problem, theta, adam, lr, adam_steps, objective=settings.adam_objective)
             phase_times["adam_s"] += time.perf_counter() - t0
             figure = "wR(F)" if settings.adam_objective == "amplitude" else "wR2"
-            log(f"adam {adam.step:4d}/{settings.adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")
+            log(f"adam {adam.step:4d}/{adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")
             if adam.step % settings.checkpoint_every == 0:
                 save()
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):

@@ -123,6 +123,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "start": None if result.start_figures is None else result.start_figures.as_dict(),
         "thickness": mean_t,
         "thickness_model": pr.frames.thickness.kind,
+        "warm_start": pr.warm_start,
         "frames": {n: np.asarray(v).tolist() for n, v in frames.items()},
         "strong_correlations": result.correlations,
         "lm_history": result.lm.history,

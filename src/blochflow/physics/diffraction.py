@@ -59,6 +59,12 @@ class BeamChunk:
     out_sample: torch.Tensor  # (P,) local sample of each (sample, scored reflection) pair
     out_beam: torch.Tensor  # (P,) beam position of that reflection in the sample
     out_refl: torch.Tensor  # (P,) index into ScoredReflections
+    pair_index: torch.Tensor | None = None  # (B, N, N) int32 potential row of each beam pair, if cached
+
+
+# Beam-pair index tables (potential row of g_i - g_j for every pair of every sample) are fixed
+# geometry: cached in the plan when all of them fit in this many bytes (int32), else rebuilt per call.
+PAIR_INDEX_BUDGET = 256 * 2 ** 20
 
 
 @dataclass
@@ -180,6 +186,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     lut[pot_hkl[:, 0] + hmax[0], pot_hkl[:, 1] + hmax[1], pot_hkl[:, 2] + hmax[2]] = np.arange(len(pot_hkl))
 
     chunks = []
+    cache_pairs = sum(len(c) * max(n_beams[s] for s in c) ** 2 for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
     for idx in chunks_idx:
         n = max(n_beams[s] for s in idx)
         hkl = np.zeros((len(idx), n, 3))
@@ -193,12 +200,19 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             osamp.append(np.full(len(sc), j))
             obeam.append(1 + np.arange(len(sc)))
             orefl.append(sc)
+        pair_index = None
+        if cache_pairs:
+            h = hkl.astype(np.int64)
+            d = h[:, :, None, :] - h[:, None, :, :] + hmax
+            pair = mask[:, :, None] & mask[:, None, :] & ~np.eye(n, dtype=bool)
+            pair_index = torch.as_tensor(np.where(pair, lut[d[..., 0], d[..., 1], d[..., 2]],
+                                                  len(pot_hkl)).astype(np.int32))
         chunks.append(BeamChunk(
             sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
             hkl=torch.as_tensor(hkl), mask=torch.as_tensor(mask),
             out_sample=torch.as_tensor(np.concatenate(osamp)).long(),
             out_beam=torch.as_tensor(np.concatenate(obeam)).long(),
-            out_refl=torch.as_tensor(np.concatenate(orefl)).long()))
+            out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index))
     return DiffractionPlan(settings=settings, geometry=geometry, wavelength=dataset.wavelength, g_max=g_max,
                            ub=ub, axis_azimuth=phi, samples=samples, scored=scored, chunks=chunks,
                            potential_hkl=pot_hkl, lut=torch.as_tensor(lut), lut_offset=torch.as_tensor(hmax),
@@ -280,7 +294,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
     k = torch.sqrt(1.0 / plan.wavelength ** 2 + potential[0].real)  # wave number in the crystal (1/A)
     samples = plan.samples
-    ch_hkl, mask, fr, s_idx = ch.hkl, ch.mask, ch.frame, ch.sample
+    ch_hkl, mask, fr, s_idx, pair_index = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index
     out_sample, out_beam, out_refl = ch.out_sample, ch.out_beam, ch.out_refl
     if sample_slice is not None:
         keep = (out_sample >= sample_slice.start) & (out_sample < sample_slice.stop)
@@ -288,6 +302,8 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
         out_beam, out_refl = out_beam[keep], out_refl[keep]
         ch_hkl, mask, fr, s_idx = (ch_hkl[sample_slice], mask[sample_slice], fr[sample_slice],
                                    s_idx[sample_slice])
+        if pair_index is not None:
+            pair_index = pair_index[sample_slice]
     inc = torch.as_tensor(samples.incident, dtype=rtype)[s_idx]
     offs = torch.as_tensor(samples.alpha_offset, dtype=rtype)[s_idx]
     weight = torch.as_tensor(samples.weight, dtype=rtype)[s_idx]
@@ -299,10 +315,13 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     n = hkl.shape[1]
     g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
     sg = excitation_error(g_lab, inc[:, None, :], k)  # (B,N)
-    d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
-    idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
-    pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool)
-    idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
+    if pair_index is not None:
+        idx = pair_index
+    else:
+        d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
+        idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
+        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool)
+        idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
     big = 1e4 * (1 + torch.arange(n, dtype=rtype) * 1e-3)
     diag = torch.where(mask, 2 * k * sg, big)
     if state.surface_normal is None:

@@ -116,11 +116,15 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             ratio = torch.where(determined, torch.abs(delta[index]) / torch.where(determined, su, 1.0), 0.0)
             shift_su = float(ratio.max()) if determined.any() else 0.0
             worst = problem.names[int(index[int(torch.argmax(ratio))])] if determined.any() else ""
+            st = problem.slots["structure"]
+            in_structure = (index >= st.start) & (index < st.stop)
+            shift_su_structure = float(ratio[in_structure].max()) if in_structure.any() else 0.0
             rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
             state.iteration += 1
             state.max_shift_su = shift_su
             state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
-                                  "max_shift_su": shift_su, "max_shift_parameter": worst})
+                                  "max_shift_su": shift_su, "max_shift_parameter": worst,
+                                  "max_shift_su_structure": shift_su_structure})
             state.cost = new_cost
             if shift_su < shift_tol and state.damping < 1e-2 and not cut:  # a damped or cut step is short
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"

@@ -384,7 +384,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "
                 f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"
-                f"  max shift/su {lm.max_shift_su:.3g} ({lm.history[-1].get('max_shift_parameter', '') if lm.history else ''})"
+                f"  max shift/su {lm.max_shift_su:.3g} ({lm.history[-1].get('max_shift_parameter', '') if lm.history else ''}),"
+                f" structure {lm.history[-1].get('max_shift_su_structure', float('nan')) if lm.history else float('nan'):.3g}"
                 f"  damping {lm.damping:.2g}")
             if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
                 save()

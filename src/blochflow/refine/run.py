@@ -220,6 +220,8 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
                               lm_iterations=settings.warm_start_iterations)
     problem = build_problem(crystal, dataset, pre, frame_mask)
     result = refine(problem, pre, log=lambda line: log(f"warm start ({pre.thickness_model}): {line}"))
+    if result.interrupted:  # stop the whole run; the warm-start fit has no checkpoint of its own
+        raise KeyboardInterrupt
     raw = problem.split(result.theta)
     mean = problem.frames.thickness.describe(raw, problem.frames.ctx)["thickness_mean"]
     fitted = ~problem.holdout_frame.numpy()

@@ -394,7 +394,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     except (Interrupted, KeyboardInterrupt):
         interrupted = True
         save()
-        log("interrupted: checkpoint written; the results below are the model so far")
+        log("interrupted: " + ("checkpoint written; " if checkpoint is not None else "")
+            + "the results below are the model so far")
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

@@ -70,6 +70,34 @@ def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     untouched = torch.ones_like(theta, dtype=torch.bool)
     untouched[[th.start + 2, orient.start + 6, orient.start + 7]] = False
     assert torch.equal(step[untouched], delta[untouched])
+    # a frame's trust factor scales its own caps only
+    trust = torch.ones(problem.model.n_frames, dtype=torch.float64)
+    trust[2] = 0.25
+    step, _ = problem.bounded_step(theta, delta, trust)
+    assert float(step[th.start + 2]) == pytest.approx(0.25 * PER_FRAME_MAX_STEP["thickness"])
+    assert torch.allclose(step[orient.start + 6: orient.start + 8], o3)
+
+
+def test_lm_halves_the_trust_of_frames_whose_cost_rose(small_dataset, truth):
+    """After a trial step, frames whose own cost rose get half their per-frame step caps, the
+    others their full caps back; the LM state carries the factors (and checkpoints them)."""
+    from blochflow.refine.optimise import LMState, lm_step
+    from blochflow.refine.run import _lm_from_dict, _lm_to_dict, refined_index
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(n_samples=2, thickness=500.0, free_fraction=0.0)
+    problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
+    theta = problem.theta0.clone()
+    index = refined_index(problem, settings)
+    state = LMState(damping=1e-6)
+    before = problem.frame_costs(theta)
+    new_theta, _ = lm_step(problem, theta, state, index)
+    trust = torch.as_tensor(state.frame_trust)
+    assert trust.shape == (problem.model.n_frames,)
+    rose = problem.frame_costs(new_theta) > before
+    assert bool((trust[rose] <= 0.5).all()) and bool((trust[~rose] >= 0.5).all())
+    assert bool((trust > 0).all()) and bool((trust <= 1).all())
+    assert _lm_from_dict(_lm_to_dict(state)).frame_trust == state.frame_trust
 
 
 def test_single_precision_jacobian_agrees_with_double(small_dataset, truth):

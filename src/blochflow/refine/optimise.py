@@ -63,6 +63,7 @@ class LMState:
     reason: str = ""
     max_shift_su: float = float("nan")
     history: list = field(default_factory=list)
+    frame_trust: list | None = None  # per-frame factor on the per-frame step caps (None: all 1)
 
 
 @dataclass
@@ -101,15 +102,27 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     cov_unit = _safe_inverse(a)
     su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
     state.cost = ne.cost
+    per_frame = bool(problem.parameter_frames()[index].ge(0).any())
+    trust = None
+    if per_frame:
+        trust = torch.ones(problem.model.n_frames, dtype=torch.float64) if state.frame_trust is None \
+            else torch.as_tensor(state.frame_trust, dtype=torch.float64)
+        before = problem.frame_costs(theta, kind)
     for _ in range(max_tries):
         lhs = a + state.damping * torch.diag(diag)
         step = -torch.linalg.solve(lhs, g)
         delta = torch.zeros_like(theta)
         delta[index] = step
-        delta, cut = problem.bounded_step(theta, delta)
+        delta, cut = problem.bounded_step(theta, delta, trust)
         trial = theta + delta
         with torch.no_grad():
             new_cost = float(problem.objective(trial, kind))
+        if per_frame and np.isfinite(new_cost):
+            # a frame whose own cost rose took a step beyond its linear range: halve its caps; a
+            # frame that improved earns them back (up to the full cap)
+            worse = problem.frame_costs(trial, kind) > before
+            trust = torch.where(worse, torch.clamp(trust / 2, min=1 / 64), torch.clamp(trust * 2, max=1.0))
+            state.frame_trust = trust.tolist()
         if np.isfinite(new_cost) and new_cost <= ne.cost:
             state.damping = max(state.damping / 3, 1e-7)
             determined = su > 0  # null directions (e.g. redundant network weights) have no s.u.

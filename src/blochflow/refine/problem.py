@@ -155,9 +155,11 @@ class RefinementProblem:
                 m[s.start:s.stop] = True
         return m
 
-    def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor,
+                     frame_trust: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
         """``delta`` made feasible: each atom's ADP step shortened to keep it positive definite, each
-        frame's own thickness and orientation step scaled to ``PER_FRAME_MAX_STEP``, and the network
+        frame's own thickness and orientation step scaled to ``PER_FRAME_MAX_STEP`` (times the frame's
+        ``frame_trust`` factor, (F,), when given), and the network
         block scaled so that no weight moves by more than ``NETWORK_MAX_STEP`` (weights of nearly
         flat directions would otherwise get huge Gauss-Newton steps far outside where the
         linearisation holds). Other components are untouched. Returns (step, whether it was cut)."""
@@ -171,6 +173,8 @@ class RefinementProblem:
             if cap is None or s.stop == s.start:
                 continue
             rows = delta[s.start:s.stop].view(shape)
+            if s.block.per_frame and frame_trust is not None:
+                cap = cap * frame_trust[:, None]
             factor = torch.clamp(cap / rows.abs().amax(1, keepdim=True).clamp_min(1e-300), max=1.0)
             if bool((factor < 1).any()):
                 delta[s.start:s.stop] = (rows * factor).reshape(-1)
@@ -255,6 +259,13 @@ class RefinementProblem:
         atom changes strong intensities quadratically, amplitudes linearly): the first phases use it."""
         prior = self.prior_residuals(theta) * self._prior_factor(kind)
         return torch.sum(self.residuals(self.intensities(theta), kind) ** 2) + torch.sum(prior ** 2)
+
+    def frame_costs(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """(F,) each frame's share of the objective's observation part at theta (no gradient; reuses
+        the last evaluation at the same theta)."""
+        with torch.no_grad():
+            r = self.residuals(self.intensities_at(theta), kind)
+        return torch.zeros(self.model.n_frames, dtype=r.dtype).index_add(0, self.model.frame[self.work], r ** 2)
 
     def objective_norm(self, kind: str = "intensity") -> float:
         """sum w Io^2 (or sum w_F Fo^2) over the work set: objective / norm = wR2^2 (or wR(F)^2)."""

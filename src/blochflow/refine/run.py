@@ -313,13 +313,14 @@ def load_checkpoint(path: Path) -> dict:
 
 def _lm_to_dict(s: LMState) -> dict:
     return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
-            "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history)}
+            "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
+            "frame_trust": json.dumps(s.frame_trust)}
 
 
 def _lm_from_dict(d: dict) -> LMState:
     return LMState(iteration=int(d["iteration"]), damping=float(d["damping"]), cost=float(d["cost"]),
                    converged=bool(d["converged"]), reason=str(d["reason"]), max_shift_su=float(d["max_shift_su"]),
-                   history=json.loads(d["history"]))
+                   history=json.loads(d["history"]), frame_trust=json.loads(d.get("frame_trust", "null")))
 
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,

@@ -16,7 +16,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -209,13 +209,18 @@ def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.
     return float(grid[int(np.argmin(np.nansum(table, 0)))])
 
 
-def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_mask, log):
-    """Fit the simpler model named by ``learned_warm_start`` first (same settings otherwise).
+class WarmStart(NamedTuple):
+    """Where a learned model starts after a fit of a simpler model (see :func:`_warm_start_fit`)."""
 
-    Returns the refined crystal, each frame's mean path length (A), its orientation corrections
-    (or None), the frames whose thickness was fitted (hold-out frames were not) and a record of
-    the fit for the summary.
-    """
+    crystal: Crystal  # the refined structure
+    mean: np.ndarray  # (F,) each frame's mean path length (A)
+    orientation: torch.Tensor | None  # (F, 2) orientation corrections, or None
+    fitted: np.ndarray  # (F,) frames whose thickness was fitted (hold-out frames were not)
+    record: dict  # what the fit did, for the summary
+
+
+def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_mask, log) -> WarmStart:
+    """Fit the simpler model named by ``learned_warm_start`` first (same settings otherwise)."""
     pre = dataclasses.replace(settings, thickness_model=settings.learned_warm_start,
                               lm_iterations=settings.warm_start_iterations)
     problem = build_problem(crystal, dataset, pre, frame_mask)
@@ -230,7 +235,7 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
     record = {"model": pre.thickness_model, "adam_steps": result.adam_steps, "lm_iterations": result.lm.iteration,
               "R_obs": result.figures.R_obs, "wR2": result.figures.wR2,
               "seconds": result.elapsed_s}
-    return problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted, record
+    return WarmStart(problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted, record)
 
 
 def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
@@ -241,7 +246,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     warm = None
     if kind == "learned" and settings.learned_warm_start != "scan":
         warm = _warm_start_fit(crystal, dataset, settings, frame_mask, log)
-        crystal = warm[0]
+        crystal = warm.crystal
     structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
                                     adp=settings.adp, hydrogens=settings.hydrogens,
                                     refine_occupancy=settings.refine_occupancy)
@@ -252,35 +257,29 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     from .problem import free_set_mask
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
-    if warm is not None:
-        mean = warm[1]
+    t0 = None if warm is not None else initial_thickness(model, settings, ~free)
+    if kind == "learned":
+        mean = warm.mean if warm is not None else np.full(model.n_frames, t0)
         thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,
                                  knots=settings.thickness_knots, points=settings.thickness_points,
-                                 basis=settings.thickness_basis,
-                                 smoothness=settings.thickness_smoothness).warm_start(ctx, frames=warm[3])
+                                 basis=settings.thickness_basis, smoothness=settings.thickness_smoothness
+                                 ).warm_start(ctx, frames=None if warm is None else warm.fitted)
+    elif kind == "global":
+        thick = GlobalThickness(t0)
+    elif kind == "slab":
+        thick = SlabThickness(t0)
     else:
-        t0 = initial_thickness(model, settings, ~free)
-        if kind == "global":
-            thick = GlobalThickness(t0)
-        elif kind == "slab":
-            thick = SlabThickness(t0)
-        elif kind == "learned":
-            thick = LearnedThickness(np.full(model.n_frames, t0), 0.05 * t0, bounds=settings.thickness_bounds,
-                                     knots=settings.thickness_knots, points=settings.thickness_points,
-                                     basis=settings.thickness_basis,
-                                     smoothness=settings.thickness_smoothness).warm_start(ctx)
-        else:
-            thick = PerFrameThickness(np.full(model.n_frames, t0))
+        thick = PerFrameThickness(np.full(model.n_frames, t0))
     frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
     restraints = restraints_from_config(settings.restraints, structure.crystal_at(structure.theta0))
     problem = RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
                                 free_fraction=settings.free_fraction, free_seed=settings.free_seed,
                                 holdout_frames=settings.holdout_frames, restraints=restraints)
-    if warm is not None and warm[2] is not None and "orientation" in problem.slots:
-        o = problem.slots["orientation"]
-        problem.theta0[o.start:o.stop] = warm[2].reshape(-1)
     if warm is not None:
-        problem.warm_start = warm[4]  # refine() then skips Adam: the warm-start fit ran it
+        if warm.orientation is not None and "orientation" in problem.slots:
+            o = problem.slots["orientation"]
+            problem.theta0[o.start:o.stop] = warm.orientation.reshape(-1)
+        problem.warm_start = warm.record  # refine() then skips Adam: the warm-start fit ran it
     problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
     return problem
 
@@ -331,7 +330,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     the basin that fit found: Adam is skipped and LM refines from there.
     """
     t_start = time.perf_counter()
-    adam_steps = 0 if getattr(problem, "warm_start", None) else settings.adam_steps
+    adam_steps = 0 if problem.warm_start else settings.adam_steps
     index = refined_index(problem, settings)
     problem.n_refined = len(index)
     theta = problem.theta0.clone()

@@ -38,21 +38,33 @@ def truth(quartz_paths):
     return crystal_from_record(read_structure(quartz_paths[0]))
 
 
+def every_nth_frame(path, step: int):
+    """The dataset at ``path`` with every ``step``-th frame kept."""
+    ds = read_pets(path)
+    keep = np.zeros(len(ds.frames), bool)
+    keep[::step] = True
+    return select_frames(ds, keep)
+
+
+def simulated(ds, truth: Crystal, thickness, n_samples: int, *, noise: str = "poisson", max_counts: float = 1e6,
+              seed: int = 0):
+    """``ds`` with its scored reflections replaced by intensities simulated from ``truth`` (known truth)."""
+    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
+                                    ModelSettings(beams=BeamSettings(n_samples=n_samples)),
+                                    noise=noise, max_counts=max_counts, seed=seed)
+    r = ds.reflections
+    return dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+
+
 @pytest.fixture(scope="session")
 def small_dataset(quartz_paths, truth, tmp_path_factory):
     """Six quartz frames simulated from the reference structure (known truth), Poisson noise."""
-    ds = read_pets(quartz_paths[1])
-    keep = np.zeros(len(ds.frames), bool)
-    keep[::8] = True
-    ds = select_frames(ds, keep)
+    ds = every_nth_frame(quartz_paths[1], 8)
     thickness = 450 + 100 * np.cos(np.radians(ds.frames.alpha_deg))
-    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
-                                    ModelSettings(beams=BeamSettings(n_samples=N_SAMPLES)),
-                                    noise="poisson", max_counts=1e6, seed=3)
+    ds = simulated(ds, truth, thickness, N_SAMPLES, seed=3)
     r = ds.reflections
-    ds = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
     path = tmp_path_factory.mktemp("refine") / "small.cif_pets"
-    atomic_write_text(path, format_pets(ds, ds.reflections.hkl, i_obs, sigma, ds.reflections.frame_id))
+    atomic_write_text(path, format_pets(ds, r.hkl, r.intensity, r.sigma, r.frame_id))
     return ds, thickness, path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import gemmi
@@ -13,14 +12,11 @@ import torch
 from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import displaced
-from blochflow.io.pets import ReflectionTable, read_pets, select_frames
-from blochflow.physics.diffraction import BeamSettings
-from blochflow.refine.model import ModelSettings
+from blochflow.io.pets import select_frames
 from blochflow.refine.problem import free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine
-from blochflow.simulate import ThicknessSpec, synthesize
 
-from conftest import N_SAMPLES, _rmsd
+from conftest import N_SAMPLES, _rmsd, every_nth_frame, simulated
 
 
 @pytest.mark.parametrize("kind", ["intensity", "amplitude"])
@@ -237,21 +233,14 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     term): the weights are the noise, so the spread must be 1 within its sampling error. (With
     Poisson counts and sigma = sqrt(I_obs), floored at 1, the same check gives 1.29: weights taken
     from the observed counts favour reflections that fluctuated down; measured over 8 seeds.)"""
-    ds = read_pets(quartz_paths[1])
-    keep = np.zeros(len(ds.frames), bool)
-    keep[::12] = True
-    ds = select_frames(ds, keep)
+    ds = every_nth_frame(quartz_paths[1], 12)
     thickness = np.full(len(ds.frames), 500.0)
     settings = RefineSettings(n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
                               refine_orientation=False, thickness=500.0, instability=0.0)
     u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
     z = []
     for seed in range(6):
-        rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
-                                        ModelSettings(beams=BeamSettings(n_samples=2)),
-                                        noise="gaussian", max_counts=2e4, seed=100 + seed)
-        r = ds.reflections
-        noisy = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+        noisy = simulated(ds, truth, thickness, 2, noise="gaussian", max_counts=2e4, seed=100 + seed)
         problem = build_problem(truth, noisy, settings)
         res = refine(problem, settings, log=lambda s: None)
         assert res.lm.converged, res.lm.reason  # an unconverged run adds optimisation error to the scatter

@@ -198,23 +198,11 @@ def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):
     """learned_warm_start = per-frame: a per-frame fit runs first and the network starts at its
     thicknesses (a thickness that varies with angle), not at one global value; hold-out frames,
     which the per-frame fit cannot see, get the network's prediction from their angle."""
-    import dataclasses
+    from conftest import every_nth_frame, simulated
 
-    from blochflow.io.pets import ReflectionTable, read_pets
-    from blochflow.physics.diffraction import BeamSettings
-    from blochflow.refine.model import ModelSettings
-    from blochflow.simulate import ThicknessSpec, synthesize
-
-    ds = read_pets(quartz_paths[1])
-    keep = np.zeros(len(ds.frames), bool)
-    keep[::9] = True
-    ds = select_frames(ds, keep)
+    ds = every_nth_frame(quartz_paths[1], 9)
     thickness = 450 + 90 * np.sin(np.radians(ds.frames.alpha_deg))
-    rows, i_obs, sigma = synthesize(truth, ds, ThicknessSpec(mean=thickness),
-                                    ModelSettings(beams=BeamSettings(n_samples=4)), noise="poisson",
-                                    max_counts=1e6, seed=5)
-    r = ds.reflections
-    ds = dataclasses.replace(ds, reflections=ReflectionTable(r.hkl[rows], i_obs, sigma, r.frame_id[rows]))
+    ds = simulated(ds, truth, thickness, 4, seed=5)
     means = {}
     for warm in ("scan", "per-frame"):
         settings = RefineSettings(n_samples=4, thickness_model="learned", learned_warm_start=warm,

@@ -17,6 +17,7 @@ import torch
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import divided_differences, propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
+                       fringe_sample_counts,
                        orientation_ub, rotation_axis_lab, rotation_matrix)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
@@ -28,7 +29,8 @@ class BeamSettings:
 
     g_max: float | None = None  # 1/A; None: data dstarmax + 0.4
     s_max: float = 0.02  # 1/A, excitation-error limit for coupled beams at each sample
-    n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession)
+    n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession); the minimum with fringe_thickness
+    fringe_thickness: float | None = None  # A: per-frame counts from fringe_sample_counts for this thickness
     sample_rule: Literal["midpoint", "gauss", "linspace"] = "midpoint"
     rsg: float = 0.66  # Klar et al. 2023: keep |s_g| / dS_g < rsg
     dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
@@ -99,8 +101,13 @@ def _candidate_beams(cell, g_max: float) -> np.ndarray:
     return hkl[keep]
 
 
-def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.ndarray | None = None) -> DiffractionPlan:
-    """Choose beams per sample and scored reflections per frame for a PETS dataset record."""
+def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.ndarray | None = None,
+               samples_per_frame: np.ndarray | None = None) -> DiffractionPlan:
+    """Choose beams per sample and scored reflections per frame for a PETS dataset record.
+
+    Samples per frame: ``samples_per_frame`` if given, else ``settings.n_samples``, raised where
+    ``settings.fringe_thickness`` needs more (:func:`fringe_sample_counts`).
+    """
     frames, refl = dataset.frames, dataset.reflections
     geometry = dataset.details.geometry
     g_max = settings.g_max if settings.g_max is not None else dataset.details.dstarmax + 0.4
@@ -113,7 +120,6 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     omega = torch.as_tensor(np.radians(frames.omega_deg))
     orient = frame_orientations(ub, alpha, beta, omega, phi).numpy()
     axis = rotation_axis_lab(omega, phi).numpy()
-    samples = frame_samples(frames.half_angle_deg, geometry, settings.n_samples, settings.sample_rule)
 
     # Scored reflections: Klar et al. (2023) criteria at the frame centre.
     id_to_index = {int(f): i for i, f in enumerate(frames.ids)}
@@ -129,6 +135,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     rows = np.flatnonzero(keep)
     scored = ScoredReflections(row=rows, frame=fidx[rows], hkl=refl.hkl[rows], excitation_error=s_obs[rows],
                                excitation_range=ds_obs[rows])
+
+    if samples_per_frame is None:
+        samples_per_frame = np.full(len(frames), settings.n_samples)
+        if settings.fringe_thickness is not None:
+            samples_per_frame = fringe_sample_counts(scored.excitation_range, scored.frame, len(frames),
+                                                     settings.fringe_thickness, geometry, settings.n_samples)
+    samples = frame_samples(frames.half_angle_deg, geometry, samples_per_frame, settings.sample_rule)
 
     cand = _candidate_beams(dataset.cell, g_max)
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]

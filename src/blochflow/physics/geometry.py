@@ -100,25 +100,48 @@ class SampleSet:
     weight: np.ndarray  # (S,) sums to 1 within each frame
 
 
-def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int, rule: str = "midpoint") -> SampleSet:
-    """Sample each frame's integration range: rocking wedge (continuous) or precession cone."""
+def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int | np.ndarray,
+                  rule: str = "midpoint") -> SampleSet:
+    """Sample each frame's integration range: rocking wedge (continuous) or precession cone.
+
+    ``n_samples`` is one count for every frame or one per frame.
+    """
     n_frames = len(half_angle_deg)
-    frame = np.repeat(np.arange(n_frames), n_samples)
+    counts = np.broadcast_to(np.asarray(n_samples, dtype=int), (n_frames,))
+    frame = np.repeat(np.arange(n_frames), counts)
     if geometry == "continuous":
-        x, w = {"gauss": gauss_legendre, "midpoint": midpoint, "linspace": linspace}[rule](n_samples)
-        offs = (np.radians(half_angle_deg)[:, None] * x[None, :]).ravel()
+        table = {"gauss": gauss_legendre, "midpoint": midpoint, "linspace": linspace}[rule]
+        nodes = {int(n): table(int(n)) for n in np.unique(counts)}
+        x = np.concatenate([nodes[int(n)][0] for n in counts])
+        weights = np.concatenate([nodes[int(n)][1] for n in counts])
+        offs = np.radians(np.asarray(half_angle_deg, float))[frame] * x
         inc = np.tile([0.0, 0.0, -1.0], (len(frame), 1))
-        weights = np.tile(w, n_frames)
     elif geometry == "precession":
-        az = 2 * np.pi * (np.arange(n_samples) + 0.5) / n_samples
-        ph = np.radians(half_angle_deg)[:, None]
-        inc = np.stack([np.sin(ph) * np.cos(az), np.sin(ph) * np.sin(az), -np.cos(ph) * np.ones_like(az)], -1)
-        inc = inc.reshape(-1, 3)
+        az = np.concatenate([2 * np.pi * (np.arange(n) + 0.5) / n for n in counts])
+        ph = np.radians(np.asarray(half_angle_deg, float))[frame]
+        inc = np.stack([np.sin(ph) * np.cos(az), np.sin(ph) * np.sin(az), -np.cos(ph)], -1)
         offs = np.zeros(len(frame))
-        weights = np.full(len(frame), 1.0 / n_samples)
+        weights = 1.0 / counts[frame]
     else:
         raise ValueError(f"unknown geometry '{geometry}'")
     return SampleSet(frame=frame, alpha_offset=offs, incident=inc, weight=weights)
+
+
+def fringe_sample_counts(excitation_range: np.ndarray, frame: np.ndarray, n_frames: int, thickness,
+                         geometry: str, minimum: int) -> np.ndarray:
+    """Samples per frame so that no scored reflection's excitation error moves by more than one
+    Pendelloesung fringe (1/t) between samples: n_f = max(minimum, ceil(t_f * sweep_f)).
+
+    The frame integral of a rocking curve is band-limited in s with period 1/t, so the midpoint sum
+    converges fast once the spacing is below it (measured on quartz: 0.3 % at 0.85 samples per
+    fringe, 0.02 % at 1.4; 17 % at 0.3). sweep_f is the largest range swept by a scored
+    reflection: 2 dS_g over a rocking wedge, 4 dS_g round a precession cone (s goes out and back).
+    ``thickness`` is one value (A) or one per frame.
+    """
+    sweep = np.zeros(n_frames)
+    np.maximum.at(sweep, frame, (2.0 if geometry == "continuous" else 4.0) * np.asarray(excitation_range, float))
+    t = np.broadcast_to(np.asarray(thickness, float), (n_frames,))
+    return np.maximum(int(minimum), np.ceil(t * sweep).astype(int))
 
 
 def excitation_error_range(g_lab: np.ndarray, axis: np.ndarray, incident: np.ndarray, half_angle_rad,

@@ -32,6 +32,7 @@ class ForwardModel:
         self.crystal = crystal
         self.dataset = dataset
         self.settings = settings
+        self.frame_mask = frame_mask
         self.plan = build_plan(dataset, settings.beams, frame_mask=frame_mask)
         self.potential_plan = potential_plan(self.plan.potential_hkl, crystal, dataset.wavelength)
         rows = self.plan.scored.row
@@ -39,6 +40,16 @@ class ForwardModel:
         self.sigma = torch.as_tensor(dataset.reflections.sigma[rows])
         self.frame = torch.as_tensor(self.plan.scored.frame).long()
         self.n_frames = len(dataset.frames)
+
+    def resample(self, samples_per_frame: np.ndarray) -> None:
+        """Rebuild the plan with these tilt (or azimuth) counts per frame; the scored reflections,
+        hence the observations, stay the same."""
+        self.plan = build_plan(self.dataset, self.settings.beams, frame_mask=self.frame_mask,
+                               samples_per_frame=np.asarray(samples_per_frame, int))
+        self.potential_plan = potential_plan(self.plan.potential_hkl, self.crystal, self.dataset.wavelength)
+
+    def samples_per_frame(self) -> np.ndarray:
+        return np.bincount(self.plan.samples.frame, minlength=self.n_frames)
 
     def potential(self, xyz=None, occupancy=None, u_frac=None, kappa=None):
         asu = self.crystal.asu

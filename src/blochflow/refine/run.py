@@ -28,7 +28,7 @@ from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, Lear
                                  SlabThickness)
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import BeamSettings
-from ..physics.geometry import UB_CONVENTIONS
+from ..physics.geometry import UB_CONVENTIONS, fringe_sample_counts
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
 from .optimise import (AdamState, LMState, NormalEquations, adam_learning_rates, adam_step, covariance, lm_step,
@@ -41,7 +41,11 @@ class RefineSettings:
     """Every setting of ``blochflow refine`` (config-file keys are these names)."""
 
     # physics
-    n_samples: int = 32
+    n_samples: int = 32  # tilts per frame; the minimum when samples_per_fringe > 0
+    # > 0: each frame gets at least this many samples per Pendelloesung fringe (1/t) swept by its
+    # fastest scored reflection, for 1.5 x the start thickness (see fringe_sample_counts)
+    samples_per_fringe: float = 0.0
+    integration_check: bool = True  # re-evaluate the final model at twice the samples and report it
     sample_rule: str = "midpoint"  # tilts in a frame's wedge: midpoint | gauss | linspace (ends included)
     ub_convention: str = "pets"  # pets: g = U B h as written; diffbloch: g = U^-T B h (paper's synthetic data)
     g_max: float | None = None
@@ -156,6 +160,8 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
             val = tuple(float(v) for v in val)
         kw[name] = val
     s = RefineSettings(**kw)
+    if s.samples_per_fringe < 0:
+        raise ValueError("samples_per_fringe: must be 0 (off) or positive")
     if s.n_samples < 1:
         raise ValueError("n_samples: must be at least 1")
     if not 0 <= s.free_fraction < 0.5:
@@ -188,10 +194,49 @@ class RefinementResult:
     interrupted: bool
     correlations: list = field(default_factory=list)
     start_figures: Figures | None = None
+    integration: dict | None = None  # the final model at twice the samples (integration_check)
 
 
 class Interrupted(Exception):
     """Raised inside the loop when SIGINT/SIGTERM arrives."""
+
+
+# Per-frame thicknesses spread about the start value as the refinement moves them: the fringe rule
+# samples for this multiple of the start thickness (integration_check reports what was reached).
+FRINGE_MARGIN = 1.5
+
+
+def integration_check(problem: RefinementProblem, theta: torch.Tensor, ic: torch.Tensor) -> dict:
+    """The final model's intensities at twice the samples of every frame, against those fitted.
+
+    ``R_integration`` = sum |sqrt(k Ic_n) - sqrt(k' Ic_2n)| / sum sqrt(k' Ic_2n) over the work
+    reflections (each with its own frame scales) is the rocking-integration error of the fit; the
+    R values at twice the samples say what it does to the figures. Also reported: how many frames
+    had fewer than one sample per Pendelloesung fringe at their refined thickness.
+    """
+    model = problem.model
+    counts = model.samples_per_frame()
+    plan, pot_plan, last = model.plan, model.potential_plan, problem._last_intensities
+    try:
+        model.resample(2 * counts)
+        with torch.no_grad():
+            ic2 = problem.intensities(theta)
+    finally:
+        model.plan, model.potential_plan, problem._last_intensities = plan, pot_plan, last
+    work = problem.work
+    a = torch.sqrt(torch.clamp(problem.scales(ic)[model.frame] * ic, min=0))[work]
+    b = torch.sqrt(torch.clamp(problem.scales(ic2)[model.frame] * ic2, min=0))[work]
+    fig2 = problem.figures(ic2, "work")
+    with torch.no_grad():
+        thick = problem.state(problem.split(theta)).thickness.amax(-1).numpy()
+    scored = plan.scored
+    needed = fringe_sample_counts(scored.excitation_range, scored.frame, model.n_frames, thick, plan.geometry, 1)
+    has = np.bincount(scored.frame[work.numpy()], minlength=model.n_frames) > 0
+    return {"samples_per_frame_min": int(counts[has].min()), "samples_per_frame_max": int(counts[has].max()),
+            "R_integration": float(torch.sum(torch.abs(a - b)) / torch.sum(b)),
+            "R_obs_double_samples": fig2.R_obs, "wR2_double_samples": fig2.wR2,
+            "frames_below_one_sample_per_fringe": int(np.sum((counts < needed) & has)),
+            "samples_per_fringe_min": float(np.min(counts[has] / needed[has]))}
 
 
 def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.Tensor) -> float:
@@ -258,6 +303,15 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
     t0 = None if warm is not None else initial_thickness(model, settings, ~free)
+    if settings.samples_per_fringe > 0:
+        design = (warm.mean if warm is not None else np.full(model.n_frames, t0)) * FRINGE_MARGIN
+        scored = model.plan.scored
+        model.resample(fringe_sample_counts(scored.excitation_range, scored.frame, model.n_frames,
+                                            design * settings.samples_per_fringe, model.plan.geometry,
+                                            settings.n_samples))
+        counts = model.samples_per_frame()
+        log(f"samples per frame {counts.min()}-{counts.max()} (mean {counts.mean():.0f}) for "
+            f"{settings.samples_per_fringe:g} per fringe at {FRINGE_MARGIN:g} x the start thickness")
     if kind == "learned":
         mean = warm.mean if warm is not None else np.full(model.n_frames, t0)
         thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,
@@ -417,8 +471,20 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     fig = problem.figures(ic, "work")
     fig_free = problem.figures(ic, "free") if bool(problem.free.any()) else None
     fig_hold = problem.figures(ic, "holdout") if bool(problem.holdout.any()) else None
+    integration = None
+    if settings.integration_check and not interrupted:
+        t0 = time.perf_counter()
+        integration = integration_check(problem, theta, ic)
+        phase_times["integration_check_s"] = time.perf_counter() - t0
+        log(f"integration check (twice the samples): R_integration {100 * integration['R_integration']:.2f} %, "
+            f"R_obs {100 * integration['R_obs_double_samples']:.2f} %, wR2 {100 * integration['wR2_double_samples']:.2f} %; "
+            f"{integration['frames_below_one_sample_per_fringe']} frames below one sample per fringe")
+        if integration["R_integration"] > 0.01:
+            log("warning: the rocking integration is not converged at these samples; raise n_samples or set "
+                "samples_per_fringe (e.g. 1.2)")
     return RefinementResult(problem=problem, theta=theta, ic=ic, figures=fig, figures_free=fig_free,
                             figures_holdout=fig_hold,
                             covariance=cov_full, refined_index=index, lm=lm, adam_steps=adam.step,
                             phase_times=phase_times, elapsed_s=time.perf_counter() - t_start,
-                            interrupted=interrupted, correlations=corr, start_figures=start_fig)
+                            interrupted=interrupted, correlations=corr, start_figures=start_fig,
+                            integration=integration)

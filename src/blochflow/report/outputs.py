@@ -124,6 +124,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "thickness": mean_t,
         "thickness_model": pr.frames.thickness.kind,
         "warm_start": pr.warm_start,
+        "integration": result.integration,
         "frames": {n: np.asarray(v).tolist() for n, v in frames.items()},
         "strong_correlations": result.correlations,
         "lm_history": result.lm.history,

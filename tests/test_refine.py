@@ -260,3 +260,20 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     print(f"s.u. honesty: n={len(z)} mean={z.mean():.3f} std={z.std():.3f}")
     assert len(z) >= 50
     assert abs(z.mean()) < 0.5 and 0.75 < z.std() < 1.3, (z.mean(), z.std())
+
+
+def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):
+    """samples_per_fringe: each frame gets ceil(k * 1.5 t0 * 2 max dS_g) tilts (n_samples the minimum),
+    for the start thickness t0, and the refinement problem sees the same observations."""
+    ds = every_nth_frame(quartz_paths[1], 20)
+    plain = build_problem(truth, ds, RefineSettings(n_samples=4, thickness=600.0))
+    sized = build_problem(truth, ds, RefineSettings(n_samples=4, thickness=600.0, samples_per_fringe=0.5))
+    scored = sized.model.plan.scored
+    sweep = np.zeros(len(ds.frames))
+    np.maximum.at(sweep, scored.frame, 2 * scored.excitation_range)
+    expected = np.maximum(4, np.ceil(0.5 * 1.5 * 600.0 * sweep))
+    assert np.array_equal(sized.model.samples_per_frame(), expected) and expected.max() > 4
+    assert np.array_equal(plain.model.samples_per_frame(), np.full(len(ds.frames), 4))
+    assert torch.equal(sized.model.io, plain.model.io)
+    with torch.no_grad():  # more samples, same parameters: intensities of the same reflections
+        assert sized.intensities(sized.theta0).shape == plain.intensities(plain.theta0).shape

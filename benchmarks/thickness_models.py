@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from blochflow.cli import main as cli
 from blochflow.crystal.structure import Crystal, crystal_from_record, displaced, structure_deviation

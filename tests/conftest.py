@@ -3,7 +3,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import Crystal, crystal_from_record

@@ -9,7 +9,6 @@ over alpha +- half-angle; a precession frame over a cone of incident directions.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -10,7 +10,7 @@ from blochflow.crystal.structure import crystal_from_record, inverted
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.diffraction import BeamSettings, build_plan
-from blochflow.physics.geometry import frame_samples
+from blochflow.physics.geometry import frame_samples, fringe_sample_counts
 from blochflow.refine.model import ForwardModel, ModelSettings
 
 FAST = ModelSettings(beams=BeamSettings(g_max=1.4, s_max=0.015, n_samples=6, rsg=0.9))
@@ -95,7 +95,6 @@ def test_absorption_reduces_intensity_and_methods_agree(quartz):
 
 
 def test_linspace_rule_includes_both_ends_of_the_wedge():
-    from blochflow.physics.geometry import frame_samples
     s = frame_samples(np.array([1.0, 0.5]), "continuous", 5, "linspace")
     offs = np.degrees(s.alpha_offset).reshape(2, 5)
     assert np.allclose(offs[0], [-1, -0.5, 0, 0.5, 1]) and np.allclose(offs[1], [-0.5, -0.25, 0, 0.25, 0.5])
@@ -150,18 +149,21 @@ def test_one_sample_per_pendelloesung_fringe_converges_the_rocking_integral(quar
     mask = _mask(ds, (0, 40, 80))
     t = 900.0
 
-    def at(**beams):
-        m = ForwardModel(crystal, ds, dataclasses.replace(FAST, beams=dataclasses.replace(FAST.beams, **beams)),
-                         frame_mask=mask)
-        with torch.no_grad():
-            return m.intensities(m.frame_state(t)).numpy(), m
+    m = ForwardModel(crystal, ds, FAST, frame_mask=mask)
 
-    ref, _ = at(n_samples=320)
-    fine, m = at(n_samples=2, fringe_thickness=1.2 * t)
+    def at(counts):
+        m.resample(counts)
+        with torch.no_grad():
+            return m.intensities(m.frame_state(t)).numpy()
+
+    scored = m.plan.scored
+    rule = fringe_sample_counts(scored.excitation_range, scored.frame, m.n_frames, 1.2 * t, m.plan.geometry, 2)
+    ref = at(np.full(m.n_frames, 320))
+    fine = at(rule)
     counts = m.samples_per_frame()[mask]
-    sweep = np.array([2 * m.plan.scored.excitation_range[m.plan.scored.frame == f].max() for f in np.flatnonzero(mask)])
+    sweep = np.array([2 * scored.excitation_range[scored.frame == f].max() for f in np.flatnonzero(mask)])
     assert np.all(counts == np.ceil(1.2 * t * sweep)) and counts.max() < 100
-    coarse, _ = at(n_samples=int(counts.max()) // 3)
+    coarse = at(np.full(m.n_frames, int(counts.max()) // 3))
 
     def r(x):
         return np.abs(np.sqrt(x) - np.sqrt(ref)).sum() / np.sqrt(ref).sum()

@@ -17,7 +17,6 @@ import torch
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import divided_differences, propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
-                       fringe_sample_counts,
                        orientation_ub, rotation_axis_lab, rotation_matrix)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
@@ -29,8 +28,7 @@ class BeamSettings:
 
     g_max: float | None = None  # 1/A; None: data dstarmax + 0.4
     s_max: float = 0.02  # 1/A, excitation-error limit for coupled beams at each sample
-    n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession); the minimum with fringe_thickness
-    fringe_thickness: float | None = None  # A: per-frame counts from fringe_sample_counts for this thickness
+    n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession)
     sample_rule: Literal["midpoint", "gauss", "linspace"] = "midpoint"
     rsg: float = 0.66  # Klar et al. 2023: keep |s_g| / dS_g < rsg
     dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
@@ -105,8 +103,8 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                samples_per_frame: np.ndarray | None = None) -> DiffractionPlan:
     """Choose beams per sample and scored reflections per frame for a PETS dataset record.
 
-    Samples per frame: ``samples_per_frame`` if given, else ``settings.n_samples``, raised where
-    ``settings.fringe_thickness`` needs more (:func:`fringe_sample_counts`).
+    Samples per frame: ``samples_per_frame`` (one count per frame, e.g. from
+    :func:`~blochflow.physics.geometry.fringe_sample_counts`) if given, else ``settings.n_samples``.
     """
     frames, refl = dataset.frames, dataset.reflections
     geometry = dataset.details.geometry
@@ -136,12 +134,9 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     scored = ScoredReflections(row=rows, frame=fidx[rows], hkl=refl.hkl[rows], excitation_error=s_obs[rows],
                                excitation_range=ds_obs[rows])
 
-    if samples_per_frame is None:
-        samples_per_frame = np.full(len(frames), settings.n_samples)
-        if settings.fringe_thickness is not None:
-            samples_per_frame = fringe_sample_counts(scored.excitation_range, scored.frame, len(frames),
-                                                     settings.fringe_thickness, geometry, settings.n_samples)
-    samples = frame_samples(frames.half_angle_deg, geometry, samples_per_frame, settings.sample_rule)
+    samples = frame_samples(frames.half_angle_deg, geometry,
+                            settings.n_samples if samples_per_frame is None else samples_per_frame,
+                            settings.sample_rule)
 
     cand = _candidate_beams(dataset.cell, g_max)
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]

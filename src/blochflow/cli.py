@@ -37,6 +37,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tilts across a frame's wedge; linspace includes both ends (diffBloch's set)")
     g.add_argument("--ub-convention", choices=["pets", "diffbloch"], default="pets",
                    help="g = U B h with UB as written (pets), or U^-T B h as diffBloch (paper's synthetic data)")
+    g.add_argument("--coupling", choices=["sample", "segments"], default="sample",
+                   help="beams per tilt (sample), or per run of tilts with the rocking tails beyond --s-max cut "
+                        "(segments, as diffBloch simulates)")
+    g.add_argument("--segments", type=int, default=12, help="runs of tilts per frame for --coupling segments")
+    g.add_argument("--tilt-window", type=int, default=1,
+                   help="> 1: tapered tilt weights of a moving average this wide (diffBloch's mosaic smoothing: 5)")
+    g.add_argument("--rocking-axis", choices=["goniometer", "fixed"], default="goniometer",
+                   help="tilts turn about the goniometer axis, or about the fixed lab x axis (diffBloch)")
     g.add_argument("--rsg", type=float, default=0.66, help="score reflections with |s_g|/dS_g < RSG")
     g.add_argument("--dsg", type=float, default=0.0015, help="... and dS_g - |s_g| > DSG (1/A)")
     g.add_argument("--absorption", choices=["none", "proportional", "tds"], default="none")
@@ -48,11 +56,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _model_settings(args):
     from .physics.diffraction import BeamSettings
     from .refine.model import ModelSettings
-    for name in ("samples",):
+    for name in ("samples", "segments", "tilt_window"):
         if getattr(args, name) < 1:
-            raise InputError(f"--{name}", str(getattr(args, name)), "must be at least 1")
+            raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be at least 1")
     beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
-                         sample_rule=args.sample_rule, ub_convention=args.ub_convention)
+                         sample_rule=args.sample_rule, ub_convention=args.ub_convention, coupling=args.coupling,
+                         n_segments=args.segments, tilt_window=args.tilt_window, rocking_axis=args.rocking_axis)
     return ModelSettings(beams=beams, absorption=args.absorption, kappa=args.kappa,
                          absorption_method=args.absorption_method, instability=args.instability)
 
@@ -251,6 +260,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
     "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
+    "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis",
     "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
 }
 
@@ -402,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--samples", type=int, help="tilt samples per frame")
     r.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], help="tilts across a frame's wedge")
     r.add_argument("--ub-convention", choices=["pets", "diffbloch"], help="g = U B h (pets) or U^-T B h (diffbloch)")
+    r.add_argument("--coupling", choices=["sample", "segments"],
+                   help="beams per tilt, or per run of tilts with rocking tails cut (as diffBloch simulates)")
+    r.add_argument("--tilt-window", type=int, help="> 1: tapered tilt weights (diffBloch's mosaic smoothing: 5)")
+    r.add_argument("--rocking-axis", choices=["goniometer", "fixed"], help="tilt about the goniometer or lab x axis")
     r.add_argument("--thickness-model", choices=["global", "per-frame", "slab", "learned"])
     r.add_argument("--thickness-points", type=int, help="quadrature points of a learned thickness distribution")
     r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")

@@ -17,9 +17,10 @@ import torch
 from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import divided_differences, propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
-                       orientation_ub, rotation_axis_lab, rotation_matrix)
+                       orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 
 AbsorptionMethod = Literal["exact", "perturbative"]
+COUPLINGS = ("sample", "segments")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,14 @@ class BeamSettings:
     chunk_elements: int = 3_000_000  # samples x N^2 per batched solve
     nonparallel: bool = True  # (1 + g.n/K_n)^-1/2 factors
     ub_convention: Literal["pets", "diffbloch"] = "pets"  # g = U B h, or U^-T B h (diffBloch)
+    rocking_axis: Literal["goniometer", "fixed"] = "goniometer"  # tilts turn about alpha's axis, or lab x
+    tilt_window: int = 1  # > 1: tilt weights of a sum of moving averages this wide (tapered ends)
+    # "sample": each tilt couples the beams within s_max of it plus every scored reflection of its
+    # frame. "segments": a frame's tilts are cut into n_segments runs; a run couples the beams within
+    # s_max at its first or last tilt, and a scored reflection outside that set counts zero there
+    # (the rocking tails are cut, as in the simulator of diffBloch); one never coupled is not scored.
+    coupling: Literal["sample", "segments"] = "sample"
+    n_segments: int = 12
 
 
 @dataclass(frozen=True)
@@ -117,7 +126,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     beta = torch.as_tensor(np.radians(frames.beta_deg))
     omega = torch.as_tensor(np.radians(frames.omega_deg))
     orient = frame_orientations(ub, alpha, beta, omega, phi).numpy()
-    axis = rotation_axis_lab(omega, phi).numpy()
+    axis = rocking_axis_lab(omega, phi, settings.rocking_axis).numpy()
 
     # Scored reflections: Klar et al. (2023) criteria at the frame centre.
     id_to_index = {int(f): i for i, f in enumerate(frames.ids)}
@@ -136,29 +145,56 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
 
     samples = frame_samples(frames.half_angle_deg, geometry,
                             settings.n_samples if samples_per_frame is None else samples_per_frame,
-                            settings.sample_rule)
+                            settings.sample_rule, settings.tilt_window)
 
     cand = _candidate_beams(dataset.cell, g_max)
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
     sf = samples.frame
-    sample_orient = frame_orientations(ub, alpha[sf] + torch.as_tensor(samples.alpha_offset), beta[sf], omega[sf],
-                                       phi).numpy()
+    sample_orient = sample_orientations(ub, alpha[sf], beta[sf], omega[sf], phi,
+                                        torch.as_tensor(samples.alpha_offset), settings.rocking_axis).numpy()
 
     def key(h):
         return (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
 
+    def excited(s):  # candidate beams within s_max of the Ewald sphere at sample s
+        sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k)
+        return np.abs(sg.numpy()) < settings.s_max
+
     cand_key = key(cand)
-    not_scored = [~np.isin(cand_key, key(scored.hkl[rows_f])) for rows_f in per_frame_scored]
-    sample_beams: list[np.ndarray] = []
-    for s in range(len(sf)):
-        f = sf[s]
-        if len(per_frame_scored[f]) == 0:  # nothing to compare: no solve needed
-            sample_beams.append(np.zeros((1, 3), int))
+    # Per sample: its beams (000 first) and the (beam position, scored reflection) pairs it outputs.
+    sample_beams: list[np.ndarray] = [np.zeros((1, 3), int)] * len(sf)
+    sample_out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, int), np.zeros(0, int))] * len(sf)
+    for f in range(len(frames)):
+        sc = per_frame_scored[f]
+        if len(sc) == 0:  # nothing to compare: no solve needed
             continue
-        sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k).numpy()
-        sel = cand[(np.abs(sg) < settings.s_max) & not_scored[f]]  # scored reflections are added once below
-        sc = scored.hkl[per_frame_scored[f]]
-        sample_beams.append(np.concatenate([np.zeros((1, 3), int), sc.reshape(-1, 3), sel], 0))
+        idx = np.flatnonzero(sf == f)
+        if settings.coupling == "sample":
+            not_scored = ~np.isin(cand_key, key(scored.hkl[sc]))  # scored reflections are added once below
+            for s in idx:
+                sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc], cand[excited(s) & not_scored]])
+                sample_out[s] = (1 + np.arange(len(sc)), sc)
+        elif settings.coupling == "segments":
+            sc_key = key(scored.hkl[sc])
+            for seg in np.array_split(idx, min(settings.n_segments, len(idx))):
+                sel = cand[excited(seg[0]) | excited(seg[-1])]
+                pos = np.flatnonzero(np.isin(sc_key, key(sel)))
+                beams = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc[pos]],
+                                        sel[~np.isin(key(sel), sc_key)]])
+                for s in seg:
+                    sample_beams[s], sample_out[s] = beams, (1 + np.arange(len(pos)), sc[pos])
+        else:
+            raise ValueError(f"unknown coupling '{settings.coupling}' (choose {', '.join(COUPLINGS)})")
+    if settings.coupling == "segments":  # a reflection coupled at no tilt of its frame is not scored
+        used_refl = np.zeros(len(scored.row), bool)
+        for _, r in sample_out:
+            used_refl[r] = True
+        new_index = np.cumsum(used_refl) - 1
+        scored = ScoredReflections(row=scored.row[used_refl], frame=scored.frame[used_refl],
+                                   hkl=scored.hkl[used_refl], excitation_error=scored.excitation_error[used_refl],
+                                   excitation_range=scored.excitation_range[used_refl])
+        sample_out = [(b, new_index[r]) for b, r in sample_out]
+        per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
     n_beams = np.array([len(b) for b in sample_beams])
 
     # Chunks of samples with similar beam counts (little padding) and a bounded B x N^2.
@@ -204,10 +240,10 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             b = sample_beams[s]
             hkl[j, :len(b)] = b
             mask[j, :len(b)] = True
-            sc = per_frame_scored[samples.frame[s]]
-            osamp.append(np.full(len(sc), j))
-            obeam.append(1 + np.arange(len(sc)))
-            orefl.append(sc)
+            beam_pos, refl_idx = sample_out[s]
+            osamp.append(np.full(len(refl_idx), j))
+            obeam.append(beam_pos)
+            orefl.append(refl_idx)
         pair_index = None
         if cache_pairs:
             h = hkl.astype(np.int64)
@@ -315,8 +351,8 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     inc = torch.as_tensor(samples.incident, dtype=rtype)[s_idx]
     offs = torch.as_tensor(samples.alpha_offset, dtype=rtype)[s_idx]
     weight = torch.as_tensor(samples.weight, dtype=rtype)[s_idx]
-    orient = frame_orientations(plan.ub.to(rtype), state.alpha[fr] + offs, state.beta[fr], state.omega[fr],
-                                plan.axis_azimuth)  # (B,3,3)
+    orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
+                                 plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
     if state.orientation_correction is not None:
         orient = correction_rotation(state.orientation_correction[fr]) @ orient
     hkl = ch_hkl.to(rtype)
@@ -336,7 +372,8 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
         normal = inc
     else:  # the normal turns with the crystal: by the tilt inside the frame, then the correction
         normal = _rotate_about(state.surface_normal[fr].to(rtype),
-                               rotation_axis_lab(state.omega[fr], plan.axis_azimuth).to(rtype), offs)
+                               rocking_axis_lab(state.omega[fr], plan.axis_azimuth,
+                                                plan.settings.rocking_axis).to(rtype), offs)
         if state.orientation_correction is not None:
             normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
     kn = k * torch.sum(inc * normal, -1)  # (B,)

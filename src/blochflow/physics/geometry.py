@@ -38,6 +38,31 @@ def frame_orientations(ub: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
             @ rotation_matrix("y", beta) @ ub)
 
 
+ROCKING_AXES = ("goniometer", "fixed")
+
+
+def sample_orientations(ub: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, omega: torch.Tensor,
+                        axis_azimuth: float, offset: torch.Tensor, rocking_axis: str = "goniometer") -> torch.Tensor:
+    """Orientations (S, 3, 3) of tilt samples ``offset`` (radians) inside their frames.
+
+    ``goniometer``: the tilt adds to alpha, i.e. turns about the goniometer axis R_z(omega - phi) x.
+    ``fixed``: the tilt turns about the frame-independent axis R_z(-phi) x after the whole goniometer
+    rotation (how diffBloch rocks, about its lab x); the two axes differ by omega.
+    """
+    if rocking_axis == "goniometer":
+        return frame_orientations(ub, alpha + offset, beta, omega, axis_azimuth)
+    if rocking_axis == "fixed":
+        phi = torch.full_like(alpha, -axis_azimuth)
+        return (rotation_matrix("z", phi) @ rotation_matrix("x", offset) @ rotation_matrix("z", omega)
+                @ rotation_matrix("x", alpha) @ rotation_matrix("y", beta) @ ub)
+    raise ValueError(f"unknown rocking axis '{rocking_axis}' (choose {', '.join(ROCKING_AXES)})")
+
+
+def rocking_axis_lab(omega: torch.Tensor, axis_azimuth: float, rocking_axis: str = "goniometer") -> torch.Tensor:
+    """Unit vectors (F, 3) of the axis the tilt samples turn about (see :func:`sample_orientations`)."""
+    return rotation_axis_lab(omega if rocking_axis == "goniometer" else torch.zeros_like(omega), axis_azimuth)
+
+
 UB_CONVENTIONS = ("pets", "diffbloch")
 
 
@@ -99,11 +124,25 @@ class SampleSet:
     weight: np.ndarray  # (S,) sums to 1 within each frame
 
 
+def window_weights(n: int, window: int) -> np.ndarray:
+    """Weights (n,) summing to 1 of a sum of ``window``-wide moving averages over n tilts.
+
+    Tilt i lies in min(i + 1, n - i, window, n - window + 1) windows, so the ends taper linearly
+    (window 5: 0.2, 0.4, 0.6, 0.8, 1, ..., 1, 0.8, ..., 0.2 before normalising); the mosaic
+    smoothing with which diffBloch sums its tilts. window 1 gives equal weights.
+    """
+    w = min(max(int(window), 1), n)
+    i = np.arange(n)
+    c = np.minimum.reduce([i + 1, n - i, np.full(n, w), np.full(n, n - w + 1)]).astype(float)
+    return c / c.sum()
+
+
 def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int | np.ndarray,
-                  rule: str = "midpoint") -> SampleSet:
+                  rule: str = "midpoint", window: int = 1) -> SampleSet:
     """Sample each frame's integration range: rocking wedge (continuous) or precession cone.
 
-    ``n_samples`` is one count for every frame or one per frame.
+    ``n_samples`` is one count for every frame or one per frame. ``window`` > 1 tapers the tilt
+    weights of a continuous frame (:func:`window_weights`) in place of the rule's own weights.
     """
     n_frames = len(half_angle_deg)
     counts = np.broadcast_to(np.asarray(n_samples, dtype=int), (n_frames,))
@@ -111,6 +150,8 @@ def frame_samples(half_angle_deg: np.ndarray, geometry: str, n_samples: int | np
     if geometry == "continuous":
         table = {"gauss": gauss_legendre, "midpoint": midpoint, "linspace": linspace}[rule]
         nodes = {int(n): table(int(n)) for n in np.unique(counts)}
+        if window > 1:
+            nodes = {n: (x, window_weights(n, window)) for n, (x, _) in nodes.items()}
         x = np.concatenate([nodes[int(n)][0] for n in counts])
         weights = np.concatenate([nodes[int(n)][1] for n in counts])
         offs = np.radians(np.asarray(half_angle_deg, float))[frame] * x

@@ -28,7 +28,8 @@ from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, Lear
                                  SlabThickness)
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import BeamSettings
-from ..physics.geometry import UB_CONVENTIONS, fringe_sample_counts
+from ..physics.diffraction import COUPLINGS
+from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
 from .optimise import (AdamState, LMState, NormalEquations, adam_learning_rates, adam_step, covariance, lm_step,
@@ -50,6 +51,12 @@ class RefineSettings:
     ub_convention: str = "pets"  # pets: g = U B h as written; diffbloch: g = U^-T B h (paper's synthetic data)
     g_max: float | None = None
     s_max: float = 0.02
+    # beams coupled per tilt (sample), or per run of tilts with the rocking tails beyond s_max cut
+    # (segments: the simulator of diffBloch); see BeamSettings
+    coupling: str = "sample"
+    n_segments: int = 12
+    tilt_window: int = 1  # > 1: tapered tilt weights (diffBloch's mosaic smoothing uses 5)
+    rocking_axis: str = "goniometer"  # goniometer | fixed (lab x, as diffBloch rocks)
     rsg: float = 0.66
     dsg: float = 0.0015
     absorption: str = "none"
@@ -100,7 +107,9 @@ class RefineSettings:
 
     def model_settings(self) -> ModelSettings:
         beams = BeamSettings(g_max=self.g_max, s_max=self.s_max, n_samples=self.n_samples, rsg=self.rsg,
-                             dsg=self.dsg, sample_rule=self.sample_rule, ub_convention=self.ub_convention)
+                             dsg=self.dsg, sample_rule=self.sample_rule, ub_convention=self.ub_convention,
+                             coupling=self.coupling, n_segments=self.n_segments, tilt_window=self.tilt_window,
+                             rocking_axis=self.rocking_axis)
         return ModelSettings(beams=beams, absorption=self.absorption, kappa=self.kappa,
                              instability=self.instability)
 
@@ -109,6 +118,7 @@ class RefineSettings:
 
 
 SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": UB_CONVENTIONS,
+                   "coupling": COUPLINGS, "rocking_axis": ROCKING_AXES,
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
                    "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double"),
@@ -162,8 +172,9 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
     s = RefineSettings(**kw)
     if s.samples_per_fringe < 0:
         raise ValueError("samples_per_fringe: must be 0 (off) or positive")
-    if s.n_samples < 1:
-        raise ValueError("n_samples: must be at least 1")
+    for name in ("n_samples", "n_segments", "tilt_window"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"{name}: must be at least 1")
     if not 0 <= s.free_fraction < 0.5:
         raise ValueError("free_fraction: must be in [0, 0.5)")
     if not 0 <= s.holdout_frames < 0.5:

@@ -19,13 +19,15 @@ from blochflow.refine.run import Interrupted, RefineSettings, build_problem, ref
 from conftest import N_SAMPLES, _rmsd, every_nth_frame, simulated
 
 
-@pytest.mark.parametrize("kind", ["intensity", "amplitude"])
+@pytest.mark.parametrize("kind", ["intensity", "amplitude", "intensity-bethe"])
 def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     ds, _, _ = small_dataset
     keep = np.zeros(len(ds.frames), bool)
     keep[[1, 4]] = True
+    beams = dict(s_max=0.01, s_bethe=0.04) if kind.endswith("-bethe") else {}
+    kind = kind.removesuffix("-bethe")
     settings = RefineSettings(n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
-                              thickness=500.0, free_fraction=0.2, jacobian_precision="double")
+                              thickness=500.0, free_fraction=0.2, jacobian_precision="double", **beams)
     problem = build_problem(displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 0.4  # away from zero, where all angles matter

@@ -57,17 +57,21 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
     assert np.allclose(desc["thickness_mean"], 400.0 / np.cos(tilt), rtol=1e-9)
 
 
-@pytest.mark.parametrize("model", ["slab", "per-frame"])
+@pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe"])
 def test_one_thickness_jacobian_rule_matches_the_generic_rule(small_dataset, truth, monkeypatch, model):
     """The fused one-thickness forward rule (potential, excitation errors, illumination factors,
-    K_n and thickness tangents without forming dA) against the generic vmap-of-jvp rule."""
+    K_n and thickness tangents without forming dA; with weak beams folded in by Bethe perturbation
+    also their potential and excitation-error tangents) against the generic vmap-of-jvp rule."""
     import blochflow.physics.diffraction as diffraction
     import blochflow.refine.problem as problem_mod
 
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model=model, free_fraction=0.0,
-                              jacobian_precision="double")
+    bethe = model.endswith("-bethe")
+    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model=model.removesuffix("-bethe"),
+                              free_fraction=0.0, jacobian_precision="double", s_max=0.01 if bethe else 0.02,
+                              s_bethe=0.04 if bethe else 0.0)
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
+    assert (problem.model.plan.n_weak.max() > 20) == bethe
     theta = problem.theta0.clone()
     if model == "slab":
         normal = problem.slots["surface_normal"]

@@ -37,6 +37,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="tilts across a frame's wedge; linspace includes both ends (diffBloch's set)")
     g.add_argument("--ub-convention", choices=["pets", "diffbloch"], default="pets",
                    help="g = U B h with UB as written (pets), or U^-T B h as diffBloch (paper's synthetic data)")
+    g.add_argument("--s-bethe", type=float, default=0.0,
+                   help="> S_MAX: beams with S_MAX <= |s_g| < S_BETHE are folded in by Bethe perturbation (0: off)")
     g.add_argument("--coupling", choices=["sample", "segments"], default="sample",
                    help="beams per tilt (sample), or per run of tilts with the rocking tails beyond --s-max cut "
                         "(segments, as diffBloch simulates)")
@@ -61,7 +63,8 @@ def _model_settings(args):
             raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be at least 1")
     beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
                          sample_rule=args.sample_rule, ub_convention=args.ub_convention, coupling=args.coupling,
-                         n_segments=args.segments, tilt_window=args.tilt_window, rocking_axis=args.rocking_axis)
+                         n_segments=args.segments, tilt_window=args.tilt_window, rocking_axis=args.rocking_axis,
+                         s_bethe=args.s_bethe)
     return ModelSettings(beams=beams, absorption=args.absorption, kappa=args.kappa,
                          absorption_method=args.absorption_method, instability=args.instability)
 
@@ -260,7 +263,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
     "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
-    "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis",
+    "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis", "s_bethe": "s_bethe",
     "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
 }
 
@@ -430,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--absorption", choices=["none", "proportional", "tds"])
     r.add_argument("--g-max", type=float)
     r.add_argument("--s-max", type=float)
+    r.add_argument("--s-bethe", type=float, help="fold beams out to this |s_g| in by Bethe perturbation (0: off)")
     r.add_argument("--checkpoint-every", type=int)
     r.set_defaults(func=cmd_refine)
     return p

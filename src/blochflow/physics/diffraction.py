@@ -44,6 +44,9 @@ class BeamSettings:
     # (the rocking tails are cut, as in the simulator of diffBloch); one never coupled is not scored.
     coupling: Literal["sample", "segments"] = "sample"
     n_segments: int = 12
+    # > s_max: beams with s_max <= |s_g| < s_bethe at a sample are not solved but folded into the
+    # solved beams by second-order perturbation (Bethe potentials, see _bethe_correction); 0: off
+    s_bethe: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class BeamChunk:
     out_beam: torch.Tensor  # (P,) beam position of that reflection in the sample
     out_refl: torch.Tensor  # (P,) index into ScoredReflections
     pair_index: torch.Tensor | None = None  # (B, N, N) int32 potential row of each beam pair, if cached
+    weak_hkl: torch.Tensor | None = None  # (B, W, 3) float: beams folded in by Bethe perturbation
+    weak_mask: torch.Tensor | None = None  # (B, W) bool
+    weak_index: torch.Tensor | None = None  # (B, N, W) int32 potential row of g_i - g_w, if cached
 
 
 # Beam-pair index tables (potential row of g_i - g_j for every pair of every sample) are fixed
@@ -92,6 +98,7 @@ class DiffractionPlan:
     lut_offset: torch.Tensor  # (3,)
     lut_shape: tuple
     n_beams: np.ndarray = field(default=None)  # (S,) real beams per sample
+    n_weak: np.ndarray = field(default=None)  # (S,) beams folded in by Bethe perturbation per sample
 
     @property
     def n_frames(self) -> int:
@@ -156,9 +163,19 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     def key(h):
         return (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
 
-    def excited(s):  # candidate beams within s_max of the Ewald sphere at sample s
+    def cand_excitation(s):
         sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k)
-        return np.abs(sg.numpy()) < settings.s_max
+        return np.abs(sg.numpy())
+
+    def excited(s):  # candidate beams within s_max of the Ewald sphere at sample s
+        return cand_excitation(s) < settings.s_max
+
+    bethe = settings.s_bethe > 0
+    if bethe and settings.coupling != "sample":
+        raise ValueError("s_bethe: Bethe perturbation needs coupling 'sample'")
+    if bethe and settings.s_bethe <= settings.s_max:
+        raise ValueError(f"s_bethe: {settings.s_bethe} must exceed s_max ({settings.s_max})")
+    sample_weak: list[np.ndarray] = [np.zeros((0, 3), int)] * len(sf)
 
     cand_key = key(cand)
     # Per sample: its beams (000 first) and the (beam position, scored reflection) pairs it outputs.
@@ -172,8 +189,12 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         if settings.coupling == "sample":
             not_scored = ~np.isin(cand_key, key(scored.hkl[sc]))  # scored reflections are added once below
             for s in idx:
-                sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc], cand[excited(s) & not_scored]])
+                exc = cand_excitation(s)
+                sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc],
+                                                  cand[(exc < settings.s_max) & not_scored]])
                 sample_out[s] = (1 + np.arange(len(sc)), sc)
+                if bethe:
+                    sample_weak[s] = cand[(exc >= settings.s_max) & (exc < settings.s_bethe) & not_scored]
         elif settings.coupling == "segments":
             sc_key = key(scored.hkl[sc])
             for seg in np.array_split(idx, min(settings.n_segments, len(idx))):
@@ -214,11 +235,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         chunks_idx.append(cur)
 
     # Potential table: every hkl difference that occurs, via a dense lookup box.
-    hmax = np.max(np.abs(np.concatenate(sample_beams)), axis=0) * 2
+    hmax = np.max(np.abs(np.concatenate(sample_beams + sample_weak)), axis=0) * 2
     shape = tuple(int(2 * m + 1) for m in hmax)
     used = np.zeros(shape, bool)
-    for b in sample_beams:
+    for b, wk in zip(sample_beams, sample_weak):
         d = b[:, None, :] - b[None, :, :]
+        used[d[..., 0] + hmax[0], d[..., 1] + hmax[1], d[..., 2] + hmax[2]] = True
+        d = b[:, None, :] - wk[None, :, :]
         used[d[..., 0] + hmax[0], d[..., 1] + hmax[1], d[..., 2] + hmax[2]] = True
     used[hmax[0], hmax[1], hmax[2]] = True
     pot_hkl = np.argwhere(used) - hmax
@@ -230,7 +253,9 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     lut[pot_hkl[:, 0] + hmax[0], pot_hkl[:, 1] + hmax[1], pot_hkl[:, 2] + hmax[2]] = np.arange(len(pot_hkl))
 
     chunks = []
-    cache_pairs = sum(len(c) * max(n_beams[s] for s in c) ** 2 for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
+    n_weak = np.array([len(w) for w in sample_weak])
+    cache_pairs = sum(len(c) * max(n_beams[s] for s in c) * (max(n_beams[s] for s in c) + max(n_weak[s] for s in c))
+                      for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
     for idx in chunks_idx:
         n = max(n_beams[s] for s in idx)
         hkl = np.zeros((len(idx), n, 3))
@@ -251,16 +276,49 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             pair = mask[:, :, None] & mask[:, None, :] & ~np.eye(n, dtype=bool)
             pair_index = torch.as_tensor(np.where(pair, lut[d[..., 0], d[..., 1], d[..., 2]],
                                                   len(pot_hkl)).astype(np.int32))
+        weak = {}
+        if bethe:
+            nw = max(1, max(n_weak[s] for s in idx))
+            whkl = np.zeros((len(idx), nw, 3))
+            wmask = np.zeros((len(idx), nw), bool)
+            for j, s in enumerate(idx):
+                whkl[j, :n_weak[s]] = sample_weak[s]
+                wmask[j, :n_weak[s]] = True
+            weak = dict(weak_hkl=torch.as_tensor(whkl), weak_mask=torch.as_tensor(wmask))
+            if cache_pairs:
+                weak["weak_index"] = _weak_index(torch.as_tensor(hkl), torch.as_tensor(mask), weak["weak_hkl"],
+                                                 weak["weak_mask"], torch.as_tensor(lut), torch.as_tensor(hmax),
+                                                 len(pot_hkl)).to(torch.int32)
         chunks.append(BeamChunk(
             sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
             hkl=torch.as_tensor(hkl), mask=torch.as_tensor(mask),
             out_sample=torch.as_tensor(np.concatenate(osamp)).long(),
             out_beam=torch.as_tensor(np.concatenate(obeam)).long(),
-            out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index))
+            out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index, **weak))
     return DiffractionPlan(settings=settings, geometry=geometry, wavelength=dataset.wavelength, g_max=g_max,
                            ub=ub, axis_azimuth=phi, samples=samples, scored=scored, chunks=chunks,
                            potential_hkl=pot_hkl, lut=torch.as_tensor(lut), lut_offset=torch.as_tensor(hmax),
-                           lut_shape=shape, n_beams=n_beams)
+                           lut_shape=shape, n_beams=n_beams, n_weak=n_weak)
+
+
+def _weak_index(hkl, mask, weak_hkl, weak_mask, lut, offset, pad: int) -> torch.Tensor:
+    """Potential rows (B, N, W) of g_i - g_w between solved and weak beams; ``pad`` where either is padding."""
+    d = (hkl[:, :, None, :] - weak_hkl[:, None, :, :]).long() + offset
+    idx = lut[d[..., 0], d[..., 1], d[..., 2]]
+    return torch.where(mask[:, :, None] & weak_mask[:, None, :], idx, torch.full_like(idx, pad))
+
+
+def _bethe_correction(pot: torch.Tensor, weak_idx: torch.Tensor, diag_weak: torch.Tensor):
+    """Second-order (Bethe) coupling through weak beams: C = P_sw D_w^-1 P_ws, and X = D_w^-1 P_ws.
+
+    Eliminating a weak beam w from (A - lambda) c = 0 with lambda << A_ww = 2 K s_w (|s_w| >= s_max)
+    and weak-weak coupling neglected gives the solved block A_eff = M (P - C + D) M: the illumination
+    factors of the weak beams cancel. pot (M+1,) with a trailing zero; weak_idx (B, N, W);
+    diag_weak (B, W) = 2 K s_w (large on padding).
+    """
+    p_sw = pot[weak_idx]  # (B, N, W)
+    x = p_sw.conj().mT / diag_weak.to(pot.dtype)[:, :, None]  # (B, W, N)
+    return p_sw @ x, x
 
 
 @dataclass
@@ -328,6 +386,8 @@ class _ChunkTerms:
     out_sample: torch.Tensor
     out_beam: torch.Tensor
     out_refl: torch.Tensor
+    weak_idx: torch.Tensor | None = None  # (B,N,W) index into pot, for the Bethe correction
+    diag_weak: torch.Tensor | None = None  # (B,W) 2 K s_w of the weak beams, large on padding
 
 
 def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
@@ -340,6 +400,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     samples = plan.samples
     ch_hkl, mask, fr, s_idx, pair_index = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index
     out_sample, out_beam, out_refl = ch.out_sample, ch.out_beam, ch.out_refl
+    weak_hkl, weak_mask, weak_index = ch.weak_hkl, ch.weak_mask, ch.weak_index
     if sample_slice is not None:
         keep = (out_sample >= sample_slice.start) & (out_sample < sample_slice.stop)
         out_sample = out_sample[keep] - sample_slice.start
@@ -348,6 +409,9 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
                                    s_idx[sample_slice])
         if pair_index is not None:
             pair_index = pair_index[sample_slice]
+        if weak_hkl is not None:
+            weak_hkl, weak_mask = weak_hkl[sample_slice], weak_mask[sample_slice]
+            weak_index = None if weak_index is None else weak_index[sample_slice]
     inc = torch.as_tensor(samples.incident, dtype=rtype)[s_idx]
     offs = torch.as_tensor(samples.alpha_offset, dtype=rtype)[s_idx]
     weight = torch.as_tensor(samples.weight, dtype=rtype)[s_idx]
@@ -381,8 +445,14 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     if plan.settings.nonparallel:
         m = torch.where(mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
                         torch.ones_like(sg))
+    weak_idx = diag_weak = None
+    if weak_hkl is not None:
+        weak_idx = weak_index.long() if weak_index is not None else _weak_index(
+            ch_hkl, mask, weak_hkl, weak_mask, plan.lut, plan.lut_offset, len(potential))
+        s_w = excitation_error(torch.einsum("bij,bnj->bni", orient, weak_hkl.to(rtype)), inc[:, None, :], k)
+        diag_weak = torch.where(weak_mask, 2 * k * s_w, torch.full_like(s_w, 1e4))
     return _ChunkTerms(pot, pot_abs, idx, diag, m, kn, state.thickness[fr], weight, mask,
-                       out_sample, out_beam, out_refl)
+                       out_sample, out_beam, out_refl, weak_idx, diag_weak)
 
 
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
@@ -394,6 +464,8 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     ctype = potential.dtype
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
     a_mat = tm.pot[tm.idx] + torch.diag_embed(tm.diag).to(ctype)
+    if tm.weak_idx is not None:
+        a_mat = a_mat - _bethe_correction(tm.pot, tm.weak_idx, tm.diag_weak)[0]
     if tm.m is not None:
         mm = (tm.m[:, :, None] * tm.m[:, None, :]).to(ctype)
         a_mat = a_mat * mm
@@ -445,12 +517,16 @@ def _chunk_jvp_one_thickness(small, prim_args, tan_args):
     """
     from torch.func import jvp, vmap
 
-    (pot, diag, m, kn, thick), (dpot, ddiag, dm, dkn, dthick) = vmap(
+    (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = vmap(
         lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
     tm = small.terms
     ctype = pot.dtype
     with torch.no_grad():
         a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
+        bethe = tm.weak_idx is not None
+        if bethe:  # A = M (P - C + D) M with C = P_sw X, X = D_w^-1 P_ws (see _bethe_correction)
+            corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
+            a0 = a0 - corr
         mc = m.to(ctype)
         lam, vec = torch.linalg.eigh(a0 * (mc[:, :, None] * mc[:, None, :]))
         lam = lam.to(ctype)
@@ -469,9 +545,15 @@ def _chunk_jvp_one_thickness(small, prim_args, tan_args):
         live = torch.nonzero(dpot.abs().amax(-1) > 0)[:, 0]  # tangents that move the potential
         if len(live):
             d_p = dpot[live[None, :, None, None], tm.idx[:, None]]  # dP (B,T',N,N)
-            y = (d_p.view(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
+            if bethe:  # dC = dP_sw X + (dP_sw X)^H for a potential tangent (P hermitian)
+                z = dpot[live[None, :, None, None], tm.weak_idx[:, None]] @ x[:, None]  # (B,T',N,N)
+                d_p = d_p - z - z.mH
+            y = (d_p.reshape(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
             core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
         core = core + torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag.to(ctype))
+        if bethe:  # -dC = X^H dD_w X for a weak beam's excitation error
+            k_w = (vinv_m @ x.mH) * (x @ hm).mT  # (B,N,W)
+            core = core + torch.einsum("biw,tbw->tbi", k_w, ddiag_w.to(ctype))
         k_m = vinv * (a0 @ hm).mT + (vinv_m @ a0) * h.mT
         core = core + torch.einsum("bik,tbk->tbi", k_m, dm.to(ctype))
         dc = (1j * math.pi) * (dthick[..., 0].to(ctype) * inv_kn - thick[:, 0].to(ctype) * dkn.to(ctype) * inv_kn ** 2)
@@ -523,7 +605,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     fast = potential_abs is None and q == 1 and one_thickness_rule
     for ch in plan.chunks:
         b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]
-        step = max(1, int(batch_elements // (n * n * n_t)))
+        n_w = 0 if ch.weak_hkl is None else ch.weak_hkl.shape[1]
+        step = max(1, int(batch_elements // (n * (n + n_w) * n_t)))
         for b0 in range(0, b_total, step):
             sl = slice(b0, min(b0 + step, b_total))
             rows_holder = {}
@@ -545,7 +628,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                         full[i] = v
                     t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
                     small.terms = t  # index tables and output rows: plain tensors, no tangent
-                    return t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness
+                    return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                            t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
                 vals, dvals = _chunk_jvp_one_thickness(small, prim_args, tan_args)
                 rows_holder["rows"] = small.terms.out_refl

@@ -51,6 +51,7 @@ class RefineSettings:
     ub_convention: str = "pets"  # pets: g = U B h as written; diffbloch: g = U^-T B h (paper's synthetic data)
     g_max: float | None = None
     s_max: float = 0.02
+    s_bethe: float = 0.0  # > s_max: beams out to this |s_g| folded in by Bethe perturbation (0: off)
     # beams coupled per tilt (sample), or per run of tilts with the rocking tails beyond s_max cut
     # (segments: the simulator of diffBloch); see BeamSettings
     coupling: str = "sample"
@@ -109,7 +110,7 @@ class RefineSettings:
         beams = BeamSettings(g_max=self.g_max, s_max=self.s_max, n_samples=self.n_samples, rsg=self.rsg,
                              dsg=self.dsg, sample_rule=self.sample_rule, ub_convention=self.ub_convention,
                              coupling=self.coupling, n_segments=self.n_segments, tilt_window=self.tilt_window,
-                             rocking_axis=self.rocking_axis)
+                             rocking_axis=self.rocking_axis, s_bethe=self.s_bethe)
         return ModelSettings(beams=beams, absorption=self.absorption, kappa=self.kappa,
                              instability=self.instability)
 

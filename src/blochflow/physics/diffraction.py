@@ -546,7 +546,9 @@ def _chunk_jvp_one_thickness(small, prim_args, tan_args):
         if len(live):
             d_p = dpot[live[None, :, None, None], tm.idx[:, None]]  # dP (B,T',N,N)
             if bethe:  # dC = dP_sw X + (dP_sw X)^H for a potential tangent (P hermitian)
-                z = dpot[live[None, :, None, None], tm.weak_idx[:, None]] @ x[:, None]  # (B,T',N,N)
+                n_w = x.shape[1]
+                d_sw = dpot[live[None, :, None, None], tm.weak_idx[:, None]]  # (B,T',N,W)
+                z = (d_sw.reshape(b, len(live) * n, n_w) @ x).view(b, len(live), n, n)
                 d_p = d_p - z - z.mH
             y = (d_p.reshape(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
             core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)

@@ -24,8 +24,8 @@ import torch
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
-from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, LearnedThickness, PerFrameThickness,
-                                 SlabThickness)
+from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
+                                 PerFrameThickness, SlabThickness)
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import BeamSettings
 from ..physics.diffraction import COUPLINGS
@@ -68,6 +68,9 @@ class RefineSettings:
     thickness_model: str = "per-frame"  # global | per-frame | slab | learned
     thickness: float | str = "auto"
     thickness_grid: tuple = (100.0, 3000.0, 25.0)  # start, stop, step (A) for the 'auto' scan
+    # per-frame model: after the Adam phase, scan each frame's thickness over thickness_grid at the
+    # current structure and move frames whose best grid value fits clearly better (another branch)
+    thickness_rescan: bool = True
     thickness_points: int = 16  # quadrature points of a learned distribution per frame
     thickness_knots: int = 8  # quantile knots of a learned distribution
     thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
@@ -266,6 +269,35 @@ def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.
     return float(grid[int(np.argmin(np.nansum(table, 0)))])
 
 
+RESCAN_GAIN = 0.8  # a frame moves when its best grid thickness has less than this share of its cost
+RESCAN_AFTER = 5  # LM iterations before the second rescan (the structure is then close)
+
+
+def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
+                           ) -> tuple[torch.Tensor, int]:
+    """Per-frame thickness model: each frame's cost over the thickness grid at theta (one set of
+    eigendecompositions); a frame whose best grid value costs less than RESCAN_GAIN x its current
+    cost is on another branch of the Pendelloesung oscillation and moves there. Returns theta and
+    the number of frames moved."""
+    if not isinstance(problem.frames.thickness, PerFrameThickness):
+        return theta, 0
+    a, b, step = settings.thickness_grid
+    grid = np.arange(a, b + 0.5 * step, step)
+    raw = problem.split(theta)
+    with torch.no_grad():
+        table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
+                                             use=problem.work)  # (F, Q)
+        current = problem.frame_costs(theta).numpy()
+    best = np.nanargmin(np.where(np.isnan(table), np.inf, table), 1)
+    move = np.flatnonzero(table[np.arange(len(best)), best] < RESCAN_GAIN * current)
+    theta = theta.clone()
+    if len(move):
+        sl = problem.slots["thickness"]
+        rows = torch.as_tensor(move) + sl.start
+        theta[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
+    return theta, len(move)
+
+
 class WarmStart(NamedTuple):
     """Where a learned model starts after a fit of a simpler model (see :func:`_warm_start_fit`)."""
 
@@ -447,7 +479,15 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             log(f"adam {adam.step:4d}/{adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")
             if adam.step % settings.checkpoint_every == 0:
                 save()
+        rescan = settings.thickness_rescan and settings.refine_thickness and "thickness" in problem.slots
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
+            # thickness rescans: when LM starts after Adam, and after RESCAN_AFTER LM iterations
+            if rescan and ((lm.iteration == 0 and adam_steps) or lm.iteration == RESCAN_AFTER):
+                t0 = time.perf_counter()
+                theta, moved = rescan_frame_thickness(problem, theta, settings)
+                phase_times["thickness_rescan_s"] = phase_times.get("thickness_rescan_s", 0.0) + time.perf_counter() - t0
+                if moved:
+                    log(f"thickness rescan: {moved} frames moved to another branch")
             t0 = time.perf_counter()
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol)
             phase_times["lm_s"] += time.perf_counter() - t0

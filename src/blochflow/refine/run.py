@@ -271,6 +271,7 @@ def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.
 
 RESCAN_GAIN = 0.8  # a frame moves when its best grid thickness has less than this share of its cost
 RESCAN_AFTER = 5  # LM iterations before the second rescan (the structure is then close)
+RESCAN_MIN_LEFT = 3  # LM iterations that must remain for a rescan at convergence
 
 
 def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
@@ -480,16 +481,27 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             if adam.step % settings.checkpoint_every == 0:
                 save()
         rescan = settings.thickness_rescan and settings.refine_thickness and "thickness" in problem.slots
+
+        def rescan_now() -> int:
+            nonlocal theta
+            t0 = time.perf_counter()
+            theta, moved = rescan_frame_thickness(problem, theta, settings)
+            phase_times["thickness_rescan_s"] = phase_times.get("thickness_rescan_s", 0.0) + time.perf_counter() - t0
+            if moved:
+                log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
+            return moved
+
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
-            # thickness rescans: when LM starts after Adam, and after RESCAN_AFTER LM iterations
-            if rescan and ((lm.iteration == 0 and adam_steps) or lm.iteration == RESCAN_AFTER):
-                t0 = time.perf_counter()
-                theta, moved = rescan_frame_thickness(problem, theta, settings)
-                phase_times["thickness_rescan_s"] = phase_times.get("thickness_rescan_s", 0.0) + time.perf_counter() - t0
-                if moved:
-                    log(f"thickness rescan: {moved} frames moved to another branch")
+            # thickness rescans after RESCAN_AFTER LM iterations (the structure is then close; at the
+            # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence
+            # while iterations remain
+            if rescan and lm.iteration == RESCAN_AFTER:
+                rescan_now()
             t0 = time.perf_counter()
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol)
+            if (lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT
+                    and rescan_now()):
+                lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "
                 f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"

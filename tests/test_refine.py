@@ -279,3 +279,21 @@ def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):
     assert torch.equal(sized.model.io, plain.model.io)
     with torch.no_grad():  # more samples, same parameters: intensities of the same reflections
         assert sized.intensities(sized.theta0).shape == plain.intensities(plain.theta0).shape
+
+
+def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth):
+    """A frame put on another branch of the thickness oscillation is moved back to the grid point
+    next to its true thickness; frames already on their branch stay where they are."""
+    from blochflow.refine.run import rescan_frame_thickness
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    sl = problem.slots["thickness"]
+    theta = problem.theta0.clone()
+    theta[sl.start:sl.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    theta[sl.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    moved_theta, moved = rescan_frame_thickness(problem, theta, settings)
+    t = 1000 * torch.exp(moved_theta[sl.start:sl.stop]).numpy()
+    assert moved == 1 and abs(t[2] - thickness[2]) <= 5.0 + 1e-9
+    assert np.allclose(np.delete(t, 2), np.delete(thickness, 2))

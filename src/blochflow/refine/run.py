@@ -493,14 +493,14 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
 
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
             # thickness rescans after RESCAN_AFTER LM iterations (the structure is then close; at the
-            # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence
-            # while iterations remain
-            if rescan and lm.iteration == RESCAN_AFTER:
+            # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence,
+            # each only while RESCAN_MIN_LEFT iterations remain to refine from it
+            enough_left = settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT
+            if rescan and lm.iteration == RESCAN_AFTER and enough_left:
                 rescan_now()
             t0 = time.perf_counter()
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol)
-            if (lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT
-                    and rescan_now()):
+            if lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT and rescan_now():
                 lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "

@@ -4,7 +4,8 @@ The paper's synthetic ``.cif_pets`` files (Malik et al. 2026) were simulated by 
 known structure (quartz: ``quartz_kinematical.cif`` positions and Uani; paracetamol:
 ``paracetamol_reference.cif``) with a per-frame thickness, 42 evenly spaced tilts per frame
 (ends included) and g = U^-T B h. The refinement here uses the same physics settings
-(``sample_rule=linspace``, ``n_samples=42``, ``ub_convention=diffbloch``) and the product's
+(``sample_rule=linspace``, ``n_samples=42``, ``ub_convention=diffbloch``, ``coupling=segments``,
+``s_max=0.01``) and the product's
 defaults for everything else (per-frame thickness, orientation corrections, Adam then LM).
 
 Reported per start: position RMSD and largest deviation against the truth (hydrogens excluded),
@@ -37,7 +38,10 @@ DATASETS = {  # dataset -> (data file, truth, start pattern), relative to the da
                     "paracetamol/paracetamol_reference.cif",
                     "paracetamol/synthetic/paracetamol_{start}_displacement.cif"),
 }
-PAPER_PHYSICS = {"n_samples": 42, "sample_rule": "linspace", "ub_convention": "diffbloch"}
+# diffBloch's simulator: 42 tilts with both ends, g = U^-T B h, beams per run of tilts within
+# |s| < 0.01 with the rocking tails cut (docs/physics.md); quartz also needs --set g_max=2.05
+PAPER_PHYSICS = {"n_samples": 42, "sample_rule": "linspace", "ub_convention": "diffbloch", "coupling": "segments",
+                 "s_max": 0.01}
 
 
 def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int) -> dict:

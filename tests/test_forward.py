@@ -223,6 +223,12 @@ def test_segment_coupling_cuts_rocking_tails_and_otherwise_agrees(quartz):
         n_pairs += len(ch.out_refl)
     assert 0 < n_pairs < len(plan.scored.row) * FAST.beams.n_samples
     assert set(plan.scored.row) <= set(per_sample.plan.scored.row)
+    # fewer tilts couple fewer reflections, but a resampled model keeps its observations
+    fewer = build_plan(ds, dataclasses.replace(tight, n_samples=2), frame_mask=mask)
+    assert len(fewer.scored.row) < len(plan.scored.row)
+    rows = plan.scored.row.copy()
+    m.resample(np.full(m.n_frames, 2))
+    assert np.array_equal(m.plan.scored.row, rows) and m.samples_per_frame()[3] == 2
 
 
 def _chunk_terms_for(plan, ch, model, state):

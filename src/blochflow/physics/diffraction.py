@@ -116,11 +116,13 @@ def _candidate_beams(cell, g_max: float) -> np.ndarray:
 
 
 def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.ndarray | None = None,
-               samples_per_frame: np.ndarray | None = None) -> DiffractionPlan:
+               samples_per_frame: np.ndarray | None = None, scored_rows: np.ndarray | None = None) -> DiffractionPlan:
     """Choose beams per sample and scored reflections per frame for a PETS dataset record.
 
     Samples per frame: ``samples_per_frame`` (one count per frame, e.g. from
     :func:`~blochflow.physics.geometry.fringe_sample_counts`) if given, else ``settings.n_samples``.
+    ``scored_rows`` fixes the scored reflections (rows of the reflection table) instead of choosing
+    them, so that a plan rebuilt with other samples keeps its observations.
     """
     frames, refl = dataset.frames, dataset.reflections
     geometry = dataset.details.geometry
@@ -146,7 +148,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     keep &= np.any(refl.hkl != 0, axis=1)
     if frame_mask is not None:
         keep &= frame_mask[fidx]
-    rows = np.flatnonzero(keep)
+    rows = np.flatnonzero(keep) if scored_rows is None else np.asarray(scored_rows)
     scored = ScoredReflections(row=rows, frame=fidx[rows], hkl=refl.hkl[rows], excitation_error=s_obs[rows],
                                excitation_range=ds_obs[rows])
 
@@ -206,7 +208,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                     sample_beams[s], sample_out[s] = beams, (1 + np.arange(len(pos)), sc[pos])
         else:
             raise ValueError(f"unknown coupling '{settings.coupling}' (choose {', '.join(COUPLINGS)})")
-    if settings.coupling == "segments":  # a reflection coupled at no tilt of its frame is not scored
+    if settings.coupling == "segments" and scored_rows is None:  # one coupled at no tilt of its frame is not scored
         used_refl = np.zeros(len(scored.row), bool)
         for _, r in sample_out:
             used_refl[r] = True

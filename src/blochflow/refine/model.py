@@ -43,9 +43,10 @@ class ForwardModel:
 
     def resample(self, samples_per_frame: np.ndarray) -> None:
         """Rebuild the plan with these tilt (or azimuth) counts per frame; the scored reflections,
-        hence the observations, stay the same."""
+        hence the observations, stay the same (with segment coupling, which ones are coupled at all
+        depends on the tilts, so they are passed on rather than chosen again)."""
         self.plan = build_plan(self.dataset, self.settings.beams, frame_mask=self.frame_mask,
-                               samples_per_frame=np.asarray(samples_per_frame, int))
+                               samples_per_frame=np.asarray(samples_per_frame, int), scored_rows=self.plan.scored.row)
         self.potential_plan = potential_plan(self.plan.potential_hkl, self.crystal, self.dataset.wavelength)
 
     def samples_per_frame(self) -> np.ndarray:

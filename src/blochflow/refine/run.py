@@ -27,8 +27,7 @@ from ..crystal.structure import Crystal
 from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
                                  PerFrameThickness, SlabThickness)
 from ..io.writers import atomic_write_bytes
-from ..physics.diffraction import BeamSettings
-from ..physics.diffraction import COUPLINGS
+from ..physics.diffraction import COUPLINGS, BeamSettings
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
@@ -68,8 +67,9 @@ class RefineSettings:
     thickness_model: str = "per-frame"  # global | per-frame | slab | learned
     thickness: float | str = "auto"
     thickness_grid: tuple = (100.0, 3000.0, 25.0)  # start, stop, step (A) for the 'auto' scan
-    # per-frame model: after the Adam phase, scan each frame's thickness over thickness_grid at the
-    # current structure and move frames whose best grid value fits clearly better (another branch)
+    # per-frame model: after 5 LM iterations and at convergence, scan each frame's thickness over
+    # thickness_grid at the current structure and move frames whose best grid value fits clearly
+    # better (another branch; see rescan_frame_thickness)
     thickness_rescan: bool = True
     thickness_points: int = 16  # quadrature points of a learned distribution per frame
     thickness_knots: int = 8  # quantile knots of a learned distribution

@@ -297,3 +297,35 @@ def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth)
     t = 1000 * torch.exp(moved_theta[sl.start:sl.stop]).numpy()
     assert moved == 1 and abs(t[2] - thickness[2]) <= 5.0 + 1e-9
     assert np.allclose(np.delete(t, 2), np.delete(thickness, 2))
+
+
+@pytest.mark.parametrize("absorption", ["none", "proportional"])
+def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, truth, absorption):
+    """Intensities, the objective's gradient and the LM Jacobian are the same whether the solves run on
+    one thread or are split over three (uneven pieces of every chunk)."""
+    ds, _, _ = small_dataset
+    settings = RefineSettings(n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.2, absorption=absorption,
+                              refine_absorption=absorption != "none", jacobian_precision="double")
+    problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
+    theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 0.3
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            th = theta.clone().requires_grad_(True)
+            loss = problem.objective(th)
+            (grad,) = torch.autograd.grad(loss, th)
+            problem._last_intensities = None
+            with torch.no_grad():
+                ic = problem.intensities(theta)
+            _, r, jac = problem.jacobian(theta)
+            out.append((ic, loss.detach(), grad, r, jac))
+    finally:
+        torch.set_num_threads(threads)
+    for one, three in zip(*out):
+        assert torch.allclose(one, three, rtol=1e-10, atol=1e-13 * float(one.abs().max()))
+    from blochflow.physics.diffraction import _work_items
+
+    assert len(_work_items(problem.model.plan, 3)) == 3 * len(problem.model.plan.chunks)

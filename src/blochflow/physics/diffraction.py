@@ -18,6 +18,7 @@ from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import divided_differences, propagate, propagate_perturbative
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
+from .workers import parallel_map, solver_workers, split_evenly, transforms_active
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 COUPLINGS = ("sample", "segments")
@@ -457,6 +458,18 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
                        out_sample, out_beam, out_refl, weak_idx, diag_weak)
 
 
+def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
+    """The terms of some of a chunk's samples (as ``_chunk_terms(..., sample_slice=sl)`` builds them)."""
+    keep = (tm.out_sample >= sl.start) & (tm.out_sample < sl.stop)
+
+    def cut(x):
+        return None if x is None else x[sl]
+
+    return _ChunkTerms(tm.pot, tm.pot_abs, tm.idx[sl], tm.diag[sl], cut(tm.m), tm.kn[sl], tm.thickness[sl],
+                       tm.weight[sl], tm.mask[sl], tm.out_sample[keep] - sl.start, tm.out_beam[keep],
+                       tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak))
+
+
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
                        absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
@@ -488,19 +501,85 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     return vals, tm.out_refl
 
 
+def _work_items(plan: DiffractionPlan, workers: int) -> list[tuple]:
+    """(chunk, sample slice) pieces: each chunk cut into ``workers`` equal runs of samples, so the
+    pieces balance across threads (one piece per chunk, no slice, for one worker)."""
+    if workers <= 1:
+        return [(ch, None) for ch in plan.chunks]
+    return [(ch, sl) for ch in plan.chunks for sl in split_evenly(ch.hkl.shape[0], workers)]
+
+
+def _piece_intensities(plan, piece, inputs, absorption_method):
+    ch, sl = piece
+    return _chunk_intensities(plan, ch, inputs[0], inputs[1], FrameState(*inputs[2:]), absorption_method, sl)
+
+
+class _ParallelFrames(torch.autograd.Function):
+    """Frame intensities (R, Q) with the pieces solved on several threads, forward and backward.
+
+    Each piece records its own graph from its own detached copies of the inputs; the backward pass
+    pulls the output gradient through every piece's graph on the worker threads and sums. Only
+    first derivatives pass through it (forward-mode and higher derivatives use the one-thread path).
+    """
+
+    @staticmethod
+    def forward(ctx, plan, absorption_method, workers, *inputs):
+        pieces = _work_items(plan, workers)
+
+        def run(piece):
+            leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in inputs]
+            vals, rows = _piece_intensities(plan, piece, leaves, absorption_method)
+            return leaves, vals, rows
+
+        done = parallel_map(run, pieces, workers, grad=True)
+        ref = inputs[0]
+        out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype)
+        for _, vals, rows in done:
+            out = out.index_add(0, rows, vals.detach())
+        ctx.done, ctx.workers = done, workers
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        done = ctx.done
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+
+        def pull(item):
+            leaves, vals, rows = item
+            targets = [leaves[i] for i in wanted]
+            # retained: the caller may pull again through the same graph (gradcheck does); the pieces
+            # are freed with the output
+            return torch.autograd.grad(vals, targets, grad_out[rows], retain_graph=True, allow_unused=True)
+
+        grads = [None] * (len(ctx.needs_input_grad) - 3)
+        for parts in parallel_map(pull, done, ctx.workers, grad=False):
+            for i, g in zip(wanted, parts):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        return (None, None, None, *grads)
+
+
 def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                     state: FrameState, *, absorption_method: AbsorptionMethod = "exact",
                     per_thickness: bool = False) -> torch.Tensor:
     """Calculated intensities of the scored reflections, integrated over each frame's samples.
 
     potential (M,) complex U over ``plan.potential_hkl`` (1/A^2); potential_abs (M,) or None.
-    Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average.
+    Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average. The solves run
+    on :func:`solver_workers` threads.
     """
     rtype = potential.real.dtype
-    out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
-    for ch in plan.chunks:
-        vals, rows = _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method)
-        out = out.index_add(0, rows, vals)
+    inputs = (potential, potential_abs, *state.tensors())
+    workers = 1 if transforms_active() else solver_workers()
+    recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    if workers > 1 and recording:
+        out = _ParallelFrames.apply(plan, absorption_method, workers, *inputs)
+    else:
+        out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
+        for vals, rows in parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
+                                       _work_items(plan, workers), workers):
+            out = out.index_add(0, rows, vals)
     if per_thickness:
         return out
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
@@ -517,11 +596,20 @@ def _chunk_jvp_one_thickness(small, prim_args, tan_args):
     maps the inputs to (pot, diag, m, kn, thickness), whose tangents are cheap, and leaves the
     chunk's :class:`_ChunkTerms` (for the index tables and output rows) in ``small.terms``.
     """
+    return _fused_jvp(small.terms, *_small_tangents(small, prim_args, tan_args))
+
+
+def _small_tangents(small, prim_args, tan_args):
+    """Values and tangents of the cheap inputs of :func:`_fused_jvp` (forward AD: one thread only)."""
     from torch.func import jvp, vmap
 
-    (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = vmap(
-        lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
-    tm = small.terms
+    return vmap(lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
+
+
+def _fused_jvp(tm: _ChunkTerms, primal, tangent):
+    """The fused rule of :func:`_chunk_jvp_one_thickness` from the cheap inputs' values and tangents
+    (plain tensor algebra, safe on worker threads)."""
+    (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
         a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
@@ -607,44 +695,57 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
     tan_args = (t_pot,) + ((t_pot_abs,) if has_abs else ()) + tuple(t_state[i] for i in state_idx)
     fast = potential_abs is None and q == 1 and one_thickness_rule
+    workers = 1 if transforms_active() else solver_workers()
+    pieces = []
     for ch in plan.chunks:
         b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]
         n_w = 0 if ch.weak_hkl is None else ch.weak_hkl.shape[1]
         step = max(1, int(batch_elements // (n * (n + n_w) * n_t)))
-        for b0 in range(0, b_total, step):
-            sl = slice(b0, min(b0 + step, b_total))
-            rows_holder = {}
+        step = min(step, -(-b_total // workers))  # at least one piece per worker
+        pieces += [(ch, slice(b0, min(b0 + step, b_total))) for b0 in range(0, b_total, step)]
 
-            def f(*args, sl=sl, ch=ch, rows_holder=rows_holder):
-                pot = args[0]
-                pot_abs = args[1] if has_abs else None
+    def piece(item):
+        ch, sl = item
+        if fast:
+            def small(*args):
                 full = list(primals[2])
-                for i, v in zip(state_idx, args[1 + has_abs:]):
+                for i, v in zip(state_idx, args[1:]):
                     full[i] = v
-                vals, rows = _chunk_intensities(plan, ch, pot, pot_abs, FrameState(*full), absorption_method, sl)
-                rows_holder["rows"] = rows
-                return vals
+                t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
+                small.terms = t  # index tables and output rows: plain tensors, no tangent
+                return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                        t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
-            if fast:
-                def small(*args, sl=sl, ch=ch):
-                    full = list(primals[2])
-                    for i, v in zip(state_idx, args[1:]):
-                        full[i] = v
-                    t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
-                    small.terms = t  # index tables and output rows: plain tensors, no tangent
-                    return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
-                            t.kn[:, None] if t.diag_weak is None else t.diag_weak)
+            primal, tangent = _small_tangents(small, prim_args, tan_args)
+            return small.terms, primal, tangent
+        rows_holder = {}
 
-                vals, dvals = _chunk_jvp_one_thickness(small, prim_args, tan_args)
-                rows_holder["rows"] = small.terms.out_refl
-            else:
-                def one(*tans, f=f):
-                    return jvp(f, prim_args, tans)
+        def f(*args):
+            pot = args[0]
+            pot_abs = args[1] if has_abs else None
+            full = list(primals[2])
+            for i, v in zip(state_idx, args[1 + has_abs:]):
+                full[i] = v
+            vals, rows = _chunk_intensities(plan, ch, pot, pot_abs, FrameState(*full), absorption_method, sl)
+            rows_holder["rows"] = rows
+            return vals
 
-                vals, dvals = vmap(one, out_dims=(None, 0))(*tan_args)
-            rows = rows_holder["rows"]
-            out = out.index_add(0, rows, vals)
-            d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))
+        vals, dvals = vmap(lambda *tans: jvp(f, prim_args, tans), out_dims=(None, 0))(*tan_args)
+        return vals, dvals, rows_holder["rows"]
+
+    if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
+        inputs = []
+        for ch in plan.chunks:
+            terms, primal, tangent = piece((ch, None))
+            inputs += [(_slice_terms(terms, sl), (primal[0], *(x[sl] for x in primal[1:])),
+                        (tangent[0], *(x[:, sl] for x in tangent[1:]))) for c, sl in pieces if c is ch]
+        results = parallel_map(lambda args: _fused_jvp(*args), inputs, workers)
+        done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
+    else:  # forward AD through the solver (absorption, several thicknesses): one thread
+        done = [piece(p) for p in pieces]
+    for vals, dvals, rows in done:
+        out = out.index_add(0, rows, vals)
+        d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))
     w = state.thickness_weight[torch.as_tensor(plan.scored.frame)]  # (R,Q)
     ic = torch.sum(out * w, -1)
     d_ic = torch.einsum("rqt,rq->rt", d_out, w)

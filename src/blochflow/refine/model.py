@@ -98,13 +98,16 @@ class ForwardModel:
         return float(np.mean(self.plan.n_beams[solved])) if solved.any() else 0.0
 
     def thickness_scan(self, grid, potential=None, state: FrameState | None = None,
-                       use: torch.Tensor | None = None, block: int = 48) -> np.ndarray:
+                       use: torch.Tensor | None = None, max_elements: float = 4e7) -> np.ndarray:
         """Per-frame weighted residual sum w (Io - k Ic)^2 (F, Q) for each grid thickness (A).
 
-        Every grid point reuses the same eigendecompositions; ``use`` masks the reflections that
-        count (e.g. the work set). Frames without reflections get NaN.
+        Every grid point reuses the same eigendecompositions: the grid is split into blocks only
+        when a chunk's amplitudes (samples x beams x grid points) would exceed ``max_elements``.
+        ``use`` masks the reflections that count (e.g. the work set). Frames without reflections get NaN.
         """
         grid = torch.as_tensor(np.asarray(grid, float))
+        widest = max((ch.hkl.shape[0] * ch.hkl.shape[1] for ch in self.plan.chunks), default=1)
+        block = max(1, int(max_elements // widest))
         use = torch.ones(len(self.io), dtype=torch.bool) if use is None else use
         w = klar_weights(self.io, self.sigma, self.settings.instability) * use
         base = self.frame_state(1.0) if state is None else state

@@ -11,7 +11,7 @@ from ..crystal.structure import Crystal
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
-from ..physics.structure_factors import AbsorptionModel, crystal_potential, potential_plan
+from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
 from .objective import Figures, figures_of_merit, frame_scales, klar_weights
 
 
@@ -59,6 +59,12 @@ class ForwardModel:
                                  asu.u_frac if u_frac is None else u_frac,
                                  absorption=self.settings.absorption,
                                  kappa=self.settings.kappa if kappa is None else kappa)
+
+    def potential_jvp(self, xyz, occupancy, u_frac, kappa, d_xyz, d_occupancy, d_u_frac, d_kappa=None):
+        """(U, U_abs, dU (T, M), dU_abs) along T tangents of the atomic parameters (and of kappa)."""
+        return crystal_potential_jvp(self.potential_plan, xyz, occupancy, u_frac, d_xyz, d_occupancy, d_u_frac,
+                                     absorption=self.settings.absorption,
+                                     kappa=self.settings.kappa if kappa is None else kappa, d_kappa=d_kappa)
 
     def frame_state(self, thickness) -> FrameState:
         return frame_state_from_dataset(self.dataset, thickness)

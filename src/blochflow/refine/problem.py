@@ -300,24 +300,23 @@ class RefinementProblem:
         raw = self.split(theta)
         from torch.func import jvp, vmap
 
-        u, u_abs = self.potential(raw)
         state = self.state(raw)
-        layout = [u_abs is not None] + [x is not None for x in state.tensors()]
+        layout = [x is not None for x in state.tensors()]
         derived = [s for s in self.slots.values() if s.block.derived]
         net = self.frames.thickness
         feat0 = net.features(raw, self.frames.ctx).detach() if derived else None
+        has_kappa = "kappa" in raw
 
-        def cheap(th, shift):
+        def cheap(th, shift):  # atomic parameters, kappa and the frame state: cheap to push tangents through
             r = self.split(th)
-            uu, uua = self.potential(r)
+            xyz, occ, uf = self.structure.physical(r["structure"])
             st = self.frames.state(r, feature_shift=shift) if derived else self.state(r)
-            return tuple(x for x in (uu, uua, *st.tensors()) if x is not None)
+            kappa = r["kappa"] if has_kappa else th.new_zeros(1)
+            return (xyz, occ, uf, kappa, *(x for x in st.tensors() if x is not None))
 
         def unflatten(flat):
             it = iter(flat)
-            du = next(it)
-            dua = next(it) if layout[0] else None
-            return du, dua, tuple(next(it) if present else None for present in layout[1:])
+            return tuple(next(it) if present else None for present in layout)
 
         tangents, columns = [], []  # columns: list of (kind, data); tangents: (d_theta, d_feature_shift)
         zero_shift = None if feat0 is None else torch.zeros_like(feat0)
@@ -356,7 +355,12 @@ class RefinementProblem:
         else:
             stacked = vmap(lambda d, e: jvp(cheap, (theta, zero_shift), (d, e))[1])(
                 d_theta, torch.stack([e for _, e in tangents]))
-        t_list = [unflatten([x[i] for x in stacked]) for i in range(len(tangents))]
+        # the potential's tangents from per-atom tables (one matrix product for all tangents)
+        xyz, occ, uf = self.structure.physical(raw["structure"])
+        u, u_abs, du, du_abs = self.model.potential_jvp(xyz, occ, uf, raw["kappa"][0] if has_kappa else None,
+                                                        *stacked[:3], stacked[3][:, 0] if has_kappa else None)
+        t_list = [(du[i], None if du_abs is None else du_abs[i], unflatten([x[i] for x in stacked[4:]]))
+                  for i in range(len(tangents))]
         low = self.jacobian_dtype != torch.float64
 
         def cast(x):  # the Jacobian's working precision

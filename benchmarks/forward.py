@@ -2,7 +2,13 @@
 
 Reports, per frame: matrix size, solves, forward and forward+backward time, and the ratio of that
 time to bare torch.linalg.eigh on the same batch of matrices (the linear-algebra floor), measured in
-this process. Usage: python benchmarks/forward.py [--samples N] [--threads T] [--json FILE]
+this process. Then, each as a ratio to its baseline in this process: solves split over T threads
+against one batched call per chunk on T threads (forward, forward+backward, LM Jacobian); the
+potential's tangents from per-atom tables against forward-mode differentiation; and the Jacobian's
+potential contraction against one matrix product per tangent (quartz, and paracetamol when the
+shared data are present).
+
+    python benchmarks/forward.py [--samples N] [--threads T] [--data-root DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +25,12 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
+import blochflow.physics.diffraction as diffraction
 from blochflow.physics.bloch import propagate
 from blochflow.physics.diffraction import BeamSettings
+from blochflow.physics.workers import fixed_workers
 from blochflow.refine.model import ForwardModel, ModelSettings
+from blochflow.refine.run import build_problem, refined_index, settings_from_mapping
 
 
 def _time(fn, repeat=1):
@@ -92,15 +102,104 @@ def beam_scaling(sizes=(50, 100, 200, 400, 700), batch=4) -> list[dict]:
     return out
 
 
+def threads_case(n_samples: int) -> dict:
+    """The README example's problem (quartz, kinematical start): forward, forward+backward and the LM
+    Jacobian with the solves split over T worker threads, against one batched call per chunk."""
+    settings = settings_from_mapping({"n_samples": n_samples, "thickness": 600.0}, "benchmark")
+    problem = build_problem(crystal_from_record(read_structure(example_path("quartz", "quartz_kinematical.cif"))),
+                            read_pets(example_path("quartz", "quartz.cif_pets")), settings)
+    theta, index = problem.theta0, refined_index(problem, settings)
+
+    def fwd():
+        with torch.no_grad():
+            problem.intensities(theta)
+
+    def fwd_bwd():
+        th = theta.clone().requires_grad_(True)
+        torch.autograd.grad(problem.objective(th), th)
+
+    def jac():
+        problem.jacobian(theta, index)
+
+    out = {"threads": torch.get_num_threads(), "n_params": len(index)}
+    for name, fn in (("forward", fwd), ("forward_backward", fwd_bwd), ("jacobian", jac)):
+        with fixed_workers(1):
+            base = _time(fn, repeat=2)
+        split = _time(fn, repeat=2)
+        out[name] = {"one_call_s": base, "split_s": split, "speedup": base / split}
+    return out
+
+
+def _paracetamol_problem(root: Path, step: int = 40):
+    data = root / "paracetamol" / "synthetic" / "paracetamol_paper_data.cif_pets"
+    start = root / "paracetamol" / "synthetic" / "paracetamol_01_displacement.cif"
+    if not data.exists():
+        return None
+    ds = read_pets(str(data))
+    settings = settings_from_mapping({"n_samples": 42, "sample_rule": "linspace", "ub_convention": "diffbloch",
+                                      "coupling": "segments", "s_max": 0.01, "thickness": 1000.0}, "benchmark")
+    mask = np.zeros(len(ds.frames), bool)
+    mask[::step] = True
+    return build_problem(crystal_from_record(read_structure(str(start))), ds, settings, frame_mask=mask), settings
+
+
+def jacobian_rules(root: Path) -> list[dict]:
+    """Potential tangents (tables against forward mode) and the Bloch part of the Jacobian (potential
+    contraction against one product per tangent), on quartz (24 samples) and paracetamol (2 frames)."""
+    from torch.func import jvp, vmap
+
+    cases = [("quartz", build_problem(crystal_from_record(read_structure(example_path("quartz", "quartz_kinematical.cif"))),
+                                      read_pets(example_path("quartz", "quartz.cif_pets")),
+                                      settings_from_mapping({"n_samples": 24, "thickness": 600.0}, "benchmark")))]
+    para = _paracetamol_problem(root)
+    if para is not None:
+        cases.append(("paracetamol (2 frames)", para[0]))
+    out = []
+    for name, problem in cases:
+        st = problem.slots["structure"]
+        n_struct = st.stop - st.start
+        raw = problem.split(problem.theta0)
+        xyz, occ, uf = problem.structure.physical(raw["structure"])
+        eye = torch.eye(n_struct, dtype=torch.float64)
+        d_phys = vmap(lambda d: jvp(problem.structure.physical, (raw["structure"],), (d,))[1])(eye)
+
+        def tables():
+            problem.model.potential_jvp(xyz, occ, uf, None, *d_phys)
+
+        def forward_mode():
+            vmap(lambda a, b, c: jvp(lambda x, o, u: problem.model.potential(x, o, u)[0], (xyz, occ, uf),
+                                     (a, b, c)))(*d_phys)
+
+        t_tables, t_fm = _time(tables, repeat=2), _time(forward_mode)
+        times = {}
+        for rule, threshold in (("contraction", 1), ("one_product_per_tangent", 10 ** 9)):
+            saved = diffraction.CONTRACTION_MIN_TANGENTS
+            diffraction.CONTRACTION_MIN_TANGENTS = threshold
+            try:
+                times[rule] = _time(lambda: problem.jacobian(problem.theta0), repeat=2)
+            finally:
+                diffraction.CONTRACTION_MIN_TANGENTS = saved
+        out.append({"case": name, "structure_tangents": n_struct, "beams_max": int(np.max(problem.model.plan.n_beams)),
+                    "potential_tangents_tables_s": t_tables, "potential_tangents_forward_mode_s": t_fm,
+                    "potential_speedup": t_fm / t_tables, "jacobian_contraction_s": times["contraction"],
+                    "jacobian_one_product_per_tangent_s": times["one_product_per_tangent"],
+                    "contraction_speedup": times["one_product_per_tangent"] / times["contraction"],
+                    "default_rule": "contraction" if n_struct >= diffraction.CONTRACTION_MIN_TANGENTS
+                    else "one_product_per_tangent"})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    res = {"threads": torch.get_num_threads(), "quartz": quartz_case(args.samples), "beam_scaling": beam_scaling()}
+    res = {"threads": torch.get_num_threads(), "quartz": quartz_case(args.samples), "beam_scaling": beam_scaling(),
+           "solves_on_threads": threads_case(24), "jacobian_rules": jacobian_rules(Path(args.data_root))}
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as fh:

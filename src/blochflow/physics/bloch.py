@@ -179,49 +179,55 @@ class _Propagate(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, da, dt, dkn, *_):
-        lam, vec, vinv, expo, thickness, inv_kn = ctx.saved_tensors
-        w = vinv[..., :, 0]
-        ctype = vec.dtype
-        c = _coefficients(thickness, inv_kn, ctype)
-        dc = None  # tangent of c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w)
-        if dt is not None:
-            dc = (1j * math.pi) * dt.to(ctype) * inv_kn[..., None].to(ctype)
-        if dkn is not None:
-            extra = (1j * math.pi) * thickness.to(ctype) * dkn[..., None].to(ctype)
-            dc = extra if dc is None else dc + extra
-        lw = (lam * w)[..., :, None]  # (B,N,1)
-        if expo.shape[-2] == 0 or (da is None and dc is None):
-            return torch.zeros_like(expo), None, None, None, None  # one tangent per output
-        if da is None:
-            core_t = lw * expo.mT * dc[..., None, :]
-        elif expo.shape[-2] == 1:
-            # one thickness: form G once per matrix and fold it with V and w into
-            # H_li = sum_j V_lj w_j G_ij, so that each tangent costs one product dA H:
-            # dpsi'_i = sum_j G_ij (V^-1 dA V)_ij w_j = sum_k (V^-1)_ik (dA H)_ki
-            h = (vec * w[..., None, :]) @ divided_differences(lam, c).mT
-            core = torch.sum(vinv * (da @ h).mT, -1)  # (...,B,N)
-            if dc is not None:
-                core = core + lw[..., 0] * expo[..., 0, :] * dc
-            core_t = core[..., None]
-        else:
-            # d psi = V core with core^T (...,B,N,Q) in the eigenbasis, from the divided differences
-            scale, close, inv_d = _pair_tables(lam, c)
-            weights, left, right = _close_factors(lam, c, scale, _interpolation_order(ctype))
-            # m_ij = (V^-1 dA V)_ij w_j; dpsi'_qi = sum_j G_qij m_ij   (da may carry leading dims)
-            m = vinv @ da @ (vec * w[..., None, :])
-            # separated pairs: sum_j (e_qi - e_qj) r_ij = e_qi (r 1)_i - (r E^T)_iq with r = m / d
-            sep = (m * inv_d) @ torch.cat([torch.ones_like(expo[..., :1, :]), -expo], -2).mT  # (...,B,N,1+Q)
-            # close pairs: e_qi sum_r c_q alpha_r(g_q) exp(i b_r y_i) sum_{j close} exp(-i b_r y_j) m_ij
-            near = ((m * close.to(m.dtype)) @ right) * left  # (...,B,N,R)
-            # h_iq = (r 1)_i + sum_r near_ir weights_qr (+ lam_i w_i dc_q); core^T = e^T h - (r E^T)
-            cols, rows = [sep[..., :1], near], [torch.ones_like(weights[..., :1]), weights]
-            if dc is not None:
-                cols.append(lw)
-                rows.append(dc[..., None])
-            h = _cat_broadcast(cols) @ _cat_broadcast(rows).mT
-            core_t = torch.addcmul(sep[..., 1:], expo.mT, h)
-        dpsi = core_t.mT @ vec.mT
+        dpsi = propagate_tangents(*ctx.saved_tensors, da, dt, dkn)
         return dpsi, None, None, None, None  # one tangent per output
+
+
+def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn):
+    """Tangent of psi (the forward rule of :class:`_Propagate`) from its decomposition, for tangents
+    da (..., B, N, N), dt (..., B, Q), dkn (..., B) of the matrix, thickness and 1/K_n (None: fixed);
+    leading dimensions batch tangents. Plain tensor algebra, so it also runs on worker threads."""
+    w = vinv[..., :, 0]
+    ctype = vec.dtype
+    c = _coefficients(thickness, inv_kn, ctype)
+    dc = None  # tangent of c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w)
+    if dt is not None:
+        dc = (1j * math.pi) * dt.to(ctype) * inv_kn[..., None].to(ctype)
+    if dkn is not None:
+        extra = (1j * math.pi) * thickness.to(ctype) * dkn[..., None].to(ctype)
+        dc = extra if dc is None else dc + extra
+    lw = (lam * w)[..., :, None]  # (B,N,1)
+    if expo.shape[-2] == 0 or (da is None and dc is None):
+        return torch.zeros_like(expo)
+    if da is None:
+        core_t = lw * expo.mT * dc[..., None, :]
+    elif expo.shape[-2] == 1:
+        # one thickness: form G once per matrix and fold it with V and w into
+        # H_li = sum_j V_lj w_j G_ij, so that each tangent costs one product dA H:
+        # dpsi'_i = sum_j G_ij (V^-1 dA V)_ij w_j = sum_k (V^-1)_ik (dA H)_ki
+        h = (vec * w[..., None, :]) @ divided_differences(lam, c).mT
+        core = torch.sum(vinv * (da @ h).mT, -1)  # (...,B,N)
+        if dc is not None:
+            core = core + lw[..., 0] * expo[..., 0, :] * dc
+        core_t = core[..., None]
+    else:
+        # d psi = V core with core^T (...,B,N,Q) in the eigenbasis, from the divided differences
+        scale, close, inv_d = _pair_tables(lam, c)
+        weights, left, right = _close_factors(lam, c, scale, _interpolation_order(ctype))
+        # m_ij = (V^-1 dA V)_ij w_j; dpsi'_qi = sum_j G_qij m_ij   (da may carry leading dims)
+        m = vinv @ da @ (vec * w[..., None, :])
+        # separated pairs: sum_j (e_qi - e_qj) r_ij = e_qi (r 1)_i - (r E^T)_iq with r = m / d
+        sep = (m * inv_d) @ torch.cat([torch.ones_like(expo[..., :1, :]), -expo], -2).mT  # (...,B,N,1+Q)
+        # close pairs: e_qi sum_r c_q alpha_r(g_q) exp(i b_r y_i) sum_{j close} exp(-i b_r y_j) m_ij
+        near = ((m * close.to(m.dtype)) @ right) * left  # (...,B,N,R)
+        # h_iq = (r 1)_i + sum_r near_ir weights_qr (+ lam_i w_i dc_q); core^T = e^T h - (r E^T)
+        cols, rows = [sep[..., :1], near], [torch.ones_like(weights[..., :1]), weights]
+        if dc is not None:
+            cols.append(lw)
+            rows.append(dc[..., None])
+        h = _cat_broadcast(cols) @ _cat_broadcast(rows).mT
+        core_t = torch.addcmul(sep[..., 1:], expo.mT, h)
+    return core_t.mT @ vec.mT
 
 
 def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor, *,

@@ -7,6 +7,7 @@ on every call and carry gradients.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import direct_basis, reciprocal_basis
-from .bloch import divided_differences, propagate, propagate_perturbative
+from .bloch import _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .workers import parallel_map, solver_workers, split_evenly, transforms_active
@@ -470,35 +471,66 @@ def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
                        tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak))
 
 
+def _chunk_matrices(tm: _ChunkTerms, potential_abs, absorption_method: AbsorptionMethod):
+    """(A (B,N,N), A' or None) of a chunk: the matrix to solve and, for perturbative absorption only,
+    the absorptive part kept apart (exact absorption solves A + i A' as one general matrix)."""
+    ctype = tm.pot.dtype
+    a_mat = tm.pot[tm.idx] + torch.diag_embed(tm.diag).to(ctype)
+    if tm.weak_idx is not None:
+        a_mat = a_mat - _bethe_correction(tm.pot, tm.weak_idx, tm.diag_weak)[0]
+    mm = None if tm.m is None else (tm.m[:, :, None] * tm.m[:, None, :]).to(ctype)
+    if mm is not None:
+        a_mat = a_mat * mm
+    if tm.pot_abs is None:
+        return a_mat, None
+    a_abs = tm.pot_abs[tm.idx] + torch.diag_embed(tm.mask.to(ctype) * potential_abs[0])
+    if mm is not None:
+        a_abs = a_abs * mm
+    if absorption_method == "exact":
+        return a_mat + 1j * a_abs, None
+    return a_mat, a_abs
+
+
+def _rocking_values(tm: _ChunkTerms, inten: torch.Tensor) -> torch.Tensor:
+    """(B, Q, N) intensities -> (P, Q) rocking-weighted values of the chunk's pairs; (T, B, Q, N)
+    tangents -> (T, P, Q)."""
+    wt = tm.weight[tm.out_sample][:, None]
+    if inten.dim() == 3:
+        return inten[tm.out_sample, :, tm.out_beam] * wt
+    return inten[:, tm.out_sample, :, tm.out_beam].transpose(0, 1) * wt  # split advanced indices lead
+
+
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
                        absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
 
     ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
     """
-    ctype = potential.dtype
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
-    a_mat = tm.pot[tm.idx] + torch.diag_embed(tm.diag).to(ctype)
-    if tm.weak_idx is not None:
-        a_mat = a_mat - _bethe_correction(tm.pot, tm.weak_idx, tm.diag_weak)[0]
-    if tm.m is not None:
-        mm = (tm.m[:, :, None] * tm.m[:, None, :]).to(ctype)
-        a_mat = a_mat * mm
-    if tm.pot_abs is None:
-        psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=True)
+    a_mat, a_abs = _chunk_matrices(tm, potential_abs, absorption_method)
+    if a_abs is not None:
+        psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
     else:
-        a_abs = tm.pot_abs[tm.idx] + torch.diag_embed(tm.mask.to(ctype) * potential_abs[0])
-        if tm.m is not None:
-            a_abs = a_abs * mm
-        if absorption_method == "exact":
-            psi = propagate(a_mat + 1j * a_abs, tm.thickness, 1.0 / tm.kn, hermitian=False)
-        else:
-            psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
+        psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=tm.pot_abs is None)
     if tm.m is not None:
-        psi = psi * tm.m[:, None, :].to(ctype)
-    inten = psi.real ** 2 + psi.imag ** 2  # (B,Q,N)
-    vals = inten[tm.out_sample, :, tm.out_beam] * tm.weight[tm.out_sample][:, None]
-    return vals, tm.out_refl
+        psi = psi * tm.m[:, None, :].to(psi.dtype)
+    return _rocking_values(tm, psi.real ** 2 + psi.imag ** 2), tm.out_refl
+
+
+def _solve_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool):
+    """Values (P, Q) and tangents (T, P, Q) of a chunk piece from its matrix, thickness, 1/K_n and
+    illumination factors and their T tangents (the generic forward rule of the solver, as plain
+    tensor algebra: safe on worker threads)."""
+    a_mat, thick, inv_kn, m = primal
+    da, dthick, dinv_kn, dm = tangent
+    psi, lam, vec, vinv, expo = _Propagate.forward(a_mat, thick, inv_kn, hermitian)
+    dpsi = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da, dthick, dinv_kn)  # (T,B,Q,N)
+    mc = m.to(psi.dtype)[:, None, :]
+    dpsi = dpsi * mc + psi * dm.to(psi.dtype)[:, :, None, :]
+    psi = psi * mc
+    inten = psi.real ** 2 + psi.imag ** 2
+    d_inten = 2 * (psi.real * dpsi.real + psi.imag * dpsi.imag)
+    return _rocking_values(tm, inten), _rocking_values(tm, d_inten)
 
 
 def _work_items(plan: DiffractionPlan, workers: int) -> list[tuple]:
@@ -775,8 +807,30 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                         (tangent[0], *(x[:, sl] for x in tangent[1:]))) for c, sl in pieces if c is ch]
         results = parallel_map(lambda args: _fused_jvp(*args), inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
-    else:  # forward AD through the solver (absorption, several thicknesses): one thread
+    elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = [piece(p) for p in pieces]
+    else:  # several thicknesses or exact absorption: matrices and their tangents by forward AD here,
+        # then the decompositions and the solver's forward rule on the workers, a batch at a time
+        def matrices(*args, ch, sl, box):
+            pot_abs = args[1] if has_abs else None
+            full = list(primals[2])
+            for i, v in zip(state_idx, args[1 + has_abs:]):
+                full[i] = v
+            tm = _chunk_terms(plan, ch, args[0], pot_abs, FrameState(*full), sl)
+            box.append(tm)  # index tables and output rows: plain tensors, no tangent
+            a_mat, _ = _chunk_matrices(tm, pot_abs, absorption_method)
+            return a_mat, tm.thickness, 1.0 / tm.kn, torch.ones_like(tm.diag) if tm.m is None else tm.m
+
+        done = []
+        for w0 in range(0, len(pieces), workers):
+            batch = []
+            for ch, sl in pieces[w0:w0 + workers]:
+                box = []
+                f = functools.partial(matrices, ch=ch, sl=sl, box=box)
+                primal, tangent = vmap(lambda *t, f=f: jvp(f, prim_args, t), out_dims=(None, 0))(*tan_args)
+                batch.append((box[0], primal, tangent))
+            results = parallel_map(lambda a: _solve_jvp(*a, hermitian=not has_abs), batch, workers)
+            done += [(vals, dvals, a[0].out_refl) for (vals, dvals), a in zip(results, batch)]
     for vals, dvals, rows in done:
         out = out.index_add(0, rows, vals)
         d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))

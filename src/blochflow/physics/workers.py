@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -19,11 +20,24 @@ R = TypeVar("R")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _lock = threading.Lock()
+_fixed: list[int] = []
 
 
 def solver_workers() -> int:
-    """Threads for independent solves: torch's intra-op thread count (``--threads``, set_num_threads)."""
-    return max(1, torch.get_num_threads())
+    """Threads for independent solves: torch's intra-op thread count (``--threads``, set_num_threads),
+    unless :func:`fixed_workers` says otherwise."""
+    return _fixed[-1] if _fixed else max(1, torch.get_num_threads())
+
+
+@contextmanager
+def fixed_workers(n: int):
+    """Run solves on ``n`` worker threads inside the block (1: one batched call per chunk using torch's
+    own threads, the baseline the benchmarks compare with)."""
+    _fixed.append(max(1, int(n)))
+    try:
+        yield
+    finally:
+        _fixed.pop()
 
 
 def transforms_active() -> bool:

@@ -524,7 +524,12 @@ def _solve_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool):
     a_mat, thick, inv_kn, m = primal
     da, dthick, dinv_kn, dm = tangent
     psi, lam, vec, vinv, expo = _Propagate.forward(a_mat, thick, inv_kn, hermitian)
-    dpsi = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da, dthick, dinv_kn)  # (T,B,Q,N)
+    # tangents that move the matrix cost two N^3 products each; the others (thickness, 1/K_n) N^2
+    moves = torch.view_as_real(da).flatten(1).ne(0).any(1)
+    dpsi = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, None, dthick, dinv_kn)  # (T,B,Q,N)
+    if bool(moves.any()):
+        live = torch.nonzero(moves)[:, 0]
+        dpsi[live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da[live], dthick[live], dinv_kn[live])
     mc = m.to(psi.dtype)[:, None, :]
     dpsi = dpsi * mc + psi * dm.to(psi.dtype)[:, :, None, :]
     psi = psi * mc

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import torch
 
 from blochflow.cli import main
 from blochflow.io.pets import read_pets
@@ -21,8 +22,14 @@ def test_write_pets_round_trip(tmp_path, quartz_paths):
     orig = read_pets(quartz_paths[1])
     assert len(ds.frames) == len(orig.frames)
     np.testing.assert_allclose(ds.ub, orig.ub)
-    assert main(["simulate", str(quartz_paths[0]), str(syn), "--out", str(tmp_path / "o2"), "--thickness", "350",
-                 *FAST]) == 0
+    threads = torch.get_num_threads()
+    try:  # solved on three threads, compared with data solved on the default count: the same numbers
+        assert main(["--threads", "3", "simulate", str(quartz_paths[0]), str(syn), "--out", str(tmp_path / "o2"),
+                     "--thickness", "350", *FAST]) == 0
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["--threads", "0", "simulate", str(quartz_paths[0]), str(syn), "--out", str(tmp_path / "o3")]) == 2
     summary = json.loads((tmp_path / "o2" / "summary.json").read_text())
     for key in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "wR2_frame_mean", "n_obs", "n_all", "n_frames",
                 "n_beams_mean", "elapsed_s"):

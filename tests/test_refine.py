@@ -111,7 +111,7 @@ def test_single_precision_jacobian_agrees_with_double(small_dataset, truth):
     for dtype in (torch.float64, torch.float32):
         problem.jacobian_dtype = dtype
         out[dtype] = problem.jacobian(theta)
-    (ic64, r64, j64), (ic32, r32, j32) = out[torch.float64], out[torch.float32]
+    (_, r64, j64), (_, r32, j32) = out[torch.float64], out[torch.float32]
     assert torch.allclose(r64, r32, rtol=1e-12, atol=1e-12)  # residuals (LM cost) stay double
     scale = j64.abs().max(0).values
     err = (j32 - j64).abs().max(0).values / scale

@@ -19,7 +19,6 @@ def reciprocal_basis(cell) -> np.ndarray:
     astar = b * c * math.sin(al) / vol
     bstar = a * c * math.sin(be) / vol
     cstar = a * b * math.sin(ga) / vol
-    cos_alstar = (math.cos(be) * math.cos(ga) - math.cos(al)) / (math.sin(be) * math.sin(ga))
     cos_bestar = (math.cos(al) * math.cos(ga) - math.cos(be)) / (math.sin(al) * math.sin(ga))
     cos_gastar = (math.cos(al) * math.cos(be) - math.cos(ga)) / (math.sin(al) * math.sin(be))
     sin_bestar = math.sqrt(1 - cos_bestar ** 2)

@@ -167,12 +167,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     def key(h):
         return (h[:, 0] * 1_000_003 + h[:, 1]) * 1_000_003 + h[:, 2]
 
-    def cand_excitation(s):
-        sg = excitation_error(torch.as_tensor(cand @ sample_orient[s].T), torch.as_tensor(samples.incident[s]), k)
-        return np.abs(sg.numpy())
+    cand_t = torch.as_tensor(cand.T, dtype=torch.float64)
 
-    def excited(s):  # candidate beams within s_max of the Ewald sphere at sample s
-        return cand_excitation(s) < settings.s_max
+    def frame_excitation(idx):  # |s_g| of every candidate beam at each of these samples (S, C)
+        g = (torch.as_tensor(sample_orient[idx]) @ cand_t).transpose(1, 2)  # (S, C, 3)
+        return np.abs(excitation_error(g, torch.as_tensor(samples.incident[idx])[:, None, :], k).numpy())
 
     bethe = settings.s_bethe > 0
     if bethe and settings.coupling != "sample":
@@ -190,10 +189,10 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         if len(sc) == 0:  # nothing to compare: no solve needed
             continue
         idx = np.flatnonzero(sf == f)
+        exc_frame = frame_excitation(idx)
         if settings.coupling == "sample":
             not_scored = ~np.isin(cand_key, key(scored.hkl[sc]))  # scored reflections are added once below
-            for s in idx:
-                exc = cand_excitation(s)
+            for s, exc in zip(idx, exc_frame):
                 sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc],
                                                   cand[(exc < settings.s_max) & not_scored]])
                 sample_out[s] = (1 + np.arange(len(sc)), sc)
@@ -201,12 +200,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                     sample_weak[s] = cand[(exc >= settings.s_max) & (exc < settings.s_bethe) & not_scored]
         elif settings.coupling == "segments":
             sc_key = key(scored.hkl[sc])
-            for seg in np.array_split(idx, min(settings.n_segments, len(idx))):
-                sel = cand[excited(seg[0]) | excited(seg[-1])]
+            excited = exc_frame < settings.s_max  # candidates within s_max of the Ewald sphere, per sample
+            for seg in np.array_split(np.arange(len(idx)), min(settings.n_segments, len(idx))):
+                sel = cand[excited[seg[0]] | excited[seg[-1]]]
                 pos = np.flatnonzero(np.isin(sc_key, key(sel)))
                 beams = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc[pos]],
                                         sel[~np.isin(key(sel), sc_key)]])
-                for s in seg:
+                for s in idx[seg]:
                     sample_beams[s], sample_out[s] = beams, (1 + np.arange(len(pos)), sc[pos])
         else:
             raise ValueError(f"unknown coupling '{settings.coupling}' (choose {', '.join(COUPLINGS)})")

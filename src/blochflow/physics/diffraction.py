@@ -19,7 +19,7 @@ from ..crystal.cell import direct_basis, reciprocal_basis
 from .bloch import _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
-from .workers import parallel_map, solver_workers, split_evenly, transforms_active
+from .workers import parallel_map, pipeline, solver_workers, split_evenly, transforms_active
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 COUPLINGS = ("sample", "segments")
@@ -815,7 +815,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = [piece(p) for p in pieces]
     else:  # several thicknesses or exact absorption: matrices and their tangents by forward AD here,
-        # then the decompositions and the solver's forward rule on the workers, a batch at a time
+        # the decompositions and the solver's forward rule on the workers, overlapped
         def matrices(*args, ch, sl, box):
             pot_abs = args[1] if has_abs else None
             full = list(primals[2])
@@ -826,16 +826,17 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
             a_mat, _ = _chunk_matrices(tm, pot_abs, absorption_method)
             return a_mat, tm.thickness, 1.0 / tm.kn, torch.ones_like(tm.diag) if tm.m is None else tm.m
 
-        done = []
-        for w0 in range(0, len(pieces), workers):
-            batch = []
-            for ch, sl in pieces[w0:w0 + workers]:
-                box = []
-                f = functools.partial(matrices, ch=ch, sl=sl, box=box)
-                primal, tangent = vmap(lambda *t, f=f: jvp(f, prim_args, t), out_dims=(None, 0))(*tan_args)
-                batch.append((box[0], primal, tangent))
-            results = parallel_map(lambda a: _solve_jvp(*a, hermitian=not has_abs), batch, workers)
-            done += [(vals, dvals, a[0].out_refl) for (vals, dvals), a in zip(results, batch)]
+        def make(item):
+            box = []
+            f = functools.partial(matrices, ch=item[0], sl=item[1], box=box)
+            primal, tangent = vmap(lambda *t: jvp(f, prim_args, t), out_dims=(None, 0))(*tan_args)
+            return box[0], primal, tangent
+
+        def solve(made):
+            vals, dvals = _solve_jvp(*made, hermitian=not has_abs)
+            return vals, dvals, made[0].out_refl
+
+        done = pipeline(make, solve, pieces, workers)
     for vals, dvals, rows in done:
         out = out.index_add(0, rows, vals)
         d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))

@@ -75,6 +75,28 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
         torch.set_num_threads(previous)
 
 
+def pipeline(make: Callable[[T], object], solve: Callable[[object], R], items: Sequence[T],
+             workers: int | None = None) -> list[R]:
+    """``[solve(make(x)) for x in items]`` with ``make`` on the calling thread (e.g. forward-mode AD,
+    which torch keeps process-global) and ``solve`` on ``workers`` threads, overlapped: the next
+    item is made while earlier ones are solved, with at most two per worker in flight."""
+    workers = solver_workers() if workers is None else workers
+    if workers <= 1 or len(items) <= 1 or transforms_active():
+        return [solve(make(x)) for x in items]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pool, pending, out = _pool(workers), [], []
+        for x in items:
+            pending.append(pool.submit(solve, make(x)))
+            while len(pending) > 2 * workers:
+                out.append(pending.pop(0).result())
+        out += [f.result() for f in pending]
+        return out
+    finally:
+        torch.set_num_threads(previous)
+
+
 def split_evenly(n: int, parts: int) -> list[slice]:
     """``parts`` contiguous slices covering range(n), sizes differing by at most one (none empty)."""
     parts = max(1, min(parts, n))

@@ -717,7 +717,13 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent):
         if bethe:  # -dC = X^H dD_w X for a weak beam's excitation error
             k_w = (vinv_m @ x.mH) * (x @ hm).mT  # (B,N,W)
             core = core + torch.einsum("biw,tbw->tbi", k_w, ddiag_w.to(ctype))
-        k_m = vinv * (a0 @ hm).mT + (vinv_m @ a0) * h.mT
+        # illumination factors: dA = dM a0 M + M a0 dM. With A = M a0 M = V Lam V^-1, V^-1 M a0 =
+        # Lam V^-1 M^-1, and (divided differences: l_i G_ij - G_ij l_j = e_i - e_j) a0 M H =
+        # M^-1 (H Lam - e_0 e^T + psi_in 1^T): both tables without an N^3 product
+        a0_hm = h * lam[:, None, :] + psi_in[:, :, None]
+        a0_hm[:, 0, :] -= e
+        a0_hm = a0_hm / mc[:, :, None]
+        k_m = vinv * a0_hm.mT + (lam[:, :, None] * vinv / mc[:, None, :]) * h.mT
         core = core + torch.einsum("bik,tbk->tbi", k_m, dm.to(ctype))
         dc = (1j * math.pi) * (dthick[..., 0].to(ctype) * inv_kn - thick[:, 0].to(ctype) * dkn.to(ctype) * inv_kn ** 2)
         core = core + (lam * w * e) * dc[..., None]

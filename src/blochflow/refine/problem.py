@@ -109,6 +109,7 @@ class RefinementProblem:
         self.names = self._names()
         self.n_refined = self.n_params  # the optimiser sets the number actually refined (for GoF)
         self.jacobian_dtype = torch.float64  # float32: derivatives in single precision, values in double
+        self.forward_dtype = torch.float64  # float32: solves of intensities() in single precision (Adam)
         self._last_intensities = None
         self.warm_start = None  # record of the simpler model's fit this problem started from, if any
 
@@ -198,13 +199,19 @@ class RefinementProblem:
         return self.frames.state(raw)
 
     def intensities(self, theta: torch.Tensor) -> torch.Tensor:
-        """Calculated intensities (R,) at theta. Values computed without gradient are remembered for
-        the last theta (see :meth:`jacobian`)."""
+        """Calculated intensities (R,) at theta, solved in ``forward_dtype``. Double-precision values
+        computed without gradient are remembered for the last theta (see :meth:`jacobian`)."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
-        ic = simulate_frames(self.model.plan, u, u_abs, self.state(raw),
-                             absorption_method=self.model.settings.absorption_method)
-        if not ic.requires_grad:
+        state = self.state(raw)
+        single = self.forward_dtype == torch.float32
+        if single:  # the solves in single precision; everything around them stays double
+            u = u.to(torch.complex64)
+            u_abs = None if u_abs is None else u_abs.to(torch.complex64)
+            state = FrameState(*[None if x is None else x.to(torch.float32) for x in state.tensors()])
+        ic = simulate_frames(self.model.plan, u, u_abs, state,
+                             absorption_method=self.model.settings.absorption_method).to(torch.float64)
+        if not ic.requires_grad and not single:
             self._last_intensities = (theta.detach().clone(), ic)
         return ic
 

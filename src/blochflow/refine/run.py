@@ -96,6 +96,9 @@ class RefineSettings:
     # optimiser
     adam_steps: int = 20
     adam_objective: str = "intensity"  # first-order phase on intensities wR2, or on amplitudes wR(F)
+    # solves of the first-order phase: single (complex64: 2x faster, gradient within 2e-5 of double)
+    # or double; LM values, the covariance and every reported figure stay double
+    adam_precision: str = "single"
     lr_xyz: float = 0.005  # A
     lr_adp: float = 0.002  # A^2
     lr_occupancy: float = 0.01
@@ -126,6 +129,7 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
                    "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double"),
+                   "adam_precision": ("single", "double"),
                    "learned_warm_start": ("scan", "per-frame", "slab")}
 
 
@@ -474,7 +478,11 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     try:
         while adam.step < adam_steps and len(index):
             t0 = time.perf_counter()
-            theta, loss = adam_step(problem, theta, adam, lr, adam_steps, objective=settings.adam_objective)
+            problem.forward_dtype = torch.float32 if settings.adam_precision == "single" else torch.float64
+            try:
+                theta, loss = adam_step(problem, theta, adam, lr, adam_steps, objective=settings.adam_objective)
+            finally:
+                problem.forward_dtype = torch.float64
             phase_times["adam_s"] += time.perf_counter() - t0
             figure = "wR(F)" if settings.adam_objective == "amplitude" else "wR2"
             log(f"adam {adam.step:4d}/{adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")

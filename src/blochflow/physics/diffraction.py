@@ -7,7 +7,6 @@ on every call and carry gradients.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -622,20 +621,6 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
 
 
-def _chunk_jvp_one_thickness(small, prim_args, tan_args):
-    """Intensities (P, 1) and tangents (T, P, 1) of a chunk at one thickness per sample, elastic.
-
-    The tangents of the structure matrix are never formed: with A = M (P + D) M and the divided
-    differences G of exp folded into H_li = sum_j V_lj w_j G_ij, a tangent contributes to the
-    eigenbasis amplitudes dpsi'_i = sum_kl (V^-1)_ik dA_kl H_li, which splits into one matrix product
-    for the potential part (dP, one per tangent), and matrix-vector products with tables shared by
-    every tangent for the diagonal (D: excitation errors) and the illumination factors (M). ``small``
-    maps the inputs to (pot, diag, m, kn, thickness), whose tangents are cheap, and leaves the
-    chunk's :class:`_ChunkTerms` (for the index tables and output rows) in ``small.terms``.
-    """
-    return _fused_jvp(small.terms, *_small_tangents(small, prim_args, tan_args))
-
-
 # Potential tangents at or above this count go through _potential_contraction (one pass over N^3
 # products) instead of one matrix product each (T' N^3); measured break-even on 2-core CPUs ~ 20.
 CONTRACTION_MIN_TANGENTS = 24
@@ -667,16 +652,17 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
     return g_table, uniq
 
 
-def _small_tangents(small, prim_args, tan_args):
-    """Values and tangents of the cheap inputs of :func:`_fused_jvp` (forward AD: one thread only)."""
-    from torch.func import jvp, vmap
-
-    return vmap(lambda *t: jvp(small, prim_args, t), out_dims=(None, 0))(*tan_args)
-
-
 def _fused_jvp(tm: _ChunkTerms, primal, tangent):
-    """The fused rule of :func:`_chunk_jvp_one_thickness` from the cheap inputs' values and tangents
-    (plain tensor algebra, safe on worker threads)."""
+    """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample, elastic,
+    from the values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag).
+
+    The tangents of the structure matrix are never formed: with A = M (P + D) M and the divided
+    differences G of exp folded into H_li = sum_j V_lj w_j G_ij, a tangent contributes to the
+    eigenbasis amplitudes dpsi'_i = sum_kl (V^-1)_ik dA_kl H_li, which splits into one matrix product
+    for the potential part (dP, one per tangent, or the potential contraction), and matrix-vector
+    products with tables shared by every tangent for the diagonal (D: excitation errors) and the
+    illumination factors (M). Plain tensor algebra, safe on worker threads.
+    """
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
@@ -746,8 +732,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
     eigendecomposition per sample serves every tangent; samples are batched so that
     samples x N^2 x T stays below ``batch_elements``. With one thickness per sample and no
-    absorption the fused rule of :func:`_chunk_jvp_one_thickness` is used (``one_thickness_rule``),
-    else the solver's generic jvp rule under vmap.
+    absorption the fused rule of :func:`_fused_jvp` is used (``one_thickness_rule``), else the
+    solver's generic forward rule.
     """
     from torch.func import jvp, vmap
 
@@ -781,61 +767,57 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
         step = min(step, -(-b_total // workers))  # at least one piece per worker
         pieces += [(ch, slice(b0, min(b0 + step, b_total))) for b0 in range(0, b_total, step)]
 
-    def piece(item):
-        ch, sl = item
-        if fast:
-            def small(*args):
-                full = list(primals[2])
-                for i, v in zip(state_idx, args[1:]):
-                    full[i] = v
-                t = _chunk_terms(plan, ch, args[0], None, FrameState(*full), sl)
-                small.terms = t  # index tables and output rows: plain tensors, no tangent
-                return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
-                        t.kn[:, None] if t.diag_weak is None else t.diag_weak)
+    def unpack(args):  # flat primal or tangent args -> (potential, potential_abs, FrameState)
+        full = list(primals[2])
+        for i, v in zip(state_idx, args[1 + has_abs:]):
+            full[i] = v
+        return args[0], (args[1] if has_abs else None), FrameState(*full)
 
-            primal, tangent = _small_tangents(small, prim_args, tan_args)
-            return small.terms, primal, tangent
-        rows_holder = {}
-
-        def f(*args):
-            pot = args[0]
-            pot_abs = args[1] if has_abs else None
-            full = list(primals[2])
-            for i, v in zip(state_idx, args[1 + has_abs:]):
-                full[i] = v
-            vals, rows = _chunk_intensities(plan, ch, pot, pot_abs, FrameState(*full), absorption_method, sl)
-            rows_holder["rows"] = rows
-            return vals
-
-        vals, dvals = vmap(lambda *tans: jvp(f, prim_args, tans), out_dims=(None, 0))(*tan_args)
-        return vals, dvals, rows_holder["rows"]
+    def forward_ad(fn):  # values and T tangents of fn(*prim_args), forward AD (one thread only)
+        return vmap(lambda *t: jvp(fn, prim_args, t), out_dims=(None, 0))(*tan_args)
 
     if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
         inputs = []
         for ch in plan.chunks:
-            terms, primal, tangent = piece((ch, None))
-            inputs += [(_slice_terms(terms, sl), (primal[0], *(x[sl] for x in primal[1:])),
+            box = []
+
+            def small(*args, ch=ch, box=box):
+                pot, _, st = unpack(args)
+                t = _chunk_terms(plan, ch, pot, None, st)
+                box.append(t)  # index tables and output rows: plain tensors, no tangent
+                return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                        t.kn[:, None] if t.diag_weak is None else t.diag_weak)
+
+            primal, tangent = forward_ad(small)
+            inputs += [(_slice_terms(box[0], sl), (primal[0], *(x[sl] for x in primal[1:])),
                         (tangent[0], *(x[:, sl] for x in tangent[1:]))) for c, sl in pieces if c is ch]
         results = parallel_map(lambda args: _fused_jvp(*args), inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
-        done = [piece(p) for p in pieces]
+        done = []
+        for ch, sl in pieces:
+            box = []
+
+            def f(*args, ch=ch, sl=sl, box=box):
+                vals, rows = _chunk_intensities(plan, ch, *unpack(args), absorption_method, sl)
+                box.append(rows)
+                return vals
+
+            vals, dvals = forward_ad(f)
+            done.append((vals, dvals, box[0]))
     else:  # several thicknesses or exact absorption: matrices and their tangents by forward AD here,
         # the decompositions and the solver's forward rule on the workers, overlapped
-        def matrices(*args, ch, sl, box):
-            pot_abs = args[1] if has_abs else None
-            full = list(primals[2])
-            for i, v in zip(state_idx, args[1 + has_abs:]):
-                full[i] = v
-            tm = _chunk_terms(plan, ch, args[0], pot_abs, FrameState(*full), sl)
-            box.append(tm)  # index tables and output rows: plain tensors, no tangent
-            a_mat, _ = _chunk_matrices(tm, pot_abs, absorption_method)
-            return a_mat, tm.thickness, 1.0 / tm.kn, torch.ones_like(tm.diag) if tm.m is None else tm.m
-
         def make(item):
             box = []
-            f = functools.partial(matrices, ch=item[0], sl=item[1], box=box)
-            primal, tangent = vmap(lambda *t: jvp(f, prim_args, t), out_dims=(None, 0))(*tan_args)
+
+            def matrices(*args):
+                pot, pot_abs, st = unpack(args)
+                tm = _chunk_terms(plan, item[0], pot, pot_abs, st, item[1])
+                box.append(tm)  # index tables and output rows: plain tensors, no tangent
+                a_mat, _ = _chunk_matrices(tm, pot_abs, absorption_method)
+                return a_mat, tm.thickness, 1.0 / tm.kn, torch.ones_like(tm.diag) if tm.m is None else tm.m
+
+            primal, tangent = forward_ad(matrices)
             return box[0], primal, tangent
 
         def solve(made):

@@ -53,12 +53,22 @@ def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=t
         prefactor=interaction_prefactor(wavelength, crystal.volume), wavelength=wavelength)
 
 
-def _atom_sums(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
-    """sum over operators of T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom: (A, M) complex."""
+def _operator_terms(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
+    """T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom and operator: (A, S, M) complex."""
     hr = plan.hkl_rot  # (S, M, 3)
     phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None])
     dw = torch.exp(-2 * math.pi ** 2 * torch.einsum("smi,aij,smj->asm", hr, u_frac, hr))
-    return torch.sum(dw * torch.polar(torch.ones_like(phase), -phase), dim=1)
+    return dw * torch.polar(torch.ones_like(phase), -phase)
+
+
+def _atom_sums(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
+    """sum over operators of T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom: (A, M) complex."""
+    return torch.sum(_operator_terms(plan, xyz, u_frac), dim=1)
+
+
+def _atom_factors(plan: PotentialPlan) -> torch.Tensor:
+    """Electron scattering factor of each atom at each |g|: (A, M)."""
+    return electron_scattering_factor(plan.element_z[:, None], plan.g_length[None, :])[plan.atom_element]
 
 
 def crystal_potential(plan: PotentialPlan, xyz: torch.Tensor, occupancy: torch.Tensor, u_frac: torch.Tensor,
@@ -70,8 +80,7 @@ def crystal_potential(plan: PotentialPlan, xyz: torch.Tensor, occupancy: torch.T
     Returns (U, U_abs) with U_abs None when ``absorption == 'none'``.
     """
     sums = _atom_sums(plan, xyz, u_frac)  # (A, M)
-    f_el = electron_scattering_factor(plan.element_z[:, None], plan.g_length[None, :])  # (E, M)
-    f_atom = f_el[plan.atom_element]  # (A, M)
+    f_atom = _atom_factors(plan)  # (A, M)
     w = (occupancy * plan.site_weight)[:, None]
     u_g = plan.prefactor * torch.sum(w * f_atom * sums, dim=0)
     if absorption == "none":
@@ -122,15 +131,12 @@ def crystal_potential_jvp(plan: PotentialPlan, xyz: torch.Tensor, occupancy: tor
         (u_g, u_abs), (du, du_abs) = vmap(lambda a, b, c: jvp(pot, (xyz, occupancy, u_frac), (a, b, c)),
                                           out_dims=(None, 0))(d_xyz, d_occupancy, d_u_frac)
         return u_g, u_abs, du, du_abs
-    hr = plan.hkl_rot  # (S, M, 3)
-    phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None])
-    dw = torch.exp(-2 * math.pi ** 2 * torch.einsum("smi,aij,smj->asm", hr, u_frac, hr))
-    term = dw * torch.polar(torch.ones_like(phase), -phase)  # (A, S, M)
+    term = _operator_terms(plan, xyz, u_frac)  # (A, S, M)
+    hr = plan.hkl_rot.to(term.dtype)  # (S, M, 3)
     s0 = term.sum(1)
-    s1 = torch.einsum("asm,smi->ami", term, hr.to(term.dtype))
-    s2 = torch.einsum("asm,smi,smj->amij", term, hr.to(term.dtype), hr.to(term.dtype))
-    f_el = electron_scattering_factor(plan.element_z[:, None], plan.g_length[None, :])
-    f_atom = f_el[plan.atom_element]  # (A, M)
+    s1 = torch.einsum("asm,smi->ami", term, hr)
+    s2 = torch.einsum("asm,smi,smj->amij", term, hr, hr)
+    f_atom = _atom_factors(plan)  # (A, M)
     sw = plan.site_weight
     w = occupancy * sw
     u_g = plan.prefactor * torch.sum(w[:, None] * f_atom * s0, dim=0)

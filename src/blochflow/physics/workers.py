@@ -53,6 +53,17 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _pools[n]
 
 
+@contextmanager
+def _workers_single_threaded():
+    """Torch single-threaded inside the block, so that the workers together use the threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None,
                  grad: bool | None = None) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads (default :func:`solver_workers`), each running
@@ -67,12 +78,8 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
         with torch.set_grad_enabled(grad):
             return fn(x)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _workers_single_threaded():
         return list(_pool(workers).map(call, items))
-    finally:
-        torch.set_num_threads(previous)
 
 
 def pipeline(make: Callable[[T], object], solve: Callable[[object], R], items: Sequence[T],
@@ -83,18 +90,13 @@ def pipeline(make: Callable[[T], object], solve: Callable[[object], R], items: S
     workers = solver_workers() if workers is None else workers
     if workers <= 1 or len(items) <= 1 or transforms_active():
         return [solve(make(x)) for x in items]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _workers_single_threaded():
         pool, pending, out = _pool(workers), [], []
         for x in items:
             pending.append(pool.submit(solve, make(x)))
             while len(pending) > 2 * workers:
                 out.append(pending.pop(0).result())
-        out += [f.result() for f in pending]
-        return out
-    finally:
-        torch.set_num_threads(previous)
+        return out + [f.result() for f in pending]
 
 
 def split_evenly(n: int, parts: int) -> list[slice]:

@@ -76,25 +76,32 @@ def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     assert torch.allclose(step[orient.start + 6: orient.start + 8], o3)
 
 
-def test_lm_halves_the_trust_of_frames_whose_cost_rose(small_dataset, truth):
-    """After a trial step, frames whose own cost rose get half their per-frame step caps, the
-    others their full caps back; the LM state carries the factors (and checkpoints them)."""
-    from blochflow.refine.optimise import LMState, lm_step
+def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
+    """Each frame keeps the fraction of its own step that fits it best. Frame costs are separable
+    once the global step is fixed, so the objective the step reports (put together from several
+    trials) is the objective at the new point; frames that took their full step earn larger caps,
+    the others smaller; the LM state carries the factors (and checkpoints them)."""
+    from blochflow.refine.optimise import FRAME_TRUST_MAX, LMState, lm_step
     from blochflow.refine.run import _lm_from_dict, _lm_to_dict, refined_index
 
     ds, _, _ = small_dataset
     settings = RefineSettings(n_samples=2, thickness=500.0, free_fraction=0.0)
     problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
     theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 8.0  # mrad: far enough that full steps overshoot
     index = refined_index(problem, settings)
     state = LMState(damping=1e-6)
-    before = problem.frame_costs(theta)
-    new_theta, _ = lm_step(problem, theta, state, index)
+    start = float(problem.objective(theta))
+    for _ in range(3):
+        theta, _ = lm_step(problem, theta, state, index)
+        problem._last_intensities = None  # the reported cost must not lean on the composed cache
+        assert float(problem.objective(theta)) == pytest.approx(state.cost, rel=1e-9)
+    assert state.cost < start
+    assert any(h["frames_partial_step"] > 0 for h in state.history)  # the per-frame search ran
     trust = torch.as_tensor(state.frame_trust)
     assert trust.shape == (problem.model.n_frames,)
-    rose = problem.frame_costs(new_theta) > before
-    assert bool((trust[rose] <= 0.5).all()) and bool((trust[~rose] >= 0.5).all())
-    assert bool((trust > 0).all()) and bool((trust <= 1).all())
+    assert bool((trust >= 1 / 64).all()) and bool((trust <= FRAME_TRUST_MAX).all())
+    assert bool((trust != 1).any())  # the factors moved
     assert _lm_from_dict(_lm_to_dict(state)).frame_trust == state.frame_trust
 
 

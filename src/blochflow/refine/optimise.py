@@ -83,12 +83,27 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
     return NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r)), ic
 
 
+# Fractions of each frame's own step tried in an LM iteration. Frame costs are separable once the
+# global step is fixed (a frame's intensities and profiled scale depend only on the structure and
+# its own parameters), so each frame keeps the fraction that fits it best: a line search per frame
+# at the cost of one forward pass per fraction. Rocking curves make a frame's orientation strongly
+# nonlinear beyond a fraction of a curve width, where one global step length fits no frame well.
+FRAME_STEP_FRACTIONS = (1.0, 0.5, 0.25)
+FRAME_TRUST_MAX = 4.0
+FULL_STEP_FIRST = False  # a frame's caps grow to this multiple of PER_FRAME_MAX_STEP while full steps fit
+
+
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
             shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12,
             kind: str = "intensity") -> tuple[torch.Tensor, NormalEquations]:
     """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta,
     on the intensity or the amplitude objective (``kind``).
 
+    With per-frame parameters refined, a full step that lowers the objective is taken whole (also
+    by frames whose own cost rose: they move with the structure). Otherwise the global part is
+    taken whole and each frame takes the fraction of its own part (``FRAME_STEP_FRACTIONS``, or
+    none) that lowers its cost most, before the damping is raised. Frames whose full step fitted
+    earn larger caps (up to ``FRAME_TRUST_MAX`` x ``PER_FRAME_MAX_STEP``), the others smaller.
     Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
     normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``.
     """
@@ -102,8 +117,9 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     cov_unit = _safe_inverse(a)
     su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
     state.cost = ne.cost
-    per_frame = bool(problem.parameter_frames()[index].ge(0).any())
-    trust = None
+    param_frame = problem.parameter_frames()
+    per_frame = bool(param_frame[index].ge(0).any())
+    trust, partial = None, 0
     if per_frame:
         trust = torch.ones(problem.model.n_frames, dtype=torch.float64) if state.frame_trust is None \
             else torch.as_tensor(state.frame_trust, dtype=torch.float64)
@@ -114,15 +130,21 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
         delta = torch.zeros_like(theta)
         delta[index] = step
         delta, cut = problem.bounded_step(theta, delta, trust)
+        if per_frame:
+            delta, new_cost, fraction, rose = _frame_line_search(problem, theta, delta, param_frame, before, ne.cost,
+                                                           kind)
+            if np.isfinite(new_cost):
+                # a frame whose cost rose, or that fitted best short of its full step, was beyond its
+                # linear range: smaller caps; one that fitted its full step earns larger ones
+                trust = torch.where(rose, trust / 2, torch.where(fraction < 1, trust * fraction.clamp_min(0.25), trust * 2))
+                trust = trust.clamp(1 / 64, FRAME_TRUST_MAX)
+                state.frame_trust = trust.tolist()
+                partial = int((fraction < 1).sum())
+                cut = cut or partial > 0
+        else:
+            with torch.no_grad():
+                new_cost = float(problem.objective(theta + delta, kind))
         trial = theta + delta
-        with torch.no_grad():
-            new_cost = float(problem.objective(trial, kind))
-        if per_frame and np.isfinite(new_cost):
-            # a frame whose own cost rose took a step beyond its linear range: halve its caps; a
-            # frame that improved earns them back (up to the full cap)
-            worse = problem.frame_costs(trial, kind) > before
-            trust = torch.where(worse, torch.clamp(trust / 2, min=1 / 64), torch.clamp(trust * 2, max=1.0))
-            state.frame_trust = trust.tolist()
         if np.isfinite(new_cost) and new_cost <= ne.cost:
             state.damping = max(state.damping / 3, 1e-7)
             determined = su > 0  # null directions (e.g. redundant network weights) have no s.u.
@@ -137,7 +159,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             state.max_shift_su = shift_su
             state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
                                   "max_shift_su": shift_su, "max_shift_parameter": worst,
-                                  "max_shift_su_structure": shift_su_structure})
+                                  "max_shift_su_structure": shift_su_structure, "frames_partial_step": partial})
             state.cost = new_cost
             if shift_su < shift_tol and state.damping < 1e-2 and not cut:  # a damped or cut step is short
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
@@ -149,6 +171,55 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     state.converged, state.reason = True, "no downhill step found (at a minimum to numerical precision)"
     state.max_shift_su = 0.0
     return theta, ne
+
+
+def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: torch.Tensor,
+                       param_frame: torch.Tensor, before: torch.Tensor, current: float, kind: str
+                       ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """(step, objective there, (F,) fraction of each frame's own step, (F,) whether the frame's cost
+    rose). The full step is kept when it lowers the objective (``current``) or no frame's cost rose
+    there; else each frame takes its best fraction, with the global part whole in every trial, and
+    where that combination does not lower the objective either, frames may also not move."""
+    own = param_frame >= 0
+    n_frames = problem.model.n_frames
+    refl_frame = problem.model.frame
+    fractions = list(FRAME_STEP_FRACTIONS)
+    costs, values = [], []
+
+    def evaluate(f: float):
+        trial = delta.clone()
+        trial[own] *= f
+        with torch.no_grad():
+            ic = problem.intensities(theta + trial)
+            r = problem.residuals(ic, kind)
+        costs.append(torch.zeros(n_frames, dtype=r.dtype).index_add(0, refl_frame[problem.work], r ** 2))
+        values.append(ic)
+
+    def combine():
+        c = torch.stack(costs)
+        pick = torch.argmin(c, 0)
+        frac = torch.as_tensor(fractions[:len(costs)], dtype=torch.float64)[pick]
+        step = delta.clone()
+        step[own] *= frac[param_frame[own]]
+        ic = torch.stack(values).gather(0, pick[refl_frame][None])[0]
+        with torch.no_grad():
+            prior = problem.prior_residuals(theta + step) * problem._prior_factor(kind)
+        total = float(c.gather(0, pick[None])[0].sum() + torch.sum(prior ** 2))
+        return step, total, frac, ic
+
+    evaluate(fractions[0])
+    step, total, frac, ic = combine()
+    if total > current and bool((costs[0] > before).any()):
+        for f in fractions[1:]:
+            evaluate(f)
+        step, total, frac, ic = combine()
+        if not total <= current:
+            fractions.append(0.0)
+            evaluate(0.0)
+            step, total, frac, ic = combine()
+    if np.isfinite(total):
+        problem.remember_intensities(theta + step, ic)  # what the next iteration would recompute
+    return step, total, frac, torch.stack(costs).amin(0) > before
 
 
 def _safe_inverse(a: torch.Tensor) -> torch.Tensor:

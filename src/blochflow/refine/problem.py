@@ -215,6 +215,11 @@ class RefinementProblem:
             self._last_intensities = (theta.detach().clone(), ic)
         return ic
 
+    def remember_intensities(self, theta: torch.Tensor, ic: torch.Tensor) -> None:
+        """Record double-precision intensities known to be those at theta (e.g. put together from
+        trials that share everything each frame depends on) for :meth:`intensities_at`."""
+        self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64))
+
     def intensities_at(self, theta: torch.Tensor) -> torch.Tensor:
         """Intensities at theta without gradient, reusing the last such evaluation when theta is the
         same (an LM iteration has just computed them at its accepted trial point)."""

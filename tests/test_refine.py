@@ -376,3 +376,26 @@ def test_single_precision_solves_give_the_double_gradient_closely(small_dataset,
     (i64, g64), (i32, g32) = out[torch.float64], out[torch.float32]
     assert float((i32 - i64).abs().sum() / i64.abs().sum()) < 1e-3
     assert 0 < float((g32 - g64).norm() / g64.norm()) < 1e-3  # close, and really computed in single
+
+
+def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_dataset, truth):
+    """The R-plateau stop needs wR2 flat over the last iterations *and* the shared parameters
+    within 10 shift_tol s.u.; with plateau_tol 0 only the shift criterion stops the run."""
+    from blochflow.refine.optimise import _on_plateau
+
+    flat = [{"cost": c} for c in (100.0, 99.9, 99.85, 99.8)]
+    assert _on_plateau(flat, 1e-3, 3) and not _on_plateau(flat[:3], 1e-3, 3)
+    assert not _on_plateau([{"cost": c} for c in (100.0, 90.0, 89.99, 89.98)], 1e-3, 3)
+    ds, _, _ = small_dataset
+    base = dict(n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False)
+    far = displaced(truth, 0.02, 0.03)
+    loose = RefineSettings(**base, plateau_tol=0.9, plateau_iterations=2)  # every iteration counts as flat
+    res = refine(build_problem(far, ds, loose), loose, log=lambda s: None)
+    hist = res.lm.history
+    assert res.lm.reason.startswith("R plateau"), (res.lm.reason, [round(h["max_shift_su_structure"], 3) for h in res.lm.history])
+    assert len(hist) >= 4 and hist[-1]["max_shift_su_structure"] < 0.1
+    assert all(h["max_shift_su_structure"] >= 0.1 for h in hist[2:-1])  # not before it had settled
+    assert hist[-1]["max_shift_su_structure"] > 0.01  # and before the shift criterion would stop it
+    res = refine(build_problem(far, ds, RefineSettings(**base, plateau_tol=0.0)), RefineSettings(**base, plateau_tol=0.0),
+                 log=lambda s: None)
+    assert not res.lm.reason.startswith("R plateau")

@@ -95,7 +95,8 @@ FULL_STEP_FIRST = False  # a frame's caps grow to this multiple of PER_FRAME_MAX
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
             shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12,
-            kind: str = "intensity") -> tuple[torch.Tensor, NormalEquations]:
+            kind: str = "intensity", plateau_tol: float = 0.0, plateau_iterations: int = 3
+            ) -> tuple[torch.Tensor, NormalEquations]:
     """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta,
     on the intensity or the amplitude objective (``kind``).
 
@@ -105,7 +106,11 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     none) that lowers its cost most, before the damping is raised. Frames whose full step fitted
     earn larger caps (up to ``FRAME_TRUST_MAX`` x ``PER_FRAME_MAX_STEP``), the others smaller.
     Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
-    normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``.
+    normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``, or (``plateau_tol`` > 0)
+    an R plateau: sqrt(cost), i.e. wR2, fell by less than ``plateau_tol`` of itself in each of the
+    last ``plateau_iterations`` iterations while no parameter shared by all frames (structure,
+    absorption, network) moved by more than 10 ``shift_tol`` s.u. (per-frame nuisance parameters
+    near narrow rocking features can creep for many iterations at no gain in fit).
     """
     ne, _ = normal_equations(problem, theta, index, kind)
     a, g = ne.jtj, ne.jtr
@@ -154,6 +159,8 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             st = problem.slots["structure"]
             in_structure = (index >= st.start) & (index < st.stop)
             shift_su_structure = float(ratio[in_structure].max()) if in_structure.any() else 0.0
+            shared = param_frame[index] < 0  # parameters every frame sees (structure, absorption, network)
+            shift_su_shared = float(ratio[shared].max()) if shared.any() else 0.0
             rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
             state.iteration += 1
             state.max_shift_su = shift_su
@@ -165,12 +172,24 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
                 state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"
+            elif (plateau_tol > 0 and shift_su_shared < 10 * shift_tol
+                  and _on_plateau(state.history, plateau_tol, plateau_iterations)):
+                state.converged, state.reason = True, (
+                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last "
+                    f"{plateau_iterations} iterations, shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
             return trial.detach(), ne
         state.damping *= 4
     state.iteration += 1
     state.converged, state.reason = True, "no downhill step found (at a minimum to numerical precision)"
     state.max_shift_su = 0.0
     return theta, ne
+
+
+def _on_plateau(history: list, tol: float, iterations: int) -> bool:
+    costs = [h["cost"] for h in history[-(iterations + 1):]]
+    if len(costs) < iterations + 1:
+        return False
+    return all(1 - math.sqrt(b / a) < tol for a, b in zip(costs[:-1], costs[1:]) if a > 0)
 
 
 def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: torch.Tensor,

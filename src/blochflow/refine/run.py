@@ -110,6 +110,10 @@ class RefineSettings:
     lm_iterations: int = 15
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
     shift_tol: float = 0.01
+    # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last
+    # plateau_iterations LM iterations (0: off; the shift criterion alone)
+    plateau_tol: float = 1e-3
+    plateau_iterations: int = 3
     checkpoint_every: int = 5
 
     def model_settings(self) -> ModelSettings:
@@ -507,7 +511,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             if rescan and lm.iteration == RESCAN_AFTER and enough_left:
                 rescan_now()
             t0 = time.perf_counter()
-            theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol)
+            theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
+                                plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
             if lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT and rescan_now():
                 lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0

@@ -520,7 +520,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"
                 f"  max shift/su {lm.max_shift_su:.3g} ({lm.history[-1].get('max_shift_parameter', '') if lm.history else ''}),"
                 f" structure {lm.history[-1].get('max_shift_su_structure', float('nan')) if lm.history else float('nan'):.3g}"
-                f"  damping {lm.damping:.2g}")
+                f"  damping {lm.damping:.2g}"
+                + (f"  frames on a partial step {lm.history[-1]['frames_partial_step']}"
+                   if lm.history and lm.history[-1].get("frames_partial_step") else ""))
             if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
                 save()
     except (Interrupted, KeyboardInterrupt):

@@ -200,7 +200,6 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
     there; else each frame takes its best fraction, with the global part whole in every trial, and
     where that combination does not lower the objective either, frames may also not move."""
     own = param_frame >= 0
-    n_frames = problem.model.n_frames
     refl_frame = problem.model.frame
     fractions = list(FRAME_STEP_FRACTIONS)
     costs, values = [], []
@@ -210,8 +209,7 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
         trial[own] *= f
         with torch.no_grad():
             ic = problem.intensities(theta + trial)
-            r = problem.residuals(ic, kind)
-        costs.append(torch.zeros(n_frames, dtype=r.dtype).index_add(0, refl_frame[problem.work], r ** 2))
+        costs.append(problem.frame_costs_of(ic, kind))
         values.append(ic)
 
     def combine():
@@ -222,8 +220,7 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
         step[own] *= frac[param_frame[own]]
         ic = torch.stack(values).gather(0, pick[refl_frame][None])[0]
         with torch.no_grad():
-            prior = problem.prior_residuals(theta + step) * problem._prior_factor(kind)
-        total = float(c.gather(0, pick[None])[0].sum() + torch.sum(prior ** 2))
+            total = float(c.gather(0, pick[None])[0].sum() + problem.prior_cost(theta + step, kind))
         return step, total, frac, ic
 
     evaluate(fractions[0])

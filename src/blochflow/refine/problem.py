@@ -269,14 +269,21 @@ class RefinementProblem:
         """Sum of squared weighted residuals over the work set (see :meth:`residuals`) plus the
         squared prior rows. The amplitude objective is smoother far from the minimum (a misplaced
         atom changes strong intensities quadratically, amplitudes linearly): the first phases use it."""
-        prior = self.prior_residuals(theta) * self._prior_factor(kind)
-        return torch.sum(self.residuals(self.intensities(theta), kind) ** 2) + torch.sum(prior ** 2)
+        return torch.sum(self.residuals(self.intensities(theta), kind) ** 2) + self.prior_cost(theta, kind)
+
+    def prior_cost(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """The objective's prior part: the squared prior rows, scaled for ``kind``."""
+        return torch.sum((self.prior_residuals(theta) * self._prior_factor(kind)) ** 2)
 
     def frame_costs(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """(F,) each frame's share of the objective's observation part at theta (no gradient; reuses
         the last evaluation at the same theta)."""
+        return self.frame_costs_of(self.intensities_at(theta), kind)
+
+    def frame_costs_of(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """(F,) each frame's share of the objective's observation part for intensities ``ic``."""
         with torch.no_grad():
-            r = self.residuals(self.intensities_at(theta), kind)
+            r = self.residuals(ic, kind)
         return torch.zeros(self.model.n_frames, dtype=r.dtype).index_add(0, self.model.frame[self.work], r ** 2)
 
     def objective_norm(self, kind: str = "intensity") -> float:

@@ -55,9 +55,11 @@ def full_refinement(args) -> dict:
             "adam_per_step_s": pt["adam_s"] / max(result.adam_steps, 1), "lm_s": pt["lm_s"],
             "lm_per_iteration_s": pt["lm_s"] / max(result.lm.iteration, 1), "covariance_s": pt["covariance_s"],
             "total_s": setup + result.elapsed_s, "lm_iterations": result.lm.iteration,
+            "convergence": result.lm.reason,
             "converged": result.lm.converged, "R_obs": fig.R_obs, "wR2": fig.wR2, "GoF": fig.GoF,
             "R_obs_frame_mean": fig.R_obs_frame_mean, "wR2_frame_mean": fig.wR2_frame_mean,
             "R_free": None if result.figures_free is None else result.figures_free.R_obs,
+            "kappa": float(result.problem.split(result.theta)["kappa"][0]) if "kappa" in result.problem.slots else None,
             "peak_rss_mb": peak_memory_mb()}
 
 

@@ -652,9 +652,11 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
     return g_table, uniq
 
 
-def _fused_jvp(tm: _ChunkTerms, primal, tangent):
-    """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample, elastic,
-    from the values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag).
+def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
+    """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
+    values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
+    absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
+    same algebra holds for any diagonalisable matrix, with eig and V^-1 in place of eigh and V^H.
 
     The tangents of the structure matrix are never formed: with A = M (P + D) M and the divided
     differences G of exp folded into H_li = sum_j V_lj w_j G_ij, a tangent contributes to the
@@ -672,9 +674,13 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent):
             corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
             a0 = a0 - corr
         mc = m.to(ctype)
-        lam, vec = torch.linalg.eigh(a0 * (mc[:, :, None] * mc[:, None, :]))
-        lam = lam.to(ctype)
-        vinv = vec.mH
+        if hermitian:
+            lam, vec = torch.linalg.eigh(a0 * (mc[:, :, None] * mc[:, None, :]))
+            lam = lam.to(ctype)
+            vinv = vec.mH
+        else:
+            lam, vec = torch.linalg.eig(a0 * (mc[:, :, None] * mc[:, None, :]))
+            vinv = torch.linalg.inv(vec)
         w = vinv[:, :, 0]
         inv_kn = (1.0 / kn).to(ctype)
         c = (1j * math.pi) * thick.to(ctype) * inv_kn[:, None]  # (B,1)
@@ -757,7 +763,9 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     has_abs = potential_abs is not None
     prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
     tan_args = (t_pot,) + ((t_pot_abs,) if has_abs else ()) + tuple(t_state[i] for i in state_idx)
-    fast = potential_abs is None and q == 1 and one_thickness_rule
+    # the fused rule: one thickness per sample, elastic or exact absorption, no Bethe beams with absorption
+    fast = q == 1 and one_thickness_rule and (not has_abs or (
+        absorption_method == "exact" and all(ch.weak_hkl is None for ch in plan.chunks)))
     workers = 1 if transforms_active() else solver_workers()
     pieces = []
     for ch in plan.chunks:
@@ -782,16 +790,20 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
             box = []
 
             def small(*args, ch=ch, box=box):
-                pot, _, st = unpack(args)
-                t = _chunk_terms(plan, ch, pot, None, st)
+                pot, pot_abs, st = unpack(args)
+                t = _chunk_terms(plan, ch, pot, pot_abs, st)
                 box.append(t)  # index tables and output rows: plain tensors, no tangent
-                return (t.pot, t.diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                pot_c, diag = t.pot, t.diag
+                if t.pot_abs is not None:  # A = M (U + i U' + D + i U'_0) M, solved as one general matrix
+                    pot_c = t.pot + 1j * t.pot_abs
+                    diag = t.diag + 1j * t.pot_abs[0] * t.mask.to(t.diag.dtype)
+                return (pot_c, diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
                         t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
             primal, tangent = forward_ad(small)
             inputs += [(_slice_terms(box[0], sl), (primal[0], *(x[sl] for x in primal[1:])),
                         (tangent[0], *(x[:, sl] for x in tangent[1:]))) for c, sl in pieces if c is ch]
-        results = parallel_map(lambda args: _fused_jvp(*args), inputs, workers)
+        results = parallel_map(lambda args: _fused_jvp(*args, hermitian=not has_abs), inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []

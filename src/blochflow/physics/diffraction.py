@@ -737,9 +737,9 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
     ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
     eigendecomposition per sample serves every tangent; samples are batched so that
-    samples x N^2 x T stays below ``batch_elements``. With one thickness per sample and no
-    absorption the fused rule of :func:`_fused_jvp` is used (``one_thickness_rule``), else the
-    solver's generic forward rule.
+    samples x N^2 x T stays below ``batch_elements``. With one thickness per sample, elastic or
+    with exact absorption (without Bethe beams), the fused rule of :func:`_fused_jvp` is used
+    (``one_thickness_rule``), else the solver's generic forward rule.
     """
     from torch.func import jvp, vmap
 

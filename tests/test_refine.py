@@ -400,6 +400,6 @@ def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_data
     assert len(hist) >= 4 and hist[-1]["max_shift_su_structure"] < 0.1
     assert all(h["max_shift_su_structure"] >= 0.1 for h in hist[2:-1])  # not before it had settled
     assert hist[-1]["max_shift_su_structure"] > 0.01  # and before the shift criterion would stop it
-    res = refine(build_problem(far, ds, RefineSettings(**base, plateau_tol=0.0)), RefineSettings(**base, plateau_tol=0.0),
-                 log=lambda s: None)
+    shift_only = RefineSettings(**base, plateau_tol=0.0)
+    res = refine(build_problem(far, ds, shift_only), shift_only, log=lambda s: None)
     assert not res.lm.reason.startswith("R plateau")

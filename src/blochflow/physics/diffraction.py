@@ -674,12 +674,13 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
             corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
             a0 = a0 - corr
         mc = m.to(ctype)
+        a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
         if hermitian:
-            lam, vec = torch.linalg.eigh(a0 * (mc[:, :, None] * mc[:, None, :]))
+            lam, vec = torch.linalg.eigh(a_mat)
             lam = lam.to(ctype)
             vinv = vec.mH
         else:
-            lam, vec = torch.linalg.eig(a0 * (mc[:, :, None] * mc[:, None, :]))
+            lam, vec = torch.linalg.eig(a_mat)
             vinv = torch.linalg.inv(vec)
         w = vinv[:, :, 0]
         inv_kn = (1.0 / kn).to(ctype)

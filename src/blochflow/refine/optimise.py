@@ -89,8 +89,7 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
 # at the cost of one forward pass per fraction. Rocking curves make a frame's orientation strongly
 # nonlinear beyond a fraction of a curve width, where one global step length fits no frame well.
 FRAME_STEP_FRACTIONS = (1.0, 0.5, 0.25)
-FRAME_TRUST_MAX = 4.0
-FULL_STEP_FIRST = False  # a frame's caps grow to this multiple of PER_FRAME_MAX_STEP while full steps fit
+FRAME_TRUST_MAX = 4.0  # a frame's caps grow to this multiple of PER_FRAME_MAX_STEP while full steps fit
 
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,

@@ -8,9 +8,9 @@ and the cost of learned thickness distributions with 1, 8 and 32 points per fram
 The first form runs the same refinement as ``blochflow refine`` (orientation corrections,
 structure, per-frame thickness, profiled scales) and reports the wall time of each phase, the time
 per Adam step and per LM iteration, R values and the peak resident memory of the process. The
-second times one Adam step (forward + backward) and one Jacobian of the quartz problem with a
-learned thickness distribution of Q points per frame, as ratios to the single-thickness
-(per-frame) model measured in the same process.
+second times one Adam step (forward + backward), one Jacobian, one forward pass and their sum (the
+least an LM iteration costs) of the quartz problem with a learned thickness distribution of Q points
+per frame, as ratios to the single-thickness (per-frame) model measured in the same process.
 """
 
 from __future__ import annotations
@@ -80,15 +80,21 @@ def thickness_points(args) -> list[dict]:
         for _ in range(args.repeat):
             adam_step(problem, problem.theta0, state, lr, 10)
         t_adam = (time.perf_counter() - t0) / args.repeat
+        problem.jacobian(problem.theta0, index)  # warm-up (the first call in a process pays for allocations)
         t0 = time.perf_counter()
         problem.jacobian(problem.theta0, index)
         t_jac = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():  # a trial point's values, in double precision as LM evaluates them
+            problem.intensities(problem.theta0 + 1e-9)
+        t_fwd = time.perf_counter() - t0
+        # an LM iteration is one Jacobian and at least one forward pass at the trial point
         row = {"model": model, "points": max(q, 1), "adam_step_s": t_adam, "jacobian_s": t_jac,
-               "n_params": len(index)}
+               "forward_s": t_fwd, "lm_iteration_s": t_jac + t_fwd, "n_params": len(index)}
         if q == 0:
             base = row
-        row["adam_ratio"] = t_adam / base["adam_step_s"]
-        row["jacobian_ratio"] = t_jac / base["jacobian_s"]
+        for key in ("adam_step", "jacobian", "forward", "lm_iteration"):
+            row[f"{key}_ratio"] = row[f"{key}_s"] / base[f"{key}_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

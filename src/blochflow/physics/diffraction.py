@@ -470,7 +470,12 @@ def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
                        tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak))
 
 
-def _chunk_matrices(tm: _ChunkTerms, potential_abs, absorption_method: AbsorptionMethod):
+def _absorptive_diagonal(tm: _ChunkTerms) -> torch.Tensor:
+    """(B, N) U'_0 on the diagonal of every solved beam (padding beams get none): the mean absorption."""
+    return tm.mask.to(tm.pot_abs.dtype) * tm.pot_abs[0]
+
+
+def _chunk_matrices(tm: _ChunkTerms, absorption_method: AbsorptionMethod):
     """(A (B,N,N), A' or None) of a chunk: the matrix to solve and, for perturbative absorption only,
     the absorptive part kept apart (exact absorption solves A + i A' as one general matrix)."""
     ctype = tm.pot.dtype
@@ -482,7 +487,7 @@ def _chunk_matrices(tm: _ChunkTerms, potential_abs, absorption_method: Absorptio
         a_mat = a_mat * mm
     if tm.pot_abs is None:
         return a_mat, None
-    a_abs = tm.pot_abs[tm.idx] + torch.diag_embed(tm.mask.to(ctype) * potential_abs[0])
+    a_abs = tm.pot_abs[tm.idx] + torch.diag_embed(_absorptive_diagonal(tm))
     if mm is not None:
         a_abs = a_abs * mm
     if absorption_method == "exact":
@@ -506,7 +511,7 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
     """
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
-    a_mat, a_abs = _chunk_matrices(tm, potential_abs, absorption_method)
+    a_mat, a_abs = _chunk_matrices(tm, absorption_method)
     if a_abs is not None:
         psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
     else:
@@ -797,7 +802,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                 pot_c, diag = t.pot, t.diag
                 if t.pot_abs is not None:  # A = M (U + i U' + D + i U'_0) M, solved as one general matrix
                     pot_c = t.pot + 1j * t.pot_abs
-                    diag = t.diag + 1j * t.pot_abs[0] * t.mask.to(t.diag.dtype)
+                    diag = t.diag + 1j * _absorptive_diagonal(t)
                 return (pot_c, diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
                         t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
@@ -827,7 +832,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
                 pot, pot_abs, st = unpack(args)
                 tm = _chunk_terms(plan, item[0], pot, pot_abs, st, item[1])
                 box.append(tm)  # index tables and output rows: plain tensors, no tangent
-                a_mat, _ = _chunk_matrices(tm, pot_abs, absorption_method)
+                a_mat, _ = _chunk_matrices(tm, absorption_method)
                 return a_mat, tm.thickness, 1.0 / tm.kn, torch.ones_like(tm.diag) if tm.m is None else tm.m
 
             primal, tangent = forward_ad(matrices)

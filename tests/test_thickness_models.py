@@ -57,19 +57,26 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
     assert np.allclose(desc["thickness_mean"], 400.0 / np.cos(tilt), rtol=1e-9)
 
 
-@pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe"])
-def test_one_thickness_jacobian_rule_matches_the_generic_rule(small_dataset, truth, monkeypatch, model):
-    """The fused one-thickness forward rule (potential, excitation errors, illumination factors,
-    K_n and thickness tangents without forming dA; with weak beams folded in by Bethe perturbation
-    also their potential and excitation-error tangents) against the generic vmap-of-jvp rule."""
+@pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe", "learned", "learned-bethe",
+                                   "learned-absorption"])
+def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monkeypatch, model):
+    """The fused forward rules (forward AD only through the cheap inputs of the structure matrices:
+    potential, excitation errors, illumination factors, K_n, thickness; with weak beams folded in by
+    Bethe perturbation also their potential and excitation-error tangents; one thickness per sample,
+    or several (learned) with exact absorption too) against the generic vmap-of-jvp rule."""
     import blochflow.physics.diffraction as diffraction
     import blochflow.refine.problem as problem_mod
 
     ds, _, _ = small_dataset
     bethe = model.endswith("-bethe")
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model=model.removesuffix("-bethe"),
+    absorption = model.endswith("-absorption")
+    name = model.removesuffix("-bethe").removesuffix("-absorption")
+    extra = dict(thickness_basis=3, thickness_knots=3, thickness_points=4) if name == "learned" else {}
+    if absorption:
+        extra.update(absorption="proportional", refine_absorption=True)
+    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model=name,
                               free_fraction=0.0, jacobian_precision="double", s_max=0.01 if bethe else 0.02,
-                              s_bethe=0.04 if bethe else 0.0)
+                              s_bethe=0.04 if bethe else 0.0, **extra)
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     assert (problem.model.plan.n_weak.max() > 20) == bethe
     theta = problem.theta0.clone()
@@ -77,10 +84,13 @@ def test_one_thickness_jacobian_rule_matches_the_generic_rule(small_dataset, tru
         normal = problem.slots["surface_normal"]
         theta[normal.start:normal.stop] = torch.tensor([0.3, -0.2])
     theta = theta + 1e-3 * torch.randn(len(theta), generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
+    if name == "learned":
+        net = problem.group_index("network")
+        theta[net] += 0.3 * torch.randn(len(net), generator=torch.Generator().manual_seed(2), dtype=theta.dtype)
     jacobians = []
     for fused in (True, False):
         monkeypatch.setattr(problem_mod, "simulate_frames_jvp", functools.partial(
-            diffraction.simulate_frames_jvp, one_thickness_rule=fused))
+            diffraction.simulate_frames_jvp, fused_rule=fused))
         jacobians.append(problem.jacobian(theta)[2])
     fused, generic = jacobians
     scale = generic.abs().max(0).values

@@ -183,11 +183,13 @@ class _Propagate(torch.autograd.Function):
         return dpsi, None, None, None, None  # one tangent per output
 
 
-def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn):
+def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, beams=None):
     """Tangent of psi (the forward rule of :class:`_Propagate`) from its decomposition, for tangents
     da (..., B, N, N), dt (..., B, Q), dkn (..., B) of the matrix, thickness and 1/K_n (None: fixed);
-    leading dimensions batch tangents. Plain tensor algebra, so it also runs on worker threads."""
+    leading dimensions batch tangents. ``beams`` (B, S) keeps only those beams of each matrix (the
+    last dimension of the result is then S). Plain tensor algebra, so it also runs on worker threads."""
     w = vinv[..., :, 0]
+    out_vec = vec if beams is None else torch.gather(vec, -2, beams[..., None].expand(beams.shape + vec.shape[-1:]))
     ctype = vec.dtype
     c = _coefficients(thickness, inv_kn, ctype)
     dc = None  # tangent of c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w)
@@ -198,10 +200,10 @@ def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn):
         dc = extra if dc is None else dc + extra
     lw = (lam * w)[..., :, None]  # (B,N,1)
     if expo.shape[-2] == 0 or (da is None and dc is None):
-        return torch.zeros_like(expo)
-    if da is None:
-        core_t = lw * expo.mT * dc[..., None, :]
-    elif expo.shape[-2] == 1:
+        return torch.zeros(expo.shape[:-1] + out_vec.shape[-2:-1], dtype=expo.dtype)
+    if da is None:  # d psi_q = dc_q V (lam * expo_q * w): one vector per thickness, shared by every tangent
+        return dc[..., None] * ((expo * lw.mT) @ out_vec.mT)
+    if expo.shape[-2] == 1:
         # one thickness: form G once per matrix and fold it with V and w into
         # H_li = sum_j V_lj w_j G_ij, so that each tangent costs one product dA H:
         # dpsi'_i = sum_j G_ij (V^-1 dA V)_ij w_j = sum_k (V^-1)_ik (dA H)_ki
@@ -227,7 +229,7 @@ def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn):
             rows.append(dc[..., None])
         h = _cat_broadcast(cols) @ _cat_broadcast(rows).mT
         core_t = torch.addcmul(sep[..., 1:], expo.mT, h)
-    return core_t.mT @ vec.mT
+    return core_t.mT @ out_vec.mT
 
 
 def propagate(a_mat: torch.Tensor, thickness: torch.Tensor, inv_kn: torch.Tensor, *,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import direct_basis, reciprocal_basis
-from .bloch import _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
+from .bloch import _coefficients, _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .workers import parallel_map, pipeline, solver_workers, split_evenly, transforms_active
@@ -657,6 +657,73 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
     return g_table, uniq
 
 
+def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool):
+    """(a0, X or None, M, lam, V, V^-1) of A = M a0 M, a0 = P + D (- C with Bethe beams, X = D_w^-1 P_ws)."""
+    ctype = pot.dtype
+    a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
+    x = None
+    if tm.weak_idx is not None:  # A = M (P - C + D) M with C = P_sw X, X = D_w^-1 P_ws (see _bethe_correction)
+        corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
+        a0 = a0 - corr
+    mc = m.to(ctype)
+    a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
+    if hermitian:
+        lam, vec = torch.linalg.eigh(a_mat)
+        return a0, x, mc, lam.to(ctype), vec, vec.mH
+    lam, vec = torch.linalg.eig(a_mat)
+    return a0, x, mc, lam, vec, torch.linalg.inv(vec)
+
+
+def _scored_beams(tm: _ChunkTerms):
+    """(B, S) the beams scored at each sample (padded with beam 0) and each pair's place among them:
+    the pairs come sorted by sample."""
+    b = tm.diag.shape[0]
+    counts = torch.bincount(tm.out_sample, minlength=b)
+    start = torch.cumsum(counts, 0) - counts
+    place = torch.arange(len(tm.out_sample)) - start[tm.out_sample]
+    beams = torch.zeros((b, max(1, int(counts.max()) if b else 1)), dtype=torch.long)
+    beams[tm.out_sample, place] = tm.out_beam
+    return beams, place
+
+
+def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
+    """Intensities (P, Q) and tangents (T, P, Q) at several thicknesses per sample from the values and
+    tangents of the cheap inputs (as :func:`_fused_jvp`). The tangents of A are formed here in plain
+    algebra, only for the tangents that move it (N^2 each, where forward AD through the matrix build
+    formed all of them on one thread), then the solver's generic forward rule: two N^3 products per
+    moving tangent and a few (N x N)(N x Q) products; thickness-only tangents cost S Q each. Waves
+    are mapped back only to the S beams scored at each sample."""
+    (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
+    ctype = pot.dtype
+    with torch.no_grad():
+        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian)
+        beams, place = _scored_beams(tm)
+        inv_kn = 1.0 / kn
+        expo = torch.exp(_coefficients(thick, inv_kn, ctype)[..., :, None] * lam[..., None, :])  # (B,Q,N)
+        rows = torch.gather(vec, 1, beams[..., None].expand(beams.shape + vec.shape[-1:]))  # (B,S,N)
+        psi_in = (expo * vinv[:, None, :, 0]) @ rows.mT  # (B,Q,S) before the illumination factors
+        dinv_kn = -dkn * inv_kn ** 2
+        dpsi = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, None, dthick, dinv_kn, beams)  # (T,B,Q,S)
+        flat = [(d != 0).flatten(1).any(1) for d in (dpot, ddiag, dm) + (() if x is None else (ddiag_w,))]
+        live = torch.nonzero(torch.stack(flat).any(0))[:, 0]
+        if len(live):
+            d_a0 = dpot[live][:, tm.idx] + torch.diag_embed(ddiag[live].to(ctype))  # (L,B,N,N)
+            if x is not None:  # -dC = -(dP_sw X + (dP_sw X)^H) + X^H dD_w X
+                z = dpot[live][:, tm.weak_idx] @ x
+                d_a0 = d_a0 - z - z.mH + x.mH @ (ddiag_w[live].to(ctype)[..., None] * x)
+            dml = dm[live].to(ctype)
+            da = (d_a0 * mc[:, None, :] + dml[..., None, :] * a0) * mc[:, :, None] + mc[:, None, :] * a0 * dml[..., :, None]
+            dpsi[live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da, dthick[live], dinv_kn[live],
+                                            beams)
+        m_s, dm_s = torch.gather(mc, 1, beams), torch.gather(dm.to(ctype), 2, beams.expand(dm.shape[:1] + beams.shape))
+        dpsi = dpsi * m_s[:, None, :] + psi_in * dm_s[:, :, None, :]
+        psi = psi_in * m_s[:, None, :]
+        wt = tm.weight[tm.out_sample][:, None]
+        inten = (psi.real ** 2 + psi.imag ** 2)[tm.out_sample, :, place] * wt  # (P,Q)
+        d_inten = 2 * (psi.real * dpsi.real + psi.imag * dpsi.imag)[:, tm.out_sample, :, place]  # (P,T,Q)
+    return inten, d_inten.transpose(0, 1) * wt
+
+
 def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
@@ -670,23 +737,13 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
     products with tables shared by every tangent for the diagonal (D: excitation errors) and the
     illumination factors (M). Plain tensor algebra, safe on worker threads.
     """
+    if primal[4].shape[1] > 1:
+        return _fused_points_jvp(tm, primal, tangent, hermitian)
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
-        a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
-        bethe = tm.weak_idx is not None
-        if bethe:  # A = M (P - C + D) M with C = P_sw X, X = D_w^-1 P_ws (see _bethe_correction)
-            corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
-            a0 = a0 - corr
-        mc = m.to(ctype)
-        a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
-        if hermitian:
-            lam, vec = torch.linalg.eigh(a_mat)
-            lam = lam.to(ctype)
-            vinv = vec.mH
-        else:
-            lam, vec = torch.linalg.eig(a_mat)
-            vinv = torch.linalg.inv(vec)
+        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian)
+        bethe = x is not None
         w = vinv[:, :, 0]
         inv_kn = (1.0 / kn).to(ctype)
         c = (1j * math.pi) * thick.to(ctype) * inv_kn[:, None]  # (B,1)
@@ -736,16 +793,17 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
 
 def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                         state: FrameState, tangents: list[tuple], *, absorption_method: AbsorptionMethod = "exact",
-                        batch_elements: float = 2e6, one_thickness_rule: bool = True
+                        batch_elements: float = 2e6, fused_rule: bool = True
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Intensities (R,) and their directional derivatives (R, T) along T tangents, forward mode.
 
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
     ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
     eigendecomposition per sample serves every tangent; samples are batched so that
-    samples x N^2 x T stays below ``batch_elements``. With one thickness per sample, elastic or
-    with exact absorption (without Bethe beams), the fused rule of :func:`_fused_jvp` is used
-    (``one_thickness_rule``), else the solver's generic forward rule.
+    samples x N^2 x T stays below ``batch_elements``. Elastic or with exact absorption (without
+    Bethe beams), the fused rules of :func:`_fused_jvp` are used (``fused_rule``): forward AD only
+    through the cheap inputs of the structure matrices, the rest in plain algebra on the workers;
+    else forward AD through the matrices and the solver's generic forward rule.
     """
     from torch.func import jvp, vmap
 
@@ -769,8 +827,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     has_abs = potential_abs is not None
     prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
     tan_args = (t_pot,) + ((t_pot_abs,) if has_abs else ()) + tuple(t_state[i] for i in state_idx)
-    # the fused rule: one thickness per sample, elastic or exact absorption, no Bethe beams with absorption
-    fast = q == 1 and one_thickness_rule and (not has_abs or (
+    # the fused rules: elastic or exact absorption, no Bethe beams with absorption
+    fast = fused_rule and (not has_abs or (
         absorption_method == "exact" and all(ch.weak_hkl is None for ch in plan.chunks)))
     workers = 1 if transforms_active() else solver_workers()
     pieces = []
@@ -823,7 +881,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
             vals, dvals = forward_ad(f)
             done.append((vals, dvals, box[0]))
-    else:  # several thicknesses or exact absorption: matrices and their tangents by forward AD here,
+    else:  # the reference (or exact absorption with Bethe beams): matrices and their tangents by forward AD here,
         # the decompositions and the solver's forward rule on the workers, overlapped
         def make(item):
             box = []

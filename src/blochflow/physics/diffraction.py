@@ -505,15 +505,20 @@ def _rocking_values(tm: _ChunkTerms, inten: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
-                       absorption_method: AbsorptionMethod, sample_slice: slice | None = None):
+                       absorption_method: AbsorptionMethod, sample_slice: slice | None = None,
+                       keep: list | None = None):
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
 
     ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
+    ``keep`` (without gradient, exact or no absorption): the decomposition (lam, V, V^-1) is appended.
     """
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
     a_mat, a_abs = _chunk_matrices(tm, absorption_method)
     if a_abs is not None:
         psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
+    elif keep is not None:
+        psi, lam, vec, vinv, _ = _Propagate.forward(a_mat, tm.thickness, 1.0 / tm.kn, tm.pot_abs is None)
+        keep.append((lam, vec, None if tm.pot_abs is None else vinv))
     else:
         psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=tm.pot_abs is None)
     if tm.m is not None:
@@ -550,9 +555,33 @@ def _work_items(plan: DiffractionPlan, workers: int) -> list[tuple]:
     return [(ch, sl) for ch in plan.chunks for sl in split_evenly(ch.hkl.shape[0], workers)]
 
 
-def _piece_intensities(plan, piece, inputs, absorption_method):
+def _piece_intensities(plan, piece, inputs, absorption_method, keep=None):
     ch, sl = piece
-    return _chunk_intensities(plan, ch, inputs[0], inputs[1], FrameState(*inputs[2:]), absorption_method, sl)
+    return _chunk_intensities(plan, ch, inputs[0], inputs[1], FrameState(*inputs[2:]), absorption_method, sl, keep)
+
+
+class Decompositions:
+    """Eigendecompositions of every sample's structure matrix at one set of inputs, kept by a
+    forward pass without gradient so that a Jacobian at the same inputs need not redo them: per
+    chunk, lam (B, N), V (B, N, N) and, for general (absorbing) matrices, V^-1, in ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype = torch.complex64):
+        self.dtype = dtype
+        self.chunks: list[tuple] = []
+
+    def take(self, plan: DiffractionPlan, pieces: list, kept: list[list]) -> None:
+        """Assemble the pieces' decompositions (in ``_work_items`` order) chunk by chunk."""
+        by_chunk = {}
+        for (ch, _), parts in zip(pieces, kept):
+            by_chunk.setdefault(id(ch), []).append(parts[0])
+
+        def cat(xs):
+            return None if xs[0] is None else torch.cat([x.to(self.dtype) for x in xs])
+
+        self.chunks = [tuple(cat([p[i] for p in by_chunk[id(ch)]]) for i in range(3)) for ch in plan.chunks]
+
+    def piece(self, chunk_index: int, sl: slice) -> tuple:
+        return tuple(None if x is None else x[sl] for x in self.chunks[chunk_index])
 
 
 class _ParallelFrames(torch.autograd.Function):
@@ -603,12 +632,13 @@ class _ParallelFrames(torch.autograd.Function):
 
 def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                     state: FrameState, *, absorption_method: AbsorptionMethod = "exact",
-                    per_thickness: bool = False) -> torch.Tensor:
+                    per_thickness: bool = False, keep: Decompositions | None = None) -> torch.Tensor:
     """Calculated intensities of the scored reflections, integrated over each frame's samples.
 
     potential (M,) complex U over ``plan.potential_hkl`` (1/A^2); potential_abs (M,) or None.
     Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average. The solves run
-    on :func:`solver_workers` threads.
+    on :func:`solver_workers` threads. ``keep`` collects the eigendecompositions (a pass without
+    gradient, no or exact absorption) for :func:`simulate_frames_jvp` at the same inputs.
     """
     rtype = potential.real.dtype
     inputs = (potential, potential_abs, *state.tensors())
@@ -618,9 +648,14 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         out = _ParallelFrames.apply(plan, absorption_method, workers, *inputs)
     else:
         out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
-        for vals, rows in parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
-                                       _work_items(plan, workers), workers):
+        pieces = _work_items(plan, workers)
+        keeping = keep is not None and not recording and (potential_abs is None or absorption_method == "exact")
+        kept = [[] if keeping else None for _ in pieces]
+        for vals, rows in parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method,
+                                                                       item[1]), list(zip(pieces, kept)), workers):
             out = out.index_add(0, rows, vals)
+        if keeping:
+            keep.take(plan, pieces, kept)
     if per_thickness:
         return out
     return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
@@ -657,8 +692,10 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
     return g_table, uniq
 
 
-def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool):
-    """(a0, X or None, M, lam, V, V^-1) of A = M a0 M, a0 = P + D (- C with Bethe beams, X = D_w^-1 P_ws)."""
+def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool, decomposition=None):
+    """(a0, X or None, M, lam, V, V^-1) of A = M a0 M, a0 = P + D (- C with Bethe beams, X = D_w^-1 P_ws);
+    ``decomposition`` (lam, V, V^-1 or None), kept by a forward pass at the same inputs, replaces the
+    eigensolver."""
     ctype = pot.dtype
     a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
     x = None
@@ -666,6 +703,9 @@ def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool)
         corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
         a0 = a0 - corr
     mc = m.to(ctype)
+    if decomposition is not None:
+        lam, vec, vinv = (None if y is None else y.to(ctype) for y in decomposition)
+        return a0, x, mc, lam, vec, vec.mH if vinv is None else vinv
     a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
     if hermitian:
         lam, vec = torch.linalg.eigh(a_mat)
@@ -686,7 +726,7 @@ def _scored_beams(tm: _ChunkTerms):
     return beams, place
 
 
-def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
+def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None):
     """Intensities (P, Q) and tangents (T, P, Q) at several thicknesses per sample from the values and
     tangents of the cheap inputs (as :func:`_fused_jvp`). The tangents of A are formed here in plain
     algebra, only for the tangents that move it (N^2 each, where forward AD through the matrix build
@@ -696,7 +736,7 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
-        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian)
+        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
         beams, place = _scored_beams(tm)
         inv_kn = 1.0 / kn
         expo = torch.exp(_coefficients(thick, inv_kn, ctype)[..., :, None] * lam[..., None, :])  # (B,Q,N)
@@ -724,7 +764,7 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
     return inten, d_inten.transpose(0, 1) * wt
 
 
-def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
+def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
     absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
@@ -738,11 +778,11 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
     illumination factors (M). Plain tensor algebra, safe on worker threads.
     """
     if primal[4].shape[1] > 1:
-        return _fused_points_jvp(tm, primal, tangent, hermitian)
+        return _fused_points_jvp(tm, primal, tangent, hermitian, decomposition)
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
-        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian)
+        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
         bethe = x is not None
         w = vinv[:, :, 0]
         inv_kn = (1.0 / kn).to(ctype)
@@ -793,8 +833,8 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True):
 
 def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                         state: FrameState, tangents: list[tuple], *, absorption_method: AbsorptionMethod = "exact",
-                        batch_elements: float = 2e6, fused_rule: bool = True
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        batch_elements: float = 2e6, fused_rule: bool = True,
+                        decompositions: Decompositions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Intensities (R,) and their directional derivatives (R, T) along T tangents, forward mode.
 
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
@@ -803,7 +843,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     samples x N^2 x T stays below ``batch_elements``. Elastic or with exact absorption (without
     Bethe beams), the fused rules of :func:`_fused_jvp` are used (``fused_rule``): forward AD only
     through the cheap inputs of the structure matrices, the rest in plain algebra on the workers;
-    else forward AD through the matrices and the solver's generic forward rule.
+    else forward AD through the matrices and the solver's generic forward rule. The fused rules take
+    the eigendecompositions from ``decompositions`` when a forward pass at the same inputs kept them.
     """
     from torch.func import jvp, vmap
 
@@ -850,7 +891,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
     if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
         inputs = []
-        for ch in plan.chunks:
+        reuse = decompositions if decompositions is not None and decompositions.chunks else None
+        for ci, ch in enumerate(plan.chunks):
             box = []
 
             def small(*args, ch=ch, box=box):
@@ -866,8 +908,10 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
             primal, tangent = forward_ad(small)
             inputs += [(_slice_terms(box[0], sl), (primal[0], *(x[sl] for x in primal[1:])),
-                        (tangent[0], *(x[:, sl] for x in tangent[1:]))) for c, sl in pieces if c is ch]
-        results = parallel_map(lambda args: _fused_jvp(*args, hermitian=not has_abs), inputs, workers)
+                        (tangent[0], *(x[:, sl] for x in tangent[1:])), None if reuse is None else reuse.piece(ci, sl))
+                       for c, sl in pieces if c is ch]
+        results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3]),
+                               inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []

@@ -16,7 +16,7 @@ import torch
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
-from ..physics.diffraction import FrameState, simulate_frames, simulate_frames_jvp
+from ..physics.diffraction import Decompositions, FrameState, simulate_frames, simulate_frames_jvp
 from .model import ForwardModel
 from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights
 
@@ -28,6 +28,9 @@ NETWORK_MAX_STEP = 0.5  # largest change of one network weight in one step
 # that moves one frame further than its linearisation holds would otherwise be rejected and raise
 # the damping of every parameter.
 PER_FRAME_MAX_STEP = {"thickness": 0.1, "orientation": 1.0}
+# A forward pass without gradient keeps its eigendecompositions (in the Jacobian's precision) for
+# a Jacobian at the same point when they take at most this much memory
+KEEP_DECOMPOSITIONS_BYTES = 512e6
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class RefinementProblem:
         self.jacobian_dtype = torch.float64  # float32: derivatives in single precision, values in double
         self.forward_dtype = torch.float64  # float32: solves of intensities() in single precision (Adam)
         self._last_intensities = None
+        self._last_decompositions = None  # (theta, plan, Decompositions) of the last pass without gradient
         self.warm_start = None  # record of the simpler model's fit this problem started from, if any
 
     # -- layout --------------------------------------------------------------------------------
@@ -209,8 +213,17 @@ class RefinementProblem:
             u = u.to(torch.complex64)
             u_abs = None if u_abs is None else u_abs.to(torch.complex64)
             state = FrameState(*[None if x is None else x.to(torch.float32) for x in state.tensors()])
-        ic = simulate_frames(self.model.plan, u, u_abs, state,
-                             absorption_method=self.model.settings.absorption_method).to(torch.float64)
+        plan = self.model.plan
+        keep = None
+        if not torch.is_grad_enabled() and not single:
+            size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks) * (1 + (u_abs is not None))
+            low = self.jacobian_dtype != torch.float64
+            if size * (8 if low else 16) <= KEEP_DECOMPOSITIONS_BYTES:
+                keep = Decompositions(torch.complex64 if low else torch.complex128)
+        ic = simulate_frames(plan, u, u_abs, state, absorption_method=self.model.settings.absorption_method,
+                             keep=keep).to(torch.float64)
+        if keep is not None and keep.chunks:
+            self._last_decompositions = (theta.detach().clone(), plan, keep)
         if not ic.requires_grad and not single:
             self._last_intensities = (theta.detach().clone(), ic)
         return ic
@@ -219,6 +232,11 @@ class RefinementProblem:
         """Record double-precision intensities known to be those at theta (e.g. put together from
         trials that share everything each frame depends on) for :meth:`intensities_at`."""
         self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64))
+
+    def decompositions_kept_at(self, theta: torch.Tensor) -> bool:
+        """Whether a Jacobian at theta would take the eigendecompositions of the last forward pass."""
+        kept = self._last_decompositions
+        return kept is not None and kept[1] is self.model.plan and torch.equal(kept[0], theta.detach())
 
     def intensities_at(self, theta: torch.Tensor) -> torch.Tensor:
         """Intensities at theta without gradient, reusing the last such evaluation when theta is the
@@ -389,9 +407,12 @@ class RefinementProblem:
             return x.to(torch.complex64 if x.is_complex() else self.jacobian_dtype) if low else x
 
         t_list = [(cast(a), cast(b), tuple(cast(x) for x in c)) for a, b, c in t_list]
+        # the eigendecompositions of the last forward pass (an accepted trial point) if it was at theta
+        reuse = self._last_decompositions[2] if self.decompositions_kept_at(theta) else None
         ic, d_ic = simulate_frames_jvp(self.model.plan, cast(u), cast(u_abs),
                                        FrameState(*[cast(x) for x in state.tensors()]),
-                                       t_list, absorption_method=self.model.settings.absorption_method)
+                                       t_list, absorption_method=self.model.settings.absorption_method,
+                                       decompositions=reuse)
         d_ic = d_ic.to(torch.float64)
         if low:  # values (residuals, scales, cost) in double precision
             ic = self.intensities_at(theta)

@@ -462,13 +462,16 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         log(f"resumed at Adam step {adam.step}, LM iteration {lm.iteration}")
     with torch.no_grad():
         start_fig = problem.figures(problem.intensities(problem.theta0))
+        if resume is not None and resume.get("decompositions_kept"):
+            problem.intensities(theta)  # the next Jacobian takes its decompositions, as it would have
 
     def save():
         if checkpoint is not None:
             _save_checkpoint(checkpoint, {"fingerprint": settings.fingerprint(), "n_params": problem.n_params,
                                           "theta": theta, "adam_step": adam.step, "adam_m": adam.m,
                                           "adam_v": adam.v, "lm": _lm_to_dict(lm),
-                                          "phase_times": json.dumps(phase_times)})
+                                          "phase_times": json.dumps(phase_times),
+                                          "decompositions_kept": problem.decompositions_kept_at(theta)})
 
     interrupted = False
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

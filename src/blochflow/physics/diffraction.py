@@ -510,15 +510,16 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
 
     ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
-    ``keep`` (without gradient, exact or no absorption): the decomposition (lam, V, V^-1) is appended.
+    ``keep`` (without gradient, exact or no absorption): [dtype], to which the decomposition (lam, V,
+    V^-1) is appended in that dtype.
     """
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
     a_mat, a_abs = _chunk_matrices(tm, absorption_method)
     if a_abs is not None:
         psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
-    elif keep is not None:
+    elif keep is not None:  # keep = [dtype]: append (lam, V, V^-1 or None) in that dtype
         psi, lam, vec, vinv, _ = _Propagate.forward(a_mat, tm.thickness, 1.0 / tm.kn, tm.pot_abs is None)
-        keep.append((lam, vec, None if tm.pot_abs is None else vinv))
+        keep.append(tuple(None if x is None else x.to(keep[0]) for x in (lam, vec, None if tm.pot_abs is None else vinv)))
     else:
         psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=tm.pot_abs is None)
     if tm.m is not None:
@@ -573,10 +574,10 @@ class Decompositions:
         """Assemble the pieces' decompositions (in ``_work_items`` order) chunk by chunk."""
         by_chunk = {}
         for (ch, _), parts in zip(pieces, kept):
-            by_chunk.setdefault(id(ch), []).append(parts[0])
+            by_chunk.setdefault(id(ch), []).append(parts[1])
 
         def cat(xs):
-            return None if xs[0] is None else torch.cat([x.to(self.dtype) for x in xs])
+            return None if xs[0] is None else torch.cat(xs)
 
         self.chunks = [tuple(cat([p[i] for p in by_chunk[id(ch)]]) for i in range(3)) for ch in plan.chunks]
 
@@ -650,7 +651,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
         pieces = _work_items(plan, workers)
         keeping = keep is not None and not recording and (potential_abs is None or absorption_method == "exact")
-        kept = [[] if keeping else None for _ in pieces]
+        kept = [[keep.dtype] if keeping else None for _ in pieces]
         for vals, rows in parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method,
                                                                        item[1]), list(zip(pieces, kept)), workers):
             out = out.index_add(0, rows, vals)

@@ -220,6 +220,7 @@ class RefinementProblem:
             low = self.jacobian_dtype != torch.float64
             if size * (8 if low else 16) <= KEEP_DECOMPOSITIONS_BYTES:
                 keep = Decompositions(torch.complex64 if low else torch.complex128)
+                self._last_decompositions = None  # one set in memory at a time
         ic = simulate_frames(plan, u, u_abs, state, absorption_method=self.model.settings.absorption_method,
                              keep=keep).to(torch.float64)
         if keep is not None and keep.chunks:

@@ -92,12 +92,24 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
     index = refined_index(problem, settings)
     state = LMState(damping=1e-6)
     start = float(problem.objective(theta))
+    composed = 0
     for _ in range(3):
         theta, _ = lm_step(problem, theta, state, index)
+        kept = problem.decompositions_at(theta)
+        if state.history[-1]["frames_partial_step"] > 0 and kept is not None:
+            # eigendecompositions put together frame by frame: those a pass at the new point makes
+            with torch.no_grad():
+                problem.intensities(theta.clone())
+            fresh = problem.decompositions_at(theta)
+            assert fresh is not kept
+            assert all(torch.equal(x, y) for a, b in zip(kept.chunks, fresh.chunks) for x, y in zip(a, b)
+                       if x is not None)
+            composed += 1
         problem._last_intensities = None  # the reported cost must not lean on the composed cache
         assert float(problem.objective(theta)) == pytest.approx(state.cost, rel=1e-9)
     assert state.cost < start
     assert any(h["frames_partial_step"] > 0 for h in state.history)  # the per-frame search ran
+    assert composed  # and the next Jacobian's decompositions were composed from its trials
     trust = torch.as_tensor(state.frame_trust)
     assert trust.shape == (problem.model.n_frames,)
     assert bool((trust >= 1 / 64).all()) and bool((trust <= FRAME_TRUST_MAX).all())

@@ -584,6 +584,14 @@ class Decompositions:
     def piece(self, chunk_index: int, sl: slice) -> tuple:
         return tuple(None if x is None else x[sl] for x in self.chunks[chunk_index])
 
+    def take_frames(self, plan: DiffractionPlan, other: "Decompositions", frames: torch.Tensor) -> None:
+        """Replace, in place, the samples of the ``frames`` (F,) bool mask by those of ``other``."""
+        for ch, mine, theirs in zip(plan.chunks, self.chunks, other.chunks):
+            sel = frames[torch.as_tensor(ch.frame)]
+            for x, y in zip(mine, theirs):
+                if x is not None:
+                    x[sel] = y[sel]
+
 
 class _ParallelFrames(torch.autograd.Function):
     """Frame intensities (R, Q) with the pieces solved on several threads, forward and backward.

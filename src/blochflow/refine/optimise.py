@@ -202,13 +202,27 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
     refl_frame = problem.model.frame
     fractions = list(FRAME_STEP_FRACTIONS)
     costs, values = [], []
+    # each frame's eigendecompositions from the trial it would pick (as its intensities), assembled as
+    # the trials come so that only two sets are in memory: the next Jacobian then needs no solver
+    kept = {"dec": None, "from": None, "cost": None}
 
     def evaluate(f: float):
         trial = delta.clone()
         trial[own] *= f
         with torch.no_grad():
             ic = problem.intensities(theta + trial)
-        costs.append(problem.frame_costs_of(ic, kind))
+        c = problem.frame_costs_of(ic, kind)
+        dec = problem.decompositions_at(theta + trial)
+        if not costs:
+            kept.update(dec=dec, cost=c.clone(), **{"from": torch.zeros(len(c), dtype=torch.long)})
+        elif kept["dec"] is not None and dec is not None:
+            better = c < kept["cost"]
+            kept["dec"].take_frames(problem.model.plan, dec, better)
+            kept["cost"] = torch.where(better, c, kept["cost"])
+            kept["from"][better] = len(costs)
+        else:
+            kept["dec"] = None
+        costs.append(c)
         values.append(ic)
 
     def combine():
@@ -234,6 +248,9 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
             step, total, frac, ic = combine()
     if np.isfinite(total):
         problem.remember_intensities(theta + step, ic)  # what the next iteration would recompute
+        pick = torch.argmin(torch.stack(costs), 0)
+        if kept["dec"] is not None and torch.equal(pick, kept["from"]):
+            problem.remember_decompositions(theta + step, kept["dec"])
     return step, total, frac, torch.stack(costs).amin(0) > before
 
 

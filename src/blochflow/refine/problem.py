@@ -234,6 +234,15 @@ class RefinementProblem:
         trials that share everything each frame depends on) for :meth:`intensities_at`."""
         self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64))
 
+    def decompositions_at(self, theta: torch.Tensor):
+        """The eigendecompositions the last forward pass kept if it was at theta, else None."""
+        return self._last_decompositions[2] if self.decompositions_kept_at(theta) else None
+
+    def remember_decompositions(self, theta: torch.Tensor, decompositions) -> None:
+        """Record eigendecompositions known to be those at theta (put together frame by frame from
+        trials, as :meth:`remember_intensities`)."""
+        self._last_decompositions = (theta.detach().clone(), self.model.plan, decompositions)
+
     def decompositions_kept_at(self, theta: torch.Tensor) -> bool:
         """Whether a Jacobian at theta would take the eigendecompositions of the last forward pass."""
         kept = self._last_decompositions
@@ -408,8 +417,7 @@ class RefinementProblem:
             return x.to(torch.complex64 if x.is_complex() else self.jacobian_dtype) if low else x
 
         t_list = [(cast(a), cast(b), tuple(cast(x) for x in c)) for a, b, c in t_list]
-        # the eigendecompositions of the last forward pass (an accepted trial point) if it was at theta
-        reuse = self._last_decompositions[2] if self.decompositions_kept_at(theta) else None
+        reuse = self.decompositions_at(theta)  # those of the accepted trial point, if kept
         ic, d_ic = simulate_frames_jvp(self.model.plan, cast(u), cast(u_abs),
                                        FrameState(*[cast(x) for x in state.tensors()]),
                                        t_list, absorption_method=self.model.settings.absorption_method,

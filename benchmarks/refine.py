@@ -4,13 +4,16 @@ and the cost of learned thickness distributions with 1, 8 and 32 points per fram
     python benchmarks/refine.py [--start kinematical|reference] [--samples 8] [--adam-steps 5]
                                 [--lm-iterations 6] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
     python benchmarks/refine.py --thickness-points 1,8,32 [--samples 8]
+    python benchmarks/refine.py --kept-decompositions [--samples 24] [--repeat 3]
 
 The first form runs the same refinement as ``blochflow refine`` (orientation corrections,
 structure, per-frame thickness, profiled scales) and reports the wall time of each phase, the time
 per Adam step and per LM iteration, R values and the peak resident memory of the process. The
 second times one Adam step (forward + backward), one Jacobian, one forward pass and their sum (the
 least an LM iteration costs) of the quartz problem with a learned thickness distribution of Q points
-per frame, as ratios to the single-thickness (per-frame) model measured in the same process.
+per frame, as ratios to the single-thickness (per-frame) model measured in the same process. The
+third times a trial forward pass and the Jacobian at that point, with the Jacobian solving its own
+eigenproblems or taking those the forward pass kept (alternated in one process, best of --repeat).
 """
 
 from __future__ import annotations
@@ -100,6 +103,46 @@ def thickness_points(args) -> list[dict]:
     return rows
 
 
+def kept_decompositions(args) -> dict:
+    """One LM iteration's solver work (a trial forward pass without gradient, then the Jacobian at
+    that point) with and without the forward pass keeping its eigendecompositions for the Jacobian,
+    alternated ``--repeat`` times in one process (README problem, its default settings)."""
+    import blochflow.refine.problem as problem_mod
+
+    structure, data = _paths(args.start)
+    settings = settings_from_mapping({"n_samples": args.samples, **dict(parse_setting(s) for s in args.set)}, "benchmark")
+    problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
+    index = refined_index(problem, settings)
+    problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
+    cap = problem_mod.KEEP_DECOMPOSITIONS_BYTES
+    times = {"own": [], "kept": []}
+    try:
+        for i in range(2 * args.repeat + 2):  # the first pair warms up
+            mode = "kept" if i % 2 else "own"
+            problem_mod.KEEP_DECOMPOSITIONS_BYTES = cap if mode == "kept" else 0
+            problem._last_decompositions = None
+            theta = problem.theta0 + 1e-9 * (i + 1)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                problem.intensities(theta)
+            t1 = time.perf_counter()
+            problem.jacobian(theta, index)
+            t2 = time.perf_counter()
+            if i >= 2:
+                times[mode].append((t1 - t0, t2 - t1))
+    finally:
+        problem_mod.KEEP_DECOMPOSITIONS_BYTES = cap
+    row = {}
+    for mode, ts in times.items():
+        row[f"{mode}_forward_s"] = min(t[0] for t in ts)
+        row[f"{mode}_jacobian_s"] = min(t[1] for t in ts)
+        row[f"{mode}_total_s"] = min(t[0] + t[1] for t in ts)
+    row["jacobian_ratio"] = row["kept_jacobian_s"] / row["own_jacobian_s"]
+    row["total_ratio"] = row["kept_total_s"] / row["own_total_s"]
+    row["peak_rss_mb"] = peak_memory_mb()
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--start", choices=["kinematical", "reference"], default="kinematical")
@@ -108,6 +151,8 @@ def main() -> None:
     p.add_argument("--lm-iterations", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")
+    p.add_argument("--kept-decompositions", action="store_true",
+                   help="time forward + Jacobian with and without the forward pass's decompositions kept")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any refine setting")
     p.add_argument("--json")
@@ -115,7 +160,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = thickness_points(args) if args.thickness_points else full_refinement(args)
+    if args.kept_decompositions:
+        out = kept_decompositions(args)
+    else:
+        out = thickness_points(args) if args.thickness_points else full_refinement(args)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

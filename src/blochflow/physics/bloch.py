@@ -53,7 +53,7 @@ def _pair_tables(lam: torch.Tensor, c: torch.Tensor):
     d = lam[..., :, None] - lam[..., None, :]
     cmax = torch.cat([c.abs(), c.real.new_zeros(c.shape[:-1] + (1,))], -1).amax(-1)  # also for Q = 0
     scale = torch.where(cmax > 0, cmax, torch.ones_like(cmax))
-    close = d.abs() * scale[..., None, None] < _TAU
+    close = (d.real ** 2 + d.imag ** 2) * (scale ** 2)[..., None, None] < _TAU ** 2  # |d| s < tau, no hypot
     inv_d = torch.where(close, torch.zeros_like(d), 1 / torch.where(close, torch.ones_like(d), d))
     return scale, close, inv_d
 

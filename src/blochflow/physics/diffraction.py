@@ -804,7 +804,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
         vinv_m = vinv * mc[:, None, :]  # V^-1 M
         (b, n), n_t = diag.shape, dpot.shape[0]
         core = torch.zeros((n_t, b, n), dtype=ctype)
-        live = torch.nonzero(dpot.abs().amax(-1) > 0)[:, 0]  # tangents that move the potential
+        live = torch.nonzero((dpot != 0).any(-1))[:, 0]  # tangents that move the potential
         if len(live) and not bethe and len(live) >= CONTRACTION_MIN_TANGENTS:
             g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
             core[live] = torch.einsum("bim,tbm->tbi", g_table, dpot[live][:, uniq])

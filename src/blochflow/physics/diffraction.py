@@ -756,12 +756,18 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
         flat = [(d != 0).flatten(1).any(1) for d in (dpot, ddiag, dm) + (() if x is None else (ddiag_w,))]
         live = torch.nonzero(torch.stack(flat).any(0))[:, 0]
         if len(live):
-            d_a0 = dpot[live][:, tm.idx] + torch.diag_embed(ddiag[live].to(ctype))  # (L,B,N,N)
+            d_a0 = dpot[live][:, tm.idx]  # (L,B,N,N), a new tensor
+            d_diag = ddiag[live]
+            if bool((d_diag != 0).any()):
+                d_a0.diagonal(dim1=-2, dim2=-1).add_(d_diag.to(ctype))
             if x is not None:  # -dC = -(dP_sw X + (dP_sw X)^H) + X^H dD_w X
                 z = dpot[live][:, tm.weak_idx] @ x
                 d_a0 = d_a0 - z - z.mH + x.mH @ (ddiag_w[live].to(ctype)[..., None] * x)
-            dml = dm[live].to(ctype)
-            da = (d_a0 * mc[:, None, :] + dml[..., None, :] * a0) * mc[:, :, None] + mc[:, None, :] * a0 * dml[..., :, None]
+            da = d_a0 * (mc[:, :, None] * mc[:, None, :])  # dA = M da0 M + dM a0 M + M a0 dM
+            dml = dm[live]
+            if bool((dml != 0).any()):
+                dml = dml.to(ctype)
+                da = da + dml[..., :, None] * (a0 * mc[:, None, :]) + (mc[:, :, None] * a0) * dml[..., None, :]
             dpsi[live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da, dthick[live], dinv_kn[live],
                                             beams)
         m_s, dm_s = torch.gather(mc, 1, beams), torch.gather(dm.to(ctype), 2, beams.expand(dm.shape[:1] + beams.shape))

@@ -475,13 +475,18 @@ def _absorptive_diagonal(tm: _ChunkTerms) -> torch.Tensor:
     return tm.mask.to(tm.pot_abs.dtype) * tm.pot_abs[0]
 
 
+def _unscaled_matrix(tm: _ChunkTerms, pot, diag, corr) -> torch.Tensor:
+    """a0 = P + D (- C, the Bethe correction, when given) of A = M a0 M."""
+    a0 = pot[tm.idx] + torch.diag_embed(diag).to(pot.dtype)
+    return a0 if corr is None else a0 - corr
+
+
 def _chunk_matrices(tm: _ChunkTerms, absorption_method: AbsorptionMethod):
     """(A (B,N,N), A' or None) of a chunk: the matrix to solve and, for perturbative absorption only,
     the absorptive part kept apart (exact absorption solves A + i A' as one general matrix)."""
     ctype = tm.pot.dtype
-    a_mat = tm.pot[tm.idx] + torch.diag_embed(tm.diag).to(ctype)
-    if tm.weak_idx is not None:
-        a_mat = a_mat - _bethe_correction(tm.pot, tm.weak_idx, tm.diag_weak)[0]
+    corr = None if tm.weak_idx is None else _bethe_correction(tm.pot, tm.weak_idx, tm.diag_weak)[0]
+    a_mat = _unscaled_matrix(tm, tm.pot, tm.diag, corr)
     mm = None if tm.m is None else (tm.m[:, :, None] * tm.m[:, None, :]).to(ctype)
     if mm is not None:
         a_mat = a_mat * mm
@@ -495,13 +500,14 @@ def _chunk_matrices(tm: _ChunkTerms, absorption_method: AbsorptionMethod):
     return a_mat, a_abs
 
 
-def _rocking_values(tm: _ChunkTerms, inten: torch.Tensor) -> torch.Tensor:
+def _rocking_values(tm: _ChunkTerms, inten: torch.Tensor, beam: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Q, N) intensities -> (P, Q) rocking-weighted values of the chunk's pairs; (T, B, Q, N)
-    tangents -> (T, P, Q)."""
+    tangents -> (T, P, Q). ``beam`` (P,): each pair's column of the last axis (default: its beam)."""
     wt = tm.weight[tm.out_sample][:, None]
+    beam = tm.out_beam if beam is None else beam
     if inten.dim() == 3:
-        return inten[tm.out_sample, :, tm.out_beam] * wt
-    return inten[:, tm.out_sample, :, tm.out_beam].transpose(0, 1) * wt  # split advanced indices lead
+        return inten[tm.out_sample, :, beam] * wt
+    return inten[:, tm.out_sample, :, beam].transpose(0, 1) * wt  # split advanced indices lead
 
 
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
@@ -702,25 +708,25 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
 
 
 def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool, decomposition=None):
-    """(a0, X or None, M, lam, V, V^-1) of A = M a0 M, a0 = P + D (- C with Bethe beams, X = D_w^-1 P_ws);
-    ``decomposition`` (lam, V, V^-1 or None), kept by a forward pass at the same inputs, replaces the
-    eigensolver."""
+    """(a0 or None, C or None, X or None, M, lam, V, V^-1) of A = M a0 M, a0 = P + D (- C with Bethe
+    beams, C = P_sw X, X = D_w^-1 P_ws). ``decomposition`` (lam, V, V^-1 or None), kept by a forward
+    pass at the same inputs, replaces the eigensolver; a0 is then not formed (None: see
+    :func:`_unscaled_matrix`)."""
     ctype = pot.dtype
-    a0 = pot[tm.idx] + torch.diag_embed(diag).to(ctype)
-    x = None
-    if tm.weak_idx is not None:  # A = M (P - C + D) M with C = P_sw X, X = D_w^-1 P_ws (see _bethe_correction)
+    corr = x = None
+    if tm.weak_idx is not None:  # A = M (P - C + D) M (see _bethe_correction)
         corr, x = _bethe_correction(pot, tm.weak_idx, diag_w)
-        a0 = a0 - corr
     mc = m.to(ctype)
     if decomposition is not None:
         lam, vec, vinv = (None if y is None else y.to(ctype) for y in decomposition)
-        return a0, x, mc, lam, vec, vec.mH if vinv is None else vinv
+        return None, corr, x, mc, lam, vec, vec.mH if vinv is None else vinv
+    a0 = _unscaled_matrix(tm, pot, diag, corr)
     a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
     if hermitian:
         lam, vec = torch.linalg.eigh(a_mat)
-        return a0, x, mc, lam.to(ctype), vec, vec.mH
+        return a0, corr, x, mc, lam.to(ctype), vec, vec.mH
     lam, vec = torch.linalg.eig(a_mat)
-    return a0, x, mc, lam, vec, torch.linalg.inv(vec)
+    return a0, corr, x, mc, lam, vec, torch.linalg.inv(vec)
 
 
 def _scored_beams(tm: _ChunkTerms):
@@ -745,7 +751,7 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
-        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
+        a0, corr, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
         beams, place = _scored_beams(tm)
         inv_kn = 1.0 / kn
         expo = torch.exp(_coefficients(thick, inv_kn, ctype)[..., :, None] * lam[..., None, :])  # (B,Q,N)
@@ -767,16 +773,17 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
             dml = dm[live]
             if bool((dml != 0).any()):
                 dml = dml.to(ctype)
+                if a0 is None:
+                    a0 = _unscaled_matrix(tm, pot, diag, corr)
                 da = da + dml[..., :, None] * (a0 * mc[:, None, :]) + (mc[:, :, None] * a0) * dml[..., None, :]
             dpsi[live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, da, dthick[live], dinv_kn[live],
                                             beams)
         m_s, dm_s = torch.gather(mc, 1, beams), torch.gather(dm.to(ctype), 2, beams.expand(dm.shape[:1] + beams.shape))
         dpsi = dpsi * m_s[:, None, :] + psi_in * dm_s[:, :, None, :]
         psi = psi_in * m_s[:, None, :]
-        wt = tm.weight[tm.out_sample][:, None]
-        inten = (psi.real ** 2 + psi.imag ** 2)[tm.out_sample, :, place] * wt  # (P,Q)
-        d_inten = 2 * (psi.real * dpsi.real + psi.imag * dpsi.imag)[:, tm.out_sample, :, place]  # (P,T,Q)
-    return inten, d_inten.transpose(0, 1) * wt
+        inten = psi.real ** 2 + psi.imag ** 2
+        d_inten = 2 * (psi.real * dpsi.real + psi.imag * dpsi.imag)
+    return _rocking_values(tm, inten, place), _rocking_values(tm, d_inten, place)
 
 
 def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None):
@@ -797,7 +804,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
     (pot, diag, m, kn, thick, diag_w), (dpot, ddiag, dm, dkn, dthick, ddiag_w) = primal, tangent
     ctype = pot.dtype
     with torch.no_grad():
-        a0, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
+        _, _, x, mc, lam, vec, vinv = _fused_decomposition(tm, pot, diag, m, diag_w, hermitian, decomposition)
         bethe = x is not None
         w = vinv[:, :, 0]
         inv_kn = (1.0 / kn).to(ctype)

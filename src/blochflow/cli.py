@@ -33,6 +33,8 @@ def _example_paths(name: str) -> tuple[str, str]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("physics")
+    g.add_argument("--wavelength", type=float, default=None,
+                   help="electron wavelength (A) in place of the data file's (for a header that states the wrong one)")
     g.add_argument("--g-max", type=float, default=None, help="beam cut-off |g| (1/A); default dstarmax + 0.4")
     g.add_argument("--s-max", type=float, default=0.02, help="excitation-error limit for beams (1/A)")
     g.add_argument("--samples", type=int, default=32, help="tilt samples per frame (or precession azimuths)")
@@ -70,6 +72,14 @@ def _model_settings(args):
                          s_bethe=args.s_bethe)
     return ModelSettings(beams=beams, absorption=args.absorption, kappa=args.kappa,
                          absorption_method=args.absorption_method, instability=args.instability)
+
+
+def _override_wavelength(ds, wavelength):
+    from .io.pets import with_wavelength
+    try:
+        return with_wavelength(ds, wavelength)
+    except ValueError as exc:
+        raise InputError("command line", "--wavelength", str(exc).split(": ", 1)[-1]) from None
 
 
 def _load(structure: str, data: str):
@@ -176,6 +186,7 @@ def cmd_simulate(args) -> int:
         structure, data = args.structure, args.data
     t_start = time.perf_counter()
     crystal, ds = _load(structure, data)
+    ds = _override_wavelength(ds, args.wavelength)
     settings = _model_settings(args)
     out = Path(args.out)
     if args.write_pets:
@@ -265,7 +276,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "samples": "n_samples", "thickness_model": "thickness_model", "thickness": "thickness",
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
-    "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
+    "wavelength": "wavelength", "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
     "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis", "s_bethe": "s_bethe",
     "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
 }
@@ -435,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-orientation", action="store_true", help="do not refine per-frame orientation corrections")
     r.add_argument("--free-fraction", type=float)
     r.add_argument("--absorption", choices=["none", "proportional", "tds"])
+    r.add_argument("--wavelength", type=float, help="electron wavelength (A) in place of the data file's")
     r.add_argument("--g-max", type=float)
     r.add_argument("--s-max", type=float)
     r.add_argument("--s-bethe", type=float, help="fold beams out to this |s_g| in by Bethe perturbation (0: off)")

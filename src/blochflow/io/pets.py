@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -151,6 +151,15 @@ def parse_measurement_details(text: str, path: str) -> MeasurementDetails:
         mosaicity=val("mosaicity", 0.0),
         rotation_axis_deg=val("rotation axis position", 0.0),
     )
+
+
+def with_wavelength(dataset: PetsDataset, wavelength: float | None) -> PetsDataset:
+    """The dataset with its wavelength (A) replaced, for a header that states the wrong one; None keeps it."""
+    if wavelength is None or wavelength == dataset.wavelength:
+        return dataset
+    if not 0.001 < wavelength < 0.2:
+        raise ValueError(f"wavelength: {wavelength} A is not an electron wavelength")
+    return replace(dataset, wavelength=float(wavelength))
 
 
 def read_pets(path: str | Path) -> PetsDataset:

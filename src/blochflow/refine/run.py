@@ -26,6 +26,7 @@ from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
 from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
                                  PerFrameThickness, SlabThickness)
+from ..io.pets import with_wavelength
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import COUPLINGS, BeamSettings
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
@@ -41,6 +42,7 @@ class RefineSettings:
     """Every setting of ``blochflow refine`` (config-file keys are these names)."""
 
     # physics
+    wavelength: float | None = None  # A; replaces the data file's value (None: the file's)
     n_samples: int = 32  # tilts per frame; the minimum when samples_per_fringe > 0
     # > 0: each frame gets at least this many samples per Pendelloesung fringe (1/t) swept by its
     # fastest scored reflection, for 1.5 x the start thickness (see fringe_sample_counts)
@@ -166,7 +168,7 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         elif isinstance(default, int) and not isinstance(default, bool):
             if not isinstance(val, int) or isinstance(val, bool):
                 raise ValueError(f"{key}: expected an integer, got {val!r}")
-        elif isinstance(default, float) or name == "g_max":
+        elif isinstance(default, float) or name in ("g_max", "wavelength"):
             if val is not None and (not isinstance(val, (int, float)) or isinstance(val, bool)):
                 raise ValueError(f"{key}: expected a number, got {val!r}")
         elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
@@ -182,6 +184,8 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
             val = tuple(float(v) for v in val)
         kw[name] = val
     s = RefineSettings(**kw)
+    if s.wavelength is not None and not 0.001 < s.wavelength < 0.2:
+        raise ValueError(f"wavelength: {s.wavelength} A is not an electron wavelength")
     if s.samples_per_fringe < 0:
         raise ValueError("samples_per_fringe: must be 0 (off) or positive")
     for name in ("n_samples", "n_segments", "tilt_window"):
@@ -341,6 +345,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
                   log: Callable[[str], None] = lambda line: None) -> RefinementProblem:
     """The refinement problem for a start structure and a dataset; a learned thickness model with a
     per-frame or slab warm start first refines that model (logged through ``log``)."""
+    dataset = with_wavelength(dataset, settings.wavelength)
     kind = settings.thickness_model
     warm = None
     if kind == "learned" and settings.learned_warm_start != "scan":

@@ -31,7 +31,7 @@ from blochflow.io.writers import write_json
 from blochflow.physics.diffraction import FrameState
 from blochflow.refine.objective import klar_weights
 from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
-from synthetic_recovery import DATASETS, PAPER_PHYSICS
+from synthetic_recovery import DATASET_PHYSICS, DATASETS, PAPER_PHYSICS
 
 BINS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -120,7 +120,8 @@ def main() -> None:
     overrides = dict(parse_setting(item) for item in args.set)
     frame_only = {"refine_xyz": False, "refine_adp": False, "refine_orientation": False, "adam_steps": 0,
                   "lm_iterations": 12, "integration_check": False}
-    settings = settings_from_mapping({**PAPER_PHYSICS, **frame_only, **overrides}, "model_at_truth")
+    settings = settings_from_mapping({**PAPER_PHYSICS, **DATASET_PHYSICS[args.dataset], **frame_only, **overrides},
+                                     "model_at_truth")
     mask = np.zeros(len(ds.frames), bool)
     mask[::args.frames_step] = True
     t0 = time.perf_counter()

@@ -44,7 +44,8 @@ PAPER_PHYSICS = {"n_samples": 42, "sample_rule": "linspace", "ub_convention": "d
                  "s_max": 0.01}
 # the paracetamol file states 0.0335 A, but its data were simulated at 0.02508 A (200 kV): at the
 # truth R_obs 20.6 % with the stated value (docs/refinement.md, "Paracetamol: our model at the truth")
-DATASET_PHYSICS = {"quartz": {}, "paracetamol": {"wavelength": 0.02508}}
+# quartz: the file rounds 200 kV's 0.0250793 A to 0.02510 A, which costs 0.7 points of R_obs at the truth
+DATASET_PHYSICS = {"quartz": {"wavelength": 0.0250793}, "paracetamol": {"wavelength": 0.02508}}
 
 
 def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int) -> dict:

@@ -28,8 +28,7 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
-from blochflow.physics.diffraction import FrameState
-from blochflow.refine.objective import klar_weights
+from blochflow.refine.objective import frame_scales, klar_weights, r_obs
 from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
 from synthetic_recovery import DATASET_PHYSICS, DATASETS, PAPER_PHYSICS
 
@@ -58,47 +57,39 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int = 500) -> np.ndarray:
     return x
 
 
-def r_obs(io: np.ndarray, ic: np.ndarray) -> float:
-    a, b = np.sqrt(np.clip(io, 0, None)), np.sqrt(np.clip(ic, 0, None))
-    return float(np.abs(a - b).sum() / a.sum())
-
-
 def scan_frames(problem, grid: np.ndarray) -> dict:
-    """Per frame: best single grid thickness and the NNLS distribution on the grid."""
+    """Per frame: best single grid thickness and the NNLS distribution on the grid. R_obs as
+    reported everywhere (observed reflections, Io > 3 sigma; WLS frame scales)."""
     m = problem.model
-    base = m.frame_state(1.0)
-    state = FrameState(base.alpha, base.beta, base.omega, torch.as_tensor(grid)[None, :].expand(m.n_frames, -1),
-                       torch.full((m.n_frames, len(grid)), 1.0 / len(grid), dtype=torch.float64),
-                       base.surface_normal, base.orientation_correction)
     with torch.no_grad():
-        ic = m.intensities(state, m.potential(), per_thickness=True).numpy()  # (R, Q)
-    io, frame = m.io.numpy(), m.frame.numpy()
-    w = klar_weights(m.io, m.sigma, m.settings.instability).numpy()
-    single_fit, rows = np.zeros(len(io)), []
+        ic = m.intensities(m.grid_state(grid), m.potential(), per_thickness=True)  # (R, Q)
+    costs = m.scan_costs(ic)  # (F, Q); NaN for frames without reflections
+    best = np.argmin(np.nan_to_num(costs, nan=np.inf), 1)  # (F,) each frame's best column
+    ic_best = ic[torch.arange(len(m.io)), torch.as_tensor(best)[m.frame]]
+    w = klar_weights(m.io, m.sigma, m.settings.instability)
+    single_fit = frame_scales(m.io, ic_best, w, m.frame, m.n_frames)[m.frame] * ic_best
+    obs = m.io > 3 * m.sigma
+    io, frame, ic_np, w_np = m.io.numpy(), m.frame.numpy(), ic.numpy(), w.numpy()
+    rows = []
     for f in np.unique(frame):
         s = frame == f
-        ws, x = w[s], ic[s]
-        k = (ws[:, None] * io[s, None] * x).sum(0) / np.maximum((ws[:, None] * x * x).sum(0), 1e-300)
-        cost = (ws[:, None] * (io[s, None] - k * x) ** 2).sum(0)
-        j = int(np.argmin(cost))
-        single_fit[s] = k[j] * x[:, j]
-        sw = np.sqrt(ws)
-        coef = nnls(x * sw[:, None], io[s] * sw)
-        mix = x @ coef
-        cost_mix = float((ws * (io[s] - mix) ** 2).sum())
+        sw = np.sqrt(w_np[s])
+        coef = nnls(ic_np[s] * sw[:, None], io[s] * sw)
+        mix = torch.as_tensor(ic_np[s] @ coef)
         support = [(float(grid[i]), float(coef[i] / coef.sum())) for i in np.flatnonzero(coef > 0.02 * coef.max())]
-        rows.append({"frame": int(f), "n": int(s.sum()), "thickness_A": float(grid[j]),
-                     "R_obs_single": r_obs(io[s], single_fit[s]), "chi2_single": float(cost[j] / s.sum()),
-                     "R_obs_distribution": r_obs(io[s], mix), "chi2_distribution": cost_mix / s.sum(),
+        rows.append({"frame": int(f), "n": int(s.sum()), "thickness_A": float(grid[best[f]]),
+                     "R_obs_single": r_obs(m.io[s], single_fit[s], obs[s]), "chi2_single": float(costs[f, best[f]] / s.sum()),
+                     "R_obs_distribution": r_obs(m.io[s], mix, obs[s]),
+                     "chi2_distribution": float((w_np[s] * (io[s] - mix.numpy()) ** 2).sum() / s.sum()),
                      "distribution": support})
-    u = m.plan.scored.excitation_error / m.plan.scored.excitation_range
+    u = torch.as_tensor(m.plan.scored.excitation_error / m.plan.scored.excitation_range)
     bins = []
     for lo, hi in zip(BINS[:-1], BINS[1:]):
         sel = (u >= lo) & (u < hi)
         if sel.any():
-            bins.append({"lo": lo, "hi": hi, "n": int(sel.sum()), "R_obs": r_obs(io[sel], single_fit[sel]),
-                         "sum_Io_over_Ic": float(io[sel].sum() / single_fit[sel].sum())})
-    return {"frames": rows, "R_obs_single": r_obs(io, single_fit), "excitation_bins": bins}
+            bins.append({"lo": lo, "hi": hi, "n": int(sel.sum()), "R_obs": r_obs(m.io[sel], single_fit[sel], obs[sel]),
+                         "sum_Io_over_Ic": float(m.io[sel].sum() / single_fit[sel].sum())})
+    return {"frames": rows, "R_obs_single": r_obs(m.io, single_fit, obs), "excitation_bins": bins}
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def _override_wavelength(ds, wavelength):
     try:
         return with_wavelength(ds, wavelength)
     except ValueError as exc:
-        raise InputError("command line", "--wavelength", str(exc).split(": ", 1)[-1]) from None
+        raise InputError("command line", "--wavelength", str(exc)) from None
 
 
 def _load(structure: str, data: str):

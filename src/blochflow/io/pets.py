@@ -153,12 +153,17 @@ def parse_measurement_details(text: str, path: str) -> MeasurementDetails:
     )
 
 
+def is_electron_wavelength(wavelength: float) -> bool:
+    """Whether a wavelength (A) is one of electrons in a diffraction experiment (about 1-200 mA)."""
+    return 0.001 < wavelength < 0.2
+
+
 def with_wavelength(dataset: PetsDataset, wavelength: float | None) -> PetsDataset:
     """The dataset with its wavelength (A) replaced, for a header that states the wrong one; None keeps it."""
     if wavelength is None or wavelength == dataset.wavelength:
         return dataset
-    if not 0.001 < wavelength < 0.2:
-        raise ValueError(f"wavelength: {wavelength} A is not an electron wavelength")
+    if not is_electron_wavelength(wavelength):
+        raise ValueError(f"{wavelength} A is not an electron wavelength")
     return replace(dataset, wavelength=float(wavelength))
 
 
@@ -172,7 +177,7 @@ def read_pets(path: str | Path) -> PetsDataset:
     if min(cell[:3]) <= 0 or not all(0 < x < 180 for x in cell[3:]):
         raise InputError(path, "_cell_*", f"impossible cell {cell}")
     wavelength = _num(block, "_diffrn_radiation_wavelength")
-    if not 0.001 < wavelength < 0.2:
+    if not is_electron_wavelength(wavelength):
         raise InputError(path, "_diffrn_radiation_wavelength", f"{wavelength} A is not an electron wavelength")
     ub = np.array([[_num(block, f"_diffrn_orient_matrix_ub_{i}{j}") for j in (1, 2, 3)] for i in (1, 2, 3)])
     if abs(np.linalg.det(ub)) < 1e-12:

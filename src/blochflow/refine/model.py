@@ -114,22 +114,32 @@ class ForwardModel:
         grid = torch.as_tensor(np.asarray(grid, float))
         widest = max((ch.hkl.shape[0] * ch.hkl.shape[1] for ch in self.plan.chunks), default=1)
         block = max(1, int(max_elements // widest))
-        use = torch.ones(len(self.io), dtype=torch.bool) if use is None else use
-        w = klar_weights(self.io, self.sigma, self.settings.instability) * use
-        base = self.frame_state(1.0) if state is None else state
         out = []
         with torch.no_grad():
             pot = self.potential() if potential is None else potential
             for q0 in range(0, len(grid), block):
-                ts = grid[q0:q0 + block]
-                st = FrameState(base.alpha, base.beta, base.omega, ts[None, :].expand(self.n_frames, -1),
-                                torch.full((self.n_frames, len(ts)), 1.0 / len(ts), dtype=torch.float64),
-                                base.surface_normal, base.orientation_correction)
-                ic = self.intensities(st, pot, per_thickness=True)  # (R, q)
-                for j in range(len(ts)):
-                    k = frame_scales(self.io, ic[:, j], w, self.frame, self.n_frames)
-                    res = w * (self.io - k[self.frame] * ic[:, j]) ** 2
-                    out.append(torch.zeros(self.n_frames, dtype=torch.float64).index_add(0, self.frame, res))
+                ic = self.intensities(self.grid_state(grid[q0:q0 + block], state), pot, per_thickness=True)
+                out.append(self.scan_costs(ic, use))
+        return np.concatenate(out, 1)
+
+    def grid_state(self, grid, state: FrameState | None = None) -> FrameState:
+        """``state`` (default: the data's) with every frame at the thicknesses ``grid`` (A), equal weights."""
+        base = self.frame_state(1.0) if state is None else state
+        ts = torch.as_tensor(np.asarray(grid, float))
+        return FrameState(base.alpha, base.beta, base.omega, ts[None, :].expand(self.n_frames, -1),
+                          torch.full((self.n_frames, len(ts)), 1.0 / len(ts), dtype=torch.float64),
+                          base.surface_normal, base.orientation_correction)
+
+    def scan_costs(self, ic: torch.Tensor, use: torch.Tensor | None = None) -> np.ndarray:
+        """Per-frame w (Io - k Ic)^2 (F, Q) of each column of per-thickness intensities ic (R, Q), each
+        with its own WLS frame scales; frames without (``use``d) reflections get NaN."""
+        use = torch.ones(len(self.io), dtype=torch.bool) if use is None else use
+        w = klar_weights(self.io, self.sigma, self.settings.instability) * use
+        out = []
+        for j in range(ic.shape[1]):
+            k = frame_scales(self.io, ic[:, j], w, self.frame, self.n_frames)
+            res = w * (self.io - k[self.frame] * ic[:, j]) ** 2
+            out.append(torch.zeros(self.n_frames, dtype=torch.float64).index_add(0, self.frame, res))
         table = torch.stack(out, 1).numpy()
         counts = np.bincount(self.frame.numpy()[use.numpy()], minlength=self.n_frames)
         table[counts == 0] = np.nan

@@ -56,7 +56,8 @@ class Figures:
         return asdict(self)
 
 
-def _r_obs(io, kic, obs):
+def r_obs(io, kic, obs):
+    """R_obs over the reflections ``obs`` (the definition above); NaN when there are none."""
     num = torch.abs(io.clamp_min(0).sqrt() - kic.clamp_min(0).sqrt())[obs].sum()
     den = io[obs].clamp_min(0).sqrt().sum()
     return (num / den).item() if obs.any() else float("nan")
@@ -77,10 +78,10 @@ def figures_of_merit(io, sigma, ic, frame, n_frames: int, n_params: int = 0, ins
     for f in present.tolist():
         m = frame == f
         if (m & obs).any():
-            r_f.append(_r_obs(io[m], kic[m], obs[m]))
+            r_f.append(r_obs(io[m], kic[m], obs[m]))
         wr_f.append(torch.sqrt(resid2[m].sum() / (w[m] * io[m] ** 2).sum()).item())
     return Figures(
-        R_obs=_r_obs(io, kic, obs),
+        R_obs=r_obs(io, kic, obs),
         wR2=torch.sqrt(resid2.sum() / (w * io ** 2).sum()).item(),
         GoF=torch.sqrt(resid2.sum() / max(n_all - n_params, 1)).item(),
         R_obs_frame_mean=float(sum(r_f) / len(r_f)) if r_f else float("nan"),

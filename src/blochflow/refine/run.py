@@ -26,7 +26,7 @@ from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
 from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
                                  PerFrameThickness, SlabThickness)
-from ..io.pets import with_wavelength
+from ..io.pets import is_electron_wavelength, with_wavelength
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import COUPLINGS, BeamSettings
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
@@ -184,7 +184,7 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
             val = tuple(float(v) for v in val)
         kw[name] = val
     s = RefineSettings(**kw)
-    if s.wavelength is not None and not 0.001 < s.wavelength < 0.2:
+    if s.wavelength is not None and not is_electron_wavelength(s.wavelength):
         raise ValueError(f"wavelength: {s.wavelength} A is not an electron wavelength")
     if s.samples_per_fringe < 0:
         raise ValueError("samples_per_fringe: must be 0 (off) or positive")

@@ -281,7 +281,8 @@ def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.
     return float(grid[int(np.argmin(np.nansum(table, 0)))])
 
 
-RESCAN_GAIN = 0.8  # a frame moves when its best grid thickness has less than this share of its cost
+RESCAN_GAIN = 0.95  # a frame moves when its best grid value elsewhere costs less than this share of its own
+RESCAN_BRANCH = 2  # grid steps: a best grid value within this many of the frame's thickness is its own branch
 RESCAN_AFTER = 5  # LM iterations before the second rescan (the structure is then close)
 RESCAN_MIN_LEFT = 3  # LM iterations that must remain for a rescan at convergence
 
@@ -289,9 +290,11 @@ RESCAN_MIN_LEFT = 3  # LM iterations that must remain for a rescan at convergenc
 def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
                            ) -> tuple[torch.Tensor, int]:
     """Per-frame thickness model: each frame's cost over the thickness grid at theta (one set of
-    eigendecompositions); a frame whose best grid value costs less than RESCAN_GAIN x its current
-    cost is on another branch of the Pendelloesung oscillation and moves there. Returns theta and
-    the number of frames moved."""
+    eigendecompositions). A frame whose best grid value lies on another branch of the Pendelloesung
+    oscillation (more than RESCAN_BRANCH steps from its thickness) and costs less than RESCAN_GAIN x
+    the best grid value on its own branch moves there: no local step leaves a branch. Grid values are
+    compared with grid values, so the grid's coarseness favours neither. Returns theta and the
+    number of frames moved."""
     if not isinstance(problem.frames.thickness, PerFrameThickness):
         return theta, 0
     a, b, step = settings.thickness_grid
@@ -301,11 +304,16 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
         table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
                                              use=problem.work)  # (F, Q)
         current = problem.frame_costs(theta).numpy()
-    best = np.nanargmin(np.where(np.isnan(table), np.inf, table), 1)
-    move = np.flatnonzero(table[np.arange(len(best)), best] < RESCAN_GAIN * current)
+    table = np.where(np.isnan(table), np.inf, table)
+    sl = problem.slots["thickness"]
+    now = THICKNESS_REF * np.exp(theta[sl.start:sl.stop].detach().numpy())  # (F,)
+    own = np.abs(grid[None, :] - now[:, None]) <= RESCAN_BRANCH * step  # (F, Q)
+    own_best = np.minimum(np.where(own, table, np.inf).min(1), current)
+    best = np.argmin(table, 1)
+    cost = table[np.arange(len(best)), best]
+    move = np.flatnonzero(~own[np.arange(len(best)), best] & (cost < RESCAN_GAIN * own_best))
     theta = theta.clone()
     if len(move):
-        sl = problem.slots["thickness"]
         rows = torch.as_tensor(move) + sl.start
         theta[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
     return theta, len(move)

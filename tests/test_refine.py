@@ -94,7 +94,7 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
     state = LMState(damping=1e-6)
     start = float(problem.objective(theta))
     composed = 0
-    for _ in range(3):
+    for _ in range(6):
         theta, _ = lm_step(problem, theta, state, index)
         kept = problem.decompositions_at(theta)
         if state.history[-1]["frames_partial_step"] > 0 and kept is not None:

@@ -106,12 +106,13 @@ class DiffractionPlan:
         return int(self.samples.frame.max()) + 1
 
 
-def _candidate_beams(cell, g_max: float) -> np.ndarray:
-    a_len = np.linalg.norm(direct_basis(cell), axis=0)
-    hmax = np.ceil(g_max * a_len).astype(int)
+def _candidate_beams(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
+    """Every hkl != 000 with |g| <= g_max, g = g_matrix h the lab-frame vector the simulation uses
+    (the cell's metric only when the orientation matrix is orthonormal)."""
+    hmax = np.ceil(g_max * np.linalg.norm(np.linalg.inv(g_matrix), axis=1)).astype(int)  # |h_i| <= |row_i(G^-1)| |g|
     grids = np.meshgrid(*[np.arange(-m, m + 1) for m in hmax], indexing="ij")
     hkl = np.stack([g.ravel() for g in grids], 1)
-    g = hkl @ reciprocal_basis(cell).T
+    g = hkl @ g_matrix.T
     keep = (np.linalg.norm(g, axis=1) <= g_max) & np.any(hkl != 0, axis=1)
     return hkl[keep]
 
@@ -157,7 +158,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                             settings.n_samples if samples_per_frame is None else samples_per_frame,
                             settings.sample_rule, settings.tilt_window)
 
-    cand = _candidate_beams(dataset.cell, g_max)
+    cand = _candidate_beams(ub.numpy(), g_max)
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
     sf = samples.frame
     sample_orient = sample_orientations(ub, alpha[sf], beta[sf], omega[sf], phi,

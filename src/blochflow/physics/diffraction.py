@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..crystal.cell import direct_basis, reciprocal_basis
+from ..crystal.cell import reciprocal_basis
 from .bloch import _coefficients, _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)

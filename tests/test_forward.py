@@ -131,6 +131,20 @@ def test_candidate_beams_are_cut_by_their_lab_frame_length():
     assert got != {tuple(h) for h in box[np.linalg.norm(box @ b.T, axis=1) <= 1.2]}
 
 
+def test_default_g_max_reaches_beyond_every_reflection(quartz):
+    """The default beam limit is 0.4 1/A beyond the data: the header's dstarmax, or the largest
+    reflection where a header understates it."""
+    _, ds = quartz
+    mask = _mask(ds, [0])
+    settings = BeamSettings(n_samples=2)
+    reach = np.linalg.norm(np.asarray(ds.reflections.hkl, float) @ np.asarray(ds.ub).T, axis=1).max()
+    assert build_plan(ds, settings, frame_mask=mask).g_max == pytest.approx(max(ds.details.dstarmax, reach) + 0.4)
+    short = dataclasses.replace(ds, details=dataclasses.replace(ds.details, dstarmax=1.0))
+    assert build_plan(short, settings, frame_mask=mask).g_max == pytest.approx(reach + 0.4)
+    tall = dataclasses.replace(ds, details=dataclasses.replace(ds.details, dstarmax=2.5))
+    assert build_plan(tall, settings, frame_mask=mask).g_max == pytest.approx(2.9)
+
+
 def test_paper_synthetic_data_fit_the_diffbloch_ub_convention(quartz_synthetic_path, quartz_paths):
     """The paper's synthetic quartz was simulated with g = U^-T B h and 42 linspace tilts: at the truth
     that convention fits far better than UB as written (each frame at its best thickness)."""

@@ -35,7 +35,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("physics")
     g.add_argument("--wavelength", type=float, default=None,
                    help="electron wavelength (A) in place of the data file's (for a header that states the wrong one)")
-    g.add_argument("--g-max", type=float, default=None, help="beam cut-off |g| (1/A); default dstarmax + 0.4")
+    g.add_argument("--g-max", type=float, default=None, help="beam cut-off |g| (1/A); default 0.4 beyond dstarmax or the largest reflection")
     g.add_argument("--s-max", type=float, default=0.02, help="excitation-error limit for beams (1/A)")
     g.add_argument("--samples", type=int, default=32, help="tilt samples per frame (or precession azimuths)")
     g.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], default="midpoint",

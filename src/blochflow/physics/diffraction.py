@@ -28,7 +28,7 @@ COUPLINGS = ("sample", "segments")
 class BeamSettings:
     """How beams and scored reflections are chosen and how frames are integrated."""
 
-    g_max: float | None = None  # 1/A; None: data dstarmax + 0.4
+    g_max: float | None = None  # 1/A; None: 0.4 beyond the data (dstarmax or the largest reflection)
     s_max: float = 0.02  # 1/A, excitation-error limit for coupled beams at each sample
     n_samples: int = 32  # tilts per frame (continuous) or azimuths (precession)
     sample_rule: Literal["midpoint", "gauss", "linspace"] = "midpoint"
@@ -128,10 +128,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     """
     frames, refl = dataset.frames, dataset.reflections
     geometry = dataset.details.geometry
-    g_max = settings.g_max if settings.g_max is not None else dataset.details.dstarmax + 0.4
     k = 1.0 / dataset.wavelength
     ub = torch.as_tensor(orientation_ub(dataset.ub, reciprocal_basis(dataset.cell), settings.ub_convention),
                          dtype=torch.float64)
+    g_max = settings.g_max
+    if g_max is None:  # a header's dstarmax can fall short of its own reflections (paper paracetamol: 1.4, 1.9)
+        reach = np.linalg.norm(np.asarray(refl.hkl, float) @ ub.numpy().T, axis=1).max(initial=0.0)
+        g_max = max(dataset.details.dstarmax, reach) + 0.4
     phi = math.radians(dataset.details.rotation_axis_deg)
     alpha = torch.as_tensor(np.radians(frames.alpha_deg))
     beta = torch.as_tensor(np.radians(frames.beta_deg))

@@ -269,8 +269,8 @@ def _chunk_terms_for(plan, ch, model, state):
 
 
 def test_paper_synthetic_data_fit_segment_coupling(quartz_synthetic_path, quartz_paths):
-    """diffBloch simulated the paper's data with few beams (|s| < 0.01, lab-frame |g| < 1.9, the
-    header's dstarmax + 0.1) coupled per run of tilts and the rocking tails cut: at the truth that
+    """diffBloch simulated the paper's data with few beams (|s| < 0.01, lab-frame |g| < 1.9, just
+    above the largest reflection) coupled per run of tilts and the rocking tails cut: at the truth that
     fits better than every scored reflection coupled at every tilt, and better than |g| < 2.05 (each
     frame at its best thickness)."""
     ds = read_pets(quartz_synthetic_path)

@@ -105,7 +105,7 @@ def beam_scaling(sizes=(50, 100, 200, 400, 700), batch=4) -> list[dict]:
 def threads_case(n_samples: int) -> dict:
     """The README example's problem (quartz, kinematical start): forward, forward+backward and the LM
     Jacobian with the solves split over T worker threads, against one batched call per chunk."""
-    settings = settings_from_mapping({"n_samples": n_samples, "thickness": 600.0}, "benchmark")
+    settings = settings_from_mapping({"n_samples": n_samples, "samples_per_fringe": 0.0, "thickness": 600.0}, "benchmark")
     problem = build_problem(crystal_from_record(read_structure(example_path("quartz", "quartz_kinematical.cif"))),
                             read_pets(example_path("quartz", "quartz.cif_pets")), settings)
     theta, index = problem.theta0, refined_index(problem, settings)
@@ -136,7 +136,7 @@ def _paracetamol_problem(root: Path, step: int = 40):
     if not data.exists():
         return None
     ds = read_pets(str(data))
-    settings = settings_from_mapping({"n_samples": 42, "sample_rule": "linspace", "ub_convention": "diffbloch",
+    settings = settings_from_mapping({"n_samples": 42, "samples_per_fringe": 0.0, "sample_rule": "linspace", "ub_convention": "diffbloch",
                                       "coupling": "segments", "s_max": 0.01, "thickness": 1000.0}, "benchmark")
     mask = np.zeros(len(ds.frames), bool)
     mask[::step] = True
@@ -150,7 +150,7 @@ def jacobian_rules(root: Path) -> list[dict]:
 
     cases = [("quartz", build_problem(crystal_from_record(read_structure(example_path("quartz", "quartz_kinematical.cif"))),
                                       read_pets(example_path("quartz", "quartz.cif_pets")),
-                                      settings_from_mapping({"n_samples": 24, "thickness": 600.0}, "benchmark")))]
+                                      settings_from_mapping({"n_samples": 24, "samples_per_fringe": 0.0, "thickness": 600.0}, "benchmark")))]
     para = _paracetamol_problem(root)
     if para is not None:
         cases.append(("paracetamol (2 frames)", para[0]))

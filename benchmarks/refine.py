@@ -72,7 +72,7 @@ def thickness_points(args) -> list[dict]:
     rows, base = [], None
     for q in [0] + [int(x) for x in args.thickness_points.split(",")]:
         model = "per-frame" if q == 0 else "learned"
-        settings = RefineSettings(n_samples=args.samples, thickness=600.0, thickness_model=model,
+        settings = RefineSettings(n_samples=args.samples, samples_per_fringe=0.0, thickness=600.0, thickness_model=model,
                                   thickness_points=max(q, 1), refine_orientation=False)
         problem = build_problem(crystal, ds, settings)
         index = refined_index(problem, settings)
@@ -110,7 +110,7 @@ def kept_decompositions(args) -> dict:
     import blochflow.refine.problem as problem_mod
 
     structure, data = _paths(args.start)
-    settings = settings_from_mapping({"n_samples": args.samples, **dict(parse_setting(s) for s in args.set)}, "benchmark")
+    settings = settings_from_mapping({"n_samples": args.samples, "samples_per_fringe": 0.0, **dict(parse_setting(s) for s in args.set)}, "benchmark")
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     index = refined_index(problem, settings)
     problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64

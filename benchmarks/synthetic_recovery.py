@@ -40,7 +40,7 @@ DATASETS = {  # dataset -> (data file, truth, start pattern), relative to the da
 }
 # diffBloch's simulator: 42 tilts with both ends, g = U^-T B h, beams per run of tilts within
 # |s| < 0.01 with the rocking tails cut (docs/physics.md)
-PAPER_PHYSICS = {"n_samples": 42, "sample_rule": "linspace", "ub_convention": "diffbloch", "coupling": "segments",
+PAPER_PHYSICS = {"n_samples": 42, "samples_per_fringe": 0.0, "sample_rule": "linspace", "ub_convention": "diffbloch", "coupling": "segments",
                  "s_max": 0.01}
 # the paracetamol file states 0.0335 A, but its data were simulated at 0.02508 A (200 kV): at the
 # truth R_obs 20.6 % with the stated value (docs/refinement.md, "Paracetamol: our model at the truth")

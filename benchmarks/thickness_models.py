@@ -114,7 +114,8 @@ def run_one(case: str, spec: str, data: Path, truth: Crystal, args) -> dict:
     with its warm start (``learned/scan``, ``learned/per-frame``, ``learned/slab``)."""
     ds = read_pets(str(data))
     model, _, warm = spec.partition("/")
-    values = dict(n_samples=args.samples, thickness_model=model, adam_steps=args.adam_steps,
+    values = dict(n_samples=args.samples, samples_per_fringe=0.0,  # the samples the data were simulated with
+                  thickness_model=model, adam_steps=args.adam_steps,
                   lm_iterations=args.lm_iterations, refine_orientation=False, adp="aniso",
                   holdout_frames=0.1, thickness_points=args.points,
                   learned_warm_start=warm or RefineSettings.learned_warm_start)

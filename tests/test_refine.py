@@ -27,7 +27,7 @@ def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     keep[[1, 4]] = True
     beams = dict(s_max=0.01, s_bethe=0.04) if kind.endswith("-bethe") else {}
     kind = kind.removesuffix("-bethe")
-    settings = RefineSettings(n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
                               thickness=500.0, free_fraction=0.2, jacobian_precision="double", **beams)
     problem = build_problem(displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
     theta = problem.theta0.clone()
@@ -54,7 +54,7 @@ def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     from blochflow.refine.problem import PER_FRAME_MAX_STEP
 
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=500.0, free_fraction=0.0)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0)
     problem = build_problem(truth, ds, settings)
     theta = problem.theta0.clone()
     delta = 1e-3 * torch.ones_like(theta)
@@ -86,7 +86,7 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
     from blochflow.refine.run import _lm_from_dict, _lm_to_dict, refined_index
 
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=500.0, free_fraction=0.0)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0)
     problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 8.0  # mrad: far enough that full steps overshoot
@@ -125,7 +125,7 @@ def test_single_precision_jacobian_agrees_with_double(small_dataset, truth, abso
     median 5e-5, worst 2-4e-4; the LM step and the s.u. need far less). With exact absorption
     the same fused rule runs on general eigendecompositions."""
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.0, absorption=absorption,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.0, absorption=absorption,
                               refine_absorption=absorption != "none")
     problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
     theta = problem.theta0.clone()
@@ -153,7 +153,7 @@ def test_jacobian_reuses_the_decompositions_of_the_forward_pass(small_dataset, t
     extra = {"absorption": dict(absorption="proportional", refine_absorption=True),
              "learned": dict(thickness_model="learned", thickness_points=4, thickness_knots=3, thickness_basis=3,
                              learned_warm_start="scan")}.get(case, {})
-    settings = RefineSettings(n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.0, **extra)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.0, **extra)
     problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 0.4
@@ -207,7 +207,7 @@ def test_free_set_keeps_symmetry_groups_together(truth):
 
 def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth):
     ds, thickness, _ = small_dataset
-    settings = RefineSettings(n_samples=N_SAMPLES, adp="aniso", adam_steps=10, lm_iterations=15, free_fraction=0.0)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", adam_steps=10, lm_iterations=15, free_fraction=0.0)
     problem = build_problem(displaced(truth, 0.02, 0.03), ds, settings)
     res = refine(problem, settings, log=lambda s: None)
     assert res.lm.converged, res.lm.reason
@@ -233,7 +233,7 @@ def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth
 
 def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_path):
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, adam_steps=4, lm_iterations=3, checkpoint_every=1, thickness=500.0,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=4, lm_iterations=3, checkpoint_every=1, thickness=500.0,
                               free_fraction=0.0)
     start = displaced(truth, 0.02, 0.03)
     full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
@@ -256,7 +256,7 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     _, _, data = small_dataset
     out = tmp_path / "run"
     config = tmp_path / "settings.toml"
-    config.write_text("n_samples = 2\nadam_steps = 2\nlm_iterations = 2\nthickness = 500.0\n")
+    config.write_text("n_samples = 2\nsamples_per_fringe = 0.0\nadam_steps = 2\nlm_iterations = 2\nthickness = 500.0\n")
     code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--config", str(config),
                  "--free-fraction", "0.1", "--lm-iterations", "1"])
     assert code == 0
@@ -296,7 +296,7 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     r = sub.reflections
     atomic_write_text(data, format_pets(sub, r.hkl, r.intensity, r.sigma, r.frame_id))
     out = tmp_path / "hands"
-    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--enantiomer", "--samples", str(N_SAMPLES),
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--enantiomer", "--samples", str(N_SAMPLES), "--set", "samples_per_fringe=0",
                  "--thickness", "500", "--adam-steps", "0", "--lm-iterations", "3", "--free-fraction", "0"]) == 0
     e = json.loads((out / "summary.json").read_text())["enantiomer"]
     assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
@@ -314,7 +314,7 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     from the observed counts favour reflections that fluctuated down; measured over 8 seeds.)"""
     ds = every_nth_frame(quartz_paths[1], 12)
     thickness = np.full(len(ds.frames), 500.0)
-    settings = RefineSettings(n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
                               refine_orientation=False, thickness=500.0, instability=0.0)
     u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
     z = []
@@ -342,7 +342,7 @@ def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):
     """samples_per_fringe: each frame gets ceil(k * 1.5 t0 * 2 max dS_g) tilts (n_samples the minimum),
     for the start thickness t0, and the refinement problem sees the same observations."""
     ds = every_nth_frame(quartz_paths[1], 20)
-    plain = build_problem(truth, ds, RefineSettings(n_samples=4, thickness=600.0))
+    plain = build_problem(truth, ds, RefineSettings(samples_per_fringe=0.0, n_samples=4, thickness=600.0))
     sized = build_problem(truth, ds, RefineSettings(n_samples=4, thickness=600.0, samples_per_fringe=0.5))
     scored = sized.model.plan.scored
     sweep = np.zeros(len(ds.frames))
@@ -361,7 +361,7 @@ def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth)
     from blochflow.refine.run import rescan_frame_thickness
 
     ds, thickness, _ = small_dataset
-    settings = RefineSettings(n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
     problem = build_problem(truth, ds, settings)
     sl = problem.slots["thickness"]
     theta = problem.theta0.clone()
@@ -378,7 +378,7 @@ def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, tru
     """Intensities, the objective's gradient and the LM Jacobian are the same whether the solves run on
     one thread or are split over three (uneven pieces of every chunk)."""
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.2, absorption=absorption,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.2, absorption=absorption,
                               refine_absorption=absorption != "none", jacobian_precision="double")
     problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
     theta = problem.theta0.clone()
@@ -411,7 +411,7 @@ def test_jacobian_by_potential_contraction_equals_one_product_per_tangent(small_
     import blochflow.physics.diffraction as diffraction
 
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=3, adp="aniso", thickness=500.0, free_fraction=0.0, jacobian_precision="double")
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=3, adp="aniso", thickness=500.0, free_fraction=0.0, jacobian_precision="double")
     problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
     jac = {}
     for threshold in (1, 10 ** 9):
@@ -426,7 +426,7 @@ def test_single_precision_solves_give_the_double_gradient_closely(small_dataset,
     """The first-order phase may solve in complex64: intensities and the objective's gradient agree
     with double precision to ~1e-5 (bounds 1e-3), and such values are never cached for LM."""
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.1)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, adp="aniso", thickness=500.0, free_fraction=0.1)
     problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
     out = {}
     for dtype in (torch.float64, torch.float32):
@@ -454,7 +454,7 @@ def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_data
     assert _on_plateau(flat, 1e-3, 3) and not _on_plateau(flat[:3], 1e-3, 3)
     assert not _on_plateau([{"cost": c} for c in (100.0, 90.0, 89.99, 89.98)], 1e-3, 3)
     ds, _, _ = small_dataset
-    base = dict(n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False)
+    base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False)
     far = displaced(truth, 0.02, 0.03)
     loose = RefineSettings(**base, plateau_tol=0.9, plateau_iterations=2)  # every iteration counts as flat
     res = refine(build_problem(far, ds, loose), loose, log=lambda s: None)
@@ -474,7 +474,7 @@ def test_wavelength_setting_replaces_a_wrong_header(small_dataset, truth):
     paracetamol file states 0.0335 A; its data were made at 0.0251 A: docs/refinement.md.)"""
     ds, thickness, _ = small_dataset
     wrong = dataclasses.replace(ds, wavelength=0.0335)
-    base = dict(n_samples=N_SAMPLES, free_fraction=0.0)
+    base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0)
 
     def at_truth(dataset, **extra):
         problem = build_problem(truth, dataset, RefineSettings(**base, **extra))

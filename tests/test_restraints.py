@@ -65,7 +65,7 @@ def test_restraint_pulls_a_refinement(small_dataset, truth, quartz_paths, tmp_pa
     ds, _, data = small_dataset
     keep = np.zeros(len(ds.frames), bool)
     keep[:4] = True
-    base = dict(n_samples=2, thickness=500.0, adam_steps=0, lm_iterations=4, refine_orientation=False,
+    base = dict(samples_per_fringe=0.0, n_samples=2, thickness=500.0, adam_steps=0, lm_iterations=4, refine_orientation=False,
                 refine_thickness=False, refine_adp=False, free_fraction=0.0)
     _, _, d0 = nearest_image(truth, 0, 1)
     item = {"type": "distance", "atoms": ["Si1", "O1"], "target": round(d0 + 0.05, 4), "sigma": 0.0005}

@@ -40,7 +40,7 @@ def _check_jacobian(problem, theta, columns, h=1e-6, rtol=1e-5):
 
 def test_slab_jacobian_and_path_length(small_dataset, truth):
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="slab", free_fraction=0.0,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model="slab", free_fraction=0.0,
                               jacobian_precision="double")
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     theta = problem.theta0.clone()
@@ -74,7 +74,7 @@ def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monke
     extra = dict(thickness_basis=3, thickness_knots=3, thickness_points=4) if name == "learned" else {}
     if absorption:
         extra.update(absorption="proportional", refine_absorption=True)
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model=name,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model=name,
                               free_fraction=0.0, jacobian_precision="double", s_max=0.01 if bethe else 0.02,
                               s_bethe=0.04 if bethe else 0.0, **extra)
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
@@ -100,7 +100,7 @@ def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monke
 
 def test_learned_jacobian_through_the_network(small_dataset, truth):
     ds, _, _ = small_dataset
-    settings = RefineSettings(n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
                               thickness_knots=3, thickness_points=4, thickness_smoothness=2.0,
                               free_fraction=0.0, refine_orientation=False, jacobian_precision="double",
                               learned_warm_start="scan")
@@ -160,7 +160,7 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     _, _, data = small_dataset
     out = tmp_path / "learned"
     code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--thickness-model", "learned",
-                 "--samples", "2", "--adam-steps", "2", "--lm-iterations", "1", "--thickness", "500",
+                 "--samples", "2", "--set", "samples_per_fringe=0", "--adam-steps", "2", "--lm-iterations", "1", "--thickness", "500",
                  "--thickness-points", "4", "--holdout-frames", "0.2", "--set", "thickness_basis=4",
                  "--set", "learned_warm_start=scan"])
     assert code == 0
@@ -219,7 +219,7 @@ def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):
     ds = simulated(ds, truth, thickness, 4, seed=5)
     means = {}
     for warm in ("scan", "per-frame"):
-        settings = RefineSettings(n_samples=4, thickness_model="learned", learned_warm_start=warm,
+        settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, thickness_model="learned", learned_warm_start=warm,
                                   warm_start_iterations=6, adam_steps=0, free_fraction=0.0,
                                   refine_orientation=False, holdout_frames=0.15)
         problem = build_problem(displaced(truth, 0.01, 0.01, seed=2), ds, settings)

@@ -18,7 +18,7 @@ from .io.errors import InputError
 
 EXAMPLES = {"quartz": ("quartz_reference.cif", "quartz.cif_pets")}
 # refine --example starts where a user starts: from the kinematical model, with a short schedule.
-# 24 tilt samples per frame: within 0.1 point of the converged R (docs/physics.md); 8 bias the thickness.
+# Tilt samples per frame: at least 24, more where the default 1.2 samples per Pendelloesung fringe need them.
 # From a kinematical model quartz is already in the Gauss-Newton basin: Adam steps first gain
 # nothing here (docs/refinement.md), so the example runs LM only.
 REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
@@ -273,7 +273,7 @@ def _read_config(path: str) -> dict:
 
 
 _REFINE_FLAGS = {  # flag dest -> setting name
-    "samples": "n_samples", "thickness_model": "thickness_model", "thickness": "thickness",
+    "samples": "n_samples", "samples_per_fringe": "samples_per_fringe", "thickness_model": "thickness_model", "thickness": "thickness",
     "adam_steps": "adam_steps", "lm_iterations": "lm_iterations", "adp": "adp", "hydrogens": "hydrogens",
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
     "wavelength": "wavelength", "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
@@ -427,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     r.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
     r.add_argument("--enantiomer", action="store_true", help="also refine the inverted model and compare hands")
-    r.add_argument("--samples", type=int, help="tilt samples per frame")
+    r.add_argument("--samples", type=int, help="tilt samples per frame (the minimum when --samples-per-fringe > 0)")
+    r.add_argument("--samples-per-fringe", type=float,
+                   help="samples per Pendelloesung fringe of each frame's fastest reflection (default 1.2, "
+                        "which converges the rocking integral; 0: exactly --samples per frame)")
     r.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], help="tilts across a frame's wedge")
     r.add_argument("--ub-convention", choices=["pets", "diffbloch"], help="g = U B h (pets) or U^-T B h (diffbloch)")
     r.add_argument("--coupling", choices=["sample", "segments"],

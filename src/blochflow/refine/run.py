@@ -45,8 +45,9 @@ class RefineSettings:
     wavelength: float | None = None  # A; replaces the data file's value (None: the file's)
     n_samples: int = 32  # tilts per frame; the minimum when samples_per_fringe > 0
     # > 0: each frame gets at least this many samples per Pendelloesung fringe (1/t) swept by its
-    # fastest scored reflection, for 1.5 x the start thickness (see fringe_sample_counts)
-    samples_per_fringe: float = 0.0
+    # fastest scored reflection, for 1.5 x the start thickness (see fringe_sample_counts); 1.2 converges
+    # the rocking integral (docs/physics.md); 0: exactly n_samples per frame
+    samples_per_fringe: float = 1.2
     integration_check: bool = True  # re-evaluate the final model at twice the samples and report it
     sample_rule: str = "midpoint"  # tilts in a frame's wedge: midpoint | gauss | linspace (ends included)
     ub_convention: str = "pets"  # pets: g = U B h as written; diffbloch: g = U^-T B h (paper's synthetic data)
@@ -576,8 +577,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             f"R_obs {100 * integration['R_obs_double_samples']:.2f} %, wR2 {100 * integration['wR2_double_samples']:.2f} %; "
             f"{integration['frames_below_one_sample_per_fringe']} frames below one sample per fringe")
         if integration["R_integration"] > 0.01:
-            log("warning: the rocking integration is not converged at these samples; raise n_samples or set "
-                "samples_per_fringe (e.g. 1.2)")
+            log(f"warning: the rocking integration is not converged at these samples; raise samples_per_fringe "
+                f"(now {settings.samples_per_fringe:g}) or n_samples (now {settings.n_samples})")
     return RefinementResult(problem=problem, theta=theta, ic=ic, figures=fig, figures_free=fig_free,
                             figures_holdout=fig_hold,
                             covariance=cov_full, refined_index=index, lm=lm, adam_steps=adam.step,

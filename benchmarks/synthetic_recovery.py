@@ -12,7 +12,7 @@ Reported per start: position RMSD and largest deviation against the truth (hydro
 mean |dU_ij|, R values, iterations, convergence and wall time.
 
     python benchmarks/synthetic_recovery.py --data-root ../shared/data --dataset quartz [--starts 01,02,03]
-        [--frames-step 1] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
+        [--frames-step 1] [--threads 2] [--set NAME=VALUE ...] [--json FILE] [--log]
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ DATASET_PHYSICS = {"quartz": {"wavelength": 0.0250793, "g_max": 1.9, "n_segments
                    "paracetamol": {"wavelength": 0.02508, "g_max": 1.9}}
 
 
-def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int) -> dict:
+def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int, log=None) -> dict:
     data, truth_path, start_pattern = DATASETS[dataset]
     ds = read_pets(str(root / data))
     truth = crystal_from_record(read_structure(str(root / truth_path)))
@@ -67,7 +67,7 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
         mask[::frames_step] = True
     t0 = time.perf_counter()
     problem = build_problem(begin, ds, settings, frame_mask=mask)
-    result = refine(problem, settings, log=lambda s: None)
+    result = refine(problem, settings, log=log or (lambda s: None))
     elapsed = time.perf_counter() - t0
     before = structure_deviation(problem.structure.crystal_at(problem.split(problem.theta0)["structure"]), truth,
                                  skip_elements=("H",))
@@ -91,12 +91,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json")
+    p.add_argument("--log", action="store_true", help="print the optimiser's progress lines")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = dict(parse_setting(item) for item in args.set)
     results = []
     for start in args.starts.split(","):
-        res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step)
+        res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step,
+                        log=(lambda s: print(s, flush=True)) if args.log else None)
         results.append(res)
         print(json.dumps(res), flush=True)
         if args.json:

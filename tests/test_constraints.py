@@ -143,7 +143,7 @@ def test_general_position_p1():
 
 def test_riding_hydrogens_paracetamol():
     cr = _load(PARA)
-    sp = StructureParameters(cr)  # hydrogens riding
+    sp = StructureParameters(cr, riding_geometry="offset")  # hydrogens riding on their starting offsets
     is_h = [e == "H" for e in cr.asu.elements]
     n_heavy = len(is_h) - sum(is_h)
     assert len(sp) == 4 * n_heavy == 44  # x, y, z, Uiso per non-H atom; riding H add nothing
@@ -163,6 +163,11 @@ def test_riding_hydrogens_paracetamol():
         assert sp.u_factor[h] == factor
         np.testing.assert_allclose(cellmod.u_frac_to_cart(u1[h].numpy(), cr.cell), factor * ueq[j] * np.eye(3),
                                    atol=1e-15)
+    ideal = StructureParameters(cr)  # idealised: placed from the parents' neighbours
+    assert sorted((g.kind, len(g.hydrogens)) for g in ideal.riding_groups) == [("bisector", 1)] * 5 + [
+        ("rotor", 1), ("rotor", 3)]  # aromatic C-H and amide N-H; O-H; methyl
+    dev = np.linalg.norm((ideal.physical(ideal.theta0)[0] - cr.asu.xyz).numpy() @ ideal._a.T, axis=1)
+    assert dev[~np.array(is_h)].max() < 1e-12 and 0.01 < dev[np.array(is_h)].max() < 0.1  # this model's H are near ideal
     assert StructureParameters(cr, hydrogens="free").names.count("H3.Uiso") == 1
     free = StructureParameters(cr, hydrogens="free")
     assert len(free) == 44 + 4 * 9

@@ -115,6 +115,7 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     assert num("_refine_ls_number_reflns") == 4321 and num("_reflns_number_gt") == 2100
     assert num("_refine_ls_number_parameters") == 57 and num("_refine_ls_number_restraints") == 3
     assert num("_refine_ls_shift/su_max") == pytest.approx(0.002)
+    assert gemmi.cif.as_string(block.find_value("_refine_ls_hydrogen_treatment")) == "constr"  # H1 rides
     assert num("_blochflow_refine_R_free") == pytest.approx(0.071)
     assert num("_diffrn_radiation_wavelength") == pytest.approx(0.0251)
     assert gemmi.cif.as_string(block.find_value("_diffrn_radiation_type")) == "electron"

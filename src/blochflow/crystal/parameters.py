@@ -1,9 +1,10 @@
 """Refinement parameters: the map from a flat vector theta to the asymmetric-unit tensors.
 
-Every constraint used here (special positions, site-symmetric ADPs, riding hydrogens, occupancy
-sums) is linear, so physical(theta) is an affine map c + J theta. It is stored as a sparse
-coefficient list and evaluated with torch, so autograd carries gradients from the potential back
-to theta and the constant Jacobian J propagates covariances to standard uncertainties.
+Every constraint used here (special positions, site-symmetric ADPs, riding hydrogens with a fixed
+offset, occupancy sums) is linear, so the map is affine, c + J theta, stored as a sparse coefficient
+list and evaluated with torch: autograd carries gradients from the potential back to theta and the
+constant Jacobian J propagates covariances to standard uncertainties. Idealised riding hydrogens
+(crystal/riding.py) are then placed from their parents' neighbours, a smooth non-linear step.
 
 Raw units are chosen for conditioning: positions in Angstrom along the allowed directions, ADPs as
 CIF-frame U_ij or U_iso in A^2, occupancies as fractions.
@@ -19,6 +20,7 @@ import torch
 from . import cell as cellmod
 from .constraints import (U6_INDEX, U6_NAMES, _adp_basis6, _sym_from6, position_basis,
                           site_stabilizer, symmetrize_adp)
+from .riding import RidingGroup, build_groups, place_hydrogens
 from .structure import AsymmetricUnit, Crystal
 
 _W = 13  # per-atom row layout of the flat physical vector: xyz (3), occupancy (1), u_frac (9, row-major)
@@ -36,11 +38,14 @@ class StructureParameters:
 
     def __init__(self, crystal: Crystal, *, refine_xyz: bool = True, refine_adp: bool = True,
                  adp: str = "keep", hydrogens: str = "riding", refine_occupancy: bool = False,
-                 special_tol_A: float = 0.05, site_tol_A: float = 0.1, riding_max_A: float = 1.3):
+                 special_tol_A: float = 0.05, site_tol_A: float = 0.1, riding_max_A: float = 1.3,
+                 riding_geometry: str = "idealised"):
         if adp not in ("keep", "iso", "aniso"):
             raise ValueError(f"adp must be 'keep', 'iso' or 'aniso', not {adp!r}")
         if hydrogens not in ("riding", "free", "fixed"):
             raise ValueError(f"hydrogens must be 'riding', 'free' or 'fixed', not {hydrogens!r}")
+        if riding_geometry not in ("idealised", "offset"):
+            raise ValueError(f"riding_geometry must be 'idealised' or 'offset', not {riding_geometry!r}")
         self.crystal = crystal
         cell = crystal.cell
         asu = crystal.asu
@@ -148,7 +153,8 @@ class StructureParameters:
                 if last is not None:
                     coef[last * _W + _OCC][p] = -1.0
 
-        # riding hydrogens: parent image + fixed offset; U_iso = 1.2 or 1.5 U_eq(parent)
+        # riding hydrogens: parent image + fixed offset (the affine part; idealised groups replace the
+        # offset by a direction from the parent's neighbours in physical()); U_iso = 1.2 or 1.5 U_eq(parent)
         theta0 = np.array(start)
 
         def value(row):
@@ -186,6 +192,14 @@ class StructureParameters:
             if occ_j > 0:
                 const[hb + _OCC] = 0.0
                 _add(const, coef, hb + _OCC, jb + _OCC, occ_in[h] / occ_j)
+
+        self.riding_groups: list[RidingGroup] = []
+        if riding_geometry == "idealised" and self.riding:
+            x_start = x_in.copy()
+            for j, xj in heavy.items():
+                x_start[j] = xj
+            self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
+                                              list(heavy))
 
         rows, cols, vals = [], [], []
         for r, d in enumerate(coef):
@@ -226,7 +240,11 @@ class StructureParameters:
         """(xyz (A, 3) fractional, occupancy (A,), u_frac (A, 3, 3)) from theta (P,); differentiable."""
         const, rows, cols, vals = self._tensors(theta)
         flat = const.index_add(0, rows, vals * theta[cols]).view(-1, _W)
-        return flat[:, _XYZ], flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
+        xyz = flat[:, _XYZ]
+        if self.riding_groups:
+            xyz = place_hydrogens(xyz, self.riding_groups, torch.as_tensor(self._a, dtype=theta.dtype,
+                                                                            device=theta.device))
+        return xyz, flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
 
     def crystal_at(self, theta: torch.Tensor) -> Crystal:
         """A detached :class:`Crystal` at theta (e.g. for writing the refined model)."""
@@ -285,7 +303,8 @@ class StructureParameters:
     # -- standard uncertainties ----------------------------------------------------------------
 
     def jacobian(self) -> np.ndarray:
-        """Dense d physical / d theta (A * 13, P): rows per atom xyz (3), occupancy, u_frac (9)."""
+        """Dense d physical / d theta (A * 13, P) of the affine map: rows per atom xyz (3), occupancy,
+        u_frac (9). Positions of idealised riding hydrogens are not affine and not covered (they carry no s.u.)."""
         j = np.zeros((len(self._const), len(self.names)))
         np.add.at(j, (self._rows, self._cols), self._vals)
         return j

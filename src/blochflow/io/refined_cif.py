@@ -118,6 +118,16 @@ def _su(values, i):
     return None if values is None else values[i]
 
 
+def _hydrogen_treatment(atoms: list[AtomResult]) -> list[str]:
+    """The CIF's _refine_ls_hydrogen_treatment: constr (riding), refall, noref, or mixed; none without H."""
+    kinds = {"constr" if a.calc_flag == "R" else
+             "refall" if a.xyz_su is not None and any(v > 0 for v in a.xyz_su) else "noref"
+             for a in atoms if a.element.upper() in ("H", "D")}
+    if not kinds:
+        return []
+    return [f"_refine_ls_hydrogen_treatment {kinds.pop() if len(kinds) == 1 else 'mixed'}"]
+
+
 def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult]) -> str:
     """The text written by :func:`write_refined_cif`."""
     s = summary
@@ -143,7 +153,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             "_refine_ls_weighting_scheme calc", f"_refine_ls_weighting_details {_q(s.weighting)}",
             f"_refine_ls_number_reflns {int(s.n_reflections)}",
             f"_refine_ls_number_parameters {int(s.n_params)}",
-            f"_refine_ls_number_restraints {int(s.n_restraints)}",
+            f"_refine_ls_number_restraints {int(s.n_restraints)}", *_hydrogen_treatment(atoms),
             f"_refine_ls_R_factor_gt {format_plain(s.r_obs)}",
             f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",

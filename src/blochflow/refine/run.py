@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -92,6 +93,9 @@ class RefineSettings:
     refine_adp: bool = True
     adp: str = "keep"
     hydrogens: str = "riding"
+    # riding hydrogens placed from the parent's neighbours with neutron X-H distances (idealised), or
+    # kept at their starting offset from the parent (offset); see crystal/riding.py
+    riding_geometry: str = "idealised"
     refine_occupancy: bool = False
     # objective
     free_fraction: float = 0.05
@@ -135,6 +139,7 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
                    "coupling": COUPLINGS, "rocking_axis": ROCKING_AXES,
                    "absorption": ("none", "proportional", "tds"), "thickness_model": ("global", "per-frame", "slab", "learned"),
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
+                   "riding_geometry": ("idealised", "offset"),
                    "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double"),
                    "adam_precision": ("single", "double"),
                    "learned_warm_start": ("scan", "per-frame", "slab")}
@@ -362,7 +367,13 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         crystal = warm.crystal
     structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
                                     adp=settings.adp, hydrogens=settings.hydrogens,
-                                    refine_occupancy=settings.refine_occupancy)
+                                    refine_occupancy=settings.refine_occupancy,
+                                    riding_geometry=settings.riding_geometry)
+    if structure.riding:
+        kinds = Counter(g.kind for g in structure.riding_groups for _ in g.hydrogens)
+        offset = len(structure.riding) - sum(kinds.values())
+        log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
+            + (f", {offset} on their starting offset" if offset else ""))
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
                          frame_mask=frame_mask)

@@ -1,0 +1,203 @@
+"""Idealised riding hydrogens: each H placed from its parent and the parent's bonded neighbours.
+
+The rules are those of the usual riding models of small-molecule refinement (SHELXL's AFIX m = 1,
+2, 3, 4, 8, 9, 13): the X-H direction follows from the current positions of the parent P and its
+non-hydrogen neighbours, so the hydrogens move and turn with their group as it refines, with no
+parameters of their own.
+
+- P with three neighbours, one H (tertiary C-H): at equal angles to the three bonds, on the open side.
+- two neighbours, one H (aromatic C-H, amide N-H): on the external bisector, in the plane.
+- two neighbours, two H (CH2): in the plane through the bisector normal to the X-P-Y plane,
+  H-P-H 109.47 degrees.
+- one neighbour X, with a reference atom R bonded to X: m H at angle X-P-H (109.47 for CH3, NH3,
+  OH, SH; 120 for planar NH2, =CH2 and N-H; 180 for C-H on a triple bond), at torsions R-X-P-H fixed
+  at the start's (CH3 and NH3 120 degrees apart, as one rotor; NH2 and =CH2 in the R-X-P plane).
+Anything else (no neighbours, as in water, or an unusual count) rides with its starting offset.
+
+X-H distances are rounded neutron averages (C-H 1.09, N-H 1.01, O-H 0.97, B-H 1.19, S-H 1.34 A):
+electron diffraction sees the nuclei's potential, not the shortened X-ray X-H distance. Hydrogens
+on other parents keep their starting distance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# single-bond covalent radii (A), Cordero et al., Dalton Trans. (2008) 2832; sp3 carbon
+COVALENT_RADII = {
+    "H": 0.31, "B": 0.84, "C": 0.76, "N": 0.71, "O": 0.66, "F": 0.57, "Si": 1.11, "P": 1.07, "S": 1.05,
+    "Cl": 1.02, "Se": 1.20, "Br": 1.20, "I": 1.39, "Li": 1.28, "Na": 1.66, "Mg": 1.41, "Al": 1.21,
+    "K": 2.03, "Ca": 1.76, "Ti": 1.60, "V": 1.53, "Cr": 1.39, "Mn": 1.39, "Fe": 1.32, "Co": 1.26,
+    "Ni": 1.24, "Cu": 1.32, "Zn": 1.22, "Ga": 1.22, "Ge": 1.20, "As": 1.19, "Sn": 1.39, "Sb": 1.39,
+}
+BOND_TOLERANCE_A = 0.4  # bonded when d < r_a + r_b + tolerance (the usual connectivity rule)
+XH_DISTANCE_A = {"C": 1.09, "N": 1.01, "O": 0.97, "B": 1.19, "S": 1.34}
+TETRAHEDRAL = float(np.arccos(-1.0 / 3.0))  # 109.47 degrees
+
+
+@dataclass
+class RidingGroup:
+    """The hydrogens on one parent image and the atoms (as images R x + t) that place them."""
+
+    kind: str  # tertiary | bisector | methylene | rotor
+    parent: tuple[int, np.ndarray, np.ndarray]  # (atom, R, t) of the parent image next to the H
+    neighbours: list[tuple[int, np.ndarray, np.ndarray]]  # bonded non-H atoms of that image
+    hydrogens: list[int]
+    distance: list[float]  # P-H (A), one per hydrogen
+    reference: tuple[int, np.ndarray, np.ndarray] | None = None  # rotor: an atom bonded to the neighbour
+    angle: float = TETRAHEDRAL  # rotor: X-P-H (rad)
+    phase: list[float] = field(default_factory=list)  # rotor: torsion per H (rad); methylene: sign per H
+
+
+def covalent_radius(element: str) -> float:
+    return COVALENT_RADII.get(element.capitalize(), 1.5)
+
+
+def _cart(a_mat, rot, tr, x):
+    return a_mat @ (rot @ x + tr)
+
+
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
+def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
+    """Non-H atoms bonded to the image (R, t) of ``centre_atom``: list of (atom, R', t') images."""
+    c = _cart(a_mat, centre_rot, centre_tr, x_all[centre_atom])
+    out = []
+    rc = covalent_radius(elements[centre_atom])
+    for j in heavy:
+        img = np.einsum("sij,j->si", symmetry.rotations, x_all[j]) + symmetry.translations  # (S, 3)
+        frac_c = np.linalg.solve(a_mat, c)
+        d = img - frac_c
+        n0 = -np.rint(d)
+        shifts = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
+        cand = (d + n0)[:, None, :] + shifts[None]
+        dist = np.linalg.norm(cand @ a_mat.T, axis=-1)  # (S, 27)
+        limit = rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A
+        seen = []
+        for s, k in zip(*np.nonzero((dist < limit) & (dist > 0.2))):
+            tr = symmetry.translations[s] + n0[s] + shifts[k]
+            pos = img[s] + n0[s] + shifts[k]
+            if any(np.allclose(pos, q, atol=1e-6) for q in seen):  # images coinciding (special positions)
+                continue
+            seen.append(pos)
+            out.append((j, np.asarray(symmetry.rotations[s], float), np.asarray(tr, float)))
+    return out
+
+
+def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int]):
+    """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out."""
+    by_parent: dict[tuple, list[int]] = {}
+    for h, (j, rot, tr) in riding.items():
+        key = (j, tuple(np.round(rot, 6).ravel()), tuple(np.round(tr, 6)))
+        by_parent.setdefault(key, []).append(h)
+    groups = []
+    for hs in by_parent.values():
+        j, rot, tr = riding[hs[0]]
+        p_el = elements[j].capitalize()
+        neigh = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, heavy)
+        n, m = len(neigh), len(hs)
+        p = _cart(a_mat, rot, tr, x_all[j])
+        start = {h: a_mat @ x_all[h] - p for h in hs}
+        dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
+        u = [_unit(_cart(a_mat, r, t, x_all[k]) - p) for k, r, t in neigh]
+        if n == 3 and m == 1:
+            groups.append(RidingGroup("tertiary", (j, rot, tr), neigh, hs, dist))
+        elif n == 2 and m == 1:
+            groups.append(RidingGroup("bisector", (j, rot, tr), neigh, hs, dist))
+        elif n == 2 and m == 2:
+            w = np.cross(u[0], u[1])
+            signs = [1.0 if start[h] @ w >= 0 else -1.0 for h in hs]
+            if signs[0] == signs[1]:  # both on one side in the start: order them by their projection
+                order = np.argsort([-(start[h] @ w) for h in hs])
+                signs = [1.0 if i == order[0] else -1.0 for i in range(2)]
+            groups.append(RidingGroup("methylene", (j, rot, tr), neigh, hs, dist, phase=signs))
+        elif n == 1 and 1 <= m <= 3:
+            k, rk, tk = neigh[0]
+            refs = [r for r in bonded_images(symmetry, a_mat, x_all, elements, k, rk, tk, heavy)
+                    if not (r[0] == j and np.allclose(_cart(a_mat, r[1], r[2], x_all[j]), p, atol=1e-4))]
+            if not refs or (m == 2 and p_el not in ("C", "N")):
+                continue
+            if m == 2 or (m == 1 and p_el == "N"):
+                angle = np.radians(120.0)  # planar =CH2, NH2, N-H
+            elif m == 1 and p_el == "C":
+                angle = np.pi  # C-H on a triple bond
+            else:
+                angle = TETRAHEDRAL  # CH3, NH3, OH, SH
+            ref = refs[0]
+            e, p1, p2 = _rotor_frame(p, u[0] * 1.0, _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) -
+                                     _cart(a_mat, rk, tk, x_all[k]))
+            phi = [float(np.arctan2(start[h] @ p2, start[h] @ p1)) for h in hs]
+            if m == 1:
+                phase = phi
+            elif m == 2:  # planar: in the R-X-P plane, trans and cis
+                phase = [0.0 if np.cos(f) >= 0 else np.pi for f in phi]
+                if phase[0] == phase[1]:
+                    phase = [0.0, np.pi] if np.cos(phi[0]) >= np.cos(phi[1]) else [np.pi, 0.0]
+            else:  # a rotor with m H evenly spaced: the common phase is the circular mean of m phi
+                step = 2 * np.pi / m
+                order = np.argsort(np.mod(phi, 2 * np.pi))
+                rel = np.array([phi[i] - step * rank for rank, i in enumerate(order)])
+                phi0 = float(np.angle(np.mean(np.exp(1j * rel))))
+                phase = [0.0] * m
+                for rank, i in enumerate(order):
+                    phase[i] = phi0 + step * rank
+            groups.append(RidingGroup("rotor", (j, rot, tr), neigh, hs, dist, reference=ref, angle=float(angle),
+                                      phase=phase))
+    return groups
+
+
+def _rotor_frame(p, e_to_x, r_dir):
+    """Orthonormal (e, p1, p2): e along P->X; p1 the part of X->R normal to e; p2 = e x p1."""
+    e = e_to_x / np.linalg.norm(e_to_x)
+    q = r_dir - (r_dir @ e) * e
+    p1 = q / np.linalg.norm(q)
+    return e, p1, np.cross(e, p1)
+
+
+def _t_unit(v):
+    return v / torch.linalg.norm(v)
+
+
+def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor) -> torch.Tensor:
+    """Fractional positions (A, 3) with each group's hydrogens placed from its parent's neighbours."""
+    a_inv = torch.linalg.inv(a_mat)
+    rows, values = [], []
+
+    def cart(atom, rot, tr):
+        return a_mat @ (torch.as_tensor(rot, dtype=xyz.dtype) @ xyz[atom] + torch.as_tensor(tr, dtype=xyz.dtype))
+
+    for g in groups:
+        p = cart(*g.parent)
+        u = [_t_unit(cart(*nb) - p) for nb in g.neighbours]
+        if g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
+            nrm = torch.linalg.cross(u[1] - u[0], u[2] - u[0])
+            dirs = [-torch.sign(nrm @ (u[0] + u[1] + u[2])) * _t_unit(nrm)]
+        elif g.kind == "bisector":
+            dirs = [-_t_unit(u[0] + u[1])]
+        elif g.kind == "methylene":
+            b = -_t_unit(u[0] + u[1])
+            w = _t_unit(torch.linalg.cross(u[0], u[1]))
+            half = TETRAHEDRAL / 2
+            dirs = [b * np.cos(half) + s * w * np.sin(half) for s in g.phase]
+        else:
+            e = u[0]
+            x = cart(*g.neighbours[0])
+            q = cart(*g.reference) - x
+            q = q - (q @ e) * e
+            p1 = _t_unit(q)
+            p2 = torch.linalg.cross(e, p1)
+            dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (np.cos(f) * p1 + np.sin(f) * p2) for f in g.phase]
+        for h, d, r in zip(g.hydrogens, dirs, g.distance):
+            rows.append(h)
+            # back to the H's own asymmetric-unit frame: the parent image is R x_P + t, the H is in
+            # the image frame of that parent, which is the H's frame (the riding map stores the image)
+            values.append(torch.as_tensor(g.parent[1], dtype=xyz.dtype) @ xyz[g.parent[0]]
+                          + torch.as_tensor(g.parent[2], dtype=xyz.dtype) + a_inv @ (r * d))
+    if not rows:
+        return xyz
+    return xyz.index_put((torch.tensor(rows),), torch.stack(values))

@@ -1,0 +1,166 @@
+"""Idealised riding hydrogens: placed from the parent's neighbours as the structure moves."""
+
+import numpy as np
+import pytest
+import torch
+
+from blochflow.crystal import cell as cellmod
+from blochflow.crystal.parameters import StructureParameters
+from blochflow.crystal.riding import TETRAHEDRAL, XH_DISTANCE_A
+from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
+
+CELL = (30.0, 30.0, 30.0, 90, 90, 90)
+TET = np.degrees(TETRAHEDRAL)
+
+
+def _tetra_dirs():
+    return np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], float) / np.sqrt(3)
+
+
+def _molecules():
+    """Five fragments far apart in a P1 box, with hydrogens placed roughly (0.05-0.15 A off ideal)."""
+    rng = np.random.default_rng(4)
+    atoms = []
+
+    def add(label, el, cart):
+        jitter = rng.normal(0, 0.08, 3) if el == "H" else 0
+        atoms.append((label, el, np.asarray(cart, float) + jitter))
+
+    t = _tetra_dirs()
+    # sp2 C-H: C1 with C2, C3 at 120 degrees in the xy plane
+    o = np.array([3.0, 3.0, 3.0])
+    add("C1", "C", o)
+    add("C2", "C", o + 1.39 * np.array([1, 0, 0]))
+    add("C3", "C", o + 1.39 * np.array([-0.5, np.sqrt(3) / 2, 0]))
+    add("H1", "H", o + 1.0 * np.array([-0.5, -np.sqrt(3) / 2, 0]))
+    # CH2: C4 with C5, C6 along two tetrahedral directions
+    o = np.array([10.0, 3.0, 3.0])
+    add("C4", "C", o)
+    add("C5", "C", o + 1.53 * t[0])
+    add("C6", "C", o + 1.53 * t[1])
+    add("H2", "H", o + 1.0 * t[2])
+    add("H3", "H", o + 1.0 * t[3])
+    # tertiary CH: C7 with C8, C9, C10
+    o = np.array([17.0, 3.0, 3.0])
+    add("C7", "C", o)
+    for k, lab in enumerate(("C8", "C9", "C10")):
+        add(lab, "C", o + 1.53 * t[k])
+    add("H4", "H", o + 1.0 * t[3])
+    # methyl C11 on C12, which is bonded to C13 (the torsion reference)
+    o = np.array([3.0, 12.0, 3.0])
+    add("C11", "C", o)
+    add("C12", "C", o + 1.53 * t[0])
+    add("C13", "C", o + 1.53 * t[0] + 1.53 * -t[1])
+    for k, lab in zip((1, 2, 3), ("H5", "H6", "H7")):
+        add(lab, "H", o + 1.0 * t[k])
+    # hydroxyl O1 on C14, which is bonded to C15
+    o = np.array([12.0, 12.0, 3.0])
+    add("O1", "O", o)
+    add("C14", "C", o + 1.43 * t[0])
+    add("C15", "C", o + 1.43 * t[0] + 1.53 * -t[1])
+    add("H8", "H", o + 0.9 * t[2])
+    a = cellmod.direct_basis(CELL)
+    frac = [np.linalg.solve(a, c) for *_, c in atoms]
+    uf = [cellmod.u_iso_to_frac(0.02, CELL) for _ in atoms]
+    asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
+                         torch.ones(len(atoms), dtype=torch.float64), torch.tensor(np.array(uf)),
+                         [False] * len(atoms))
+    return Crystal(cell=CELL, symmetry=SymmetryOps.from_triplets(["x,y,z"]), asu=asu)
+
+
+def _angle(a, b, c):
+    u, v = a - b, c - b
+    return np.degrees(np.arccos(u @ v / np.linalg.norm(u) / np.linalg.norm(v)))
+
+
+def _torsion(a, b, c, d):
+    b1, b2, b3 = b - a, c - b, d - c
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    return np.degrees(np.arctan2(np.linalg.norm(b2) * b1 @ n2, n1 @ n2))
+
+
+def _positions(sp, theta):
+    xyz = sp.physical(theta)[0].detach().numpy()
+    return {lab: sp._a @ x for lab, x in zip(sp.labels, xyz)}
+
+
+def _moved(sp, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = sp.groups["xyz"]
+    th = sp.theta0.clone()
+    th[idx] += 0.15 * (2 * torch.rand(len(idx), generator=g, dtype=torch.float64) - 1)
+    return th
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2])
+def test_idealised_riding_geometry_follows_the_moving_structure(seed):
+    cr = _molecules()
+    sp = StructureParameters(cr)
+    kinds = {tuple(sp.labels[h] for h in g.hydrogens): g.kind for g in sp.riding_groups}
+    assert kinds == {("H1",): "bisector", ("H2", "H3"): "methylene", ("H4",): "tertiary",
+                     ("H5", "H6", "H7"): "rotor", ("H8",): "rotor"}
+    assert not any(n.startswith("H") for n in sp.names)  # riding hydrogens add no parameters
+    p = _positions(sp, sp.theta0 if seed is None else _moved(sp, seed))
+    ch, oh = XH_DISTANCE_A["C"], XH_DISTANCE_A["O"]
+    for h, parent in (("H1", "C1"), ("H2", "C4"), ("H3", "C4"), ("H4", "C7"), ("H5", "C11"), ("H6", "C11"),
+                      ("H7", "C11")):
+        assert abs(np.linalg.norm(p[h] - p[parent]) - ch) < 1e-12, h
+    assert abs(np.linalg.norm(p["H8"] - p["O1"]) - oh) < 1e-12
+    # sp2: in the plane, equal angles to both neighbours
+    assert abs(_angle(p["C2"], p["C1"], p["H1"]) - _angle(p["C3"], p["C1"], p["H1"])) < 1e-9
+    assert abs(np.linalg.det(np.stack([p["C2"] - p["C1"], p["C3"] - p["C1"], p["H1"] - p["C1"]]))) < 1e-9
+    # CH2: H-C-H tetrahedral, each H at equal angles to both carbons, the two H mirror images
+    assert abs(_angle(p["H2"], p["C4"], p["H3"]) - TET) < 1e-9
+    for h in ("H2", "H3"):
+        assert abs(_angle(p["C5"], p["C4"], p[h]) - _angle(p["C6"], p["C4"], p[h])) < 1e-9
+    # tertiary: equal angles to the three carbons
+    angles = [_angle(p[c], p["C7"], p["H4"]) for c in ("C8", "C9", "C10")]
+    assert np.ptp(angles) < 1e-9
+    # methyl: tetrahedral on the C-C bond, H-C-H tetrahedral
+    for h in ("H5", "H6", "H7"):
+        assert abs(_angle(p["C12"], p["C11"], p[h]) - TET) < 1e-9
+    for a, b in (("H5", "H6"), ("H6", "H7"), ("H5", "H7")):
+        assert abs(_angle(p[a], p["C11"], p[b]) - TET) < 1e-9
+    assert abs(_angle(p["C14"], p["O1"], p["H8"]) - TET) < 1e-9
+
+
+def test_rotor_torsions_are_those_of_the_start():
+    cr = _molecules()
+    sp = StructureParameters(cr)
+    a = sp._a
+    start = {lab: a @ x for lab, x in zip(sp.labels, cr.asu.xyz.numpy())}
+    p0, p1 = _positions(sp, sp.theta0), _positions(sp, _moved(sp, 3))
+    for q in (p0, p1):  # the hydroxyl keeps its starting torsion as the atoms move
+        assert abs(_torsion(q["C15"], q["C14"], q["O1"], q["H8"])
+                   - _torsion(start["C15"], start["C14"], start["O1"], start["H8"])) < 1e-6
+    # the methyl's three torsions are 120 degrees apart, each within the jitter of its start
+    tors = [_torsion(p0["C13"], p0["C12"], p0["C11"], p0[h]) for h in ("H5", "H6", "H7")]
+    diffs = sorted(np.mod(np.subtract(tors, tors[0]), 360))
+    np.testing.assert_allclose(diffs, [0, 120, 240], atol=1e-6)
+    for h, t in zip(("H5", "H6", "H7"), tors):
+        t0 = _torsion(start["C13"], start["C12"], start["C11"], start[h])
+        assert abs((t - t0 + 180) % 360 - 180) < 15
+
+
+def test_idealised_riding_is_differentiable():
+    cr = _molecules()
+    sp = StructureParameters(cr)
+    th = _moved(sp, 5).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th,))
+
+
+def test_offset_riding_keeps_the_start_and_water_rides_by_offset():
+    cr = _molecules()
+    off = StructureParameters(cr, riding_geometry="offset")
+    assert not off.riding_groups
+    assert torch.allclose(off.physical(off.theta0)[0], cr.asu.xyz, atol=1e-14)
+    # a lone O with two H (no heavy neighbour) has no rule: it rides with its starting offset
+    water = Crystal(cell=CELL, symmetry=cr.symmetry, asu=AsymmetricUnit(
+        ["O9", "H91", "H92"], ["O", "H", "H"],
+        torch.tensor([[0.5, 0.5, 0.5], [0.53, 0.5, 0.5], [0.49, 0.53, 0.5]], dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64), cr.asu.u_frac[:3].clone(), [False] * 3))
+    sp = StructureParameters(water)
+    assert not sp.riding_groups and len(sp.riding) == 2
+    assert torch.allclose(sp.physical(sp.theta0)[0], water.asu.xyz, atol=1e-14)
+    with pytest.raises(ValueError, match="riding_geometry"):
+        StructureParameters(cr, riding_geometry="ideal")

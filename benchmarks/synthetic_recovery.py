@@ -12,12 +12,13 @@ Reported per start: position RMSD and largest deviation against the truth (hydro
 mean |dU_ij|, R values, iterations, convergence and wall time.
 
     python benchmarks/synthetic_recovery.py --data-root ../shared/data --dataset quartz [--starts 01,02,03]
-        [--frames-step 1] [--threads 2] [--set NAME=VALUE ...] [--json FILE] [--log]
+        [--frames-step 1] [--threads 2] [--set NAME=VALUE ...] [--json FILE] [--log] [--then-free N]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -55,7 +56,8 @@ DATASET_PHYSICS = {"quartz": {"wavelength": 0.0250793, "g_max": 1.9, "n_segments
                    "paracetamol": {"wavelength": 0.02508, "g_max": 1.9}}
 
 
-def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int, log=None) -> dict:
+def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int, log=None,
+              then_free: int = 0) -> dict:
     data, truth_path, start_pattern = DATASETS[dataset]
     ds = read_pets(str(root / data))
     truth = crystal_from_record(read_structure(str(root / truth_path)))
@@ -67,10 +69,25 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
         mask[::frames_step] = True
     t0 = time.perf_counter()
     problem = build_problem(begin, ds, settings, frame_mask=mask)
-    result = refine(problem, settings, log=log or (lambda s: None))
-    elapsed = time.perf_counter() - t0
     before = structure_deviation(problem.structure.crystal_at(problem.split(problem.theta0)["structure"]), truth,
                                  skip_elements=("H",))
+    result = refine(problem, settings, log=log or (lambda s: None))
+    stage1 = None
+    if then_free:  # second stage: hydrogens free, from the first stage's structure and frame parameters
+        first, theta1 = problem, result.theta
+        stage1 = {**structure_deviation(first.structure.crystal_at(first.split(theta1)["structure"]), truth,
+                                        skip_elements=("H",)), "R_obs": result.figures.R_obs,
+                  "lm_iterations": result.lm.iteration, "converged": bool(result.lm.converged),
+                  "time_s": time.perf_counter() - t0}
+        settings = dataclasses.replace(settings, hydrogens="free", adam_steps=0, lm_iterations=then_free)
+        problem = build_problem(first.structure.crystal_at(first.split(theta1)["structure"]), ds, settings,
+                                frame_mask=mask)
+        for name, slot in problem.slots.items():
+            if name != "structure":
+                old = first.slots[name]
+                problem.theta0[slot.start:slot.stop] = theta1[old.start:old.stop]
+        result = refine(problem, settings, log=log or (lambda s: None))
+    elapsed = time.perf_counter() - t0
     after = structure_deviation(problem.structure.crystal_at(problem.split(result.theta)["structure"]), truth,
                                 skip_elements=("H",))
     f, ff = result.figures, result.figures_free
@@ -79,7 +96,7 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
             "R_obs_frame_mean": f.R_obs_frame_mean, "R_free": None if ff is None else ff.R_obs,
             "adam_steps": result.adam_steps, "lm_iterations": result.lm.iteration,
             "converged": bool(result.lm.converged), "phase_times": result.phase_times, "time_s": elapsed,
-            "settings": overrides}
+            "settings": overrides, "first_stage": stage1}
 
 
 def main() -> None:
@@ -92,13 +109,15 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json")
     p.add_argument("--log", action="store_true", help="print the optimiser's progress lines")
+    p.add_argument("--then-free", type=int, default=0, metavar="N",
+                   help="after the refinement (e.g. with riding hydrogens), N more LM iterations with free hydrogens")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     overrides = dict(parse_setting(item) for item in args.set)
     results = []
     for start in args.starts.split(","):
         res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step,
-                        log=(lambda s: print(s, flush=True)) if args.log else None)
+                        log=(lambda s: print(s, flush=True)) if args.log else None, then_free=args.then_free)
         results.append(res)
         print(json.dumps(res), flush=True)
         if args.json:

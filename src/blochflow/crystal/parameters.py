@@ -169,7 +169,8 @@ class StructureParameters:
                 if d < best[0]:
                     best = (d, j, rot, tr)
             if best[0] > riding_max_A:
-                raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on")
+                raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on "
+                                 "(riding_max_distance)")
             _, j, rot, tr = best
             self.riding[h] = (j, rot, tr)  # parent image = rot @ x_parent + tr
         n_h = defaultdict(int)

@@ -96,6 +96,7 @@ class RefineSettings:
     # riding hydrogens placed from the parent's neighbours with neutron X-H distances (idealised), or
     # kept at their starting offset from the parent (offset); see crystal/riding.py
     riding_geometry: str = "idealised"
+    riding_max_distance: float = 1.3  # A: an H farther than this from every non-H atom is an error
     refine_occupancy: bool = False
     # objective
     free_fraction: float = 0.05
@@ -368,7 +369,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
                                     adp=settings.adp, hydrogens=settings.hydrogens,
                                     refine_occupancy=settings.refine_occupancy,
-                                    riding_geometry=settings.riding_geometry)
+                                    riding_geometry=settings.riding_geometry,
+                                    riding_max_A=settings.riding_max_distance)
     if structure.riding:
         kinds = Counter(g.kind for g in structure.riding_groups for _ in g.hydrogens)
         offset = len(structure.riding) - sum(kinds.values())

@@ -75,13 +75,12 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
     stage1 = None
     if then_free:  # second stage: hydrogens free, from the first stage's structure and frame parameters
         first, theta1 = problem, result.theta
-        stage1 = {**structure_deviation(first.structure.crystal_at(first.split(theta1)["structure"]), truth,
-                                        skip_elements=("H",)), "R_obs": result.figures.R_obs,
+        refined = first.structure.crystal_at(first.split(theta1)["structure"])
+        stage1 = {**structure_deviation(refined, truth, skip_elements=("H",)), "R_obs": result.figures.R_obs,
                   "lm_iterations": result.lm.iteration, "converged": bool(result.lm.converged),
                   "time_s": time.perf_counter() - t0}
         settings = dataclasses.replace(settings, hydrogens="free", adam_steps=0, lm_iterations=then_free)
-        problem = build_problem(first.structure.crystal_at(first.split(theta1)["structure"]), ds, settings,
-                                frame_mask=mask)
+        problem = build_problem(refined, ds, settings, frame_mask=mask)
         for name, slot in problem.slots.items():
             if name != "structure":
                 old = first.slots[name]

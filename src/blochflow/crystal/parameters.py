@@ -243,9 +243,16 @@ class StructureParameters:
         flat = const.index_add(0, rows, vals * theta[cols]).view(-1, _W)
         xyz = flat[:, _XYZ]
         if self.riding_groups:
-            xyz = place_hydrogens(xyz, self.riding_groups, torch.as_tensor(self._a, dtype=theta.dtype,
-                                                                            device=theta.device))
+            xyz = place_hydrogens(xyz, self.riding_groups, *self._basis(theta))
         return xyz, flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
+
+    def _basis(self, like: torch.Tensor):
+        """(A, A^-1): the direct basis and its inverse as tensors like ``like`` (cached)."""
+        key = ("basis", like.device, like.dtype)
+        if key not in self._torch:
+            a = torch.as_tensor(self._a, dtype=like.dtype, device=like.device)
+            self._torch[key] = (a, torch.linalg.inv(a))
+        return self._torch[key]
 
     def crystal_at(self, theta: torch.Tensor) -> Crystal:
         """A detached :class:`Crystal` at theta (e.g. for writing the refined model)."""
@@ -357,11 +364,6 @@ def _add(const, coef, row, src, factor):
 
 def _nearest_image(symmetry, x_from, x_to, a_mat):
     """Shortest distance (A) from x_to to any image R x_from + t + n, and that image's (R, t + n)."""
-    img = np.einsum("sij,j->si", symmetry.rotations, x_from) + symmetry.translations  # (S, 3)
-    d = img - x_to
-    n0 = -np.rint(d)
-    shifts = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)  # (27, 3)
-    cand = (d + n0)[:, None, :] + shifts[None]  # (S, 27, 3)
-    dist = np.linalg.norm(cand @ a_mat.T, axis=-1)
+    dist, trans = symmetry.images_around(x_from, x_to, a_mat)
     s, k = np.unravel_index(np.argmin(dist), dist.shape)
-    return float(dist[s, k]), np.asarray(symmetry.rotations[s], float), symmetry.translations[s] + n0[s] + shifts[k]
+    return float(dist[s, k]), np.asarray(symmetry.rotations[s], float), trans[s, k]

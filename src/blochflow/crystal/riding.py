@@ -66,26 +66,19 @@ def _unit(v):
 
 def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
     """Non-H atoms bonded to the image (R, t) of ``centre_atom``: list of (atom, R', t') images."""
-    c = _cart(a_mat, centre_rot, centre_tr, x_all[centre_atom])
-    out = []
+    centre = centre_rot @ x_all[centre_atom] + centre_tr
     rc = covalent_radius(elements[centre_atom])
+    out = []
     for j in heavy:
-        img = np.einsum("sij,j->si", symmetry.rotations, x_all[j]) + symmetry.translations  # (S, 3)
-        frac_c = np.linalg.solve(a_mat, c)
-        d = img - frac_c
-        n0 = -np.rint(d)
-        shifts = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
-        cand = (d + n0)[:, None, :] + shifts[None]
-        dist = np.linalg.norm(cand @ a_mat.T, axis=-1)  # (S, 27)
+        dist, trans = symmetry.images_around(x_all[j], centre, a_mat)
         limit = rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A
         seen = []
         for s, k in zip(*np.nonzero((dist < limit) & (dist > 0.2))):
-            tr = symmetry.translations[s] + n0[s] + shifts[k]
-            pos = img[s] + n0[s] + shifts[k]
+            pos = symmetry.rotations[s] @ x_all[j] + trans[s, k]
             if any(np.allclose(pos, q, atol=1e-6) for q in seen):  # images coinciding (special positions)
                 continue
             seen.append(pos)
-            out.append((j, np.asarray(symmetry.rotations[s], float), np.asarray(tr, float)))
+            out.append((j, np.asarray(symmetry.rotations[s], float), np.asarray(trans[s, k], float)))
     return out
 
 
@@ -129,8 +122,7 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
             else:
                 angle = TETRAHEDRAL  # CH3, NH3, OH, SH
             ref = refs[0]
-            e, p1, p2 = _rotor_frame(p, u[0] * 1.0, _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) -
-                                     _cart(a_mat, rk, tk, x_all[k]))
+            e, p1, p2 = _rotor_frame(u[0], _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) - _cart(a_mat, rk, tk, x_all[k]))
             phi = [float(np.arctan2(start[h] @ p2, start[h] @ p1)) for h in hs]
             if m == 1:
                 phase = phi
@@ -151,7 +143,7 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
     return groups
 
 
-def _rotor_frame(p, e_to_x, r_dir):
+def _rotor_frame(e_to_x, r_dir):
     """Orthonormal (e, p1, p2): e along P->X; p1 the part of X->R normal to e; p2 = e x p1."""
     e = e_to_x / np.linalg.norm(e_to_x)
     q = r_dir - (r_dir @ e) * e
@@ -163,17 +155,20 @@ def _t_unit(v):
     return v / torch.linalg.norm(v)
 
 
-def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor) -> torch.Tensor:
-    """Fractional positions (A, 3) with each group's hydrogens placed from its parent's neighbours."""
-    a_inv = torch.linalg.inv(a_mat)
+def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor,
+                    a_inv: torch.Tensor) -> torch.Tensor:
+    """Fractional positions (A, 3) with each group's hydrogens placed from its parent's neighbours.
+
+    The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u)."""
     rows, values = [], []
 
-    def cart(atom, rot, tr):
-        return a_mat @ (torch.as_tensor(rot, dtype=xyz.dtype) @ xyz[atom] + torch.as_tensor(tr, dtype=xyz.dtype))
+    def image(atom, rot, tr):
+        return torch.as_tensor(rot, dtype=xyz.dtype) @ xyz[atom] + torch.as_tensor(tr, dtype=xyz.dtype)
 
     for g in groups:
-        p = cart(*g.parent)
-        u = [_t_unit(cart(*nb) - p) for nb in g.neighbours]
+        p_frac = image(*g.parent)
+        p = a_mat @ p_frac
+        u = [_t_unit(a_mat @ image(*nb) - p) for nb in g.neighbours]
         if g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
             nrm = torch.linalg.cross(u[1] - u[0], u[2] - u[0])
             dirs = [-torch.sign(nrm @ (u[0] + u[1] + u[2])) * _t_unit(nrm)]
@@ -186,18 +181,13 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
             dirs = [b * np.cos(half) + s * w * np.sin(half) for s in g.phase]
         else:
             e = u[0]
-            x = cart(*g.neighbours[0])
-            q = cart(*g.reference) - x
-            q = q - (q @ e) * e
-            p1 = _t_unit(q)
+            q = a_mat @ (image(*g.reference) - image(*g.neighbours[0]))
+            p1 = _t_unit(q - (q @ e) * e)
             p2 = torch.linalg.cross(e, p1)
             dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (np.cos(f) * p1 + np.sin(f) * p2) for f in g.phase]
         for h, d, r in zip(g.hydrogens, dirs, g.distance):
             rows.append(h)
-            # back to the H's own asymmetric-unit frame: the parent image is R x_P + t, the H is in
-            # the image frame of that parent, which is the H's frame (the riding map stores the image)
-            values.append(torch.as_tensor(g.parent[1], dtype=xyz.dtype) @ xyz[g.parent[0]]
-                          + torch.as_tensor(g.parent[2], dtype=xyz.dtype) + a_inv @ (r * d))
+            values.append(p_frac + a_inv @ (r * d))
     if not rows:
         return xyz
     return xyz.index_put((torch.tensor(rows),), torch.stack(values))

@@ -31,6 +31,17 @@ class SymmetryOps:
     def __len__(self) -> int:
         return len(self.rotations)
 
+    def images_around(self, x_from: np.ndarray, x_to: np.ndarray, a_mat: np.ndarray):
+        """Images R x_from + t + n of one fractional position near x_to, every operator with the
+        lattice shift nearest x_to and its 26 neighbours: distances (S, 27) in A and the full
+        translations t + n (S, 27, 3)."""
+        img = np.einsum("sij,j->si", self.rotations, x_from) + self.translations  # (S, 3)
+        n0 = -np.rint(img - x_to)
+        shifts = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)  # (27, 3)
+        trans = (self.translations + n0)[:, None, :] + shifts[None]  # (S, 27, 3)
+        dist = np.linalg.norm(((img + n0 - x_to)[:, None, :] + shifts[None]) @ a_mat.T, axis=-1)
+        return dist, trans
+
 
 @dataclass
 class AsymmetricUnit:

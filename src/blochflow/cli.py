@@ -261,10 +261,10 @@ def _read_config(path: str) -> dict:
         except json.JSONDecodeError as exc:
             raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg})") from None
     else:
-        import tomllib
+        from .io import toml
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+            data = toml.loads(text)
+        except toml.TOMLDecodeError as exc:
             raise InputError(path, "file", f"not valid TOML ({exc})") from None
     data = data.get("refine", data)
     if not isinstance(data, dict):

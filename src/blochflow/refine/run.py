@@ -148,13 +148,13 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
 
 def parse_setting(item: str) -> tuple[str, object]:
     """'NAME=VALUE' with VALUE read as a TOML value where it is one (numbers, booleans, lists), else text."""
-    import tomllib
+    from ..io import toml
     if "=" not in item:
         raise ValueError(f"{item}: expected NAME=VALUE")
     key, raw = item.split("=", 1)
     try:
-        return key.strip(), tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+        return key.strip(), toml.loads(f"v = {raw}")["v"]
+    except toml.TOMLDecodeError:
         return key.strip(), raw
 
 

@@ -14,7 +14,7 @@ from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import displaced
 from blochflow.io.pets import select_frames
-from blochflow.refine.problem import free_set_mask
+from blochflow.refine.problem import equivalence_keys, free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine, settings_from_mapping
 
 from conftest import N_SAMPLES, _rmsd, every_nth_frame, simulated
@@ -203,6 +203,11 @@ def test_free_set_keeps_symmetry_groups_together(truth):
             j = index.get(tuple(h @ r))
             if j is not None:
                 assert free[i] == free[j]
+    # one key per equivalence group: the -3m Laue class of quartz has 12 equivalents of a general hkl
+    keys = equivalence_keys(hkl, truth.symmetry.rotations)
+    general = [tuple(k) for h, k in zip(hkl, keys) if tuple(h) == (1, 2, 3)]
+    assert sum(tuple(k) == general[0] for k in keys) == 12
+    assert len({tuple(k) for k in keys}) == len({frozenset(tuple(h @ r) for r in rots) for h in hkl})
 
 
 def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth):
@@ -261,6 +266,11 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
                  "--free-fraction", "0.1", "--lm-iterations", "1"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
+    # R_free's footing: its unique reflections counted once over frames and equivalents, and a warning
+    # when they are too few to judge over-fitting
+    assert 0 < summary["n_free_groups"] <= summary["n_free"] and summary["n_free_obs"] <= summary["n_free"]
+    printed = capsys.readouterr().out
+    assert ("warning: R_free rests on" in printed) == (summary["n_free_groups"] < 10), printed
     for key in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "wR2_frame_mean", "n_obs", "n_all", "n_frames",
                 "n_beams_mean", "elapsed_s", "R_free", "n_params", "iterations", "converged", "thickness", "frames"):
         assert key in summary, key

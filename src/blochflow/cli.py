@@ -315,7 +315,7 @@ def _refine_settings(args, base: dict | None = None):
 def cmd_refine(args) -> int:
     from .crystal.structure import inverted
     from .refine.run import build_problem, load_checkpoint, refine
-    from .report.outputs import write_outputs
+    from .report.outputs import MIN_FREE_GROUPS, write_outputs
 
     example_settings = {}
     if args.example:
@@ -383,6 +383,9 @@ def cmd_refine(args) -> int:
         print(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
+        if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:
+            print(f"warning: R_free rests on {summ['n_free_groups']} unique reflections ({summ['n_free_obs']} observed "
+                  f"in all frames): too few to judge over-fitting; raise --free-fraction for a firmer figure")
         if res.interrupted:
             code = 130
     if "enantiomer" in extra:

@@ -42,19 +42,24 @@ class Slot:
     stop: int
 
 
-def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """R_free reflections: whole symmetry-equivalence groups (Laue class, all frames), ~``fraction``.
-
-    The group key is the lexicographically largest equivalent of h under the point group with
-    inversion; a deterministic hash of the key picks the groups, so every run and every frame
-    agrees on which reflections are free.
-    """
-    if fraction <= 0:
-        return np.zeros(len(hkl), bool)
+def equivalence_keys(hkl: np.ndarray, rotations: np.ndarray) -> np.ndarray:
+    """(R, 3) one representative per symmetry-equivalence group (Laue class): the lexicographically
+    largest equivalent of h under the point group with inversion."""
     ops = np.concatenate([rotations, -rotations])  # h' = h R (row vector) for each operator
     images = np.einsum("rj,sji->rsi", hkl, ops)  # (R, S, 3)
     keyval = (images[..., 0] * 1_000_003 + images[..., 1]) * 1_000_003 + images[..., 2]
-    best = images[np.arange(len(hkl)), np.argmax(keyval, 1)]
+    return images[np.arange(len(hkl)), np.argmax(keyval, 1)]
+
+
+def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """R_free reflections: whole symmetry-equivalence groups (Laue class, all frames), ~``fraction``.
+
+    A deterministic hash of each group's key (:func:`equivalence_keys`) picks the groups, so every
+    run and every frame agrees on which reflections are free.
+    """
+    if fraction <= 0:
+        return np.zeros(len(hkl), bool)
+    best = equivalence_keys(hkl, rotations)
     rng_key = (best[:, 0] * 73856093) ^ (best[:, 1] * 19349663) ^ (best[:, 2] * 83492791) ^ (seed * 2654435761)
     u = (rng_key % 1_000_003) / 1_000_003.0
     return u < fraction

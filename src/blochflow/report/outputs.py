@@ -10,6 +10,7 @@ import torch
 
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
+from ..refine.problem import equivalence_keys
 from ..refine.run import RefinementResult
 from .plots import fo_fc_svg, thickness_svg
 
@@ -52,6 +53,21 @@ def frame_model_record(result: RefinementResult) -> dict:
             "refine_orientation": pr.frames.refine_orientation,
             "raw": {n: v.detach().reshape(-1).tolist() for n, v in raw.items() if n != "structure" and n != "kappa"},
             "frame_ids": [int(f) for f in ds.frames.ids], "alpha_deg": ds.frames.alpha_deg.tolist()}
+
+
+# fewer unique reflections than this behind R_free, and it is too noisy to judge over-fitting
+MIN_FREE_GROUPS = 10
+
+
+def free_groups(result: RefinementResult) -> int:
+    """How many symmetry-independent reflections R_free rests on (each free group counts once,
+    however many frames and equivalents observe it)."""
+    pr = result.problem
+    free = pr.free.numpy()
+    if not free.any():
+        return 0
+    keys = equivalence_keys(pr.model.plan.scored.hkl[free], pr.model.crystal.symmetry.rotations)
+    return len(np.unique(keys, axis=0))
 
 
 def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
@@ -109,6 +125,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "R_free": None if ffree is None else ffree.R_obs,
         "wR2_free": None if ffree is None else ffree.wR2,
         "n_free": 0 if ffree is None else ffree.n_all,
+        "n_free_obs": 0 if ffree is None else ffree.n_obs,
+        "n_free_groups": free_groups(result),
         "R_holdout": None if fhold is None else fhold.R_obs,
         "wR2_holdout": None if fhold is None else fhold.wR2,
         "n_holdout_frames": int(pr.holdout_frame.sum()),

@@ -208,6 +208,14 @@ def test_free_set_keeps_symmetry_groups_together(truth):
     general = [tuple(k) for h, k in zip(hkl, keys) if tuple(h) == (1, 2, 3)]
     assert sum(tuple(k) == general[0] for k in keys) == 12
     assert len({tuple(k) for k in keys}) == len({frozenset(tuple(h @ r) for r in rots) for h in hkl})
+    # the fraction is of the groups present, whatever their number
+    n_groups = len({tuple(k) for k in keys})
+    for fraction, seed in ((0.1, 0), (0.05, 3)):
+        chosen = free_set_mask(hkl, truth.symmetry.rotations, fraction, seed)
+        assert len({tuple(k) for k in keys[chosen]}) == round(fraction * n_groups)
+    few = hkl[:40]
+    assert len({tuple(k) for k in equivalence_keys(few, truth.symmetry.rotations)[free_set_mask(
+        few, truth.symmetry.rotations, 0.01)]}) == 1  # at least one group
 
 
 def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth):

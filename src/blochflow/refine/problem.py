@@ -51,18 +51,33 @@ def equivalence_keys(hkl: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return images[np.arange(len(hkl)), np.argmax(keyval, 1)]
 
 
-def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
-    """R_free reflections: whole symmetry-equivalence groups (Laue class, all frames), ~``fraction``.
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: well-spread uint64 hashes of nearby integers (wrapping arithmetic)."""
+    x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
-    A deterministic hash of each group's key (:func:`equivalence_keys`) picks the groups, so every
-    run and every frame agrees on which reflections are free.
+
+def free_set_mask(hkl: np.ndarray, rotations: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """R_free reflections: whole symmetry-equivalence groups (Laue class, all frames), round(fraction x
+    the groups present), at least one.
+
+    The groups with the smallest hashes of their key (:func:`equivalence_keys`) and the seed are
+    taken, so every run and every frame agrees on which reflections are free, and the fraction holds
+    however few groups the data have.
     """
-    if fraction <= 0:
+    if fraction <= 0 or len(hkl) == 0:
         return np.zeros(len(hkl), bool)
-    best = equivalence_keys(hkl, rotations)
-    rng_key = (best[:, 0] * 73856093) ^ (best[:, 1] * 19349663) ^ (best[:, 2] * 83492791) ^ (seed * 2654435761)
-    u = (rng_key % 1_000_003) / 1_000_003.0
-    return u < fraction
+    groups, member = np.unique(equivalence_keys(hkl, rotations), axis=0, return_inverse=True)
+    member = member.reshape(-1)
+    with np.errstate(over="ignore"):
+        packed = ((groups[:, 0] + 512) * 1024 + (groups[:, 1] + 512)) * 1024 + (groups[:, 2] + 512)
+        h = _mix64(_mix64(packed.astype(np.uint64)) ^ np.uint64(seed))
+    n_free = max(1, int(round(fraction * len(groups))))
+    chosen = np.zeros(len(groups), bool)
+    chosen[np.argsort(h, kind="stable")[:n_free]] = True
+    return chosen[member]
 
 
 def holdout_frame_mask(n_frames: int, fraction: float, seed: int = 0) -> np.ndarray:

@@ -72,6 +72,7 @@ def make_case(case: str, ds_path: Path, structure: str, work: Path, n_samples: i
     ds = read_pets(str(ds_path))
     target = work / f"case_{case}.cif_pets"
     args = ["simulate", structure, str(ds_path), "--out", str(work / f"sim_{case}"), "--samples", str(n_samples),
+            "--samples-per-fringe", "0",
             "--write-pets", str(target), "--overwrite", "--max-counts", "2e5", "--seed", str(seed)]
     if case == "b":
         spec = work / "slab_frame_model.json"

@@ -87,3 +87,146 @@ def test_write_pets_refuses_to_overwrite(tmp_path, quartz_paths):
     target.write_text("precious")
     r = _cli("simulate", *quartz_paths, "--out", tmp_path / "o", "--thickness", "500", "--write-pets", target)
     assert r.returncode == 2 and target.read_text() == "precious"
+
+
+_OPS_BLOCK = """loop_
+_symmetry_equiv_pos_site_id
+_symmetry_equiv_pos_as_xyz
+1 x,y,z
+2 -y,x-y,z+2/3
+3 -x+y,-x,z+1/3
+4 y,x,-z
+5 x-y,-y,-z+1/3
+6 -x,-x+y,-z+2/3
+"""
+
+
+def _structure(tmp_path, quartz_paths, old, new, name="s.cif"):
+    text = quartz_paths[0].read_text()
+    assert old in text
+    p = tmp_path / name
+    p.write_text(text.replace(old, new))
+    return p
+
+
+def _ops(rec):
+    import gemmi
+    return sorted(gemmi.Op(t).wrap().triplet() for t in rec.symops)
+
+
+@pytest.mark.parametrize("symmetry", [
+    "_space_group_name_Hall 'P 32 2\"'",  # P 32 2 1: the Hall symbol alone
+    "_space_group_IT_number 154",
+    "_space_group.name_H-M_alt 'P 32 2 1'",
+    "_space_group_name_H-M_alt 'P 32 2 1'",
+])
+def test_space_group_from_a_symbol_when_no_operators_are_listed(tmp_path, quartz_paths, symmetry):
+    """Without an operator loop the group comes from the Hall symbol, the H-M symbol or the IT
+    number, never silently P 1."""
+    reference = read_structure(quartz_paths[0])
+    text = quartz_paths[0].read_text().replace(_OPS_BLOCK, "")
+    text = text.replace("_symmetry_space_group_name_H-M 'P3221'\n_symmetry_Int_Tables_number 154\n", symmetry + "\n")
+    p = tmp_path / "sym.cif"
+    p.write_text(text)
+    rec = read_structure(p)
+    assert len(rec.symops) == 6 and _ops(rec) == _ops(reference)
+    assert rec.symops[0] == "x,y,z"
+    bare = tmp_path / "bare.cif"
+    bare.write_text(text.replace(symmetry + "\n", ""))
+    with pytest.raises(InputError, match="symmetry: none given"):
+        read_structure(bare)
+
+
+def test_operators_that_are_not_a_group_are_refused(tmp_path, quartz_paths):
+    p = _structure(tmp_path, quartz_paths, "6 -x,-x+y,-z+2/3\n", "")
+    with pytest.raises(InputError, match="not a group"):
+        read_structure(p)
+    p = _structure(tmp_path, quartz_paths, "6 -x,-x+y,-z+2/3\n", "6 -x,-x+y,-z+2/3\n7 x+1/3,y,z\n")
+    with pytest.raises(InputError, match="not a group"):
+        read_structure(p)
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("O1 O 0.854729", "Si1 O 0.854729", "label used by more than one"),
+    ("O1 0.013019", "O2 0.013019", "'O2': no _atom_site row"),
+    ("0.009208 Uani", "-0.009208 Uiso", None),  # Si1 keeps its Uani: the negative Uiso is not used
+    ("O1 O 0.854729 0.585819 0.618682 0.015829 Uani", "O1 O 0.854729 0.585819 0.618682 -0.02 Uiso\n", None),
+])
+def test_atom_table_errors(tmp_path, quartz_paths, old, new, message):
+    p = _structure(tmp_path, quartz_paths, old, new)
+    if message is None:
+        text = p.read_text()
+        if "-0.02 Uiso" in text:  # O1 isotropic with a negative U: drop its aniso row
+            p.write_text(text.replace("O1 0.013019 0.019950 0.016200 0.004034 -0.002570 0.009504\n", ""))
+            with pytest.raises(InputError, match="U_iso -0.02 is negative"):
+                read_structure(p)
+        else:
+            read_structure(p)
+        return
+    with pytest.raises(InputError, match=message):
+        read_structure(p)
+
+
+def test_occupancy_above_one_and_aniso_b_and_labels_without_types(tmp_path, quartz_paths):
+    text = quartz_paths[0].read_text()
+    occ = tmp_path / "occ.cif"
+    occ.write_text(text.replace("_atom_site_U_iso_or_equiv\n", "_atom_site_U_iso_or_equiv\n_atom_site_occupancy\n")
+                   .replace("0.009208 Uani", "0.009208 1.5 Uani").replace("0.015829 Uani", "0.015829 1 Uani"))
+    with pytest.raises(InputError, match="occupancy '1.5'"):
+        read_structure(occ)
+    # B_ij are U_ij x 8 pi^2
+    u = read_structure(quartz_paths[0])
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("_atom_site_aniso_U_"):
+            lines[i] = line.replace("_U_", "_B_")
+        parts = line.split()
+        if len(parts) == 7 and parts[0] in ("Si1", "O1") and parts[1] not in ("Si", "O"):
+            lines[i] = " ".join([parts[0]] + [f"{float(v) * 8 * 3.141592653589793 ** 2:.8f}" for v in parts[1:]])
+    b_file = tmp_path / "b.cif"
+    b_file.write_text("\n".join(lines))
+    b = read_structure(b_file)
+    for x, y in zip(u.atoms, b.atoms):
+        assert y.u_aniso == pytest.approx(x.u_aniso, abs=1e-8)
+    # the element of a label is its leading letters: O1S is oxygen, C1A carbon, Ca1 calcium
+    from blochflow.io.structure_cif import _element_symbol
+    assert [_element_symbol(s) for s in ("O1S", "C1A", "N1B", "Ca1", "CL2", "OW", "O2-", "Ti4+", "H12A")] == \
+        ["O", "C", "N", "Ca", "Cl", "O", "O", "Ti", "H"]
+
+
+def test_the_block_with_atoms_is_read_and_two_are_refused(tmp_path, quartz_paths):
+    text = quartz_paths[0].read_text()
+    p = tmp_path / "global.cif"
+    p.write_text("data_global\n_publ_section_title 'x'\n_cell_length_a 10.0\n\n" + text)
+    assert len(read_structure(p).atoms) == 2
+    two = tmp_path / "two.cif"
+    two.write_text(text + "\n" + text.replace("data_data_refined", "data_second"))
+    with pytest.raises(InputError, match="2 blocks hold atoms"):
+        read_structure(two)
+
+
+def test_labels_with_quotes_round_trip_through_written_pets(tmp_path, quartz_paths):
+    """CIF 1.1 allows ' inside a bare word (O1'): the data written by simulate read back."""
+    cif = _structure(tmp_path, quartz_paths, "O1 O 0.854729", "O1' O 0.854729")
+    cif.write_text(cif.read_text().replace("O1 0.013019", "O1' 0.013019"))
+    syn = tmp_path / "prime.cif_pets"
+    r = _cli("simulate", cif, quartz_paths[1], "--out", tmp_path / "o", "--thickness", "300", "--samples", "2",
+             "--samples-per-fringe", "0", "--g-max", "1.2", "--write-pets", syn)
+    assert r.returncode == 0, r.stderr
+    ds = read_pets(syn)
+    assert ds.atoms is not None and "O1'" in list(ds.atoms.labels)
+
+
+def test_no_scored_reflection_is_a_one_line_error(tmp_path, quartz_paths):
+    text = quartz_paths[1].read_text()
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        parts = line.split()
+        if len(parts) == 9 and parts[0].isdigit():  # a frame row: wedge half-angle 0
+            parts[4] = "0.000"
+            lines[i] = " ".join(parts)
+    p = tmp_path / "flat.cif_pets"
+    p.write_text("\n".join(lines))
+    for cmd in (["simulate"], ["refine", "--lm-iterations", "1", "--adam-steps", "1"]):
+        r = _cli(cmd[0], quartz_paths[0], p, "--out", tmp_path / cmd[0], *cmd[1:])
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no reflection is scored" in r.stderr, r.stderr

@@ -196,3 +196,15 @@ def test_thickness_svg(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["thickness.svg"]
     with pytest.raises(InputError):
         atomic_write_text(path, "x", overwrite=False)
+
+
+def test_json_is_strict(tmp_path):
+    """R over no observed reflection is NaN: written as null, never as the non-JSON NaN or Infinity."""
+    import json
+    import math
+
+    from blochflow.io.writers import write_json
+    write_json(tmp_path / "s.json", {"R_free": math.nan, "wR2_free": math.inf, "list": [1.0, -math.inf],
+                                     "array": np.array([0.5, np.nan])})
+    text = (tmp_path / "s.json").read_text()
+    assert json.loads(text) == {"R_free": None, "wR2_free": None, "list": [1.0, None], "array": [0.5, None]}

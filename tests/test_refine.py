@@ -273,7 +273,10 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     code = main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--config", str(config),
                  "--free-fraction", "0.1", "--lm-iterations", "1"])
     assert code == 0
-    summary = json.loads((out / "summary.json").read_text())
+    def no_constant(name):  # NaN or Infinity: not JSON
+        raise AssertionError(f"summary.json holds {name}")
+
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=no_constant)
     # R_free's footing: its unique reflections counted once over frames and equivalents, and a warning
     # when they are too few to judge over-fitting
     assert 0 < summary["n_free_groups"] <= summary["n_free"] and summary["n_free_obs"] <= summary["n_free"]

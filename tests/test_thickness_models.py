@@ -174,7 +174,7 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     # simulate with the saved model reproduces the refined fit on the same data
     sim = tmp_path / "sim"
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim), "--samples", "2",
-                 "--frame-model", str(out / "frame_model.json")]) == 0
+                 "--samples-per-fringe", "0", "--frame-model", str(out / "frame_model.json")]) == 0
     again = json.loads((sim / "summary.json").read_text())
     assert abs(again["wR2_frame_mean"] - summary["wR2_frame_mean"]) < 0.02
     capsys.readouterr()
@@ -197,7 +197,7 @@ def test_simulate_writes_data_from_a_weighted_thickness_table(small_dataset, qua
         table.write_text("\n".join(lines) + "\n")
         target = tmp_path / f"{name}.cif_pets"
         assert main(["simulate", str(quartz_paths[0]), str(data), "--out", str(tmp_path / name), "--samples", "2",
-                     "--thickness-profile", str(table), "--write-pets", str(target), "--noise", "none",
+                     "--samples-per-fringe", "0", "--thickness-profile", str(table), "--write-pets", str(target), "--noise", "none",
                      "--max-counts", "1e7"]) == 0
         return read_pets(target).reflections.intensity
 

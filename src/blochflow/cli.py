@@ -6,6 +6,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="electron wavelength (A) in place of the data file's (for a header that states the wrong one)")
     g.add_argument("--g-max", type=float, default=None, help="beam cut-off |g| (1/A); default 0.4 beyond dstarmax or the largest reflection")
     g.add_argument("--s-max", type=float, default=0.02, help="excitation-error limit for beams (1/A)")
-    g.add_argument("--samples", type=int, default=32, help="tilt samples per frame (or precession azimuths)")
+    g.add_argument("--samples", type=int, default=32,
+                   help="tilt samples per frame (or precession azimuths); the minimum when --samples-per-fringe > 0")
+    g.add_argument("--samples-per-fringe", type=float, default=1.2,
+                   help="samples per Pendelloesung fringe of each frame's fastest reflection at its thickness "
+                        "(default 1.2, which converges the rocking integral; 0: exactly --samples per frame)")
     g.add_argument("--sample-rule", choices=["midpoint", "gauss", "linspace"], default="midpoint",
                    help="tilts across a frame's wedge; linspace includes both ends (diffBloch's set)")
     g.add_argument("--ub-convention", choices=["pets", "diffbloch"], default="pets",
@@ -66,6 +71,8 @@ def _model_settings(args):
     for name in ("samples", "segments", "tilt_window"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be at least 1")
+    if args.samples_per_fringe < 0:
+        raise InputError("--samples-per-fringe", str(args.samples_per_fringe), "must be 0 (off) or positive")
     beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
                          sample_rule=args.sample_rule, ub_convention=args.ub_convention, coupling=args.coupling,
                          n_segments=args.segments, tilt_window=args.tilt_window, rocking_axis=args.rocking_axis,
@@ -82,21 +89,43 @@ def _override_wavelength(ds, wavelength):
         raise InputError("command line", "--wavelength", str(exc)) from None
 
 
-def _load(structure: str, data: str):
+def _load(structure: str, data: str, *, refining: bool = False):
+    """Structure and dataset, checked against each other. Cells: an error beyond 5 % (lengths) or 3 deg
+    (angles), a warning beyond 1 % or 0.5 deg. U_ij that are not positive definite get a warning; a
+    refinement starts such an atom from the isotropic U of its U_eq."""
     from .crystal.structure import crystal_from_record
     from .io.pets import read_pets
-    from .io.structure_cif import read_structure
+    from .io.structure_cif import non_positive_definite, read_structure
     rec = read_structure(structure)
     ds = read_pets(data)
     for i, name in enumerate(("a", "b", "c", "alpha", "beta", "gamma")):
         c, p = rec.cell[i], ds.cell[i]
-        if abs(c - p) > 0.05 * abs(p):
-            raise InputError(structure, f"_cell_{'length' if i < 3 else 'angle'}_{name}",
-                             f"{c} differs from {p} in {data} by more than 5 %")
+        item = f"_cell_{'length' if i < 3 else 'angle'}_{name}"
+        off, (limit, note) = (abs(c - p) / abs(p), (0.05, 0.01)) if i < 3 else (abs(c - p), (3.0, 0.5))
+        unit = "%" if i < 3 else "deg"
+        scale = 100 if i < 3 else 1
+        if off > limit:
+            raise InputError(structure, item, f"{c} differs from {p} in {data} by more than {scale * limit:g} {unit}")
+        if off > note:
+            print(f"warning: {structure}: {item} {c} differs from {p} in {data} by {scale * off:.2g} {unit}; "
+                  f"the data file's UB matrix sets the geometry, the structure's cell the scattering factors")
+    bad = non_positive_definite(rec)
+    if bad and not refining:
+        print(f"warning: {structure}: U_ij of {', '.join(bad)} are not positive definite (their Debye-Waller "
+              f"factors grow along one direction); simulated as given")
     try:
         crystal = crystal_from_record(rec)
     except ValueError as exc:
         raise InputError(structure, "atoms", str(exc)) from None
+    if bad:
+        from .crystal import cell as cellmod
+        asu = crystal.asu
+        for label in bad:
+            i = asu.labels.index(label)
+            u_eq = max(cellmod.u_equivalent(asu.u_frac[i].numpy(), crystal.cell), 0.005)
+            asu.u_frac[i] = torch.as_tensor(cellmod.u_iso_to_frac(u_eq, crystal.cell))
+        print(f"warning: {structure}: U_ij of {', '.join(bad)} are not positive definite; the refinement "
+              f"starts them from the isotropic U of their U_eq")
     return crystal, ds
 
 
@@ -175,7 +204,7 @@ def cmd_simulate(args) -> int:
     import torch
 
     from .io.writers import atomic_write_text, format_pets, write_csv, write_json
-    from .simulate import synthesize
+    from .simulate import fit_samples_to_fringes, synthesize
     from .refine.model import ForwardModel
 
     if args.example:
@@ -198,7 +227,8 @@ def cmd_simulate(args) -> int:
                                                     "or --frame-model)")
         spec = _frame_model_spec(args.frame_model, ds) if args.frame_model else _thickness_spec(args, ds)
         rows, i_obs, sigma = synthesize(crystal, ds, spec, settings, noise=args.noise,
-                                        max_counts=args.max_counts, seed=args.seed)
+                                        max_counts=args.max_counts, seed=args.seed,
+                                        samples_per_fringe=args.samples_per_fringe)
         refl = ds.reflections
         atoms = [(a_l, a_e, tuple(x), float(o)) for a_l, a_e, x, o in
                  zip(crystal.asu.labels, crystal.asu.elements, crystal.asu.xyz.tolist(), crystal.asu.occupancy.tolist())]
@@ -218,16 +248,23 @@ def cmd_simulate(args) -> int:
         spec = _frame_model_spec(args.frame_model, ds)
     elif args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr):
         best, scan = model.best_thickness()
+        # the scan's samples may be too few for the thickness it finds (which then comes out too thin):
+        # size them for 1.5 x that thickness and scan again
+        if fit_samples_to_fringes(model, 1.5 * best, args.samples_per_fringe):
+            best, scan = model.best_thickness()
         spec = _thickness_spec(argparse.Namespace(**{**vars(args), "thickness": best}), ds)
     else:
         scan = None
         spec = _thickness_spec(args, ds)
+    fit_samples_to_fringes(model, spec.frame_state(ds).thickness.detach().amax(-1).numpy(), args.samples_per_fringe)
+    counts = model.samples_per_frame()
     with torch.no_grad():
         ic = model.intensities(spec.frame_state(ds))
     fig = model.figures(ic)
     from .refine.objective import frame_scales, klar_weights
     k = frame_scales(model.io, ic, klar_weights(model.io, model.sigma, settings.instability), model.frame, model.n_frames)
     summary = {**fig.as_dict(), "n_beams_mean": model.n_beams_mean(),
+               "samples_per_frame": {"min": int(counts.min()), "max": int(counts.max()), "mean": float(counts.mean())},
                "elapsed_s": time.perf_counter() - t_start,
                "thickness": float(spec.mean.mean()) if spec.is_constant else spec.mean.tolist(),
                "structure": structure, "data": data,
@@ -340,7 +377,7 @@ def cmd_refine(args) -> int:
             resume = load_checkpoint(checkpoint)
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
-    crystal, ds = _load(structure, data)
+    crystal, ds = _load(structure, data, refining=True)
     log = print
     hands = [("model", crystal)] + ([("inverted", inverted(crystal))] if args.enantiomer else [])
     results = []
@@ -379,10 +416,17 @@ def cmd_refine(args) -> int:
     for name, sub, res in results:
         summ = write_outputs(res, sub, structure_path=structure, data_path=data, settings=settings, extra=extra)
         f = res.figures
-        free = f"  R_free {summ['R_free']:.4f}" if summ["R_free"] is not None else ""
+        has_free = summ["R_free"] is not None and bool(np.isfinite(summ["R_free"]))
+        free = f"  R_free {summ['R_free']:.4f}" if has_free else ""
         print(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
+        if summ["n_params"] >= summ["n_all"]:
+            print(f"warning: {summ['n_params']} refined parameters for {summ['n_all']} work reflections: the fit is "
+                  f"not determined and its GoF and s.u. mean nothing; refine fewer frame parameters "
+                  f"(--thickness-model global, --no-orientation) or use more frames")
+        if not has_free and settings.free_fraction > 0:
+            print("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
         if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:
             print(f"warning: R_free rests on {summ['n_free_groups']} unique reflections ({summ['n_free_obs']} observed "
                   f"in all frames): too few to judge over-fitting; raise --free-fraction for a firmer figure")
@@ -478,6 +522,9 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        sys.stderr = open(os.devnull, "w")
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,6 @@ duplicated scalar and records the line of every value so errors can point at it.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,18 +43,32 @@ class CifBlock:
 
 
 def _split_line(line: str, path: str, lineno: int) -> list[str]:
-    s = line.strip()
-    if not s or s.startswith("#"):
-        return []
-    if "'" not in s and '"' not in s:
-        return s.split("#", 1)[0].split()
-    try:
-        lex = shlex.shlex(s, posix=True)
-        lex.whitespace_split = True
-        lex.commenters = "#"
-        return list(lex)
-    except ValueError as exc:
-        raise InputError(path, f"line {lineno}", f"cannot parse ({exc})") from None
+    """Tokens of one line by CIF 1.1's rules: whitespace separates; a token opening with ' or " runs
+    to the same quote followed by whitespace or the line's end (so it may hold that quote); a bare
+    word may hold quotes (O1'); # opens a comment only at the start of a token."""
+    out: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i]
+        if c.isspace():
+            i += 1
+        elif c == "#":
+            break
+        elif c in "'\"":
+            j = i + 1
+            while j < n and not (line[j] == c and (j + 1 == n or line[j + 1].isspace())):
+                j += 1
+            if j >= n:
+                raise InputError(path, f"line {lineno}", f"cannot parse (no closing {c})")
+            out.append(line[i + 1:j])
+            i = j + 1
+        else:
+            j = i
+            while j < n and not line[j].isspace():
+                j += 1
+            out.append(line[i:j])
+            i = j
+    return out
 
 
 def read_cif_block(path: str | Path) -> CifBlock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +33,98 @@ class StructureRecord:
 
 
 _SYMOP_TAGS = ("_space_group_symop_operation_xyz", "_symmetry_equiv_pos_as_xyz",
-               "_space_group_symop.operation_xyz")
-_HM_TAGS = ("_space_group_name_h-m_alt", "_symmetry_space_group_name_h-m")
+               "_space_group_symop.operation_xyz", "_symmetry_equiv.pos_as_xyz")
+_HALL_TAGS = ("_space_group_name_hall", "_symmetry_space_group_name_hall", "_space_group.name_hall",
+              "_symmetry.space_group_name_hall")
+_HM_TAGS = ("_space_group_name_h-m_alt", "_symmetry_space_group_name_h-m", "_space_group.name_h-m_alt",
+            "_symmetry.space_group_name_h-m")
+_NUMBER_TAGS = ("_space_group_it_number", "_symmetry_int_tables_number", "_space_group.it_number",
+                "_symmetry.int_tables_number")
+_ANISO_U = tuple(f"_atom_site_aniso_U_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
+_ANISO_B = tuple(f"_atom_site_aniso_B_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
+
+
+def _data_block(doc, path: str):
+    """The one data block that holds atoms (a file may add a global or other block without them)."""
+    with_atoms = [b for b in doc if len(b.find_values("_atom_site_fract_x"))]
+    if not with_atoms:
+        if not any(b.find_value("_cell_length_a") is not None for b in doc):
+            raise InputError(path, "_cell_length_a", "missing (no data block with a cell)")
+        raise InputError(path, "_atom_site loop", "missing (no data block with fractional coordinates)")
+    if len(with_atoms) > 1:
+        names = ", ".join(f"data_{b.name}" for b in with_atoms)
+        raise InputError(path, "data blocks", f"{len(with_atoms)} blocks hold atoms ({names}); give a file with one")
+    return with_atoms[0]
+
+
+def _first_value(block, tags) -> tuple[str, str] | None:
+    for tag in tags:
+        v = block.find_value(tag)
+        if v is not None and gemmi.cif.as_string(v).strip() not in ("", "?", "."):
+            return tag, gemmi.cif.as_string(v).strip()
+    return None
+
+
+def _symmetry(block, where: str) -> tuple[list[str], str]:
+    """Operator triplets (identity first) and a space-group name, from the operator loop, else the
+    Hall symbol, the H-M symbol or the IT number (in that order); an operator list must be a group."""
+    hm = _first_value(block, _HM_TAGS)
+    name = hm[1] if hm else ""
+    for tag in _SYMOP_TAGS:
+        col = block.find_values(tag)
+        if len(col):
+            ops = [gemmi.cif.as_string(v) for v in col]
+            parsed = []
+            for i, op in enumerate(ops):
+                try:
+                    parsed.append(gemmi.Op(op))
+                except (RuntimeError, ValueError):
+                    raise InputError(where, f"symmetry operator {i + 1}", f"cannot parse '{op}'") from None
+            _check_group(parsed, where, tag)
+            identity = gemmi.Op("x,y,z")
+            parsed.sort(key=lambda o: o.wrap() != identity)  # identity first, the file's order otherwise
+            return [o.triplet() for o in parsed], name
+    hall = _first_value(block, _HALL_TAGS)
+    if hall is not None:
+        try:
+            group = gemmi.symops_from_hall(hall[1])
+        except (RuntimeError, ValueError):
+            raise InputError(where, hall[0], f"unknown Hall symbol '{hall[1]}'") from None
+        sg = gemmi.find_spacegroup_by_ops(group)
+        return [op.triplet() for op in group], name or (sg.xhm() if sg else hall[1])
+    if hm is not None:
+        sg = gemmi.find_spacegroup_by_name(hm[1])
+        if sg is None:
+            raise InputError(where, hm[0], f"unknown space group '{hm[1]}'")
+        return [op.triplet() for op in sg.operations()], name
+    number = _first_value(block, _NUMBER_TAGS)
+    if number is not None:
+        try:
+            sg = gemmi.find_spacegroup_by_number(int(float(number[1])))
+        except (RuntimeError, ValueError):
+            sg = None
+        if sg is None:
+            raise InputError(where, number[0], f"'{number[1]}' is not a space-group number (1-230)")
+        return [op.triplet() for op in sg.operations()], sg.xhm()
+    raise InputError(where, "symmetry", "none given (an operator loop, a Hall or H-M symbol, or an IT number; "
+                                        "write _space_group_name_H-M_alt 'P 1' for no symmetry)")
+
+
+def _check_group(ops: list, where: str, tag: str) -> None:
+    """The operators (translations modulo lattice vectors) must be closed under composition."""
+    seen = {o.wrap().triplet() for o in ops}
+    if gemmi.Op("x,y,z").triplet() not in seen:
+        raise InputError(where, tag, "the operators do not include the identity x,y,z")
+    for a in ops:
+        for b in ops:
+            c = (a * b).wrap().triplet()
+            if c not in seen:
+                raise InputError(where, tag, f"the operators are not a group: {a.triplet()} then {b.triplet()} "
+                                             f"gives {c}, which is not listed")
 
 
 def read_structure(path: str | Path) -> StructureRecord:
-    """Read the first data block of a structure CIF; raise :class:`InputError` on bad content."""
+    """Read the data block of a structure CIF that holds atoms; raise :class:`InputError` on bad content."""
     path = str(path)
     if not Path(path).is_file():
         raise InputError(path, "file", "does not exist")
@@ -45,87 +132,69 @@ def read_structure(path: str | Path) -> StructureRecord:
         doc = gemmi.cif.read(path)
     except (RuntimeError, ValueError) as exc:
         raise InputError(path, "file", f"not a readable CIF ({str(exc).splitlines()[0]})") from None
-    block = next((b for b in doc if b.find_value("_cell_length_a") is not None), None)
-    if block is None:
-        raise InputError(path, "_cell_length_a", "missing (no data block with a cell)")
+    block = _data_block(doc, path)
+    where = path if len(doc) == 1 else f"{path} (data_{block.name})"
 
     def number(tag: str) -> float:
         v = block.find_value(tag)
         if v is None:
-            raise InputError(path, tag, "missing")
+            raise InputError(where, tag, "missing")
         try:
             return gemmi.cif.as_number(v, default=float("nan"))
         except Exception:  # pragma: no cover - gemmi raises on odd input
-            raise InputError(path, tag, f"value '{v}' is not a number") from None
+            raise InputError(where, tag, f"value '{v}' is not a number") from None
 
     cell = tuple(number(t) for t in ("_cell_length_a", "_cell_length_b", "_cell_length_c",
                                      "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma"))
     if not all(np.isfinite(cell)) or min(cell[:3]) <= 0:
-        raise InputError(path, "_cell_*", f"impossible or non-numeric cell {cell}")
-
-    ops: list[str] = []
-    for tag in _SYMOP_TAGS:
-        col = block.find_values(tag)
-        if len(col):
-            ops = [gemmi.cif.as_string(v) for v in col]
-            break
-    hm = ""
-    for tag in _HM_TAGS:
-        v = block.find_value(tag)
-        if v is not None:
-            hm = gemmi.cif.as_string(v).strip()
-            break
-    if ops:
-        for i, op in enumerate(ops):
-            try:
-                gemmi.Op(op)
-            except (RuntimeError, ValueError):
-                raise InputError(path, f"symmetry operator {i + 1}", f"cannot parse '{op}'") from None
-    elif hm:
-        sg = gemmi.find_spacegroup_by_name(hm)
-        if sg is None:
-            raise InputError(path, "_symmetry_space_group_name_H-M", f"unknown space group '{hm}'")
-        ops = [op.triplet() for op in sg.operations()]
-    else:
-        ops = ["x,y,z"]
+        raise InputError(where, "_cell_*", f"impossible or non-numeric cell {cell}")
+    ops, hm = _symmetry(block, where)
 
     labels = block.find_values("_atom_site_label")
     if not len(labels):
-        raise InputError(path, "_atom_site loop", "missing")
+        raise InputError(where, "_atom_site loop", "missing (no _atom_site_label)")
     table = block.find(["_atom_site_label", "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z"])
     types = block.find_values("_atom_site_type_symbol")
     occs = block.find_values("_atom_site_occupancy")
     uisos = block.find_values("_atom_site_U_iso_or_equiv")
     bisos = block.find_values("_atom_site_B_iso_or_equiv")
-    aniso = block.find(["_atom_site_aniso_label", "_atom_site_aniso_U_11", "_atom_site_aniso_U_22",
-                        "_atom_site_aniso_U_33", "_atom_site_aniso_U_12", "_atom_site_aniso_U_13",
-                        "_atom_site_aniso_U_23"])
+    names = [gemmi.cif.as_string(row[0]) for row in table]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(where, f"atom '{repeated[0]}'", "label used by more than one _atom_site row")
     aniso_by_label = {}
-    for row in aniso:
-        vals = []
-        for j in range(1, 7):
-            v = gemmi.cif.as_number(row[j], default=float("nan"))
-            if not np.isfinite(v):
-                raise InputError(path, f"_atom_site_aniso row '{row[0]}'", f"value '{row[j]}' is not a number")
-            vals.append(v)
-        aniso_by_label[gemmi.cif.as_string(row[0])] = tuple(vals)
+    for tags, factor in ((_ANISO_U, 1.0), (_ANISO_B, 1.0 / (8 * np.pi ** 2))):
+        aniso = block.find(["_atom_site_aniso_label", *tags])
+        for row in aniso:
+            label = gemmi.cif.as_string(row[0])
+            vals = []
+            for j in range(1, 7):
+                v = gemmi.cif.as_number(row[j], default=float("nan"))
+                if not np.isfinite(v):
+                    raise InputError(where, f"_atom_site_aniso row '{label}'", f"value '{row[j]}' is not a number")
+                vals.append(v * factor)
+            if label not in names:
+                raise InputError(where, f"_atom_site_aniso row '{label}'", "no _atom_site row has this label")
+            if label in aniso_by_label:
+                raise InputError(where, f"_atom_site_aniso row '{label}'", "label given more than once")
+            aniso_by_label[label] = tuple(vals)
 
     atoms = []
     for i, row in enumerate(table):
-        label = gemmi.cif.as_string(row[0])
+        label = names[i]
         xyz = []
         for j in (1, 2, 3):
             v = gemmi.cif.as_number(row[j], default=float("nan"))
             if not np.isfinite(v):
-                raise InputError(path, f"atom '{label}'", f"coordinate '{row[j]}' is not a number")
+                raise InputError(where, f"atom '{label}'", f"coordinate '{row[j]}' is not a number")
             xyz.append(v)
         raw_type = gemmi.cif.as_string(types[i]) if len(types) else label
         element = _element_symbol(raw_type)
         if element is None:
-            raise InputError(path, f"atom '{label}'", f"unknown element '{raw_type}'")
+            raise InputError(where, f"atom '{label}'", f"unknown element '{raw_type}'")
         occ = gemmi.cif.as_number(occs[i], default=1.0) if len(occs) else 1.0
-        if not np.isfinite(occ) or occ < 0:
-            raise InputError(path, f"atom '{label}'", f"occupancy '{occs[i]}' is not a non-negative number")
+        if not np.isfinite(occ) or not 0 <= occ <= 1 + 1e-6:
+            raise InputError(where, f"atom '{label}'", f"occupancy '{occs[i]}' is not a number between 0 and 1")
         u_iso = float("nan")
         if len(uisos):
             u_iso = gemmi.cif.as_number(uisos[i], default=float("nan"))
@@ -135,16 +204,31 @@ def read_structure(path: str | Path) -> StructureRecord:
         if u_aniso is not None and not np.isfinite(u_iso):
             u_iso = float(np.mean(u_aniso[:3]))  # approximate U_eq for display only
         if not np.isfinite(u_iso):
-            raise InputError(path, f"atom '{label}'", "no displacement parameter (U_iso or U_aniso)")
-        atoms.append(AtomRecord(label, element, tuple(xyz), float(occ), float(u_iso), u_aniso))
-    name = block.name
-    return StructureRecord(path=path, name=name, cell=cell, symops=tuple(ops), spacegroup=hm,
+            raise InputError(where, f"atom '{label}'", "no displacement parameter (U_iso or U_aniso)")
+        if u_aniso is None and u_iso < 0:
+            raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
+        atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso))
+    return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm,
                            atoms=tuple(atoms))
 
 
+def non_positive_definite(record: StructureRecord) -> list[str]:
+    """Labels of the atoms whose U_ij (CIF frame) are not positive definite: such an ellipsoid has no
+    physical meaning (its Debye-Waller factor grows with g in some direction)."""
+    bad = []
+    for a in record.atoms:
+        if a.u_aniso is not None:
+            u11, u22, u33, u12, u13, u23 = a.u_aniso
+            if np.linalg.eigvalsh(np.array([[u11, u12, u13], [u12, u22, u23], [u13, u23, u33]])).min() <= 0:
+                bad.append(a.label)
+    return bad
+
+
 def _element_symbol(raw: str) -> str | None:
-    """Element symbol from a CIF type symbol such as 'Si', 'O2-', 'SI4+', 'D'."""
-    letters = "".join(c for c in raw.strip() if c.isalpha())[:2]
+    """Element symbol from a CIF type symbol or label such as 'Si', 'O2-', 'SI4+', 'D', 'C1A', 'Ca1':
+    the leading letters only (a label's later letters are suffixes: C1A is carbon, not calcium)."""
+    match = re.match(r"[A-Za-z]+", raw.strip())
+    letters = match.group(0)[:2] if match else ""
     for cand in (letters, letters[:1]):
         if not cand:
             continue

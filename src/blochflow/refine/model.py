@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..crystal.structure import Crystal
+from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
@@ -34,6 +35,11 @@ class ForwardModel:
         self.settings = settings
         self.frame_mask = frame_mask
         self.plan = build_plan(dataset, settings.beams, frame_mask=frame_mask)
+        if len(self.plan.scored.row) == 0:
+            b = settings.beams
+            raise InputError(dataset.path, "reflection loop", f"no reflection is scored: none lies within RSg {b.rsg:g} "
+                             f"(and DSg {b.dsg:g} 1/A) of its Bragg condition in its frame; check the UB matrix, the "
+                             f"frame angles and the wedge half-angles, or raise --rsg")
         self.potential_plan = potential_plan(self.plan.potential_hkl, crystal, dataset.wavelength)
         rows = self.plan.scored.row
         self.io = torch.as_tensor(dataset.reflections.intensity[rows])

@@ -28,7 +28,8 @@ def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     beams = dict(s_max=0.01, s_bethe=0.04) if kind.endswith("-bethe") else {}
     kind = kind.removesuffix("-bethe")
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adp="aniso", absorption="proportional", refine_absorption=True,
-                              thickness=500.0, free_fraction=0.2, jacobian_precision="double", **beams)
+                              thickness=500.0, free_fraction=0.2, jacobian_precision="double", orientation_sigma=0.0,
+                              **beams)  # observation rows only: the prior rows are tested below
     problem = build_problem(displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 0.4  # away from zero, where all angles matter
@@ -86,7 +87,8 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
     from blochflow.refine.run import _lm_from_dict, _lm_to_dict, refined_index
 
     ds, _, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0,
+                              orientation_sigma=0.0)  # the line search alone, no prior rows
     problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
     theta = problem.theta0.clone()
     theta[problem.group_index("orientation")] = 8.0  # mrad: far enough that full steps overshoot
@@ -512,3 +514,29 @@ def test_wavelength_setting_replaces_a_wrong_header(small_dataset, truth):
     assert fixed.R_obs == pytest.approx(right.R_obs, rel=1e-12)
     with pytest.raises(ValueError, match="wavelength"):
         settings_from_mapping({"wavelength": 1.5}, "test")
+
+
+def test_orientation_prior_holds_the_corrections_to_its_width(small_dataset, truth):
+    """orientation_sigma adds one row o / sigma per correction angle (mrad): the Jacobian carries it,
+    and a narrow prior keeps the refined corrections near zero where without it they move."""
+    ds, _, _ = small_dataset
+    base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=4,
+                thickness=500.0)
+    start = displaced(truth, 0.01, 0.01)
+    narrow = RefineSettings(**base, orientation_sigma=0.001)
+    problem = build_problem(start, ds, narrow)
+    theta = problem.theta0.clone()
+    o = problem.group_index("orientation")
+    theta[o] = torch.linspace(-1, 1, len(o), dtype=theta.dtype)
+    rows = problem.prior_residuals(theta)
+    assert len(rows) == len(o) and torch.allclose(rows, theta[o] / 0.001)
+    _, residuals, jac = problem.jacobian(theta)
+    assert torch.allclose(residuals[-len(o):], theta[o] / 0.001)
+    assert torch.allclose(jac[-len(o):][:, o], torch.eye(len(o), dtype=jac.dtype) / 0.001)
+    free = RefineSettings(**base)
+    moved = {}
+    for name, settings in (("narrow", narrow), ("free", free)):
+        p = build_problem(start, ds, settings)
+        res = refine(p, settings, log=lambda s: None)
+        moved[name] = float(res.theta[p.group_index("orientation")].abs().max())
+    assert moved["narrow"] < 0.2 and moved["free"] > 2 * moved["narrow"], moved

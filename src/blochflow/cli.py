@@ -316,6 +316,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "wavelength": "wavelength", "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
     "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis", "s_bethe": "s_bethe",
     "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
+    "orientation_sigma": "orientation_sigma",
 }
 
 
@@ -494,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--hydrogens", choices=["riding", "free", "fixed"])
     r.add_argument("--refine-occupancy", action="store_true")
     r.add_argument("--no-orientation", action="store_true", help="do not refine per-frame orientation corrections")
+    r.add_argument("--orientation-sigma", type=float,
+                   help="width (mrad) of the prior on each orientation correction (default 2; 0: none)")
     r.add_argument("--free-fraction", type=float)
     r.add_argument("--absorption", choices=["none", "proportional", "tds"])
     r.add_argument("--wavelength", type=float, help="electron wavelength (A) in place of the data file's")

@@ -329,10 +329,14 @@ class FrameModel:
     all that intensities can determine.
     """
 
-    def __init__(self, ctx: FrameContext, thickness: ThicknessModel, refine_orientation: bool = False):
+    def __init__(self, ctx: FrameContext, thickness: ThicknessModel, refine_orientation: bool = False,
+                 orientation_sigma: float = 0.0):
         self.ctx = ctx
         self.thickness = thickness
         self.refine_orientation = refine_orientation
+        # > 0 (mrad): a Gaussian prior of this width on every correction angle (PETS's frame
+        # orientations are right to about this); 0: none
+        self.orientation_sigma = orientation_sigma
 
     def blocks(self) -> list[Block]:
         b = list(self.thickness.blocks())
@@ -360,7 +364,10 @@ class FrameModel:
                           orientation_correction=corr)
 
     def prior_residuals(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.thickness.prior_residuals(raw, self.ctx)
+        rows = self.thickness.prior_residuals(raw, self.ctx)
+        if self.orientation_sigma > 0 and "orientation" in raw:
+            rows = torch.cat([rows, raw["orientation"].reshape(-1) / self.orientation_sigma])
+        return rows
 
 
 def frame_model_from_record(record: dict, ctx: FrameContext, frame_ids) -> tuple[FrameModel, dict[str, torch.Tensor]]:

@@ -88,6 +88,11 @@ class RefineSettings:
     restraints: tuple = ()  # tables {type: distance|same_adp, atoms: [a, b], target (A), sigma}
     refine_thickness: bool = True
     refine_orientation: bool = True
+    # > 0 (mrad): Gaussian prior of this width on each frame's two orientation corrections (0: none).
+    # Unrestrained, the corrections over-fit: on the quartz example they lower R_obs 5.4 -> 4.0 % but
+    # raise R_free 8.7 -> 13.1 %; with 2 mrad (~0.1 deg, the accuracy of PETS frame orientations)
+    # R_obs 4.15 %, R_free 10.7 % (docs/refinement.md, "R_free and the frame parameters")
+    orientation_sigma: float = 2.0
     # structure
     refine_xyz: bool = True
     refine_adp: bool = True
@@ -206,6 +211,8 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         raise ValueError("thickness_bounds: must be two numbers 0 < low < high")
     if s.thickness_points < 1 or s.thickness_knots < 1 or s.thickness_basis < 1:
         raise ValueError("thickness_points, thickness_knots, thickness_basis: must be at least 1")
+    if s.orientation_sigma < 0:
+        raise ValueError("orientation_sigma: must be 0 (off) or positive")
     if s.thickness_smoothness < 0:
         raise ValueError("thickness_smoothness: must not be negative")
     return s
@@ -405,7 +412,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         thick = SlabThickness(t0)
     else:
         thick = PerFrameThickness(np.full(model.n_frames, t0))
-    frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation)
+    frames = FrameModel(ctx, thick, refine_orientation=settings.refine_orientation,
+                        orientation_sigma=settings.orientation_sigma)
     restraints = restraints_from_config(settings.restraints, structure.crystal_at(structure.theta0))
     problem = RefinementProblem(model, structure, frames, refine_absorption=settings.refine_absorption,
                                 free_fraction=settings.free_fraction, free_seed=settings.free_seed,

@@ -230,3 +230,19 @@ def test_no_scored_reflection_is_a_one_line_error(tmp_path, quartz_paths):
     for cmd in (["simulate"], ["refine", "--lm-iterations", "1", "--adam-steps", "1"]):
         r = _cli(cmd[0], quartz_paths[0], p, "--out", tmp_path / cmd[0], *cmd[1:])
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no reflection is scored" in r.stderr, r.stderr
+
+
+def test_non_positive_definite_u_is_simulated_as_given_and_refined_from_isotropic(tmp_path, quartz_paths, capsys):
+    from blochflow.cli import _load
+    from blochflow.crystal import cell as cellmod
+    npd = _structure(tmp_path, quartz_paths, "O1 0.013019 0.019950 0.016200 0.004034 -0.002570 0.009504",
+                     "O1 0.013019 0.019950 0.016200 0.004034 -0.002570 0.030000")
+    given, _ = _load(str(npd), str(quartz_paths[1]))
+    assert "simulated as given" in capsys.readouterr().out
+    u = cellmod.u_frac_to_cif(given.asu.u_frac[1].numpy(), given.cell)
+    assert u[3:] == pytest.approx([0.030000, -0.002570, 0.004034], abs=1e-9)  # U12 U13 U23 untouched
+    start, _ = _load(str(npd), str(quartz_paths[1]), refining=True)
+    assert "isotropic U of their U_eq" in capsys.readouterr().out
+    u = cellmod.u_frac_to_cif(start.asu.u_frac[1].numpy(), start.cell)
+    iso = cellmod.u_frac_to_cif(cellmod.u_iso_to_frac(u[0], start.cell), start.cell)
+    assert u == pytest.approx(iso) and u[0] > 0

@@ -100,24 +100,24 @@ def _load(structure: str, data: str, *, refining: bool = False):
     ds = read_pets(data)
     for i, name in enumerate(("a", "b", "c", "alpha", "beta", "gamma")):
         c, p = rec.cell[i], ds.cell[i]
-        item = f"_cell_{'length' if i < 3 else 'angle'}_{name}"
-        off, (limit, note) = (abs(c - p) / abs(p), (0.05, 0.01)) if i < 3 else (abs(c - p), (3.0, 0.5))
-        unit = "%" if i < 3 else "deg"
-        scale = 100 if i < 3 else 1
+        length = i < 3
+        item = f"_cell_{'length' if length else 'angle'}_{name}"
+        off = 100 * abs(c - p) / abs(p) if length else abs(c - p)  # % or deg
+        limit, note, unit = (5.0, 1.0, "%") if length else (3.0, 0.5, "deg")
         if off > limit:
-            raise InputError(structure, item, f"{c} differs from {p} in {data} by more than {scale * limit:g} {unit}")
+            raise InputError(structure, item, f"{c} differs from {p} in {data} by more than {limit:g} {unit}")
         if off > note:
-            print(f"warning: {structure}: {item} {c} differs from {p} in {data} by {scale * off:.2g} {unit}; "
+            print(f"warning: {structure}: {item} {c} differs from {p} in {data} by {off:.2g} {unit}; "
                   f"the data file's UB matrix sets the geometry, the structure's cell the scattering factors")
-    bad = non_positive_definite(rec)
-    if bad and not refining:
-        print(f"warning: {structure}: U_ij of {', '.join(bad)} are not positive definite (their Debye-Waller "
-              f"factors grow along one direction); simulated as given")
     try:
         crystal = crystal_from_record(rec)
     except ValueError as exc:
         raise InputError(structure, "atoms", str(exc)) from None
-    if bad:
+    bad = non_positive_definite(rec)
+    if bad and not refining:
+        print(f"warning: {structure}: U_ij of {', '.join(bad)} are not positive definite (their Debye-Waller "
+              f"factors grow along one direction); simulated as given")
+    elif bad:
         from .crystal import cell as cellmod
         asu = crystal.asu
         for label in bad:
@@ -204,7 +204,7 @@ def cmd_simulate(args) -> int:
     import torch
 
     from .io.writers import atomic_write_text, format_pets, write_csv, write_json
-    from .simulate import fit_samples_to_fringes, synthesize
+    from .simulate import synthesize
     from .refine.model import ForwardModel
 
     if args.example:
@@ -250,16 +250,17 @@ def cmd_simulate(args) -> int:
         best, scan = model.best_thickness()
         # the scan's samples may be too few for the thickness it finds (which then comes out too thin):
         # size them for 1.5 x that thickness and scan again
-        if fit_samples_to_fringes(model, 1.5 * best, args.samples_per_fringe):
+        if model.fit_samples_to_fringes(1.5 * best, args.samples_per_fringe):
             best, scan = model.best_thickness()
         spec = _thickness_spec(argparse.Namespace(**{**vars(args), "thickness": best}), ds)
     else:
         scan = None
         spec = _thickness_spec(args, ds)
-    fit_samples_to_fringes(model, spec.frame_state(ds).thickness.detach().amax(-1).numpy(), args.samples_per_fringe)
+    state = spec.frame_state(ds)
+    model.fit_samples_to_fringes(state.thickness.detach().amax(-1).numpy(), args.samples_per_fringe)
     counts = model.samples_per_frame()
     with torch.no_grad():
-        ic = model.intensities(spec.frame_state(ds))
+        ic = model.intensities(state)
     fig = model.figures(ic)
     from .refine.objective import frame_scales, klar_weights
     k = frame_scales(model.io, ic, klar_weights(model.io, model.sigma, settings.instability), model.frame, model.n_frames)

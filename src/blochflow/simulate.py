@@ -15,7 +15,6 @@ from .crystal.structure import Crystal
 from .io.errors import InputError
 from .io.pets import PetsDataset, ReflectionTable
 from .physics.diffraction import FrameState, frame_state_from_dataset
-from .physics.geometry import fringe_sample_counts
 from .refine.model import ForwardModel, ModelSettings
 
 Noise = Literal["none", "poisson", "gaussian"]
@@ -105,23 +104,6 @@ class FrameModelSpec:
         return self.state
 
 
-def fit_samples_to_fringes(model: ForwardModel, thickness: np.ndarray, samples_per_fringe: float) -> bool:
-    """Give each frame at least ``samples_per_fringe`` tilt samples per Pendelloesung fringe of its
-    fastest scored reflection at ``thickness`` (A, one value or one per frame: the largest it sees),
-    and at least the settings' n_samples: below one per fringe the rocking integral is wrong by
-    percents to tens of percents (docs/physics.md). Returns whether the plan changed."""
-    if samples_per_fringe <= 0:
-        return False
-    sc = model.plan.scored
-    counts = fringe_sample_counts(sc.excitation_range, sc.frame, model.n_frames,
-                                  np.asarray(thickness, float) * samples_per_fringe, model.plan.geometry,
-                                  model.settings.beams.n_samples)
-    if np.array_equal(counts, model.samples_per_frame()):
-        return False
-    model.resample(counts)
-    return True
-
-
 def synthesize(crystal: Crystal, dataset: PetsDataset, thickness: ThicknessSpec | FrameModelSpec,
                settings: ModelSettings,
                noise: Noise = "poisson", max_counts: float = 1e5, seed: int = 0, samples_per_fringe: float = 0.0):
@@ -131,11 +113,11 @@ def synthesize(crystal: Crystal, dataset: PetsDataset, thickness: ThicknessSpec 
     intensities are scaled so that the strongest one has ``max_counts``. Only scored rows are
     written because the scored reflections are part of each sample's beam set: simulating the file
     again with the same settings reproduces the same beams and intensities exactly.
-    ``samples_per_fringe`` > 0 sizes each frame's samples for its thickness (see :func:`fit_samples_to_fringes`).
+    ``samples_per_fringe`` > 0 sizes each frame's samples for its thickness (see :meth:`ForwardModel.fit_samples_to_fringes`).
     """
     model = ForwardModel(crystal, dataset, settings)
     state = thickness.frame_state(dataset)
-    fit_samples_to_fringes(model, state.thickness.detach().amax(-1).numpy(), samples_per_fringe)
+    model.fit_samples_to_fringes(state.thickness.detach().amax(-1).numpy(), samples_per_fringe)
     with torch.no_grad():
         ic = model.intensities(state).numpy()
     rows = model.plan.scored.row

@@ -12,6 +12,7 @@ from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
+from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
 from .objective import Figures, figures_of_merit, frame_scales, klar_weights
 
@@ -54,6 +55,22 @@ class ForwardModel:
         self.plan = build_plan(self.dataset, self.settings.beams, frame_mask=self.frame_mask,
                                samples_per_frame=np.asarray(samples_per_frame, int), scored_rows=self.plan.scored.row)
         self.potential_plan = potential_plan(self.plan.potential_hkl, self.crystal, self.dataset.wavelength)
+
+    def fit_samples_to_fringes(self, thickness, samples_per_fringe: float) -> bool:
+        """Give each frame at least ``samples_per_fringe`` tilt samples per Pendelloesung fringe of its
+        fastest scored reflection at ``thickness`` (A, one value or one per frame: the largest it
+        sees), and at least the settings' n_samples: below one per fringe the rocking integral is
+        wrong by percents to tens of percents (docs/physics.md). Returns whether the plan changed."""
+        if samples_per_fringe <= 0:
+            return False
+        sc = self.plan.scored
+        counts = fringe_sample_counts(sc.excitation_range, sc.frame, self.n_frames,
+                                      np.asarray(thickness, float) * samples_per_fringe, self.plan.geometry,
+                                      self.settings.beams.n_samples)
+        if np.array_equal(counts, self.samples_per_frame()):
+            return False
+        self.resample(counts)
+        return True
 
     def samples_per_frame(self) -> np.ndarray:
         return np.bincount(self.plan.samples.frame, minlength=self.n_frames)

@@ -393,10 +393,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     t0 = None if warm is not None else initial_thickness(model, settings, ~free)
     if settings.samples_per_fringe > 0:
         design = (warm.mean if warm is not None else np.full(model.n_frames, t0)) * FRINGE_MARGIN
-        scored = model.plan.scored
-        model.resample(fringe_sample_counts(scored.excitation_range, scored.frame, model.n_frames,
-                                            design * settings.samples_per_fringe, model.plan.geometry,
-                                            settings.n_samples))
+        model.fit_samples_to_fringes(design, settings.samples_per_fringe)
         counts = model.samples_per_frame()
         log(f"samples per frame {counts.min()}-{counts.max()} (mean {counts.mean():.0f}) for "
             f"{settings.samples_per_fringe:g} per fringe at {FRINGE_MARGIN:g} x the start thickness")

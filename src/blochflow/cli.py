@@ -16,6 +16,7 @@ import torch
 
 from .data import example_path
 from .io.errors import InputError
+from .physics.device import set_default_device
 
 EXAMPLES = {"quartz": ("quartz_reference.cif", "quartz.cif_pets")}
 # refine --example starts where a user starts: from the kinematical model, with a short schedule.
@@ -266,7 +267,7 @@ def cmd_simulate(args) -> int:
     k = frame_scales(model.io, ic, klar_weights(model.io, model.sigma, settings.instability), model.frame, model.n_frames)
     summary = {**fig.as_dict(), "n_beams_mean": model.n_beams_mean(),
                "samples_per_frame": {"min": int(counts.min()), "max": int(counts.max()), "mean": float(counts.mean())},
-               "elapsed_s": time.perf_counter() - t_start,
+               "elapsed_s": time.perf_counter() - t_start, "device": str(model.device),
                "thickness": float(spec.mean.mean()) if spec.is_constant else spec.mean.tolist(),
                "structure": structure, "data": data,
                "settings": {**dataclasses.asdict(settings), "g_max_used": model.plan.g_max}}
@@ -445,6 +446,8 @@ def cmd_refine(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blochflow", description="Bloch-wave refinement of 3D-ED data")
     p.add_argument("--threads", type=int, help="CPU threads for the Bloch solves (default: torch's, the cores)")
+    p.add_argument("--device", default="cpu", help="where the Bloch solves run: cpu (default), cuda, cuda:N, or auto "
+                                                   "(cuda when torch sees one); results and files are the same")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="dynamical intensities of a structure on a dataset's geometry")
     s.add_argument("structure", nargs="?", help="structure CIF")
@@ -517,6 +520,10 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise InputError("--threads", str(args.threads), "must be at least 1")
             torch.set_num_threads(args.threads)
+        try:
+            set_default_device(args.device)
+        except ValueError as exc:
+            raise InputError("--device", args.device, str(exc)) from None
         if args.command == "simulate" and getattr(args, "thickness", "auto") != "auto":
             try:
                 args.thickness = float(args.thickness)

@@ -8,8 +8,10 @@ accurate when eigenvalues coincide (zone axes), instead of differentiating eigen
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -73,13 +75,13 @@ def _close_factors(lam: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, orde
     """
     nodes, denom, gl_x, gl_w = _interpolation_tables(order)
     rtype = lam.real.dtype
-    b = torch.tensor(nodes, dtype=rtype)
+    b = torch.tensor(nodes, dtype=rtype, device=lam.device)
     g = c / (1j * scale[..., None]).to(c.dtype)  # (B,Q)
-    x = -g[..., None] * torch.tensor(gl_x, dtype=rtype)  # (B,Q,P), points in [-1, 1]
+    x = -g[..., None] * torch.tensor(gl_x, dtype=rtype, device=lam.device)  # (B,Q,P), points in [-1, 1]
     diff = x[..., None] - b  # (B,Q,P,R)
     basis = torch.stack([diff[..., [k for k in range(order) if k != r]].prod(-1) / denom[r]
                          for r in range(order)], -1)  # L_r(x) (B,Q,P,R)
-    alpha = torch.sum(basis * torch.tensor(gl_w, dtype=rtype)[:, None], dim=-2)  # (B,Q,R)
+    alpha = torch.sum(basis * torch.tensor(gl_w, dtype=rtype, device=lam.device)[:, None], dim=-2)  # (B,Q,R)
     weights = c[..., None] * alpha
     y = (lam - 1j * lam.imag.mean(-1, keepdim=True)) * scale[..., None].to(lam.dtype)  # (B,N)
     phase = (1j * y[..., :, None]) * b.to(lam.dtype)  # (B,N,R)
@@ -97,6 +99,58 @@ def divided_differences(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     e = torch.exp(c * lam)  # (B,N)
     g_close = ((e[..., :, None] * left) * weights[..., 0, None, :]) @ right.mT
     return torch.where(close, g_close, (e[..., :, None] - e[..., None, :]) * inv_d)
+
+
+# Eigensolver for batches of Hermitian matrices on CUDA: torch's default solves a batch of matrices
+# larger than 32 one at a time (cuSOLVER syevd in a loop); MAGMA's batched solver does not.
+# BLOCHFLOW_CUDA_EIGH = magma | torch | cupy | jax (cupy.linalg.eigh or jax.numpy.linalg.eigh, when
+# installed: cuSOLVER's batched solvers, shared through DLPack without copies).
+CUDA_EIGH_BACKENDS = ("magma", "torch", "cupy", "jax")
+
+
+def cuda_eigh_backend() -> str:
+    name = os.environ.get("BLOCHFLOW_CUDA_EIGH", "magma").strip().lower()
+    if name not in CUDA_EIGH_BACKENDS:
+        raise ValueError(f"BLOCHFLOW_CUDA_EIGH={name!r}: choose one of {', '.join(CUDA_EIGH_BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def _linalg_library(name: str):
+    previous = torch.backends.cuda.preferred_linalg_library()
+    torch.backends.cuda.preferred_linalg_library(name)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_linalg_library(previous)
+
+
+def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of Hermitian matrices (..., N, N), as
+    ``torch.linalg.eigh``; on CUDA, batches of matrices above 32 go to the backend of
+    :func:`cuda_eigh_backend` (plain torch inside torch.func transforms)."""
+    if not a_mat.is_cuda or a_mat.shape[-1] <= 32 or a_mat.dim() < 3 or a_mat.shape[0] < 2:
+        return torch.linalg.eigh(a_mat)
+    backend = cuda_eigh_backend()
+    if backend == "magma":
+        with _linalg_library("magma"):
+            return torch.linalg.eigh(a_mat)
+    plain = torch._C._functorch.peek_interpreter_stack() is None and not (torch.is_grad_enabled() and a_mat.requires_grad)
+    if backend == "cupy" and plain:
+        import cupy
+
+        lam, vec = cupy.linalg.eigh(cupy.from_dlpack(a_mat.detach().contiguous()))
+        return torch.from_dlpack(lam), torch.from_dlpack(vec)
+    if backend == "jax" and plain:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to torch
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        torch.cuda.current_stream().synchronize()
+        lam, vec = jax.numpy.linalg.eigh(jax.dlpack.from_dlpack(a_mat.detach().contiguous()))
+        vec.block_until_ready()
+        return torch.from_dlpack(lam), torch.from_dlpack(vec)
+    return torch.linalg.eigh(a_mat)
 
 
 def _cat_broadcast(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -127,7 +181,7 @@ class _Propagate(torch.autograd.Function):
     def forward(a_mat, thickness, inv_kn, hermitian):
         # a_mat (B,N,N) complex; thickness (B,Q) real (A); inv_kn (B,) real (A)
         if hermitian:
-            lam, vec = torch.linalg.eigh(a_mat)
+            lam, vec = hermitian_eigh(a_mat)
             lam = lam.to(a_mat.dtype)
             vinv = vec.mH
         else:
@@ -200,7 +254,7 @@ def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, bea
         dc = extra if dc is None else dc + extra
     lw = (lam * w)[..., :, None]  # (B,N,1)
     if expo.shape[-2] == 0 or (da is None and dc is None):
-        return torch.zeros(expo.shape[:-1] + out_vec.shape[-2:-1], dtype=expo.dtype)
+        return torch.zeros(expo.shape[:-1] + out_vec.shape[-2:-1], dtype=expo.dtype, device=expo.device)
     if da is None:  # d psi_q = dc_q V (lam * expo_q * w): one vector per thickness, shared by every tangent
         return dc[..., None] * ((expo * lw.mT) @ out_vec.mT)
     if expo.shape[-2] == 1:
@@ -264,7 +318,7 @@ def propagate_perturbative(a_mat: torch.Tensor, a_abs: torch.Tensor, thickness: 
     """
     if thickness.dim() == 1:
         thickness = thickness[:, None]
-    lam, vec = torch.linalg.eigh(a_mat)
+    lam, vec = hermitian_eigh(a_mat)
     mu = torch.einsum("bij,bik,bkj->bj", vec.conj(), a_abs, vec)
     lam_c = lam.to(a_mat.dtype) + 1j * mu
     c = (1j * math.pi) * thickness.to(a_mat.dtype) * inv_kn[:, None].to(a_mat.dtype)

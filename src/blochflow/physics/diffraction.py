@@ -7,6 +7,7 @@ on every call and carry gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
-from .bloch import _coefficients, _Propagate, divided_differences, propagate, propagate_perturbative, propagate_tangents
+from .bloch import (_coefficients, _Propagate, divided_differences, hermitian_eigh, propagate, propagate_perturbative,
+                    propagate_tangents)
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .workers import parallel_map, pipeline, solver_workers, split_evenly, transforms_active
@@ -100,10 +102,27 @@ class DiffractionPlan:
     lut_shape: tuple
     n_beams: np.ndarray = field(default=None)  # (S,) real beams per sample
     n_weak: np.ndarray = field(default=None)  # (S,) beams folded in by Bethe perturbation per sample
+    device: torch.device = field(default=torch.device("cpu"))  # where the solves run
 
     @property
     def n_frames(self) -> int:
         return int(self.samples.frame.max()) + 1
+
+    def to(self, device) -> "DiffractionPlan":
+        """This plan with its index tables on ``device`` (e.g. "cuda"): the Bloch solves then run
+        there, while callers keep their tensors where they are (inputs are moved in and the
+        intensities moved back)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(x):
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        chunks = [BeamChunk(**{f.name: move(getattr(ch, f.name)) for f in dataclasses.fields(ch)})
+                  for ch in self.chunks]
+        return dataclasses.replace(self, chunks=chunks, ub=self.ub.to(device), lut=self.lut.to(device),
+                                   lut_offset=self.lut_offset.to(device), device=device)
 
 
 def _candidate_beams(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
@@ -419,9 +438,10 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
         if weak_hkl is not None:
             weak_hkl, weak_mask = weak_hkl[sample_slice], weak_mask[sample_slice]
             weak_index = None if weak_index is None else weak_index[sample_slice]
-    inc = torch.as_tensor(samples.incident, dtype=rtype)[s_idx]
-    offs = torch.as_tensor(samples.alpha_offset, dtype=rtype)[s_idx]
-    weight = torch.as_tensor(samples.weight, dtype=rtype)[s_idx]
+    dev = s_idx.device
+    inc = torch.as_tensor(samples.incident, dtype=rtype, device=dev)[s_idx]
+    offs = torch.as_tensor(samples.alpha_offset, dtype=rtype, device=dev)[s_idx]
+    weight = torch.as_tensor(samples.weight, dtype=rtype, device=dev)[s_idx]
     orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
                                  plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
     if state.orientation_correction is not None:
@@ -435,9 +455,9 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     else:
         d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
         idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
-        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool)
+        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=dev)
         idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
-    big = 1e4 * (1 + torch.arange(n, dtype=rtype) * 1e-3)
+    big = 1e4 * (1 + torch.arange(n, dtype=rtype, device=dev) * 1e-3)
     diag = torch.where(mask, 2 * k * sg, big)
     if state.surface_normal is None:
         normal = inc
@@ -597,7 +617,7 @@ class Decompositions:
     def take_frames(self, plan: DiffractionPlan, other: "Decompositions", frames: torch.Tensor) -> None:
         """Replace, in place, the samples of the ``frames`` (F,) bool mask by those of ``other``."""
         for ch, mine, theirs in zip(plan.chunks, self.chunks, other.chunks):
-            sel = frames[torch.as_tensor(ch.frame)]
+            sel = frames.to(ch.frame.device)[ch.frame]
             for x, y in zip(mine, theirs):
                 if x is not None:
                     x[sel] = y[sel]
@@ -622,7 +642,7 @@ class _ParallelFrames(torch.autograd.Function):
 
         done = parallel_map(run, pieces, workers, grad=True)
         ref = inputs[0]
-        out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype)
+        out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype, device=ref.device)
         for _, vals, rows in done:
             out = out.index_add(0, rows, vals.detach())
         ctx.done, ctx.workers = done, workers
@@ -660,13 +680,15 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     gradient, no or exact absorption) for :func:`simulate_frames_jvp` at the same inputs.
     """
     rtype = potential.real.dtype
+    home = potential.device
+    potential, potential_abs, state = _to_device(plan.device, potential, potential_abs, state)
     inputs = (potential, potential_abs, *state.tensors())
-    workers = 1 if transforms_active() else solver_workers()
+    workers = _workers(plan)
     recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     if workers > 1 and recording:
         out = _ParallelFrames.apply(plan, absorption_method, workers, *inputs)
     else:
-        out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype)
+        out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype, device=plan.device)
         pieces = _work_items(plan, workers)
         keeping = keep is not None and not recording and (potential_abs is None or absorption_method == "exact")
         kept = [[keep.dtype] if keeping else None for _ in pieces]
@@ -676,8 +698,27 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         if keeping:
             keep.take(plan, pieces, kept)
     if per_thickness:
-        return out
-    return torch.sum(out * state.thickness_weight[torch.as_tensor(plan.scored.frame)], -1)
+        return out.to(home)
+    return torch.sum(out * state.thickness_weight[_scored_frames(plan)], -1).to(home)
+
+
+def _to_device(device: torch.device, potential, potential_abs, state: FrameState):
+    """The inputs of a simulation on the plan's device (differentiable moves; no copy when there)."""
+    def move(x):
+        return None if x is None else x.to(device)
+
+    return move(potential), move(potential_abs), FrameState(*[move(x) for x in state.tensors()])
+
+
+def _workers(plan: DiffractionPlan) -> int:
+    """Solver threads: several on a CPU; one on an accelerator, where one batched call per chunk
+    already fills the device."""
+    return 1 if transforms_active() or plan.device.type != "cpu" else solver_workers()
+
+
+def _scored_frames(plan: DiffractionPlan) -> torch.Tensor:
+    """(R,) frame index of each scored reflection, on the plan's device."""
+    return torch.as_tensor(plan.scored.frame, device=plan.device)
 
 
 # Potential tangents at or above this count go through _potential_contraction (one pass over N^3
@@ -700,7 +741,7 @@ def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.T
     local = torch.empty_like(flat).scatter_(1, order, rank)
     m_loc = int(rank.max()) + 1
     uniq = srt[:, -1:].expand(b, m_loc).clone().scatter_(1, rank, srt)
-    g_table = torch.zeros((b, n, m_loc), dtype=left.dtype)
+    g_table = torch.zeros((b, n, m_loc), dtype=left.dtype, device=left.device)
     right_t = right.mT
     step = max(1, int(max_elements // (b * n * n)))
     for i0 in range(0, n, step):
@@ -727,7 +768,7 @@ def _fused_decomposition(tm: _ChunkTerms, pot, diag, m, diag_w, hermitian: bool,
     a0 = _unscaled_matrix(tm, pot, diag, corr)
     a_mat = a0 * (mc[:, :, None] * mc[:, None, :])
     if hermitian:
-        lam, vec = torch.linalg.eigh(a_mat)
+        lam, vec = hermitian_eigh(a_mat)
         return a0, corr, x, mc, lam.to(ctype), vec, vec.mH
     lam, vec = torch.linalg.eig(a_mat)
     return a0, corr, x, mc, lam, vec, torch.linalg.inv(vec)
@@ -739,8 +780,8 @@ def _scored_beams(tm: _ChunkTerms):
     b = tm.diag.shape[0]
     counts = torch.bincount(tm.out_sample, minlength=b)
     start = torch.cumsum(counts, 0) - counts
-    place = torch.arange(len(tm.out_sample)) - start[tm.out_sample]
-    beams = torch.zeros((b, max(1, int(counts.max()) if b else 1)), dtype=torch.long)
+    place = torch.arange(len(tm.out_sample), device=counts.device) - start[tm.out_sample]
+    beams = torch.zeros((b, max(1, int(counts.max()) if b else 1)), dtype=torch.long, device=counts.device)
     beams[tm.out_sample, place] = tm.out_beam
     return beams, place
 
@@ -820,7 +861,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
         hm = mc[:, :, None] * h  # M H
         vinv_m = vinv * mc[:, None, :]  # V^-1 M
         (b, n), n_t = diag.shape, dpot.shape[0]
-        core = torch.zeros((n_t, b, n), dtype=ctype)
+        core = torch.zeros((n_t, b, n), dtype=ctype, device=diag.device)
         live = torch.nonzero((dpot != 0).any(-1))[:, 0]  # tangents that move the potential
         if len(live) and not bethe and len(live) >= CONTRACTION_MIN_TANGENTS:
             g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
@@ -875,6 +916,10 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     from torch.func import jvp, vmap
 
     n_t = len(tangents)
+    home = potential.device
+    potential, potential_abs, state = _to_device(plan.device, potential, potential_abs, state)
+    tangents = [(None if a is None else a.to(plan.device), None if b is None else b.to(plan.device),
+                 tuple(None if x is None else x.to(plan.device) for x in c)) for a, b, c in tangents]
     primals = (potential, potential_abs, tuple(None if x is None else x.contiguous() for x in state.tensors()))
 
     def stack(parts, primal):  # (T, ...) tangents of one input; zeros where a tangent is None
@@ -888,8 +933,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
 
     rtype = potential.real.dtype
     n_refl, q = len(plan.scored.row), state.thickness.shape[1]
-    out = torch.zeros((n_refl, q), dtype=rtype)
-    d_out = torch.zeros((n_refl, q, n_t), dtype=rtype)
+    out = torch.zeros((n_refl, q), dtype=rtype, device=plan.device)
+    d_out = torch.zeros((n_refl, q, n_t), dtype=rtype, device=plan.device)
     state_idx = [i for i, x in enumerate(primals[2]) if x is not None]
     has_abs = potential_abs is not None
     prim_args = (potential,) + ((potential_abs,) if has_abs else ()) + tuple(primals[2][i] for i in state_idx)
@@ -897,7 +942,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     # the fused rules: elastic or exact absorption, no Bethe beams with absorption
     fast = fused_rule and (not has_abs or (
         absorption_method == "exact" and all(ch.weak_hkl is None for ch in plan.chunks)))
-    workers = 1 if transforms_active() else solver_workers()
+    workers = _workers(plan)
     pieces = []
     for ch in plan.chunks:
         b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]
@@ -974,10 +1019,11 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     for vals, dvals, rows in done:
         out = out.index_add(0, rows, vals)
         d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))
-    w = state.thickness_weight[torch.as_tensor(plan.scored.frame)]  # (R,Q)
+    frame = _scored_frames(plan)
+    w = state.thickness_weight[frame]  # (R,Q)
     ic = torch.sum(out * w, -1)
     d_ic = torch.einsum("rqt,rq->rt", d_out, w)
     tw = t_state[4]
     if tw is not None:
-        d_ic = d_ic + torch.einsum("trq,rq->rt", tw[:, torch.as_tensor(plan.scored.frame)], out)
-    return ic, d_ic
+        d_ic = d_ic + torch.einsum("trq,rq->rt", tw[:, frame], out)
+    return ic.to(home), d_ic.to(home)

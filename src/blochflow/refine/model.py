@@ -12,6 +12,7 @@ from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
+from ..physics.device import default_device, resolve_device
 from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
 from .objective import Figures, figures_of_merit, frame_scales, klar_weights
@@ -24,6 +25,7 @@ class ModelSettings:
     kappa: float = 0.05  # proportional absorption U' = kappa U
     absorption_method: AbsorptionMethod = "exact"
     instability: float = 0.01  # u in w = 1/(sigma^2 + (u Io)^2)
+    device: str | None = None  # where the Bloch solves run (cpu, cuda, auto); None: the process default
 
 
 class ForwardModel:
@@ -35,7 +37,8 @@ class ForwardModel:
         self.dataset = dataset
         self.settings = settings
         self.frame_mask = frame_mask
-        self.plan = build_plan(dataset, settings.beams, frame_mask=frame_mask)
+        self.device = default_device() if settings.device is None else resolve_device(settings.device)
+        self.plan = build_plan(dataset, settings.beams, frame_mask=frame_mask).to(self.device)
         if len(self.plan.scored.row) == 0:
             b = settings.beams
             raise InputError(dataset.path, "reflection loop", f"no reflection is scored: none lies within RSg {b.rsg:g} "
@@ -53,7 +56,8 @@ class ForwardModel:
         hence the observations, stay the same (with segment coupling, which ones are coupled at all
         depends on the tilts, so they are passed on rather than chosen again)."""
         self.plan = build_plan(self.dataset, self.settings.beams, frame_mask=self.frame_mask,
-                               samples_per_frame=np.asarray(samples_per_frame, int), scored_rows=self.plan.scored.row)
+                               samples_per_frame=np.asarray(samples_per_frame, int),
+                               scored_rows=self.plan.scored.row).to(self.device)
         self.potential_plan = potential_plan(self.plan.potential_hkl, self.crystal, self.dataset.wavelength)
 
     def fit_samples_to_fringes(self, thickness, samples_per_fringe: float) -> bool:

@@ -148,6 +148,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "lm_history": result.lm.history,
         "phase_times_s": result.phase_times,
         "elapsed_s": result.elapsed_s,
+        "device": str(pr.model.device),
         "structure": structure_path, "data": data_path,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
         "atoms": atoms_su,

@@ -1,0 +1,45 @@
+"""Where the Bloch solves run: the CPU, or a CUDA device when one is asked for.
+
+Only the physics layer's heavy work (structure matrices, eigendecompositions, propagation) moves;
+parameters, objective and optimiser stay on the CPU, so results, checkpoints and files do not depend
+on the device. ``blochflow --device`` sets the process default that forward models take.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE_CHOICES = ("cpu", "cuda", "auto")
+_default: list[torch.device] = [torch.device("cpu")]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto``: the first CUDA device if torch sees one, else the CPU. A CUDA device that torch does
+    not see is an error (ValueError with the reason)."""
+    if isinstance(name, torch.device):
+        device = name
+    elif str(name).strip().lower() == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(str(name).strip().lower())
+        except RuntimeError:
+            raise ValueError(f"unknown device '{name}' (choose {', '.join(DEVICE_CHOICES)}, or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("CUDA is not available to this torch build or on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"no CUDA device {device.index} ({torch.cuda.device_count()} found)")
+    elif device.type != "cpu":
+        raise ValueError(f"device '{name}' is not supported (choose {', '.join(DEVICE_CHOICES)}, or cuda:N)")
+    return device
+
+
+def set_default_device(name: str | torch.device) -> torch.device:
+    """Make ``name`` the device of forward models built from now on; returns it."""
+    _default[0] = resolve_device(name)
+    return _default[0]
+
+
+def default_device() -> torch.device:
+    return _default[0]

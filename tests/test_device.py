@@ -1,0 +1,170 @@
+"""The Bloch solves on another device: nothing is created off the plan's device (checked on any
+machine), and on CUDA, where there is one, the same intensities, gradients, Jacobians and
+refinement steps as on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from blochflow.crystal.structure import displaced
+from blochflow.io.pets import select_frames
+from blochflow.physics.bloch import CUDA_EIGH_BACKENDS
+from blochflow.physics.device import resolve_device
+from blochflow.physics.workers import fixed_workers
+from blochflow.physics.diffraction import Decompositions, FrameState, simulate_frames, simulate_frames_jvp
+from blochflow.refine.run import RefineSettings, build_problem
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def _problem(small_dataset, truth, device=None, **extra):
+    ds, _, _ = small_dataset
+    keep = np.zeros(len(ds.frames), bool)
+    keep[[1, 4]] = True
+    method = extra.pop("absorption_method", None)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=3, adp="aniso", thickness=500.0, free_fraction=0.0,
+                              jacobian_precision="double", **extra)
+    problem = build_problem(displaced(truth, 0.03, 0.02), select_frames(ds, keep), settings)
+    if method is not None:
+        problem.model.settings = dataclasses.replace(problem.model.settings, absorption_method=method)
+    if device is not None:
+        problem.model.plan = problem.model.plan.to(device)
+    return problem
+
+
+def _inputs(problem, points: int = 1, seed: int = 0):
+    """(potential, potential_abs, state, tangents) at the start with orientation corrections set and
+    ``points`` thicknesses per frame; tangents random in every input."""
+    theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 0.3
+    raw = problem.split(theta)
+    with torch.no_grad():
+        u, u_abs = problem.potential(raw)
+        state = problem.state(raw)
+    if points > 1:
+        f = state.thickness.shape[0]
+        t = state.thickness[:, :1] * torch.linspace(0.8, 1.2, points, dtype=torch.float64)
+        state = FrameState(state.alpha, state.beta, state.omega, t, torch.full((f, points), 1.0 / points,
+                                                                                 dtype=torch.float64),
+                           state.surface_normal, state.orientation_correction)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(x):
+        if x is None:
+            return None
+        if x.is_complex():
+            return torch.complex(torch.randn(x.shape, generator=gen, dtype=torch.float64),
+                                 torch.randn(x.shape, generator=gen, dtype=torch.float64)) * 1e-3 * x.abs().mean()
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype) * 1e-3
+
+    tangents = [(rand(u), rand(u_abs), tuple(rand(x) for x in state.tensors())) for _ in range(3)]
+    return u, u_abs, state, tangents
+
+
+def _run_physics(problem, u, u_abs, state, tangents, **jvp_options):
+    """Every physics entry point: values with kept decompositions, values with gradient and their
+    backward pass, forward-mode tangents (fresh and from the kept decompositions)."""
+    plan = problem.model.plan
+    method = problem.model.settings.absorption_method
+    keep = Decompositions(torch.complex128)
+    with torch.no_grad():
+        ic = simulate_frames(plan, u, u_abs, state, absorption_method=method, keep=keep)
+    leaves = [x.clone().requires_grad_(True) for x in (u, state.thickness)]
+    ic_g = simulate_frames(plan, leaves[0], u_abs, FrameState(state.alpha, state.beta, state.omega, leaves[1],
+                                                                 *state.tensors()[4:]), absorption_method=method)
+    grads = torch.autograd.grad(torch.sum(ic_g ** 2), leaves)
+    jv = simulate_frames_jvp(plan, u, u_abs, state, tangents, absorption_method=method, **jvp_options)
+    jv_kept = simulate_frames_jvp(plan, u, u_abs, state, tangents, absorption_method=method, decompositions=keep,
+                                  **jvp_options) if keep.chunks else jv
+    return ic, ic_g.detach(), grads, jv, jv_kept
+
+
+CASES = {  # (a dict per call: _problem pops from it)
+    "elastic": {},
+    "absorption": dict(absorption="proportional", refine_absorption=True),
+    "perturbative": dict(absorption="proportional", absorption_method="perturbative"),
+    "bethe": dict(s_max=0.01, s_bethe=0.04),
+    "slab": dict(thickness_model="slab"),
+}
+
+
+@pytest.mark.parametrize("points", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_physics_creates_no_tensor_off_the_plan_device(small_dataset, truth, case, points):
+    """Run with the default device set to 'meta': a tensor the physics made without naming the
+    plan's device would land there and fail at its first use with the plan's tensors, so this
+    catches on a CPU what would break on a GPU."""
+    problem = _problem(small_dataset, truth, **dict(CASES[case]))
+    u, u_abs, state, tangents = _inputs(problem, points)
+    expected = _run_physics(problem, u, u_abs, state, tangents)
+    with fixed_workers(1), torch.device("meta"):  # the mode is per thread: no worker threads
+        got = _run_physics(problem, u, u_abs, state, tangents)
+    flat_e, flat_g = torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)
+    assert len(flat_e) == len(flat_g)
+    for a, b in zip(flat_e, flat_g):
+        assert b.device.type == "cpu"
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_resolve_device_names_what_is_wrong():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu0")
+    if not CUDA:
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("points", [1, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_gives_the_cpu_results(small_dataset, truth, case, points):
+    """Values, gradients and forward-mode tangents on CUDA agree with the CPU's to double-precision
+    rounding (different eigensolvers: eigenvectors differ by phases, the physics does not)."""
+    cpu = _problem(small_dataset, truth, **dict(CASES[case]))
+    gpu = _problem(small_dataset, truth, device="cuda", **dict(CASES[case]))
+    args = _inputs(cpu, points)
+    expected = _run_physics(cpu, *args)
+    got = _run_physics(gpu, *args)
+    for a, b in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+        assert b.device.type == "cpu"  # results come home
+        scale = float(a.abs().max())
+        assert float((a - b).abs().max()) <= 1e-9 * max(scale, 1e-30)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", CUDA_EIGH_BACKENDS)
+def test_cuda_eigensolver_backends_agree(small_dataset, truth, backend, monkeypatch):
+    if backend in ("cupy", "jax"):
+        pytest.importorskip(backend)
+    monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", backend)
+    cpu = _problem(small_dataset, truth)
+    gpu = _problem(small_dataset, truth, device="cuda")
+    u, u_abs, state, _ = _inputs(cpu)
+    with torch.no_grad():
+        a = simulate_frames(cpu.model.plan, u, u_abs, state)
+        b = simulate_frames(gpu.model.plan, u, u_abs, state)
+    assert float((a - b).abs().max()) <= 1e-9 * float(a.abs().max())
+
+
+@needs_cuda
+def test_a_refinement_on_cuda_follows_the_cpu_one(small_dataset, truth):
+    """Two LM iterations from the same start: the same parameters on both devices."""
+    from blochflow.refine.run import refine
+
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=3, thickness=500.0, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=2)
+    ds = small_dataset[0]
+    start = displaced(truth, 0.03, 0.02)
+    out = {}
+    for device in ("cpu", "cuda"):
+        problem = build_problem(start, ds, settings)
+        problem.model.plan = problem.model.plan.to(device)
+        out[device] = refine(problem, settings).theta
+    assert torch.allclose(out["cpu"], out["cuda"], rtol=1e-7, atol=1e-9)

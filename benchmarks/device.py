@@ -27,7 +27,7 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
-from blochflow.physics.bloch import CUDA_EIGH_BACKENDS, hermitian_eigh
+from blochflow.physics.bloch import CUDA_EIGH_BACKENDS, cuda_eigh_backend, hermitian_eigh
 from blochflow.physics.diffraction import _chunk_matrices, _chunk_terms
 from blochflow.refine.run import build_problem, settings_from_mapping
 
@@ -122,6 +122,7 @@ def physics_part(args) -> list[dict]:
         row["adam_pass_s"] = _best(adam_pass, args.repeat)
         row["lm_iteration_s"] = row["forward_s"] + row["jacobian_kept_s"]
         if device == "cuda":
+            row["eigh_backend"] = cuda_eigh_backend(torch.complex128)
             row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             for key in ("forward_s", "jacobian_kept_s", "jacobian_own_s", "adam_pass_s", "lm_iteration_s"):
                 row[key.replace("_s", "_speedup")] = rows[0][key] / row[key]
@@ -131,9 +132,37 @@ def physics_part(args) -> list[dict]:
     return rows
 
 
+def profile_part(args) -> dict:
+    """Where an LM iteration's time goes on CUDA: cProfile of a forward pass and the Jacobian at it."""
+    import cProfile
+    import io
+    import pstats
+
+    problem = _problem(args.samples)
+    problem.model.plan = problem.model.plan.to("cuda")
+    problem.jacobian_dtype = torch.float32
+    theta = problem.theta0.clone()
+
+    def iteration():
+        with torch.no_grad():
+            problem.intensities(theta + 1e-9)
+        problem.jacobian(theta + 1e-9)
+        _sync()
+
+    iteration()
+    prof = cProfile.Profile()
+    prof.enable()
+    iteration()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    print(text.getvalue()[-6000:], flush=True)
+    return {"profile": text.getvalue()[-6000:]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", default="eigh,physics")
+    p.add_argument("--part", default="eigh,physics", help="comma-separated: eigh, physics, profile")
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -148,7 +177,7 @@ def main():
     out = {}
     for part in args.part.split(","):
         try:
-            out[part] = {"eigh": eigh_part, "physics": physics_part}[part](args)
+            out[part] = {"eigh": eigh_part, "physics": physics_part, "profile": profile_part}[part](args)
         except Exception:
             traceback.print_exc()
             out[part] = {"error": traceback.format_exc()[-2000:]}

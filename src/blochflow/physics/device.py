@@ -43,3 +43,12 @@ def set_default_device(name: str | torch.device) -> torch.device:
 
 def default_device() -> torch.device:
     return _default[0]
+
+
+def work_scale(device: torch.device) -> float:
+    """How many times larger than on a CPU one batched call should be on ``device``: a GPU needs big
+    batches to pay for its launches, and its memory bounds them (x1 per 2 GiB, between 4 and 64)."""
+    if device.type != "cuda":
+        return 1.0
+    total = torch.cuda.get_device_properties(device).total_memory
+    return float(min(64.0, max(4.0, total / 2 ** 31)))

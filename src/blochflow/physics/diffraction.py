@@ -20,6 +20,7 @@ from .bloch import (_coefficients, _Propagate, divided_differences, hermitian_ei
                     propagate_tangents)
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
+from .device import work_scale
 from .workers import parallel_map, pipeline, solver_workers, split_evenly, transforms_active
 
 AbsorptionMethod = Literal["exact", "perturbative"]
@@ -900,14 +901,15 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
 
 def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                         state: FrameState, tangents: list[tuple], *, absorption_method: AbsorptionMethod = "exact",
-                        batch_elements: float = 2e6, fused_rule: bool = True,
+                        batch_elements: float | None = None, fused_rule: bool = True,
                         decompositions: Decompositions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Intensities (R,) and their directional derivatives (R, T) along T tangents, forward mode.
 
     Each tangent is ``(d_potential, d_potential_abs, d_state_tensors)`` matching
     ``(potential, potential_abs, state.tensors())`` (None where a part is fixed). One
     eigendecomposition per sample serves every tangent; samples are batched so that
-    samples x N^2 x T stays below ``batch_elements``. Elastic or with exact absorption (without
+    samples x N^2 x T stays below ``batch_elements`` (default 2e6, times the device's
+    :func:`~blochflow.physics.device.work_scale`). Elastic or with exact absorption (without
     Bethe beams), the fused rules of :func:`_fused_jvp` are used (``fused_rule``): forward AD only
     through the cheap inputs of the structure matrices, the rest in plain algebra on the workers;
     else forward AD through the matrices and the solver's generic forward rule. The fused rules take
@@ -943,6 +945,8 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     fast = fused_rule and (not has_abs or (
         absorption_method == "exact" and all(ch.weak_hkl is None for ch in plan.chunks)))
     workers = _workers(plan)
+    if batch_elements is None:
+        batch_elements = 2e6 * work_scale(plan.device)
     pieces = []
     for ch in plan.chunks:
         b_total, n = ch.hkl.shape[0], ch.hkl.shape[1]

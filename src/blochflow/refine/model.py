@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +13,7 @@ from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
                                    frame_state_from_dataset, simulate_frames)
-from ..physics.device import default_device, resolve_device
+from ..physics.device import default_device, resolve_device, work_scale
 from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
 from .objective import Figures, figures_of_merit, frame_scales, klar_weights
@@ -38,7 +39,7 @@ class ForwardModel:
         self.settings = settings
         self.frame_mask = frame_mask
         self.device = default_device() if settings.device is None else resolve_device(settings.device)
-        self.plan = build_plan(dataset, settings.beams, frame_mask=frame_mask).to(self.device)
+        self.plan = build_plan(dataset, self._plan_settings(), frame_mask=frame_mask).to(self.device)
         if len(self.plan.scored.row) == 0:
             b = settings.beams
             raise InputError(dataset.path, "reflection loop", f"no reflection is scored: none lies within RSg {b.rsg:g} "
@@ -55,10 +56,15 @@ class ForwardModel:
         """Rebuild the plan with these tilt (or azimuth) counts per frame; the scored reflections,
         hence the observations, stay the same (with segment coupling, which ones are coupled at all
         depends on the tilts, so they are passed on rather than chosen again)."""
-        self.plan = build_plan(self.dataset, self.settings.beams, frame_mask=self.frame_mask,
+        self.plan = build_plan(self.dataset, self._plan_settings(), frame_mask=self.frame_mask,
                                samples_per_frame=np.asarray(samples_per_frame, int),
                                scored_rows=self.plan.scored.row).to(self.device)
         self.potential_plan = potential_plan(self.plan.potential_hkl, self.crystal, self.dataset.wavelength)
+
+    def _plan_settings(self) -> BeamSettings:
+        """The beam settings with chunks sized for the device (larger batches on a GPU)."""
+        b = self.settings.beams
+        return dataclasses.replace(b, chunk_elements=int(b.chunk_elements * work_scale(self.device)))
 
     def fit_samples_to_fringes(self, thickness, samples_per_fringe: float) -> bool:
         """Give each frame at least ``samples_per_fringe`` tilt samples per Pendelloesung fringe of its

@@ -29,6 +29,7 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
+from blochflow.physics.device import default_device, set_default_device
 from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
 from blochflow.refine.run import RefineSettings, build_problem, parse_setting, refine, refined_index, settings_from_mapping
 
@@ -54,6 +55,7 @@ def full_refinement(args) -> dict:
     pt = result.phase_times
     fig = result.figures
     return {"start": args.start, "n_samples": args.samples, "threads": torch.get_num_threads(),
+            "device": str(default_device()),
             "n_params": len(result.refined_index), "setup_s": setup, "adam_s": pt["adam_s"],
             "adam_per_step_s": pt["adam_s"] / max(result.adam_steps, 1), "lm_s": pt["lm_s"],
             "lm_per_iteration_s": pt["lm_s"] / max(result.lm.iteration, 1), "covariance_s": pt["covariance_s"],
@@ -92,7 +94,7 @@ def thickness_points(args) -> list[dict]:
             problem.intensities(problem.theta0 + 1e-9)
         t_fwd = time.perf_counter() - t0
         # an LM iteration is one Jacobian and at least one forward pass at the trial point
-        row = {"model": model, "points": max(q, 1), "adam_step_s": t_adam, "jacobian_s": t_jac,
+        row = {"model": model, "points": max(q, 1), "device": str(default_device()), "adam_step_s": t_adam, "jacobian_s": t_jac,
                "forward_s": t_fwd, "lm_iteration_s": t_jac + t_fwd, "n_params": len(index)}
         if q == 0:
             base = row
@@ -150,6 +152,7 @@ def main() -> None:
     p.add_argument("--adam-steps", type=int, default=5)
     p.add_argument("--lm-iterations", type=int, default=6)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where the Bloch solves run (cpu, cuda, auto)")
     p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")
     p.add_argument("--kept-decompositions", action="store_true",
                    help="time forward + Jacobian with and without the forward pass's decompositions kept")
@@ -160,6 +163,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_default_device(args.device)
     if args.kept_decompositions:
         out = kept_decompositions(args)
     else:

@@ -28,6 +28,7 @@ import torch
 
 from blochflow.crystal.structure import crystal_from_record, structure_deviation
 from blochflow.io.pets import read_pets
+from blochflow.physics.device import set_default_device
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
 from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--starts", default="01,02,03")
     p.add_argument("--frames-step", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where the Bloch solves run (cpu, cuda, auto)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json")
     p.add_argument("--log", action="store_true", help="print the optimiser's progress lines")
@@ -112,11 +114,13 @@ def main() -> None:
                    help="after the refinement (e.g. with riding hydrogens), N more LM iterations with free hydrogens")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    set_default_device(args.device)
     overrides = dict(parse_setting(item) for item in args.set)
     results = []
     for start in args.starts.split(","):
         res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step,
                         log=(lambda s: print(s, flush=True)) if args.log else None, then_free=args.then_free)
+        res["device"] = args.device
         results.append(res)
         print(json.dumps(res), flush=True)
         if args.json:

@@ -261,64 +261,80 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     if cur:
         chunks_idx.append(cur)
 
-    # Potential table: every hkl difference that occurs, via a dense lookup box.
+    # Beams of each chunk, padded to its largest count; weak (Bethe) beams likewise.
+    n_weak = np.array([len(w) for w in sample_weak])
+    padded = []
+    for idx in chunks_idx:
+        n = max(n_beams[s] for s in idx)
+        hkl = np.zeros((len(idx), n, 3), np.int64)
+        mask = np.zeros((len(idx), n), bool)
+        for j, s in enumerate(idx):
+            hkl[j, :n_beams[s]] = sample_beams[s]
+            mask[j, :n_beams[s]] = True
+        whkl = wmask = None
+        if bethe:
+            nw = max(1, max(n_weak[s] for s in idx))
+            whkl = np.zeros((len(idx), nw, 3), np.int64)
+            wmask = np.zeros((len(idx), nw), bool)
+            for j, s in enumerate(idx):
+                whkl[j, :n_weak[s]] = sample_weak[s]
+                wmask[j, :n_weak[s]] = True
+        padded.append((hkl, mask, whkl, wmask))
+
+    # Potential table: every hkl difference that occurs, via a dense lookup box. A box position is
+    # linear in hkl (strides), so the difference of two beams' positions is that of their difference.
     hmax = np.max(np.abs(np.concatenate(sample_beams + sample_weak)), axis=0) * 2
     shape = tuple(int(2 * m + 1) for m in hmax)
-    used = np.zeros(shape, bool)
-    for b, wk in zip(sample_beams, sample_weak):
-        d = b[:, None, :] - b[None, :, :]
-        used[d[..., 0] + hmax[0], d[..., 1] + hmax[1], d[..., 2] + hmax[2]] = True
-        d = b[:, None, :] - wk[None, :, :]
-        used[d[..., 0] + hmax[0], d[..., 1] + hmax[1], d[..., 2] + hmax[2]] = True
-    used[hmax[0], hmax[1], hmax[2]] = True
-    pot_hkl = np.argwhere(used) - hmax
+    strides = np.array([shape[1] * shape[2], shape[2], 1], np.int64)
+    centre = int(hmax @ strides)
+
+    def differences(hkl, mask, other, other_mask):  # box positions (B, N, W) of g_i - g_w and the valid ones
+        a, b = hkl @ strides, other @ strides
+        return a[:, :, None] - b[:, None, :] + centre, mask[:, :, None] & other_mask[:, None, :]
+
+    used = np.zeros(int(np.prod(shape)), bool)
+    used[centre] = True
+    for hkl, mask, whkl, wmask in padded:
+        pos, ok = differences(hkl, mask, hkl, mask)
+        used[pos[ok]] = True
+        if whkl is not None:
+            pos, ok = differences(hkl, mask, whkl, wmask)
+            used[pos[ok]] = True
+    pot_hkl = np.argwhere(used.reshape(shape)) - hmax
     # 000 first
     zero = np.flatnonzero(np.all(pot_hkl == 0, axis=1))[0]
     order = np.concatenate([[zero], np.delete(np.arange(len(pot_hkl)), zero)])
     pot_hkl = pot_hkl[order]
     lut = np.full(shape, len(pot_hkl), dtype=np.int64)
     lut[pot_hkl[:, 0] + hmax[0], pot_hkl[:, 1] + hmax[1], pot_hkl[:, 2] + hmax[2]] = np.arange(len(pot_hkl))
+    lut_flat = lut.reshape(-1)
 
     chunks = []
-    n_weak = np.array([len(w) for w in sample_weak])
     cache_pairs = sum(len(c) * max(n_beams[s] for s in c) * (max(n_beams[s] for s in c) + max(n_weak[s] for s in c))
                       for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
-    for idx in chunks_idx:
-        n = max(n_beams[s] for s in idx)
-        hkl = np.zeros((len(idx), n, 3))
-        mask = np.zeros((len(idx), n), bool)
+    for idx, (hkl, mask, whkl, wmask) in zip(chunks_idx, padded):
+        n = hkl.shape[1]
         osamp, obeam, orefl = [], [], []
         for j, s in enumerate(idx):
-            b = sample_beams[s]
-            hkl[j, :len(b)] = b
-            mask[j, :len(b)] = True
             beam_pos, refl_idx = sample_out[s]
             osamp.append(np.full(len(refl_idx), j))
             obeam.append(beam_pos)
             orefl.append(refl_idx)
         pair_index = None
         if cache_pairs:
-            h = hkl.astype(np.int64)
-            d = h[:, :, None, :] - h[:, None, :, :] + hmax
-            pair = mask[:, :, None] & mask[:, None, :] & ~np.eye(n, dtype=bool)
-            pair_index = torch.as_tensor(np.where(pair, lut[d[..., 0], d[..., 1], d[..., 2]],
-                                                  len(pot_hkl)).astype(np.int32))
+            pos, ok = differences(hkl, mask, hkl, mask)
+            ok &= ~np.eye(n, dtype=bool)
+            pair_index = torch.as_tensor(np.where(ok, lut_flat[np.where(ok, pos, centre)], len(pot_hkl)).astype(np.int32))
         weak = {}
         if bethe:
-            nw = max(1, max(n_weak[s] for s in idx))
-            whkl = np.zeros((len(idx), nw, 3))
-            wmask = np.zeros((len(idx), nw), bool)
-            for j, s in enumerate(idx):
-                whkl[j, :n_weak[s]] = sample_weak[s]
-                wmask[j, :n_weak[s]] = True
-            weak = dict(weak_hkl=torch.as_tensor(whkl), weak_mask=torch.as_tensor(wmask))
+            weak = dict(weak_hkl=torch.as_tensor(whkl.astype(float)), weak_mask=torch.as_tensor(wmask))
             if cache_pairs:
-                weak["weak_index"] = _weak_index(torch.as_tensor(hkl), torch.as_tensor(mask), weak["weak_hkl"],
-                                                 weak["weak_mask"], torch.as_tensor(lut), torch.as_tensor(hmax),
-                                                 len(pot_hkl)).to(torch.int32)
+                pos, ok = differences(hkl, mask, whkl, wmask)
+                weak["weak_index"] = torch.as_tensor(np.where(ok, lut_flat[np.where(ok, pos, centre)],
+                                                              len(pot_hkl)).astype(np.int32))
         chunks.append(BeamChunk(
             sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
-            hkl=torch.as_tensor(hkl), mask=torch.as_tensor(mask),
+            hkl=torch.as_tensor(hkl.astype(float)), mask=torch.as_tensor(mask),
             out_sample=torch.as_tensor(np.concatenate(osamp)).long(),
             out_beam=torch.as_tensor(np.concatenate(obeam)).long(),
             out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index, **weak))

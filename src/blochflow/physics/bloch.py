@@ -118,6 +118,12 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def fast_cuda_eigh_available() -> bool:
+    """Whether a batched CUDA eigensolver (jax or cupy) is installed; without one, MAGMA solves
+    the matrices about as fast as 16 CPU threads, and a GPU gains little."""
+    return _installed("jax") or _installed("cupy")
+
+
 def cuda_eigh_backend(dtype: torch.dtype = torch.complex128) -> str:
     """The backend for Hermitian batches of this dtype on CUDA (see CUDA_EIGH_BACKENDS)."""
     name = os.environ.get("BLOCHFLOW_CUDA_EIGH", "auto").strip().lower()

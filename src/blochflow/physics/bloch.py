@@ -106,8 +106,10 @@ def divided_differences(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 # BLOCHFLOW_CUDA_EIGH = auto | jax | cupy | magma | torch: jax.numpy.linalg.eigh and cupy.linalg.eigh
 # (when installed) call cuSOLVER's batched solvers on the same memory (DLPack, no copies). Measured
 # on an H200 for 369 quartz matrices of 90 beams (benchmarks/device.py), against 16 CPU threads:
-# complex128 jax 65x, cupy 9x, magma 0.9x, torch 0.8x; complex64 cupy 120x, jax 87x. ``auto``: the
-# fastest installed for the dtype (jax for complex128, cupy for complex64), else magma.
+# complex128 jax 65x, cupy 9x, magma 0.9x, torch 0.8x; complex64 cupy 120x, jax 87x. ``auto``: jax,
+# else cupy, else magma. jax reaches cuSOLVER's batched syevd (any size); cupy's batched eigh is
+# Jacobi (syevj), whose cost grows faster with the beam count: its 120x was measured at 90 beams
+# only, and single-precision passes on paracetamol (200-300 beams) ran far slower than expected.
 CUDA_EIGH_BACKENDS = ("auto", "jax", "cupy", "magma", "torch")
 
 
@@ -130,8 +132,7 @@ def cuda_eigh_backend(dtype: torch.dtype = torch.complex128) -> str:
     if name not in CUDA_EIGH_BACKENDS:
         raise ValueError(f"BLOCHFLOW_CUDA_EIGH={name!r}: choose one of {', '.join(CUDA_EIGH_BACKENDS)}")
     if name == "auto":
-        order = ("cupy", "jax") if dtype in (torch.complex64, torch.float32) else ("jax", "cupy")
-        return next((m for m in order if _installed(m)), "magma")
+        return next((m for m in ("jax", "cupy") if _installed(m)), "magma")
     return name
 
 

@@ -171,3 +171,35 @@ def test_a_refinement_on_cuda_follows_the_cpu_one(small_dataset, truth):
         problem.model.plan = problem.model.plan.to(device)
         out[device] = refine(problem, settings).theta
     assert torch.allclose(out["cpu"], out["cuda"], rtol=1e-6, atol=1e-8)
+
+
+def test_cuda_eigensolver_choice(monkeypatch):
+    """auto: jax, else cupy, else MAGMA, by what is usable with CUDA; a named backend that cannot be
+    used, or an unknown name, is an error saying so."""
+    from blochflow.physics import bloch
+
+    usable = {"jax": False, "cupy": False}
+    monkeypatch.setattr(bloch, "cuda_backend_usable", lambda m: usable[m])
+    monkeypatch.delenv("BLOCHFLOW_CUDA_EIGH", raising=False)
+    assert bloch.cuda_eigh_backend() == "magma" and not bloch.fast_cuda_eigh_available()
+    usable["cupy"] = True
+    assert bloch.cuda_eigh_backend() == "cupy" and bloch.fast_cuda_eigh_available()
+    usable["jax"] = True
+    assert bloch.cuda_eigh_backend(torch.complex64) == "jax"
+    monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", "torch")
+    assert bloch.cuda_eigh_backend() == "torch"
+    usable["cupy"] = False
+    monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", "cupy")
+    with pytest.raises(ValueError, match="cupy is not installed with CUDA"):
+        bloch.cuda_eigh_backend()
+    monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", "lapack")
+    with pytest.raises(ValueError, match="choose one of"):
+        bloch.cuda_eigh_backend()
+
+
+def test_device_errors_are_one_line(capsys):
+    from blochflow.cli import main
+
+    assert main(["--device", "gpu0", "simulate", "--example", "quartz", "--out", "/nonexistent/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device: gpu0: unknown device") and "\n" not in err

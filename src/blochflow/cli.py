@@ -16,7 +16,7 @@ import torch
 
 from .data import example_path
 from .io.errors import InputError
-from .physics.bloch import fast_cuda_eigh_available
+from .physics.bloch import cuda_eigh_backend, fast_cuda_eigh_available
 from .physics.device import set_default_device
 
 EXAMPLES = {"quartz": ("quartz_reference.cif", "quartz.cif_pets")}
@@ -525,6 +525,11 @@ def main(argv=None) -> int:
             device = set_default_device(args.device)
         except ValueError as exc:
             raise InputError("--device", args.device, str(exc)) from None
+        if device.type == "cuda":
+            try:
+                cuda_eigh_backend()
+            except ValueError as exc:
+                raise InputError("environment", "BLOCHFLOW_CUDA_EIGH", str(exc).split(": ", 1)[-1]) from None
         if device.type == "cuda" and not fast_cuda_eigh_available():
             print("warning: no batched CUDA eigensolver is installed (jax or cupy): the eigendecompositions run "
                   "through MAGMA, about as fast as 16 CPU threads; pip install 'jax[cuda13]' or 'jax[cuda12]' "

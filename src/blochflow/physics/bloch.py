@@ -114,25 +114,43 @@ CUDA_EIGH_BACKENDS = ("auto", "jax", "cupy", "magma", "torch")
 
 
 @functools.lru_cache(maxsize=None)
-def _installed(module: str) -> bool:
+def cuda_backend_usable(module: str) -> bool:
+    """Whether ``module`` (jax or cupy) is installed and sees a CUDA device (a CPU-only jax is
+    installed but cannot take CUDA arrays)."""
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    if importlib.util.find_spec(module) is None:
+        return False
+    try:
+        if module == "jax":
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to torch
+            import jax
+
+            return len(jax.devices("gpu")) > 0
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CUDA backend in that build, or no device: not usable
+        return False
 
 
 def fast_cuda_eigh_available() -> bool:
-    """Whether a batched CUDA eigensolver (jax or cupy) is installed; without one, MAGMA solves
-    the matrices about as fast as 16 CPU threads, and a GPU gains little."""
-    return _installed("jax") or _installed("cupy")
+    """Whether a batched CUDA eigensolver (jax or cupy with CUDA) is usable; without one, MAGMA
+    solves the matrices about as fast as 16 CPU threads, and a GPU gains little."""
+    return cuda_backend_usable("jax") or cuda_backend_usable("cupy")
 
 
 def cuda_eigh_backend(dtype: torch.dtype = torch.complex128) -> str:
-    """The backend for Hermitian batches of this dtype on CUDA (see CUDA_EIGH_BACKENDS)."""
+    """The backend for Hermitian batches of this dtype on CUDA (see CUDA_EIGH_BACKENDS). A named
+    jax or cupy that cannot be used is a ValueError saying why."""
     name = os.environ.get("BLOCHFLOW_CUDA_EIGH", "auto").strip().lower()
     if name not in CUDA_EIGH_BACKENDS:
         raise ValueError(f"BLOCHFLOW_CUDA_EIGH={name!r}: choose one of {', '.join(CUDA_EIGH_BACKENDS)}")
     if name == "auto":
-        return next((m for m in ("jax", "cupy") if _installed(m)), "magma")
+        return next((m for m in ("jax", "cupy") if cuda_backend_usable(m)), "magma")
+    if name in ("jax", "cupy") and not cuda_backend_usable(name):
+        raise ValueError(f"BLOCHFLOW_CUDA_EIGH={name}: {name} is not installed with CUDA support or sees no "
+                         f"CUDA device")
     return name
 
 
@@ -163,7 +181,6 @@ def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lam, vec = cupy.linalg.eigh(cupy.from_dlpack(a_mat.detach().contiguous()))
         return torch.from_dlpack(lam), torch.from_dlpack(vec)
     if backend == "jax" and plain:
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to torch
         import jax
 
         jax.config.update("jax_enable_x64", True)

@@ -446,3 +446,24 @@ def test_jvp_rule_accepts_leading_tangent_dimensions():
                               for i in range(5)])
         assert batched.shape == (5, 3, 4, 9)
         assert _rel(batched, single) < 1e-14
+
+
+@pytest.mark.parametrize("n_beams", [2, 9])
+def test_tangents_mapped_to_a_few_beams_equal_the_full_rule(n_beams):
+    """Tangents mapped to a few output beams (fewer or more than the thickness points) equal the
+    tangents of all beams, picked."""
+    a = _random_hermitian(3, 9, seed=31) + torch.diag_embed(
+        torch.linspace(-0.3, 0.3, 9, dtype=torch.float64)).to(torch.complex128)
+    a[:, 2, 2] = a[:, 3, 3]  # a degenerate pair: close pairs take part
+    t = _thickness(3, 6, seed=32)
+    inv_k = torch.full((3,), 1 / K, dtype=torch.float64)
+    _, lam, vec, vinv, expo = bloch_mod._Propagate.forward(a, t, inv_k, True)
+    g = torch.Generator().manual_seed(33)
+    da = torch.randn(4, 3, 9, 9, dtype=torch.complex128, generator=g)
+    dt = torch.randn(4, 3, 6, dtype=torch.float64, generator=g)
+    beams = torch.stack([torch.randperm(9, generator=g)[:n_beams] for _ in range(3)])
+    picked = bloch_mod.propagate_tangents(lam, vec, vinv, expo, t, inv_k, da, dt, None, beams)
+    full = bloch_mod.propagate_tangents(lam, vec, vinv, expo, t, inv_k, da, dt, None)
+    expected = torch.gather(full, -1, beams[None, :, None, :].expand(4, 3, 6, n_beams))
+    assert picked.shape == (4, 3, 6, n_beams)
+    assert _rel(picked, expected) < 1e-13

@@ -448,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blochflow", description="Bloch-wave refinement of 3D-ED data")
     p.add_argument("--threads", type=int, help="CPU threads for the Bloch solves (default: torch's, the cores)")
     p.add_argument("--device", default="cpu", help="where the Bloch solves run: cpu (default), cuda, cuda:N, or auto "
-                                                   "(cuda when torch sees one); results and files are the same")
+                                                   "(cuda when torch sees one and jax or cupy can solve there); "
+                                                   "results and files are the same")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("simulate", help="dynamical intensities of a structure on a dataset's geometry")
     s.add_argument("structure", nargs="?", help="structure CIF")

@@ -14,12 +14,15 @@ _default: list[torch.device] = [torch.device("cpu")]
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto``: the first CUDA device if torch sees one, else the CPU. A CUDA device that torch does
-    not see is an error (ValueError with the reason)."""
+    """``auto``: the first CUDA device if torch sees one and a batched eigensolver is usable there
+    (jax or cupy: without one a GPU is no faster than the CPU), else the CPU. A CUDA device that
+    torch does not see is an error (ValueError with the reason)."""
     if isinstance(name, torch.device):
         device = name
     elif str(name).strip().lower() == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .bloch import fast_cuda_eigh_available
+
+        device = torch.device("cuda" if torch.cuda.is_available() and fast_cuda_eigh_available() else "cpu")
     else:
         try:
             device = torch.device(str(name).strip().lower())

@@ -10,7 +10,9 @@ at a time; MAGMA's batched solver; CuPy's when installed), complex128 and comple
 pass without gradient (double, keeping its decompositions), a Jacobian at that point (single
 precision, the default), one without kept decompositions, and a forward + backward pass in single
 precision (an Adam step), each on the CPU and with the plan on CUDA; best of ``--repeat``. Device
-times include the transfers in and out. Needs a CUDA device.
+times include the transfers in and out. ``profile``: where an LM iteration's time goes on CUDA.
+``paracetamol``: the paper's synthetic paracetamol data (200-300 beams, ``--data-root``,
+``--frames-step``) with each CUDA eigensolver backend against the CPU. Needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -132,6 +135,64 @@ def physics_part(args) -> list[dict]:
     return rows
 
 
+def paracetamol_part(args) -> list[dict]:
+    """The paracetamol synthetic data (every ``--frames-step``-th frame, the paper's physics: 42 tilts,
+    200-300 beams) with each CUDA eigensolver backend: a forward pass in double, one in single with
+    its backward pass (an Adam step's solves) and a Jacobian, against the CPU. The quartz figures
+    above are at 90 beams; this checks the solvers where the matrices are 3-4x larger."""
+    import numpy as np
+    from pathlib import Path
+
+    from synthetic_recovery import DATASET_PHYSICS, DATASETS, PAPER_PHYSICS
+
+    root = Path(args.data_root)
+    data, _, pattern = DATASETS["paracetamol"]
+    ds = read_pets(str(root / data))
+    start = crystal_from_record(read_structure(str(root / pattern.format(start="01"))))
+    settings = settings_from_mapping({**PAPER_PHYSICS, **DATASET_PHYSICS["paracetamol"], "hydrogens": "free",
+                                      "refine_orientation": False}, "benchmark")
+    mask = np.zeros(len(ds.frames), bool)
+    mask[::args.frames_step] = True
+    problem = build_problem(start, ds, settings, frame_mask=mask)
+    cpu_plan = problem.model.plan
+    theta = problem.theta0.clone()
+    problem.jacobian_dtype = torch.float32
+    rows = []
+    for device, backend in [("cpu", None), ("cuda", "jax"), ("cuda", "cupy"), ("cuda", "magma")]:
+        if backend is not None:
+            os.environ["BLOCHFLOW_CUDA_EIGH"] = backend
+        problem._last_decompositions = None
+
+        def forward():
+            with torch.no_grad():
+                problem.intensities(theta)
+
+        def adam_pass():
+            problem.forward_dtype = torch.float32
+            th = theta.clone().requires_grad_(True)
+            problem.objective(th, "amplitude").backward()
+            problem.forward_dtype = torch.float64
+
+        def jacobian():
+            problem._last_decompositions = None
+            problem.jacobian(theta)
+
+        row = {"device": device, "backend": backend, "frames": int(mask.sum()), "n_params": problem.n_params,
+               "beams_mean": problem.model.n_beams_mean()}
+        try:
+            problem.model.plan = cpu_plan.to(device)
+            row["forward_s"] = _best(forward, 1)
+            row["adam_pass_s"] = _best(adam_pass, 1)
+            row["jacobian_s"] = _best(jacobian, 1)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    os.environ.pop("BLOCHFLOW_CUDA_EIGH", None)
+    problem.model.plan = cpu_plan
+    return rows
+
+
 def profile_part(args) -> dict:
     """Where an LM iteration's time goes on CUDA: cProfile of a forward pass and the Jacobian at it."""
     import cProfile
@@ -162,7 +223,10 @@ def profile_part(args) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", default="eigh,physics", help="comma-separated: eigh, physics, profile")
+    p.add_argument("--part", default="eigh,physics", help="comma-separated: eigh, physics, profile, paracetamol")
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+                   help="the shared data (paracetamol part)")
+    p.add_argument("--frames-step", type=int, default=10, help="paracetamol part: every n-th frame")
     p.add_argument("--samples", type=int, default=24)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -177,7 +241,8 @@ def main():
     out = {}
     for part in args.part.split(","):
         try:
-            out[part] = {"eigh": eigh_part, "physics": physics_part, "profile": profile_part}[part](args)
+            out[part] = {"eigh": eigh_part, "physics": physics_part, "profile": profile_part,
+                         "paracetamol": paracetamol_part}[part](args)
         except Exception:
             traceback.print_exc()
             out[part] = {"error": traceback.format_exc()[-2000:]}

@@ -184,7 +184,7 @@ def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         import jax
 
         jax.config.update("jax_enable_x64", True)
-        torch.cuda.current_stream().synchronize()
+        torch.cuda.current_stream(a_mat.device).synchronize()
         lam, vec = jax.numpy.linalg.eigh(jax.dlpack.from_dlpack(a_mat.detach().contiguous()))
         vec.block_until_ready()
         return torch.from_dlpack(lam), torch.from_dlpack(vec)

@@ -178,7 +178,8 @@ def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "cupy" and plain:
         import cupy
 
-        lam, vec = cupy.linalg.eigh(cupy.from_dlpack(a_mat.detach().contiguous()))
+        with cupy.cuda.Device(a_mat.device.index or 0):
+            lam, vec = cupy.linalg.eigh(cupy.from_dlpack(a_mat.detach().contiguous()))
         return torch.from_dlpack(lam), torch.from_dlpack(vec)
     if backend == "jax" and plain:
         import jax

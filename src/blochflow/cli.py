@@ -532,7 +532,7 @@ def main(argv=None) -> int:
             except ValueError as exc:
                 raise InputError("environment", "BLOCHFLOW_CUDA_EIGH", str(exc).split(": ", 1)[-1]) from None
         if device.type == "cuda" and not fast_cuda_eigh_available():
-            print("warning: no batched CUDA eigensolver is installed (jax or cupy): the eigendecompositions run "
+            print("warning: no batched CUDA eigensolver is usable (jax or cupy with CUDA): the eigendecompositions run "
                   "through MAGMA, about as fast as 16 CPU threads; pip install 'jax[cuda13]' or 'jax[cuda12]' "
                   "(or cupy-cuda13x) to match your CUDA, for 10-60x faster solves", file=sys.stderr)
         if args.command == "simulate" and getattr(args, "thickness", "auto") != "auto":

@@ -37,7 +37,7 @@ def _problem(small_dataset, truth, device=None, **extra):
     return problem
 
 
-def _inputs(problem, points: int = 1, seed: int = 0):
+def _inputs(problem, points: int = 1, seed: int = 0, n_tangents: int = 3):
     """(potential, potential_abs, state, tangents) at the start with orientation corrections set and
     ``points`` thicknesses per frame; tangents random in every input."""
     theta = problem.theta0.clone()
@@ -62,7 +62,7 @@ def _inputs(problem, points: int = 1, seed: int = 0):
                                  torch.randn(x.shape, generator=gen, dtype=torch.float64)) * 1e-3 * x.abs().mean()
         return torch.randn(x.shape, generator=gen, dtype=x.dtype) * 1e-3
 
-    tangents = [(rand(u), rand(u_abs), tuple(rand(x) for x in state.tensors())) for _ in range(3)]
+    tangents = [(rand(u), rand(u_abs), tuple(rand(x) for x in state.tensors())) for _ in range(n_tangents)]
     return u, u_abs, state, tangents
 
 
@@ -138,6 +138,26 @@ def test_cuda_gives_the_cpu_results(small_dataset, truth, case, points):
         assert b.device.type == "cpu"  # results come home
         scale = float(a.abs().max())
         assert float((a - b).abs().max()) <= 1e-9 * max(scale, 1e-30)
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=needs_cuda)])
+def test_many_tangents_take_the_potential_contraction_on_any_device(small_dataset, truth, device):
+    """From CONTRACTION_MIN_TANGENTS tangents on, the Jacobian contracts the potential through one
+    scatter per sample: it too makes nothing off the plan's device, and on CUDA gives the CPU's."""
+    from blochflow.physics.diffraction import CONTRACTION_MIN_TANGENTS
+
+    cpu = _problem(small_dataset, truth)
+    u, u_abs, state, tangents = _inputs(cpu, n_tangents=CONTRACTION_MIN_TANGENTS + 2)
+    plan = cpu.model.plan
+    expected = simulate_frames_jvp(plan, u, u_abs, state, tangents)
+    if device == "meta":
+        with fixed_workers(1), torch.device("meta"):
+            got = simulate_frames_jvp(plan, u, u_abs, state, tangents)
+    else:
+        got = simulate_frames_jvp(plan.to("cuda"), u, u_abs, state, tangents)
+    for a, b in zip(expected, got):
+        assert b.device.type == "cpu"
+        assert float((a - b).abs().max()) <= 1e-9 * float(a.abs().max())
 
 
 @needs_cuda

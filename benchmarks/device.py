@@ -125,7 +125,7 @@ def physics_part(args) -> list[dict]:
         row["adam_pass_s"] = _best(adam_pass, args.repeat)
         row["lm_iteration_s"] = row["forward_s"] + row["jacobian_kept_s"]
         if device == "cuda":
-            row["eigh_backend"] = cuda_eigh_backend(torch.complex128)
+            row["eigh_backend"] = cuda_eigh_backend()
             row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
             for key in ("forward_s", "jacobian_kept_s", "jacobian_own_s", "adam_pass_s", "lm_iteration_s"):
                 row[key.replace("_s", "_speedup")] = rows[0][key] / row[key]

@@ -166,7 +166,7 @@ def test_cuda_eigensolver_backends_agree(small_dataset, truth, backend, monkeypa
     if backend in ("cupy", "jax"):
         pytest.importorskip(backend)
     if backend == "auto":
-        assert cuda_eigh_backend(torch.complex128) in CUDA_EIGH_BACKENDS[1:]
+        assert cuda_eigh_backend() in CUDA_EIGH_BACKENDS[1:]
     monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", backend)
     cpu = _problem(small_dataset, truth)
     gpu = _problem(small_dataset, truth, device="cuda")
@@ -207,7 +207,7 @@ def test_cuda_eigensolver_choice(monkeypatch):
     usable["cupy"] = True
     assert bloch.cuda_eigh_backend() == "cupy" and bloch.fast_cuda_eigh_available()
     usable["jax"] = True
-    assert bloch.cuda_eigh_backend(torch.complex64) == "jax"
+    assert bloch.cuda_eigh_backend() == "jax"
     monkeypatch.setenv("BLOCHFLOW_CUDA_EIGH", "torch")
     assert bloch.cuda_eigh_backend() == "torch"
     usable["cupy"] = False

@@ -126,6 +126,7 @@ def cuda_backend_usable(module: str) -> bool:
             os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the memory to torch
             import jax
 
+            jax.config.update("jax_enable_x64", True)  # complex128 stays complex128
             return len(jax.devices("gpu")) > 0
         import cupy
 
@@ -140,9 +141,9 @@ def fast_cuda_eigh_available() -> bool:
     return cuda_backend_usable("jax") or cuda_backend_usable("cupy")
 
 
-def cuda_eigh_backend(dtype: torch.dtype = torch.complex128) -> str:
-    """The backend for Hermitian batches of this dtype on CUDA (see CUDA_EIGH_BACKENDS). A named
-    jax or cupy that cannot be used is a ValueError saying why."""
+def cuda_eigh_backend() -> str:
+    """The backend for Hermitian batches on CUDA (see CUDA_EIGH_BACKENDS). A named jax or cupy that
+    cannot be used is a ValueError saying why."""
     name = os.environ.get("BLOCHFLOW_CUDA_EIGH", "auto").strip().lower()
     if name not in CUDA_EIGH_BACKENDS:
         raise ValueError(f"BLOCHFLOW_CUDA_EIGH={name!r}: choose one of {', '.join(CUDA_EIGH_BACKENDS)}")
@@ -170,7 +171,7 @@ def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`cuda_eigh_backend` (plain torch inside torch.func transforms)."""
     if not a_mat.is_cuda or a_mat.shape[-1] <= 32 or a_mat.dim() < 3 or a_mat.shape[0] < 2:
         return torch.linalg.eigh(a_mat)
-    backend = cuda_eigh_backend(a_mat.dtype)
+    backend = cuda_eigh_backend()
     if backend == "magma":
         with _linalg_library("magma"):
             return torch.linalg.eigh(a_mat)
@@ -184,7 +185,6 @@ def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "jax" and plain:
         import jax
 
-        jax.config.update("jax_enable_x64", True)
         torch.cuda.current_stream(a_mat.device).synchronize()
         lam, vec = jax.numpy.linalg.eigh(jax.dlpack.from_dlpack(a_mat.detach().contiguous()))
         vec.block_until_ready()

@@ -884,14 +884,20 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
             g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
             core[live] = torch.einsum("bim,tbm->tbi", g_table, dpot[live][:, uniq])
         elif len(live):
-            d_p = dpot[live[None, :, None, None], tm.idx[:, None]]  # dP (B,T',N,N)
             if bethe:  # dC = dP_sw X + (dP_sw X)^H for a potential tangent (P hermitian)
+                d_p = dpot[live[None, :, None, None], tm.idx[:, None]]  # dP (B,T',N,N)
                 n_w = x.shape[1]
                 d_sw = dpot[live[None, :, None, None], tm.weak_idx[:, None]]  # (B,T',N,W)
                 z = (d_sw.reshape(b, len(live) * n, n_w) @ x).view(b, len(live), n, n)
                 d_p = d_p - z - z.mH
-            y = (d_p.reshape(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
-            core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
+                y = (d_p.reshape(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
+                core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
+            else:
+                # dP gathered as rows of a (K, T') table in the layout d[b, l, (k, t)] = dP_t[b, k, l]:
+                # contiguous row copies instead of a 4-d gather, and one product of width N T' per sample
+                rows = dpot[live].T.contiguous().index_select(0, tm.idx.mT.reshape(-1)).view(b, n, n * len(live))
+                y = (hm.mT @ rows).view(b, n, n, len(live))  # y[b, i, k, t] = sum_l H'_li dP_t[b, k, l]
+                core[live] = torch.einsum("bik,bikt->tbi", vinv_m, y)
         core = core + torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag.to(ctype))
         if bethe:  # -dC = X^H dD_w X for a weak beam's excitation error
             k_w = (vinv_m @ x.mH) * (x @ hm).mT  # (B,N,W)

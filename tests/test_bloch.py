@@ -467,3 +467,23 @@ def test_tangents_mapped_to_a_few_beams_equal_the_full_rule(n_beams):
     expected = torch.gather(full, -1, beams[None, :, None, :].expand(4, 3, 6, n_beams))
     assert picked.shape == (4, 3, 6, n_beams)
     assert _rel(picked, expected) < 1e-13
+
+
+@pytest.mark.parametrize("n_points", [1, 6])
+def test_tangent_given_in_the_eigenbasis_equals_the_matrix_tangent(n_points):
+    """propagate_tangents with the matrix tangent already in the eigenbasis, (V^-1 dA V) w, gives what
+    it gives for dA itself, at one thickness point and at several."""
+    a = _random_hermitian(3, 9, seed=41) + torch.diag_embed(
+        torch.linspace(-0.3, 0.3, 9, dtype=torch.float64)).to(torch.complex128)
+    a[:, 2, 2] = a[:, 3, 3]
+    t = _thickness(3, n_points, seed=42)
+    inv_k = torch.full((3,), 1 / K, dtype=torch.float64)
+    _, lam, vec, vinv, expo = bloch_mod._Propagate.forward(a, t, inv_k, True)
+    g = torch.Generator().manual_seed(43)
+    da = torch.randn(4, 3, 9, 9, dtype=torch.complex128, generator=g)
+    dt = torch.randn(4, 3, n_points, dtype=torch.float64, generator=g)
+    basis = vinv @ da @ (vec * vinv[:, None, :, 0])
+    from_basis = bloch_mod.propagate_tangents(lam, vec, vinv, expo, t, inv_k, None, dt, None, basis_tangent=basis)
+    from_matrix = bloch_mod.propagate_tangents(lam, vec, vinv, expo, t, inv_k, da, dt, None)
+    assert from_basis.shape == (4, 3, n_points, 9)
+    assert _rel(from_basis, from_matrix) < 1e-12

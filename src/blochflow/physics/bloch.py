@@ -276,11 +276,13 @@ class _Propagate(torch.autograd.Function):
         return dpsi, None, None, None, None  # one tangent per output
 
 
-def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, beams=None):
+def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, beams=None, basis_tangent=None):
     """Tangent of psi (the forward rule of :class:`_Propagate`) from its decomposition, for tangents
     da (..., B, N, N), dt (..., B, Q), dkn (..., B) of the matrix, thickness and 1/K_n (None: fixed);
     leading dimensions batch tangents. ``beams`` (B, S) keeps only those beams of each matrix (the
-    last dimension of the result is then S). Plain tensor algebra, so it also runs on worker threads."""
+    last dimension of the result is then S). ``basis_tangent`` (..., B, N, N), given in place of da,
+    is the matrix tangent already in the eigenbasis, (V^-1 dA V)_ij w_j with w = V^-1 e_0. Plain
+    tensor algebra, so it also runs on worker threads."""
     w = vinv[..., :, 0]
     out_vec = vec if beams is None else torch.gather(vec, -2, beams[..., None].expand(beams.shape + vec.shape[-1:]))
     ctype = vec.dtype
@@ -292,16 +294,20 @@ def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, bea
         extra = (1j * math.pi) * thickness.to(ctype) * dkn[..., None].to(ctype)
         dc = extra if dc is None else dc + extra
     lw = (lam * w)[..., :, None]  # (B,N,1)
-    if expo.shape[-2] == 0 or (da is None and dc is None):
+    moves = da is not None or basis_tangent is not None
+    if expo.shape[-2] == 0 or (not moves and dc is None):
         return torch.zeros(expo.shape[:-1] + out_vec.shape[-2:-1], dtype=expo.dtype, device=expo.device)
-    if da is None:  # d psi_q = dc_q V (lam * expo_q * w): one vector per thickness, shared by every tangent
+    if not moves:  # d psi_q = dc_q V (lam * expo_q * w): one vector per thickness, shared by every tangent
         return dc[..., None] * ((expo * lw.mT) @ out_vec.mT)
     if expo.shape[-2] == 1:
         # one thickness: form G once per matrix and fold it with V and w into
         # H_li = sum_j V_lj w_j G_ij, so that each tangent costs one product dA H:
         # dpsi'_i = sum_j G_ij (V^-1 dA V)_ij w_j = sum_k (V^-1)_ik (dA H)_ki
-        h = (vec * w[..., None, :]) @ divided_differences(lam, c).mT
-        core = torch.sum(vinv * (da @ h).mT, -1)  # (...,B,N)
+        if basis_tangent is not None:
+            core = torch.sum(divided_differences(lam, c) * basis_tangent, -1)
+        else:
+            h = (vec * w[..., None, :]) @ divided_differences(lam, c).mT
+            core = torch.sum(vinv * (da @ h).mT, -1)  # (...,B,N)
         if dc is not None:
             core = core + lw[..., 0] * expo[..., 0, :] * dc
         core_t = core[..., None]
@@ -310,7 +316,7 @@ def propagate_tangents(lam, vec, vinv, expo, thickness, inv_kn, da, dt, dkn, bea
         scale, close, inv_d = _pair_tables(lam, c)
         weights, left, right = _close_factors(lam, c, scale, _interpolation_order(ctype))
         # m_ij = (V^-1 dA V)_ij w_j; dpsi'_qi = sum_j G_qij m_ij   (da may carry leading dims)
-        m = vinv @ da @ (vec * w[..., None, :])
+        m = vinv @ da @ (vec * w[..., None, :]) if basis_tangent is None else basis_tangent
         # separated pairs: sum_j (e_qi - e_qj) r_ij = e_qi (r 1)_i - (r E^T)_iq with r = m / d
         sep = (m * inv_d) @ torch.cat([torch.ones_like(expo[..., :1, :]), -expo], -2).mT  # (...,B,N,1+Q)
         # close pairs: e_qi sum_r c_q alpha_r(g_q) exp(i b_r y_i) sum_{j close} exp(-i b_r y_j) m_ij

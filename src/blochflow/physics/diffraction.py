@@ -822,7 +822,24 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
         dinv_kn = -dkn * inv_kn ** 2
         dpsi = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, None, dthick, dinv_kn, beams)  # (T,B,Q,S)
         flat = [(d != 0).flatten(1).any(1) for d in (dpot, ddiag, dm) + (() if x is None else (ddiag_w,))]
-        live = torch.nonzero(torch.stack(flat).any(0))[:, 0]
+        moving = torch.stack(flat)
+        if x is None and len(moving) and bool(moving[0].any()):
+            # tangents that move only the potential: (V^-1 dA V) w = (V^-1 M) dP (M V w) as two products of
+            # width N T' per sample on dP gathered as rows of a (K, T') table, no 4-d gather or dA formed
+            only_pot = moving[0] & ~moving[1:].any(0)
+            pot_live = torch.nonzero(only_pot)[:, 0]
+            if len(pot_live):
+                b, n, n_t = vec.shape[0], vec.shape[-1], len(pot_live)
+                vinv_m = vinv * mc[:, None, :]
+                vw_m = mc[:, :, None] * (vec * vinv[:, None, :, 0])
+                rows = dpot[pot_live].T.contiguous().index_select(0, tm.idx.reshape(-1)).view(b, n, n * n_t)
+                z = (vinv_m @ rows).view(b, n, n, n_t).transpose(-1, -2).reshape(b, n * n_t, n)  # [b, (i, t), k]
+                basis = (z @ vw_m).view(b, n, n_t, n).permute(2, 0, 1, 3)  # (T', B, N, N)
+                dpsi[pot_live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, None, dthick[pot_live],
+                                                    dinv_kn[pot_live], beams, basis_tangent=basis)
+                moving = moving.clone()
+                moving[:, pot_live] = False
+        live = torch.nonzero(moving.any(0))[:, 0]
         if len(live):
             d_a0 = dpot[live][:, tm.idx]  # (L,B,N,N), a new tensor
             d_diag = ddiag[live]

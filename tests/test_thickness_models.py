@@ -58,7 +58,7 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
 
 
 @pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe", "learned", "learned-bethe",
-                                   "learned-absorption"])
+                                   "learned-absorption", "learned-mixture"])
 def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monkeypatch, model):
     """The fused forward rules (forward AD only through the cheap inputs of the structure matrices:
     potential, excitation errors, illumination factors, K_n, thickness; with weak beams folded in by
@@ -70,8 +70,10 @@ def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monke
     ds, _, _ = small_dataset
     bethe = model.endswith("-bethe")
     absorption = model.endswith("-absorption")
-    name = model.removesuffix("-bethe").removesuffix("-absorption")
+    name = model.removesuffix("-bethe").removesuffix("-absorption").removesuffix("-mixture")
     extra = dict(thickness_basis=3, thickness_knots=3, thickness_points=4) if name == "learned" else {}
+    if model.endswith("-mixture"):
+        extra["thickness_distribution"] = "mixture"
     if absorption:
         extra.update(absorption="proportional", refine_absorption=True)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model=name,
@@ -98,17 +100,19 @@ def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monke
     assert float(((fused - generic).abs().max(0).values / scale).max()) < 1e-11
 
 
-def test_learned_jacobian_through_the_network(small_dataset, truth):
+@pytest.mark.parametrize("distribution", ["quantile", "mixture"])
+def test_learned_jacobian_through_the_network(small_dataset, truth, distribution):
     ds, _, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model="learned", thickness_basis=3,
                               thickness_knots=3, thickness_points=4, thickness_smoothness=2.0,
                               free_fraction=0.0, refine_orientation=False, jacobian_precision="double",
-                              learned_warm_start="scan")
+                              learned_warm_start="scan", thickness_distribution=distribution)
     problem = build_problem(displaced(truth, 0.02, 0.02), _two_frames(ds), settings)
     theta = problem.theta0.clone()
     net = problem.group_index("network")
     theta[net] += 0.3 * torch.randn(len(net), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert len(problem.prior_residuals(theta)) == 4  # (F - 1) x (K + 1) smoothness rows
+    # smoothness rows: (F - 1) x (K + 1) knots, or (F - 1) x K positions and K weights of a mixture
+    assert len(problem.prior_residuals(theta)) == (4 if distribution == "quantile" else 6)
     jac = _check_jacobian(problem, theta, net.tolist() + problem.group_index("xyz").tolist())
     assert float(jac[:, net].abs().max()) > 0
 
@@ -140,6 +144,43 @@ def test_quantile_distribution_is_ordered_bounded_and_flexible():
     # a saved configuration rebuilds the same model
     again = thickness_model_from_config(model.config())
     assert torch.allclose(again.evaluate(raw, ctx)[0], t)
+
+
+def test_mixture_distribution_moves_weight_continuously():
+    """A mixture's points are ordered and bounded and its weights sum to one for any network output;
+    its warm start reproduces the target mean and spread; an equal-weight pair of peaks is exactly
+    representable, and shifting weight from one to the other is a smooth path (the quantile form
+    moves mass in steps of 1/K); the saved configuration rebuilds it."""
+    ctx = FrameContext(alpha=torch.linspace(-0.8, 0.8, 7, dtype=torch.float64), beta=torch.zeros(7, dtype=torch.float64),
+                       omega=torch.zeros(7, dtype=torch.float64))
+    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, basis=5, distribution="mixture")
+    model.warm_start(ctx)
+    raw = model.initial()
+    assert raw["thickness_net"].shape == (13 * 6,)  # 2K + 1 outputs x (H + 1)
+    t, w = model.evaluate(raw, ctx)
+    assert t.shape == w.shape == (7, 6)
+    assert torch.allclose(w, torch.full_like(w, 1 / 6))
+    desc = model.describe(raw, ctx)
+    assert np.all(np.abs(desc["thickness_mean"] - 600.0) < 5.0)
+    assert np.all(np.abs(desc["thickness_spread"] - 30.0) < 5.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        t, w = model.evaluate_features(5 * torch.randn(7, 13, generator=gen, dtype=torch.float64), ctx)
+        assert torch.all(t[:, 1:] >= t[:, :-1]) and t.min() >= 50.0 and t.max() <= 3000.0
+        assert torch.allclose(w.sum(-1), torch.ones(7, dtype=torch.float64))
+    # points at 400 (three) and 1400 A (three); the weight of the upper peak follows one logit smoothly
+    lo, hi = 50.0, 3000.0
+    gaps = torch.tensor([350.0, 1e-9, 1e-9, 1000.0, 1e-9, 1e-9, hi - lo - 1350.0], dtype=torch.float64)
+    for shift, upper in ((0.0, 0.5), (math.log(4.0), 2 / 3)):
+        logits = torch.cat([torch.log(gaps), torch.tensor([0.0, 0.0, 0.0, shift, 0.0, 0.0], dtype=torch.float64)])
+        t, w = model.evaluate_features(logits[None, :], ctx)
+        assert np.allclose(t[0].numpy(), [400.0] * 3 + [1400.0] * 3, atol=1e-3)
+        assert abs(float(w[0, 3:].sum()) - upper) < 1e-12
+    again = thickness_model_from_config(model.config())
+    assert again.distribution == "mixture"
+    assert torch.allclose(again.evaluate(raw, ctx)[1], model.evaluate(raw, ctx)[1])
+    with pytest.raises(ValueError, match="mixture"):
+        LearnedThickness(np.full(7, 600.0), distribution="gaussian")
 
 
 def test_slab_normal_turns_with_the_goniometer():

@@ -318,7 +318,8 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "free_fraction": "free_fraction", "absorption": "absorption", "checkpoint_every": "checkpoint_every",
     "wavelength": "wavelength", "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
     "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis", "s_bethe": "s_bethe",
-    "thickness_points": "thickness_points", "holdout_frames": "holdout_frames",
+    "thickness_points": "thickness_points", "thickness_distribution": "thickness_distribution",
+    "holdout_frames": "holdout_frames",
     "orientation_sigma": "orientation_sigma",
 }
 
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rocking-axis", choices=["goniometer", "fixed"], help="tilt about the goniometer or lab x axis")
     r.add_argument("--thickness-model", choices=["global", "per-frame", "slab", "learned"])
     r.add_argument("--thickness-points", type=int, help="quadrature points of a learned thickness distribution")
+    r.add_argument("--thickness-distribution", choices=["quantile", "mixture"],
+                   help="form of a learned distribution: a quantile function at fixed levels, or weighted points")
     r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")
     r.add_argument("--thickness", help="start thickness in A or 'auto'")
     r.add_argument("--adam-steps", type=int)

@@ -197,21 +197,32 @@ class LearnedThickness(ThicknessModel):
     points at the mid-levels (q + 1/2) / Q of that quantile function: fixed quadrature, so the
     objective is smooth and deterministic. A smoothness prior ties the knots of neighbouring
     frames (by angle) together.
+
+    ``distribution = "mixture"`` instead makes it K weighted thickness points (2K + 1 logits: K + 1
+    split the range into ordered positions as above, K give the weights by softmax), evaluated at
+    those points exactly. A weight moves continuously where the quantile form can move mass only
+    in steps of 1/K (a peak's weight changes by moving a knot across the gap between peaks).
     """
 
     kind = "learned"
+    DISTRIBUTIONS = ("quantile", "mixture")
 
     def __init__(self, mean, spread=None, bounds=(20.0, 5000.0), knots: int = 8, points: int = 16,
-                 basis: int = 6, smoothness: float = 1.0, weights=None, inputs=None):
+                 basis: int = 6, smoothness: float = 1.0, weights=None, inputs=None,
+                 distribution: str = "quantile"):
         self.mean = np.asarray(mean, float)
         self.spread = 0.05 * self.mean if spread is None else np.broadcast_to(np.asarray(spread, float),
                                                                              self.mean.shape).copy()
         self.bounds = (float(bounds[0]), float(bounds[1]))
         if not 0 < self.bounds[0] < self.bounds[1]:
             raise ValueError(f"thickness bounds {bounds} must satisfy 0 < low < high")
+        if distribution not in self.DISTRIBUTIONS:
+            raise ValueError(f"thickness distribution '{distribution}': choose {' or '.join(self.DISTRIBUTIONS)}")
+        self.distribution = distribution
         self.knots, self.points, self.basis = int(knots), int(points), int(basis)
         self.smoothness = float(smoothness)
-        self.n_weights = (self.knots + 2) * (self.basis + 1)
+        self.n_outputs = self.knots + 2 if distribution == "quantile" else 2 * self.knots + 1
+        self.n_weights = self.n_outputs * (self.basis + 1)
         self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.inputs = inputs  # (centre, half range) of alpha (rad), fixed at construction for reuse
 
@@ -233,14 +244,17 @@ class LearnedThickness(ThicknessModel):
         return torch.cat([phi, torch.ones_like(x)], 1)
 
     def features(self, raw, ctx) -> torch.Tensor:
-        """Per-frame logits (F, K + 2): the only way the weights reach the intensities."""
-        w = raw["thickness_net"].reshape(self.knots + 2, self.basis + 1)
+        """Per-frame logits (F, K + 2), or (F, 2K + 1) for a mixture: the only way the weights
+        reach the intensities."""
+        w = raw["thickness_net"].reshape(self.n_outputs, self.basis + 1)
         return self.hidden(ctx).to(w.dtype) @ w.T
 
     def knot_values(self, features: torch.Tensor) -> torch.Tensor:
-        """(F, K + 1) thickness at quantile levels 0, 1/K, ..., 1 (A), inside the bounds."""
+        """(F, K + 1) thickness at quantile levels 0, 1/K, ..., 1 (A), inside the bounds; for a
+        mixture (F, K), its ordered positions."""
         lo, hi = self.bounds
-        p = torch.softmax(features, -1)
+        p = torch.softmax(features[:, :self.knots + 2] if self.distribution == "quantile"
+                          else features[:, :self.knots + 1], -1)
         return lo + (hi - lo) * torch.cumsum(p, -1)[:, :-1]
 
     def quadrature(self, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +265,8 @@ class LearnedThickness(ThicknessModel):
         return t, torch.full_like(t, 1.0 / self.points)
 
     def evaluate_features(self, features, ctx):
+        if self.distribution == "mixture":
+            return self.knot_values(features), torch.softmax(features[:, self.knots + 1:], -1)
         return self.quadrature(self.knot_values(features))
 
     # -- ThicknessModel --------------------------------------------------------------------------
@@ -269,15 +285,23 @@ class LearnedThickness(ThicknessModel):
     def prior_residuals(self, raw, ctx):
         if self.smoothness <= 0 or ctx.n_frames < 2:
             return torch.zeros(0, dtype=torch.float64)
-        knots = self.knot_values(self.features(raw, ctx))
+        features = self.features(raw, ctx)
+        knots = self.knot_values(features)
         order = torch.argsort(ctx.alpha)
-        d = knots[order[1:]] - knots[order[:-1]]  # (F-1, K+1)
-        return math.sqrt(self.smoothness) * d.reshape(-1) / SMOOTHNESS_UNIT
+        d = (knots[order[1:]] - knots[order[:-1]]).reshape(-1) / SMOOTHNESS_UNIT  # (F-1)(K+1)
+        if self.distribution == "mixture":  # a weight change of WEIGHT_SMOOTHNESS_UNIT costs as much as a 100 A jump
+            wt = torch.softmax(features[:, self.knots + 1:], -1)
+            d = torch.cat([d, (wt[order[1:]] - wt[order[:-1]]).reshape(-1) / WEIGHT_SMOOTHNESS_UNIT])
+        return math.sqrt(self.smoothness) * d
 
     def target_knots(self) -> np.ndarray:
-        """Warm-start knots: Gaussian quantiles of (mean, spread) per frame, levels clipped to 2..98 %."""
+        """Warm-start knots: Gaussian quantiles of (mean, spread) per frame, levels clipped to 2..98 %
+        (a mixture: at the mid-levels (k + 1/2) / K, equal weights)."""
         from statistics import NormalDist
-        lv = np.clip(np.arange(self.knots + 1) / self.knots, 0.02, 0.98)
+        if self.distribution == "mixture":
+            lv = (np.arange(self.knots) + 0.5) / self.knots
+        else:
+            lv = np.clip(np.arange(self.knots + 1) / self.knots, 0.02, 0.98)
         z = np.array([NormalDist().inv_cdf(float(u)) for u in lv])
         lo, hi = self.bounds
         return np.clip(self.mean[:, None] + self.spread[:, None] * z[None, :], lo + 1.0, hi - 1.0)
@@ -292,22 +316,25 @@ class LearnedThickness(ThicknessModel):
                                        np.full((len(self.mean), 1), hi)], 1), axis=1)
         logits = np.log(np.clip(gaps, 1e-9, None))
         logits -= logits.mean(1, keepdims=True)  # softmax is shift-invariant: centre each frame
+        if self.distribution == "mixture":  # equal weights: zero weight logits
+            logits = np.concatenate([logits, np.zeros((len(logits), self.knots))], 1)
         phi = self.hidden(ctx).numpy()
         if frames is not None:
             phi, logits = phi[np.asarray(frames, bool)], logits[np.asarray(frames, bool)]
         a = phi.T @ phi + ridge * np.eye(phi.shape[1])
-        w = np.linalg.solve(a, phi.T @ logits).T  # (K+2, H+1)
+        w = np.linalg.solve(a, phi.T @ logits).T  # (outputs, H+1)
         self._weights = torch.as_tensor(w.reshape(-1))
         return self
 
     def config(self):
         return {"kind": self.kind, "mean": self.mean.tolist(), "spread": self.spread.tolist(),
                 "bounds": list(self.bounds), "knots": self.knots, "points": self.points, "basis": self.basis,
-                "smoothness": self.smoothness,
+                "smoothness": self.smoothness, "distribution": self.distribution,
                 "inputs": None if self.inputs is None else list(self.inputs)}
 
 
 SMOOTHNESS_UNIT = 100.0  # A: a knot jump of this size between neighbouring frames costs `smoothness`
+WEIGHT_SMOOTHNESS_UNIT = 0.1  # a mixture weight's change between neighbouring frames that costs the same
 
 THICKNESS_MODELS = {"global": GlobalThickness, "per-frame": PerFrameThickness, "slab": SlabThickness,
                     "learned": LearnedThickness}

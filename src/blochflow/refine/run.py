@@ -76,7 +76,10 @@ class RefineSettings:
     # better (another branch; see rescan_frame_thickness)
     thickness_rescan: bool = True
     thickness_points: int = 16  # quadrature points of a learned distribution per frame
-    thickness_knots: int = 8  # quantile knots of a learned distribution
+    thickness_knots: int = 8  # quantile knots of a learned distribution (mixture: its points)
+    # a learned distribution's form: 'quantile' (monotone quantile function, linear between knots,
+    # at thickness_points levels) or 'mixture' (thickness_knots weighted points, positions and weights learned)
+    thickness_distribution: str = "quantile"
     thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
     thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions
     thickness_basis: int = 6  # radial basis functions of the thickness network
@@ -213,6 +216,9 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         raise ValueError("thickness_points, thickness_knots, thickness_basis: must be at least 1")
     if s.orientation_sigma < 0:
         raise ValueError("orientation_sigma: must be 0 (off) or positive")
+    if s.thickness_distribution not in LearnedThickness.DISTRIBUTIONS:
+        raise ValueError(f"thickness_distribution: '{s.thickness_distribution}' is not one of "
+                         f"{', '.join(LearnedThickness.DISTRIBUTIONS)}")
     if s.thickness_smoothness < 0:
         raise ValueError("thickness_smoothness: must not be negative")
     return s
@@ -401,8 +407,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         mean = warm.mean if warm is not None else np.full(model.n_frames, t0)
         thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,
                                  knots=settings.thickness_knots, points=settings.thickness_points,
-                                 basis=settings.thickness_basis, smoothness=settings.thickness_smoothness
-                                 ).warm_start(ctx, frames=None if warm is None else warm.fitted)
+                                 basis=settings.thickness_basis, smoothness=settings.thickness_smoothness,
+                                 distribution=settings.thickness_distribution).warm_start(ctx, frames=None if warm is None else warm.fitted)
     elif kind == "global":
         thick = GlobalThickness(t0)
     elif kind == "slab":

@@ -74,8 +74,10 @@ def thickness_points(args) -> list[dict]:
     rows, base = [], None
     for q in [0] + [int(x) for x in args.thickness_points.split(",")]:
         model = "per-frame" if q == 0 else "learned"
+        # a mixture's points are its components (thickness_knots); a quantile function's its quadrature levels
         settings = RefineSettings(n_samples=args.samples, samples_per_fringe=0.0, thickness=600.0, thickness_model=model,
-                                  thickness_points=max(q, 1), refine_orientation=False)
+                                  thickness_points=max(q, 1), thickness_knots=max(q, 1) if args.distribution == "mixture" else 8,
+                                  thickness_distribution=args.distribution, refine_orientation=False)
         problem = build_problem(crystal, ds, settings)
         index = refined_index(problem, settings)
         lr = adam_learning_rates(problem, {"xyz": 1e-4, "adp": 1e-4, "thickness": 1e-3, "network": 1e-3})
@@ -154,6 +156,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="where the Bloch solves run (cpu, cuda, auto)")
     p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")
+    p.add_argument("--distribution", choices=["mixture", "quantile"], default="mixture",
+                   help="form of the learned distribution timed by --thickness-points")
     p.add_argument("--kept-decompositions", action="store_true",
                    help="time forward + Jacobian with and without the forward pass's decompositions kept")
     p.add_argument("--repeat", type=int, default=2)

@@ -58,7 +58,7 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
 
 
 @pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe", "learned", "learned-bethe",
-                                   "learned-absorption", "learned-mixture"])
+                                   "learned-absorption", "learned-quantile"])
 def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monkeypatch, model):
     """The fused forward rules (forward AD only through the cheap inputs of the structure matrices:
     potential, excitation errors, illumination factors, K_n, thickness; with weak beams folded in by
@@ -70,10 +70,10 @@ def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monke
     ds, _, _ = small_dataset
     bethe = model.endswith("-bethe")
     absorption = model.endswith("-absorption")
-    name = model.removesuffix("-bethe").removesuffix("-absorption").removesuffix("-mixture")
+    name = model.removesuffix("-bethe").removesuffix("-absorption").removesuffix("-quantile")
     extra = dict(thickness_basis=3, thickness_knots=3, thickness_points=4) if name == "learned" else {}
-    if model.endswith("-mixture"):
-        extra["thickness_distribution"] = "mixture"
+    if model.endswith("-quantile"):
+        extra["thickness_distribution"] = "quantile"
     if absorption:
         extra.update(absorption="proportional", refine_absorption=True)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=400.0, thickness_model=name,
@@ -120,7 +120,8 @@ def test_learned_jacobian_through_the_network(small_dataset, truth, distribution
 def test_quantile_distribution_is_ordered_bounded_and_flexible():
     ctx = FrameContext(alpha=torch.linspace(-0.8, 0.8, 7, dtype=torch.float64), beta=torch.zeros(7, dtype=torch.float64),
                        omega=torch.zeros(7, dtype=torch.float64))
-    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, points=12, basis=5)
+    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, points=12, basis=5,
+                             distribution="quantile")
     model.warm_start(ctx)
     raw = model.initial()
     t, w = model.evaluate(raw, ctx)

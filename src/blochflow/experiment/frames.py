@@ -209,7 +209,7 @@ class LearnedThickness(ThicknessModel):
 
     def __init__(self, mean, spread=None, bounds=(20.0, 5000.0), knots: int = 8, points: int = 16,
                  basis: int = 6, smoothness: float = 1.0, weights=None, inputs=None,
-                 distribution: str = "quantile"):
+                 distribution: str = "mixture"):
         self.mean = np.asarray(mean, float)
         self.spread = 0.05 * self.mean if spread is None else np.broadcast_to(np.asarray(spread, float),
                                                                              self.mean.shape).copy()

@@ -956,13 +956,57 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     else forward AD through the matrices and the solver's generic forward rule. The fused rules take
     the eigendecompositions from ``decompositions`` when a forward pass at the same inputs kept them.
     """
-    from torch.func import jvp, vmap
-
-    n_t = len(tangents)
     home = potential.device
     potential, potential_abs, state = _to_device(plan.device, potential, potential_abs, state)
     tangents = [(None if a is None else a.to(plan.device), None if b is None else b.to(plan.device),
                  tuple(None if x is None else x.to(plan.device) for x in c)) for a, b, c in tangents]
+    # Tangents that move nothing but the frames' thickness points (and their weights), like a learned
+    # distribution's logits, go through the solver as one: with dt = 1 at every point it gives dI/dt_q
+    # per reflection and point, and each such tangent is dt[f, q] times that. Exact, because a point's
+    # intensities depend on the thickness only through its own t_q, the same for every tilt of a frame.
+    pointwise = [i for i, t in enumerate(tangents) if _moves_only_thickness(t)]
+    through = [i for i in range(len(tangents)) if i not in set(pointwise)]
+    solved = [tangents[i] for i in through]
+    if pointwise:
+        solved.append((None, None, tuple(torch.ones_like(x) if k == 3 else None
+                                         for k, x in enumerate(state.tensors()))))
+    out, d_solved = _frames_jvp_per_point(plan, potential, potential_abs, state, solved,
+                                          absorption_method=absorption_method, batch_elements=batch_elements,
+                                          fused_rule=fused_rule, decompositions=decompositions)
+    frame = _scored_frames(plan)
+    d_out = torch.zeros(out.shape + (len(tangents),), dtype=out.dtype, device=out.device)
+    if through:
+        d_out[..., through] = d_solved[..., :len(through)]
+    for i in pointwise:
+        dt = tangents[i][2][3]
+        if dt is not None:
+            d_out[..., i] = dt.to(out.dtype)[frame] * d_solved[..., -1]
+    w = state.thickness_weight[frame]  # (R,Q)
+    ic = torch.sum(out * w, -1)
+    d_ic = torch.einsum("rqt,rq->rt", d_out, w)
+    for i, t in enumerate(tangents):
+        if t[2][4] is not None:
+            d_ic[:, i] += torch.sum(t[2][4].to(out.dtype)[frame] * out, -1)
+    return ic.to(home), d_ic.to(home)
+
+
+def _moves_only_thickness(tangent) -> bool:
+    """Whether a tangent (d_potential, d_potential_abs, d_state) moves nothing but thickness points and
+    their weights (state entries 3 and 4)."""
+    d_pot, d_abs, d_state = tangent
+    if any(x is not None and bool((x != 0).any()) for x in (d_pot, d_abs)):
+        return False
+    return not any(x is not None and bool((x != 0).any()) for k, x in enumerate(d_state) if k not in (3, 4))
+
+
+def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state: FrameState, tangents: list[tuple],
+                          *, absorption_method: AbsorptionMethod, batch_elements, fused_rule: bool,
+                          decompositions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intensities (R, Q) and tangents (R, Q, T) at each thickness point, before the points' weights
+    (inputs already on the plan's device): the body of :func:`simulate_frames_jvp`."""
+    from torch.func import jvp, vmap
+
+    n_t = len(tangents)
     primals = (potential, potential_abs, tuple(None if x is None else x.contiguous() for x in state.tensors()))
 
     def stack(parts, primal):  # (T, ...) tangents of one input; zeros where a tangent is None
@@ -1064,11 +1108,4 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     for vals, dvals, rows in done:
         out = out.index_add(0, rows, vals)
         d_out = d_out.index_add(0, rows, dvals.permute(1, 2, 0))
-    frame = _scored_frames(plan)
-    w = state.thickness_weight[frame]  # (R,Q)
-    ic = torch.sum(out * w, -1)
-    d_ic = torch.einsum("rqt,rq->rt", d_out, w)
-    tw = t_state[4]
-    if tw is not None:
-        d_ic = d_ic + torch.einsum("trq,rq->rt", tw[:, frame], out)
-    return ic.to(home), d_ic.to(home)
+    return out, d_out

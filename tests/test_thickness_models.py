@@ -299,3 +299,17 @@ def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):
     assert err["per-frame"][~hold].mean() < 0.3 * err["scan"][~hold].mean()
     assert err["per-frame"][~hold].mean() < 20.0
     assert err["per-frame"][hold].mean() < 0.5 * err["scan"][hold].mean()
+
+
+def test_a_learned_model_saved_before_the_mixture_form_rebuilds_as_quantile():
+    """frame_model.json files written before the mixture form existed carry no 'distribution': they
+    hold a quantile model's weights and rebuild as one."""
+    ctx = FrameContext(alpha=torch.linspace(-0.5, 0.5, 4, dtype=torch.float64), beta=torch.zeros(4, dtype=torch.float64),
+                       omega=torch.zeros(4, dtype=torch.float64))
+    old = LearnedThickness(np.full(4, 500.0), 25.0, knots=4, points=8, basis=3, distribution="quantile").warm_start(ctx)
+    cfg = old.config()
+    del cfg["distribution"]
+    again = thickness_model_from_config(cfg)
+    assert again.distribution == "quantile" and again.n_weights == old.n_weights
+    raw = old.initial()
+    assert torch.allclose(again.evaluate(raw, ctx)[0], old.evaluate(raw, ctx)[0])

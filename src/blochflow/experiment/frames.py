@@ -185,23 +185,22 @@ class LearnedThickness(ThicknessModel):
     """A small network maps a frame's goniometer angle to its thickness distribution.
 
     Network: a radial-basis-function layer (H Gaussian bumps of the scaled alpha, evenly spaced,
-    width = spacing, plus a constant) and a learned linear layer to K + 2 logits. The fixed smooth
+    width = spacing, plus a constant) and a learned linear layer to the logits. The fixed smooth
     first layer makes the logits linear in the weights, which keeps Gauss-Newton steps well
     conditioned and the prediction for unseen angles smooth; a deep MLP with hundreds of weights
     per few hundred reflections was neither (it over-fitted and stalled LM on our synthetic cases).
-    The distribution is a monotone quantile function: the network gives K + 2 logits per frame,
-    their softmax splits the allowed range [t_lo, t_hi] into a gap below, K increments between
+    The distribution (``distribution``): by default K weighted thickness points, 2K + 1 logits per
+    frame (K + 1 split the range [t_lo, t_hi] into ordered positions as the quantile knots below,
+    K give the weights by softmax), evaluated at those points exactly; a weight moves continuously
+    where the quantile form can move mass only in steps of 1/K (a peak's weight changes by moving
+    a knot across the gap between peaks). Or (``"quantile"``) a monotone quantile function: the
+    network gives K + 2 logits per frame, their softmax splits the allowed range [t_lo, t_hi] into a gap below, K increments between
     K + 1 knots at quantile levels 0, 1/K, ..., 1, and a gap above. Knots are therefore ordered and
     bounded by construction, and a steep increment makes the distribution two-peaked, equal
     increments make it uniform-like. The intensity of a frame is the average over Q thickness
     points at the mid-levels (q + 1/2) / Q of that quantile function: fixed quadrature, so the
     objective is smooth and deterministic. A smoothness prior ties the knots of neighbouring
     frames (by angle) together.
-
-    ``distribution = "mixture"`` instead makes it K weighted thickness points (2K + 1 logits: K + 1
-    split the range into ordered positions as above, K give the weights by softmax), evaluated at
-    those points exactly. A weight moves continuously where the quantile form can move mass only
-    in steps of 1/K (a peak's weight changes by moving a knot across the gap between peaks).
     """
 
     kind = "learned"
@@ -346,6 +345,8 @@ def thickness_model_from_config(cfg: dict) -> ThicknessModel:
     kind = cfg.pop("kind")
     if kind not in THICKNESS_MODELS:
         raise ValueError(f"unknown thickness model '{kind}'")
+    if kind == "learned":  # saved before the mixture form existed (and became the default): quantile
+        cfg.setdefault("distribution", "quantile")
     return THICKNESS_MODELS[kind](**cfg)
 
 

@@ -74,10 +74,9 @@ def thickness_points(args) -> list[dict]:
     rows, base = [], None
     for q in [0] + [int(x) for x in args.thickness_points.split(",")]:
         model = "per-frame" if q == 0 else "learned"
-        # a mixture's points are its components (thickness_knots); a quantile function's its quadrature levels
         settings = RefineSettings(n_samples=args.samples, samples_per_fringe=0.0, thickness=600.0, thickness_model=model,
-                                  thickness_points=max(q, 1), thickness_knots=max(q, 1) if args.distribution == "mixture" else 8,
-                                  thickness_distribution=args.distribution, refine_orientation=False)
+                                  thickness_points=max(q, 1), thickness_distribution=args.distribution,
+                                  refine_orientation=False)
         problem = build_problem(crystal, ds, settings)
         index = refined_index(problem, settings)
         lr = adam_learning_rates(problem, {"xyz": 1e-4, "adp": 1e-4, "thickness": 1e-3, "network": 1e-3})

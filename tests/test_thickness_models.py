@@ -133,8 +133,8 @@ def test_learned_jacobian_through_the_network(small_dataset, truth, distribution
     theta = problem.theta0.clone()
     net = problem.group_index("network")
     theta[net] += 0.3 * torch.randn(len(net), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    # smoothness rows: (F - 1) x (K + 1) knots, or (F - 1) x K positions and K weights of a mixture
-    assert len(problem.prior_residuals(theta)) == (4 if distribution == "quantile" else 6)
+    # smoothness rows: (F - 1) x (K + 1) knots, or (F - 1) x Q positions and Q weights of a mixture
+    assert len(problem.prior_residuals(theta)) == (4 if distribution == "quantile" else 8)
     jac = _check_jacobian(problem, theta, net.tolist() + problem.group_index("xyz").tolist())
     assert float(jac[:, net].abs().max()) > 0
 
@@ -176,7 +176,7 @@ def test_mixture_distribution_moves_weight_continuously():
     moves mass in steps of 1/K); the saved configuration rebuilds it."""
     ctx = FrameContext(alpha=torch.linspace(-0.8, 0.8, 7, dtype=torch.float64), beta=torch.zeros(7, dtype=torch.float64),
                        omega=torch.zeros(7, dtype=torch.float64))
-    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), knots=6, basis=5, distribution="mixture")
+    model = LearnedThickness(np.full(7, 600.0), 30.0, bounds=(50.0, 3000.0), points=6, basis=5, distribution="mixture")
     model.warm_start(ctx)
     raw = model.initial()
     assert raw["thickness_net"].shape == (13 * 6,)  # 2K + 1 outputs x (H + 1)

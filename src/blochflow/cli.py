@@ -493,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tilt-window", type=int, help="> 1: tapered tilt weights (diffBloch's mosaic smoothing: 5)")
     r.add_argument("--rocking-axis", choices=["goniometer", "fixed"], help="tilt about the goniometer or lab x axis")
     r.add_argument("--thickness-model", choices=["global", "per-frame", "slab", "learned"])
-    r.add_argument("--thickness-points", type=int, help="quadrature points of a learned thickness distribution")
+    r.add_argument("--thickness-points", type=int,
+                   help="points of a learned thickness distribution (a mixture's weighted points, or a quantile "
+                        "function's quadrature levels; default 8)")
     r.add_argument("--thickness-distribution", choices=["quantile", "mixture"],
                    help="form of a learned distribution: a quantile function at fixed levels, or weighted points")
     r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")

@@ -189,9 +189,9 @@ class LearnedThickness(ThicknessModel):
     first layer makes the logits linear in the weights, which keeps Gauss-Newton steps well
     conditioned and the prediction for unseen angles smooth; a deep MLP with hundreds of weights
     per few hundred reflections was neither (it over-fitted and stalled LM on our synthetic cases).
-    The distribution (``distribution``): by default K weighted thickness points, 2K + 1 logits per
-    frame (K + 1 split the range [t_lo, t_hi] into ordered positions as the quantile knots below,
-    K give the weights by softmax), evaluated at those points exactly; a weight moves continuously
+    The distribution (``distribution``): by default Q = ``points`` weighted thickness points, 2Q + 1
+    logits per frame (Q + 1 split the range [t_lo, t_hi] into ordered positions as the quantile
+    knots below, Q give the weights by softmax), evaluated at those points exactly; a weight moves continuously
     where the quantile form can move mass only in steps of 1/K (a peak's weight changes by moving
     a knot across the gap between peaks). Or (``"quantile"``) a monotone quantile function: the
     network gives K + 2 logits per frame, their softmax splits the allowed range [t_lo, t_hi] into a gap below, K increments between
@@ -220,7 +220,7 @@ class LearnedThickness(ThicknessModel):
         self.distribution = distribution
         self.knots, self.points, self.basis = int(knots), int(points), int(basis)
         self.smoothness = float(smoothness)
-        self.n_outputs = self.knots + 2 if distribution == "quantile" else 2 * self.knots + 1
+        self.n_outputs = self.knots + 2 if distribution == "quantile" else 2 * self.points + 1
         self.n_weights = self.n_outputs * (self.basis + 1)
         self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.inputs = inputs  # (centre, half range) of alpha (rad), fixed at construction for reuse
@@ -243,17 +243,17 @@ class LearnedThickness(ThicknessModel):
         return torch.cat([phi, torch.ones_like(x)], 1)
 
     def features(self, raw, ctx) -> torch.Tensor:
-        """Per-frame logits (F, K + 2), or (F, 2K + 1) for a mixture: the only way the weights
-        reach the intensities."""
+        """Per-frame logits (F, K + 2), or (F, 2Q + 1) for a mixture of Q points: the only way the
+        weights reach the intensities."""
         w = raw["thickness_net"].reshape(self.n_outputs, self.basis + 1)
         return self.hidden(ctx).to(w.dtype) @ w.T
 
     def knot_values(self, features: torch.Tensor) -> torch.Tensor:
         """(F, K + 1) thickness at quantile levels 0, 1/K, ..., 1 (A), inside the bounds; for a
-        mixture (F, K), its ordered positions."""
+        mixture (F, Q), its ordered positions."""
         lo, hi = self.bounds
         p = torch.softmax(features[:, :self.knots + 2] if self.distribution == "quantile"
-                          else features[:, :self.knots + 1], -1)
+                          else features[:, :self.points + 1], -1)
         return lo + (hi - lo) * torch.cumsum(p, -1)[:, :-1]
 
     def quadrature(self, knots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,7 +265,7 @@ class LearnedThickness(ThicknessModel):
 
     def evaluate_features(self, features, ctx):
         if self.distribution == "mixture":
-            return self.knot_values(features), torch.softmax(features[:, self.knots + 1:], -1)
+            return self.knot_values(features), torch.softmax(features[:, self.points + 1:], -1)
         return self.quadrature(self.knot_values(features))
 
     # -- ThicknessModel --------------------------------------------------------------------------
@@ -287,18 +287,18 @@ class LearnedThickness(ThicknessModel):
         features = self.features(raw, ctx)
         knots = self.knot_values(features)
         order = torch.argsort(ctx.alpha)
-        d = (knots[order[1:]] - knots[order[:-1]]).reshape(-1) / SMOOTHNESS_UNIT  # (F-1)(K+1)
+        d = (knots[order[1:]] - knots[order[:-1]]).reshape(-1) / SMOOTHNESS_UNIT  # (F-1)(K+1), mixture (F-1)Q
         if self.distribution == "mixture":  # a weight change of WEIGHT_SMOOTHNESS_UNIT costs as much as a 100 A jump
-            wt = torch.softmax(features[:, self.knots + 1:], -1)
+            wt = torch.softmax(features[:, self.points + 1:], -1)
             d = torch.cat([d, (wt[order[1:]] - wt[order[:-1]]).reshape(-1) / WEIGHT_SMOOTHNESS_UNIT])
         return math.sqrt(self.smoothness) * d
 
     def target_knots(self) -> np.ndarray:
         """Warm-start knots: Gaussian quantiles of (mean, spread) per frame, levels clipped to 2..98 %
-        (a mixture: at the mid-levels (k + 1/2) / K, equal weights)."""
+        (a mixture: its Q points at the mid-levels (q + 1/2) / Q, equal weights)."""
         from statistics import NormalDist
         if self.distribution == "mixture":
-            lv = (np.arange(self.knots) + 0.5) / self.knots
+            lv = (np.arange(self.points) + 0.5) / self.points
         else:
             lv = np.clip(np.arange(self.knots + 1) / self.knots, 0.02, 0.98)
         z = np.array([NormalDist().inv_cdf(float(u)) for u in lv])
@@ -316,7 +316,7 @@ class LearnedThickness(ThicknessModel):
         logits = np.log(np.clip(gaps, 1e-9, None))
         logits -= logits.mean(1, keepdims=True)  # softmax is shift-invariant: centre each frame
         if self.distribution == "mixture":  # equal weights: zero weight logits
-            logits = np.concatenate([logits, np.zeros((len(logits), self.knots))], 1)
+            logits = np.concatenate([logits, np.zeros((len(logits), self.points))], 1)
         phi = self.hidden(ctx).numpy()
         if frames is not None:
             phi, logits = phi[np.asarray(frames, bool)], logits[np.asarray(frames, bool)]

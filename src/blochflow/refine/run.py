@@ -75,10 +75,11 @@ class RefineSettings:
     # thickness_grid at the current structure and move frames whose best grid value fits clearly
     # better (another branch; see rescan_frame_thickness)
     thickness_rescan: bool = True
-    thickness_points: int = 16  # quadrature points of a learned quantile distribution per frame
-    thickness_knots: int = 8  # points of a learned mixture, or knots of a learned quantile function
-    # a learned distribution's form: 'mixture' (thickness_knots weighted points, positions and weights
-    # learned) or 'quantile' (monotone quantile function, linear between knots, at thickness_points levels)
+    thickness_points: int = 8  # points of a learned distribution per frame (mixture: its weighted points)
+    thickness_knots: int = 8  # knots of a learned quantile function
+    # a learned distribution's form: 'mixture' (thickness_points weighted points, positions and weights
+    # learned) or 'quantile' (monotone quantile function, linear between thickness_knots knots, at
+    # thickness_points levels)
     thickness_distribution: str = "mixture"
     thickness_bounds: tuple = (20.0, 5000.0)  # A, hard limits of a learned distribution
     thickness_smoothness: float = 1.0  # prior weight tying neighbouring frames' distributions

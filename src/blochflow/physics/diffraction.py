@@ -745,6 +745,15 @@ def _scored_frames(plan: DiffractionPlan) -> torch.Tensor:
 CONTRACTION_MIN_TANGENTS = 48
 
 
+def _potential_rows(dpot: torch.Tensor, live: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, N, N T') potential tangents laid out g[b, r, (c, t)] = dpot[live[t], idx[b, r, c]] for the
+    tangents ``live`` of dpot (T, K) at pair indices idx (B, N, N) (a chunk's, or their transpose):
+    contiguous row copies of a (K, T') table, the layout of one matrix product of width N T' per
+    sample (a 4-d gather of dP (B, T', N, N) costs as much as the products themselves)."""
+    b, n = idx.shape[0], idx.shape[-1]
+    return dpot[live].T.contiguous().index_select(0, idx.reshape(-1)).view(b, n, n * len(live))
+
+
 def _potential_contraction(left: torch.Tensor, right: torch.Tensor, idx: torch.Tensor,
                            max_elements: float = 4e6) -> tuple[torch.Tensor, torch.Tensor]:
     """G (B, N, M') and the potential indices (B, M') it refers to, such that for any tangent dpot
@@ -834,8 +843,7 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
                 b, n, n_t = vec.shape[0], vec.shape[-1], len(pot_live)
                 vinv_m = vinv * mc[:, None, :]
                 vw_m = mc[:, :, None] * (vec * vinv[:, None, :, 0])
-                rows = dpot[pot_live].T.contiguous().index_select(0, tm.idx.reshape(-1)).view(b, n, n * n_t)
-                z = (vinv_m @ rows).view(b, n, n, n_t).transpose(-1, -2).reshape(b, n * n_t, n)  # [b, (i, t), k]
+                z = (vinv_m @ _potential_rows(dpot, pot_live, tm.idx)).view(b, n, n, n_t).transpose(-1, -2).reshape(b, n * n_t, n)  # [b, (i, t), k]
                 basis = (z @ vw_m).view(b, n, n_t, n).permute(2, 0, 1, 3)  # (T', B, N, N)
                 dpsi[pot_live] = propagate_tangents(lam, vec, vinv, expo, thick, inv_kn, None, dthick[pot_live],
                                                     dinv_kn[pot_live], beams, basis_tangent=basis)
@@ -911,11 +919,10 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
                 d_p = d_p - z - z.mH
                 y = (d_p.reshape(b, len(live) * n, n) @ hm).view(b, len(live), n, n)  # width T'N per sample
                 core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
-            else:
-                # dP gathered as rows of a (K, T') table in the layout d[b, l, (k, t)] = dP_t[b, k, l]:
-                # contiguous row copies instead of a 4-d gather, and one product of width N T' per sample
-                rows = dpot[live].T.contiguous().index_select(0, tm.idx.mT.reshape(-1)).view(b, n, n * len(live))
-                y = (hm.mT @ rows).view(b, n, n, len(live))  # y[b, i, k, t] = sum_l H'_li dP_t[b, k, l]
+            else:  # one product of width N T' per sample on d[b, l, (k, t)] = dP_t[b, k, l] (the transposed
+                # pair indices), y[b, i, k, t] = sum_l H'_li dP_t[b, k, l]; 8-10 % faster than the other order
+                rows = _potential_rows(dpot, live, tm.idx.mT)
+                y = (hm.mT @ rows).view(b, n, n, len(live))
                 core[live] = torch.einsum("bik,bikt->tbi", vinv_m, y)
         core = core + torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag.to(ctype))
         if bethe:  # -dC = X^H dD_w X for a weak beam's excitation error
@@ -965,7 +972,7 @@ def simulate_frames_jvp(plan: DiffractionPlan, potential: torch.Tensor, potentia
     # per reflection and point, and each such tangent is dt[f, q] times that. Exact, because a point's
     # intensities depend on the thickness only through its own t_q, the same for every tilt of a frame.
     pointwise = [i for i, t in enumerate(tangents) if _moves_only_thickness(t)]
-    through = [i for i in range(len(tangents)) if i not in set(pointwise)]
+    through = sorted(set(range(len(tangents))) - set(pointwise))
     solved = [tangents[i] for i in through]
     if pointwise:
         solved.append((None, None, tuple(torch.ones_like(x) if k == 3 else None

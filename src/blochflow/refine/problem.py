@@ -460,7 +460,8 @@ class RefinementProblem:
                 s, jf = data
                 if s.block.name not in d_feat:
                     d_feat[s.block.name] = _dense_jacobian(
-                        lambda w, s=s: net.features({**raw, s.block.name: w}, self.frames.ctx), raw[s.block.name])
+                        lambda w, s=s: net.features({**raw, s.block.name: w}, self.frames.ctx), raw[s.block.name],
+                        feat0.numel())
                 j_ic[:, s.start:s.stop] += d_ic[:, c, None] * d_feat[s.block.name][frame, jf, :]
         # residual r = sqrt(w)(yo - k_f yc), k_f = sum_f w yo yc / sum_f w yc^2 over work rows;
         # y = I, or y = F = sqrt(I) with dF = dI / 2F
@@ -479,17 +480,15 @@ class RefinementProblem:
         factor = self._prior_factor(kind)
         prior = self.prior_residuals(theta) * factor
         if len(prior):
-            j_prior = _dense_jacobian(self.prior_residuals, theta) * factor
+            j_prior = _dense_jacobian(self.prior_residuals, theta, len(prior)) * factor
             return ic, torch.cat([r[self.work], prior]), torch.cat([jac[self.work], j_prior])[:, cols]
         return ic, r[self.work], jac[self.work][:, cols]
 
 
-def _dense_jacobian(fn, x: torch.Tensor) -> torch.Tensor:
-    """d fn / d x, shape fn(x).shape + x.shape, by forward mode when x has fewer elements than the
-    output (a learned mixture's 98 x 65 smoothness rows against its few hundred weights: one
-    vmapped jvp per weight, not one vmapped backward pass per row), else by reverse mode."""
+def _dense_jacobian(fn, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """d fn / d x, shape fn(x).shape + x.shape, for fn with ``n_out`` output elements: by forward mode
+    when x has fewer elements (a learned mixture's 98 x 65 smoothness rows against its few hundred
+    weights: one vmapped jvp per weight, not one vmapped backward pass per row), else by reverse mode."""
     from torch.func import jacfwd, jacrev
 
-    with torch.no_grad():
-        n_out = fn(x).numel()
     return (jacfwd if x.numel() < n_out else jacrev)(fn)(x)

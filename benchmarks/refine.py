@@ -59,6 +59,7 @@ def full_refinement(args) -> dict:
             "n_params": len(result.refined_index), "setup_s": setup, "adam_s": pt["adam_s"],
             "adam_per_step_s": pt["adam_s"] / max(result.adam_steps, 1), "lm_s": pt["lm_s"],
             "lm_per_iteration_s": pt["lm_s"] / max(result.lm.iteration, 1), "covariance_s": pt["covariance_s"],
+            "other_phases_s": {k: v for k, v in pt.items() if k not in ("setup_s", "adam_s", "lm_s", "covariance_s")},
             "total_s": setup + result.elapsed_s, "lm_iterations": result.lm.iteration,
             "convergence": result.lm.reason,
             "converged": result.lm.converged, "R_obs": fig.R_obs, "wR2": fig.wR2, "GoF": fig.GoF,

@@ -70,20 +70,15 @@ def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     untouched = torch.ones_like(theta, dtype=torch.bool)
     untouched[[th.start + 2, orient.start + 6, orient.start + 7]] = False
     assert torch.equal(step[untouched], delta[untouched])
-    # a frame's trust factor scales its own caps only
-    trust = torch.ones(problem.model.n_frames, dtype=torch.float64)
-    trust[2] = 0.25
-    step, _ = problem.bounded_step(theta, delta, trust)
-    assert float(step[th.start + 2]) == pytest.approx(0.25 * PER_FRAME_MAX_STEP["thickness"])
-    assert torch.allclose(step[orient.start + 6: orient.start + 8], o3)
 
 
-def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
+def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth, monkeypatch):
     """Each frame keeps the fraction of its own step that fits it best. Frame costs are separable
     once the global step is fixed, so the objective the step reports (put together from several
-    trials) is the objective at the new point; frames that took their full step earn larger caps,
-    the others smaller; the LM state carries the factors (and checkpoints them)."""
-    from blochflow.refine.optimise import FRAME_TRUST_MAX, LMState, lm_step
+    trials) is the objective at the new point; frames that fitted short of their full step are
+    damped in the next solve; the LM state carries the damping (and checkpoints it)."""
+    from blochflow.refine.optimise import LMState, lm_step
+    from blochflow.refine.problem import PER_FRAME_MAX_STEP
     from blochflow.refine.run import _lm_from_dict, _lm_to_dict, refined_index
 
     ds, _, _ = small_dataset
@@ -91,7 +86,10 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
                               orientation_sigma=0.0)  # the line search alone, no prior rows
     problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
     theta = problem.theta0.clone()
-    theta[problem.group_index("orientation")] = 8.0  # mrad: far enough that full steps overshoot
+    # mrad from the truth, with caps wide enough that a frame's full Gauss-Newton step can overshoot
+    theta[problem.group_index("orientation")] = 4.0
+    monkeypatch.setitem(PER_FRAME_MAX_STEP, "orientation", 8.0)
+    monkeypatch.setitem(PER_FRAME_MAX_STEP, "thickness", 1.0)
     index = refined_index(problem, settings)
     state = LMState(damping=1e-6)
     start = float(problem.objective(theta))
@@ -113,11 +111,49 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth):
     assert state.cost < start
     assert any(h["frames_partial_step"] > 0 for h in state.history)  # the per-frame search ran
     assert composed  # and the next Jacobian's decompositions were composed from its trials
-    trust = torch.as_tensor(state.frame_trust)
-    assert trust.shape == (problem.model.n_frames,)
-    assert bool((trust >= 1 / 64).all()) and bool((trust <= FRAME_TRUST_MAX).all())
-    assert bool((trust != 1).any())  # the factors moved
-    assert _lm_from_dict(_lm_to_dict(state)).frame_trust == state.frame_trust
+    damping = torch.as_tensor(state.frame_damping)
+    assert damping.shape == (problem.model.n_frames,)
+    assert bool((damping >= 0).all()) and bool((damping > 0).any())  # frames that overshot are damped
+    assert _lm_from_dict(_lm_to_dict(state)).frame_damping == state.frame_damping
+
+
+def test_frame_damping_follows_each_frames_fitted_fraction():
+    """A frame that fitted best at a fraction f of its step is damped by at least 1/f - 1 (doubling
+    what it had), one whose cost rose at every fraction as for the smallest fraction, and one whose
+    full step fitted loses damping down to zero."""
+    from blochflow.refine.optimise import FRAME_DAMPING_DECAY, update_frame_damping
+
+    damping = torch.tensor([0.0, 0.0, 4.0, 3.0, 1e-3, 0.0])
+    fraction = torch.tensor([0.5, 0.25, 0.5, 1.0, 1.0, 0.0])
+    rose = torch.tensor([False, False, False, False, False, True])
+    out = update_frame_damping(damping, fraction, rose)
+    assert out.tolist() == pytest.approx([1.0, 3.0, 8.0, 3.0 / FRAME_DAMPING_DECAY, 0.0, 7.0])
+
+
+def test_frame_damping_solves_the_structure_step_with_the_damped_frames(small_dataset, truth):
+    """With a frame damped, the LM solve shortens that frame's own step and the shared part of the
+    step follows from the same damped system (not the undamped step cut afterwards)."""
+    from blochflow.refine.optimise import LMState, lm_step
+    from blochflow.refine.run import refined_index
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0,
+                              orientation_sigma=0.0)
+    problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
+    theta = problem.theta0.clone()
+    index = refined_index(problem, settings)
+    steps = []
+    for frame_damping in (None, [0.0] + [1e3] * (problem.model.n_frames - 1)):
+        state = LMState(damping=1e-7, frame_damping=frame_damping)
+        new, _ = lm_step(problem, theta, state, index)
+        steps.append(new - theta)
+    frames = problem.parameter_frames()
+    damped = frames >= 1
+    assert float(steps[1][damped].abs().max()) < 0.02 * float(steps[0][damped].abs().max())
+    own0 = frames == 0
+    assert float(steps[1][own0].abs().max()) > 0.1 * float(steps[0][own0].abs().max())
+    shared = frames < 0
+    assert not torch.allclose(steps[0][shared], steps[1][shared], rtol=1e-3, atol=0)
 
 
 @pytest.mark.parametrize("absorption", ["none", "proportional"])

@@ -63,7 +63,7 @@ class LMState:
     reason: str = ""
     max_shift_su: float = float("nan")
     history: list = field(default_factory=list)
-    frame_trust: list | None = None  # per-frame factor on the per-frame step caps (None: all 1)
+    frame_damping: list | None = None  # per-frame damping of each frame's own parameters (None: all 0)
 
 
 @dataclass
@@ -89,7 +89,21 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
 # at the cost of one forward pass per fraction. Rocking curves make a frame's orientation strongly
 # nonlinear beyond a fraction of a curve width, where one global step length fits no frame well.
 FRAME_STEP_FRACTIONS = (1.0, 0.5, 0.25)
-FRAME_TRUST_MAX = 4.0  # a frame's caps grow to this multiple of PER_FRAME_MAX_STEP while full steps fit
+FRAME_DAMPING_DECAY = 3.0  # a frame's own damping falls by this factor while its full steps fit
+FRAME_DAMPING_FLOOR = 1e-3  # and is dropped below this
+
+
+def update_frame_damping(damping: torch.Tensor, fraction: torch.Tensor, rose: torch.Tensor) -> torch.Tensor:
+    """Each frame's own Marquardt damping (F,) after a step: a frame that fitted best at a fraction
+    f < 1 of its step (or whose cost rose) gets at least 1/f - 1, and twice what it had: adding
+    lambda times the diagonal shortens a step along a diagonal-dominated direction by 1/(1 + lambda),
+    so the next solve already asks for a step the frame's rocking curves allow, and the structure's
+    share of the step is solved consistently with it. A frame whose full step fitted loses a factor
+    FRAME_DAMPING_DECAY."""
+    short = rose | (fraction < 1)
+    grown = torch.maximum(2 * damping, 1 / fraction.clamp_min(FRAME_STEP_FRACTIONS[-1] / 2) - 1)
+    out = torch.where(short, grown, damping / FRAME_DAMPING_DECAY)
+    return torch.where(out < FRAME_DAMPING_FLOOR, 0.0, out)
 
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
@@ -102,8 +116,9 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     With per-frame parameters refined, a full step that lowers the objective is taken whole (also
     by frames whose own cost rose: they move with the structure). Otherwise the global part is
     taken whole and each frame takes the fraction of its own part (``FRAME_STEP_FRACTIONS``, or
-    none) that lowers its cost most, before the damping is raised. Frames whose full step fitted
-    earn larger caps (up to ``FRAME_TRUST_MAX`` x ``PER_FRAME_MAX_STEP``), the others smaller.
+    none) that lowers its cost most, before the damping is raised. Each frame's own parameters carry
+    a damping of their own on top of the global one (:func:`update_frame_damping`): frames whose
+    rocking curves made the last step overshoot are damped in the next solve, and the others not.
     Convergence: the largest |shift| / s.u. of the accepted step < ``shift_tol`` (s.u. from the
     normal matrix scaled by GoF^2), or a relative cost change < ``rel_tol``, or (``plateau_tol`` > 0)
     an R plateau: sqrt(cost), i.e. wR2, fell by less than ``plateau_tol`` of itself in each of the
@@ -123,26 +138,24 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     state.cost = ne.cost
     param_frame = problem.parameter_frames()
     per_frame = bool(param_frame[index].ge(0).any())
-    trust, partial = None, 0
+    partial, own_damping = 0, torch.zeros(len(index), dtype=torch.float64)
     if per_frame:
-        trust = torch.ones(problem.model.n_frames, dtype=torch.float64) if state.frame_trust is None \
-            else torch.as_tensor(state.frame_trust, dtype=torch.float64)
+        frame_damping = torch.zeros(problem.model.n_frames, dtype=torch.float64) if state.frame_damping is None \
+            else torch.as_tensor(state.frame_damping, dtype=torch.float64)
+        frame_of = param_frame[index]
+        own_damping = torch.where(frame_of >= 0, frame_damping[frame_of.clamp_min(0)], 0.0)
         before = problem.frame_costs(theta, kind)
     for _ in range(max_tries):
-        lhs = a + state.damping * torch.diag(diag)
+        lhs = a + torch.diag((state.damping + own_damping) * diag)
         step = -torch.linalg.solve(lhs, g)
         delta = torch.zeros_like(theta)
         delta[index] = step
-        delta, cut = problem.bounded_step(theta, delta, trust)
+        delta, cut = problem.bounded_step(theta, delta)
         if per_frame:
             delta, new_cost, fraction, rose = _frame_line_search(problem, theta, delta, param_frame, before, ne.cost,
                                                            kind)
             if np.isfinite(new_cost):
-                # a frame whose cost rose, or that fitted best short of its full step, was beyond its
-                # linear range: smaller caps; one that fitted its full step earns larger ones
-                trust = torch.where(rose, trust / 2, torch.where(fraction < 1, trust * fraction.clamp_min(0.25), trust * 2))
-                trust = trust.clamp(1 / 64, FRAME_TRUST_MAX)
-                state.frame_trust = trust.tolist()
+                state.frame_damping = update_frame_damping(frame_damping, fraction, rose).tolist()
                 partial = int((fraction < 1).sum())
                 cut = cut or partial > 0
         else:

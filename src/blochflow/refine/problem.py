@@ -183,11 +183,9 @@ class RefinementProblem:
                 m[s.start:s.stop] = True
         return m
 
-    def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor,
-                     frame_trust: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+    def bounded_step(self, theta: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``delta`` made feasible: each atom's ADP step shortened to keep it positive definite, each
-        frame's own thickness and orientation step scaled to ``PER_FRAME_MAX_STEP`` (times the frame's
-        ``frame_trust`` factor, (F,), when given), and the network
+        frame's own thickness and orientation step scaled to ``PER_FRAME_MAX_STEP``, and the network
         block scaled so that no weight moves by more than ``NETWORK_MAX_STEP`` (weights of nearly
         flat directions would otherwise get huge Gauss-Newton steps far outside where the
         linearisation holds). Other components are untouched. Returns (step, whether it was cut)."""
@@ -201,8 +199,6 @@ class RefinementProblem:
             if cap is None or s.stop == s.start:
                 continue
             rows = delta[s.start:s.stop].view(shape)
-            if s.block.per_frame and frame_trust is not None:
-                cap = cap * frame_trust[:, None]
             factor = torch.clamp(cap / rows.abs().amax(1, keepdim=True).clamp_min(1e-300), max=1.0)
             if bool((factor < 1).any()):
                 delta[s.start:s.stop] = (rows * factor).reshape(-1)

@@ -72,7 +72,8 @@ def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     assert torch.equal(step[untouched], delta[untouched])
 
 
-def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth, monkeypatch):
+@pytest.mark.parametrize("orientation_sigma, offset", [(0.0, 4.0), (2.0, 2.0)])
+def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth, monkeypatch, orientation_sigma, offset):
     """Each frame keeps the fraction of its own step that fits it best. Frame costs are separable
     once the global step is fixed, so the objective the step reports (put together from several
     trials) is the objective at the new point; frames that fitted short of their full step are
@@ -83,11 +84,13 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth, mo
 
     ds, _, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0,
-                              orientation_sigma=0.0)  # the line search alone, no prior rows
+                              orientation_sigma=orientation_sigma)
     problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
     theta = problem.theta0.clone()
+    # a frame's own prior rows (its orientation prior) are its share of the prior
+    assert float(problem.frame_prior_costs(theta + 1.0).sum()) == pytest.approx(float(problem.prior_cost(theta + 1.0)))
     # mrad from the truth, with caps wide enough that a frame's full Gauss-Newton step can overshoot
-    theta[problem.group_index("orientation")] = 4.0
+    theta[problem.group_index("orientation")] = offset
     monkeypatch.setitem(PER_FRAME_MAX_STEP, "orientation", 8.0)
     monkeypatch.setitem(PER_FRAME_MAX_STEP, "thickness", 1.0)
     index = refined_index(problem, settings)
@@ -115,6 +118,33 @@ def test_lm_takes_each_frames_best_fraction_of_its_step(small_dataset, truth, mo
     assert damping.shape == (problem.model.n_frames,)
     assert bool((damping >= 0).all()) and bool((damping > 0).any())  # frames that overshot are damped
     assert _lm_from_dict(_lm_to_dict(state)).frame_damping == state.frame_damping
+
+
+def test_frame_line_search_weighs_each_frames_own_prior(small_dataset, truth):
+    """A frame picks the fraction of its step by its data cost plus its own prior rows: a step that
+    fits the data a little better but moves every orientation far outside a narrow prior is not
+    taken by any frame, so the combined point does not raise the objective."""
+    from blochflow.refine.optimise import _frame_line_search
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0,
+                              orientation_sigma=0.002)
+    problem = build_problem(displaced(truth, 0.02, 0.02), ds, settings)
+    theta = problem.theta0.clone()
+    orient = problem.group_index("orientation")
+    th = theta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(problem.objective(th), th)  # at zero corrections: the data's gradient
+    delta = torch.zeros_like(theta)
+    delta[orient] = -0.3 * torch.sign(grad[orient])  # downhill for the data, 150 sigma out for the prior
+    with torch.no_grad():
+        current = float(problem.objective(theta))
+    frames = problem.parameter_frames()
+    before = problem.frame_costs(theta) + problem.frame_prior_costs(theta)
+    step, total, fraction, _ = _frame_line_search(problem, theta, delta, frames, before, current, "intensity")
+    assert total <= current
+    with torch.no_grad():
+        assert float(problem.objective(theta + step)) == pytest.approx(total, rel=1e-9)
+    assert bool((fraction == 0).all())
 
 
 def test_frame_damping_follows_each_frames_fitted_fraction():

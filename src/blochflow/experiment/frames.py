@@ -397,6 +397,13 @@ class FrameModel:
             rows = torch.cat([rows, raw["orientation"].reshape(-1) / self.orientation_sigma])
         return rows
 
+    def frame_prior_costs(self, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(F,) the squared prior rows that depend on one frame's own parameters only (the
+        orientation prior), summed per frame: a frame's share of :meth:`prior_residuals`."""
+        if self.orientation_sigma > 0 and "orientation" in raw:
+            return ((raw["orientation"] / self.orientation_sigma) ** 2).sum(1)
+        return torch.zeros(self.ctx.n_frames, dtype=torch.float64)
+
 
 def frame_model_from_record(record: dict, ctx: FrameContext, frame_ids) -> tuple[FrameModel, dict[str, torch.Tensor]]:
     """A saved frame model applied to (possibly other) frames: global, slab and learned models

@@ -144,7 +144,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             else torch.as_tensor(state.frame_damping, dtype=torch.float64)
         frame_of = param_frame[index]
         own_damping = torch.where(frame_of >= 0, frame_damping[frame_of.clamp_min(0)], 0.0)
-        before = problem.frame_costs(theta, kind)
+        before = problem.frame_costs(theta, kind) + problem.frame_prior_costs(theta, kind)
     for _ in range(max_tries):
         lhs = a + torch.diag((state.damping + own_damping) * diag)
         step = -torch.linalg.solve(lhs, g)
@@ -224,7 +224,7 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
         trial[own] *= f
         with torch.no_grad():
             ic = problem.intensities(theta + trial)
-        c = problem.frame_costs_of(ic, kind)
+        c = problem.frame_costs_of(ic, kind) + problem.frame_prior_costs(theta + trial, kind)
         dec = problem.decompositions_at(theta + trial)
         if not costs:
             kept.update(dec=dec, cost=c.clone(), **{"from": torch.zeros(len(c), dtype=torch.long)})
@@ -245,8 +245,9 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
         step = delta.clone()
         step[own] *= frac[param_frame[own]]
         ic = torch.stack(values).gather(0, pick[refl_frame][None])[0]
-        with torch.no_grad():
-            total = float(c.gather(0, pick[None])[0].sum() + problem.prior_cost(theta + step, kind))
+        with torch.no_grad():  # the frames' own prior rows are in c; the rest of the prior at the combined point
+            total = float(c.gather(0, pick[None])[0].sum() + problem.prior_cost(theta + step, kind)
+                          - problem.frame_prior_costs(theta + step, kind).sum())
         return step, total, frac, ic
 
     evaluate(fractions[0])

@@ -327,6 +327,12 @@ class RefinementProblem:
         the last evaluation at the same theta)."""
         return self.frame_costs_of(self.intensities_at(theta), kind)
 
+    def frame_prior_costs(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """(F,) each frame's share of the objective's prior part that depends on its own parameters
+        only (the orientation prior); the rest of the prior ties frames together or is global."""
+        with torch.no_grad():
+            return self.frames.frame_prior_costs(self.split(theta)) * self._prior_factor(kind) ** 2
+
     def frame_costs_of(self, ic: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """(F,) each frame's share of the objective's observation part for intensities ``ic``."""
         with torch.no_grad():

@@ -1059,6 +1059,17 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
     if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
         inputs = []
         reuse = decompositions if decompositions is not None and decompositions.chunks else None
+
+        def potential_rows(*args):  # the potential with the trailing 0 of _chunk_terms: (M+1,)
+            pot, pot_abs, _ = unpack(args)
+            pot_c = torch.cat([pot, pot.new_zeros(1)])
+            if pot_abs is not None:  # A = M (U + i U' + D + i U'_0) M, solved as one general matrix
+                pot_c = pot_c + 1j * torch.cat([pot_abs, pot_abs.new_zeros(1)])
+            return pot_c
+
+        # the same for every chunk: one (T, M+1) tangent table shared by all pieces (per chunk it
+        # was a copy each, 12 GB for paracetamol's 50 frames)
+        pot_primal, pot_tangent = forward_ad(potential_rows)
         for ci, ch in enumerate(plan.chunks):
             box = []
 
@@ -1066,16 +1077,13 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
                 pot, pot_abs, st = unpack(args)
                 t = _chunk_terms(plan, ch, pot, pot_abs, st)
                 box.append(t)  # index tables and output rows: plain tensors, no tangent
-                pot_c, diag = t.pot, t.diag
-                if t.pot_abs is not None:  # A = M (U + i U' + D + i U'_0) M, solved as one general matrix
-                    pot_c = t.pot + 1j * t.pot_abs
-                    diag = t.diag + 1j * _absorptive_diagonal(t)
-                return (pot_c, diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                diag = t.diag if t.pot_abs is None else t.diag + 1j * _absorptive_diagonal(t)
+                return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
                         t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
             primal, tangent = forward_ad(small)
-            inputs += [(_slice_terms(box[0], sl), (primal[0], *(x[sl] for x in primal[1:])),
-                        (tangent[0], *(x[:, sl] for x in tangent[1:])), None if reuse is None else reuse.piece(ci, sl))
+            inputs += [(_slice_terms(box[0], sl), (pot_primal, *(x[sl] for x in primal)),
+                        (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl))
                        for c, sl in pieces if c is ch]
         results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3]),
                                inputs, workers)

@@ -433,12 +433,17 @@ class _ChunkTerms:
     diag_weak: torch.Tensor | None = None  # (B,W) 2 K s_w of the weak beams, large on padding
 
 
+def _padded(potential: torch.Tensor) -> torch.Tensor:
+    """(M+1,) potential rows with the trailing 0 that uncoupled and padded beam pairs index."""
+    return torch.cat([potential, potential.new_zeros(1)])
+
+
 def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
                  sample_slice: slice | None = None) -> _ChunkTerms:
     """Structure-matrix ingredients of a chunk (optionally of some of its samples)."""
     rtype = potential.real.dtype
-    pot = torch.cat([potential, potential.new_zeros(1)])
-    pot_abs = None if potential_abs is None else torch.cat([potential_abs, potential_abs.new_zeros(1)])
+    pot = _padded(potential)
+    pot_abs = None if potential_abs is None else _padded(potential_abs)
     k = torch.sqrt(1.0 / plan.wavelength ** 2 + potential[0].real)  # wave number in the crystal (1/A)
     samples = plan.samples
     ch_hkl, mask, fr, s_idx, pair_index = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index
@@ -1060,16 +1065,15 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         inputs = []
         reuse = decompositions if decompositions is not None and decompositions.chunks else None
 
-        def potential_rows(*args):  # the potential with the trailing 0 of _chunk_terms: (M+1,)
+        def padded_potential(*args):  # (M+1,), as _chunk_terms pads it
             pot, pot_abs, _ = unpack(args)
-            pot_c = torch.cat([pot, pot.new_zeros(1)])
-            if pot_abs is not None:  # A = M (U + i U' + D + i U'_0) M, solved as one general matrix
-                pot_c = pot_c + 1j * torch.cat([pot_abs, pot_abs.new_zeros(1)])
-            return pot_c
+            if pot_abs is None:
+                return _padded(pot)
+            return _padded(pot) + 1j * _padded(pot_abs)  # A = M (U + i U' + D + i U'_0) M, one general matrix
 
         # the same for every chunk: one (T, M+1) tangent table shared by all pieces (per chunk it
         # was a copy each, 12 GB for paracetamol's 50 frames)
-        pot_primal, pot_tangent = forward_ad(potential_rows)
+        pot_primal, pot_tangent = forward_ad(padded_potential)
         for ci, ch in enumerate(plan.chunks):
             box = []
 

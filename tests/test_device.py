@@ -111,6 +111,31 @@ def test_the_physics_creates_no_tensor_off_the_plan_device(small_dataset, truth,
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("case", ["elastic", "absorption"])
+def test_passes_without_gradient_form_only_the_scored_waves_and_take_kept_decompositions(small_dataset, truth, case):
+    """A pass without gradient forms the waves at the scored beams only; its values equal those of a
+    recorded pass (all beams). Decompositions kept at one thickness serve a pass at others (the
+    structure matrix does not depend on thickness) and give the values of a fresh pass."""
+    problem = _problem(small_dataset, truth, **dict(CASES[case]))
+    plan, method = problem.model.plan, problem.model.settings.absorption_method
+    u, u_abs, state, _ = _inputs(problem, points=3)
+    with torch.no_grad():
+        fresh = simulate_frames(plan, u, u_abs, state, absorption_method=method, per_thickness=True)
+    leaf = u.clone().requires_grad_(True)
+    recorded = simulate_frames(plan, leaf, u_abs, state, absorption_method=method, per_thickness=True).detach()
+    assert torch.allclose(fresh, recorded, rtol=1e-11, atol=1e-14)
+    one = FrameState(state.alpha, state.beta, state.omega, state.thickness[:, :1], state.thickness_weight[:, :1],
+                     state.surface_normal, state.orientation_correction)
+    keep = Decompositions(torch.complex128)
+    with torch.no_grad():
+        simulate_frames(plan, u, u_abs, one, absorption_method=method, keep=keep)
+        assert keep.chunks and (keep.chunks[0][2] is None) == (case == "elastic")
+        reused = simulate_frames(plan, u, u_abs, state, absorption_method=method, per_thickness=True,
+                                 decompositions=keep)
+    assert float((fresh[:, 0] - fresh[:, 2]).abs().max()) > 1e-3 * float(fresh.abs().max())  # thicknesses matter
+    assert torch.allclose(reused, fresh, rtol=1e-10, atol=1e-14)
+
+
 def test_resolve_device_names_what_is_wrong():
     assert resolve_device("cpu") == torch.device("cpu")
     from blochflow.physics.bloch import fast_cuda_eigh_available

@@ -212,8 +212,8 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         if len(sc) == 0:  # nothing to compare: no solve needed
             continue
         idx = np.flatnonzero(sf == f)
-        exc_frame = frame_excitation(idx)
         if settings.coupling == "sample":
+            exc_frame = frame_excitation(idx)
             not_scored = ~np.isin(cand_key, key(scored.hkl[sc]))  # scored reflections are added once below
             for s, exc in zip(idx, exc_frame):
                 sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc],
@@ -223,9 +223,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                     sample_weak[s] = cand[(exc >= settings.s_max) & (exc < settings.s_bethe) & not_scored]
         elif settings.coupling == "segments":
             sc_key = key(scored.hkl[sc])
-            excited = exc_frame < settings.s_max  # candidates within s_max of the Ewald sphere, per sample
-            for seg in np.array_split(np.arange(len(idx)), min(settings.n_segments, len(idx))):
-                sel = cand[excited[seg[0]] | excited[seg[-1]]]
+            segments = np.array_split(np.arange(len(idx)), min(settings.n_segments, len(idx)))
+            ends = np.array([[seg[0], seg[-1]] for seg in segments])  # only a run's end tilts choose its beams
+            excited = frame_excitation(idx[ends.ravel()]).reshape(len(segments), 2, -1) < settings.s_max
+            for seg, exc in zip(segments, excited):
+                sel = cand[exc[0] | exc[1]]
                 pos = np.flatnonzero(np.isin(sc_key, key(sel)))
                 beams = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc[pos]],
                                         sel[~np.isin(key(sel), sc_key)]])
@@ -263,14 +265,14 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
 
     # Beams of each chunk, padded to its largest count; weak (Bethe) beams likewise.
     n_weak = np.array([len(w) for w in sample_weak])
+    flat_beams = np.concatenate(sample_beams)  # every sample's beams, one after another
+    first_beam = np.cumsum(n_beams) - n_beams
     padded = []
     for idx in chunks_idx:
-        n = max(n_beams[s] for s in idx)
+        n = int(n_beams[idx].max())
+        mask = np.arange(n)[None, :] < n_beams[idx][:, None]
         hkl = np.zeros((len(idx), n, 3), np.int64)
-        mask = np.zeros((len(idx), n), bool)
-        for j, s in enumerate(idx):
-            hkl[j, :n_beams[s]] = sample_beams[s]
-            mask[j, :n_beams[s]] = True
+        hkl[mask] = flat_beams[(first_beam[idx][:, None] + np.arange(n)[None, :])[mask]]
         whkl = wmask = None
         if bethe:
             nw = max(1, max(n_weak[s] for s in idx))
@@ -310,7 +312,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     lut_flat = lut.reshape(-1)
 
     chunks = []
-    cache_pairs = sum(len(c) * max(n_beams[s] for s in c) * (max(n_beams[s] for s in c) + max(n_weak[s] for s in c))
+    cache_pairs = sum(len(c) * int(n_beams[c].max()) * int(n_beams[c].max() + n_weak[c].max())
                       for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
     for idx, (hkl, mask, whkl, wmask) in zip(chunks_idx, padded):
         n = hkl.shape[1]
@@ -558,25 +560,63 @@ def _rocking_values(tm: _ChunkTerms, inten: torch.Tensor, beam: torch.Tensor | N
 
 def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
                        absorption_method: AbsorptionMethod, sample_slice: slice | None = None,
-                       keep: list | None = None):
+                       keep: list | None = None, decomposition: tuple | None = None):
     """Rocking-weighted intensities (P, Q) of the chunk's (sample, reflection) pairs, and their rows.
 
     ``sample_slice`` restricts the chunk to some of its samples (smaller batches for Jacobians).
     ``keep`` (without gradient, exact or no absorption): [dtype], to which the decomposition (lam, V,
-    V^-1) is appended in that dtype.
+    V^-1) is appended in that dtype. ``decomposition`` (lam, V, V^-1 or None) of these samples' matrices,
+    from an earlier pass, replaces the eigensolver (without gradient; values in its precision).
     """
     tm = _chunk_terms(plan, ch, potential, potential_abs, state, sample_slice)
+    if decomposition is not None:  # no matrices to build
+        return _scored_values(tm, None, keep, decomposition), tm.out_refl
     a_mat, a_abs = _chunk_matrices(tm, absorption_method)
+    recording = torch.is_grad_enabled() and a_mat.requires_grad
     if a_abs is not None:
         psi = propagate_perturbative(a_mat, a_abs, tm.thickness, 1.0 / tm.kn)
-    elif keep is not None:  # keep = [dtype]: append (lam, V, V^-1 or None) in that dtype
-        psi, lam, vec, vinv, _ = _Propagate.forward(a_mat, tm.thickness, 1.0 / tm.kn, tm.pot_abs is None)
-        keep.append(tuple(None if x is None else x.to(keep[0]) for x in (lam, vec, None if tm.pot_abs is None else vinv)))
+    elif not recording and (keep is not None or tm.thickness.shape[1] > 1):
+        return _scored_values(tm, a_mat, keep, decomposition), tm.out_refl
     else:
         psi = propagate(a_mat, tm.thickness, 1.0 / tm.kn, hermitian=tm.pot_abs is None)
     if tm.m is not None:
         psi = psi * tm.m[:, None, :].to(psi.dtype)
     return _rocking_values(tm, psi.real ** 2 + psi.imag ** 2), tm.out_refl
+
+
+def _scored_values(tm: _ChunkTerms, a_mat: torch.Tensor | None, keep: list | None,
+                   decomposition: tuple | None = None) -> torch.Tensor:
+    """Rocking-weighted intensities (P, Q) without gradient, the waves formed only at the beams
+    scored at each sample: S N Q per sample where all beams cost N^2 Q (a thickness scan's many Q).
+    ``keep`` = [dtype]: the decomposition (lam, V, V^-1 or None) is appended in that dtype.
+    ``decomposition``: the solver's result from an earlier pass, used as it is."""
+    hermitian = tm.pot_abs is None
+    if decomposition is not None:
+        lam, vec, vinv = decomposition
+        w = vec[..., 0, :].conj() if vinv is None else vinv[..., :, 0]
+    elif hermitian:
+        lam, vec = hermitian_eigh(a_mat)
+        lam, vinv = lam.to(a_mat.dtype), None
+        w = vec[..., 0, :].conj()
+    else:
+        lam, vec = torch.linalg.eig(a_mat)
+        vinv = torch.linalg.inv(vec)
+        w = vinv[..., :, 0]
+    if keep is not None:
+        keep.append(tuple(None if x is None else x.to(keep[0]) for x in (lam, vec, vinv)))
+    beams, place = _scored_beams(tm)
+    rows = torch.gather(vec, 1, beams[:, :, None].expand(-1, -1, vec.shape[-1]))  # (B,S,N)
+    if vinv is None:  # real eigenvalues: exp(i pi t lam / K_n) from its phase (a complex exp costs 4x)
+        phase = (math.pi * tm.thickness / tm.kn[:, None]).to(lam.real.dtype)[:, :, None] * lam.real[:, None, :]
+        expo = torch.polar(torch.ones_like(phase), phase)
+    else:
+        c = _coefficients(tm.thickness, 1.0 / tm.kn, vec.dtype)  # (B,Q)
+        expo = torch.exp(c[:, :, None] * lam[:, None, :])
+    psi = rows @ (expo * w[:, None, :]).mT  # (B,S,Q)
+    if tm.m is not None:
+        psi = psi * torch.gather(tm.m, 1, beams)[:, :, None].to(psi.dtype)
+    inten = (psi.real ** 2 + psi.imag ** 2).to(tm.weight.dtype)
+    return inten[tm.out_sample, place] * tm.weight[tm.out_sample][:, None]
 
 
 def _solve_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool):
@@ -608,9 +648,10 @@ def _work_items(plan: DiffractionPlan, workers: int) -> list[tuple]:
     return [(ch, sl) for ch in plan.chunks for sl in split_evenly(ch.hkl.shape[0], workers)]
 
 
-def _piece_intensities(plan, piece, inputs, absorption_method, keep=None):
+def _piece_intensities(plan, piece, inputs, absorption_method, keep=None, decomposition=None):
     ch, sl = piece
-    return _chunk_intensities(plan, ch, inputs[0], inputs[1], FrameState(*inputs[2:]), absorption_method, sl, keep)
+    return _chunk_intensities(plan, ch, inputs[0], inputs[1], FrameState(*inputs[2:]), absorption_method, sl, keep,
+                              decomposition)
 
 
 class Decompositions:
@@ -693,13 +734,16 @@ class _ParallelFrames(torch.autograd.Function):
 
 def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
                     state: FrameState, *, absorption_method: AbsorptionMethod = "exact",
-                    per_thickness: bool = False, keep: Decompositions | None = None) -> torch.Tensor:
+                    per_thickness: bool = False, keep: Decompositions | None = None,
+                    decompositions: Decompositions | None = None) -> torch.Tensor:
     """Calculated intensities of the scored reflections, integrated over each frame's samples.
 
     potential (M,) complex U over ``plan.potential_hkl`` (1/A^2); potential_abs (M,) or None.
     Returns (R,) or, with ``per_thickness``, (R, Q) without the thickness average. The solves run
     on :func:`solver_workers` threads. ``keep`` collects the eigendecompositions (a pass without
-    gradient, no or exact absorption) for :func:`simulate_frames_jvp` at the same inputs.
+    gradient, no or exact absorption) for :func:`simulate_frames_jvp` at the same inputs;
+    ``decompositions``, kept so by an earlier pass whose matrices these are (e.g. at other thicknesses:
+    the structure matrix does not depend on them), replace the solver in a pass without gradient.
     """
     rtype = potential.real.dtype
     home = potential.device
@@ -714,9 +758,14 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         pieces = _work_items(plan, workers)
         keeping = keep is not None and not recording and (potential_abs is None or absorption_method == "exact")
         kept = [[keep.dtype] if keeping else None for _ in pieces]
+        given = [None] * len(pieces)
+        if decompositions is not None and not recording:
+            where = {id(ch): i for i, ch in enumerate(plan.chunks)}
+            given = [decompositions.piece(where[id(ch)], slice(None) if sl is None else sl) for ch, sl in pieces]
         for vals, rows in parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method,
-                                                                       item[1]), list(zip(pieces, kept)), workers):
-            out = out.index_add(0, rows, vals)
+                                                                       item[1], item[2]),
+                                       list(zip(pieces, kept, given)), workers):
+            out = out.index_add(0, rows, vals.to(out.dtype))
         if keeping:
             keep.take(plan, pieces, kept)
     if per_thickness:

@@ -442,14 +442,16 @@ class RefinementProblem:
             return x.to(torch.complex64 if x.is_complex() else self.jacobian_dtype) if low else x
 
         t_list = [(cast(a), cast(b), tuple(cast(x) for x in c)) for a, b, c in t_list]
+        if low:  # values (residuals, scales, cost) in double precision; a new pass keeps its decompositions
+            ic_double = self.intensities_at(theta)
         reuse = self.decompositions_at(theta)  # those of the accepted trial point, if kept
         ic, d_ic = simulate_frames_jvp(self.model.plan, cast(u), cast(u_abs),
                                        FrameState(*[cast(x) for x in state.tensors()]),
                                        t_list, absorption_method=self.model.settings.absorption_method,
                                        decompositions=reuse)
         d_ic = d_ic.to(torch.float64)
-        if low:  # values (residuals, scales, cost) in double precision
-            ic = self.intensities_at(theta)
+        if low:
+            ic = ic_double
         j_ic = torch.zeros((len(ic), self.n_params), dtype=ic.dtype)
         frame = self.model.frame
         d_feat = {}  # slot name -> (F, k, P) d features / d weights

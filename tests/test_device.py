@@ -136,6 +136,33 @@ def test_passes_without_gradient_form_only_the_scored_waves_and_take_kept_decomp
     assert torch.allclose(reused, fresh, rtol=1e-10, atol=1e-14)
 
 
+def test_a_frame_subplan_solves_those_frames_as_the_whole_plan_does(small_dataset, truth):
+    """Intensities over a plan cut to some frames are the whole plan's at those frames' reflections
+    (zero at the others), and that pass's decompositions, merged into another set, put exactly
+    the whole plan's in those frames' places."""
+    from blochflow.physics.diffraction import frame_subplan
+
+    problem = _problem(small_dataset, truth)
+    plan = problem.model.plan
+    u, u_abs, state, _ = _inputs(problem)
+    frames = torch.zeros(plan.n_frames, dtype=torch.bool)
+    frames[int(plan.scored.frame[0])] = True
+    rows = torch.as_tensor(frames[torch.as_tensor(plan.scored.frame)])
+    assert 0 < int(rows.sum()) < len(rows)
+    sub, source = frame_subplan(plan, frames)
+    whole, part, other = (Decompositions(torch.complex128) for _ in range(3))
+    with torch.no_grad():
+        ic = simulate_frames(plan, u, u_abs, state, keep=whole)
+        ic_sub = simulate_frames(sub, u, u_abs, state, keep=part)
+        shifted = FrameState(state.alpha, state.beta, state.omega + 0.01, *state.tensors()[3:])
+        simulate_frames(plan, u, u_abs, shifted, keep=other)  # other orientations: other decompositions
+    assert torch.allclose(ic_sub[rows], ic[rows], rtol=1e-12, atol=0) and bool((ic_sub[~rows] == 0).all())
+    other.take_frames(plan, part, frames, source)
+    for ch, mine, theirs in zip(plan.chunks, other.chunks, whole.chunks):
+        sel = frames[ch.frame]
+        assert torch.equal(mine[1][sel], theirs[1][sel]) and not torch.allclose(mine[1][~sel], theirs[1][~sel])
+
+
 def test_resolve_device_names_what_is_wrong():
     assert resolve_device("cpu") == torch.device("cpu")
     from blochflow.physics.bloch import fast_cuda_eigh_available

@@ -677,13 +677,45 @@ class Decompositions:
     def piece(self, chunk_index: int, sl: slice) -> tuple:
         return tuple(None if x is None else x[sl] for x in self.chunks[chunk_index])
 
-    def take_frames(self, plan: DiffractionPlan, other: "Decompositions", frames: torch.Tensor) -> None:
-        """Replace, in place, the samples of the ``frames`` (F,) bool mask by those of ``other``."""
-        for ch, mine, theirs in zip(plan.chunks, self.chunks, other.chunks):
-            sel = frames.to(ch.frame.device)[ch.frame]
-            for x, y in zip(mine, theirs):
+    def take_frames(self, plan: DiffractionPlan, other: "Decompositions", frames: torch.Tensor,
+                    source: list | None = None) -> None:
+        """Replace, in place, the samples of the ``frames`` (F,) bool mask by those of ``other``: of
+        the same plan, or (``source`` from :func:`frame_subplan`) of a plan cut from it."""
+        if source is None:
+            source = [(i, None) for i in range(len(plan.chunks))]
+        for (ci, pos), theirs in zip(source, other.chunks):
+            fr = plan.chunks[ci].frame if pos is None else plan.chunks[ci].frame[pos]
+            sel = frames.to(fr.device)[fr]
+            at = sel if pos is None else pos[sel]
+            for x, y in zip(self.chunks[ci], theirs):
                 if x is not None:
-                    x[sel] = y[sel]
+                    x[at] = y[sel]
+
+
+def frame_subplan(plan: DiffractionPlan, frames: torch.Tensor) -> tuple[DiffractionPlan, list]:
+    """The plan cut to the samples of the frames in the (F,) bool mask (chunks left empty are
+    dropped), and for each of its chunks (index of the chunk in ``plan``, positions of its samples
+    there). Output rows of the other frames are not computed (zero): a line search re-solves only
+    the frames whose step it shortens."""
+    chunks, source = [], []
+    for ci, ch in enumerate(plan.chunks):
+        keep = frames.to(ch.frame.device)[ch.frame]
+        pos = torch.nonzero(keep)[:, 0]
+        if len(pos) == 0:
+            continue
+        local = torch.full((len(keep),), -1, dtype=torch.long, device=pos.device)
+        local[pos] = torch.arange(len(pos), device=pos.device)
+        pair = keep[ch.out_sample]
+
+        def cut(x):
+            return None if x is None else x[pos]
+
+        chunks.append(BeamChunk(sample=ch.sample[pos], frame=ch.frame[pos], hkl=ch.hkl[pos], mask=ch.mask[pos],
+                                out_sample=local[ch.out_sample[pair]], out_beam=ch.out_beam[pair],
+                                out_refl=ch.out_refl[pair], pair_index=cut(ch.pair_index), weak_hkl=cut(ch.weak_hkl),
+                                weak_mask=cut(ch.weak_mask), weak_index=cut(ch.weak_index)))
+        source.append((ci, pos))
+    return dataclasses.replace(plan, chunks=chunks), source
 
 
 class _ParallelFrames(torch.autograd.Function):

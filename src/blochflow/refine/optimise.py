@@ -209,8 +209,9 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
                        ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """(step, objective there, (F,) fraction of each frame's own step, (F,) whether the frame's cost
     rose). The full step is kept when it lowers the objective (``current``) or no frame's cost rose
-    there; else each frame takes its best fraction, with the global part whole in every trial, and
-    where that combination does not lower the objective either, frames may also not move."""
+    there; else each frame whose cost rose takes its best fraction, with the global part whole in
+    every trial, and where that combination does not lower the objective either, such frames may
+    also not move. The shorter trials solve only those frames (the others keep their full step)."""
     own = param_frame >= 0
     refl_frame = problem.model.frame
     fractions = list(FRAME_STEP_FRACTIONS)
@@ -219,18 +220,24 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
     # the trials come so that only two sets are in memory: the next Jacobian then needs no solver
     kept = {"dec": None, "from": None, "cost": None}
 
-    def evaluate(f: float):
+    def evaluate(f: float, frames: torch.Tensor | None = None):  # frames: (F,) the ones solved (None: all)
         trial = delta.clone()
         trial[own] *= f
-        with torch.no_grad():
-            ic = problem.intensities(theta + trial)
+        source = None
+        if frames is None:
+            with torch.no_grad():
+                ic = problem.intensities(theta + trial)
+            dec = problem.decompositions_at(theta + trial)
+        else:
+            ic, dec, source = problem.frame_intensities(theta + trial, frames)
         c = problem.frame_costs_of(ic, kind) + problem.frame_prior_costs(theta + trial, kind)
-        dec = problem.decompositions_at(theta + trial)
+        if frames is not None:
+            c = torch.where(frames, c, torch.inf)
         if not costs:
             kept.update(dec=dec, cost=c.clone(), **{"from": torch.zeros(len(c), dtype=torch.long)})
         elif kept["dec"] is not None and dec is not None:
             better = c < kept["cost"]
-            kept["dec"].take_frames(problem.model.plan, dec, better)
+            kept["dec"].take_frames(problem.model.plan, dec, better, source)
             kept["cost"] = torch.where(better, c, kept["cost"])
             kept["from"][better] = len(costs)
         else:
@@ -252,13 +259,14 @@ def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: t
 
     evaluate(fractions[0])
     step, total, frac, ic = combine()
-    if total > current and bool((costs[0] > before).any()):
+    rose = costs[0] > before
+    if total > current and bool(rose.any()):
         for f in fractions[1:]:
-            evaluate(f)
+            evaluate(f, rose)
         step, total, frac, ic = combine()
         if not total <= current:
             fractions.append(0.0)
-            evaluate(0.0)
+            evaluate(0.0, rose)
             step, total, frac, ic = combine()
     if np.isfinite(total):
         problem.remember_intensities(theta + step, ic)  # what the next iteration would recompute

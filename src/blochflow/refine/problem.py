@@ -16,7 +16,7 @@ import torch
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
-from ..physics.diffraction import Decompositions, FrameState, simulate_frames, simulate_frames_jvp
+from ..physics.diffraction import Decompositions, FrameState, frame_subplan, simulate_frames, simulate_frames_jvp
 from .model import ForwardModel
 from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights
 
@@ -224,6 +224,35 @@ class RefinementProblem:
     def intensities(self, theta: torch.Tensor) -> torch.Tensor:
         """Calculated intensities (R,) at theta, solved in ``forward_dtype``. Double-precision values
         computed without gradient are remembered for the last theta (see :meth:`jacobian`)."""
+        plan = self.model.plan
+        single = self.forward_dtype == torch.float32
+        if not torch.is_grad_enabled() and not single and self._keeps(plan):
+            self._last_decompositions = None  # one set in memory at a time
+        ic, keep = self._solve(theta, plan)
+        if keep is not None:
+            self._last_decompositions = (theta.detach().clone(), plan, keep)
+        if not ic.requires_grad and not single:
+            self._last_intensities = (theta.detach().clone(), ic)
+        return ic
+
+    def frame_intensities(self, theta: torch.Tensor, frames: torch.Tensor) -> tuple:
+        """(intensities (R,) without gradient at theta of the frames in the (F,) bool mask, zero at
+        the others; that pass's decompositions or None; their places in the plan, for
+        ``Decompositions.take_frames``). Nothing is remembered: the values are not those of theta."""
+        plan, source = frame_subplan(self.model.plan, frames)
+        with torch.no_grad():
+            ic, keep = self._solve(theta, plan)
+        return ic, keep, source
+
+    def _keeps(self, plan) -> bool:
+        """Whether a pass without gradient over ``plan`` keeps its decompositions (they fit the budget)."""
+        size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks)
+        size *= 1 + (self.model.settings.absorption != "none")  # and V^-1 with absorption
+        return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= KEEP_DECOMPOSITIONS_BYTES
+
+    def _solve(self, theta: torch.Tensor, plan) -> tuple:
+        """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, for a double pass without
+        gradient that fits the budget, its decompositions (in the Jacobian's precision), else None."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
         state = self.state(raw)
@@ -232,21 +261,12 @@ class RefinementProblem:
             u = u.to(torch.complex64)
             u_abs = None if u_abs is None else u_abs.to(torch.complex64)
             state = FrameState(*[None if x is None else x.to(torch.float32) for x in state.tensors()])
-        plan = self.model.plan
         keep = None
-        if not torch.is_grad_enabled() and not single:
-            size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks) * (1 + (u_abs is not None))
-            low = self.jacobian_dtype != torch.float64
-            if size * (8 if low else 16) <= KEEP_DECOMPOSITIONS_BYTES:
-                keep = Decompositions(torch.complex64 if low else torch.complex128)
-                self._last_decompositions = None  # one set in memory at a time
+        if not torch.is_grad_enabled() and not single and self._keeps(plan):
+            keep = Decompositions(torch.complex64 if self.jacobian_dtype != torch.float64 else torch.complex128)
         ic = simulate_frames(plan, u, u_abs, state, absorption_method=self.model.settings.absorption_method,
                              keep=keep).to(torch.float64)
-        if keep is not None and keep.chunks:
-            self._last_decompositions = (theta.detach().clone(), plan, keep)
-        if not ic.requires_grad and not single:
-            self._last_intensities = (theta.detach().clone(), ic)
-        return ic
+        return ic, (keep if keep is not None and keep.chunks else None)
 
     def remember_intensities(self, theta: torch.Tensor, ic: torch.Tensor) -> None:
         """Record double-precision intensities known to be those at theta (e.g. put together from

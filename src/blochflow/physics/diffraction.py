@@ -389,6 +389,10 @@ class FrameState:
         return (self.alpha, self.beta, self.omega, self.thickness, self.thickness_weight,
                 self.surface_normal, self.orientation_correction)
 
+    def to(self, target) -> "FrameState":
+        """The same state with every tensor moved to ``target`` (a dtype or a device; differentiable)."""
+        return FrameState(*[None if x is None else x.to(target) for x in self.tensors()])
+
 
 def frame_state_from_dataset(dataset, thickness: float | torch.Tensor, dtype=torch.float64) -> FrameState:
     f = dataset.frames
@@ -810,7 +814,7 @@ def _to_device(device: torch.device, potential, potential_abs, state: FrameState
     def move(x):
         return None if x is None else x.to(device)
 
-    return move(potential), move(potential_abs), FrameState(*[move(x) for x in state.tensors()])
+    return move(potential), move(potential_abs), state.to(device)
 
 
 def _workers(plan: DiffractionPlan) -> int:

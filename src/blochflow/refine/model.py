@@ -156,8 +156,7 @@ class ForwardModel:
             pot = self.potential() if potential is None else potential
             pot = tuple(None if x is None else x.to(torch.complex64) for x in pot)
             for q0 in range(0, len(grid), block):
-                st = self.grid_state(grid[q0:q0 + block], state)
-                st = FrameState(*[None if x is None else x.to(torch.float32) for x in st.tensors()])
+                st = self.grid_state(grid[q0:q0 + block], state).to(torch.float32)
                 ic = self.intensities(st, pot, per_thickness=True, decompositions=decompositions)
                 out.append(self.scan_costs(ic.to(torch.float64), use))
         return np.concatenate(out, 1)

@@ -226,9 +226,10 @@ class RefinementProblem:
         computed without gradient are remembered for the last theta (see :meth:`jacobian`)."""
         plan = self.model.plan
         single = self.forward_dtype == torch.float32
-        if not torch.is_grad_enabled() and not single and self._keeps(plan):
+        keeping = not torch.is_grad_enabled() and not single and self._keeps(plan)
+        if keeping:
             self._last_decompositions = None  # one set in memory at a time
-        ic, keep = self._solve(theta, plan)
+        ic, keep = self._solve(theta, plan, keeping)
         if keep is not None:
             self._last_decompositions = (theta.detach().clone(), plan, keep)
         if not ic.requires_grad and not single:
@@ -241,7 +242,7 @@ class RefinementProblem:
         ``Decompositions.take_frames``). Nothing is remembered: the values are not those of theta."""
         plan, source = frame_subplan(self.model.plan, frames)
         with torch.no_grad():
-            ic, keep = self._solve(theta, plan)
+            ic, keep = self._solve(theta, plan, self.forward_dtype != torch.float32 and self._keeps(plan))
         return ic, keep, source
 
     def _keeps(self, plan) -> bool:
@@ -250,9 +251,10 @@ class RefinementProblem:
         size *= 1 + (self.model.settings.absorption != "none")  # and V^-1 with absorption
         return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= KEEP_DECOMPOSITIONS_BYTES
 
-    def _solve(self, theta: torch.Tensor, plan) -> tuple:
-        """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, for a double pass without
-        gradient that fits the budget, its decompositions (in the Jacobian's precision), else None."""
+    def _solve(self, theta: torch.Tensor, plan, keeping: bool) -> tuple:
+        """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, when ``keeping`` (a double
+        pass without gradient that fits the budget), its decompositions in the Jacobian's precision,
+        else None."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
         state = self.state(raw)
@@ -260,9 +262,9 @@ class RefinementProblem:
         if single:  # the solves in single precision; everything around them stays double
             u = u.to(torch.complex64)
             u_abs = None if u_abs is None else u_abs.to(torch.complex64)
-            state = FrameState(*[None if x is None else x.to(torch.float32) for x in state.tensors()])
+            state = state.to(torch.float32)
         keep = None
-        if not torch.is_grad_enabled() and not single and self._keeps(plan):
+        if keeping:
             keep = Decompositions(torch.complex64 if self.jacobian_dtype != torch.float64 else torch.complex128)
         ic = simulate_frames(plan, u, u_abs, state, absorption_method=self.model.settings.absorption_method,
                              keep=keep).to(torch.float64)

@@ -264,7 +264,7 @@ def integration_check(problem: RefinementProblem, theta: torch.Tensor, ic: torch
     """
     model = problem.model
     counts = model.samples_per_frame()
-    plan, pot_plan, last = model.plan, model.potential_plan, problem._last_intensities
+    plan, pot_plan, last, dtype = model.plan, model.potential_plan, problem._last_intensities, problem.forward_dtype
     try:  # single precision: its error (~1e-5 of an intensity) is far below the integration error measured
         model.resample(2 * counts)
         problem.forward_dtype = torch.float32
@@ -272,7 +272,7 @@ def integration_check(problem: RefinementProblem, theta: torch.Tensor, ic: torch
             ic2 = problem.intensities(theta).to(torch.float64)
     finally:
         model.plan, model.potential_plan, problem._last_intensities = plan, pot_plan, last
-        problem.forward_dtype = torch.float64
+        problem.forward_dtype = dtype
     work = problem.work
     a = torch.sqrt(torch.clamp(problem.scales(ic)[model.frame] * ic, min=0))[work]
     b = torch.sqrt(torch.clamp(problem.scales(ic2)[model.frame] * ic2, min=0))[work]

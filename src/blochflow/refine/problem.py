@@ -225,15 +225,14 @@ class RefinementProblem:
         """Calculated intensities (R,) at theta, solved in ``forward_dtype``. Double-precision values
         computed without gradient are remembered for the last theta (see :meth:`jacobian`)."""
         plan = self.model.plan
-        single = self.forward_dtype == torch.float32
-        keeping = not torch.is_grad_enabled() and not single and self._keeps(plan)
+        keeping = not torch.is_grad_enabled() and self._keeps(plan)
         if keeping:
             self._last_decompositions = None  # one set in memory at a time
         ic, keep = self._solve(theta, plan, keeping)
         if keep is not None:
             self._last_decompositions = (theta.detach().clone(), plan, keep)
-        if not ic.requires_grad and not single:
-            self._last_intensities = (theta.detach().clone(), ic)
+        if not ic.requires_grad:
+            self._last_intensities = (theta.detach().clone(), ic, self.forward_dtype)
         return ic
 
     def frame_intensities(self, theta: torch.Tensor, frames: torch.Tensor) -> tuple:
@@ -242,19 +241,21 @@ class RefinementProblem:
         ``Decompositions.take_frames``). Nothing is remembered: the values are not those of theta."""
         plan, source = frame_subplan(self.model.plan, frames)
         with torch.no_grad():
-            ic, keep = self._solve(theta, plan, self.forward_dtype != torch.float32 and self._keeps(plan))
+            ic, keep = self._solve(theta, plan, self._keeps(plan))
         return ic, keep, source
 
     def _keeps(self, plan) -> bool:
-        """Whether a pass without gradient over ``plan`` keeps its decompositions (they fit the budget)."""
+        """Whether a pass without gradient over ``plan`` keeps its decompositions: they fit the budget,
+        and the pass solves in at least the Jacobian's precision."""
+        if self.forward_dtype == torch.float32 and self.jacobian_dtype == torch.float64:
+            return False
         size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks)
         size *= 1 + (self.model.settings.absorption != "none")  # and V^-1 with absorption
         return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= KEEP_DECOMPOSITIONS_BYTES
 
     def _solve(self, theta: torch.Tensor, plan, keeping: bool) -> tuple:
-        """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, when ``keeping`` (a double
-        pass without gradient that fits the budget), its decompositions in the Jacobian's precision,
-        else None."""
+        """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, when ``keeping`` (see
+        :meth:`_keeps`), its decompositions in the Jacobian's precision, else None."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
         state = self.state(raw)
@@ -273,7 +274,7 @@ class RefinementProblem:
     def remember_intensities(self, theta: torch.Tensor, ic: torch.Tensor) -> None:
         """Record double-precision intensities known to be those at theta (e.g. put together from
         trials that share everything each frame depends on) for :meth:`intensities_at`."""
-        self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64))
+        self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64), self.forward_dtype)
 
     def decompositions_at(self, theta: torch.Tensor):
         """The eigendecompositions the last forward pass kept if it was at theta, else None."""
@@ -289,11 +290,18 @@ class RefinementProblem:
         kept = self._last_decompositions
         return kept is not None and kept[1] is self.model.plan and torch.equal(kept[0], theta.detach())
 
+    def values_single_at(self, theta: torch.Tensor) -> bool:
+        """Whether the intensities remembered at theta were solved in single precision."""
+        last = self._last_intensities
+        return last is not None and last[2] == torch.float32 and torch.equal(last[0], theta.detach())
+
     def intensities_at(self, theta: torch.Tensor) -> torch.Tensor:
         """Intensities at theta without gradient, reusing the last such evaluation when theta is the
-        same (an LM iteration has just computed them at its accepted trial point)."""
+        same (an LM iteration has just computed them at its accepted trial point) and it was solved
+        in ``forward_dtype`` or in double precision."""
         last = self._last_intensities
-        if last is not None and torch.equal(last[0], theta.detach()):
+        if (last is not None and last[2] in (self.forward_dtype, torch.float64)
+                and torch.equal(last[0], theta.detach())):
             return last[1]
         with torch.no_grad():
             return self.intensities(theta.detach())

@@ -114,7 +114,7 @@ class RefineSettings:
     adam_steps: int = 20
     adam_objective: str = "intensity"  # first-order phase on intensities wR2, or on amplitudes wR(F)
     # solves of the first-order phase: single (complex64: 2x faster, gradient within 2e-5 of double)
-    # or double; LM values, the covariance and every reported figure stay double
+    # or double; the covariance and every reported figure stay double
     adam_precision: str = "single"
     lr_xyz: float = 0.005  # A
     lr_adp: float = 0.002  # A^2
@@ -125,6 +125,11 @@ class RefineSettings:
     lr_orientation: float = 0.3  # mrad
     lr_absorption: float = 0.005
     lm_iterations: int = 15
+    # solves of the LM trial points: single (complex64: 10 % less time per quartz refinement; the
+    # cost a step is judged by then differs from double by ~1e-6 of itself, intensities by ~1e-5,
+    # and the refined structure by < 0.1 s.u.) or double; the covariance and every reported
+    # figure stay double
+    lm_precision: str = "single"
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last
@@ -151,7 +156,7 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
                    "adp": ("keep", "iso", "aniso"), "hydrogens": ("riding", "free", "fixed"),
                    "riding_geometry": ("idealised", "offset"),
                    "adam_objective": ("amplitude", "intensity"), "jacobian_precision": ("single", "double"),
-                   "adam_precision": ("single", "double"),
+                   "adam_precision": ("single", "double"), "lm_precision": ("single", "double"),
                    "learned_warm_start": ("scan", "per-frame", "slab")}
 
 
@@ -505,7 +510,10 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     with torch.no_grad():
         start_fig = problem.figures(problem.intensities(problem.theta0))
         if resume is not None and resume.get("decompositions_kept"):
-            problem.intensities(theta)  # the next Jacobian takes its decompositions, as it would have
+            # the next Jacobian takes its decompositions and values, as it would have
+            problem.forward_dtype = torch.float32 if resume.get("kept_single") else torch.float64
+            problem.intensities(theta)
+            problem.forward_dtype = torch.float64
 
     def save():
         if checkpoint is not None:
@@ -513,7 +521,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                                           "theta": theta, "adam_step": adam.step, "adam_m": adam.m,
                                           "adam_v": adam.v, "lm": _lm_to_dict(lm),
                                           "phase_times": json.dumps(phase_times),
-                                          "decompositions_kept": problem.decompositions_kept_at(theta)})
+                                          "decompositions_kept": problem.decompositions_kept_at(theta),
+                                          "kept_single": problem.values_single_at(theta)})
 
     interrupted = False
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -548,6 +557,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
             return moved
 
+        problem.forward_dtype = torch.float32 if settings.lm_precision == "single" else torch.float64
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
             # thickness rescans after RESCAN_AFTER LM iterations (the structure is then close; at the
             # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence,
@@ -576,6 +586,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         log("interrupted: " + ("checkpoint written; " if checkpoint is not None else "")
             + "the results below are the model so far")
     finally:
+        problem.forward_dtype = torch.float64
         for s, h in previous.items():
             signal.signal(s, h)
     if not interrupted:

@@ -31,7 +31,8 @@ from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.device import default_device, set_default_device
 from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
-from blochflow.refine.run import RefineSettings, build_problem, parse_setting, refine, refined_index, settings_from_mapping
+from blochflow.refine.run import (RefineSettings, build_problem, parse_setting, precision_dtype, refine, refined_index,
+                                  settings_from_mapping)
 
 
 def _paths(start: str):
@@ -117,7 +118,7 @@ def kept_decompositions(args) -> dict:
     settings = settings_from_mapping({"n_samples": args.samples, "samples_per_fringe": 0.0, **dict(parse_setting(s) for s in args.set)}, "benchmark")
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     index = refined_index(problem, settings)
-    problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
+    problem.jacobian_dtype = precision_dtype(settings.jacobian_precision)
     cap = problem_mod.KEEP_DECOMPOSITIONS_BYTES
     times = {"own": [], "kept": []}
     try:

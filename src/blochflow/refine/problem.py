@@ -222,8 +222,9 @@ class RefinementProblem:
         return self.frames.state(raw)
 
     def intensities(self, theta: torch.Tensor) -> torch.Tensor:
-        """Calculated intensities (R,) at theta, solved in ``forward_dtype``. Double-precision values
-        computed without gradient are remembered for the last theta (see :meth:`jacobian`)."""
+        """Calculated intensities (R,) at theta, solved in ``forward_dtype``. Values computed without
+        gradient are remembered for the last theta with the precision they were solved in (see
+        :meth:`intensities_at`, :meth:`jacobian`)."""
         plan = self.model.plan
         keeping = not torch.is_grad_enabled() and self._keeps(plan)
         if keeping:
@@ -272,8 +273,8 @@ class RefinementProblem:
         return ic, (keep if keep is not None and keep.chunks else None)
 
     def remember_intensities(self, theta: torch.Tensor, ic: torch.Tensor) -> None:
-        """Record double-precision intensities known to be those at theta (e.g. put together from
-        trials that share everything each frame depends on) for :meth:`intensities_at`."""
+        """Record intensities, solved in ``forward_dtype``, known to be those at theta (e.g. put
+        together from trials that share everything each frame depends on) for :meth:`intensities_at`."""
         self._last_intensities = (theta.detach().clone(), ic.detach().to(torch.float64), self.forward_dtype)
 
     def decompositions_at(self, theta: torch.Tensor):

@@ -160,6 +160,11 @@ SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convent
                    "learned_warm_start": ("scan", "per-frame", "slab")}
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The real dtype of a ``*_precision`` setting ("single" or "double")."""
+    return torch.float32 if precision == "single" else torch.float64
+
+
 def parse_setting(item: str) -> tuple[str, object]:
     """'NAME=VALUE' with VALUE read as a TOML value where it is one (numbers, booleans, lists), else text."""
     from ..io import toml
@@ -435,7 +440,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
             o = problem.slots["orientation"]
             problem.theta0[o.start:o.stop] = warm.orientation.reshape(-1)
         problem.warm_start = warm.record  # refine() then skips Adam: the warm-start fit ran it
-    problem.jacobian_dtype = torch.float32 if settings.jacobian_precision == "single" else torch.float64
+    problem.jacobian_dtype = precision_dtype(settings.jacobian_precision)
     return problem
 
 
@@ -536,7 +541,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     try:
         while adam.step < adam_steps and len(index):
             t0 = time.perf_counter()
-            problem.forward_dtype = torch.float32 if settings.adam_precision == "single" else torch.float64
+            problem.forward_dtype = precision_dtype(settings.adam_precision)
             try:
                 theta, loss = adam_step(problem, theta, adam, lr, adam_steps, objective=settings.adam_objective)
             finally:
@@ -557,7 +562,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
             return moved
 
-        problem.forward_dtype = torch.float32 if settings.lm_precision == "single" else torch.float64
+        problem.forward_dtype = precision_dtype(settings.lm_precision)
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
             # thickness rescans after RESCAN_AFTER LM iterations (the structure is then close; at the
             # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence,

@@ -483,6 +483,44 @@ def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth)
     assert np.allclose(np.delete(t, 2), np.delete(thickness, 2))
 
 
+def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth, monkeypatch):
+    """After a rescan at the point of the last single-precision pass, the intensities at the moved
+    thicknesses come from that pass's decompositions (no eigensolver call) and agree with a fresh
+    solve; the next Jacobian takes them too. A point that differs in anything else is not served."""
+    from blochflow.refine.run import rescan_frame_thickness
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    sl = problem.slots["thickness"]
+    theta = problem.theta0.clone()
+    theta[sl.start:sl.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    theta[sl.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    problem.forward_dtype = torch.float32
+    with torch.no_grad():
+        problem.intensities(theta)
+    calls = []
+    original = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or original(*a, **k))
+    moved_theta, moved = rescan_frame_thickness(problem, theta, settings)
+    assert moved == 1 and not calls
+    assert problem.decompositions_kept_at(moved_theta) and problem.values_single_at(moved_theta)
+    handed = problem.intensities_at(moved_theta)
+    problem.jacobian(moved_theta)
+    assert not calls
+    problem._last_decompositions = problem._last_intensities = None
+    with torch.no_grad():
+        fresh = problem.intensities(moved_theta)
+    assert calls
+    assert float(torch.max(torch.abs(handed - fresh)) / torch.max(fresh)) < 1e-5
+    other = moved_theta.clone()
+    other[problem.group_index("orientation")] += 1e-3
+    with torch.no_grad():
+        problem.intensities(moved_theta)
+    problem.follow_thickness(moved_theta, other)
+    assert not problem.decompositions_kept_at(other)
+
+
 @pytest.mark.parametrize("absorption", ["none", "proportional"])
 def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, truth, absorption):
     """Intensities, the objective's gradient and the LM Jacobian are the same whether the solves run on

@@ -291,17 +291,21 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     centre = int(hmax @ strides)
 
     def differences(hkl, mask, other, other_mask):  # box positions (B, N, W) of g_i - g_w and the valid ones
-        a, b = hkl @ strides, other @ strides
-        return a[:, :, None] - b[:, None, :] + centre, mask[:, :, None] & other_mask[:, None, :]
+        a, b = (hkl @ strides).astype(np.int32), (other @ strides).astype(np.int32)
+        return a[:, :, None] - b[:, None, :] + np.int32(centre), mask[:, :, None] & other_mask[:, None, :]
 
+    cache_pairs = sum(len(c) * int(n_beams[c].max()) * int(n_beams[c].max() + n_weak[c].max())
+                      for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
     used = np.zeros(int(np.prod(shape)), bool)
     used[centre] = True
+    pair_positions = []  # each chunk's (positions, valid) of its beam pairs (and weak pairs), when cached
     for hkl, mask, whkl, wmask in padded:
-        pos, ok = differences(hkl, mask, hkl, mask)
-        used[pos[ok]] = True
+        pairs = [differences(hkl, mask, hkl, mask)]
         if whkl is not None:
-            pos, ok = differences(hkl, mask, whkl, wmask)
+            pairs.append(differences(hkl, mask, whkl, wmask))
+        for pos, ok in pairs:
             used[pos[ok]] = True
+        pair_positions.append(pairs if cache_pairs else None)
     pot_hkl = np.argwhere(used.reshape(shape)) - hmax
     # 000 first
     zero = np.flatnonzero(np.all(pot_hkl == 0, axis=1))[0]
@@ -311,10 +315,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     lut[pot_hkl[:, 0] + hmax[0], pot_hkl[:, 1] + hmax[1], pot_hkl[:, 2] + hmax[2]] = np.arange(len(pot_hkl))
     lut_flat = lut.reshape(-1)
 
+    pad = np.int32(len(pot_hkl))
+    lut_flat32 = lut_flat.astype(np.int32)  # padding beams (hkl 000) give positions inside the box
+
     chunks = []
-    cache_pairs = sum(len(c) * int(n_beams[c].max()) * int(n_beams[c].max() + n_weak[c].max())
-                      for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
-    for idx, (hkl, mask, whkl, wmask) in zip(chunks_idx, padded):
+    for idx, (hkl, mask, whkl, wmask), pairs in zip(chunks_idx, padded, pair_positions):
         n = hkl.shape[1]
         osamp, obeam, orefl = [], [], []
         for j, s in enumerate(idx):
@@ -323,17 +328,15 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             obeam.append(beam_pos)
             orefl.append(refl_idx)
         pair_index = None
-        if cache_pairs:
-            pos, ok = differences(hkl, mask, hkl, mask)
-            ok &= ~np.eye(n, dtype=bool)
-            pair_index = torch.as_tensor(np.where(ok, lut_flat[np.where(ok, pos, centre)], len(pot_hkl)).astype(np.int32))
+        if pairs is not None:
+            pos, ok = pairs[0]
+            pair_index = torch.as_tensor(np.where(ok & ~np.eye(n, dtype=bool), lut_flat32[pos], pad))
         weak = {}
         if bethe:
             weak = dict(weak_hkl=torch.as_tensor(whkl.astype(float)), weak_mask=torch.as_tensor(wmask))
-            if cache_pairs:
-                pos, ok = differences(hkl, mask, whkl, wmask)
-                weak["weak_index"] = torch.as_tensor(np.where(ok, lut_flat[np.where(ok, pos, centre)],
-                                                              len(pot_hkl)).astype(np.int32))
+            if pairs is not None:
+                pos, ok = pairs[1]
+                weak["weak_index"] = torch.as_tensor(np.where(ok, lut_flat32[pos], pad))
         chunks.append(BeamChunk(
             sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
             hkl=torch.as_tensor(hkl.astype(float)), mask=torch.as_tensor(mask),

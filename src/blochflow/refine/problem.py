@@ -254,9 +254,10 @@ class RefinementProblem:
         size *= 1 + (self.model.settings.absorption != "none")  # and V^-1 with absorption
         return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= KEEP_DECOMPOSITIONS_BYTES
 
-    def _solve(self, theta: torch.Tensor, plan, keeping: bool) -> tuple:
+    def _solve(self, theta: torch.Tensor, plan, keeping: bool, decompositions=None) -> tuple:
         """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, when ``keeping`` (see
-        :meth:`_keeps`), its decompositions in the Jacobian's precision, else None."""
+        :meth:`_keeps`), its decompositions in the Jacobian's precision, else None. ``decompositions``
+        (of these structure matrices, kept at another thickness) replace the solver."""
         raw = self.split(theta)
         u, u_abs = self.potential(raw)
         state = self.state(raw)
@@ -269,7 +270,7 @@ class RefinementProblem:
         if keeping:
             keep = Decompositions(torch.complex64 if self.jacobian_dtype != torch.float64 else torch.complex128)
         ic = simulate_frames(plan, u, u_abs, state, absorption_method=self.model.settings.absorption_method,
-                             keep=keep).to(torch.float64)
+                             keep=keep, decompositions=decompositions).to(torch.float64)
         return ic, (keep if keep is not None and keep.chunks else None)
 
     def remember_intensities(self, theta: torch.Tensor, ic: torch.Tensor) -> None:
@@ -285,6 +286,26 @@ class RefinementProblem:
         """Record eigendecompositions known to be those at theta (put together frame by frame from
         trials, as :meth:`remember_intensities`)."""
         self._last_decompositions = (theta.detach().clone(), self.model.plan, decompositions)
+
+    def follow_thickness(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """``after`` differs from ``before`` in per-frame thicknesses only (a rescan moved frames):
+        the decompositions kept at ``before`` are those at ``after`` too (a structure matrix does not
+        depend on thickness), so the intensities there are formed from them without the solver, and
+        both are remembered for ``after``. Nothing happens when none were kept in the precision the
+        forward pass solves in."""
+        dec = self.decompositions_at(before)
+        if dec is None or "thickness" not in self.slots:
+            return
+        wanted = torch.complex64 if self.forward_dtype == torch.float32 else torch.complex128
+        other = torch.ones(self.n_params, dtype=torch.bool)
+        sl = self.slots["thickness"]
+        other[sl.start:sl.stop] = False
+        if dec.dtype != wanted or not torch.equal(before[other], after[other]):
+            return
+        with torch.no_grad():
+            ic, _ = self._solve(after, self.model.plan, False, decompositions=dec)
+        self._last_intensities = (after.detach().clone(), ic, self.forward_dtype)
+        self.remember_decompositions(after, dec)
 
     def decompositions_kept_at(self, theta: torch.Tensor) -> bool:
         """Whether a Jacobian at theta would take the eigendecompositions of the last forward pass."""

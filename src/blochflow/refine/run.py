@@ -346,11 +346,12 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     best = np.argmin(table, 1)
     cost = table[np.arange(len(best)), best]
     move = np.flatnonzero(~own[np.arange(len(best)), best] & (cost < RESCAN_GAIN * own_best))
-    theta = theta.clone()
+    moved = theta.clone()
     if len(move):
         rows = torch.as_tensor(move) + sl.start
-        theta[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
-    return theta, len(move)
+        moved[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
+        problem.follow_thickness(theta, moved)
+    return moved, len(move)
 
 
 class WarmStart(NamedTuple):
@@ -513,7 +514,10 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         phase_times.update(json.loads(resume["phase_times"]))
         log(f"resumed at Adam step {adam.step}, LM iteration {lm.iteration}")
     with torch.no_grad():
+        # solved as the first LM iteration would (its Jacobian then takes these decompositions)
+        problem.forward_dtype = precision_dtype(settings.lm_precision if adam.step >= adam_steps else "double")
         start_fig = problem.figures(problem.intensities(problem.theta0))
+        problem.forward_dtype = torch.float64
         if resume is not None and resume.get("decompositions_kept"):
             # the next Jacobian takes its decompositions and values, as it would have
             problem.forward_dtype = torch.float32 if resume.get("kept_single") else torch.float64

@@ -310,6 +310,15 @@ def test_recovers_known_structure_with_honest_uncertainties(small_dataset, truth
                 d = (a["xyz"][c] - t[c] + 0.5) % 1 - 0.5
                 z.append(d / a["xyz_su"][c])
     assert len(z) >= 4 and np.max(np.abs(z)) < 5
+    # the covariance is the last LM cycle's normal matrix scaled by GoF^2 at the final point: within
+    # 1 % of one formed at the final point (structure), with GoF^2 from the final point's cost
+    from blochflow.refine.optimise import covariance, normal_equations
+
+    ne, _ = normal_equations(problem, res.theta, res.refined_index)
+    fresh, _ = covariance(ne)
+    structure = res.refined_index < len(problem.structure)
+    ratio = torch.sqrt(torch.diagonal(res.covariance)[res.refined_index] / torch.diagonal(fresh))[structure]
+    assert float((ratio - 1).abs().max()) < 0.01
 
 
 def test_lm_in_single_precision_reaches_the_double_precision_minimum(small_dataset, truth):

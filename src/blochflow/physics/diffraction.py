@@ -298,14 +298,21 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                       for c in chunks_idx) * 4 <= PAIR_INDEX_BUDGET
     used = np.zeros(int(np.prod(shape)), bool)
     used[centre] = True
-    pair_positions = []  # each chunk's (positions, valid) of its beam pairs (and weak pairs), when cached
+    # each chunk's (positions, valid) of its beam pairs (and weak pairs) per distinct beam set (the
+    # samples of a segment share theirs), and each sample's set, when cached
+    pair_positions = []
     for hkl, mask, whkl, wmask in padded:
-        pairs = [differences(hkl, mask, hkl, mask)]
+        parts = [hkl.reshape(len(hkl), -1), mask]
         if whkl is not None:
-            pairs.append(differences(hkl, mask, whkl, wmask))
+            parts += [whkl.reshape(len(whkl), -1), wmask]
+        _, first, which = np.unique(np.concatenate([x.astype(np.int64) for x in parts], 1), axis=0,
+                                    return_index=True, return_inverse=True)
+        pairs = [differences(hkl[first], mask[first], hkl[first], mask[first])]
+        if whkl is not None:
+            pairs.append(differences(hkl[first], mask[first], whkl[first], wmask[first]))
         for pos, ok in pairs:
             used[pos[ok]] = True
-        pair_positions.append(pairs if cache_pairs else None)
+        pair_positions.append((pairs, which.reshape(-1)) if cache_pairs else None)
     pot_hkl = np.argwhere(used.reshape(shape)) - hmax
     # 000 first
     zero = np.flatnonzero(np.all(pot_hkl == 0, axis=1))[0]
@@ -329,14 +336,14 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             orefl.append(refl_idx)
         pair_index = None
         if pairs is not None:
-            pos, ok = pairs[0]
-            pair_index = torch.as_tensor(np.where(ok & ~np.eye(n, dtype=bool), lut_flat32[pos], pad))
+            (pos, ok), which = pairs[0][0], pairs[1]
+            pair_index = torch.as_tensor(np.where(ok & ~np.eye(n, dtype=bool), lut_flat32[pos], pad)[which])
         weak = {}
         if bethe:
             weak = dict(weak_hkl=torch.as_tensor(whkl.astype(float)), weak_mask=torch.as_tensor(wmask))
             if pairs is not None:
-                pos, ok = pairs[1]
-                weak["weak_index"] = torch.as_tensor(np.where(ok, lut_flat32[pos], pad))
+                pos, ok = pairs[0][1]
+                weak["weak_index"] = torch.as_tensor(np.where(ok, lut_flat32[pos], pad)[which])
         chunks.append(BeamChunk(
             sample=torch.as_tensor(np.array(idx)), frame=torch.as_tensor(samples.frame[idx]),
             hkl=torch.as_tensor(hkl.astype(float)), mask=torch.as_tensor(mask),

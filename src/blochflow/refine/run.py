@@ -603,7 +603,15 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     cov_full, corr = None, []
     t0 = time.perf_counter()
     if len(index) and not interrupted:
-        ne, _ = normal_equations(problem, theta, index)
+        if ne is not None and lm.converged:
+            # as least-squares programs do: the normal matrix of the last cycle (its step is below the
+            # convergence test), scaled by GoF^2 at the final point (the reported figures' double pass)
+            ic = problem.intensities_at(theta)
+            with torch.no_grad():
+                final = float(torch.sum(problem.residuals(ic) ** 2) + problem.prior_cost(theta))
+            ne = dataclasses.replace(ne, cost=final)
+        else:
+            ne, _ = normal_equations(problem, theta, index)
         cov, _ = covariance(ne)
         cov_full = torch.zeros((problem.n_params, problem.n_params), dtype=torch.float64)
         cov_full[index[:, None], index[None, :]] = cov

@@ -487,3 +487,24 @@ def test_tangent_given_in_the_eigenbasis_equals_the_matrix_tangent(n_points):
     from_matrix = bloch_mod.propagate_tangents(lam, vec, vinv, expo, t, inv_k, da, dt, None)
     assert from_basis.shape == (4, 3, n_points, 9)
     assert _rel(from_basis, from_matrix) < 1e-12
+
+
+def test_folded_divided_differences_match_the_quotient_form():
+    """x G^T from the sinc form (real eigenvalues) equals x G^T from :func:`divided_differences`,
+    on separated, close (1e-9) and equal eigenvalues, where G_ii = c e_i; and in single precision
+    it is as close to the double-precision value as the quotient form is."""
+    from blochflow.physics.bloch import divided_differences, divided_differences_folded
+
+    gen = torch.Generator().manual_seed(3)
+    lam = 0.01 * torch.randn(20, 12, generator=gen, dtype=torch.float64)
+    lam[:, 1] = lam[:, 0] + 1e-9
+    lam[:, 3] = lam[:, 2]
+    kappa = 3000 * torch.rand(20, 1, generator=gen, dtype=torch.float64)
+    x = torch.randn(20, 12, 12, generator=gen, dtype=torch.complex128)
+    ref = x @ divided_differences(lam.to(torch.complex128), 1j * kappa.to(torch.complex128)).mT
+    got = divided_differences_folded(x, lam, kappa)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-12
+    single = divided_differences_folded(x.to(torch.complex64), lam.float(), kappa.float())
+    quotient = x.to(torch.complex64) @ divided_differences(lam.to(torch.complex64), (1j * kappa).to(torch.complex64)).mT
+    err = [float((y.to(torch.complex128) - ref).abs().max() / ref.abs().max()) for y in (single, quotient)]
+    assert err[0] < 1e-5 and err[0] < 2 * err[1]

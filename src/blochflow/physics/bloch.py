@@ -88,6 +88,18 @@ def _close_factors(lam: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, orde
     return weights, torch.exp(phase), torch.exp(-phase)
 
 
+def divided_differences_folded(x: torch.Tensor, lam: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+    """x G^T (B,N,N) with G the :func:`divided_differences` of real eigenvalues (a Hermitian structure
+    matrix) at c = i kappa (kappa (B,1) real). With e_i - e_j = 2 h_i h_j sinh(c (l_i - l_j) / 2),
+    h = exp(c l / 2): G_ij = c h_i h_j S_ij, S_ij = sinc(kappa (l_i - l_j) / 2) real and symmetric,
+    exact at every separation (no close-pair branch, no quotient), so x G^T = c h^T * ((x h) S):
+    two real matrix products in place of a complex one."""
+    h = torch.exp((0.5j * kappa) * lam)  # (B,N)
+    s = torch.sinc((kappa / (2 * math.pi))[..., None] * (lam[..., :, None] - lam[..., None, :]))  # sin(pi u)/(pi u)
+    xh = x * h[..., None, :]
+    return torch.complex(xh.real @ s, xh.imag @ s) * ((1j * kappa) * h)[..., None, :]
+
+
 def divided_differences(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """G_ij = (e_i - e_j) / (l_i - l_j), e = exp(c l), G_ii = c e_i, for one thickness (c (B,1)): (B,N,N).
 

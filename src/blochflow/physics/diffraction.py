@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
-from .bloch import (_coefficients, _Propagate, divided_differences, hermitian_eigh, propagate, propagate_perturbative,
-                    propagate_tangents)
+from .bloch import (_coefficients, _Propagate, divided_differences, divided_differences_folded, hermitian_eigh, propagate,
+                    propagate_perturbative, propagate_tangents)
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .device import work_scale
@@ -1001,7 +1001,10 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
         e = torch.exp(c * lam)  # (B,N)
         psi_in = torch.einsum("bgi,bi->bg", vec, e * w)  # before the illumination factors
         psi = psi_in * mc
-        h = (vec * w[:, None, :]) @ divided_differences(lam, c).mT  # H (B,N,N)
+        if hermitian:  # H (B,N,N)
+            h = divided_differences_folded(vec * w[:, None, :], lam.real, c.imag)
+        else:
+            h = (vec * w[:, None, :]) @ divided_differences(lam, c).mT
         hm = mc[:, :, None] * h  # M H
         vinv_m = vinv * mc[:, None, :]  # V^-1 M
         (b, n), n_t = diag.shape, dpot.shape[0]

@@ -402,6 +402,14 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     assert err.count("\n") == 1 and "--resume" in err
     assert (out / "summary.json").read_bytes() == before
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "x"), "--set", "lr_xyz=fast"]) == 2
+    # a number out of its range is named as such (a negative s_max used to end in "no reflection is scored")
+    for item, name in (("s_max=-1", "s_max"), ("lm_iterations=-2", "lm_iterations"), ("thickness=0", "thickness"),
+                       ("thickness_grid=[500, 100, 25]", "thickness_grid"), ("s_bethe=0.01", "s_bethe")):
+        capsys.readouterr()
+        assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "x"), "--set", item]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name}:" in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tmp_path):

@@ -232,7 +232,36 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
                          f"{', '.join(LearnedThickness.DISTRIBUTIONS)}")
     if s.thickness_smoothness < 0:
         raise ValueError("thickness_smoothness: must not be negative")
+    for name, (ok, need) in SETTING_RANGES.items():
+        value = getattr(s, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{name}: {value!r} {need}")
+    if s.s_bethe and s.s_bethe <= s.s_max:
+        raise ValueError(f"s_bethe: {s.s_bethe} must exceed s_max ({s.s_max}) or be 0 (off)")
+    a, b, step = s.thickness_grid
+    if not (0 < a < b and step > 0):
+        raise ValueError("thickness_grid: must be start, stop, step (A) with 0 < start < stop and step > 0")
     return s
+
+
+def _positive(x) -> bool:
+    return x > 0
+
+
+def _not_negative(x) -> bool:
+    return x >= 0
+
+
+# Numeric settings outside these ranges are errors, named as such (not failures far downstream).
+SETTING_RANGES = {
+    **{name: (_positive, "must be positive") for name in (
+        "g_max", "s_max", "rsg", "kappa", "riding_max_distance", "shift_tol", "checkpoint_every",
+        "plateau_iterations", "warm_start_iterations")},
+    **{name: (_not_negative, "must not be negative") for name in (
+        "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "plateau_tol", "lr_xyz", "lr_adp",
+        "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation", "lr_absorption")},
+    "thickness": (lambda x: x == "auto" or x > 0, "must be 'auto' or a positive number (A)"),
+}
 
 
 @dataclass

@@ -74,3 +74,15 @@ def test_simulate_sizes_the_samples_for_the_thickness(tmp_path, quartz_paths):
         return np.abs(np.sqrt(ic) - np.sqrt(ic_fine)).sum() / np.sqrt(ic_fine).sum()
 
     assert err(ic_fixed) > 0.05 and err(ic_sized) < 0.01, (err(ic_fixed), err(ic_sized))
+
+
+def test_physics_flags_out_of_range_are_named(tmp_path, quartz_paths, capsys):
+    """A beam or scoring limit out of range is a one-line error naming the flag, and nothing is
+    written (a negative --s-max used to run and write a simulation with no coupled beams)."""
+    for flag, value in (("--s-max", "-1"), ("--g-max", "0"), ("--rsg", "-0.5"), ("--kappa", "-1"), ("--dsg", "-0.1"),
+                        ("--s-bethe", "-0.01")):
+        capsys.readouterr()
+        assert main(["simulate", *map(str, quartz_paths), "--out", str(tmp_path / "o"), flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err, err
+    assert not (tmp_path / "o").exists()

@@ -362,6 +362,61 @@ def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_pat
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 
 
+def test_frames_that_grow_thicker_get_the_samples_they_need(small_dataset, truth):
+    """A frame moved to a thicker branch than the start design gets the tilt samples its fringes
+    need; no other frame changes, and values remembered for the old plan are dropped."""
+    from blochflow.refine.run import grow_samples
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.3, n_samples=2, thickness=500.0, free_fraction=0.0)
+    problem = build_problem(truth, ds, settings)
+    theta = problem.theta0.clone()
+    assert grow_samples(problem, theta, settings) == 0  # the design covers the start thickness
+    before = problem.model.samples_per_frame()
+    with torch.no_grad():
+        problem.intensities(theta)
+    theta[problem.slots["thickness"].start + 2] += float(np.log(4.0))
+    assert grow_samples(problem, theta, settings) == 1
+    after = problem.model.samples_per_frame()
+    assert after[2] > before[2] and np.array_equal(np.delete(after, 2), np.delete(before, 2))
+    assert problem._last_intensities is None and problem._last_decompositions is None
+
+
+def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypatch):
+    """A run interrupted after its samples were grown resumes on the grown plan (recorded in the
+    checkpoint) and ends where the uninterrupted run does, to 1e-8."""
+    from blochflow.refine import run as runmod
+
+    ds, _, _ = small_dataset
+    monkeypatch.setattr(runmod, "RESCAN_AFTER", 1)
+
+    def grow_frame_0(problem, theta, settings):  # as if frame 0 had moved onto a thicker branch
+        counts = problem.model.samples_per_frame()
+        counts[0] += 2
+        problem.resample(counts)
+        return 1
+
+    monkeypatch.setattr(runmod, "grow_samples", grow_frame_0)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=0, lm_iterations=4, checkpoint_every=1,
+                              thickness=500.0, free_fraction=0.0, thickness_grid=(300.0, 800.0, 25.0))
+    start = displaced(truth, 0.02, 0.03)
+    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
+
+    def stop_after_lm2(line):
+        if line.startswith("lm      2/"):
+            raise Interrupted()
+
+    ck = tmp_path / "checkpoint.pt"
+    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=stop_after_lm2)
+    assert part.interrupted
+    kept = torch.load(ck, weights_only=True)
+    assert int(kept["samples_per_frame"][0]) == 2 + 2
+    resumed_problem = build_problem(start, ds, settings)
+    resumed = refine(resumed_problem, settings, checkpoint=ck, resume=kept, log=lambda s: None)
+    assert resumed_problem.model.samples_per_frame()[0] == 4
+    assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
+
 def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_path, capsys):
     _, _, data = small_dataset
     out = tmp_path / "run"

@@ -73,14 +73,18 @@ class ForwardModel:
         wrong by percents to tens of percents (docs/physics.md). Returns whether the plan changed."""
         if samples_per_fringe <= 0:
             return False
-        sc = self.plan.scored
-        counts = fringe_sample_counts(sc.excitation_range, sc.frame, self.n_frames,
-                                      np.asarray(thickness, float) * samples_per_fringe, self.plan.geometry,
-                                      self.settings.beams.n_samples)
+        counts = self.fringe_counts(thickness, samples_per_fringe)
         if np.array_equal(counts, self.samples_per_frame()):
             return False
         self.resample(counts)
         return True
+
+    def fringe_counts(self, thickness, samples_per_fringe: float) -> np.ndarray:
+        """(F,) the tilt samples :meth:`fit_samples_to_fringes` gives each frame at ``thickness``."""
+        sc = self.plan.scored
+        return fringe_sample_counts(sc.excitation_range, sc.frame, self.n_frames,
+                                    np.asarray(thickness, float) * samples_per_fringe, self.plan.geometry,
+                                    self.settings.beams.n_samples)
 
     def samples_per_frame(self) -> np.ndarray:
         return np.bincount(self.plan.samples.frame, minlength=self.n_frames)

@@ -287,6 +287,12 @@ class RefinementProblem:
         trials, as :meth:`remember_intensities`)."""
         self._last_decompositions = (theta.detach().clone(), self.model.plan, decompositions)
 
+    def resample(self, samples_per_frame: np.ndarray) -> None:
+        """Rebuild the model's plan with these tilt counts per frame (the observations stay the
+        same); values and decompositions remembered for the old plan are dropped."""
+        self.model.resample(samples_per_frame)
+        self._last_intensities = self._last_decompositions = None
+
     def follow_thickness(self, before: torch.Tensor, after: torch.Tensor) -> None:
         """``after`` differs from ``before`` in per-frame thicknesses only (a rescan moved frames):
         the decompositions kept at ``before`` are those at ``after`` too (a structure matrix does not

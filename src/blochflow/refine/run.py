@@ -634,12 +634,14 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence,
             # each only while RESCAN_MIN_LEFT iterations remain to refine from it
             enough_left = settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT
-            if rescan and lm.iteration == RESCAN_AFTER and enough_left:
-                rescan_now()
+            if lm.iteration == RESCAN_AFTER and enough_left:
+                if rescan:
+                    rescan_now()
                 # frames the rescan (or LM) moved onto thicker branches get the samples they need now;
                 # growing them at convergence too cost quartz 2 more iterations for one frame (the
                 # integration check reports what remains)
-                grow_now()
+                if settings.refine_thickness:
+                    grow_now()
             t0 = time.perf_counter()
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)

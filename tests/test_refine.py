@@ -442,6 +442,16 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     check = summary["integration"]  # the final model at twice the samples: 2 tilts are far from converged
     assert check["samples_per_frame_min"] == check["samples_per_frame_max"] == 2
     assert 0.01 < check["R_integration"] < 1 and check["frames_below_one_sample_per_fringe"] > 0
+    # each frame's integration error in frames.csv (and summary "frames"); the worst named in the summary
+    import csv
+
+    rows = list(csv.DictReader(open(out / "frames.csv")))
+    r_frame = np.array([float(r["R_integration"]) for r in rows])
+    assert {"tilt_samples", "samples_per_fringe"} <= set(rows[0]) and "per_frame" not in check
+    assert np.nanmin(r_frame) <= check["R_integration"] <= np.nanmax(r_frame)
+    assert check["R_integration_worst_frame"] == pytest.approx(np.nanmax(r_frame))
+    assert int(rows[int(np.nanargmax(r_frame))]["frame"]) == check["worst_frame"]
+    assert summary["frames"]["R_integration"] == pytest.approx([None if np.isnan(x) else x for x in r_frame])
     assert summary["settings"]["n_samples"] == 2
     block = gemmi.cif.read(str(out / "refined.cif")).sole_block()
     small = gemmi.make_small_structure_from_block(block)

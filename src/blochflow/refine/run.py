@@ -323,11 +323,20 @@ def integration_check(problem: RefinementProblem, theta: torch.Tensor, ic: torch
     scored = plan.scored
     needed = fringe_sample_counts(scored.excitation_range, scored.frame, model.n_frames, thick, plan.geometry, 1)
     has = np.bincount(scored.frame[work.numpy()], minlength=model.n_frames) > 0
+    frame = model.frame[work]
+    per_frame = (torch.zeros(model.n_frames, dtype=torch.float64).index_add(0, frame, torch.abs(a - b))
+                 / torch.zeros(model.n_frames, dtype=torch.float64).index_add(0, frame, b)).numpy()
+    per_frame = np.where(has, per_frame, np.nan)
+    worst = int(np.nanargmax(per_frame))
     return {"samples_per_frame_min": int(counts[has].min()), "samples_per_frame_max": int(counts[has].max()),
             "R_integration": float(torch.sum(torch.abs(a - b)) / torch.sum(b)),
             "R_obs_double_samples": fig2.R_obs, "wR2_double_samples": fig2.wR2,
             "frames_below_one_sample_per_fringe": int(np.sum((counts < needed) & has)),
-            "samples_per_fringe_min": float(np.min(counts[has] / needed[has]))}
+            "samples_per_fringe_min": float(np.min(counts[has] / needed[has])),
+            "worst_frame": int(model.dataset.frames.ids[worst]), "R_integration_worst_frame": float(per_frame[worst]),
+            # per frame (F,), for frames.csv: its samples, their number per fringe, its R_integration
+            "per_frame": {"samples": counts, "samples_per_fringe": np.where(has, counts / np.maximum(needed, 1), np.nan),
+                          "R_integration": per_frame}}
 
 
 def initial_thickness(model: ForwardModel, settings: RefineSettings, use: torch.Tensor) -> float:
@@ -699,7 +708,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         phase_times["integration_check_s"] = time.perf_counter() - t0
         log(f"integration check (twice the samples): R_integration {100 * integration['R_integration']:.2f} %, "
             f"R_obs {100 * integration['R_obs_double_samples']:.2f} %, wR2 {100 * integration['wR2_double_samples']:.2f} %; "
-            f"{integration['frames_below_one_sample_per_fringe']} frames below one sample per fringe")
+            f"{integration['frames_below_one_sample_per_fringe']} frames below one sample per fringe; worst frame "
+            f"{integration['worst_frame']} ({100 * integration['R_integration_worst_frame']:.1f} %, frames.csv has each)")
         if integration["R_integration"] > 0.01:
             log(f"warning: the rocking integration is not converged at these samples; raise samples_per_fringe "
                 f"(now {settings.samples_per_fringe:g}) or n_samples (now {settings.n_samples})")

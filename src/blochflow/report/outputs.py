@@ -39,9 +39,11 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
     desc = pr.frames.thickness.describe(raw, pr.frames.ctx)
     orient = raw["orientation"].detach().numpy() if "orientation" in raw else np.zeros((pr.model.n_frames, 2))
     n_refl = np.bincount(pr.model.frame.numpy(), minlength=pr.model.n_frames)
+    integration = {} if result.integration is None else result.integration["per_frame"]
     return {"frame": ds.frames.ids, "alpha_deg": ds.frames.alpha_deg, "scale": k, "n_reflections": n_refl,
             **desc, "orientation_x_mrad": orient[:, 0], "orientation_y_mrad": orient[:, 1],
-            "holdout": pr.holdout_frame.numpy().astype(int)}
+            "holdout": pr.holdout_frame.numpy().astype(int),
+            **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
 
 
 def frame_model_record(result: RefinementResult) -> dict:
@@ -142,7 +144,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "thickness": mean_t,
         "thickness_model": pr.frames.thickness.kind,
         "warm_start": pr.warm_start,
-        "integration": result.integration,
+        "integration": None if result.integration is None else {
+            n: v for n, v in result.integration.items() if n != "per_frame"},  # per frame: in "frames"
         "frames": {n: np.asarray(v).tolist() for n, v in frames.items()},
         "strong_correlations": result.correlations,
         "lm_history": result.lm.history,

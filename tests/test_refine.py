@@ -340,24 +340,30 @@ def test_lm_in_single_precision_reaches_the_double_precision_minimum(small_datas
     assert abs(a.figures.wR2 / b.figures.wR2 - 1) < 1e-4 and abs(a.figures.R_obs / b.figures.R_obs - 1) < 1e-3
 
 
+def _full_and_resumed(ds, start, settings, tmp_path, stop_after: int):
+    """(uninterrupted run, checkpoint of a run interrupted after LM iteration ``stop_after``, its
+    resumed problem, the resumed run)."""
+    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
+
+    def stop(line):
+        if line.startswith(f"lm   {stop_after:4d}/"):
+            raise Interrupted()
+
+    ck = tmp_path / "checkpoint.pt"
+    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=stop)
+    assert part.interrupted and ck.exists()
+    kept = torch.load(ck, weights_only=True)
+    problem = build_problem(start, ds, settings)
+    resumed = refine(problem, settings, checkpoint=ck, resume=torch.load(ck, weights_only=True), log=lambda s: None)
+    return full, kept, problem, resumed
+
+
 def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_path):
     ds, _, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=4, lm_iterations=3, checkpoint_every=1, thickness=500.0,
                               free_fraction=0.0)
-    start = displaced(truth, 0.02, 0.03)
-    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
-
-    def stop_after_lm1(line):
-        if line.startswith("lm      1/"):
-            raise Interrupted()
-
-    ck = tmp_path / "checkpoint.pt"
-    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=stop_after_lm1)
-    assert part.interrupted and ck.exists()
-    kept = torch.load(ck, weights_only=True)
+    full, kept, _, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path, stop_after=1)
     assert kept["decompositions_kept"] and kept["kept_single"]  # the resumed run must regenerate them so
-    resumed = refine(build_problem(start, ds, settings), settings, checkpoint=ck,
-                     resume=torch.load(ck, weights_only=True), log=lambda s: None)
     assert not resumed.interrupted
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 
@@ -399,20 +405,9 @@ def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypa
     monkeypatch.setattr(runmod, "grow_samples", grow_frame_0)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=0, lm_iterations=4, checkpoint_every=1,
                               thickness=500.0, free_fraction=0.0, thickness_grid=(300.0, 800.0, 25.0))
-    start = displaced(truth, 0.02, 0.03)
-    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
-
-    def stop_after_lm2(line):
-        if line.startswith("lm      2/"):
-            raise Interrupted()
-
-    ck = tmp_path / "checkpoint.pt"
-    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=stop_after_lm2)
-    assert part.interrupted
-    kept = torch.load(ck, weights_only=True)
+    full, kept, resumed_problem, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path,
+                                                             stop_after=2)
     assert int(kept["samples_per_frame"][0]) == 2 + 2
-    resumed_problem = build_problem(start, ds, settings)
-    resumed = refine(resumed_problem, settings, checkpoint=ck, resume=kept, log=lambda s: None)
     assert resumed_problem.model.samples_per_frame()[0] == 4
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 

@@ -73,17 +73,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _model_settings(args):
     from .physics.diffraction import BeamSettings
     from .refine.model import ModelSettings
+    from .refine.run import SETTING_RANGES
     for name in ("samples", "segments", "tilt_window"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be at least 1")
     if args.samples_per_fringe < 0:
         raise InputError("--samples-per-fringe", str(args.samples_per_fringe), "must be 0 (off) or positive")
-    for name in ("g_max", "s_max", "rsg", "kappa"):
-        if getattr(args, name) is not None and not getattr(args, name) > 0:
-            raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be positive")
-    for name in ("s_bethe", "dsg", "instability"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must not be negative")
+    for name in ("g_max", "s_max", "rsg", "kappa", "s_bethe", "dsg", "instability"):  # the ranges refine checks
+        ok, need = SETTING_RANGES[name]
+        if getattr(args, name) is not None and not ok(getattr(args, name)):
+            raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), need)
     beams = BeamSettings(g_max=args.g_max, s_max=args.s_max, n_samples=args.samples, rsg=args.rsg, dsg=args.dsg,
                          sample_rule=args.sample_rule, ub_convention=args.ub_convention, coupling=args.coupling,
                          n_segments=args.segments, tilt_window=args.tilt_window, rocking_axis=args.rocking_axis,

@@ -238,8 +238,6 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         value = getattr(s, name)
         if value is not None and not ok(value):
             raise ValueError(f"{name}: {value!r} {need}")
-    if s.s_bethe and s.s_bethe <= s.s_max:
-        raise ValueError(f"s_bethe: {s.s_bethe} must exceed s_max ({s.s_max}) or be 0 (off)")
     a, b, step = s.thickness_grid
     if not (0 < a < b and step > 0):
         raise ValueError("thickness_grid: must be start, stop, step (A) with 0 < start < stop and step > 0")

@@ -57,21 +57,25 @@ def test_slab_jacobian_and_path_length(small_dataset, truth):
     assert np.allclose(desc["thickness_mean"], 400.0 / np.cos(tilt), rtol=1e-9)
 
 
-@pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe", "learned", "learned-bethe",
-                                   "learned-absorption", "learned-quantile"])
+@pytest.mark.parametrize("model", ["slab", "per-frame", "per-frame-bethe", "per-frame-occupancy", "learned",
+                                   "learned-bethe", "learned-absorption", "learned-quantile"])
 def test_fused_jacobian_rules_match_the_generic_rule(small_dataset, truth, monkeypatch, model):
     """The fused forward rules (forward AD only through the cheap inputs of the structure matrices:
     potential, excitation errors, illumination factors, K_n, thickness; with weak beams folded in by
     Bethe perturbation also their potential and excitation-error tangents; one thickness per sample,
-    or several (learned) with exact absorption too) against the generic vmap-of-jvp rule."""
+    or several (learned) with exact absorption too) against the generic vmap-of-jvp rule. Refined
+    occupancies move U_0, hence the wave number and every excitation error: the one structure
+    tangent the cheap inputs see."""
     import blochflow.physics.diffraction as diffraction
     import blochflow.refine.problem as problem_mod
 
     ds, _, _ = small_dataset
     bethe = model.endswith("-bethe")
     absorption = model.endswith("-absorption")
-    name = model.removesuffix("-bethe").removesuffix("-absorption").removesuffix("-quantile")
+    name = model.removesuffix("-bethe").removesuffix("-absorption").removesuffix("-quantile").removesuffix("-occupancy")
     extra = dict(thickness_basis=3, thickness_knots=3, thickness_points=4) if name == "learned" else {}
+    if model.endswith("-occupancy"):
+        extra["refine_occupancy"] = True
     if model.endswith("-quantile"):
         extra["thickness_distribution"] = "quantile"
     if absorption:

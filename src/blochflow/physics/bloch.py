@@ -92,12 +92,18 @@ def divided_differences_folded(x: torch.Tensor, lam: torch.Tensor, kappa: torch.
     """x G^T (B,N,N) with G the :func:`divided_differences` of real eigenvalues (a Hermitian structure
     matrix) at c = i kappa (kappa (B,1) real). With e_i - e_j = 2 h_i h_j sinh(c (l_i - l_j) / 2),
     h = exp(c l / 2): G_ij = c h_i h_j S_ij, S_ij = sinc(kappa (l_i - l_j) / 2) real and symmetric,
-    exact at every separation (no close-pair branch, no quotient), so x G^T = c h^T * ((x h) S):
-    two real matrix products in place of a complex one."""
+    exact at every separation (no close-pair branch, no quotient), so x G^T = c h^T * ((x h) S). The
+    real S multiplies the real and imaginary parts of x h in one real product of width 2N, as
+    (x h S)^T = S (x h)^T on the interleaved parts; the result is returned as a transposed view."""
+    b, n = lam.shape
     h = torch.exp((0.5j * kappa) * lam)  # (B,N)
-    s = torch.sinc((kappa / (2 * math.pi))[..., None] * (lam[..., :, None] - lam[..., None, :]))  # sin(pi u)/(pi u)
-    xh = x * h[..., None, :]
-    return torch.complex(xh.real @ s, xh.imag @ s) * ((1j * kappa) * h)[..., None, :]
+    a = (0.5 * kappa) * lam
+    u = a[..., :, None] - a[..., None, :]
+    s = torch.sin(u).div_(u).nan_to_num_(nan=1.0)  # sin u / u, 1 at u = 0 (torch.sinc is 4x slower on CPU)
+    xh_t = torch.empty((b, n, n), dtype=x.dtype, device=x.device)
+    torch.mul(x.mT, h[..., :, None], out=xh_t)  # (x h)^T, contiguous
+    y_t = torch.view_as_complex((s @ torch.view_as_real(xh_t).reshape(b, n, 2 * n)).view(b, n, n, 2))
+    return y_t.mT * ((1j * kappa) * h)[..., None, :]
 
 
 def divided_differences(lam: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

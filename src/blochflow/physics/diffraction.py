@@ -975,7 +975,8 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
     return _rocking_values(tm, inten, place), _rocking_values(tm, d_inten, place)
 
 
-def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None):
+def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None,
+               live: torch.Tensor | None = None, moving: torch.Tensor | None = None):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
     absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
@@ -986,7 +987,9 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
     eigenbasis amplitudes dpsi'_i = sum_kl (V^-1)_ik dA_kl H_li, which splits into one matrix product
     for the potential part (dP, one per tangent, or the potential contraction), and matrix-vector
     products with tables shared by every tangent for the diagonal (D: excitation errors) and the
-    illumination factors (M). Plain tensor algebra, safe on worker threads.
+    illumination factors (M). Plain tensor algebra, safe on worker threads. ``live`` and ``moving``
+    (index tensors, found here when not given) name the tangents that move the potential and those
+    that move the diagonal, illumination or weak-beam inputs: the others' terms are zero and skipped.
     """
     if primal[4].shape[1] > 1:
         return _fused_points_jvp(tm, primal, tangent, hermitian, decomposition)
@@ -1009,7 +1012,11 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
         vinv_m = vinv * mc[:, None, :]  # V^-1 M
         (b, n), n_t = diag.shape, dpot.shape[0]
         core = torch.zeros((n_t, b, n), dtype=ctype, device=diag.device)
-        live = torch.nonzero((dpot != 0).any(-1))[:, 0]  # tangents that move the potential
+        if live is None:  # tangents that move the potential
+            live = torch.nonzero((dpot != 0).any(-1))[:, 0]
+        if moving is None:  # tangents that move the diagonal, the illumination factors or the weak beams
+            moving = torch.nonzero((ddiag != 0).flatten(1).any(1) | (dm != 0).flatten(1).any(1)
+                                   | (ddiag_w != 0).flatten(1).any(1))[:, 0]
         if len(live) and not bethe and len(live) >= CONTRACTION_MIN_TANGENTS:
             g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
             core[live] = torch.einsum("bim,tbm->tbi", g_table, dpot[live][:, uniq])
@@ -1027,18 +1034,21 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
                 rows = _potential_rows(dpot, live, tm.idx.mT)
                 y = (hm.mT @ rows).view(b, n, n, len(live))
                 core[live] = torch.einsum("bik,bikt->tbi", vinv_m, y)
-        core = core + torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag.to(ctype))
-        if bethe:  # -dC = X^H dD_w X for a weak beam's excitation error
+        if len(moving):
+            core[moving] += torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag[moving].to(ctype))
+        if bethe and len(moving):  # -dC = X^H dD_w X for a weak beam's excitation error
             k_w = (vinv_m @ x.mH) * (x @ hm).mT  # (B,N,W)
-            core = core + torch.einsum("biw,tbw->tbi", k_w, ddiag_w.to(ctype))
+            core[moving] += torch.einsum("biw,tbw->tbi", k_w, ddiag_w[moving].to(ctype))
         # illumination factors: dA = dM a0 M + M a0 dM. With A = M a0 M = V Lam V^-1, V^-1 M a0 =
         # Lam V^-1 M^-1, and (divided differences: l_i G_ij - G_ij l_j = e_i - e_j) a0 M H =
         # M^-1 (H Lam - e_0 e^T + psi_in 1^T): both tables without an N^3 product
-        a0_hm = h * lam[:, None, :] + psi_in[:, :, None]
-        a0_hm[:, 0, :] -= e
-        a0_hm = a0_hm / mc[:, :, None]
-        k_m = vinv * a0_hm.mT + (lam[:, :, None] * vinv / mc[:, None, :]) * h.mT
-        core = core + torch.einsum("bik,tbk->tbi", k_m, dm.to(ctype))
+        moving_m = moving[(dm[moving] != 0).flatten(1).any(1)] if len(moving) else moving
+        if len(moving_m):  # (illumination factors are constant 1 without the non-parallel correction)
+            a0_hm = h * lam[:, None, :] + psi_in[:, :, None]
+            a0_hm[:, 0, :] -= e
+            a0_hm = a0_hm / mc[:, :, None]
+            k_m = vinv * a0_hm.mT + (lam[:, :, None] * vinv / mc[:, None, :]) * h.mT
+            core[moving_m] += torch.einsum("bik,tbk->tbi", k_m, dm[moving_m].to(ctype))
         dc = (1j * math.pi) * (dthick[..., 0].to(ctype) * inv_kn - thick[:, 0].to(ctype) * dkn.to(ctype) * inv_kn ** 2)
         core = core + (lam * w * e) * dc[..., None]
         dpsi = torch.einsum("bgi,tbi->tbg", vec, core) * mc + psi_in * dm.to(ctype)
@@ -1156,8 +1166,20 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             full[i] = v
         return args[0], (args[1] if has_abs else None), FrameState(*full)
 
-    def forward_ad(fn):  # values and T tangents of fn(*prim_args), forward AD (one thread only)
-        return vmap(lambda *t: jvp(fn, prim_args, t), out_dims=(None, 0))(*tan_args)
+    def forward_ad(fn, only=None):  # values and T tangents of fn(*prim_args), forward AD (one thread only);
+        # ``only`` (T,) bool: the tangents that can move fn's value, the rest are zero and not pushed through
+        if only is None or bool(only.all()):
+            return vmap(lambda *t: jvp(fn, prim_args, t), out_dims=(None, 0))(*tan_args)
+        if not bool(only.any()):
+            value = fn(*prim_args)
+            return value, tuple(x.new_zeros((n_t, *x.shape)) for x in value)
+        value, part = vmap(lambda *t: jvp(fn, prim_args, t), out_dims=(None, 0))(*(x[only] for x in tan_args))
+        full = []
+        for x in part:
+            z = x.new_zeros((n_t, *x.shape[1:]))
+            z[only] = x
+            full.append(z)
+        return value, tuple(full)
 
     if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
         inputs = []
@@ -1172,6 +1194,13 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         # the same for every chunk: one (T, M+1) tangent table shared by all pieces (per chunk it
         # was a copy each, 12 GB for paracetamol's 50 frames)
         pot_primal, pot_tangent = forward_ad(padded_potential)
+        # the chunk terms (excitation errors, illumination, wave number, thickness) see the potential
+        # only through U_0 and U'_0 (the wave number, the mean absorption): atomic positions and ADPs
+        # leave them alone, and most tangents of a structure refinement are those
+        moves_terms = (pot_tangent[:, 0] != 0) | torch.stack(
+            [(x != 0).flatten(1).any(1) for x in tan_args[1 + has_abs:]] + [torch.zeros(n_t, dtype=torch.bool, device=pot_tangent.device)]).any(0)
+        if has_abs:
+            moves_terms = moves_terms | (tan_args[1] != 0).flatten(1).any(1)
         for ci, ch in enumerate(plan.chunks):
             box = []
 
@@ -1183,12 +1212,14 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
                 return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
                         t.kn[:, None] if t.diag_weak is None else t.diag_weak)
 
-            primal, tangent = forward_ad(small)
+            primal, tangent = forward_ad(small, moves_terms)
             inputs += [(_slice_terms(box[0], sl), (pot_primal, *(x[sl] for x in primal)),
                         (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl))
                        for c, sl in pieces if c is ch]
-        results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3]),
-                               inputs, workers)
+        live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
+        moving = torch.nonzero(moves_terms)[:, 0]
+        results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3],
+                                                       live=live, moving=moving), inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []

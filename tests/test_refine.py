@@ -160,6 +160,18 @@ def test_frame_damping_follows_each_frames_fitted_fraction():
     assert out.tolist() == pytest.approx([1.0, 3.0, 8.0, 3.0 / FRAME_DAMPING_DECAY, 0.0, 7.0])
 
 
+def test_frames_whose_step_turned_back_are_found():
+    """A frame whose own (scaled) step points back against its last one overshot; one that goes on,
+    or turns by a right angle, did not; shared parameters (frame -1) do not count."""
+    from blochflow.refine.optimise import reversed_frames
+
+    frame_of = torch.tensor([-1, 0, 0, 1, 1, 2, 2, 3, 3])
+    previous = torch.tensor([5.0, 1.0, 0.2, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    step = torch.tensor([-5.0, -0.8, -0.1, 0.5, 0.1, 0.0, 1.0, 1.0, 0.0])
+    assert reversed_frames(previous, step, frame_of, 4).tolist() == [True, False, False, False]
+    assert not reversed_frames(previous, previous, frame_of, 4).any()
+
+
 def test_frame_damping_solves_the_structure_step_with_the_damped_frames(small_dataset, truth):
     """With a frame damped, the LM solve shortens that frame's own step and the shared part of the
     step follows from the same damped system (not the undamped step cut afterwards)."""

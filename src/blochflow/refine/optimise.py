@@ -64,6 +64,7 @@ class LMState:
     max_shift_su: float = float("nan")
     history: list = field(default_factory=list)
     frame_damping: list | None = None  # per-frame damping of each frame's own parameters (None: all 0)
+    frame_step: list | None = None  # the last accepted step of the frames' own parameters, Marquardt-scaled
 
 
 @dataclass
@@ -91,6 +92,7 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
 FRAME_STEP_FRACTIONS = (1.0, 0.5, 0.25)
 FRAME_DAMPING_DECAY = 3.0  # a frame's own damping falls by this factor while its full steps fit
 FRAME_DAMPING_FLOOR = 1e-3  # and is dropped below this
+REVERSAL_COSINE = 0.5  # a frame's step turned back on its last one (cosine below minus this) overshot
 
 
 def update_frame_damping(damping: torch.Tensor, fraction: torch.Tensor, rose: torch.Tensor) -> torch.Tensor:
@@ -104,6 +106,22 @@ def update_frame_damping(damping: torch.Tensor, fraction: torch.Tensor, rose: to
     grown = torch.maximum(2 * damping, 1 / fraction.clamp_min(FRAME_STEP_FRACTIONS[-1] / 2) - 1)
     out = torch.where(short, grown, damping / FRAME_DAMPING_DECAY)
     return torch.where(out < FRAME_DAMPING_FLOOR, 0.0, out)
+
+
+def reversed_frames(previous: torch.Tensor, step: torch.Tensor, frame_of: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """(F,) whether each frame's own step (entries of ``step`` with ``frame_of`` f; Marquardt-scaled)
+    turned back on its previous one: cosine below -REVERSAL_COSINE. A frame whose steps alternate in
+    sign overshoots its minimum each time (the full step of a frame near a rocking-curve feature, at
+    its cap: its cost need not rise, since the structure's step lowers it), and a damping of 1 halves
+    its next step. Entries with frame_of < 0 (shared parameters) are ignored."""
+    own = frame_of >= 0
+    f = frame_of[own]
+    a, b = previous[own].double(), step[own].double()
+
+    def per_frame(x):
+        return torch.zeros(n_frames, dtype=torch.float64).index_add(0, f, x)
+
+    return per_frame(a * b) < -REVERSAL_COSINE * torch.sqrt(per_frame(a * a) * per_frame(b * b))
 
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
@@ -155,7 +173,14 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             delta, new_cost, fraction, rose = _frame_line_search(problem, theta, delta, param_frame, before, ne.cost,
                                                            kind)
             if np.isfinite(new_cost):
-                state.frame_damping = update_frame_damping(frame_damping, fraction, rose).tolist()
+                damped = update_frame_damping(frame_damping, fraction, rose)
+                scaled = torch.where(frame_of >= 0, delta[index] * diag.sqrt(), 0.0)  # Marquardt-scaled
+                if state.frame_step is not None and len(state.frame_step) == len(scaled):
+                    back = reversed_frames(torch.as_tensor(state.frame_step, dtype=torch.float64), scaled,
+                                           frame_of, len(frame_damping))
+                    damped = torch.where(back, torch.maximum(damped, (2 * frame_damping).clamp_min(1.0)), damped)
+                state.frame_damping = damped.tolist()
+                state.frame_step = scaled.tolist()
                 partial = int((fraction < 1).sum())
                 cut = cut or partial > 0
         else:

@@ -530,13 +530,14 @@ def load_checkpoint(path: Path) -> dict:
 def _lm_to_dict(s: LMState) -> dict:
     return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
             "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
-            "frame_damping": json.dumps(s.frame_damping)}
+            "frame_damping": json.dumps(s.frame_damping), "frame_step": json.dumps(s.frame_step)}
 
 
 def _lm_from_dict(d: dict) -> LMState:
     return LMState(iteration=int(d["iteration"]), damping=float(d["damping"]), cost=float(d["cost"]),
                    converged=bool(d["converged"]), reason=str(d["reason"]), max_shift_su=float(d["max_shift_su"]),
-                   history=json.loads(d["history"]), frame_damping=json.loads(d.get("frame_damping", "null")))
+                   history=json.loads(d["history"]), frame_damping=json.loads(d.get("frame_damping", "null")),
+                   frame_step=json.loads(d.get("frame_step", "null")))
 
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,

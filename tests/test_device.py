@@ -304,3 +304,34 @@ def test_jacobian_pieces_share_one_potential_tangent(small_dataset, truth, monke
     assert len(seen) >= len(many.model.plan.chunks) and len(set(seen)) == 1
     for a, b in zip(one, got):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("geometry", ["continuous", "precession"])
+def test_split_samples_is_the_midpoint_rule_with_twice_the_samples(small_dataset, truth, geometry):
+    """Every sample split in two (a quarter spacing either side, half the weight, its own beams)
+    gives the intensities of a plan built with twice the samples, where every candidate beam is
+    coupled at every sample (so that the two plans' beam sets cannot differ); rules whose nodes do
+    not nest get None."""
+    from blochflow.physics.diffraction import build_plan, split_samples
+
+    ds, _, _ = small_dataset
+    keep = np.zeros(len(ds.frames), bool)
+    keep[[1, 4]] = True
+    ds = select_frames(ds, keep)
+    ds = dataclasses.replace(ds, details=dataclasses.replace(ds.details, geometry=geometry))
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=3, thickness=500.0, free_fraction=0.0,
+                              g_max=1.0, s_max=10.0, coupling="sample")
+    problem = build_problem(truth, ds, settings)
+    plan = problem.model.plan
+    u, u_abs = problem.potential(problem.split(problem.theta0))
+    state = problem.state(problem.split(problem.theta0))
+    counts = np.bincount(plan.samples.frame, minlength=plan.n_frames)
+    rebuilt = build_plan(ds, plan.settings, samples_per_frame=2 * counts, scored_rows=plan.scored.row)
+    split = split_samples(plan, ds.frames.half_angle_deg)
+    assert np.allclose(np.sort(split.samples.alpha_offset), np.sort(rebuilt.samples.alpha_offset), atol=1e-15)
+    with torch.no_grad():
+        once, twice, built = (simulate_frames(p, u, u_abs, state) for p in (plan, split, rebuilt))
+    assert torch.allclose(twice, built, rtol=1e-10, atol=0)
+    assert float((twice - once).abs().max()) > 1e-6 * float(once.abs().max())  # the rules do differ
+    assert split_samples(dataclasses.replace(plan, settings=dataclasses.replace(plan.settings, sample_rule="gauss")),
+                         ds.frames.half_angle_deg) is None

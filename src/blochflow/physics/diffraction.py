@@ -732,6 +732,49 @@ def frame_subplan(plan: DiffractionPlan, frames: torch.Tensor) -> tuple[Diffract
     return dataclasses.replace(plan, chunks=chunks), source
 
 
+def split_samples(plan: DiffractionPlan, half_angle_deg: np.ndarray) -> DiffractionPlan | None:
+    """The plan with every sample split in two: the midpoint rule with twice the samples, whose nodes
+    lie a quarter spacing either side of each node of the rule with n (tilts of a rocking wedge,
+    azimuths of a precession cone), at half the weight. Each half keeps its sample's beams, pair
+    tables and scored outputs, so that no plan is rebuilt and the two rules differ in their
+    integration alone. None for rules whose nodes do not nest so (Gauss, linspace, tapered weights)."""
+    settings, smp = plan.settings, plan.samples
+    if settings.sample_rule != "midpoint" or (plan.geometry == "continuous" and settings.tilt_window > 1):
+        return None
+    counts = np.bincount(smp.frame, minlength=len(half_angle_deg))[smp.frame]
+    half = np.radians(np.asarray(half_angle_deg, float))[smp.frame]
+    frame = np.repeat(smp.frame, 2)
+    weight = np.repeat(smp.weight / 2, 2)
+    if plan.geometry == "continuous":
+        quarter = half / (2 * counts)  # nodes 2 half / n apart
+        offset = np.stack([smp.alpha_offset - quarter, smp.alpha_offset + quarter], 1).reshape(-1)
+        incident = np.repeat(smp.incident, 2, axis=0)
+    else:  # precession: azimuths 2 pi (i + 1/2) / n
+        az = np.arctan2(smp.incident[:, 1], smp.incident[:, 0])
+        az = np.stack([az - np.pi / (2 * counts), az + np.pi / (2 * counts)], 1).reshape(-1)
+        ph = np.repeat(half, 2)
+        incident = np.stack([np.sin(ph) * np.cos(az), np.sin(ph) * np.sin(az), -np.cos(ph)], -1)
+        offset = np.repeat(smp.alpha_offset, 2)
+    samples = dataclasses.replace(smp, frame=frame, alpha_offset=offset, incident=incident, weight=weight)
+
+    def twice(x):
+        return None if x is None else x.repeat_interleave(2, 0)
+
+    chunks = []
+    for ch in plan.chunks:  # output pairs sorted by sample, as the plan has them
+        out_sample = torch.cat([2 * ch.out_sample, 2 * ch.out_sample + 1])
+        order = torch.sort(out_sample, stable=True).indices
+        chunks.append(BeamChunk(sample=torch.stack([2 * ch.sample, 2 * ch.sample + 1], 1).reshape(-1),
+                                frame=twice(ch.frame), hkl=twice(ch.hkl), mask=twice(ch.mask),
+                                out_sample=out_sample[order], out_beam=ch.out_beam.repeat(2)[order],
+                                out_refl=ch.out_refl.repeat(2)[order],
+                                pair_index=twice(ch.pair_index), weak_hkl=twice(ch.weak_hkl),
+                                weak_mask=twice(ch.weak_mask), weak_index=twice(ch.weak_index)))
+    return dataclasses.replace(plan, samples=samples, chunks=chunks,
+                               n_beams=None if plan.n_beams is None else np.repeat(plan.n_beams, 2),
+                               n_weak=None if plan.n_weak is None else np.repeat(plan.n_weak, 2))
+
+
 class _ParallelFrames(torch.autograd.Function):
     """Frame intensities (R, Q) with the pieces solved on several threads, forward and backward.
 

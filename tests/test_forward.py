@@ -332,3 +332,27 @@ def test_thickness_scan_in_single_precision_ranks_thicknesses_as_double(quartz):
     assert np.median(rel) < 1e-4 and rel.max() < 1e-2
     assert np.array_equal(np.argmin(table[has], 1), np.argmin(double[has], 1))
     assert len(set(np.argmin(double[has], 1).tolist())) > 1  # frames prefer different thicknesses
+
+
+@pytest.mark.parametrize("geometry", ["continuous", "precession"])
+def test_near_candidates_keep_every_beam_that_comes_within_s_max(geometry):
+    """The candidates left out of a frame's excitation errors stay beyond the limit at every one of its
+    samples (brute force over every candidate and sample, wedges and cones far wider than real ones)."""
+    from blochflow.physics.diffraction import _abs_excitation, _near_candidates
+    from blochflow.physics.geometry import sample_orientations
+
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    ub = torch.as_tensor(q * 0.2)  # hkl -> 1/A, |a*| ~ 0.2
+    cand = np.array([(h, k, l) for h in range(-8, 9) for k in range(-8, 9) for l in range(-8, 9)
+                     if (h, k, l) != (0, 0, 0)])
+    cand_t = torch.as_tensor(cand.T, dtype=torch.float64)
+    samples = frame_samples(np.array([3.0]), geometry, 40)
+    orient = sample_orientations(ub, torch.tensor([0.3] * 40, dtype=torch.float64), torch.zeros(40, dtype=torch.float64),
+                                 torch.full((40,), 0.1, dtype=torch.float64), 0.2,
+                                 torch.as_tensor(samples.alpha_offset)).numpy()
+    for limit in (0.005, 0.02):
+        near = _near_candidates(orient, samples.incident, cand, cand_t, 40.0, limit)
+        reached = np.flatnonzero(_abs_excitation(orient, samples.incident, cand_t, 40.0).min(0) < limit)
+        assert 0 < len(reached) and set(reached) <= set(near.tolist())
+        assert len(near) < len(cand) / 2  # and most are left out

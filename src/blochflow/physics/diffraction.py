@@ -137,6 +137,28 @@ def _candidate_beams(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
     return hkl[keep]
 
 
+def _abs_excitation(orient: np.ndarray, incident: np.ndarray, hkl_t: torch.Tensor, k: float) -> np.ndarray:
+    """|s_g| (S, C) of beams hkl_t (3, C) at orientations (S, 3, 3) (hkl -> lab) and incident
+    directions (S, 3): :func:`excitation_error`, summed over rows of (S, 3, C) for speed."""
+    g = torch.as_tensor(orient) @ hkl_t
+    inc = torch.as_tensor(incident)[:, :, None]
+    s_g = -(inc[:, 0] * g[:, 0] + inc[:, 1] * g[:, 1] + inc[:, 2] * g[:, 2]) - (
+        g[:, 0] ** 2 + g[:, 1] ** 2 + g[:, 2] ** 2) / (2 * k)
+    return np.abs(s_g.numpy())
+
+
+def _near_candidates(orient: np.ndarray, incident: np.ndarray, cand: np.ndarray, cand_t: torch.Tensor, k: float,
+                     limit: float) -> np.ndarray:
+    """Indices of the candidate beams that can have |s_g| < ``limit`` at one of a frame's samples
+    (orientations (S, 3, 3), incident directions (S, 3)), from one of them: every sample's
+    orientation is a rotation of it and every incident direction a unit vector, so |g| is the same and
+    |s_g - s_g'| <= |inc - inc'| |g| + ||R - R'||_F |hkl|. The others need not be computed."""
+    d_inc = np.linalg.norm(incident - incident[:1], axis=1).max()
+    d_rot = np.linalg.norm(orient - orient[:1], axis=(1, 2)).max()
+    reach = limit + d_inc * np.linalg.norm(cand @ orient[0].T, axis=1) + d_rot * np.linalg.norm(cand, axis=1) + 1e-9
+    return np.flatnonzero(_abs_excitation(orient[:1], incident[:1], cand_t, k)[0] < reach)
+
+
 def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.ndarray | None = None,
                samples_per_frame: np.ndarray | None = None, scored_rows: np.ndarray | None = None) -> DiffractionPlan:
     """Choose beams per sample and scored reflections per frame for a PETS dataset record.
@@ -192,9 +214,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
 
     cand_t = torch.as_tensor(cand.T, dtype=torch.float64)
 
-    def frame_excitation(idx):  # |s_g| of every candidate beam at each of these samples (S, C)
-        g = (torch.as_tensor(sample_orient[idx]) @ cand_t).transpose(1, 2)  # (S, C, 3)
-        return np.abs(excitation_error(g, torch.as_tensor(samples.incident[idx])[:, None, :], k).numpy())
+    limit = max(settings.s_max, settings.s_bethe)
+
+    def frame_excitation(idx, frame_idx):  # |s_g| of every candidate at these samples of a frame (S, C):
+        out = np.full((len(idx), len(cand)), np.inf)  # those that stay beyond s_max (s_bethe) are not computed
+        columns = _near_candidates(sample_orient[frame_idx], samples.incident[frame_idx], cand, cand_t, k, limit)
+        out[:, columns] = _abs_excitation(sample_orient[idx], samples.incident[idx], cand_t[:, columns], k)
+        return out
 
     bethe = settings.s_bethe > 0
     if bethe and settings.coupling != "sample":
@@ -213,7 +239,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             continue
         idx = np.flatnonzero(sf == f)
         if settings.coupling == "sample":
-            exc_frame = frame_excitation(idx)
+            exc_frame = frame_excitation(idx, idx)
             not_scored = ~np.isin(cand_key, key(scored.hkl[sc]))  # scored reflections are added once below
             for s, exc in zip(idx, exc_frame):
                 sample_beams[s] = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc],
@@ -225,7 +251,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             sc_key = key(scored.hkl[sc])
             segments = np.array_split(np.arange(len(idx)), min(settings.n_segments, len(idx)))
             ends = np.array([[seg[0], seg[-1]] for seg in segments])  # only a run's end tilts choose its beams
-            excited = frame_excitation(idx[ends.ravel()]).reshape(len(segments), 2, -1) < settings.s_max
+            excited = frame_excitation(idx[ends.ravel()], idx).reshape(len(segments), 2, -1) < settings.s_max
             for seg, exc in zip(segments, excited):
                 sel = cand[exc[0] | exc[1]]
                 pos = np.flatnonzero(np.isin(sc_key, key(sel)))
@@ -620,13 +646,14 @@ def _scored_values(tm: _ChunkTerms, a_mat: torch.Tensor | None, keep: list | Non
         keep.append(tuple(None if x is None else x.to(keep[0]) for x in (lam, vec, vinv)))
     beams, place = _scored_beams(tm)
     rows = torch.gather(vec, 1, beams[:, :, None].expand(-1, -1, vec.shape[-1]))  # (B,S,N)
-    if vinv is None:  # real eigenvalues: exp(i pi t lam / K_n) from its phase (a complex exp costs 4x)
+    if vinv is None:  # real eigenvalues: exp(i pi t lam / K_n) from its phase (a complex exp costs 8x,
+        # torch.polar 2x)
         phase = (math.pi * tm.thickness / tm.kn[:, None]).to(lam.real.dtype)[:, :, None] * lam.real[:, None, :]
-        expo = torch.polar(torch.ones_like(phase), phase)
+        expo = torch.complex(torch.cos(phase), torch.sin(phase))
     else:
         c = _coefficients(tm.thickness, 1.0 / tm.kn, vec.dtype)  # (B,Q)
         expo = torch.exp(c[:, :, None] * lam[:, None, :])
-    psi = rows @ (expo * w[:, None, :]).mT  # (B,S,Q)
+    psi = (rows * w[:, None, :]) @ expo.mT  # (B,S,Q); w on the S scored rows, not the Q thicknesses
     if tm.m is not None:
         psi = psi * torch.gather(tm.m, 1, beams)[:, :, None].to(psi.dtype)
     inten = (psi.real ** 2 + psi.imag ** 2).to(tm.weight.dtype)

@@ -58,7 +58,7 @@ def _operator_terms(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
     hr = plan.hkl_rot  # (S, M, 3)
     phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None])
     dw = torch.exp(-2 * math.pi ** 2 * torch.einsum("smi,aij,smj->asm", hr, u_frac, hr))
-    return dw * torch.polar(torch.ones_like(phase), -phase)
+    return torch.complex(dw * torch.cos(phase), -dw * torch.sin(phase))  # torch.polar is 2x slower on CPU
 
 
 def _atom_sums(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:

@@ -709,6 +709,28 @@ def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_data
     assert not res.lm.reason.startswith("R plateau")
 
 
+def test_one_flat_iteration_ends_a_run_that_was_on_its_plateau_before_a_rescan(small_dataset, truth):
+    """After a thickness rescan moved frames of a run that had reached its R plateau, one flat
+    iteration (with the shared parameters settled) ends it; otherwise the plateau needs its full
+    window, here 2 iterations, and an earlier big drop keeps it going."""
+    from blochflow.refine.optimise import LMState, lm_step
+    from blochflow.refine.run import refined_index
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=15, refine_orientation=False)
+    problem = build_problem(truth, ds, settings)
+    res = refine(problem, settings, log=lambda s: None)
+    assert res.lm.converged
+    theta, index = res.theta, refined_index(problem, settings)
+    for replateau, converged in ((True, True), (False, False)):
+        cost = res.lm.cost
+        state = LMState(iteration=5, cost=cost, history=[{"cost": 4 * cost}, {"cost": cost}], replateau=replateau)
+        lm_step(problem, theta, state, index, plateau_tol=0.2, plateau_iterations=2)
+        assert state.converged == converged, state.reason
+        assert state.reason.startswith("R plateau") == converged
+
+
 def test_wavelength_setting_replaces_a_wrong_header(small_dataset, truth):
     """Data simulated at one wavelength under a header stating another fit badly at the truth; the
     ``wavelength`` setting restores exactly the fit of the right header. (The paper's synthetic

@@ -65,6 +65,9 @@ class LMState:
     history: list = field(default_factory=list)
     frame_damping: list | None = None  # per-frame damping of each frame's own parameters (None: all 0)
     frame_step: list | None = None  # the last accepted step of the frames' own parameters, Marquardt-scaled
+    # the run was on its R plateau when a thickness rescan moved frames: one flat iteration then
+    # shows that it still is (see lm_step)
+    replateau: bool = False
 
 
 @dataclass
@@ -142,7 +145,10 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     an R plateau: sqrt(cost), i.e. wR2, fell by less than ``plateau_tol`` of itself in each of the
     last ``plateau_iterations`` iterations while no parameter shared by all frames (structure,
     absorption, network) moved by more than 10 ``shift_tol`` s.u. (per-frame nuisance parameters
-    near narrow rocking features can creep for many iterations at no gain in fit).
+    near narrow rocking features can creep for many iterations at no gain in fit). With
+    ``state.replateau`` (the run had reached its plateau and a thickness rescan then moved some
+    frames onto other branches) one such iteration suffices: the plateau is established, and the
+    question is only whether the moved frames took the structure off it.
     """
     ne, _ = normal_equations(problem, theta, index, kind)
     a, g = ne.jtj, ne.jtr
@@ -210,10 +216,12 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"
             elif (plateau_tol > 0 and shift_su_shared < 10 * shift_tol
-                  and _on_plateau(state.history, plateau_tol, plateau_iterations)):
+                  and _on_plateau(state.history, plateau_tol, 1 if state.replateau else plateau_iterations)):
+                n = 1 if state.replateau else plateau_iterations
                 state.converged, state.reason = True, (
-                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last "
-                    f"{plateau_iterations} iterations, shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
+                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last {n} "
+                    f"iteration{'s' if n > 1 else ''}{' after a rescan on the plateau' if state.replateau else ''}, "
+                    f"shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
             return trial.detach(), ne
         state.damping *= 4
     state.iteration += 1

@@ -536,14 +536,15 @@ def load_checkpoint(path: Path) -> dict:
 def _lm_to_dict(s: LMState) -> dict:
     return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
             "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
-            "frame_damping": json.dumps(s.frame_damping), "frame_step": json.dumps(s.frame_step)}
+            "frame_damping": json.dumps(s.frame_damping), "frame_step": json.dumps(s.frame_step),
+            "replateau": s.replateau}
 
 
 def _lm_from_dict(d: dict) -> LMState:
     return LMState(iteration=int(d["iteration"]), damping=float(d["damping"]), cost=float(d["cost"]),
                    converged=bool(d["converged"]), reason=str(d["reason"]), max_shift_su=float(d["max_shift_su"]),
                    history=json.loads(d["history"]), frame_damping=json.loads(d.get("frame_damping", "null")),
-                   frame_step=json.loads(d.get("frame_step", "null")))
+                   frame_step=json.loads(d.get("frame_step", "null")), replateau=bool(d.get("replateau", False)))
 
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
@@ -660,6 +661,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
             if lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT and rescan_now():
+                lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                 lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "

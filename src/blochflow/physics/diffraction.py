@@ -643,7 +643,10 @@ def _scored_values(tm: _ChunkTerms, a_mat: torch.Tensor | None, keep: list | Non
         vinv = torch.linalg.inv(vec)
         w = vinv[..., :, 0]
     if keep is not None:
-        keep.append(tuple(None if x is None else x.to(keep[0]) for x in (lam, vec, vinv)))
+        for slot, x in zip(keep[1], (lam, vec, vinv)):  # into the pass's tensors, on this thread
+            if slot is not None:
+                slot.copy_(x)
+        keep.append(True)
     beams, place = _scored_beams(tm)
     rows = torch.gather(vec, 1, beams[:, :, None].expand(-1, -1, vec.shape[-1]))  # (B,S,N)
     if vinv is None:  # real eigenvalues: exp(i pi t lam / K_n) from its phase (a complex exp costs 8x,
@@ -704,16 +707,22 @@ class Decompositions:
         self.dtype = dtype
         self.chunks: list[tuple] = []
 
-    def take(self, plan: DiffractionPlan, pieces: list, kept: list[list]) -> None:
-        """Assemble the pieces' decompositions (in ``_work_items`` order) chunk by chunk."""
-        by_chunk = {}
-        for (ch, _), parts in zip(pieces, kept):
-            by_chunk.setdefault(id(ch), []).append(parts[1])
+    def slots(self, plan: DiffractionPlan, pieces: list, general: bool) -> list[list]:
+        """For each of a pass's pieces, [dtype, (lam, V, V^-1 or None) slices of this set's tensors]:
+        the piece writes its decompositions there (on its worker thread; the tensors are allocated
+        here, chunk by chunk), then appends True. ``general``: V^-1 too (non-Hermitian matrices)."""
+        self.chunks = [(torch.empty(ch.hkl.shape[:2], dtype=self.dtype, device=ch.hkl.device),
+                        torch.empty((*ch.hkl.shape[:2], ch.hkl.shape[1]), dtype=self.dtype, device=ch.hkl.device),
+                        torch.empty((*ch.hkl.shape[:2], ch.hkl.shape[1]), dtype=self.dtype, device=ch.hkl.device)
+                        if general else None) for ch in plan.chunks]
+        where = {id(ch): i for i, ch in enumerate(plan.chunks)}
+        return [[self.dtype, tuple(None if x is None else x[slice(None) if sl is None else sl]
+                                   for x in self.chunks[where[id(ch)]])] for ch, sl in pieces]
 
-        def cat(xs):
-            return None if xs[0] is None else torch.cat(xs)
-
-        self.chunks = [tuple(cat([p[i] for p in by_chunk[id(ch)]]) for i in range(3)) for ch in plan.chunks]
+    def take(self, kept: list[list]) -> None:
+        """Keep the set once every piece wrote its part (see :meth:`slots`), else none."""
+        if not all(len(k) > 2 for k in kept):
+            self.chunks = []
 
     def piece(self, chunk_index: int, sl: slice) -> tuple:
         return tuple(None if x is None else x[sl] for x in self.chunks[chunk_index])
@@ -873,7 +882,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype, device=plan.device)
         pieces = _work_items(plan, workers)
         keeping = keep is not None and not recording and (potential_abs is None or absorption_method == "exact")
-        kept = [[keep.dtype] if keeping else None for _ in pieces]
+        kept = keep.slots(plan, pieces, potential_abs is not None) if keeping else [None] * len(pieces)
         given = [None] * len(pieces)
         if decompositions is not None and not recording:
             where = {id(ch): i for i, ch in enumerate(plan.chunks)}
@@ -883,7 +892,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
                                        list(zip(pieces, kept, given)), workers):
             out = out.index_add(0, rows, vals.to(out.dtype))
         if keeping:
-            keep.take(plan, pieces, kept)
+            keep.take(kept)
     if per_thickness:
         return out.to(home)
     return torch.sum(out * state.thickness_weight[_scored_frames(plan)], -1).to(home)

@@ -37,7 +37,7 @@ class BeamSettings:
     sample_rule: Literal["midpoint", "gauss", "linspace"] = "midpoint"
     rsg: float = 0.66  # Klar et al. 2023: keep |s_g| / dS_g < rsg
     dsg: float = 0.0015  # and dS_g - |s_g| > dsg (1/A)
-    chunk_elements: int = 3_000_000  # samples x N^2 per batched solve
+    chunk_elements: int = 1_000_000  # samples x N^2 per batched solve (smaller: less padding, more calls)
     nonparallel: bool = True  # (1 + g.n/K_n)^-1/2 factors
     ub_convention: Literal["pets", "diffbloch"] = "pets"  # g = U B h, or U^-T B h (diffBloch)
     rocking_axis: Literal["goniometer", "fixed"] = "goniometer"  # tilts turn about alpha's axis, or lab x

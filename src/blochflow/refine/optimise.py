@@ -216,11 +216,10 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             elif rel < rel_tol:
                 state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"
             elif (plateau_tol > 0 and shift_su_shared < 10 * shift_tol
-                  and _on_plateau(state.history, plateau_tol, 1 if state.replateau else plateau_iterations)):
-                n = 1 if state.replateau else plateau_iterations
+                  and _on_plateau(state.history, plateau_tol, window := 1 if state.replateau else plateau_iterations)):
                 state.converged, state.reason = True, (
-                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last {n} "
-                    f"iteration{'s' if n > 1 else ''}{' after a rescan on the plateau' if state.replateau else ''}, "
+                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last {window} "
+                    f"iteration{'s' if window > 1 else ''}{' after a rescan on the plateau' if state.replateau else ''}, "
                     f"shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
             return trial.detach(), ne
         state.damping *= 4

@@ -1054,8 +1054,8 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
     return _rocking_values(tm, inten, place), _rocking_values(tm, d_inten, place)
 
 
-def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decomposition=None,
-               live: torch.Tensor | None = None, moving: torch.Tensor | None = None):
+def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition, live: torch.Tensor,
+               moving: torch.Tensor):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
     absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
@@ -1067,7 +1067,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
     for the potential part (dP, one per tangent, or the potential contraction), and matrix-vector
     products with tables shared by every tangent for the diagonal (D: excitation errors) and the
     illumination factors (M). Plain tensor algebra, safe on worker threads. ``live`` and ``moving``
-    (index tensors, found here when not given) name the tangents that move the potential and those
+    (index tensors, found once per Jacobian) name the tangents that move the potential and those
     that move the diagonal, illumination or weak-beam inputs: the others' terms are zero and skipped.
     """
     if primal[4].shape[1] > 1:
@@ -1091,11 +1091,6 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, decompo
         vinv_m = vinv * mc[:, None, :]  # V^-1 M
         (b, n), n_t = diag.shape, dpot.shape[0]
         core = torch.zeros((n_t, b, n), dtype=ctype, device=diag.device)
-        if live is None:  # tangents that move the potential
-            live = torch.nonzero((dpot != 0).any(-1))[:, 0]
-        if moving is None:  # tangents that move the diagonal, the illumination factors or the weak beams
-            moving = torch.nonzero((ddiag != 0).flatten(1).any(1) | (dm != 0).flatten(1).any(1)
-                                   | (ddiag_w != 0).flatten(1).any(1))[:, 0]
         if len(live) and not bethe and len(live) >= CONTRACTION_MIN_TANGENTS:
             g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
             core[live] = torch.einsum("bim,tbm->tbi", g_table, dpot[live][:, uniq])
@@ -1274,12 +1269,11 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         # was a copy each, 12 GB for paracetamol's 50 frames)
         pot_primal, pot_tangent = forward_ad(padded_potential)
         # the chunk terms (excitation errors, illumination, wave number, thickness) see the potential
-        # only through U_0 and U'_0 (the wave number, the mean absorption): atomic positions and ADPs
-        # leave them alone, and most tangents of a structure refinement are those
-        moves_terms = (pot_tangent[:, 0] != 0) | torch.stack(
-            [(x != 0).flatten(1).any(1) for x in tan_args[1 + has_abs:]] + [torch.zeros(n_t, dtype=torch.bool, device=pot_tangent.device)]).any(0)
-        if has_abs:
-            moves_terms = moves_terms | (tan_args[1] != 0).flatten(1).any(1)
+        # only through its entry 0, U_0 + i U'_0 (the wave number, the mean absorption): atomic
+        # positions and ADPs leave it alone, and most tangents of a structure refinement are those
+        moves_terms = pot_tangent[:, 0] != 0
+        for x in tan_args[1 + has_abs:]:  # the frame state's
+            moves_terms = moves_terms | (x != 0).flatten(1).any(1)
         for ci, ch in enumerate(plan.chunks):
             box = []
 

@@ -533,8 +533,8 @@ class RefinementProblem:
         den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * yc * yc)
         k = self.scales(ic, kind)
         dk_coef = ww * (yo - 2 * k[frame] * yc) / den[frame].clamp_min(1e-300)  # dk_f / dy_j
-        dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_add(
-            0, frame, dk_coef[:, None] * j_y)
+        dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_put_(
+            (frame,), dk_coef[:, None] * j_y, accumulate=True)  # index_add is ~50x slower on a CPU
         sw = torch.sqrt(w)
         jac = -sw[:, None] * (k[frame, None] * j_y + yc[:, None] * dk[frame])
         r = sw * (yo - k[frame] * yc)

@@ -79,6 +79,8 @@ class BeamChunk:
     weak_hkl: torch.Tensor | None = None  # (B, W, 3) float: beams folded in by Bethe perturbation
     weak_mask: torch.Tensor | None = None  # (B, W) bool
     weak_index: torch.Tensor | None = None  # (B, N, W) int32 potential row of g_i - g_w, if cached
+    pair_set: torch.Tensor | None = None  # (B,) long: samples with one value share their pair_index (a segment's
+    # beam set), with pair_index
 
 
 # Beam-pair index tables (potential row of g_i - g_j for every pair of every sample) are fixed
@@ -360,10 +362,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             osamp.append(np.full(len(refl_idx), j))
             obeam.append(beam_pos)
             orefl.append(refl_idx)
-        pair_index = None
+        pair_index = pair_set = None
         if pairs is not None:
             (pos, ok), which = pairs[0][0], pairs[1]
             pair_index = torch.as_tensor(np.where(ok & ~np.eye(n, dtype=bool), lut_flat32[pos], pad)[which])
+            pair_set = torch.as_tensor(which).long()
         weak = {}
         if bethe:
             weak = dict(weak_hkl=torch.as_tensor(whkl.astype(float)), weak_mask=torch.as_tensor(wmask))
@@ -375,7 +378,8 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             hkl=torch.as_tensor(hkl.astype(float)), mask=torch.as_tensor(mask),
             out_sample=torch.as_tensor(np.concatenate(osamp)).long(),
             out_beam=torch.as_tensor(np.concatenate(obeam)).long(),
-            out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index, **weak))
+            out_refl=torch.as_tensor(np.concatenate(orefl)).long(), pair_index=pair_index, pair_set=pair_set,
+            **weak))
     return DiffractionPlan(settings=settings, geometry=geometry, wavelength=dataset.wavelength, g_max=g_max,
                            ub=ub, axis_azimuth=phi, samples=samples, scored=scored, chunks=chunks,
                            potential_hkl=pot_hkl, lut=torch.as_tensor(lut), lut_offset=torch.as_tensor(hmax),
@@ -473,6 +477,7 @@ class _ChunkTerms:
     out_refl: torch.Tensor
     weak_idx: torch.Tensor | None = None  # (B,N,W) index into pot, for the Bethe correction
     diag_weak: torch.Tensor | None = None  # (B,W) 2 K s_w of the weak beams, large on padding
+    pair_set: torch.Tensor | None = None  # (B,) samples with one value share idx (BeamChunk.pair_set)
 
 
 def _padded(potential: torch.Tensor) -> torch.Tensor:
@@ -488,7 +493,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     pot_abs = None if potential_abs is None else _padded(potential_abs)
     k = torch.sqrt(1.0 / plan.wavelength ** 2 + potential[0].real)  # wave number in the crystal (1/A)
     samples = plan.samples
-    ch_hkl, mask, fr, s_idx, pair_index = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index
+    ch_hkl, mask, fr, s_idx, pair_index, pair_set = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index, ch.pair_set
     out_sample, out_beam, out_refl = ch.out_sample, ch.out_beam, ch.out_refl
     weak_hkl, weak_mask, weak_index = ch.weak_hkl, ch.weak_mask, ch.weak_index
     if sample_slice is not None:
@@ -499,6 +504,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
                                    s_idx[sample_slice])
         if pair_index is not None:
             pair_index = pair_index[sample_slice]
+            pair_set = None if pair_set is None else pair_set[sample_slice]
         if weak_hkl is not None:
             weak_hkl, weak_mask = weak_hkl[sample_slice], weak_mask[sample_slice]
             weak_index = None if weak_index is None else weak_index[sample_slice]
@@ -517,6 +523,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
     if pair_index is not None:
         idx = pair_index
     else:
+        pair_set = None
         d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
         idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
         pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=dev)
@@ -543,7 +550,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
         s_w = excitation_error(torch.einsum("bij,bnj->bni", orient, weak_hkl.to(rtype)), inc[:, None, :], k)
         diag_weak = torch.where(weak_mask, 2 * k * s_w, torch.full_like(s_w, 1e4))
     return _ChunkTerms(pot, pot_abs, idx, diag, m, kn, state.thickness[fr], weight, mask,
-                       out_sample, out_beam, out_refl, weak_idx, diag_weak)
+                       out_sample, out_beam, out_refl, weak_idx, diag_weak, pair_set)
 
 
 def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
@@ -555,7 +562,7 @@ def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
 
     return _ChunkTerms(tm.pot, tm.pot_abs, tm.idx[sl], tm.diag[sl], cut(tm.m), tm.kn[sl], tm.thickness[sl],
                        tm.weight[sl], tm.mask[sl], tm.out_sample[keep] - sl.start, tm.out_beam[keep],
-                       tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak))
+                       tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak), cut(tm.pair_set))
 
 
 def _absorptive_diagonal(tm: _ChunkTerms) -> torch.Tensor:
@@ -763,7 +770,7 @@ def frame_subplan(plan: DiffractionPlan, frames: torch.Tensor) -> tuple[Diffract
         chunks.append(BeamChunk(sample=ch.sample[pos], frame=ch.frame[pos], hkl=ch.hkl[pos], mask=ch.mask[pos],
                                 out_sample=local[ch.out_sample[pair]], out_beam=ch.out_beam[pair],
                                 out_refl=ch.out_refl[pair], pair_index=cut(ch.pair_index), weak_hkl=cut(ch.weak_hkl),
-                                weak_mask=cut(ch.weak_mask), weak_index=cut(ch.weak_index)))
+                                weak_mask=cut(ch.weak_mask), weak_index=cut(ch.weak_index), pair_set=cut(ch.pair_set)))
         source.append((ci, pos))
     return dataclasses.replace(plan, chunks=chunks), source
 
@@ -805,7 +812,8 @@ def split_samples(plan: DiffractionPlan, half_angle_deg: np.ndarray) -> Diffract
                                 out_sample=out_sample[order], out_beam=ch.out_beam.repeat(2)[order],
                                 out_refl=ch.out_refl.repeat(2)[order],
                                 pair_index=twice(ch.pair_index), weak_hkl=twice(ch.weak_hkl),
-                                weak_mask=twice(ch.weak_mask), weak_index=twice(ch.weak_index)))
+                                weak_mask=twice(ch.weak_mask), weak_index=twice(ch.weak_index),
+                                pair_set=twice(ch.pair_set)))
     return dataclasses.replace(plan, samples=samples, chunks=chunks,
                                n_beams=None if plan.n_beams is None else np.repeat(plan.n_beams, 2),
                                n_weak=None if plan.n_weak is None else np.repeat(plan.n_weak, 2))
@@ -1054,6 +1062,30 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
     return _rocking_values(tm, inten, place), _rocking_values(tm, d_inten, place)
 
 
+def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
+    """(T', B, N) sum_kl (V^-1 M)_ik dP_t[idx_kl] (M H)_li for the potential tangents ``live``: one product
+    of width N T' per sample on rows d[l, (k, t)] = dP_t[idx_kl]. Samples that share their pair indices
+    (``pair_set``: a segment's beam set) share these rows, gathered once per set; their H' stack into
+    one product per set, (G N, N) by (N, N T'), by sets of equal size G (the gather of a row per sample
+    had cost half as much as the products)."""
+    b, n = idx.shape[:2]
+    if pair_set is None:
+        y = (hm.mT @ _potential_rows(dpot, live, idx.mT)).view(b, n, n, len(live))
+        return torch.einsum("bik,bikt->tbi", vinv_m, y)
+    _, set_of, size = torch.unique(pair_set, return_inverse=True, return_counts=True)
+    order = torch.sort(set_of, stable=True).indices  # samples by set
+    start = torch.cumsum(size, 0) - size
+    core = vinv_m.new_empty((len(live), b, n))
+    for g in torch.unique(size).tolist():
+        sets = torch.nonzero(size == g)[:, 0]
+        members = order[start[sets, None] + torch.arange(g, device=idx.device)]  # (S_g, g) samples
+        rows = _potential_rows(dpot, live, idx[members[:, 0]].mT)  # (S_g, N, N T')
+        lhs = hm[members.reshape(-1)].mT.reshape(len(sets), g * n, n)
+        y = (lhs @ rows).view(len(sets) * g, n, n, len(live))
+        core[:, members.reshape(-1)] = torch.einsum("bik,bikt->tbi", vinv_m[members.reshape(-1)], y)
+    return core
+
+
 def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition, live: torch.Tensor,
                moving: torch.Tensor):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
@@ -1105,9 +1137,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition,
                 core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
             else:  # one product of width N T' per sample on d[b, l, (k, t)] = dP_t[b, k, l] (the transposed
                 # pair indices), y[b, i, k, t] = sum_l H'_li dP_t[b, k, l]; 8-10 % faster than the other order
-                rows = _potential_rows(dpot, live, tm.idx.mT)
-                y = (hm.mT @ rows).view(b, n, n, len(live))
-                core[live] = torch.einsum("bik,bikt->tbi", vinv_m, y)
+                core[live] = _potential_core(dpot, live, tm.idx, tm.pair_set, hm, vinv_m)
         if len(moving):
             core[moving] += torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag[moving].to(ctype))
         if bethe and len(moving):  # -dC = X^H dD_w X for a weak beam's excitation error

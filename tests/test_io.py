@@ -1,5 +1,6 @@
 """Readers: tolerance of real-file quirks and one-line errors for bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -174,6 +175,15 @@ def test_occupancy_above_one_and_aniso_b_and_labels_without_types(tmp_path, quar
                    .replace("0.009208 Uani", "0.009208 1.5 Uani").replace("0.015829 Uani", "0.015829 1 Uani"))
     with pytest.raises(InputError, match="occupancy '1.5'"):
         read_structure(occ)
+    # a refined occupancy above 1 within 3 s.u. (as refined.cif writes one) is read as 1; beyond, refused
+    for value, ok in (("1.004(3)", True), ("1.05(1)", False), ("1.004", False), ("0.98(2)", True)):
+        occ.write_text(text.replace("_atom_site_U_iso_or_equiv\n", "_atom_site_U_iso_or_equiv\n_atom_site_occupancy\n")
+                       .replace("0.009208 Uani", f"0.009208 {value} Uani").replace("0.015829 Uani", "0.015829 1 Uani"))
+        if ok:
+            assert min(float(value.split("(")[0]), 1.0) in [a.occupancy for a in read_structure(occ).atoms]  # at most 1
+        else:
+            with pytest.raises(InputError, match=f"occupancy '{re.escape(value)}'"):
+                read_structure(occ)
     # B_ij are U_ij x 8 pi^2
     u = read_structure(quartz_paths[0])
     lines = text.split("\n")

@@ -157,3 +157,22 @@ def symmetrize_adp(stabilizer: Stabilizer, u_frac) -> np.ndarray:
         return u
     r = stabilizer.rotations.astype(float)
     return np.einsum("sij,jk,slk->il", r, u, r) / len(r)
+
+
+def floating_origin_directions(rotations: np.ndarray, cell=None) -> np.ndarray:
+    """(k, 3) fractional directions along which the origin is not fixed by symmetry (k = 0-3).
+
+    A shift d of every atom leaves all intensities unchanged, and keeps the structure symmetric when
+    R d = d for every rotation R of the space group: the polar axes (b in P2_1, c in P6_3mc or
+    Pna2_1, all three in P1). Along them the data cannot place the structure, the normal matrix is
+    singular, and a refinement must fix the origin (e.g. its centroid). Orthonormal in Cartesian
+    space when ``cell`` is given, else in fractional units.
+    """
+    m = np.concatenate([np.asarray(r, float) - np.eye(3) for r in rotations])
+    _, sv, vt = np.linalg.svd(m)
+    free = vt[np.concatenate([sv, np.zeros(3 - len(sv))]) < 1e-8]
+    if len(free) == 0:
+        return np.zeros((0, 3))
+    a = cellmod.direct_basis(cell) if cell is not None else np.eye(3)
+    q, _ = np.linalg.qr(a @ free.T)  # Cartesian orthonormal basis of the same space
+    return np.linalg.solve(a, q).T

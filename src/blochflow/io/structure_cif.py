@@ -193,7 +193,8 @@ def read_structure(path: str | Path) -> StructureRecord:
         if element is None:
             raise InputError(where, f"atom '{label}'", f"unknown element '{raw_type}'")
         occ = gemmi.cif.as_number(occs[i], default=1.0) if len(occs) else 1.0
-        if not np.isfinite(occ) or not 0 <= occ <= 1 + 1e-6:
+        # a refined occupancy may exceed 1 within its s.u. (e.g. 1.004(3), as refined.cif writes it)
+        if not np.isfinite(occ) or not 0 <= occ <= 1 + max(3 * _standard_uncertainty(occs[i]) if len(occs) else 0, 1e-6):
             raise InputError(where, f"atom '{label}'", f"occupancy '{occs[i]}' is not a number between 0 and 1")
         u_iso = float("nan")
         if len(uisos):
@@ -222,6 +223,14 @@ def non_positive_definite(record: StructureRecord) -> list[str]:
             if np.linalg.eigvalsh(np.array([[u11, u12, u13], [u12, u22, u23], [u13, u23, u33]])).min() <= 0:
                 bad.append(a.label)
     return bad
+
+
+def _standard_uncertainty(value: str) -> float:
+    """The s.u. a CIF number carries in parentheses ('1.004(3)' -> 0.003), 0 if none."""
+    m = re.fullmatch(r"[+-]?(\d*)(?:\.(\d*))?(?:[eE][+-]?\d+)?\((\d+)\)", value.strip())
+    if m is None or "e" in value.lower():
+        return 0.0
+    return int(m.group(3)) * 10.0 ** -len(m.group(2) or "")
 
 
 def _element_symbol(raw: str) -> str | None:

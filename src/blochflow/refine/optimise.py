@@ -51,7 +51,8 @@ def adam_step(problem: RefinementProblem, theta: torch.Tensor, state: AdamState,
     decay = final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * frac))
     delta = -lr * decay * mhat / (vhat.sqrt() + 1e-12)
     delta, _ = problem.bounded_step(theta, delta)
-    return (theta + delta).detach(), float(loss.detach())
+    # polar space groups: the step's shift of the centroid (along which no intensity changes) undone
+    return problem.fix_origin(theta + delta, theta).detach(), float(loss.detach())
 
 
 @dataclass
@@ -157,7 +158,8 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     if net.any():  # network weights: nearly flat directions get the block's mean curvature as damping scale
         diag = torch.where(net, diag.clamp_min(float(diag[net].mean())), diag)
     dof = max(ne.n_obs - len(index), 1)
-    cov_unit = _safe_inverse(a)
+    basis = problem.step_basis(index)  # polar space groups: steps that keep the centroid
+    cov_unit = constrained_inverse(a, basis)
     su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
     state.cost = ne.cost
     param_frame = problem.parameter_frames()
@@ -171,7 +173,10 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
         before = problem.frame_costs(theta, kind) + problem.frame_prior_costs(theta, kind)
     for _ in range(max_tries):
         lhs = a + torch.diag((state.damping + own_damping) * diag)
-        step = -torch.linalg.solve(lhs, g)
+        if basis is None:
+            step = -torch.linalg.solve(lhs, g)
+        else:
+            step = -(basis @ torch.linalg.solve(basis.T @ lhs @ basis, basis.T @ g))
         delta = torch.zeros_like(theta)
         delta[index] = step
         delta, cut = problem.bounded_step(theta, delta)
@@ -317,11 +322,20 @@ def _safe_inverse(a: torch.Tensor) -> torch.Tensor:
     return (vec * inv_lam) @ vec.T / d[:, None] / d[None, :]
 
 
-def covariance(ne: NormalEquations) -> tuple[torch.Tensor, float]:
-    """Covariance of the refined parameters: (J^T J)^-1 GoF^2, and GoF itself."""
+def constrained_inverse(a: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_safe_inverse` of the normal matrix, or, with ``basis`` (p, q) orthonormal spanning the
+    allowed steps, basis (basis^T a basis)^-1 basis^T: the covariance with the constraint imposed
+    (the origin of a polar space group held at its centroid), whatever a does along the null direction."""
+    if basis is None:
+        return _safe_inverse(a)
+    return basis @ _safe_inverse(basis.T @ a @ basis) @ basis.T
+
+
+def covariance(ne: NormalEquations, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Covariance of the refined parameters: (J^T J)^-1 GoF^2 (on the steps ``basis`` allows), and GoF."""
     dof = max(ne.n_obs - len(ne.index), 1)
     gof2 = ne.cost / dof
-    return _safe_inverse(ne.jtj) * gof2, math.sqrt(gof2)
+    return constrained_inverse(ne.jtj, basis) * gof2, math.sqrt(gof2)
 
 
 def strong_correlations(cov: torch.Tensor, names: list[str], threshold: float = 0.9) -> list[dict]:

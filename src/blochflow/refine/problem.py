@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..crystal.cell import direct_basis
+from ..crystal.constraints import floating_origin_directions
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
 from ..physics.diffraction import Decompositions, FrameState, frame_subplan, simulate_frames, simulate_frames_jvp
+from ..physics.scattering import atomic_number
 from .model import ForwardModel
 from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights
 
@@ -139,6 +142,63 @@ class RefinementProblem:
         self._last_intensities = None
         self._last_decompositions = None  # (theta, plan, Decompositions) of the last pass without gradient
         self.warm_start = None  # record of the simpler model's fit this problem started from, if any
+        self.origin = self._floating_origin()
+
+    # -- the origin of polar space groups --------------------------------------------------------
+
+    def _floating_origin(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(V, C), both (P, k), for a space group whose origin floats along k polar directions: V[:, i]
+        moves every atom by one unit (A) along direction i, leaving every intensity unchanged; C[:, i]
+        is the gradient of the atoms' weighted centroid along it (weights Z x occupancy x equivalent
+        positions, as Flack & Schwarzenbach 1988). Refinements hold C^T theta fixed, which defines the
+        origin as the centroid's start position. None where symmetry fixes the origin, or an atom that
+        is not refined (fixed hydrogens) pins it."""
+        crystal = self.model.crystal
+        dirs = floating_origin_directions(crystal.symmetry.rotations, crystal.cell)
+        st, sp = self.slots["structure"], self.structure
+        if len(dirs) == 0 or len(sp) == 0:
+            return None
+        own = [i for i in range(len(sp.labels)) if i not in sp.riding]  # riding H follow their parents
+        theta_s = self.theta0[st.start:st.stop]
+        b = torch.autograd.functional.jacobian(lambda t: sp.physical(t)[0][own].reshape(-1), theta_s)  # (3A', p)
+        a = direct_basis(crystal.cell)
+        xyz, occ, _ = sp.physical(theta_s)
+        mult = len(crystal.symmetry.rotations) * crystal.site_multiplicity_weights().numpy()
+        w = np.array([atomic_number(crystal.asu.elements[i]) * float(occ[i]) * mult[i] for i in own])
+        v_all, c_all = torch.zeros((self.n_params, len(dirs)), dtype=torch.float64), torch.zeros(
+            (self.n_params, len(dirs)), dtype=torch.float64)
+        for k, d in enumerate(dirs):
+            step = d / np.linalg.norm(a @ d)  # fractional shift of one A
+            target = torch.as_tensor(np.tile(step, len(own)))
+            v = torch.linalg.pinv(b) @ target
+            if float(torch.linalg.norm(b @ v - target)) > 1e-8 * float(torch.linalg.norm(target)):
+                return None  # some atom cannot follow the shift
+            u = a @ step  # Cartesian unit vector
+            grad = torch.as_tensor(np.tile(a.T @ u, len(own)) * np.repeat(w / w.sum(), 3))
+            v_all[st.start:st.stop, k] = v
+            c_all[st.start:st.stop, k] = b.T @ grad
+        return v_all, c_all
+
+    def fix_origin(self, theta: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """theta moved along the polar directions (an exact symmetry of the data) so that the centroid
+        is where it is in ``reference`` (default: the start)."""
+        if self.origin is None:
+            return theta
+        v, c = self.origin
+        ref = self.theta0 if reference is None else reference
+        gap = c.T @ (theta.detach() - ref)
+        return theta - v @ torch.linalg.solve(c.T @ v, gap)
+
+    def step_basis(self, index: torch.Tensor) -> torch.Tensor | None:
+        """(p, p - k) orthonormal basis of the steps of the refined ``index`` that keep the centroid
+        (C^T delta = 0), or None where the origin does not float or the positions are not refined."""
+        if self.origin is None:
+            return None
+        v, c = self.origin
+        if bool((v.abs().sum(1) > 0)[~torch.isin(torch.arange(self.n_params), index)].any()):
+            return None  # a shift would move parameters that are not refined: they pin the origin
+        q, _ = torch.linalg.qr(c[index], mode="complete")
+        return q[:, c.shape[1]:]
 
     # -- layout --------------------------------------------------------------------------------
 

@@ -696,7 +696,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             ne = dataclasses.replace(ne, cost=final)
         else:
             ne, _ = normal_equations(problem, theta, index)
-        cov, _ = covariance(ne)
+        cov, _ = covariance(ne, problem.step_basis(index))
         cov_full = torch.zeros((problem.n_params, problem.n_params), dtype=torch.float64)
         cov_full[index[:, None], index[None, :]] = cov
         st = problem.slots["structure"]

@@ -86,3 +86,10 @@ def test_physics_flags_out_of_range_are_named(tmp_path, quartz_paths, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and flag in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_relative_write_pets_name_goes_inside_out(tmp_path, quartz_paths, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", *map(str, quartz_paths), "--out", "o", "--thickness", "350", "--write-pets", "syn.cif_pets",
+                 "--noise", "none", *FAST]) == 0
+    assert (tmp_path / "o" / "syn.cif_pets").is_file() and not (tmp_path / "syn.cif_pets").exists()

@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from blochflow.io.errors import InputError
@@ -256,3 +257,77 @@ def test_non_positive_definite_u_is_simulated_as_given_and_refined_from_isotropi
     u = cellmod.u_frac_to_cif(start.asu.u_frac[1].numpy(), start.cell)
     iso = cellmod.u_frac_to_cif(cellmod.u_iso_to_frac(u[0], start.cell), start.cell)
     assert u == pytest.approx(iso) and u[0] > 0
+
+
+def _cif(tmp_path, name, cell, symmetry, atoms):
+    p = tmp_path / f"{name}.cif"
+    p.write_text(f"data_{name}\n" + "".join(f"_cell_{k} {v}\n" for k, v in zip(
+        ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"), cell))
+        + symmetry + "\nloop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
+        "_atom_site_fract_z\n_atom_site_U_iso_or_equiv\n" + "".join(f"{a}\n" for a in atoms))
+    return p
+
+
+def _sites_per_cell(rec) -> int:
+    from blochflow.crystal.structure import crystal_from_record
+    c = crystal_from_record(rec)
+    sites = set()
+    for x in c.asu.xyz.numpy():
+        for r, t in zip(c.symmetry.rotations, c.symmetry.translations):
+            sites.add(tuple(np.round((r @ x + t) % 1.0, 4) % 1.0))
+    return len(sites)
+
+
+def test_space_group_settings_from_a_symbol_follow_the_cell_or_are_asked_for(tmp_path):
+    """A symbol with two origin choices and no operators is refused (they put the same coordinates on
+    different sites); with the choice given it is read. A rhombohedral group in a rhombohedral cell
+    gets the rhombohedral operators, not the hexagonal ones."""
+    si = ["Si1 Si 0.125 0.125 0.125 0.005"]
+    cubic = (5.431, 5.431, 5.431, 90, 90, 90)
+    for symmetry in ("_symmetry_space_group_name_H-M 'F d -3 m'", "_space_group_IT_number 227"):
+        with pytest.raises(InputError, match="two origin choices"):
+            read_structure(_cif(tmp_path, "si", cubic, symmetry, si))
+    rec = read_structure(_cif(tmp_path, "si2", cubic, "_symmetry_space_group_name_H-M 'F d -3 m :2'", si))
+    assert _sites_per_cell(rec) == 8  # diamond: 8 Si per cubic cell
+    corundum = ["Al1 Al 0.3523 0.3523 0.3523 0.004", "O1 O 0.5564 -0.0564 0.25 0.005"]
+    rhombohedral = (5.128, 5.128, 5.128, 55.28, 55.28, 55.28)
+    rec = read_structure(_cif(tmp_path, "al2o3", rhombohedral, "_symmetry_space_group_name_H-M 'R -3 c'", corundum))
+    assert len(rec.symops) == 12 and _sites_per_cell(rec) == 10  # Al4O6 in the rhombohedral cell
+    hexagonal = (4.759, 4.759, 12.99, 90, 90, 120)
+    rec = read_structure(_cif(tmp_path, "al2o3h", hexagonal, "_symmetry_space_group_name_H-M 'R -3 c'",
+                              ["Al1 Al 0 0 0.3523 0.004", "O1 O 0.3064 0 0.25 0.005"]))
+    assert len(rec.symops) == 36 and _sites_per_cell(rec) == 30
+
+
+def test_a_cell_listed_whole_under_its_space_group_is_refused(tmp_path, quartz_paths):
+    """Quartz with a second Si on a symmetry image of the first (as when a cell's whole content is
+    listed under P3_221): a one-line error naming both atoms. A mixed site (two species whose
+    occupancies sum to 1) passes."""
+    cell = (4.9226, 4.9226, 5.4003, 90, 90, 120)
+    sym = "_symmetry_space_group_name_H-M 'P 32 2 1'"
+    whole = ["Si1 Si 0.4697 0 0.33333 0.005", "Si2 Si 0 0.4697 0 0.005", "O1 O 0.4135 0.2669 0.2144 0.006"]
+    p = _cif(tmp_path, "whole", cell, sym, whole)
+    r = subprocess.run([sys.executable, "-m", "blochflow.cli", "simulate", str(p), str(quartz_paths[1]), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "atoms 'Si1' and 'Si2' sit on the same site" in r.stdout + r.stderr
+    from blochflow.crystal.structure import crystal_from_record
+    text = p.read_text().replace("_atom_site_U_iso_or_equiv\n", "_atom_site_U_iso_or_equiv\n_atom_site_occupancy\n")
+    text = text.replace("0.33333 0.005", "0.33333 0.005 0.6").replace("Si2 Si 0 0.4697 0 0.005", "Ge1 Ge 0 0.4697 0 0.005 0.4")
+    text = text.replace("0.2144 0.006", "0.2144 0.006 1")
+    (tmp_path / "mixed.cif").write_text(text)
+    assert len(crystal_from_record(read_structure(tmp_path / "mixed.cif")).asu.labels) == 3
+
+
+def test_elements_guessed_from_ambiguous_labels_are_reported(tmp_path):
+    """Without type symbols 'HO1' reads as holmium (a two-letter element), which may be the H of O1:
+    the record carries a note the command line prints as a warning; 'Si1' and 'O1' raise none."""
+    text = ("data_x\n_cell_length_a 4.9\n_cell_length_b 4.9\n_cell_length_c 5.4\n_cell_angle_alpha 90\n"
+            "_cell_angle_beta 90\n_cell_angle_gamma 120\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n"
+            "_atom_site_label\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_U_iso_or_equiv\n"
+            "Si1 0 0 0 0.01\nO1 0.3 0.3 0.3 0.01\n")
+    (tmp_path / "plain.cif").write_text(text)
+    assert read_structure(tmp_path / "plain.cif").notes == ()
+    (tmp_path / "h.cif").write_text(text + "HO1 0.4 0.4 0.4 0.02\n")
+    rec = read_structure(tmp_path / "h.cif")
+    assert rec.atoms[-1].element == "Ho" and "HO1 as Ho" in rec.notes[0]

@@ -8,6 +8,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
+import torch
 
 from blochflow.io.errors import InputError
 from blochflow.io.refined_cif import (AtomResult, RefinementSummary, format_su, u_equiv, write_fcf,
@@ -208,3 +209,33 @@ def test_json_is_strict(tmp_path):
                                      "array": np.array([0.5, np.nan])})
     text = (tmp_path / "s.json").read_text()
     assert json.loads(text) == {"R_free": None, "wR2_free": None, "list": [1.0, None], "array": [0.5, None]}
+
+
+def test_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    """Atomic writes go through a private temporary file; the result has the mode open() would give
+    under the user's umask (0644 under 022), not the temporary file's 0600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_frame_means_leave_out_a_frame_without_intensity():
+    """A frame whose Io are all 0 (every reflection systematically absent) has no wR2 (0/0): the frame
+    means are over the other frames, not NaN."""
+    from blochflow.refine.objective import figures_of_merit
+
+    io = torch.tensor([10.0, 20.0, 30.0, 0.0, 0.0])
+    ic = torch.tensor([11.0, 19.0, 30.0, 0.5, 0.2])
+    frame = torch.tensor([0, 0, 0, 1, 1])
+    fig = figures_of_merit(io, torch.ones(5), ic, frame, 2)
+    alone = figures_of_merit(io[:3], torch.ones(3), ic[:3], frame[:3], 1)
+    assert fig.wR2_frame_mean == pytest.approx(alone.wR2_frame_mean)
+    assert fig.R_obs_frame_mean == pytest.approx(alone.R_obs_frame_mean)

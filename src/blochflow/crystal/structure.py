@@ -110,8 +110,31 @@ def crystal_from_record(rec: StructureRecord, dtype=torch.float64) -> Crystal:
         labels=[a.label for a in rec.atoms], elements=[a.element for a in rec.atoms],
         xyz=torch.tensor(np.array(xyz), dtype=dtype), occupancy=torch.tensor(occ, dtype=dtype),
         u_frac=torch.tensor(np.array(uf), dtype=dtype), anisotropic=aniso)
-    return Crystal(cell=tuple(rec.cell), symmetry=SymmetryOps.from_triplets(rec.symops), asu=asu,
-                   name=rec.name)
+    crystal = Crystal(cell=tuple(rec.cell), symmetry=SymmetryOps.from_triplets(rec.symops), asu=asu,
+                      name=rec.name)
+    _check_distinct_sites(crystal)
+    return crystal
+
+
+def _check_distinct_sites(crystal: Crystal, tol_A: float = 0.1) -> None:
+    """ValueError if two atoms sit on one site (one on a symmetry image of the other, within ``tol_A``)
+    with occupancies summing above 1: a cell's whole content listed under its space group (every atom
+    then counted once per operator), or a site given twice. Shared sites with partial occupancies
+    (mixed or disordered) pass."""
+    x = crystal.asu.xyz.detach().numpy()
+    occ = crystal.asu.occupancy.detach().numpy()
+    a = cellmod.direct_basis(crystal.cell)
+    sym = crystal.symmetry
+    images = np.einsum("sij,aj->asi", sym.rotations, x) + sym.translations  # (A, S, 3)
+    for i in range(len(x)):
+        d = images[i + 1:] - x[i]
+        d -= np.round(d)
+        dist = np.linalg.norm(d @ a.T, axis=-1).min(-1)  # (A - i - 1,) nearest image of each later atom
+        for k in np.flatnonzero((dist < tol_A) & (occ[i + 1:] + occ[i] > 1 + 1e-3)):
+            j = i + 1 + int(k)
+            raise ValueError(f"atoms '{crystal.asu.labels[i]}' and '{crystal.asu.labels[j]}' sit on the same site "
+                             f"({dist[k]:.2f} A apart by symmetry) with occupancies summing to {occ[i] + occ[j]:.3g}: "
+                             f"list each site of the asymmetric unit once, or give a shared site's partial occupancies")
 
 
 def inverted(crystal: Crystal) -> Crystal:

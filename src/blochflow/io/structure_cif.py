@@ -30,16 +30,17 @@ class StructureRecord:
     symops: tuple[str, ...]  # operator triplets, 'x,y,z' first
     spacegroup: str
     atoms: tuple[AtomRecord, ...]
+    notes: tuple[str, ...] = ()  # what a reader should be warned of (e.g. elements guessed from labels)
 
 
 _SYMOP_TAGS = ("_space_group_symop_operation_xyz", "_symmetry_equiv_pos_as_xyz",
                "_space_group_symop.operation_xyz", "_symmetry_equiv.pos_as_xyz")
-_HALL_TAGS = ("_space_group_name_hall", "_symmetry_space_group_name_hall", "_space_group.name_hall",
-              "_symmetry.space_group_name_hall")
-_HM_TAGS = ("_space_group_name_h-m_alt", "_symmetry_space_group_name_h-m", "_space_group.name_h-m_alt",
-            "_symmetry.space_group_name_h-m")
-_NUMBER_TAGS = ("_space_group_it_number", "_symmetry_int_tables_number", "_space_group.it_number",
-                "_symmetry.int_tables_number")
+_HALL_TAGS = ("_space_group_name_Hall", "_symmetry_space_group_name_Hall", "_space_group.name_Hall",
+              "_symmetry.space_group_name_Hall")
+_HM_TAGS = ("_space_group_name_H-M_alt", "_symmetry_space_group_name_H-M", "_space_group.name_H-M_alt",
+            "_symmetry.space_group_name_H-M")
+_NUMBER_TAGS = ("_space_group_IT_number", "_symmetry_Int_Tables_number", "_space_group.IT_number",
+                "_symmetry.Int_Tables_number")
 _ANISO_U = tuple(f"_atom_site_aniso_U_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
 _ANISO_B = tuple(f"_atom_site_aniso_B_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
 
@@ -65,7 +66,22 @@ def _first_value(block, tags) -> tuple[str, str] | None:
     return None
 
 
-def _symmetry(block, where: str) -> tuple[list[str], str]:
+def _setting(name: str, cell: tuple, where: str, tag: str):
+    """The space group a symbol names in this cell: rhombohedral groups in the setting the cell's angles
+    say (R axes where a = b = c and alpha = beta = gamma != 90, else hexagonal); a symbol with two
+    origin choices and no ':1' or ':2' is refused, as the two place the same coordinates at different
+    sites (Si at 1/8,1/8,1/8 is a diamond in F d -3 m :2, another structure in :1)."""
+    sg = gemmi.find_spacegroup_by_name(name, cell[3], cell[5])
+    if sg is None:
+        return None
+    other = gemmi.find_spacegroup_by_name(sg.hm, cell[3], cell[5], prefer="2" if sg.ext == "1" else "1")
+    if ":" not in name and other is not None and other.hall != sg.hall and {sg.ext, other.ext} == {"1", "2"}:
+        raise InputError(where, tag, f"space group '{name}' has two origin choices: give the operators "
+                                     f"(_space_group_symop_operation_xyz) or the choice ('{sg.hm} :1' or '{sg.hm} :2')")
+    return sg
+
+
+def _symmetry(block, where: str, cell: tuple) -> tuple[list[str], str]:
     """Operator triplets (identity first) and a space-group name, from the operator loop, else the
     Hall symbol, the H-M symbol or the IT number (in that order); an operator list must be a group."""
     hm = _first_value(block, _HM_TAGS)
@@ -93,7 +109,7 @@ def _symmetry(block, where: str) -> tuple[list[str], str]:
         sg = gemmi.find_spacegroup_by_ops(group)
         return [op.triplet() for op in group], name or (sg.xhm() if sg else hall[1])
     if hm is not None:
-        sg = gemmi.find_spacegroup_by_name(hm[1])
+        sg = _setting(hm[1], cell, where, hm[0])
         if sg is None:
             raise InputError(where, hm[0], f"unknown space group '{hm[1]}'")
         return [op.triplet() for op in sg.operations()], name
@@ -105,6 +121,7 @@ def _symmetry(block, where: str) -> tuple[list[str], str]:
             sg = None
         if sg is None:
             raise InputError(where, number[0], f"'{number[1]}' is not a space-group number (1-230)")
+        sg = _setting(sg.hm, cell, where, number[0])
         return [op.triplet() for op in sg.operations()], sg.xhm()
     raise InputError(where, "symmetry", "none given (an operator loop, a Hall or H-M symbol, or an IT number; "
                                         "write _space_group_name_H-M_alt 'P 1' for no symmetry)")
@@ -148,7 +165,7 @@ def read_structure(path: str | Path) -> StructureRecord:
                                      "_cell_angle_alpha", "_cell_angle_beta", "_cell_angle_gamma"))
     if not all(np.isfinite(cell)) or min(cell[:3]) <= 0:
         raise InputError(where, "_cell_*", f"impossible or non-numeric cell {cell}")
-    ops, hm = _symmetry(block, where)
+    ops, hm = _symmetry(block, where, cell)
 
     labels = block.find_values("_atom_site_label")
     if not len(labels):
@@ -179,7 +196,7 @@ def read_structure(path: str | Path) -> StructureRecord:
                 raise InputError(where, f"_atom_site_aniso row '{label}'", "label given more than once")
             aniso_by_label[label] = tuple(vals)
 
-    atoms = []
+    atoms, notes, guessed = [], [], []
     for i, row in enumerate(table):
         label = names[i]
         xyz = []
@@ -192,6 +209,8 @@ def read_structure(path: str | Path) -> StructureRecord:
         element = _element_symbol(raw_type)
         if element is None:
             raise InputError(where, f"atom '{label}'", f"unknown element '{raw_type}'")
+        if not len(types) and len(element) == 2 and label[1:2].isupper() and _element_symbol(label[:1]):
+            guessed.append(f"{label} as {element}")  # HO1: holmium, or the H of O1?
         occ = gemmi.cif.as_number(occs[i], default=1.0) if len(occs) else 1.0
         # a refined occupancy may exceed 1 within its s.u. (e.g. 1.004(3), as refined.cif writes it)
         if not np.isfinite(occ) or not 0 <= occ <= 1 + max(3 * _standard_uncertainty(occs[i]) if len(occs) else 0, 1e-6):
@@ -209,7 +228,10 @@ def read_structure(path: str | Path) -> StructureRecord:
         if u_aniso is None and u_iso < 0:
             raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
         atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso))
-    return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm,
+    if guessed:
+        notes.append(f"no _atom_site_type_symbol: elements read from labels, {', '.join(guessed)}; add the type "
+                     f"symbols if that is wrong")
+    return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm, notes=tuple(notes),
                            atoms=tuple(atoms))
 
 

@@ -79,7 +79,9 @@ def figures_of_merit(io, sigma, ic, frame, n_frames: int, n_params: int = 0, ins
         m = frame == f
         if (m & obs).any():
             r_f.append(r_obs(io[m], kic[m], obs[m]))
-        wr_f.append(torch.sqrt(resid2[m].sum() / (w[m] * io[m] ** 2).sum()).item())
+        den = (w[m] * io[m] ** 2).sum()
+        if den > 0:  # a frame whose Io are all 0 has no wR2 (0/0); it is left out of the mean
+            wr_f.append(torch.sqrt(resid2[m].sum() / den).item())
     return Figures(
         R_obs=r_obs(io, kic, obs),
         wR2=torch.sqrt(resid2.sum() / (w * io ** 2).sum()).item(),

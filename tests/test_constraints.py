@@ -199,6 +199,28 @@ def test_occupancy_site_groups():
     assert abs(occ[4] - 0.9) > 1e-6  # O1 on its own is refined freely
 
 
+def test_atoms_sharing_a_site_share_position_and_adp():
+    """A mixed site (Fe1/Co1 at one point; Fe2 and Co2 0.06 A apart by the inversion) refines one
+    position and one ADP (EXYZ/EADP): the second atom is the first's image, its U the image's U.
+    Atoms on one site with occupancies above 1 in sum, or 0.5 A apart (a split site), stay apart."""
+    cr = _crystal((6.0, 6.0, 6.0, 90, 90, 90), ["x,y,z", "-x,-y,-z"], [
+        ("Fe1", "Fe", (0.1, 0.2, 0.3), 0.6, (0.01, 0.012, 0.014, 0.001, 0.002, 0.003)),
+        ("Co1", "Co", (0.1, 0.2, 0.3), 0.4, 0.02),
+        ("Fe2", "Fe", (0.4, 0.2, 0.1), 0.5, 0.01), ("Co2", "Co", (-0.4, -0.2, -0.11), 0.3, 0.01),
+        ("N1", "N", (0.3, 0.3, 0.3), 0.5, 0.01), ("N2", "N", (0.3, 0.3, 0.3833), 0.5, 0.01)])
+    sp = StructureParameters(cr, refine_occupancy=True)
+    assert sorted(sp.shared) == [1, 3]
+    assert not any(n.startswith(("Co1.", "Co2.")) and not n.endswith(".occ") for n in sp.names)
+    assert any(n.startswith("N2.") and not n.endswith(".occ") for n in sp.names)  # split site (0.5 A): its own
+    th = _random_theta(sp, 3)
+    xyz, occ, u = sp.physical(th)
+    torch.testing.assert_close(xyz[1], xyz[0], rtol=0, atol=1e-14)
+    torch.testing.assert_close(u[1], u[0], rtol=0, atol=1e-14)  # Co1 takes Fe1's anisotropic U
+    torch.testing.assert_close(xyz[3], -xyz[2], rtol=0, atol=1e-14)  # the inversion image
+    torch.testing.assert_close(u[3], u[2], rtol=0, atol=1e-14)
+    assert sp.anisotropic[1] and abs(float(occ[0] + occ[1]) - 1) < 1e-14
+
+
 def test_bounded_step_cuts_only_the_offending_atom():
     cr = _load(QUARTZ)
     sp = StructureParameters(cr)

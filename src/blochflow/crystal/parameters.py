@@ -65,6 +65,19 @@ class StructureParameters:
         keep = list(asu.anisotropic)
         self.anisotropic = [False if m == "riding" or adp == "iso" else keep[i] if adp == "keep" or is_h[i]
                             else True for i, m in enumerate(self.mode)]
+        # atoms sharing a site (a mixed or substitutional site: one position within site_tol_A, partial
+        # occupancies summing to at most 1) take the position and ADP of the site's first atom, as
+        # SHELXL's EXYZ and EADP: refined apart, they split and trade U for occupancy (correlations -0.99)
+        self.shared: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # atom -> (first, R, t): x = R x_first + t
+        for j in range(nat):
+            for i in range(j):
+                if self.mode[j] != "free" or self.mode[i] != "free" or is_h[i] or is_h[j] or i in self.shared:
+                    continue
+                d, rot, tr = _nearest_image(crystal.symmetry, x_in[i], x_in[j], a_mat)
+                if d < site_tol_A and occ_in[i] + occ_in[j] <= 1 + 1e-3:
+                    self.shared[j] = (i, rot, tr)
+                    self.anisotropic[j] = self.anisotropic[i]
+                    break
 
         const = np.zeros(nat * _W)
         coef = [defaultdict(float) for _ in range(nat * _W)]  # row -> {parameter index: coefficient}
@@ -79,7 +92,7 @@ class StructureParameters:
             return len(self.names) - 1
 
         for i in range(nat):
-            if self.mode[i] == "riding":
+            if self.mode[i] == "riding" or i in self.shared:
                 continue
             lab, base = self.labels[i], i * _W
             free = self.mode[i] == "free"
@@ -122,6 +135,16 @@ class StructureParameters:
                         coef[base + 4 + r][p] = val
                 else:
                     const[base + 4:base + 13] = ueq * g_rec.ravel()
+
+        for j, (i, rot, tr) in self.shared.items():  # x_j = R x_i + t, u_j = R u_i R^T
+            jb, ib = j * _W, i * _W
+            for r in range(3):
+                const[jb + r] = tr[r]
+                for c in range(3):
+                    _add(const, coef, jb + r, ib + c, rot[r, c])
+            for r, c, a, b in np.ndindex(3, 3, 3, 3):
+                if rot[r, a] * rot[c, b]:
+                    _add(const, coef, jb + 4 + 3 * r + c, ib + 4 + 3 * a + b, rot[r, a] * rot[c, b])
 
         # occupancies: atoms sharing a site (within site_tol_A, any image) keep their starting sum
         refined = [i for i in range(nat) if refine_occupancy and self.mode[i] == "free"]

@@ -63,7 +63,7 @@ def test_polar_refinement_holds_the_centroid_and_recovers_the_structure(small_da
     polar = polar_quartz(truth)
     start = displaced(polar, 0.03, 0.02, seed=5)
     start.asu.xyz = start.asu.xyz + torch.tensor([0.0, 0.0, 0.02 / truth.cell[2]])  # and all 0.02 A along c
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", adam_steps=0, lm_iterations=15,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", adam_steps=10, lm_iterations=15,
                               free_fraction=0.0)
     problem = build_problem(start, ds, settings)
     assert problem.origin is not None

@@ -81,3 +81,14 @@ def test_restraint_pulls_a_refinement(small_dataset, truth, quartz_paths, tmp_pa
                  "--samples", "1", "--thickness", "500"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Q9" in err and "r.toml" in err
+
+
+def test_restraint_rows_are_counted_for_the_cif(quartz):
+    """A distance restraint is one least-squares row, a same-ADP restraint six (all U_ij): the
+    count refined.cif reports as _refine_ls_number_restraints."""
+    from blochflow.crystal.restraints import restraint_rows
+
+    items = [{"type": "distance", "atoms": ["Si1", "O1"], "target": 1.61, "sigma": 0.01},
+             {"type": "same_adp", "atoms": ["Si1", "O1"], "sigma": 0.01}]
+    assert restraint_rows(restraints_from_config(items, quartz)) == 7
+    assert restraint_rows([]) == 0

@@ -92,6 +92,12 @@ def restraints_from_config(items, crystal: Crystal) -> list:
     return out
 
 
+def restraint_rows(restraints: list) -> int:
+    """How many least-squares rows the restraints add (a distance one, a same-ADP six): the
+    number of restraints a CIF reports (_refine_ls_number_restraints)."""
+    return sum(1 if isinstance(r, DistanceRestraint) else 6 for r in restraints)
+
+
 def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch.Tensor) -> torch.Tensor:
     """(n,) rows (value - target) / sigma; differentiable in xyz (A, 3) and u_frac (A, 3, 3)."""
     if not restraints:

@@ -8,6 +8,7 @@ import gemmi
 import numpy as np
 import torch
 
+from ..crystal.restraints import restraint_rows
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
 from ..refine.problem import equivalence_keys
@@ -100,6 +101,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,
         wavelength=pr.model.dataset.wavelength, r_obs=fig.R_obs, wr2=fig.wR2, gof=fig.GoF,
         n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=len(result.refined_index),
+        n_restraints=restraint_rows(pr.restraints),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]")
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms)

@@ -642,6 +642,37 @@ def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, tru
     assert len(_work_items(problem.model.plan, 3)) == 3 * len(problem.model.plan.chunks)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_large_pass_solves_again_in_the_backward_pass_to_the_same_gradient(small_dataset, truth, monkeypatch, threads):
+    """Above RECOMPUTE_GRAPH_ELEMENTS a pass with gradient keeps no graphs and solves each piece again in
+    the backward pass: the same objective and gradient (also pulled twice, as gradcheck does), on one
+    thread and on three."""
+    import blochflow.physics.diffraction as diffraction
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.0)
+    problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
+    theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 0.3
+    previous = torch.get_num_threads()
+    out = []
+    try:
+        torch.set_num_threads(threads)
+        for limit in (1e30, 0.0):
+            monkeypatch.setattr(diffraction, "RECOMPUTE_GRAPH_ELEMENTS", limit)
+            th = theta.clone().requires_grad_(True)
+            loss = problem.objective(th)
+            (grad,) = torch.autograd.grad(loss, th, retain_graph=True)
+            (again,) = torch.autograd.grad(loss, th)
+            out.append((loss.detach(), grad, again))
+    finally:
+        torch.set_num_threads(previous)
+    (l0, g0, a0), (l1, g1, a1) = out
+    assert float(g0.abs().max()) > 0
+    assert torch.allclose(l0, l1, rtol=1e-12) and torch.allclose(g0, g1, rtol=1e-10, atol=1e-12 * float(g0.abs().max()))
+    assert torch.equal(g1, a1) and torch.equal(g0, a0)
+
+
 def test_jacobian_by_potential_contraction_equals_one_product_per_tangent(small_dataset, truth, monkeypatch):
     """Many structure tangents go through one scatter of the N^3 products onto each sample's distinct
     potential entries; the Jacobian is the same as with one matrix product per tangent."""

@@ -832,17 +832,41 @@ def split_samples(plan: DiffractionPlan, half_angle_deg: np.ndarray) -> Diffract
                                n_weak=None if plan.n_weak is None else np.repeat(plan.n_weak, 2))
 
 
+# A pass with gradient whose pieces' graphs would hold more than this many structure-matrix elements
+# (sum over chunks of samples x N^2 x thickness points) keeps none: each piece is solved again in the
+# backward pass, one graph per worker alive at a time. Simulated corundum (97 beams, 6138 samples,
+# 5.8e7 elements): 4.5 GB for one gradient in double precision with the graphs kept.
+RECOMPUTE_GRAPH_ELEMENTS = 2e7
+
+
+def _graph_elements(plan: DiffractionPlan, q: int) -> float:
+    return float(sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks)) * q
+
+
 class _ParallelFrames(torch.autograd.Function):
     """Frame intensities (R, Q) with the pieces solved on several threads, forward and backward.
 
     Each piece records its own graph from its own detached copies of the inputs; the backward pass
     pulls the output gradient through every piece's graph on the worker threads and sums. Only
     first derivatives pass through it (forward-mode and higher derivatives use the one-thread path).
+    A large pass (:data:`RECOMPUTE_GRAPH_ELEMENTS`) keeps no graph: the forward pass solves without
+    one, and the backward pass solves each piece again with its graph and pulls through it at once
+    (one forward pass more, the memory of a few pieces instead of all).
     """
 
     @staticmethod
     def forward(ctx, plan, absorption_method, workers, *inputs):
         pieces = _work_items(plan, workers)
+        ctx.recompute = _graph_elements(plan, inputs[5].shape[1]) > RECOMPUTE_GRAPH_ELEMENTS
+        if ctx.recompute:
+            ref = inputs[0]
+            out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype, device=ref.device)
+            for vals, rows in parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
+                                           pieces, workers, grad=False):
+                out.index_put_((rows,), vals, accumulate=True)
+            ctx.plan, ctx.absorption_method, ctx.pieces, ctx.workers = plan, absorption_method, pieces, workers
+            ctx.inputs = [None if x is None else x.detach() for x in inputs]
+            return out
 
         def run(piece):
             leaves = [None if x is None else x.detach().requires_grad_(x.requires_grad) for x in inputs]
@@ -860,18 +884,26 @@ class _ParallelFrames(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        done = ctx.done
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        if ctx.recompute:
+            def again(piece):  # this piece's graph, pulled through and dropped
+                leaves = [None if x is None else x.detach().requires_grad_(i in wanted) for i, x in enumerate(ctx.inputs)]
+                vals, rows = _piece_intensities(ctx.plan, piece, leaves, ctx.absorption_method)
+                return torch.autograd.grad(vals, [leaves[i] for i in wanted], grad_out[rows], allow_unused=True)
 
-        def pull(item):
-            leaves, vals, rows = item
-            targets = [leaves[i] for i in wanted]
-            # retained: the caller may pull again through the same graph (gradcheck does); the pieces
-            # are freed with the output
-            return torch.autograd.grad(vals, targets, grad_out[rows], retain_graph=True, allow_unused=True)
+            parts_of = parallel_map(again, ctx.pieces, ctx.workers, grad=True)
+        else:
+            def pull(item):
+                leaves, vals, rows = item
+                targets = [leaves[i] for i in wanted]
+                # retained: the caller may pull again through the same graph (gradcheck does); the pieces
+                # are freed with the output
+                return torch.autograd.grad(vals, targets, grad_out[rows], retain_graph=True, allow_unused=True)
+
+            parts_of = parallel_map(pull, ctx.done, ctx.workers, grad=False)
 
         grads = [None] * (len(ctx.needs_input_grad) - 3)
-        for parts in parallel_map(pull, done, ctx.workers, grad=False):
+        for parts in parts_of:
             for i, g in zip(wanted, parts):
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i] + g
@@ -897,7 +929,8 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     inputs = (potential, potential_abs, *state.tensors())
     workers = _workers(plan)
     recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if workers > 1 and recording:
+    if recording and (workers > 1 or (not transforms_active()
+                                      and _graph_elements(plan, state.thickness.shape[1]) > RECOMPUTE_GRAPH_ELEMENTS)):
         out = _ParallelFrames.apply(plan, absorption_method, workers, *inputs)
     else:
         out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype, device=plan.device)

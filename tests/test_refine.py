@@ -644,7 +644,7 @@ def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, tru
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_a_large_pass_solves_again_in_the_backward_pass_to_the_same_gradient(small_dataset, truth, monkeypatch, threads):
-    """Above RECOMPUTE_GRAPH_ELEMENTS a pass with gradient keeps no graphs and solves each piece again in
+    """Above GRAPH_MEMORY_SHARE of the memory a pass with gradient keeps no graphs and solves each piece again in
     the backward pass: the same objective and gradient (also pulled twice, as gradcheck does), on one
     thread and on three."""
     import blochflow.physics.diffraction as diffraction
@@ -658,8 +658,8 @@ def test_a_large_pass_solves_again_in_the_backward_pass_to_the_same_gradient(sma
     out = []
     try:
         torch.set_num_threads(threads)
-        for limit in (1e30, 0.0):
-            monkeypatch.setattr(diffraction, "RECOMPUTE_GRAPH_ELEMENTS", limit)
+        for share in (1e30, 0.0):
+            monkeypatch.setattr(diffraction, "GRAPH_MEMORY_SHARE", share)
             th = theta.clone().requires_grad_(True)
             loss = problem.objective(th)
             (grad,) = torch.autograd.grad(loss, th, retain_graph=True)

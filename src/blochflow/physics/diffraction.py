@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -832,15 +833,33 @@ def split_samples(plan: DiffractionPlan, half_angle_deg: np.ndarray) -> Diffract
                                n_weak=None if plan.n_weak is None else np.repeat(plan.n_weak, 2))
 
 
-# A pass with gradient whose pieces' graphs would hold more than this many structure-matrix elements
-# (sum over chunks of samples x N^2 x thickness points) keeps none: each piece is solved again in the
-# backward pass, one graph per worker alive at a time. Simulated corundum (97 beams, 6138 samples,
-# 5.8e7 elements): 4.5 GB for one gradient in double precision with the graphs kept.
-RECOMPUTE_GRAPH_ELEMENTS = 2e7
+# A pass with gradient whose pieces' graphs would take more than this share of the device's memory
+# keeps none: each piece is solved again in the backward pass, one graph per worker alive at a time.
+# The graphs take ~70 bytes per structure-matrix element (samples x N^2 x thickness points) in single
+# or double precision: simulated corundum (97 beams, 6138 samples, 5.8e7 elements) 4.5 GB in double,
+# paracetamol on 5 frames at 42 tilts (2.6e8) 17 GB in single. Solving again costs a forward pass:
+# paracetamol 102 s and 17 GB per gradient with the graphs, 143 s and 3.2 GB without.
+GRAPH_MEMORY_SHARE = 0.25
+GRAPH_BYTES_PER_ELEMENT = 70
 
 
 def _graph_elements(plan: DiffractionPlan, q: int) -> float:
     return float(sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks)) * q
+
+
+def _graphs_too_large(plan: DiffractionPlan, q: int) -> bool:
+    """Whether a pass's graphs would exceed GRAPH_MEMORY_SHARE of its device's memory."""
+    return _graph_elements(plan, q) * GRAPH_BYTES_PER_ELEMENT > GRAPH_MEMORY_SHARE * _device_memory(plan.device)
+
+
+def _device_memory(device: torch.device) -> float:
+    """Bytes of memory of the device (a GPU's own, else the machine's)."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 16 GB
+        return 16e9
 
 
 class _ParallelFrames(torch.autograd.Function):
@@ -849,7 +868,7 @@ class _ParallelFrames(torch.autograd.Function):
     Each piece records its own graph from its own detached copies of the inputs; the backward pass
     pulls the output gradient through every piece's graph on the worker threads and sums. Only
     first derivatives pass through it (forward-mode and higher derivatives use the one-thread path).
-    A large pass (:data:`RECOMPUTE_GRAPH_ELEMENTS`) keeps no graph: the forward pass solves without
+    A large pass (:data:`GRAPH_MEMORY_SHARE`) keeps no graph: the forward pass solves without
     one, and the backward pass solves each piece again with its graph and pulls through it at once
     (one forward pass more, the memory of a few pieces instead of all).
     """
@@ -857,7 +876,7 @@ class _ParallelFrames(torch.autograd.Function):
     @staticmethod
     def forward(ctx, plan, absorption_method, workers, *inputs):
         pieces = _work_items(plan, workers)
-        ctx.recompute = _graph_elements(plan, inputs[5].shape[1]) > RECOMPUTE_GRAPH_ELEMENTS
+        ctx.recompute = _graphs_too_large(plan, inputs[5].shape[1])
         if ctx.recompute:
             ref = inputs[0]
             out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype, device=ref.device)
@@ -929,8 +948,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
     inputs = (potential, potential_abs, *state.tensors())
     workers = _workers(plan)
     recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
-    if recording and (workers > 1 or (not transforms_active()
-                                      and _graph_elements(plan, state.thickness.shape[1]) > RECOMPUTE_GRAPH_ELEMENTS)):
+    if recording and (workers > 1 or (not transforms_active() and _graphs_too_large(plan, state.thickness.shape[1]))):
         out = _ParallelFrames.apply(plan, absorption_method, workers, *inputs)
     else:
         out = torch.zeros((len(plan.scored.row), state.thickness.shape[1]), dtype=rtype, device=plan.device)

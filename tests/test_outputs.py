@@ -239,3 +239,35 @@ def test_frame_means_leave_out_a_frame_without_intensity():
     alone = figures_of_merit(io[:3], torch.ones(3), ic[:3], frame[:3], 1)
     assert fig.wR2_frame_mean == pytest.approx(alone.wR2_frame_mean)
     assert fig.R_obs_frame_mean == pytest.approx(alone.R_obs_frame_mean)
+
+
+def test_progress_log_draws_one_status_line_on_a_terminal(tmp_path):
+    """On a terminal the iteration messages redraw one status line with a bar and other messages print
+    above it; every message goes to the log file as a plain line; off a terminal, plain lines."""
+    import io
+
+    from blochflow.report.progress import ProgressLog, progress_line
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_line("lm     15/30  wR2(work) 0.0878  max shift/su 1.03", 200) == \
+        "lm   [##########..........] 15/30  wR2(work) 0.0878  max shift/su 1.03"
+    assert progress_line("thickness rescan at LM iteration 5", 200) is None
+    term = Terminal()
+    log = ProgressLog(tmp_path / "refine.log", term)
+    for text in ("model: 311 parameters", "lm      1/30  wR2(work) 0.1297", "lm      2/30  wR2(work) 0.1176",
+                 "thickness rescan at LM iteration 5: 18 frames moved", "lm      3/30  wR2(work) 0.1089"):
+        log(text)
+    log.close()
+    shown = term.getvalue()
+    assert shown.count("\n") == 4 and shown.count("\r") == 3  # three redraws, the rescan on its own line
+    assert "\r" + progress_line("lm      2/30  wR2(work) 0.1176", 200) in shown
+    assert (tmp_path / "refine.log").read_text().splitlines()[1:3] == ["lm      1/30  wR2(work) 0.1297",
+                                                                         "lm      2/30  wR2(work) 0.1176"]
+    plain = io.StringIO()
+    log = ProgressLog(None, plain)
+    log("lm      1/30  wR2(work) 0.1297")
+    log.close()
+    assert plain.getvalue() == "lm      1/30  wR2(work) 0.1297\n"

@@ -365,9 +365,8 @@ def _refine_settings(args, base: dict | None = None):
 
 
 def cmd_refine(args) -> int:
-    from .crystal.structure import inverted
-    from .refine.run import build_problem, load_checkpoint, refine
-    from .report.outputs import MIN_FREE_GROUPS, write_outputs
+    from .refine.run import load_checkpoint
+    from .report.progress import ProgressLog
 
     example_settings = {}
     if args.example:
@@ -393,7 +392,19 @@ def cmd_refine(args) -> int:
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
     crystal, ds = _load(structure, data, refining=True)
-    log = print
+    log = ProgressLog(out / "refine.log", append=args.resume)
+    try:
+        return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
+    finally:
+        log.close()
+
+
+def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log) -> int:
+    """The refinement of the model (and with --enantiomer the inverted one), its outputs and summary lines."""
+    from .crystal.structure import inverted
+    from .refine.run import build_problem, refine
+    from .report.outputs import MIN_FREE_GROUPS, write_outputs
+
     hands = [("model", crystal)] + ([("inverted", inverted(crystal))] if args.enantiomer else [])
     results = []
     for name, cr in hands:
@@ -403,7 +414,7 @@ def cmd_refine(args) -> int:
         except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
             item, _, why = str(exc).partition(": ")
             raise InputError(args.config or structure, item, why or item) from None
-        print(f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / "
+        log(f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / "
               f"{int(problem.free.sum())} free reflections on {len(ds.frames)} frames, "
               f"{problem.model.n_beams_mean():.0f} beams per solve")
         try:
@@ -433,23 +444,23 @@ def cmd_refine(args) -> int:
         f = res.figures
         has_free = summ["R_free"] is not None and bool(np.isfinite(summ["R_free"]))
         free = f"  R_free {summ['R_free']:.4f}" if has_free else ""
-        print(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
+        log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
         if summ["n_params"] >= summ["n_all"]:
-            print(f"warning: {summ['n_params']} refined parameters for {summ['n_all']} work reflections: the fit is "
+            log(f"warning: {summ['n_params']} refined parameters for {summ['n_all']} work reflections: the fit is "
                   f"not determined and its GoF and s.u. mean nothing; refine fewer frame parameters "
                   f"(--thickness-model global, --no-orientation) or use more frames")
         if not has_free and settings.free_fraction > 0:
-            print("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
+            log("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
         if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:
-            print(f"warning: R_free rests on {summ['n_free_groups']} unique reflections ({summ['n_free_obs']} observed "
+            log(f"warning: R_free rests on {summ['n_free_groups']} unique reflections ({summ['n_free_obs']} observed "
                   f"in all frames): too few to judge over-fitting; raise --free-fraction for a firmer figure")
         if res.interrupted:
             code = 130
     if "enantiomer" in extra:
         e = extra["enantiomer"]
-        print(f"absolute structure: the data prefer the {e['chosen']} hand (wR2 {e['wR2_model']:.4f} vs "
+        log(f"absolute structure: the data prefer the {e['chosen']} hand (wR2 {e['wR2_model']:.4f} vs "
               f"{e['wR2_inverted']:.4f}; scaled chi2 difference {e['delta_chi2_scaled']:.1f}, "
               f"P(model hand) = {e['probability_model_hand']:.4f})")
     return code

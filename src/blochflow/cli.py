@@ -231,7 +231,7 @@ def cmd_simulate(args) -> int:
     settings = _model_settings(args)
     out = Path(args.out)
     if args.write_pets:
-        target = out / args.write_pets  # inside --out, as every other output (an absolute path stays as it is)
+        target = Path(args.write_pets)  # as given, relative to the working directory like any path argument
         if target.exists() and not args.overwrite:
             raise InputError(target, "--write-pets", "exists already; choose another name or pass --overwrite")
         if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr or args.frame_model):
@@ -485,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thickness-spread", type=float, default=0.0, help="Gaussian spread per frame (A)")
     s.add_argument("--frame-model", help="frame_model.json written by 'blochflow refine' (thickness model, "
                                          "orientation corrections)")
-    s.add_argument("--write-pets", help="write a synthetic .cif_pets with this name (in --out unless an absolute "
-                                        "path) instead of comparing")
+    s.add_argument("--write-pets", help="write a synthetic .cif_pets to this path instead of comparing (--out "
+                                        "then receives nothing)")
     s.add_argument("--noise", choices=["poisson", "gaussian", "none"], default="poisson")
     s.add_argument("--max-counts", type=float, default=1e5, help="counts of the strongest synthetic reflection")
     s.add_argument("--seed", type=int, default=0)

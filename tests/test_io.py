@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import gemmi
 import numpy as np
 import pytest
 
@@ -331,3 +332,20 @@ def test_elements_guessed_from_ambiguous_labels_are_reported(tmp_path):
     (tmp_path / "h.cif").write_text(text + "HO1 0.4 0.4 0.4 0.02\n")
     rec = read_structure(tmp_path / "h.cif")
     assert rec.atoms[-1].element == "Ho" and "HO1 as Ho" in rec.notes[0]
+
+
+def test_operators_must_keep_the_cells_metric(tmp_path, quartz_paths):
+    """Operators of another setting than the cell's are refused in one line: quartz with a != b under
+    its trigonal operators, and corundum's hexagonal operators on its rhombohedral cell."""
+    text = quartz_paths[0].read_text()
+    assert "_cell_length_a 4.9226" in text
+    p = tmp_path / "ab.cif"
+    p.write_text(text.replace("_cell_length_a 4.9226", "_cell_length_a 5.1"))
+    with pytest.raises(InputError, match="does not have the symmetry of operator"):
+        read_structure(p)
+    hexagonal_ops = "loop_\n_space_group_symop_operation_xyz\n" + "".join(
+        f"'{op.triplet()}'\n" for op in gemmi.SpaceGroup("R -3 c:H").operations())
+    p = _cif(tmp_path, "rh", (5.128, 5.128, 5.128, 55.28, 55.28, 55.28), hexagonal_ops,
+             ["Al1 Al 0.3523 0.3523 0.3523 0.004"])
+    with pytest.raises(InputError, match="_cell_\\* and symmetry"):
+        read_structure(p)

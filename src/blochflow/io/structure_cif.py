@@ -127,6 +127,20 @@ def _symmetry(block, where: str, cell: tuple) -> tuple[list[str], str]:
                                         "write _space_group_name_H-M_alt 'P 1' for no symmetry)")
 
 
+def _check_metric(cell: tuple, ops: list[str], where: str, tol: float = 2e-3) -> None:
+    """Every operator's rotation must keep the cell's metric (R^T G R = G): operators of another setting
+    (hexagonal on rhombohedral axes, b-unique on a c-unique cell, tetragonal with a != b) would put the
+    atoms' images at wrong distances."""
+    a, b, c = cell[:3]
+    ca, cb, cg = (np.cos(np.radians(x)) for x in cell[3:])
+    g = np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]])
+    for op in ops:
+        r = np.array(gemmi.Op(op).rot, float) / gemmi.Op.DEN
+        if np.max(np.abs(r.T @ g @ r - g)) > tol * np.max(np.diag(g)):
+            raise InputError(where, "_cell_* and symmetry", f"the cell {tuple(round(x, 4) for x in cell)} does not have "
+                                                            f"the symmetry of operator '{op}' (another setting?)")
+
+
 def _check_group(ops: list, where: str, tag: str) -> None:
     """The operators (translations modulo lattice vectors) must be closed under composition."""
     seen = {o.wrap().triplet() for o in ops}
@@ -166,6 +180,7 @@ def read_structure(path: str | Path) -> StructureRecord:
     if not all(np.isfinite(cell)) or min(cell[:3]) <= 0:
         raise InputError(where, "_cell_*", f"impossible or non-numeric cell {cell}")
     ops, hm = _symmetry(block, where, cell)
+    _check_metric(cell, ops, where)
 
     labels = block.find_values("_atom_site_label")
     if not len(labels):

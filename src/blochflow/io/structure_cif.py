@@ -127,10 +127,12 @@ def _symmetry(block, where: str, cell: tuple) -> tuple[list[str], str]:
                                         "write _space_group_name_H-M_alt 'P 1' for no symmetry)")
 
 
-def _check_metric(cell: tuple, ops: list[str], where: str, tol: float = 2e-3) -> None:
+def _check_metric(cell: tuple, ops: list[str], where: str, tol: float = 0.03) -> None:
     """Every operator's rotation must keep the cell's metric (R^T G R = G): operators of another setting
     (hexagonal on rhombohedral axes, b-unique on a c-unique cell, tetragonal with a != b) would put the
-    atoms' images at wrong distances."""
+    atoms' images at wrong distances. The tolerance, 3 % of the longest axis squared, passes a cell
+    refined without symmetry constraints (lengths off by a few 0.1 %) and catches another setting
+    (differences of tens of %)."""
     a, b, c = cell[:3]
     ca, cb, cg = (np.cos(np.radians(x)) for x in cell[3:])
     g = np.array([[a * a, a * b * cg, a * c * cb], [a * b * cg, b * b, b * c * ca], [a * c * cb, b * c * ca, c * c]])

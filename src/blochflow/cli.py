@@ -451,6 +451,11 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
             log(f"warning: {summ['n_params']} refined parameters for {summ['n_all']} work reflections: the fit is "
                   f"not determined and its GoF and s.u. mean nothing; refine fewer frame parameters "
                   f"(--thickness-model global, --no-orientation) or use more frames")
+        elif summ["n_all"] < 3 * summ["n_params"]:  # e.g. 306 reflections for 301 parameters: GoF over 5 dof
+            log(f"warning: {summ['n_all']} work reflections for {summ['n_params']} refined parameters (ratio "
+                f"{summ['n_all'] / summ['n_params']:.1f}): the fit is barely determined, and its GoF (over "
+                f"{summ['n_all'] - summ['n_params']} degrees of freedom) and s.u. are unreliable; refine fewer frame "
+                f"parameters (--thickness-model global, --no-orientation) or use more frames")
         if not has_free and settings.free_fraction > 0:
             log("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
         if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:

@@ -94,3 +94,11 @@ def test_a_relative_write_pets_path_is_taken_from_the_working_directory(tmp_path
     assert main(["simulate", *map(str, quartz_paths), "--out", "o", "--thickness", "350", "--write-pets", "syn.cif_pets",
                  "--noise", "none", *FAST]) == 0
     assert (tmp_path / "syn.cif_pets").is_file()
+
+
+def test_a_barely_determined_fit_is_flagged():
+    from blochflow.cli import determinacy_warning
+
+    assert "not determined" in determinacy_warning(300, 301)
+    assert "ratio 1.1" in determinacy_warning(306, 289) and "17 degrees of freedom" in determinacy_warning(306, 289)
+    assert determinacy_warning(1829, 311) is None  # quartz: 5.9 per parameter

@@ -364,6 +364,21 @@ def _refine_settings(args, base: dict | None = None):
         raise InputError(source, str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()) from None
 
 
+def determinacy_warning(n_all: int, n_params: int) -> str | None:
+    """The warning for a fit with fewer than 3 work reflections per refined parameter (None otherwise):
+    not determined at all below one, its GoF and s.u. unreliable below three (e.g. 306 reflections for
+    289 parameters leave the GoF 17 degrees of freedom)."""
+    advice = "refine fewer frame parameters (--thickness-model global, --no-orientation) or use more frames"
+    if n_params >= n_all:
+        return (f"warning: {n_params} refined parameters for {n_all} work reflections: the fit is not determined "
+                f"and its GoF and s.u. mean nothing; {advice}")
+    if n_all < 3 * n_params:
+        return (f"warning: {n_all} work reflections for {n_params} refined parameters (ratio {n_all / n_params:.1f}): "
+                f"the fit is barely determined, and its GoF (over {n_all - n_params} degrees of freedom) and s.u. "
+                f"are unreliable; {advice}")
+    return None
+
+
 def cmd_refine(args) -> int:
     from .refine.run import load_checkpoint
     from .report.progress import ProgressLog
@@ -447,15 +462,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
-        if summ["n_params"] >= summ["n_all"]:
-            log(f"warning: {summ['n_params']} refined parameters for {summ['n_all']} work reflections: the fit is "
-                  f"not determined and its GoF and s.u. mean nothing; refine fewer frame parameters "
-                  f"(--thickness-model global, --no-orientation) or use more frames")
-        elif summ["n_all"] < 3 * summ["n_params"]:  # e.g. 306 reflections for 301 parameters: GoF over 5 dof
-            log(f"warning: {summ['n_all']} work reflections for {summ['n_params']} refined parameters (ratio "
-                f"{summ['n_all'] / summ['n_params']:.1f}): the fit is barely determined, and its GoF (over "
-                f"{summ['n_all'] - summ['n_params']} degrees of freedom) and s.u. are unreliable; refine fewer frame "
-                f"parameters (--thickness-model global, --no-orientation) or use more frames")
+        note = determinacy_warning(summ["n_all"], summ["n_params"])
+        if note:
+            log(note)
         if not has_free and settings.free_fraction > 0:
             log("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
         if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:

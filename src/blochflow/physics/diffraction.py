@@ -1349,8 +1349,8 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             full.append(z)
         return value, tuple(full)
 
-    if fast:  # forward AD on this thread, once per chunk; eigendecompositions (where the forward pass kept
-        # none) and products on the workers
+    if fast:  # forward AD on this thread, once per chunk; eigendecompositions and products on the workers
+        inputs = []
         reuse = decompositions if decompositions is not None and decompositions.chunks else None
 
         def padded_potential(*args):  # (M+1,), as _chunk_terms pads it
@@ -1368,38 +1368,28 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         moves_terms = pot_tangent[:, 0] != 0
         for x in tan_args[1 + has_abs:]:  # the frame state's
             moves_terms = moves_terms | (x != 0).flatten(1).any(1)
+        for ci, ch in enumerate(plan.chunks):
+            box = []
+
+            def small(*args, ch=ch, box=box):
+                pot, pot_abs, st = unpack(args)
+                t = _chunk_terms(plan, ch, pot, pot_abs, st)
+                box.append(t)  # index tables and output rows: plain tensors, no tangent
+                diag = t.diag if t.pot_abs is None else t.diag + 1j * _absorptive_diagonal(t)
+                return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
+                        t.kn[:, None] if t.diag_weak is None else t.diag_weak)
+
+            primal, tangent = forward_ad(small, moves_terms)
+            inputs += [(_slice_terms(box[0], sl), (pot_primal, *(x[sl] for x in primal)),
+                        (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl))
+                       for c, sl in pieces if c is ch]
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
         moving = torch.nonzero(moves_terms)[:, 0]
-        index = {id(ch): ci for ci, ch in enumerate(plan.chunks)}
-        terms = {}  # the current chunk's terms and their tangents: pieces of a chunk come in a row
-
-        def make(piece):
-            ch, sl = piece
-            if id(ch) not in terms:
-                box = []
-
-                def small(*args):
-                    pot, pot_abs, st = unpack(args)
-                    t = _chunk_terms(plan, ch, pot, pot_abs, st)
-                    box.append(t)  # index tables and output rows: plain tensors, no tangent
-                    diag = t.diag if t.pot_abs is None else t.diag + 1j * _absorptive_diagonal(t)
-                    return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
-                            t.kn[:, None] if t.diag_weak is None else t.diag_weak)
-
-                primal, tangent = forward_ad(small, moves_terms)
-                terms.clear()
-                terms[id(ch)] = (box[0], primal, tangent)
-            t, primal, tangent = terms[id(ch)]
-            return (_slice_terms(t, sl), (pot_primal, *(x[sl] for x in primal)),
-                    (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(index[id(ch)], sl))
-
-        def solve(args):
-            vals, dvals = _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3], live=live, moving=moving)
-            return vals, dvals, args[0].out_refl
-
         # all made first, then solved: overlapping the two (pipeline) put three threads on two cores and
         # cost 8 % of a quartz Jacobian
-        done = parallel_map(solve, [make(piece) for piece in pieces], workers)
+        results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3],
+                                                       live=live, moving=moving), inputs, workers)
+        done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []
         for ch, sl in pieces:

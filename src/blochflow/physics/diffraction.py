@@ -571,21 +571,29 @@ def _absorptive_diagonal(tm: _ChunkTerms) -> torch.Tensor:
     return tm.mask.to(tm.pot_abs.dtype) * tm.pot_abs[0]
 
 
-def _pair_values(table: torch.Tensor, tm: _ChunkTerms) -> torch.Tensor:
-    """(B, N, N) table[idx]: gathered once per shared beam set (``pair_set``) and copied to its samples
-    as whole matrices, which is 3x faster than an element gather per sample."""
+def _beam_sets(pair_set: torch.Tensor):
+    """Samples grouped by shared beam set: (set of each sample (B,), samples per set (S,), the samples
+    ordered by set (B,), where each set starts in that order (S,))."""
+    _, set_of, size = torch.unique(pair_set, return_inverse=True, return_counts=True)
+    order = torch.sort(set_of, stable=True).indices
+    return set_of, size, order, torch.cumsum(size, 0) - size
+
+
+def _pair_matrix(table: torch.Tensor, tm: _ChunkTerms, diag: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) table[idx] with ``diag`` on the diagonal: gathered once per shared beam set
+    (``pair_set``) and copied to its samples as whole matrices, 3x faster than an element gather per
+    sample; the diagonal goes in by diagonal_scatter (no (B, N, N) diag_embed)."""
     if tm.pair_set is None:
-        return table[tm.idx]
-    _, set_of = torch.unique(tm.pair_set, return_inverse=True)
-    member = torch.zeros(int(set_of.max()) + 1, dtype=torch.long, device=set_of.device).scatter_(
-        0, set_of, torch.arange(len(set_of), device=set_of.device))  # a sample of each set
-    return table[tm.idx[member]].index_select(0, set_of)
+        m = table[tm.idx]
+    else:
+        set_of, _, order, start = _beam_sets(tm.pair_set)
+        m = table[tm.idx[order[start]]].index_select(0, set_of)
+    return torch.diagonal_scatter(m, m.diagonal(dim1=-2, dim2=-1) + diag.to(table.dtype), dim1=-2, dim2=-1)
 
 
 def _unscaled_matrix(tm: _ChunkTerms, pot, diag, corr) -> torch.Tensor:
     """a0 = P + D (- C, the Bethe correction, when given) of A = M a0 M."""
-    a0 = _pair_values(pot, tm)
-    a0 = torch.diagonal_scatter(a0, a0.diagonal(dim1=-2, dim2=-1) + diag.to(pot.dtype), dim1=-2, dim2=-1)
+    a0 = _pair_matrix(pot, tm, diag)
     return a0 if corr is None else a0 - corr
 
 
@@ -600,8 +608,7 @@ def _chunk_matrices(tm: _ChunkTerms, absorption_method: AbsorptionMethod):
         a_mat = a_mat * mm
     if tm.pot_abs is None:
         return a_mat, None
-    a_abs = _pair_values(tm.pot_abs, tm)
-    a_abs = torch.diagonal_scatter(a_abs, a_abs.diagonal(dim1=-2, dim2=-1) + _absorptive_diagonal(tm), dim1=-2, dim2=-1)
+    a_abs = _pair_matrix(tm.pot_abs, tm, _absorptive_diagonal(tm))
     if mm is not None:
         a_abs = a_abs * mm
     if absorption_method == "exact":
@@ -1136,9 +1143,7 @@ def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
     if pair_set is None:
         y = (hm.mT @ _potential_rows(dpot, live, idx.mT)).view(b, n, n, len(live))
         return torch.einsum("bik,bikt->tbi", vinv_m, y)
-    _, set_of, size = torch.unique(pair_set, return_inverse=True, return_counts=True)
-    order = torch.sort(set_of, stable=True).indices  # samples by set
-    start = torch.cumsum(size, 0) - size
+    _, size, order, start = _beam_sets(pair_set)
     core = vinv_m.new_empty((len(live), b, n))
     for g in torch.unique(size).tolist():
         sets = torch.nonzero(size == g)[:, 0]

@@ -170,7 +170,7 @@ def floating_origin_directions(rotations: np.ndarray, cell=None) -> np.ndarray:
     """
     m = np.concatenate([np.asarray(r, float) - np.eye(3) for r in rotations])
     _, sv, vt = np.linalg.svd(m)
-    free = vt[np.concatenate([sv, np.zeros(3 - len(sv))]) < 1e-8]
+    free = vt[sv < 1e-8]  # m has at least the identity's 3 rows, so 3 singular values
     if len(free) == 0:
         return np.zeros((0, 3))
     a = cellmod.direct_basis(cell) if cell is not None else np.eye(3)

@@ -69,9 +69,10 @@ class StructureParameters:
         # occupancies summing to at most 1) take the position and ADP of the site's first atom, as
         # SHELXL's EXYZ and EADP: refined apart, they split and trade U for occupancy (correlations -0.99)
         self.shared: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}  # atom -> (first, R, t): x = R x_first + t
-        for j in range(nat):
-            for i in range(j):
-                if self.mode[j] != "free" or self.mode[i] != "free" or is_h[i] or is_h[j] or i in self.shared:
+        candidates = [i for i in range(nat) if self.mode[i] == "free" and not is_h[i]]  # may share a site
+        for j in candidates:
+            for i in candidates[:candidates.index(j)]:
+                if i in self.shared:
                     continue
                 d, rot, tr = _nearest_image(crystal.symmetry, x_in[i], x_in[j], a_mat)
                 if d < site_tol_A and occ_in[i] + occ_in[j] <= 1 + 1e-3:

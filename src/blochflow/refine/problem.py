@@ -162,7 +162,7 @@ class RefinementProblem:
         theta_s = self.theta0[st.start:st.stop]
         b = torch.autograd.functional.jacobian(lambda t: sp.physical(t)[0][own].reshape(-1), theta_s)  # (3A', p)
         a = direct_basis(crystal.cell)
-        xyz, occ, _ = sp.physical(theta_s)
+        occ = sp.physical(theta_s)[1]
         mult = len(crystal.symmetry.rotations) * crystal.site_multiplicity_weights().numpy()
         w = np.array([atomic_number(crystal.asu.elements[i]) * float(occ[i]) * mult[i] for i in own])
         v_all, c_all = torch.zeros((self.n_params, len(dirs)), dtype=torch.float64), torch.zeros(
@@ -179,14 +179,13 @@ class RefinementProblem:
             c_all[st.start:st.stop, k] = b.T @ grad
         return v_all, c_all
 
-    def fix_origin(self, theta: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    def fix_origin(self, theta: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """theta moved along the polar directions (an exact symmetry of the data) so that the centroid
-        is where it is in ``reference`` (default: the start)."""
+        is where it is in ``reference``."""
         if self.origin is None:
             return theta
         v, c = self.origin
-        ref = self.theta0 if reference is None else reference
-        gap = c.T @ (theta.detach() - ref)
+        gap = c.T @ (theta.detach() - reference)
         return theta - v @ torch.linalg.solve(c.T @ v, gap)
 
     def step_basis(self, index: torch.Tensor) -> torch.Tensor | None:

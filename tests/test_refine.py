@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from contextlib import contextmanager
 
 import gemmi
 import numpy as np
@@ -612,21 +613,36 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
     assert not problem.decompositions_kept_at(other)
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op thread count (and so the solver's worker count) set to n inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _tilted_problem(small_dataset, truth, **settings):
+    """The six-frame problem from a displaced start, 5 samples per frame, every orientation correction at
+    0.3 mrad (so that its tangents are not zero): (problem, theta)."""
+    problem = build_problem(displaced(truth, 0.03, 0.02), small_dataset[0],
+                            RefineSettings(samples_per_fringe=0.0, n_samples=5, adp="aniso", thickness=500.0, **settings))
+    theta = problem.theta0.clone()
+    theta[problem.group_index("orientation")] = 0.3
+    return problem, theta
+
+
 @pytest.mark.parametrize("absorption", ["none", "proportional"])
 def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, truth, absorption):
     """Intensities, the objective's gradient and the LM Jacobian are the same whether the solves run on
     one thread or are split over three (uneven pieces of every chunk)."""
-    ds, _, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.2, absorption=absorption,
-                              refine_absorption=absorption != "none", jacobian_precision="double")
-    problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
-    theta = problem.theta0.clone()
-    theta[problem.group_index("orientation")] = 0.3
-    threads = torch.get_num_threads()
+    problem, theta = _tilted_problem(small_dataset, truth, free_fraction=0.2, absorption=absorption,
+                                     refine_absorption=absorption != "none", jacobian_precision="double")
     out = []
-    try:
-        for n in (1, 3):
-            torch.set_num_threads(n)
+    for n in (1, 3):
+        with _torch_threads(n):
             th = theta.clone().requires_grad_(True)
             loss = problem.objective(th)
             (grad,) = torch.autograd.grad(loss, th)
@@ -635,8 +651,6 @@ def test_solves_on_several_threads_give_the_one_thread_result(small_dataset, tru
                 ic = problem.intensities(theta)
             _, r, jac = problem.jacobian(theta)
             out.append((ic, loss.detach(), grad, r, jac))
-    finally:
-        torch.set_num_threads(threads)
     for one, three in zip(*out):
         assert torch.allclose(one, three, rtol=1e-10, atol=1e-13 * float(one.abs().max()))
     from blochflow.physics.diffraction import _work_items
@@ -651,15 +665,9 @@ def test_a_large_pass_solves_again_in_the_backward_pass_to_the_same_gradient(sma
     thread and on three."""
     import blochflow.physics.diffraction as diffraction
 
-    ds, _, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=5, adp="aniso", thickness=500.0, free_fraction=0.0)
-    problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
-    theta = problem.theta0.clone()
-    theta[problem.group_index("orientation")] = 0.3
-    previous = torch.get_num_threads()
+    problem, theta = _tilted_problem(small_dataset, truth, free_fraction=0.0)
     out = []
-    try:
-        torch.set_num_threads(threads)
+    with _torch_threads(threads):
         for share in (1e30, 0.0):
             monkeypatch.setattr(diffraction, "GRAPH_MEMORY_SHARE", share)
             th = theta.clone().requires_grad_(True)
@@ -667,8 +675,6 @@ def test_a_large_pass_solves_again_in_the_backward_pass_to_the_same_gradient(sma
             (grad,) = torch.autograd.grad(loss, th, retain_graph=True)
             (again,) = torch.autograd.grad(loss, th)
             out.append((loss.detach(), grad, again))
-    finally:
-        torch.set_num_threads(previous)
     (l0, g0, a0), (l1, g1, a1) = out
     assert float(g0.abs().max()) > 0
     assert torch.allclose(l0, l1, rtol=1e-12) and torch.allclose(g0, g1, rtol=1e-10, atol=1e-12 * float(g0.abs().max()))

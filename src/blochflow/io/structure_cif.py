@@ -265,11 +265,9 @@ def non_positive_definite(record: StructureRecord) -> list[str]:
 
 
 def _standard_uncertainty(value: str) -> float:
-    """The s.u. a CIF number carries in parentheses ('1.004(3)' -> 0.003), 0 if none."""
-    m = re.fullmatch(r"[+-]?(\d*)(?:\.(\d*))?(?:[eE][+-]?\d+)?\((\d+)\)", value.strip())
-    if m is None or "e" in value.lower():
-        return 0.0
-    return int(m.group(3)) * 10.0 ** -len(m.group(2) or "")
+    """The s.u. a CIF number carries in parentheses ('1.004(3)' -> 0.003), 0 if none (or an exponent)."""
+    m = re.fullmatch(r"[+-]?\d*(?:\.(\d*))?\((\d+)\)", value.strip())
+    return 0.0 if m is None else int(m.group(2)) * 10.0 ** -len(m.group(1) or "")
 
 
 def _element_symbol(raw: str) -> str | None:

@@ -102,3 +102,14 @@ def test_a_barely_determined_fit_is_flagged():
     assert "not determined" in determinacy_warning(300, 301)
     assert "ratio 1.1" in determinacy_warning(306, 289) and "17 degrees of freedom" in determinacy_warning(306, 289)
     assert determinacy_warning(1829, 311) is None  # quartz: 5.9 per parameter
+
+
+def test_frames_with_an_undetermined_thickness_are_named():
+    from blochflow.cli import thickness_note
+
+    frames = {"frame": [1, 2, 3], "thickness_mean": [500.0, 2600.0, 800.0],
+              "thickness_mean_su": [40.0, 1500.0, float("nan")]}
+    note = thickness_note(frames)
+    assert note.startswith("note: 1 of 3 frames") and "(frames 2)" in note
+    frames["thickness_mean_su"][1] = 1000.0
+    assert thickness_note(frames) is None

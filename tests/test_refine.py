@@ -17,6 +17,7 @@ from blochflow.crystal.structure import displaced
 from blochflow.io.pets import select_frames
 from blochflow.refine.problem import equivalence_keys, free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine, settings_from_mapping
+from blochflow.report.outputs import frame_standard_uncertainties
 
 from conftest import N_SAMPLES, _rmsd, every_nth_frame, simulated
 
@@ -519,12 +520,16 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
                               refine_orientation=False, thickness=500.0, instability=0.0)
     u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
-    z = []
+    z, z_thickness = [], []
     for seed in range(6):
         noisy = simulated(ds, truth, thickness, 2, noise="gaussian", max_counts=2e4, seed=100 + seed)
         problem = build_problem(truth, noisy, settings)
         res = refine(problem, settings, log=lambda s: None)
         assert res.lm.converged, res.lm.reason  # an unconverged run adds optimisation error to the scatter
+        # each frame's thickness s.u., propagated through the thickness model for frames.csv
+        t_su = frame_standard_uncertainties(res)["thickness_mean_su"]
+        t_ref = problem.frames.thickness.describe(problem.split(res.theta), problem.frames.ctx)["thickness_mean"]
+        z_thickness.extend((t_ref - thickness) / t_su)
         n = len(problem.structure)
         sus = problem.structure.standard_uncertainties(res.theta[:n], res.covariance[:n, :n])
         for a, x_true, u_true in zip(sus, truth.asu.xyz.numpy(), u6_true):
@@ -538,6 +543,10 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     print(f"s.u. honesty: n={len(z)} mean={z.mean():.3f} std={z.std():.3f}")
     assert len(z) >= 50
     assert abs(z.mean()) < 0.5 and 0.75 < z.std() < 1.3, (z.mean(), z.std())
+    z_thickness = np.array(z_thickness)
+    print(f"thickness s.u. honesty: n={len(z_thickness)} mean={z_thickness.mean():.3f} std={z_thickness.std():.3f}")
+    assert len(z_thickness) >= 30 and np.isfinite(z_thickness).all()
+    assert abs(z_thickness.mean()) < 0.6 and 0.7 < z_thickness.std() < 1.4, (z_thickness.mean(), z_thickness.std())
 
 
 def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):

@@ -239,6 +239,9 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
         rows = list(csv.DictReader(fh))
     assert {"thickness_mean", "thickness_spread", "thickness_q10", "thickness_q90", "holdout"} <= set(rows[0])
     assert all(float(r["thickness_q10"]) <= float(r["thickness_q90"]) for r in rows)
+    # the learned model's thicknesses carry s.u. propagated through the network from the covariance
+    # (large here: 79 parameters after one LM cycle on 13-23 reflections per frame)
+    assert all(0 < float(r["thickness_mean_su"]) < np.inf for r in rows)
     # simulate with the saved model reproduces the refined fit on the same data
     sim = tmp_path / "sim"
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim), "--samples", "2",

@@ -462,9 +462,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
-        note = determinacy_warning(summ["n_all"], summ["n_params"])
-        if note:
-            log(note)
+        for note in (determinacy_warning(summ["n_all"], summ["n_params"]), thickness_note(summ["frames"])):
+            if note:
+                log(note)
         if not has_free and settings.free_fraction > 0:
             log("warning: no observed free reflection (Io > 3 sigma): R_free is not available")
         if 0 < summ["n_free_groups"] < MIN_FREE_GROUPS:
@@ -478,6 +478,24 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
               f"{e['wR2_inverted']:.4f}; scaled chi2 difference {e['delta_chi2_scaled']:.1f}, "
               f"P(model hand) = {e['probability_model_hand']:.4f})")
     return code
+
+
+# a frame thickness whose s.u. exceeds this fraction of its value is reported as undetermined
+THICKNESS_SU_LIMIT = 0.5
+
+
+def thickness_note(frames: dict) -> str | None:
+    """A note naming the frames whose refined thickness the data barely determine (s.u. above
+    THICKNESS_SU_LIMIT of the value: typically frames with few reflections, whose thickness can wander
+    between fringe branches), or None."""
+    t = np.asarray(frames["thickness_mean"], dtype=float)
+    su = np.asarray(frames["thickness_mean_su"], dtype=float)
+    loose = np.flatnonzero(np.isfinite(su) & (su > THICKNESS_SU_LIMIT * t))
+    if not len(loose):
+        return None
+    ids = ", ".join(str(frames["frame"][i]) for i in loose[:10]) + (" ..." if len(loose) > 10 else "")
+    return (f"note: {len(loose)} of {len(t)} frames have a thickness s.u. above {THICKNESS_SU_LIMIT:.0%} of its value "
+            f"(frames {ids}): their thickness is barely determined; frames.csv lists each with its s.u.")
 
 
 def build_parser() -> argparse.ArgumentParser:

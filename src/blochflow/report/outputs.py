@@ -31,8 +31,41 @@ def _space_group_name(crystal) -> str:
     return sg.hm if sg is not None else "P 1"
 
 
+def frame_standard_uncertainties(result: RefinementResult) -> dict[str, np.ndarray]:
+    """(F,) s.u. of each frame's mean thickness (A) and orientation corrections (mrad) from the
+    refinement's covariance, by first-order propagation through the thickness model (so global,
+    per-frame, slab and learned models alike); NaN where nothing refined moves the value or no
+    covariance was taken. A thin frame's thickness that the data barely determine shows here."""
+    pr = result.problem
+    n = pr.model.n_frames
+    nan = np.full(n, np.nan)
+    out = {"thickness_mean_su": nan.copy(), "orientation_x_su_mrad": nan.copy(), "orientation_y_su_mrad": nan.copy()}
+    index = result.refined_index
+    if result.covariance is None or not len(index):
+        return out
+    cov = result.covariance[index[:, None], index[None, :]]
+
+    def mean_thickness(theta_refined):
+        theta = result.theta.detach().clone().index_put((index,), theta_refined)
+        t, w = pr.frames.thickness.path_length(pr.split(theta), pr.frames.ctx)
+        return (t * w).sum(-1)
+
+    jac = torch.autograd.functional.jacobian(mean_thickness, result.theta.detach()[index])  # (F, R)
+    var = torch.einsum("fp,pq,fq->f", jac, cov, jac).clamp_min(0)
+    moved = (jac != 0).any(1)
+    out["thickness_mean_su"] = np.where(moved.numpy(), var.sqrt().numpy(), np.nan)
+    if "orientation" in pr.slots:
+        st = pr.slots["orientation"]
+        diag = torch.full((pr.n_params,), float("nan"), dtype=torch.float64)
+        diag[index] = torch.diagonal(cov)
+        sd = diag[st.start:st.stop].reshape(n, 2).sqrt().numpy()
+        out["orientation_x_su_mrad"], out["orientation_y_su_mrad"] = sd[:, 0], sd[:, 1]
+    return out
+
+
 def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
-    """Per-frame values: id, angles, scale, thickness statistics, orientation corrections, R."""
+    """Per-frame values: id, angles, scale, thickness statistics, orientation corrections and their
+    s.u., R."""
     pr = result.problem
     ds = pr.model.dataset
     raw = pr.split(result.theta)
@@ -41,8 +74,11 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
     orient = raw["orientation"].detach().numpy() if "orientation" in raw else np.zeros((pr.model.n_frames, 2))
     n_refl = np.bincount(pr.model.frame.numpy(), minlength=pr.model.n_frames)
     integration = {} if result.integration is None else result.integration["per_frame"]
+    su = frame_standard_uncertainties(result)
     return {"frame": ds.frames.ids, "alpha_deg": ds.frames.alpha_deg, "scale": k, "n_reflections": n_refl,
-            **desc, "orientation_x_mrad": orient[:, 0], "orientation_y_mrad": orient[:, 1],
+            **desc, "thickness_mean_su": su["thickness_mean_su"],
+            "orientation_x_mrad": orient[:, 0], "orientation_x_su_mrad": su["orientation_x_su_mrad"],
+            "orientation_y_mrad": orient[:, 1], "orientation_y_su_mrad": su["orientation_y_su_mrad"],
             "holdout": pr.holdout_frame.numpy().astype(int),
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
 

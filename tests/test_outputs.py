@@ -256,18 +256,28 @@ def test_progress_log_draws_one_status_line_on_a_terminal(tmp_path):
         "lm   [##########..........] 15/30  wR2(work) 0.0878  max shift/su 1.03"
     assert progress_line("thickness rescan at LM iteration 5", 200) is None
     term = Terminal()
-    log = ProgressLog(tmp_path / "refine.log", term)
+    ticks = iter([0.0, 10.0, 12.0, 14.0, 15.0, 17.5])  # construction, then one reading per message
+    log = ProgressLog(tmp_path / "refine.log", term, clock=lambda: next(ticks))
     for text in ("model: 311 parameters", "lm      1/30  wR2(work) 0.1297", "lm      2/30  wR2(work) 0.1176",
                  "thickness rescan at LM iteration 5: 18 frames moved", "lm      3/30  wR2(work) 0.1089"):
         log(text)
     log.close()
     shown = term.getvalue()
     assert shown.count("\n") == 4 and shown.count("\r") == 3  # three redraws, the rescan on its own line
-    assert "\r" + progress_line("lm      2/30  wR2(work) 0.1176", 200) in shown
-    assert (tmp_path / "refine.log").read_text().splitlines()[1:3] == ["lm      1/30  wR2(work) 0.1297",
-                                                                         "lm      2/30  wR2(work) 0.1176"]
+    # the phase starts at the message before its first iteration (t = 10): 2 s, 2 s, then (17.5 - 10) / 3
+    assert "\r" + progress_line("lm      2/30  wR2(work) 0.1176  [2 s/it, <= 56 s left]", 200) in shown
+    assert progress_line("lm      2/30  wR2(work) 0.1176  [2 s/it, <= 56 s left]", 200) == \
+        "lm   [#...................] 2/30  [2 s/it, <= 56 s left]  wR2(work) 0.1176"  # timing next to the bar
+    assert (tmp_path / "refine.log").read_text().splitlines()[1:] == [
+        "lm      1/30  wR2(work) 0.1297  [2 s/it, <= 58 s left]", "lm      2/30  wR2(work) 0.1176  [2 s/it, <= 56 s left]",
+        "thickness rescan at LM iteration 5: 18 frames moved", "lm      3/30  wR2(work) 0.1089  [2.5 s/it, <= 68 s left]"]
     plain = io.StringIO()
-    log = ProgressLog(None, plain)
+    ticks = iter([0.0, 1.0, 121.0, 9000.0])
+    log = ProgressLog(None, plain, clock=lambda: next(ticks))
+    log("adam    1/20  wR(F)(work) 0.4")  # Adam's count is exact: no bound
     log("lm      1/30  wR2(work) 0.1297")
+    log("lm      2/30  wR2(work) 0.1176")  # a slow run's remaining time in minutes, then hours
     log.close()
-    assert plain.getvalue() == "lm      1/30  wR2(work) 0.1297\n"
+    assert plain.getvalue().splitlines() == ["adam    1/20  wR(F)(work) 0.4  [1 s/it, 19 s left]",
+                                             "lm      1/30  wR2(work) 0.1297  [2 min/it, <= 58 min left]",
+                                             "lm      2/30  wR2(work) 0.1176  [75 min/it, <= 35.0 h left]"]

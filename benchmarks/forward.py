@@ -6,9 +6,11 @@ this process. Then, each as a ratio to its baseline in this process: solves spli
 against one batched call per chunk on T threads (forward, forward+backward, LM Jacobian); the
 potential's tangents from per-atom tables against forward-mode differentiation; and the Jacobian's
 potential contraction against one matrix product per tangent (quartz, and paracetamol when the
-shared data are present).
+shared data are present); and, with ``--only real``, the real symmetric solver that centrosymmetric
+crystals get against the complex one (paracetamol at the paper's beams and at the defaults; the
+non-centrosymmetric quartz as the control, whose only cost is the test).
 
-    python benchmarks/forward.py [--samples N] [--threads T] [--data-root DIR] [--json FILE]
+    python benchmarks/forward.py [--samples N] [--threads T] [--data-root DIR] [--json FILE] [--only precision|real]
 """
 
 from __future__ import annotations
@@ -181,14 +183,15 @@ def threads_case(n_samples: int) -> dict:
     return out
 
 
-def _paracetamol_problem(root: Path, step: int = 40):
+def _paracetamol_problem(root: Path, step: int = 40, overrides: dict | None = None):
     data = root / "paracetamol" / "synthetic" / "paracetamol_paper_data.cif_pets"
     start = root / "paracetamol" / "synthetic" / "paracetamol_01_displacement.cif"
     if not data.exists():
         return None
     ds = read_pets(str(data))
     settings = settings_from_mapping({"n_samples": 42, "samples_per_fringe": 0.0, "sample_rule": "linspace", "ub_convention": "diffbloch",
-                                      "coupling": "segments", "s_max": 0.01, "thickness": 1000.0}, "benchmark")
+                                      "coupling": "segments", "s_max": 0.01, "thickness": 1000.0, **(overrides or {})},
+                                     "benchmark")
     mask = np.zeros(len(ds.frames), bool)
     mask[::step] = True
     return build_problem(crystal_from_record(read_structure(str(start))), ds, settings, frame_mask=mask), settings
@@ -240,18 +243,78 @@ def jacobian_rules(root: Path) -> list[dict]:
     return out
 
 
+def real_solver(root: Path, repeat: int = 2) -> list[dict]:
+    """Forward pass (double, no gradient), an Adam pass (single precision, objective and gradient) and
+    the LM Jacobian with the real symmetric solver for real structure matrices against the complex
+    solver for all (bloch.REAL_TOLERANCE_EPS < 0), alternated in this process, best of ``repeat``."""
+    import blochflow.physics.bloch as bloch
+
+    cases = [("quartz (non-centrosymmetric control)", build_problem(
+        crystal_from_record(read_structure(example_path("quartz", "quartz_kinematical.cif"))),
+        read_pets(example_path("quartz", "quartz.cif_pets")),
+        settings_from_mapping({"n_samples": 24, "samples_per_fringe": 0.0, "thickness": 600.0}, "benchmark")))]
+    para = _paracetamol_problem(root)
+    if para is not None:
+        cases.append(("paracetamol, 2 frames, paper's beams (Pbca)", para[0]))
+        default = _paracetamol_problem(root, step=50, overrides={"n_samples": 8, "coupling": "sample", "s_max": 0.02})
+        cases.append(("paracetamol, 1 frame, default beams, 8 tilts", default[0]))
+    out = []
+    saved = bloch.REAL_TOLERANCE_EPS
+    for name, problem in cases:
+        theta = problem.theta0.clone()
+
+        def forward():
+            problem._last_decompositions = None
+            with torch.no_grad():
+                problem.intensities(theta)
+
+        def adam_pass():
+            problem.forward_dtype = torch.float32
+            try:
+                th = theta.clone().requires_grad_(True)
+                problem.objective(th, "amplitude").backward()
+            finally:
+                problem.forward_dtype = torch.float64
+
+        def jacobian():
+            problem._last_decompositions = None
+            problem.jacobian(theta)
+
+        row = {"case": name, "beams_mean": problem.model.n_beams_mean(), "n_params": problem.n_params}
+        for part, fn in (("forward", forward), ("adam_pass", adam_pass), ("jacobian", jacobian)):
+            best = {"real": float("inf"), "complex": float("inf")}
+            try:
+                for _ in range(repeat):
+                    for mode, tol in (("real", saved), ("complex", -1.0)):
+                        bloch.REAL_TOLERANCE_EPS = tol
+                        best[mode] = min(best[mode], _time(fn))
+            finally:
+                bloch.REAL_TOLERANCE_EPS = saved
+            row[f"{part}_real_s"], row[f"{part}_complex_s"] = best["real"], best["complex"]
+            row[f"{part}_speedup"] = best["complex"] / best["real"]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     p.add_argument("--json", default=None)
-    p.add_argument("--only", choices=["precision"], default=None, help="run only this part")
+    p.add_argument("--only", choices=["precision", "real"], default=None, help="run only this part")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.only == "precision":
         print(json.dumps(precision_and_beams(args.samples), indent=2))
+        return
+    if args.only == "real":
+        res = {"threads": torch.get_num_threads(), "real_solver": real_solver(Path(args.data_root))}
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(res, fh, indent=2)
         return
     res = {"threads": torch.get_num_threads(), "quartz": quartz_case(args.samples),
            "precision_and_beams": precision_and_beams(args.samples), "beam_scaling": beam_scaling(),

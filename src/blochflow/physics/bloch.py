@@ -183,17 +183,42 @@ def _linalg_library(name: str):
         torch.backends.cuda.preferred_linalg_library(previous)
 
 
+# a complex matrix batch whose imaginary parts are below this many machine epsilons of its largest
+# element is solved as real symmetric (rounding of a centrosymmetric structure's U_g is ~1 eps)
+REAL_TOLERANCE_EPS = 64
+
+
+def _effectively_real(a_mat: torch.Tensor) -> bool:
+    """True when every element of the complex batch ``a_mat`` is real to rounding: the structure
+    matrices of a centrosymmetric crystal with its origin on an inversion centre and no absorption
+    (U_g = U_-g real, so A is real symmetric)."""
+    parts = torch.view_as_real(a_mat)
+    tolerance = REAL_TOLERANCE_EPS * torch.finfo(parts.dtype).eps
+    first = parts.reshape(-1, *parts.shape[-3:])[0]  # a non-centrosymmetric batch fails on its first
+    # matrix (imaginary parts of the size of U_g), before the pass over the whole batch
+    largest = functools.partial(torch.linalg.vector_norm, ord=math.inf)  # max |x| without a copy
+    if largest(first[..., 1]) > tolerance * largest(first):
+        return False
+    low, high = torch.aminmax(parts)  # contiguous: 3x faster than a norm
+    return bool(largest(parts[..., 1]) <= tolerance * torch.maximum(-low, high))
+
+
 def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of Hermitian matrices (..., N, N), as
     ``torch.linalg.eigh``; on CUDA, batches of matrices above 32 go to the backend of
-    :func:`cuda_eigh_backend` (plain torch inside torch.func transforms)."""
+    :func:`cuda_eigh_backend` (plain torch inside torch.func transforms). A complex batch that is
+    real to rounding (:func:`_effectively_real`) is solved as real symmetric, 1.5-2.7x faster at
+    40-700 beams; its eigenvectors come back complex (real orthogonal, an eigenbasis of A)."""
+    plain = torch._C._functorch.peek_interpreter_stack() is None and not (torch.is_grad_enabled() and a_mat.requires_grad)
+    if plain and a_mat.is_complex() and a_mat.numel() and _effectively_real(a_mat):
+        lam, vec = hermitian_eigh(a_mat.real)
+        return lam, vec.to(a_mat.dtype)
     if not a_mat.is_cuda or a_mat.shape[-1] <= 32 or a_mat.dim() < 3 or a_mat.shape[0] < 2:
         return torch.linalg.eigh(a_mat)
     backend = cuda_eigh_backend()
     if backend == "magma":
         with _linalg_library("magma"):
             return torch.linalg.eigh(a_mat)
-    plain = torch._C._functorch.peek_interpreter_stack() is None and not (torch.is_grad_enabled() and a_mat.requires_grad)
     if backend == "cupy" and plain:
         import cupy
 

@@ -1,0 +1,78 @@
+"""Centrosymmetric crystals: real structure matrices are solved as real symmetric (faster), with
+the same intensities, gradients and Jacobian as the complex solver."""
+
+from __future__ import annotations
+
+import gemmi
+import numpy as np
+import torch
+
+from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
+from blochflow.physics import bloch
+from blochflow.refine.run import RefineSettings, build_problem
+
+from conftest import N_SAMPLES
+
+
+def centrosymmetric_crystal(cell) -> Crystal:
+    """A made-up P-3 crystal on the quartz cell (general positions, anisotropic ADPs): its inversion
+    centre is at the origin, so every U_g is real."""
+    ops = gemmi.SpaceGroup("P -3").operations()
+    symmetry = SymmetryOps.from_triplets([op.triplet() for op in ops])
+    xyz = torch.tensor([[0.31, 0.12, 0.21], [0.14, 0.43, 0.33], [0.61, 0.22, 0.07]], dtype=torch.float64)
+    u = torch.diag(torch.tensor([0.004, 0.004, 0.003], dtype=torch.float64)).expand(3, 3, 3).clone()
+    asu = AsymmetricUnit(["Si1", "O1", "O2"], ["Si", "O", "O"], xyz, torch.ones(3, dtype=torch.float64), u,
+                         [True, True, True])
+    return Crystal(cell, symmetry, asu)
+
+
+def _passes(problem, theta):
+    """Intensities (no gradient), an objective's gradient and the Jacobian, all in double."""
+    problem._last_decompositions = None
+    with torch.no_grad():
+        ic = problem.intensities(theta)
+    th = theta.clone().requires_grad_(True)
+    problem.objective(th).backward()
+    problem._last_decompositions = None
+    return ic, th.grad, problem.jacobian(theta)[2]
+
+
+def test_real_structure_matrices_give_the_complex_solvers_results(small_dataset, truth, monkeypatch):
+    ds, _, _ = small_dataset
+    crystal = centrosymmetric_crystal(truth.cell)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", thickness=500.0,
+                              free_fraction=0.0, jacobian_precision="double")
+    problem = build_problem(crystal, ds, settings)
+    theta = problem.theta0.clone()
+    calls = []
+    real_eigh = torch.linalg.eigh
+
+    def spy(a, *args, **kw):
+        calls.append(a.is_complex())
+        return real_eigh(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    fast = _passes(problem, theta)
+    assert calls and not any(calls)  # every solve took the real path
+    calls.clear()
+    monkeypatch.setattr(bloch, "REAL_TOLERANCE_EPS", -1.0)  # nothing counts as real
+    plain = _passes(problem, theta)
+    assert calls and all(calls)
+    for x, y in zip(fast, plain):
+        scale = float(y.abs().max())
+        assert scale > 0 and float((x - y).abs().max()) < 1e-10 * scale
+
+
+def test_non_centrosymmetric_matrices_stay_complex():
+    a = torch.randn(4, 6, 6, dtype=torch.complex128)
+    a = a + a.mH
+    assert not bloch._effectively_real(a)
+    real = (a.real + 0j).contiguous()
+    assert bloch._effectively_real(real)
+    real[3, 1, 2] += 1e-9j  # one element of one matrix: the whole batch stays complex
+    assert not bloch._effectively_real(real)
+    lam, vec = bloch.hermitian_eigh((a.real + 0j).contiguous())
+    assert vec.dtype == torch.complex128
+    ref = torch.linalg.eigvalsh(a.real)
+    assert torch.allclose(lam, ref, atol=1e-12)
+    assert np.allclose((vec @ torch.diag_embed(lam + 0j) @ vec.mH).numpy(), (a.real + 0j).numpy(), atol=1e-12)

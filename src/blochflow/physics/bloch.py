@@ -184,23 +184,30 @@ def _linalg_library(name: str):
 
 
 # a complex matrix batch whose imaginary parts are below this many machine epsilons of its largest
-# element is solved as real symmetric (rounding of a centrosymmetric structure's U_g is ~1 eps)
+# off-diagonal element is solved as real symmetric (rounding of a centrosymmetric structure's U_g is
+# ~1 eps of them; the diagonal, 2 K s_g and 1e4 on padded beams, sets no scale for the potential)
 REAL_TOLERANCE_EPS = 64
 
 
 def _effectively_real(a_mat: torch.Tensor) -> bool:
-    """True when every element of the complex batch ``a_mat`` is real to rounding: the structure
-    matrices of a centrosymmetric crystal with its origin on an inversion centre and no absorption
-    (U_g = U_-g real, so A is real symmetric)."""
+    """True when every element of the complex batch ``a_mat`` (..., N, N) is real to rounding of its
+    off-diagonal part: the structure matrices of a centrosymmetric crystal with its origin on an
+    inversion centre and no absorption (U_g = U_-g real, so A is real symmetric)."""
     parts = torch.view_as_real(a_mat)
     tolerance = REAL_TOLERANCE_EPS * torch.finfo(parts.dtype).eps
-    first = parts.reshape(-1, *parts.shape[-3:])[0]  # a non-centrosymmetric batch fails on its first
-    # matrix (imaginary parts of the size of U_g), before the pass over the whole batch
     largest = functools.partial(torch.linalg.vector_norm, ord=math.inf)  # max |x| without a copy
-    if largest(first[..., 1]) > tolerance * largest(first):
+
+    def potential_scale(x):  # largest |Re| off the diagonal
+        off = x.real.clone()
+        off.diagonal(dim1=-2, dim2=-1).zero_()
+        low, high = torch.aminmax(off)
+        return torch.maximum(-low, high)
+
+    first = a_mat.reshape(-1, *a_mat.shape[-2:])[:1]  # a non-centrosymmetric batch fails on its first
+    # matrix (imaginary parts of the size of U_g), before the pass over the whole batch
+    if largest(first.imag) > tolerance * potential_scale(first):
         return False
-    low, high = torch.aminmax(parts)  # contiguous: 3x faster than a norm
-    return bool(largest(parts[..., 1]) <= tolerance * torch.maximum(-low, high))
+    return bool(largest(parts[..., 1]) <= tolerance * potential_scale(a_mat))
 
 
 def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

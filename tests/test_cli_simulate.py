@@ -113,3 +113,25 @@ def test_frames_with_an_undetermined_thickness_are_named():
     assert note.startswith("note: 1 of 3 frames") and "(frames 2)" in note
     frames["thickness_mean_su"][1] = 1000.0
     assert thickness_note(frames) is None
+
+
+def test_paper_synthetic_configs_hold_the_benchmark_physics():
+    """examples/paper_synthetic_*.toml (README's commands for the paper's synthetic data) are valid
+    settings files with exactly the physics benchmarks/synthetic_recovery.py refines those data with."""
+    import importlib.util
+    from pathlib import Path
+
+    from blochflow.cli import _read_config
+    from blochflow.refine.run import settings_from_mapping
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("synthetic_recovery", root / "benchmarks" / "synthetic_recovery.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for dataset in ("quartz", "paracetamol"):
+        path = root / "examples" / f"paper_synthetic_{dataset}.toml"
+        values = _read_config(str(path))
+        settings = settings_from_mapping(values, str(path))
+        physics = {**bench.PAPER_PHYSICS, **bench.DATASET_PHYSICS[dataset]}
+        assert {k: getattr(settings, k) for k in physics} == physics
+        assert settings.refine_orientation is False and settings.adam_objective == "amplitude"

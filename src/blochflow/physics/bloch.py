@@ -295,6 +295,7 @@ class _Propagate(torch.autograd.Function):
         a_mat, thickness, inv_kn, hermitian = inputs
         psi, lam, vec, vinv, expo = output
         ctx.mark_non_differentiable(lam, vec, vinv, expo)
+        ctx.hermitian = hermitian
         ctx.save_for_backward(lam, vec, vinv, expo, thickness, inv_kn)
         ctx.save_for_forward(lam, vec, vinv, expo, thickness, inv_kn)
 
@@ -317,7 +318,13 @@ class _Propagate(torch.autograd.Function):
             y_close = ((be @ weights) * left) @ right.mT
             y = torch.where(close, y_close, y_sep) * w[..., None, :]
             # dL = Re tr(Y^T V^-1 dA V)  ->  grad_A = (V Y^T V^-1)^H
-            grad_a = (vec @ y.mT @ vinv).mH
+            if ctx.hermitian and not vec.imag.any():  # real orthogonal eigenvectors (real A): four real products
+                # of (V Y^T V^T) in place of two complex ones, half the arithmetic
+                vr = vec.real.contiguous()
+                yt = y.mT
+                grad_a = torch.complex(vr @ yt.real @ vr.mT, -(vr @ yt.imag @ vr.mT)).mT
+            else:
+                grad_a = (vec @ y.mT @ vinv).mH
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             # psi_q depends on c_q = i pi t_q / K_n; d psi_q / d c_q = V (lam * expo * w), so
             # gc_q = <g_q, d psi_q / d c_q> = sum_j conj(b_qj) e_qj lam_j w_j

@@ -31,6 +31,14 @@ class SymmetryOps:
     def __len__(self) -> int:
         return len(self.rotations)
 
+    def inversion_centre(self) -> np.ndarray | None:
+        """(3,) fractional position of an inversion centre (t / 2 of an operator -x + t, the smallest
+        such t), or None for a non-centrosymmetric group."""
+        inv = [t % 1.0 for r, t in zip(self.rotations, self.translations) if np.array_equal(r, -np.eye(3, dtype=int))]
+        if not inv:
+            return None
+        return min(inv, key=lambda t: float(np.sum(np.minimum(t, 1.0 - t) ** 2))) / 2
+
     def images_around(self, x_from: np.ndarray, x_to: np.ndarray, a_mat: np.ndarray):
         """Images R x_from + t + n of one fractional position near x_to, every operator with the
         lattice shift nearest x_to and its 26 neighbours: distances (S, 27) in A and the full

@@ -2,6 +2,9 @@
 
 U_g = gamma/(pi Omega) sum_atoms occ f(|g|) T(g) exp(-2 pi i h.x), summed over every symmetry
 copy of each asymmetric-unit atom (copies on special positions weighted so each site counts once).
+In a centrosymmetric group the origin is taken on an inversion centre c (U_h exp(2 pi i h.c)): the
+structure matrix changes by the diagonal similarity diag(exp(2 pi i g.c)), which leaves every
+intensity as it is, and every U_h is real, which the Bloch solver uses (bloch.hermitian_eigh).
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=t
     trans = torch.as_tensor(crystal.symmetry.translations, dtype=dtype)
     hkl_rot = torch.einsum("sji,mj->smi", rots, hkl_t)
     phase_shift = torch.einsum("mi,si->sm", hkl_t, trans)
+    centre = crystal.symmetry.inversion_centre()
+    if centre is not None:  # U_h exp(2 pi i h.c): the origin on an inversion centre c makes every U_h real
+        phase_shift = phase_shift - (hkl_t @ torch.as_tensor(centre, dtype=dtype))[None, :]
     elements = sorted(set(crystal.asu.elements), key=crystal.asu.elements.index)
     return PotentialPlan(
         hkl=hkl_t, g_length=g_len, hkl_rot=hkl_rot, phase_shift=phase_shift,

@@ -135,3 +135,26 @@ def test_paper_synthetic_configs_hold_the_benchmark_physics():
         physics = {**bench.PAPER_PHYSICS, **bench.DATASET_PHYSICS[dataset]}
         assert {k: getattr(settings, k) for k in physics} == physics
         assert settings.refine_orientation is False and settings.adam_objective == "amplitude"
+
+
+def test_simulate_takes_the_physics_of_a_refine_config(tmp_path, quartz_paths, capsys):
+    """--config on simulate: the file's physics where no option is given, options win, the optimiser's
+    settings are ignored, an unknown name is a one-line error naming the file."""
+    structure, data = (str(p) for p in quartz_paths)
+    cfg = tmp_path / "paper.toml"
+    cfg.write_text('g_max = 1.3\ns_max = 0.012\nsample_rule = "linspace"\nn_samples = 3\nsamples_per_fringe = 0.0\n'
+                   'coupling = "segments"\nthickness = 400\nadam_steps = 7\n')
+    assert main(["simulate", structure, data, "--out", str(tmp_path / "a"), "--config", str(cfg)]) == 0
+    beams = json.loads((tmp_path / "a" / "summary.json").read_text())["settings"]["beams"]
+    assert (beams["g_max"], beams["s_max"], beams["n_samples"], beams["sample_rule"], beams["coupling"]) == \
+        (1.3, 0.012, 3, "linspace", "segments")
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["thickness"] == 400.0
+    assert main(["simulate", structure, data, "--out", str(tmp_path / "b"), "--config", str(cfg),
+                 "--s-max", "0.015", "--samples", "2"]) == 0
+    beams = json.loads((tmp_path / "b" / "summary.json").read_text())["settings"]["beams"]
+    assert (beams["s_max"], beams["n_samples"], beams["g_max"]) == (0.015, 2, 1.3)
+    capsys.readouterr()
+    cfg.write_text("s_maxx = 0.01\n")
+    assert main(["simulate", structure, data, "--out", str(tmp_path / "c"), "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "paper.toml" in err and "s_maxx" in err

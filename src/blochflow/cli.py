@@ -70,6 +70,29 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instability", type=float, default=0.01, help="u in w = 1/(sigma^2 + (u Io)^2)")
 
 
+# refine setting -> simulate option (dest) for the physics a config file may set
+_SIMULATE_FROM_SETTING = {"n_samples": "samples", "n_segments": "segments", "thickness": "thickness",
+                          **{n: n for n in ("wavelength", "g_max", "s_max", "samples_per_fringe", "sample_rule",
+                                            "ub_convention", "s_bethe", "coupling", "tilt_window", "rocking_axis",
+                                            "rsg", "dsg", "absorption", "kappa", "absorption_method", "instability")}}
+
+
+def _config_into_simulate(args) -> None:
+    """The physics of a refine config file (--config) for simulate: each option left at its default
+    takes the file's value; options given on the command line win; the optimiser's settings are
+    checked (unknown names are errors) and otherwise ignored."""
+    from .refine.run import settings_from_mapping
+    values = _read_config(args.config)
+    try:
+        settings_from_mapping(values, args.config)
+    except (ValueError, TypeError) as exc:
+        raise InputError(args.config, str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()) from None
+    for name, dest in _SIMULATE_FROM_SETTING.items():
+        if name in values and getattr(args, dest) == args.simulate_defaults[dest]:
+            value = values[name]
+            setattr(args, dest, str(value) if dest == "thickness" else value)
+
+
 def _model_settings(args):
     from .physics.diffraction import BeamSettings
     from .refine.model import ModelSettings
@@ -226,6 +249,8 @@ def cmd_simulate(args) -> int:
             raise InputError("command line", "simulate", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
         structure, data = args.structure, args.data
     t_start = time.perf_counter()
+    if args.config:
+        _config_into_simulate(args)
     crystal, ds = _load(structure, data)
     ds = _override_wavelength(ds, args.wavelength)
     settings = _model_settings(args)
@@ -523,8 +548,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-counts", type=float, default=1e5, help="counts of the strongest synthetic reflection")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="allow replacing an existing --write-pets file")
+    s.add_argument("--config", help="refine's TOML (or .json) settings file: its physics (beams, samples, "
+                                    "wavelength, absorption, thickness); options given here override it")
     _add_model_options(s)
-    s.set_defaults(func=cmd_simulate)
+    s.set_defaults(func=cmd_simulate, simulate_defaults={a.dest: a.default for a in s._actions})
 
     r = sub.add_parser("refine", help="refine a structure against a 3D-ED dataset (dynamical)")
     r.add_argument("structure", nargs="?", help="starting structure CIF")

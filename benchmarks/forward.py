@@ -255,9 +255,13 @@ def real_solver(root: Path, repeat: int = 2) -> list[dict]:
         settings_from_mapping({"n_samples": 24, "samples_per_fringe": 0.0, "thickness": 600.0}, "benchmark")))]
     para = _paracetamol_problem(root)
     if para is not None:
-        cases.append(("paracetamol, 2 frames, paper's beams (Pbca)", para[0]))
+        cases.append(("paracetamol, 2 frames, paper's beams (Pbca), riding H (44 structure tangents: one product each)",
+                      para[0]))
         default = _paracetamol_problem(root, step=50, overrides={"n_samples": 8, "coupling": "sample", "s_max": 0.02})
         cases.append(("paracetamol, 1 frame, default beams, 8 tilts", default[0]))
+        free = _paracetamol_problem(root, overrides={"hydrogens": "free"})
+        cases.append(("paracetamol, 2 frames, paper's beams, free H (80 structure tangents: the contraction)",
+                      free[0]))
     out = []
     saved = bloch.REAL_TOLERANCE_EPS
     for name, problem in cases:

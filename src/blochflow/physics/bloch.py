@@ -218,6 +218,16 @@ def _effectively_real(a_mat: torch.Tensor) -> bool:
     return bool(largest(parts[..., 1]) <= tolerance * potential_scale(a_mat))
 
 
+def _real_tangents(dpot: torch.Tensor) -> bool:
+    """True when the potential tangents (T, M) are real to rounding (centrosymmetric crystals)."""
+    if not dpot.numel():
+        return False
+    parts = torch.view_as_real(dpot)
+    low, high = torch.aminmax(parts[..., 0])
+    tolerance = REAL_TOLERANCE_EPS * torch.finfo(parts.dtype).eps
+    return bool(parts[..., 1].abs().max() <= tolerance * torch.maximum(-low, high))
+
+
 def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors of Hermitian matrices (..., N, N), as
     ``torch.linalg.eigh``; on CUDA, batches of matrices above 32 go to the backend of

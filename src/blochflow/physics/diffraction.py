@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
-from .bloch import (_coefficients, _Propagate, divided_differences, divided_differences_folded, hermitian_eigh, propagate,
+from .bloch import (_coefficients, _Propagate, _real_tangents, divided_differences, divided_differences_folded, hermitian_eigh, propagate,
                     propagate_perturbative, propagate_tangents)
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
@@ -1131,6 +1131,14 @@ def _fused_points_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool = True, 
     return _rocking_values(tm, inten, place), _rocking_values(tm, d_inten, place)
 
 
+def _times_rows(lhs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """lhs @ rows for complex lhs; real rows (a centrosymmetric crystal's potential tangents) take two
+    real products, half the arithmetic of one complex product."""
+    if rows.is_complex():
+        return lhs @ rows
+    return torch.complex(lhs.real @ rows, lhs.imag @ rows)
+
+
 def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
     """(T', B, N) sum_kl (V^-1 M)_ik dP_t[idx_kl] (M H)_li for the potential tangents ``live``: one product
     of width N T' per sample on rows d[l, (k, t)] = dP_t[idx_kl]. Samples that share their pair indices
@@ -1139,7 +1147,7 @@ def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
     had cost half as much as the products)."""
     b, n = idx.shape[:2]
     if pair_set is None:
-        y = (hm.mT @ _potential_rows(dpot, live, idx.mT)).view(b, n, n, len(live))
+        y = _times_rows(hm.mT, _potential_rows(dpot, live, idx.mT)).view(b, n, n, len(live))
         return torch.einsum("bik,bikt->tbi", vinv_m, y)
     _, size, order, start = _beam_sets(pair_set)
     core = vinv_m.new_empty((len(live), b, n))
@@ -1148,13 +1156,13 @@ def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
         members = order[start[sets, None] + torch.arange(g, device=idx.device)]  # (S_g, g) samples
         rows = _potential_rows(dpot, live, idx[members[:, 0]].mT)  # (S_g, N, N T')
         lhs = hm[members.reshape(-1)].mT.reshape(len(sets), g * n, n)
-        y = (lhs @ rows).view(len(sets) * g, n, n, len(live))
+        y = _times_rows(lhs, rows).view(len(sets) * g, n, n, len(live))
         core[:, members.reshape(-1)] = torch.einsum("bik,bikt->tbi", vinv_m[members.reshape(-1)], y)
     return core
 
 
 def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition, live: torch.Tensor,
-               moving: torch.Tensor):
+               moving: torch.Tensor, real_tangents: bool = False):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
     absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
@@ -1168,6 +1176,8 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition,
     illumination factors (M). Plain tensor algebra, safe on worker threads. ``live`` and ``moving``
     (index tensors, found once per Jacobian) name the tangents that move the potential and those
     that move the diagonal, illumination or weak-beam inputs: the others' terms are zero and skipped.
+    ``real_tangents``: the potential tangents are real (a centrosymmetric crystal), so their products
+    with the complex H take two real products each (:func:`_times_rows`).
     """
     if primal[4].shape[1] > 1:
         return _fused_points_jvp(tm, primal, tangent, hermitian, decomposition)
@@ -1204,7 +1214,8 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition,
                 core[live] = torch.sum(vinv_m[:, None] * y.mT, -1).transpose(0, 1)
             else:  # one product of width N T' per sample on d[b, l, (k, t)] = dP_t[b, k, l] (the transposed
                 # pair indices), y[b, i, k, t] = sum_l H'_li dP_t[b, k, l]; 8-10 % faster than the other order
-                core[live] = _potential_core(dpot, live, tm.idx, tm.pair_set, hm, vinv_m)
+                table = dpot.real if real_tangents else dpot
+                core[live] = _potential_core(table, live, tm.idx, tm.pair_set, hm, vinv_m)
         if len(moving):
             core[moving] += torch.einsum("bik,tbk->tbi", vinv_m * hm.mT, ddiag[moving].to(ctype))
         if bethe and len(moving):  # -dC = X^H dD_w X for a weak beam's excitation error
@@ -1388,10 +1399,12 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
                        for c, sl in pieces if c is ch]
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
         moving = torch.nonzero(moves_terms)[:, 0]
+        real_tangents = not has_abs and _real_tangents(pot_tangent[live])  # centrosymmetric
         # all made first, then solved: overlapping the two (pipeline) put three threads on two cores and
         # cost 8 % of a quartz Jacobian
         results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3],
-                                                       live=live, moving=moving), inputs, workers)
+                                                       live=live, moving=moving, real_tangents=real_tangents),
+                               inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []

@@ -192,6 +192,16 @@ def test_thickness_svg(tmp_path):
     thickness_svg(path, ang, mean, mean - 20, mean + 25, "no truth")
     root = ET.parse(path).getroot()
     assert {p.get("class") for p in root.iter(SVG + "polyline")} == {"mean"}
+    assert not list(root.iter(SVG + "path"))
+    su = np.full(61, 30.0)
+    su[5], su[7] = np.nan, 1e5  # no bar; a bar cut at the plot's edges, which stay where they were
+    thickness_svg(path, ang, mean, mean - 20, mean + 25, "s.u.", su=su)
+    root = ET.parse(path).getroot()
+    bars = next(root.iter(SVG + "path")).get("d")
+    assert bars.count("M") == 60
+    ys = [float(v) for part in bars.split("M")[1:] for v in part.replace("V", " ").split()[1:]]
+    from blochflow.report.plots import H, MB, MT
+    assert min(ys) >= MT - 0.1 and max(ys) <= H - MB + 0.1  # inside the axes box
     thickness_svg(path, [], [], [], [], "empty")  # still a valid document
     ET.parse(path)
     assert [p.name for p in tmp_path.iterdir()] == ["thickness.svg"]

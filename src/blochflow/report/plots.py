@@ -102,15 +102,19 @@ def fo_fc_svg(path: str | Path, io, ic, sigma, title: str) -> None:
     atomic_write_text(path, _document(body))
 
 
-def thickness_svg(path: str | Path, angle_deg, mean, lower, upper, title: str, truth=None) -> None:
-    """Mean thickness (A) against frame angle (deg) with a shaded [lower, upper] band; truth dashed."""
+def thickness_svg(path: str | Path, angle_deg, mean, lower, upper, title: str, truth=None, su=None) -> None:
+    """Mean thickness (A) against frame angle (deg) with a shaded [lower, upper] band; truth dashed;
+    ``su``: an error bar of +- s.u. at each mean (cut at the plot's edges, which it does not widen)."""
     a, m, lo, up = (np.asarray(x, float).ravel() for x in (angle_deg, mean, lower, upper))
     tr = None if truth is None else np.broadcast_to(np.asarray(truth, float), a.shape)
+    bars = None if su is None else np.broadcast_to(np.asarray(su, float), a.shape)
     ok = np.isfinite(a) & np.isfinite(m) & np.isfinite(lo) & np.isfinite(up)
     order = np.argsort(a[ok], kind="stable")
     a, m, lo, up = (x[ok][order] for x in (a, m, lo, up))
     if tr is not None:
         tr = tr[ok][order]
+    if bars is not None:
+        bars = bars[ok][order]
     f = _Frame(_limits(a, pad=0.0), _limits(m, lo, up, *(() if tr is None else (tr,))))
     body = f.axes(title, "frame angle (deg)", "thickness (\u00c5)")
 
@@ -122,6 +126,12 @@ def thickness_svg(path: str | Path, angle_deg, mean, lower, upper, title: str, t
                     'fill="steelblue" fill-opacity="0.25" stroke="none"/>')
         body.append(f'<polyline class="mean" points="{pts(a, m)}" fill="none" stroke="steelblue" '
                     'stroke-width="1.5"/>')
+        if bars is not None and np.isfinite(bars).any():
+            has = np.isfinite(bars)
+            x = f.px(a[has])
+            y_lo, y_hi = (f.py(np.clip(m[has] + sign * bars[has], f.y0, f.y1)) for sign in (-1, 1))
+            d = " ".join(f"M{u:.1f} {v0:.1f}V{v1:.1f}" for u, v0, v1 in zip(x, y_lo, y_hi))
+            body.append(f'<path class="su" d="{d}" stroke="steelblue" stroke-width="1"/>')
         if tr is not None:
             body.append(f'<polyline class="truth" points="{pts(a, tr)}" fill="none" stroke="firebrick" '
                         'stroke-width="1.2" stroke-dasharray="6 4"/>')

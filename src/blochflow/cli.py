@@ -81,12 +81,8 @@ def _config_into_simulate(args) -> None:
     """The physics of a refine config file (--config) for simulate: each option left at its default
     takes the file's value; options given on the command line win; the optimiser's settings are
     checked (unknown names are errors) and otherwise ignored."""
-    from .refine.run import settings_from_mapping
     values = _read_config(args.config)
-    try:
-        settings_from_mapping(values, args.config)
-    except (ValueError, TypeError) as exc:
-        raise InputError(args.config, str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()) from None
+    _checked_settings(values, args.config)
     for name, dest in _SIMULATE_FROM_SETTING.items():
         if name in values and getattr(args, dest) == args.simulate_defaults[dest]:
             value = values[name]
@@ -360,7 +356,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
 
 
 def _refine_settings(args, base: dict | None = None):
-    from .refine.run import parse_setting, settings_from_mapping
+    from .refine.run import parse_setting
     values = dict(base or {})
     values.update(_read_config(args.config) if args.config else {})
     source = args.config or "command line"
@@ -383,6 +379,12 @@ def _refine_settings(args, base: dict | None = None):
             values["thickness"] = float(values["thickness"])
         except ValueError:
             raise InputError(source, "thickness", f"'{values['thickness']}' is not a number or 'auto'") from None
+    return _checked_settings(values, source)
+
+
+def _checked_settings(values: dict, source: str):
+    """RefineSettings from ``values``, or a one-line InputError naming ``source`` and the setting."""
+    from .refine.run import settings_from_mapping
     try:
         return settings_from_mapping(values, source)
     except (ValueError, TypeError) as exc:

@@ -189,43 +189,36 @@ def _linalg_library(name: str):
 REAL_TOLERANCE_EPS = 64
 
 
+def _within_rounding(imaginary, real_scale, dtype: torch.dtype) -> bool:
+    """Whether the largest |imaginary part| is rounding (REAL_TOLERANCE_EPS eps of ``dtype``) of the
+    real scale."""
+    return bool(imaginary <= REAL_TOLERANCE_EPS * torch.finfo(dtype).eps * real_scale)
+
+
 def _effectively_real(a_mat: torch.Tensor) -> bool:
     """True when every element of the complex batch ``a_mat`` (..., N, N) is real to rounding of its
     off-diagonal part: the structure matrices of a centrosymmetric crystal with its origin on an
     inversion centre and no absorption (U_g = U_-g real, so A is real symmetric)."""
-    parts = torch.view_as_real(a_mat)
-    tolerance = REAL_TOLERANCE_EPS * torch.finfo(parts.dtype).eps
-    largest = functools.partial(torch.linalg.vector_norm, ord=math.inf)  # max |x| without a copy
-
-    def potential_scale(x):  # largest |Re| off the diagonal
-        off = x.real.clone()
-        off.diagonal(dim1=-2, dim2=-1).zero_()
-        low, high = torch.aminmax(off)
-        return torch.maximum(-low, high)
-
+    dtype = a_mat.real.dtype
     # a non-centrosymmetric batch fails on its first matrix (imaginary parts of the size of U_g),
-    # before the pass over the whole batch; on the CPU in numpy (a tenth of torch's call overhead)
-    first = a_mat.detach().reshape(-1, *a_mat.shape[-2:])[0]
-    if first.is_cuda:
-        if largest(first.imag) > tolerance * potential_scale(first):
-            return False
-    else:
-        first = first.numpy()
-        off = np.abs(first.real)
-        np.fill_diagonal(off, 0.0)
-        if np.abs(first.imag).max() > tolerance * off.max():
-            return False
-    return bool(largest(parts[..., 1]) <= tolerance * potential_scale(a_mat))
+    # before the pass over the whole batch; in numpy (a tenth of torch's call overhead)
+    first = a_mat.detach().reshape(-1, *a_mat.shape[-2:])[0].cpu().numpy()
+    off = np.abs(first.real)
+    np.fill_diagonal(off, 0.0)
+    if not _within_rounding(np.abs(first.imag).max(), off.max(), dtype):
+        return False
+    off = a_mat.real.clone()  # the largest |Re| off the diagonal
+    off.diagonal(dim1=-2, dim2=-1).zero_()
+    low, high = torch.aminmax(off)
+    return _within_rounding(torch.linalg.vector_norm(a_mat.imag, ord=math.inf), torch.maximum(-low, high), dtype)
 
 
 def _real_tangents(dpot: torch.Tensor) -> bool:
     """True when the potential tangents (T, M) are real to rounding (centrosymmetric crystals)."""
     if not dpot.numel():
         return False
-    parts = torch.view_as_real(dpot)
-    low, high = torch.aminmax(parts[..., 0])
-    tolerance = REAL_TOLERANCE_EPS * torch.finfo(parts.dtype).eps
-    return bool(parts[..., 1].abs().max() <= tolerance * torch.maximum(-low, high))
+    low, high = torch.aminmax(dpot.real)
+    return _within_rounding(dpot.imag.abs().max(), torch.maximum(-low, high), dpot.real.dtype)
 
 
 def hermitian_eigh(a_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

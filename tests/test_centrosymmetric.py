@@ -26,6 +26,30 @@ def centrosymmetric_crystal(cell) -> Crystal:
     return Crystal(cell, symmetry, asu)
 
 
+DOUBLE_JACOBIAN = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", thickness=500.0,
+                                 free_fraction=0.0, jacobian_precision="double")
+
+
+def _assert_same(values, reference, rtol: float) -> None:
+    """Each tensor within rtol of its reference's largest element (which is not 0)."""
+    for x, y in zip(values, reference):
+        scale = float(y.abs().max())
+        assert scale > 0 and float((x - y).abs().max()) < rtol * scale
+
+
+def _eigh_calls(monkeypatch) -> list[bool]:
+    """From now on, for each torch.linalg.eigh call, whether its matrices were complex."""
+    calls = []
+    real_eigh = torch.linalg.eigh
+
+    def spy(a, *args, **kw):
+        calls.append(a.is_complex())
+        return real_eigh(a, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    return calls
+
+
 def _passes(problem, theta):
     """Intensities (no gradient), an objective's gradient and the Jacobian, all in double."""
     problem._last_decompositions = None
@@ -40,27 +64,17 @@ def _passes(problem, theta):
 def test_real_structure_matrices_give_the_complex_solvers_results(small_dataset, truth, monkeypatch):
     ds, _, _ = small_dataset
     crystal = centrosymmetric_crystal(truth.cell)
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", thickness=500.0,
-                              free_fraction=0.0, jacobian_precision="double")
+    settings = DOUBLE_JACOBIAN
     problem = build_problem(crystal, ds, settings)
     theta = problem.theta0.clone()
-    calls = []
-    real_eigh = torch.linalg.eigh
-
-    def spy(a, *args, **kw):
-        calls.append(a.is_complex())
-        return real_eigh(a, *args, **kw)
-
-    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    calls = _eigh_calls(monkeypatch)
     fast = _passes(problem, theta)
     assert calls and not any(calls)  # every solve took the real path
     calls.clear()
     monkeypatch.setattr(bloch, "REAL_TOLERANCE_EPS", -1.0)  # nothing counts as real
     plain = _passes(problem, theta)
     assert calls and all(calls)
-    for x, y in zip(fast, plain):
-        scale = float(y.abs().max())
-        assert scale > 0 and float((x - y).abs().max()) < 1e-10 * scale
+    _assert_same(fast, plain, 1e-10)
 
 
 def test_quartz_stays_complex_in_single_precision(small_dataset, truth, monkeypatch):
@@ -71,14 +85,7 @@ def test_quartz_stays_complex_in_single_precision(small_dataset, truth, monkeypa
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, thickness=500.0, free_fraction=0.0)
     problem = build_problem(truth, ds, settings)
     assert any(bool((~ch.mask).any()) for ch in problem.model.plan.chunks)  # some beams are padding
-    calls = []
-    real_eigh = torch.linalg.eigh
-
-    def spy(a, *args, **kw):
-        calls.append(a.is_complex())
-        return real_eigh(a, *args, **kw)
-
-    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    calls = _eigh_calls(monkeypatch)
     problem.forward_dtype = torch.float32
     th = problem.theta0.clone().requires_grad_(True)
     problem.objective(th, "amplitude").backward()
@@ -117,21 +124,11 @@ def test_inversion_centre_off_the_origin_gives_the_same_intensities_and_real_mat
     a = centred.asu
     shifted = Crystal(centred.cell, shifted_ops, AsymmetricUnit(a.labels, a.elements, a.xyz + torch.as_tensor(c0),
                                                                 a.occupancy, a.u_frac, a.anisotropic))
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", thickness=500.0,
-                              free_fraction=0.0, jacobian_precision="double")
-    calls = []
-    real_eigh = torch.linalg.eigh
-
-    def spy(x, *args, **kw):
-        calls.append(x.is_complex())
-        return real_eigh(x, *args, **kw)
-
-    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    settings = DOUBLE_JACOBIAN
+    calls = _eigh_calls(monkeypatch)
     out = []
     for crystal in (centred, shifted):
         problem = build_problem(crystal, ds, settings)
         out.append(_passes(problem, problem.theta0.clone()))
     assert calls and not any(calls)
-    for x, y in zip(*out):
-        scale = float(y.abs().max())
-        assert scale > 0 and float((x - y).abs().max()) < 1e-9 * scale
+    _assert_same(*out, 1e-9)

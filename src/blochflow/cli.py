@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="refine's TOML (or .json) settings file: its physics (beams, samples, "
                                     "wavelength, absorption, thickness); options given here override it")
     _add_model_options(s)
-    s.set_defaults(func=cmd_simulate, simulate_defaults={a.dest: a.default for a in s._actions})
+    s.set_defaults(func=cmd_simulate, simulate_defaults={d: s.get_default(d) for d in _SIMULATE_FROM_SETTING.values()})
 
     r = sub.add_parser("refine", help="refine a structure against a 3D-ED dataset (dynamical)")
     r.add_argument("structure", nargs="?", help="starting structure CIF")

@@ -201,6 +201,38 @@ def test_one_sample_per_pendelloesung_fringe_converges_the_rocking_integral(quar
     assert r(fine) < 0.01 < 0.03 < r(coarse)
 
 
+def test_one_sample_per_fringe_at_the_steepest_point_converges_the_precession_integral(quartz_paths, tmp_path):
+    """Round a precession cone s = dS_g cos(phi) moves at up to dS_g per radian: the rule's count,
+    2 pi t dS_g per fringe, matches a dense reference; 4 t dS_g (the distance s travels, one fringe
+    per sample on average but pi/2 fringes where s moves fastest) does not."""
+    text = quartz_paths[1].read_text().replace("geometry: continuous rotation", "geometry: precession")
+    (tmp_path / "precession.cif_pets").write_text(text)
+    ds = read_pets(tmp_path / "precession.cif_pets")
+    crystal = crystal_from_record(read_structure(quartz_paths[0]))
+    mask = _mask(ds, (0, 40, 80))
+    t = 500.0
+    m = ForwardModel(crystal, ds, FAST, frame_mask=mask)
+    assert m.plan.geometry == "precession"
+
+    def at(counts):
+        m.resample(counts)
+        with torch.no_grad():
+            return np.sqrt(m.intensities(m.frame_state(t)).numpy())
+
+    scored = m.plan.scored
+    rule = fringe_sample_counts(scored.excitation_range, scored.frame, m.n_frames, 1.2 * t, m.plan.geometry, 1)
+    amplitude = np.array([scored.excitation_range[scored.frame == f].max(initial=0) for f in range(m.n_frames)])
+    assert np.array_equal(rule[mask], np.ceil(1.2 * t * 2 * np.pi * amplitude[mask]))
+    ref = at(np.full(m.n_frames, 300))
+    fine = at(rule)
+    travelled = at(np.maximum(1, np.ceil(1.2 * t * 4 * amplitude)).astype(int))
+
+    def r(x):
+        return np.abs(x - ref).sum() / ref.sum()
+
+    assert r(fine) < 0.001 < 0.003 < r(travelled), (r(fine), r(travelled))
+
+
 def test_window_weights_taper_the_ends_of_the_wedge():
     from blochflow.physics.geometry import window_weights
     w = window_weights(42, 5) * 190  # 2 (1 + 2 + 3 + 4) + 5 * 34 windows-per-tilt in all

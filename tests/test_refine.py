@@ -402,6 +402,59 @@ def test_frames_that_grow_thicker_get_the_samples_they_need(small_dataset, truth
     assert problem._last_intensities is None and problem._last_decompositions is None
 
 
+def test_at_convergence_only_frames_below_one_sample_per_fringe_grow(small_dataset, truth):
+    """The convergence check grows a frame whose refined thickness left it below one sample per
+    fringe (to ``samples_per_fringe``), but not one between that and the design's 1.2."""
+    from blochflow.refine.run import grow_samples
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=1.2, n_samples=1, thickness=500.0, free_fraction=0.0)
+    problem = build_problem(truth, ds, settings)
+    theta = problem.theta0.clone()
+    design = problem.model.samples_per_frame()  # 1.2 per fringe at 750 A
+    thickness = problem.slots["thickness"].start
+    theta[thickness + 1] += float(np.log(1.7))  # 850 A: 1.06 per fringe
+    theta[thickness + 2] += float(np.log(2.5))  # 1250 A: 0.72 per fringe
+    assert grow_samples(problem, theta, settings, below=1.0) == 1
+    grown = problem.model.samples_per_frame()
+    assert grown[1] == design[1] and np.array_equal(grown[3:], design[3:])
+    assert grown[2] == problem.model.fringe_counts(np.full(len(grown), 1250.0), 1.2)[2] > design[2]
+    assert grow_samples(problem, theta, settings) == 1  # the design's own rule grows the other too
+    assert problem.model.samples_per_frame()[1] > design[1]
+
+
+def test_a_run_that_grows_frames_at_convergence_goes_on(small_dataset, truth, monkeypatch):
+    """Frames grown at convergence (below one sample per fringe) change the model, so LM goes on
+    from there and converges again; a run whose frames all have their samples stops at once."""
+    from blochflow.refine import run as runmod
+
+    ds, _, _ = small_dataset
+    calls = []
+
+    def grow_once(problem, theta, settings, below=None):
+        calls.append(below)
+        if below is None or calls.count(1.0) > 1 or not grows:
+            return 0
+        counts = problem.model.samples_per_frame()
+        counts[0] += 2
+        problem.resample(counts)
+        return 1
+
+    monkeypatch.setattr(runmod, "grow_samples", grow_once)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=15, refine_orientation=False, thickness_rescan=False)
+    iterations = {}
+    for grows in (False, True):
+        calls.clear()
+        problem = build_problem(truth, ds, settings)
+        res = refine(problem, settings, log=lambda s: None)
+        assert res.lm.converged
+        iterations[grows] = res.lm.iteration
+        assert calls.count(1.0) == (2 if grows else 1)
+    assert problem.model.samples_per_frame()[0] == N_SAMPLES + 2
+    assert iterations[True] > iterations[False]
+
+
 def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypatch):
     """A run interrupted after its samples were grown resumes on the grown plan (recorded in the
     checkpoint) and ends where the uninterrupted run does, to 1e-8."""
@@ -410,7 +463,9 @@ def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypa
     ds, _, _ = small_dataset
     monkeypatch.setattr(runmod, "RESCAN_AFTER", 1)
 
-    def grow_frame_0(problem, theta, settings):  # as if frame 0 had moved onto a thicker branch
+    def grow_frame_0(problem, theta, settings, below=None):  # as if frame 0 had moved onto a thicker branch
+        if below is not None:  # (and had enough samples at convergence)
+            return 0
         counts = problem.model.samples_per_frame()
         counts[0] += 2
         problem.resample(counts)

@@ -402,11 +402,14 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     return moved, len(move)
 
 
-def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings) -> int:
+def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
+                 below: float | None = None) -> int:
     """Per-frame thickness model with fringe-fitted samples: each frame whose thickness at theta
     needs more tilt samples (``samples_per_fringe`` per fringe) than the start design gave it gets
     them (a rescan can move a frame onto a thicker branch; below one sample per fringe its rocking
-    integral is off by percents); no frame loses any. Returns the number of frames grown."""
+    integral is off by percents and its thickness biased low); no frame loses any. ``below``: only
+    frames with fewer than that many samples per fringe (or ``samples_per_fringe``, if fewer) grow.
+    Returns the number of frames grown."""
     if settings.samples_per_fringe <= 0 or not isinstance(problem.frames.thickness, PerFrameThickness):
         return 0
     model = problem.model
@@ -414,7 +417,8 @@ def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: Refi
         thick = problem.state(problem.split(theta)).thickness.amax(-1).cpu().numpy()
     have = model.samples_per_frame()
     need = model.fringe_counts(thick, settings.samples_per_fringe)
-    grow = (need > have) & (np.bincount(model.plan.scored.frame, minlength=model.n_frames) > 0)
+    floor = need if below is None else model.fringe_counts(thick, min(below, settings.samples_per_fringe))
+    grow = (floor > have) & (np.bincount(model.plan.scored.frame, minlength=model.n_frames) > 0)
     if grow.any():
         problem.resample(np.where(grow, need, have))
     return int(grow.sum())
@@ -638,13 +642,13 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
             return moved
 
-        def grow_now() -> int:
+        def grow_now(below: float | None = None) -> int:
             t0 = time.perf_counter()
-            grown = grow_samples(problem, theta, settings)
+            grown = grow_samples(problem, theta, settings, below)
             if grown:
                 phase_times["resample_s"] = phase_times.get("resample_s", 0.0) + time.perf_counter() - t0
                 log(f"tilt samples raised for {grown} frames at LM iteration {lm.iteration} (their thickness "
-                    f"needs more than the start design)")
+                    f"needs more than " + ("the start design)" if below is None else f"{below:g} per fringe)"))
             return grown
 
         problem.forward_dtype = precision_dtype(settings.lm_precision)
@@ -657,16 +661,21 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 if rescan:
                     rescan_now()
                 # frames the rescan (or LM) moved onto thicker branches get the samples they need now;
-                # growing them at convergence too cost quartz 2 more iterations for one frame (the
-                # integration check reports what remains)
+                # at convergence only those below one sample per fringe grow (see below)
                 if settings.refine_thickness:
                     grow_now()
             t0 = time.perf_counter()
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
-            if lm.converged and rescan and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT and rescan_now():
-                lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
-                lm.converged, lm.reason = False, ""
+            if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
+                # at convergence: frames on other branches move, and frames whose refined thickness left
+                # them below one sample per fringe (their rocking integral off by percents, which biases
+                # the thickness low) get the samples they need; either way LM goes on from there
+                moved = rescan_now() if rescan else 0
+                grown = grow_now(below=1.0) if settings.refine_thickness else 0
+                if moved or grown:
+                    lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
+                    lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "
                 f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"

@@ -817,6 +817,11 @@ def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_data
     flat = [{"cost": c} for c in (100.0, 99.9, 99.85, 99.8)]
     assert _on_plateau(flat, 1e-3, 3) and not _on_plateau(flat[:3], 1e-3, 3)
     assert not _on_plateau([{"cost": c} for c in (100.0, 90.0, 89.99, 89.98)], 1e-3, 3)
+    # a rescan (or grown samples) between iterations moved the cost from 100 to 90: each step is
+    # measured from its own start, so one flat step after it is a plateau, a real gain is not
+    rescanned = [{"cost": 100.0}, {"cost": 89.99, "cost_before": 90.0}]
+    assert _on_plateau(rescanned, 1e-3, 1) and not _on_plateau([{"cost": 100.0}, {"cost": 89.99}], 1e-3, 1)
+    assert not _on_plateau([{"cost": 100.0}, {"cost": 88.0, "cost_before": 90.0}], 1e-3, 1)
     ds, _, _ = small_dataset
     base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False)
     far = displaced(truth, 0.02, 0.03)

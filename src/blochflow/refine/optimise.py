@@ -212,7 +212,8 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
             state.iteration += 1
             state.max_shift_su = shift_su
-            state.history.append({"iteration": state.iteration, "cost": new_cost, "damping": state.damping,
+            state.history.append({"iteration": state.iteration, "cost": new_cost, "cost_before": ne.cost,
+                                  "damping": state.damping,
                                   "max_shift_su": shift_su, "max_shift_parameter": worst,
                                   "max_shift_su_structure": shift_su_structure, "frames_partial_step": partial})
             state.cost = new_cost
@@ -235,10 +236,15 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
 
 
 def _on_plateau(history: list, tol: float, iterations: int) -> bool:
-    costs = [h["cost"] for h in history[-(iterations + 1):]]
-    if len(costs) < iterations + 1:
+    """Whether each of the last ``iterations`` steps lowered sqrt(cost) by less than ``tol`` of
+    itself. Each step is measured from the cost at its own start ("cost_before"): a thickness rescan
+    or grown samples between iterations change the model, and their change is not LM's progress.
+    Entries without it (older checkpoints) are measured from the entry before."""
+    if len(history) < iterations + 1:
         return False
-    return all(1 - math.sqrt(b / a) < tol for a, b in zip(costs[:-1], costs[1:]) if a > 0)
+    recent = history[-(iterations + 1):]
+    pairs = [(h.get("cost_before", prev["cost"]), h["cost"]) for prev, h in zip(recent[:-1], recent[1:])]
+    return all(1 - math.sqrt(b / a) < tol for a, b in pairs if a > 0)
 
 
 def _frame_line_search(problem: RefinementProblem, theta: torch.Tensor, delta: torch.Tensor,

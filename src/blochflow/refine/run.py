@@ -369,6 +369,9 @@ RESCAN_GAIN = 0.95  # a frame moves when its best grid value elsewhere costs les
 RESCAN_BRANCH = 2  # grid steps: a best grid value within this many of the frame's thickness is its own branch
 RESCAN_AFTER = 5  # LM iterations before the second rescan (the structure is then close)
 RESCAN_MIN_LEFT = 3  # LM iterations that must remain for a rescan at convergence
+# at convergence, frames below this many samples per fringe grow (below one the rocking integral is
+# off by percents: quartz 3.5 % at 0.79, 0.3 % at 0.94; docs/refinement.md "Samples after the rescan")
+GROW_AT_CONVERGENCE_BELOW = 1.0
 
 
 def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
@@ -675,7 +678,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # them below one sample per fringe (their rocking integral off by percents, which biases
                 # the thickness low) get the samples they need; either way LM goes on from there
                 moved = rescan_now() if rescan else 0
-                grown = grow_now(below=1.0) if settings.refine_thickness else 0
+                grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0
                 if moved or grown:
                     lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                     lm.converged, lm.reason = False, ""

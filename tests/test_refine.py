@@ -423,6 +423,14 @@ def test_at_convergence_only_frames_below_one_sample_per_fringe_grow(small_datas
     assert problem.model.samples_per_frame()[1] > design[1]
 
 
+def _grow_frame_0(problem) -> int:
+    """A stand-in for grow_samples' growth: frame 0 gets two more samples; one frame grown."""
+    counts = problem.model.samples_per_frame()
+    counts[0] += 2
+    problem.resample(counts)
+    return 1
+
+
 def test_a_run_that_grows_frames_at_convergence_goes_on(small_dataset, truth, monkeypatch):
     """Frames grown at convergence (below one sample per fringe) change the model, so LM goes on
     from there and converges again; a run whose frames all have their samples stops at once."""
@@ -435,10 +443,7 @@ def test_a_run_that_grows_frames_at_convergence_goes_on(small_dataset, truth, mo
         calls.append(below)
         if below is None or calls.count(1.0) > 1 or not grows:
             return 0
-        counts = problem.model.samples_per_frame()
-        counts[0] += 2
-        problem.resample(counts)
-        return 1
+        return _grow_frame_0(problem)
 
     monkeypatch.setattr(runmod, "grow_samples", grow_once)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
@@ -464,12 +469,8 @@ def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypa
     monkeypatch.setattr(runmod, "RESCAN_AFTER", 1)
 
     def grow_frame_0(problem, theta, settings, below=None):  # as if frame 0 had moved onto a thicker branch
-        if below is not None:  # (and had enough samples at convergence)
-            return 0
-        counts = problem.model.samples_per_frame()
-        counts[0] += 2
-        problem.resample(counts)
-        return 1
+        # (and had enough samples at convergence)
+        return 0 if below is not None else _grow_frame_0(problem)
 
     monkeypatch.setattr(runmod, "grow_samples", grow_frame_0)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=0, lm_iterations=4, checkpoint_every=1,

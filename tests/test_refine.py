@@ -678,6 +678,36 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
     assert not problem.decompositions_kept_at(other)
 
 
+def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(small_dataset, truth):
+    """A frame left in a joint thickness-orientation minimum (thickness 160 A off, corrections of 3 mrad)
+    costs far more than the median frame: it is tried at zero correction and the best grid thickness
+    there, and moves (next to its true thickness). Frames that fit like the rest stay as they are,
+    their small corrections included."""
+    from blochflow.refine.run import restart_outlier_frames
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
+                              thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    theta = problem.theta0.clone()
+    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    theta[so.start:so.stop] = 0.005  # mrad: every frame a little off zero
+    theta[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    theta[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
+    costs = (problem.frame_costs(theta) / torch.bincount(problem.model.frame, minlength=len(thickness))).numpy()
+    assert costs[2] > 10 * np.median(costs)
+    restarted, moved = restart_outlier_frames(problem, theta, settings)
+    t = 1000 * torch.exp(restarted[st.start:st.stop]).numpy()
+    orientation = restarted[so.start:so.stop].reshape(-1, 2)
+    assert moved == 1 and abs(t[2] - thickness[2]) <= 5.0 + 1e-9 and torch.all(orientation[2] == 0)
+    assert np.allclose(np.delete(t, 2), np.delete(thickness, 2))
+    assert np.all(np.delete(orientation.numpy(), 2, 0) == 0.005)
+    assert float(problem.frame_costs(restarted)[2]) < 0.1 * float(problem.frame_costs(theta)[2])
+    again, moved_again = restart_outlier_frames(problem, restarted, settings)
+    assert moved_again == 0 and torch.equal(again, restarted)
+
+
 @contextmanager
 def _torch_threads(n: int):
     """torch's intra-op thread count (and so the solver's worker count) set to n inside the block."""

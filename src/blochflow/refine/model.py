@@ -12,7 +12,7 @@ from ..crystal.structure import Crystal
 from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
-                                   frame_state_from_dataset, simulate_frames)
+                                   frame_state_from_dataset, frame_subplan, simulate_frames)
 from ..physics.device import default_device, resolve_device, work_scale
 from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
@@ -107,9 +107,11 @@ class ForwardModel:
         return frame_state_from_dataset(self.dataset, thickness)
 
     def intensities(self, state: FrameState, potential=None, per_thickness: bool = False,
-                    decompositions=None) -> torch.Tensor:
+                    decompositions=None, plan=None) -> torch.Tensor:
+        """Intensities over the model's plan (or ``plan``, e.g. a :func:`frame_subplan` of it)."""
         u, u_abs = self.potential() if potential is None else potential
-        return simulate_frames(self.plan, u, u_abs, state, absorption_method=self.settings.absorption_method,
+        return simulate_frames(self.plan if plan is None else plan, u, u_abs, state,
+                               absorption_method=self.settings.absorption_method,
                                per_thickness=per_thickness, decompositions=decompositions)
 
     def figures(self, ic: torch.Tensor, n_params: int = 0) -> Figures:
@@ -142,7 +144,8 @@ class ForwardModel:
         return float(np.mean(self.plan.n_beams[solved])) if solved.any() else 0.0
 
     def thickness_scan(self, grid, potential=None, state: FrameState | None = None,
-                       use: torch.Tensor | None = None, max_elements: float = 4e7, decompositions=None) -> np.ndarray:
+                       use: torch.Tensor | None = None, max_elements: float = 4e7, decompositions=None,
+                       frames: torch.Tensor | None = None) -> np.ndarray:
         """Per-frame weighted residual sum w (Io - k Ic)^2 (F, Q) for each grid thickness (A).
 
         Every grid point reuses the same eigendecompositions: the grid is split into blocks only
@@ -150,10 +153,12 @@ class ForwardModel:
         ``use`` masks the reflections that count (e.g. the work set). Frames without reflections get NaN.
         ``decompositions``: those of a pass at the same structure and orientations (any thickness), in
         place of the solver. The scan solves in single precision: it only ranks grid thicknesses, and
-        its costs agree with double precision to ~1e-5 relative (tests).
+        its costs agree with double precision to ~1e-5 relative (tests). ``frames``: an (F,) bool
+        mask; only those frames are solved (the others' rows are NaN; not with ``decompositions``).
         """
         grid = torch.as_tensor(np.asarray(grid, float))
-        widest = max((ch.hkl.shape[0] * ch.hkl.shape[1] for ch in self.plan.chunks), default=1)
+        plan = self.plan if frames is None else frame_subplan(self.plan, frames)[0]
+        widest = max((ch.hkl.shape[0] * ch.hkl.shape[1] for ch in plan.chunks), default=1)
         block = max(1, int(max_elements // widest))
         out = []
         with torch.no_grad():
@@ -161,9 +166,12 @@ class ForwardModel:
             pot = tuple(None if x is None else x.to(torch.complex64) for x in pot)
             for q0 in range(0, len(grid), block):
                 st = self.grid_state(grid[q0:q0 + block], state).to(torch.float32)
-                ic = self.intensities(st, pot, per_thickness=True, decompositions=decompositions)
+                ic = self.intensities(st, pot, per_thickness=True, decompositions=decompositions, plan=plan)
                 out.append(self.scan_costs(ic.to(torch.float64), use))
-        return np.concatenate(out, 1)
+        table = np.concatenate(out, 1)
+        if frames is not None:
+            table[~np.asarray(frames.cpu(), bool)] = np.nan
+        return table
 
     def grid_state(self, grid, state: FrameState | None = None) -> FrameState:
         """``state`` (default: the data's) with every frame at the thicknesses ``grid`` (A), equal weights."""

@@ -409,6 +409,52 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     return moved, len(move)
 
 
+RESTART_OUTLIER = 4.0  # a frame costing more per reflection than this multiple of the median frame is tried afresh
+
+
+def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
+                           ) -> tuple[torch.Tensor, int]:
+    """Per-frame thickness and orientation corrections: each frame whose cost (data and orientation
+    prior) per work reflection exceeds RESTART_OUTLIER x the median frame's is tried at zero
+    correction (its prior's centre: the data's own orientation) and the best thickness on the grid
+    there (its frames alone solved); it moves when that costs less than RESCAN_GAIN x its cost now.
+    Early on LM moves orientations to make up for a poor structure, and a frame can keep a joint
+    thickness-orientation minimum that no local step or thickness rescan leaves (precession frames:
+    docs/refinement.md). Returns theta and the number of frames moved."""
+    if not isinstance(problem.frames.thickness, PerFrameThickness) or "orientation" not in problem.slots:
+        return theta, 0
+    n_frames = problem.model.n_frames
+    with torch.no_grad():
+        current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
+    n = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=n_frames)
+    per = current / np.maximum(n, 1)
+    so = problem.slots["orientation"]
+    orientation = theta[so.start:so.stop].detach().reshape(n_frames, 2)
+    try_again = (n > 0) & (per > RESTART_OUTLIER * np.median(per[n > 0])) & (orientation != 0).any(1).numpy()
+    if not try_again.any():
+        return theta, 0
+    at_zero = theta.clone()
+    at_zero[so.start:so.stop] = torch.where(torch.as_tensor(try_again)[:, None], 0.0, orientation).reshape(-1)
+    a, b, step = settings.thickness_grid
+    grid = np.arange(a, b + 0.5 * step, step)
+    raw = problem.split(at_zero)
+    with torch.no_grad():
+        table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
+                                             use=problem.work, frames=torch.as_tensor(try_again))
+    table = np.where(np.isnan(table), np.inf, table)
+    best = np.argmin(table, 1)
+    move = np.flatnonzero(try_again & (table[np.arange(n_frames), best] < RESCAN_GAIN * current))
+    if not len(move):
+        return theta, 0
+    moved = theta.clone()
+    st = problem.slots["thickness"]
+    moved[torch.as_tensor(move) + st.start] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF),
+                                                              dtype=theta.dtype)
+    rows = so.start + 2 * torch.as_tensor(move)
+    moved[rows], moved[rows + 1] = 0.0, 0.0
+    return moved, len(move)
+
+
 def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
                  below: float | None = None) -> int:
     """Per-frame thickness model with fringe-fitted samples: each frame whose thickness at theta
@@ -649,6 +695,16 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
             return moved
 
+        def restart_now() -> int:
+            nonlocal theta
+            t0 = time.perf_counter()
+            theta, moved = restart_outlier_frames(problem, theta, settings)
+            phase_times["frame_restart_s"] = phase_times.get("frame_restart_s", 0.0) + time.perf_counter() - t0
+            if moved:
+                log(f"frame restart at LM iteration {lm.iteration}: {moved} outlier frames moved to zero orientation "
+                    f"correction and their best thickness there")
+            return moved
+
         def grow_now(below: float | None = None) -> int:
             t0 = time.perf_counter()
             grown = grow_samples(problem, theta, settings, below)
@@ -679,8 +735,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # them below one sample per fringe (their rocking integral off by percents, which biases
                 # the thickness low) get the samples they need; either way LM goes on from there
                 moved = rescan_now() if rescan else 0
+                restarted = restart_now() if rescan else 0
                 grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0
-                if moved or grown:
+                if moved or restarted or grown:
                     lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                     lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0

@@ -708,6 +708,37 @@ def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(s
     assert moved_again == 0 and torch.equal(again, restarted)
 
 
+def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_dataset, truth, monkeypatch):
+    """LM from the truth with one frame in a joint thickness-orientation minimum (160 A off, 3 mrad)
+    converges with that frame still there when outlier frames are not restarted (the thickness
+    rescan at its own orientation keeps it); with the restart at convergence the run goes on and ends
+    with the frame at its true thickness and near-zero corrections."""
+    from blochflow.refine import run as runmod
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0))
+    restart = runmod.restart_outlier_frames
+    ends = {}
+    for on in (False, True):
+        monkeypatch.setattr(runmod, "restart_outlier_frames", restart if on else (lambda p, t, s: (t, 0)))
+        problem = build_problem(truth, ds, settings)
+        st, so = problem.slots["thickness"], problem.slots["orientation"]
+        start = problem.theta0.clone()
+        start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+        start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+        start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
+        problem.theta0 = start
+        lines = []
+        res = refine(problem, settings, log=lines.append)
+        assert res.lm.converged
+        ends[on] = (1000 * float(torch.exp(res.theta[st.start + 2])) - thickness[2],
+                    float(res.theta[so.start + 4:so.start + 6].abs().max()),
+                    sum("frame restart" in line for line in lines))
+    assert ends[False][0] > 100.0 and ends[False][1] > 1.0 and ends[False][2] == 0
+    assert abs(ends[True][0]) < 5.0 and ends[True][1] < 0.1 and ends[True][2] == 1
+
+
 @contextmanager
 def _torch_threads(n: int):
     """torch's intra-op thread count (and so the solver's worker count) set to n inside the block."""

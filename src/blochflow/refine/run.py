@@ -409,7 +409,10 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     return moved, len(move)
 
 
-RESTART_OUTLIER = 4.0  # a frame costing more per reflection than this multiple of the median frame is tried afresh
+# a frame costing more per reflection than this multiple of the median frame is tried afresh: at the truth a
+# frame's chi2 per reflection scatters by ~sqrt(2/n), 0.26 of itself at 30 reflections, so 2x is no noise; a
+# frame moves only when the try costs less, so a lower value costs trial solves only (docs/refinement.md)
+RESTART_OUTLIER = 2.0
 
 
 def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings

@@ -5,7 +5,8 @@ The bundled quartz dataset's frames are declared precession frames (its
 simulate --write-pets`` writes Poisson-noise data from ``quartz_kinematical.cif`` at a thickness
 that varies with the frame's angle, and ``blochflow refine`` (defaults) refines a displaced start
 against them. Reported: position RMSD, ADP errors, R values, each frame's refined thickness
-against the truth (ratio, and error in s.u.), the frames below one sample per fringe, wall time.
+against the truth (ratio, and error in s.u.), the orientation corrections over their s.u. (their
+truth is zero), the frames below one sample per fringe, wall time.
 
     python benchmarks/precession_recovery.py [--data-root ../shared/data] [--start 02] [--threads 2]
         [--work DIR] [--json FILE]
@@ -70,17 +71,23 @@ def main() -> None:
     after = structure_deviation(crystal_from_record(read_structure(str(work / "refine" / "refined.cif"))), truth)
     summary = json.loads((work / "refine" / "summary.json").read_text())
     rows = list(csv.DictReader(open(work / "refine" / "frames.csv")))
-    col = {k: np.array([float(r[k]) for r in rows]) for k in ("alpha_deg", "thickness_mean", "thickness_mean_su",
-                                                             "samples_per_fringe")}
+    col = {k: np.array([float(r[k]) for r in rows]) for k in (
+        "alpha_deg", "thickness_mean", "thickness_mean_su", "samples_per_fringe", "orientation_x_mrad",
+        "orientation_x_su_mrad", "orientation_y_mrad", "orientation_y_su_mrad")}
     true_t = thickness_truth(col["alpha_deg"])
     ratio = col["thickness_mean"] / true_t
     z = (col["thickness_mean"] - true_t) / col["thickness_mean_su"]
+    oz = np.concatenate([col[f"orientation_{a}_mrad"] / col[f"orientation_{a}_su_mrad"] for a in "xy"])
     res = {"start": args.start, "start_rmsd_A": before["rmsd_A"], **after,
            **{k: summary.get(k) for k in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "R_free", "converged",
                                           "iterations")},
            "thickness_ratio_percentiles_0_5_50_95_100": np.percentile(ratio, [0, 5, 50, 95, 100]).round(3).tolist(),
            "frames_off_by_20_percent": int(np.sum(np.abs(ratio - 1) > 0.2)),
            "thickness_error_su_median": float(np.median(z)),
+           "thickness_error_su_sd": float(np.std(z)),
+           # the truth of every orientation correction is zero: refined value / s.u. should be about N(0, 1)
+           "orientation_error_su_sd": float(np.std(oz)),
+           "orientation_error_su_worst": float(np.max(np.abs(oz))),
            "frames_below_one_sample_per_fringe": int(np.sum(col["samples_per_fringe"] < 1)),
            "wall_s": wall, "work": str(work)}
     print(json.dumps(res, indent=1))

@@ -563,9 +563,12 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     assert (out / "inverted" / "refined.cif").exists()
 
 
-def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths, truth):
+@pytest.mark.parametrize("orientation", [False, True])
+def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths, truth, orientation):
     """Over independent noise realisations of the same data, (refined - true) / s.u. of every
-    refined coordinate and U_ij has mean ~0 and spread ~1 (not 0.1 or 10: s.u. are not decoration).
+    refined coordinate and U_ij has mean ~0 and spread ~1 (not 0.1 or 10: s.u. are not decoration);
+    so do each frame's thickness and, when refined (with their prior), its orientation corrections,
+    whose truth is zero (8 samples per frame there: at 2 the integral is too coarse to be linear in them).
 
     Gaussian noise with sigma from the expected counts and weights 1/sigma^2 (no instability
     term): the weights are the noise, so the spread must be 1 within its sampling error. (With
@@ -573,17 +576,25 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     from the observed counts favour reflections that fluctuated down; measured over 8 seeds.)"""
     ds = every_nth_frame(quartz_paths[1], 12)
     thickness = np.full(len(ds.frames), 500.0)
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adp="aniso", adam_steps=0, lm_iterations=20, free_fraction=0.0,
-                              refine_orientation=False, thickness=500.0, instability=0.0)
+    n_samples = 8 if orientation else 2
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=n_samples, adp="aniso", adam_steps=0,
+                              lm_iterations=20 + 10 * orientation, free_fraction=0.0, refine_orientation=orientation,
+                              thickness=500.0, instability=0.0)
     u6_true = [cellmod.u_frac_to_cif(x, truth.cell) for x in truth.asu.u_frac.numpy()]
-    z, z_thickness = [], []
+    z, z_thickness, z_orientation = [], [], []
     for seed in range(6):
-        noisy = simulated(ds, truth, thickness, 2, noise="gaussian", max_counts=2e4, seed=100 + seed)
+        noisy = simulated(ds, truth, thickness, n_samples, noise="gaussian", max_counts=2e4, seed=100 + seed)
         problem = build_problem(truth, noisy, settings)
         res = refine(problem, settings, log=lambda s: None)
         assert res.lm.converged, res.lm.reason  # an unconverged run adds optimisation error to the scatter
         # each frame's thickness s.u., propagated through the thickness model for frames.csv
-        t_su = frame_standard_uncertainties(res)["thickness_mean_su"]
+        frame_su = frame_standard_uncertainties(res)
+        t_su = frame_su["thickness_mean_su"]
+        if orientation:
+            so = problem.slots["orientation"]
+            corrections = res.theta[so.start:so.stop].reshape(-1, 2).numpy()
+            z_orientation.extend(corrections[:, 0] / frame_su["orientation_x_su_mrad"])
+            z_orientation.extend(corrections[:, 1] / frame_su["orientation_y_su_mrad"])
         t_ref = problem.frames.thickness.describe(problem.split(res.theta), problem.frames.ctx)["thickness_mean"]
         z_thickness.extend((t_ref - thickness) / t_su)
         n = len(problem.structure)
@@ -603,6 +614,13 @@ def test_standard_uncertainties_are_honest_over_noise_realisations(quartz_paths,
     print(f"thickness s.u. honesty: n={len(z_thickness)} mean={z_thickness.mean():.3f} std={z_thickness.std():.3f}")
     assert len(z_thickness) >= 30 and np.isfinite(z_thickness).all()
     assert abs(z_thickness.mean()) < 0.6 and 0.7 < z_thickness.std() < 1.4, (z_thickness.mean(), z_thickness.std())
+    if orientation:
+        z_orientation = np.array(z_orientation)
+        print(f"orientation s.u. honesty: n={len(z_orientation)} mean={z_orientation.mean():.3f} "
+              f"std={z_orientation.std():.3f}")
+        assert len(z_orientation) >= 60 and np.isfinite(z_orientation).all()
+        assert abs(z_orientation.mean()) < 0.5 and 0.75 < z_orientation.std() < 1.3, (z_orientation.mean(),
+                                                                                         z_orientation.std())
 
 
 def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):

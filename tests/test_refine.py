@@ -726,20 +726,16 @@ def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(s
     assert moved_again == 0 and torch.equal(again, restarted)
 
 
-def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_dataset, truth, monkeypatch):
+def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_dataset, truth):
     """LM from the truth with one frame in a joint thickness-orientation minimum (160 A off, 3 mrad)
-    converges with that frame still there when outlier frames are not restarted (the thickness
-    rescan at its own orientation keeps it); with the restart at convergence the run goes on and ends
-    with the frame at its true thickness and near-zero corrections."""
-    from blochflow.refine import run as runmod
-
+    converges with that frame still there when outlier frames are not restarted (``frame_restart``
+    off: the thickness rescan at its own orientation keeps it); with the restart at convergence the
+    run goes on and ends with the frame at its true thickness and near-zero corrections."""
     ds, thickness, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
-                              lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0))
-    restart = runmod.restart_outlier_frames
     ends = {}
     for on in (False, True):
-        monkeypatch.setattr(runmod, "restart_outlier_frames", restart if on else (lambda p, t, s: (t, 0)))
+        settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                                  lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0), frame_restart=on)
         problem = build_problem(truth, ds, settings)
         st, so = problem.slots["thickness"], problem.slots["orientation"]
         start = problem.theta0.clone()

@@ -75,6 +75,10 @@ class RefineSettings:
     # thickness_grid at the current structure and move frames whose best grid value fits clearly
     # better (another branch; see rescan_frame_thickness)
     thickness_rescan: bool = True
+    # per-frame model with orientation corrections: at convergence, frames costing more than twice the
+    # median frame per reflection are tried at zero correction and their best grid thickness there
+    # (see restart_outlier_frames); runs with the thickness rescan
+    frame_restart: bool = True
     thickness_points: int = 8  # points of a learned distribution per frame (mixture: its weighted points)
     thickness_knots: int = 8  # knots of a learned quantile function
     # a learned distribution's form: 'mixture' (thickness_points weighted points, positions and weights
@@ -738,7 +742,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # them below one sample per fringe (their rocking integral off by percents, which biases
                 # the thickness low) get the samples they need; either way LM goes on from there
                 moved = rescan_now() if rescan else 0
-                restarted = restart_now() if rescan else 0
+                restarted = restart_now() if rescan and settings.frame_restart else 0
                 grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0
                 if moved or restarted or grown:
                     lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is

@@ -424,10 +424,10 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     """Per-frame thickness and orientation corrections: each frame whose cost (data and orientation
     prior) per work reflection exceeds RESTART_OUTLIER x the median frame's is tried at zero
     correction (its prior's centre: the data's own orientation) and the best thickness on the grid
-    there (its frames alone solved); it moves when that costs less than RESCAN_GAIN x its cost now.
-    Early on LM moves orientations to make up for a poor structure, and a frame can keep a joint
-    thickness-orientation minimum that no local step or thickness rescan leaves (precession frames:
-    docs/refinement.md). Returns theta and the number of frames moved."""
+    there (only these frames are solved); it moves when that costs less than RESCAN_GAIN x its cost
+    now. Early on LM moves orientations to make up for a poor structure, and a frame can keep a joint
+    thickness-orientation minimum that no local step or thickness rescan leaves (known-truth runs on
+    rocking and precession frames: docs/refinement.md). Returns theta and the number of frames moved."""
     if not isinstance(problem.frames.thickness, PerFrameThickness) or "orientation" not in problem.slots:
         return theta, 0
     n_frames = problem.model.n_frames

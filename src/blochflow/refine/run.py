@@ -420,16 +420,17 @@ RESTART_OUTLIER = 2.0
 
 
 def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
-                           ) -> tuple[torch.Tensor, int]:
+                           ) -> tuple[torch.Tensor, np.ndarray]:
     """Per-frame thickness and orientation corrections: each frame whose cost (data and orientation
     prior) per work reflection exceeds RESTART_OUTLIER x the median frame's is tried at zero
     correction (its prior's centre: the data's own orientation) and the best thickness on the grid
     there (only these frames are solved); it moves when that costs less than RESCAN_GAIN x its cost
     now. Early on LM moves orientations to make up for a poor structure, and a frame can keep a joint
     thickness-orientation minimum that no local step or thickness rescan leaves (known-truth runs on
-    rocking and precession frames: docs/refinement.md). Returns theta and the number of frames moved."""
+    rocking and precession frames: docs/refinement.md). Returns theta and the indices of the frames moved."""
+    none = np.zeros(0, int)
     if not isinstance(problem.frames.thickness, PerFrameThickness) or "orientation" not in problem.slots:
-        return theta, 0
+        return theta, none
     n_frames = problem.model.n_frames
     with torch.no_grad():
         current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
@@ -439,7 +440,7 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     orientation = theta[so.start:so.stop].detach().reshape(n_frames, 2)
     try_again = (n > 0) & (per > RESTART_OUTLIER * np.median(per[n > 0])) & (orientation != 0).any(1).numpy()
     if not try_again.any():
-        return theta, 0
+        return theta, none
     at_zero = theta.clone()
     at_zero[so.start:so.stop] = torch.where(torch.as_tensor(try_again)[:, None], 0.0, orientation).reshape(-1)
     a, b, step = settings.thickness_grid
@@ -452,14 +453,14 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     best = np.argmin(table, 1)
     move = np.flatnonzero(try_again & (table[np.arange(n_frames), best] < RESCAN_GAIN * current))
     if not len(move):
-        return theta, 0
+        return theta, none
     moved = theta.clone()
     st = problem.slots["thickness"]
     moved[torch.as_tensor(move) + st.start] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF),
                                                               dtype=theta.dtype)
     rows = so.start + 2 * torch.as_tensor(move)
     moved[rows], moved[rows + 1] = 0.0, 0.0
-    return moved, len(move)
+    return moved, move
 
 
 def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
@@ -705,12 +706,13 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
         def restart_now() -> int:
             nonlocal theta
             t0 = time.perf_counter()
-            theta, moved = restart_outlier_frames(problem, theta, settings)
+            theta, frames = restart_outlier_frames(problem, theta, settings)
             phase_times["frame_restart_s"] = phase_times.get("frame_restart_s", 0.0) + time.perf_counter() - t0
-            if moved:
-                log(f"frame restart at LM iteration {lm.iteration}: {moved} outlier frames moved to zero orientation "
-                    f"correction and their best thickness there")
-            return moved
+            if len(frames):
+                ids = " ".join(str(i) for i in problem.model.dataset.frames.ids[frames])
+                log(f"frame restart at LM iteration {lm.iteration}: {len(frames)} outlier frames moved to zero "
+                    f"orientation correction and their best thickness there (frames {ids})")
+            return len(frames)
 
         def grow_now(below: float | None = None) -> int:
             t0 = time.perf_counter()

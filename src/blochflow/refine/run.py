@@ -379,6 +379,19 @@ RESCAN_MIN_LEFT = 3  # LM iterations that must remain for a rescan at convergenc
 GROW_AT_CONVERGENCE_BELOW = 1.0
 
 
+def _grid_costs(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings, **scan
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The thickness grid (A) and each frame's work cost at each grid value at theta (F, Q), inf where
+    a frame has no value (``scan``: ``decompositions`` or ``frames`` for :meth:`ForwardModel.thickness_scan`)."""
+    a, b, step = settings.thickness_grid
+    grid = np.arange(a, b + 0.5 * step, step)
+    raw = problem.split(theta)
+    with torch.no_grad():
+        table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
+                                             use=problem.work, **scan)
+    return grid, np.where(np.isnan(table), np.inf, table)
+
+
 def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
                            ) -> tuple[torch.Tensor, int]:
     """Per-frame thickness model: each frame's cost over the thickness grid at theta (one set of
@@ -389,15 +402,11 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     number of frames moved."""
     if not isinstance(problem.frames.thickness, PerFrameThickness):
         return theta, 0
-    a, b, step = settings.thickness_grid
-    grid = np.arange(a, b + 0.5 * step, step)
-    raw = problem.split(theta)
+    # the last forward pass's eigendecompositions serve when it was at theta (they do not depend on thickness)
+    grid, table = _grid_costs(problem, theta, settings, decompositions=problem.decompositions_at(theta))
+    step = settings.thickness_grid[2]
     with torch.no_grad():
-        # the last forward pass's eigendecompositions serve when it was at theta (they do not depend on thickness)
-        table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
-                                             use=problem.work, decompositions=problem.decompositions_at(theta))
         current = problem.frame_costs(theta).numpy()
-    table = np.where(np.isnan(table), np.inf, table)
     sl = problem.slots["thickness"]
     now = THICKNESS_REF * np.exp(theta[sl.start:sl.stop].detach().numpy())  # (F,)
     own = np.abs(grid[None, :] - now[:, None]) <= RESCAN_BRANCH * step  # (F, Q)
@@ -443,13 +452,7 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
         return theta, none
     at_zero = theta.clone()
     at_zero[so.start:so.stop] = torch.where(torch.as_tensor(try_again)[:, None], 0.0, orientation).reshape(-1)
-    a, b, step = settings.thickness_grid
-    grid = np.arange(a, b + 0.5 * step, step)
-    raw = problem.split(at_zero)
-    with torch.no_grad():
-        table = problem.model.thickness_scan(grid, potential=problem.potential(raw), state=problem.state(raw),
-                                             use=problem.work, frames=torch.as_tensor(try_again))
-    table = np.where(np.isnan(table), np.inf, table)
+    grid, table = _grid_costs(problem, at_zero, settings, frames=torch.as_tensor(try_again))
     best = np.argmin(table, 1)
     move = np.flatnonzero(try_again & (table[np.arange(n_frames), best] < RESCAN_GAIN * current))
     if not len(move):
@@ -740,9 +743,10 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
             if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
-                # at convergence: frames on other branches move, and frames whose refined thickness left
-                # them below one sample per fringe (their rocking integral off by percents, which biases
-                # the thickness low) get the samples they need; either way LM goes on from there
+                # at convergence: frames on other branches move, outlier frames are tried afresh at zero
+                # orientation correction, and frames whose refined thickness left them below one sample per
+                # fringe (their rocking integral off by percents, which biases the thickness low) get the
+                # samples they need; in each case LM goes on from there
                 moved = rescan_now() if rescan else 0
                 restarted = restart_now() if rescan and settings.frame_restart else 0
                 grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0

@@ -349,3 +349,18 @@ def test_operators_must_keep_the_cells_metric(tmp_path, quartz_paths):
              ["Al1 Al 0.3523 0.3523 0.3523 0.004"])
     with pytest.raises(InputError, match="_cell_\\* and symmetry"):
         read_structure(p)
+
+
+def test_frame_selection_names_frames_by_id_and_rejects_what_selects_nothing():
+    from blochflow.io.pets import frame_selection
+
+    ids = np.array([3, 4, 5, 6, 7, 8, 9, 10, 20])
+    assert frame_selection(ids, "").all()
+    assert list(ids[frame_selection(ids, "4-6, 20")]) == [4, 5, 6, 20]
+    assert list(ids[frame_selection(ids, "3-10:3")]) == [3, 6, 9]  # every 3rd, counted from the range's first
+    assert list(ids[frame_selection(ids, "1-4:2,9")]) == [3, 9]  # a range may start before the first id
+    assert list(ids[frame_selection(ids, "7")]) == [7]
+    for spec, words in (("11-19", "selects no frame"), ("6-4", "lower id"), ("3-10:0", "at least 1"),
+                        ("x", "is not a frame id"), ("1-2-3", "is not a frame id"), ("4,", "is not a frame id")):
+        with pytest.raises(ValueError, match=words):
+            frame_selection(ids, spec)

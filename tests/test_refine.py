@@ -984,3 +984,24 @@ def test_orientation_prior_holds_the_corrections_to_its_width(small_dataset, tru
         res = refine(p, settings, log=lambda s: None)
         moved[name] = float(res.theta[p.group_index("orientation")].abs().max())
     assert moved["narrow"] < 0.2 and moved["free"] > 2 * moved["narrow"], moved
+
+
+def test_refine_command_refines_a_selection_of_frames(small_dataset, quartz_paths, tmp_path, capsys):
+    ds, _, data = small_dataset
+    ids = ds.frames.ids
+    out = tmp_path / "some"
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--frames", f"{ids[0]}-{ids[-1]}:2",
+                 "--samples", "2", "--samples-per-fringe", "0", "--lm-iterations", "1", "--thickness", "500"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(out / "frames.csv")))
+    assert [int(r["frame"]) for r in rows] == list(ids[::2])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_frames"] == len(ids[::2]) and summary["settings"]["frames"] == f"{ids[0]}-{ids[-1]}:2"
+    assert f"on {len(ids[::2])} frames" in (out / "refine.log").read_text()
+    capsys.readouterr()
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "none"),
+                 "--frames", f"{ids[-1] + 1}-{ids[-1] + 9}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "frames:" in err and "selects no frame" in err, err
+    assert not (tmp_path / "none").exists()

@@ -350,7 +350,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
     "wavelength": "wavelength", "g_max": "g_max", "s_max": "s_max", "sample_rule": "sample_rule", "ub_convention": "ub_convention",
     "coupling": "coupling", "tilt_window": "tilt_window", "rocking_axis": "rocking_axis", "s_bethe": "s_bethe",
     "thickness_points": "thickness_points", "thickness_distribution": "thickness_distribution",
-    "holdout_frames": "holdout_frames",
+    "holdout_frames": "holdout_frames", "frames": "frames",
     "orientation_sigma": "orientation_sigma",
 }
 
@@ -434,6 +434,12 @@ def cmd_refine(args) -> int:
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
     crystal, ds = _load(structure, data, refining=True)
+    if settings.frames:
+        from .io.pets import frame_selection
+        try:
+            frame_selection(ds.frames.ids, settings.frames)
+        except ValueError as exc:
+            raise InputError(data, "frames", str(exc)) from None
     log = ProgressLog(out / "refine.log", append=args.resume)
     try:
         return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
@@ -457,7 +463,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
             item, _, why = str(exc).partition(": ")
             raise InputError(args.config or structure, item, why or item) from None
         log(f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / "
-              f"{int(problem.free.sum())} free reflections on {len(ds.frames)} frames, "
+              f"{int(problem.free.sum())} free reflections on {problem.model.n_frames} frames, "
               f"{problem.model.n_beams_mean():.0f} beams per solve")
         try:
             res = refine(problem, settings, checkpoint=sub / "checkpoint.pt",
@@ -582,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--thickness-distribution", choices=["quantile", "mixture"],
                    help="form of a learned distribution: a quantile function at fixed levels, or weighted points")
     r.add_argument("--holdout-frames", type=float, help="fraction of frames left out of the fit and reported")
+    r.add_argument("--frames", help="frames to refine, by the ids of the data's frame loop: '1-40,52', or '1-99:10' "
+                                    "for every 10th (default: all)")
     r.add_argument("--thickness", help="start thickness in A or 'auto'")
     r.add_argument("--adam-steps", type=int)
     r.add_argument("--lm-iterations", type=int)

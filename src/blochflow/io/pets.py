@@ -271,3 +271,31 @@ def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
     rows = np.isin(r.frame_id, f.ids[keep])
     refl = ReflectionTable(r.hkl[rows], r.intensity[rows], r.sigma[rows], r.frame_id[rows])
     return dataclasses.replace(dataset, frames=frames, reflections=refl)
+
+
+def frame_selection(ids: np.ndarray, spec: str) -> np.ndarray:
+    """(F,) bool: the frames a selection names by the ids of the frame loop. ``spec`` is a comma list
+    of ids and ranges ``a-b`` (both ends included), each optionally ``:n`` for every n-th frame of it
+    counted from its first, e.g. "1-40,52" or "1-99:10"; "" selects every frame. A ValueError names
+    the item that is malformed or selects no frame of the data."""
+    ids = np.asarray(ids)
+    if not spec.strip():
+        return np.ones(len(ids), bool)
+    keep = np.zeros(len(ids), bool)
+    for item in spec.split(","):
+        text = item.strip()
+        try:
+            span, _, step = text.partition(":")
+            first, dash, last = span.strip().partition("-")
+            a = int(first)
+            b = int(last) if dash else a
+            n = int(step) if step else 1
+        except ValueError:
+            raise ValueError(f"'{text}' is not a frame id, a range a-b, or either with :n") from None
+        if a > b or n < 1:
+            raise ValueError(f"'{text}': a range runs from the lower id up, with a step of at least 1")
+        inside = np.nonzero((ids >= a) & (ids <= b))[0]
+        if not len(inside):
+            raise ValueError(f"'{text}' selects no frame (the data's frame ids run {ids.min()}-{ids.max()})")
+        keep[inside[::n]] = True
+    return keep

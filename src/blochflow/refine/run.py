@@ -27,7 +27,7 @@ from ..crystal.restraints import restraints_from_config
 from ..crystal.structure import Crystal
 from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
                                  PerFrameThickness, SlabThickness)
-from ..io.pets import is_electron_wavelength, with_wavelength
+from ..io.pets import frame_selection, is_electron_wavelength, select_frames, with_wavelength
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import COUPLINGS, BeamSettings, split_samples
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
@@ -44,6 +44,8 @@ class RefineSettings:
 
     # physics
     wavelength: float | None = None  # A; replaces the data file's value (None: the file's)
+    # frames used, by the ids of the data's frame loop: "1-40,52", "1-99:10" (every 10th); "": all
+    frames: str = ""
     n_samples: int = 32  # tilts per frame; the minimum when samples_per_fringe > 0
     # > 0: each frame gets at least this many samples per Pendelloesung fringe (1/t) swept by its
     # fastest scored reflection, for 1.5 x the start thickness (see fringe_sample_counts); 1.2 converges
@@ -213,6 +215,10 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
                 raise ValueError(f"{key}: expected a number, got {val!r}")
         elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
             raise ValueError(f"{key}: expected a number or 'auto', got {val!r}")
+        elif name == "frames":
+            if isinstance(val, bool) or not isinstance(val, (str, int)):
+                raise ValueError(f"{key}: expected frame ids and ranges such as '1-40,52', got {val!r}")
+            val = str(val)
         elif name == "restraints":
             if not isinstance(val, (list, tuple)):
                 raise ValueError(f"{key}: expected a list of tables")
@@ -523,6 +529,10 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     """The refinement problem for a start structure and a dataset; a learned thickness model with a
     per-frame or slab warm start first refines that model (logged through ``log``)."""
     dataset = with_wavelength(dataset, settings.wavelength)
+    if settings.frames:
+        keep = frame_selection(dataset.frames.ids, settings.frames)
+        log(f"frames: {int(keep.sum())} of {len(keep)} ({settings.frames})")
+        dataset = select_frames(dataset, keep)
     kind = settings.thickness_model
     warm = None
     if kind == "learned" and settings.learned_warm_start != "scan":

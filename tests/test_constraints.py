@@ -249,6 +249,9 @@ def test_bounded_step_cuts_only_the_offending_atom():
     at_floor = th + step
     step2, cut2 = sp.bounded_step(at_floor, big)
     assert cut2 and np.linalg.eigvalsh(sp._u_cart(at_floor + step2)).min() > 0.4e-4
+    # an atom left on the bound is named as such (reported in summary.json and warned about)
+    assert sp.adp_at_bound(th) == [] and sp.adp_at_bound(at_floor) == [1]
+    assert StructureParameters(cr, refine_adp=False).adp_at_bound(at_floor) == []  # not refined: not held up
 
 
 def test_standard_uncertainties():

@@ -500,7 +500,8 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     printed = capsys.readouterr().out
     assert ("warning: R_free rests on" in printed) == (summary["n_free_groups"] < 10), printed
     for key in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "wR2_frame_mean", "n_obs", "n_all", "n_frames",
-                "n_beams_mean", "elapsed_s", "R_free", "n_params", "iterations", "converged", "thickness", "frames"):
+                "n_beams_mean", "elapsed_s", "R_free", "n_params", "iterations", "converged", "thickness", "frames",
+                "adp_at_bound"):
         assert key in summary, key
     assert summary["iterations"] == {"adam": 2, "lm": 1}  # the flag overrides the config file
     logged = (out / "refine.log").read_text()  # every message as a plain line, the final summary included
@@ -1005,3 +1006,13 @@ def test_refine_command_refines_a_selection_of_frames(small_dataset, quartz_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "frames:" in err and "selects no frame" in err, err
     assert not (tmp_path / "none").exists()
+
+
+def test_adp_bound_warning_names_the_atoms():
+    from blochflow.cli import adp_bound_warning
+
+    assert adp_bound_warning([]) is None
+    one = adp_bound_warning(["O1"])
+    assert one.startswith("warning: the ADP of 1 atom (O1) ended on its lower bound") and "\n" not in one
+    many = adp_bound_warning([f"C{i}" for i in range(12)])
+    assert "12 atoms (C0, C1," in many and "C9 ..." in many and "C10" not in many

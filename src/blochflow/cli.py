@@ -495,7 +495,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
-        for note in (determinacy_warning(summ["n_all"], summ["n_params"]), thickness_note(summ["frames"])):
+        for note in (determinacy_warning(summ["n_all"], summ["n_params"]), thickness_note(summ["frames"]),
+                     adp_bound_warning(summ["adp_at_bound"])):
             if note:
                 log(note)
         if not has_free and settings.free_fraction > 0:
@@ -529,6 +530,16 @@ def thickness_note(frames: dict) -> str | None:
     ids = ", ".join(str(frames["frame"][i]) for i in loose[:10]) + (" ..." if len(loose) > 10 else "")
     return (f"note: {len(loose)} of {len(t)} frames have a thickness s.u. above {THICKNESS_SU_LIMIT:.0%} of its value "
             f"(frames {ids}): their thickness is barely determined; frames.csv lists each with its s.u.")
+
+
+def adp_bound_warning(labels: list[str]) -> str | None:
+    """The warning for atoms whose refined ADP ended on the positivity bound (None when there are none)."""
+    if not labels:
+        return None
+    names = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
+    return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({names}) ended on its lower "
+            f"bound (smallest eigenvalue <= 0.0002 A^2): the data do not hold it up; restrain it (same_adp), refine "
+            f"it isotropically, use more frames, or look for a model error")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -294,6 +294,15 @@ class StructureParameters:
         """True when every Cartesian ADP tensor has all eigenvalues above ``floor`` (A^2)."""
         return bool(np.all(np.linalg.eigvalsh(self._u_cart(theta)) > floor))
 
+    def adp_at_bound(self, theta, limit: float = 2e-4) -> list[int]:
+        """Atoms with refined ADPs whose smallest Cartesian ADP eigenvalue is at most ``limit`` (A^2):
+        held up by the positivity bound of :meth:`bounded_step` (floor 1e-4 A^2), not by the data."""
+        owners = np.unique(self._adp_owner[self._adp_owner >= 0])
+        if not len(owners):
+            return []
+        lam = np.linalg.eigvalsh(self._u_cart(theta))[:, 0]
+        return [int(a) for a in owners if lam[a] <= limit]
+
     def adp_step_scales(self, theta, delta, floor: float = 1e-4) -> np.ndarray:
         """Per atom, the largest s in (0, 1] keeping its ADP eigenvalues >= floor (A^2) along theta + s delta.
 

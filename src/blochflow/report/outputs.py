@@ -193,6 +193,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "structure": structure_path, "data": data_path,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
         "atoms": atoms_su,
+        "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }
     if extra:
         summary.update(extra)

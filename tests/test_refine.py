@@ -1013,6 +1013,6 @@ def test_adp_bound_warning_names_the_atoms():
 
     assert adp_bound_warning([]) is None
     one = adp_bound_warning(["O1"])
-    assert one.startswith("warning: the ADP of 1 atom (O1) ended on its lower bound") and "\n" not in one
+    assert one.startswith("warning: the ADP of 1 atom (O1) ended on the positivity bound") and "hold it up" in one and "\n" not in one
     many = adp_bound_warning([f"C{i}" for i in range(12)])
-    assert "12 atoms (C0, C1," in many and "C9 ..." in many and "C10" not in many
+    assert "12 atoms (C0, C1," in many and "C9 ..." in many and "C10" not in many and "hold them up" in many

@@ -537,9 +537,10 @@ def adp_bound_warning(labels: list[str]) -> str | None:
     if not labels:
         return None
     names = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
-    return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({names}) ended on its lower "
-            f"bound (smallest eigenvalue <= 0.0002 A^2): the data do not hold it up; restrain it (same_adp), refine "
-            f"it isotropically, use more frames, or look for a model error")
+    them = "them" if len(labels) > 1 else "it"
+    return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({names}) ended on the "
+            f"positivity bound (smallest eigenvalue <= 0.0002 A^2): the data do not hold {them} up; restrain "
+            f"{them} (same_adp), use more frames, or look for a model error")
 
 
 def build_parser() -> argparse.ArgumentParser:

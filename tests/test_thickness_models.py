@@ -320,3 +320,18 @@ def test_a_learned_model_saved_before_the_mixture_form_rebuilds_as_quantile():
     assert again.distribution == "quantile" and again.n_weights == old.n_weights
     raw = old.initial()
     assert torch.allclose(again.evaluate(raw, ctx)[0], old.evaluate(raw, ctx)[0])
+
+
+def test_learned_model_on_a_selection_of_frames_warm_starts_on_all_of_them(quartz_paths, truth):
+    """frames = '...': the per-frame warm start fits the selected frames (it selected again inside
+    the selection before, leaving one frame for a five-frame network fit, and failed)."""
+    from conftest import every_nth_frame, simulated
+
+    ds = every_nth_frame(quartz_paths[1], 9)
+    ds = simulated(ds, truth, np.full(len(ds.frames), 450.0), 2, seed=5)
+    ids = ds.frames.ids
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness_model="learned", warm_start_iterations=1,
+                              adam_steps=0, free_fraction=0.0, refine_orientation=False, thickness_basis=3,
+                              frames=f"{ids[0]}-{ids[-1]}:2")
+    problem = build_problem(truth, ds, settings)
+    assert problem.model.n_frames == len(ids[::2]) and problem.warm_start["model"] == "per-frame"

@@ -508,7 +508,8 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
     """Fit the simpler model named by ``learned_warm_start`` first (same settings otherwise)."""
     pre = dataclasses.replace(settings, thickness_model=settings.learned_warm_start,
                               lm_iterations=settings.warm_start_iterations,
-                              integration_check=False)  # the learned model's own run checks its result
+                              integration_check=False,  # the learned model's own run checks its result
+                              frames="")  # the dataset holds the selected frames already
     problem = build_problem(crystal, dataset, pre, frame_mask)
     result = refine(problem, pre, log=lambda line: log(f"warm start ({pre.thickness_model}): {line}"))
     if result.interrupted:  # stop the whole run; the warm-start fit has no checkpoint of its own

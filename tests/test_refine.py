@@ -1000,6 +1000,16 @@ def test_refine_command_refines_a_selection_of_frames(small_dataset, quartz_path
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_frames"] == len(ids[::2]) and summary["settings"]["frames"] == f"{ids[0]}-{ids[-1]}:2"
     assert f"on {len(ids[::2])} frames" in (out / "refine.log").read_text()
+    # its frame model re-used by simulate on the same frames; on all frames, an error that says so
+    capsys.readouterr()
+    assert main(["simulate", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "all"), "--samples", "2",
+                 "--frame-model", str(out / "frame_model.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"holds values for {len(ids[::2])} frames" in err and "--frames" in err, err
+    assert main(["simulate", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "same"), "--samples", "2",
+                 "--frame-model", str(out / "frame_model.json"), "--frames", f"{ids[0]}-{ids[-1]}:2"]) == 0
+    sim = json.loads((tmp_path / "same" / "summary.json").read_text())
+    assert sim["n_frames"] == len(ids[::2])
     capsys.readouterr()
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "none"),
                  "--frames", f"{ids[-1] + 1}-{ids[-1] + 9}"]) == 2

@@ -118,6 +118,16 @@ def _override_wavelength(ds, wavelength):
         raise InputError("command line", "--wavelength", str(exc)) from None
 
 
+def _selected_frames(ds, spec: str, data):
+    """The dataset restricted to the frames ``spec`` names (see io.pets.frame_selection), or a one-line
+    InputError naming the data file."""
+    from .io.pets import frame_selection, select_frames
+    try:
+        return select_frames(ds, frame_selection(ds.frames.ids, spec))
+    except ValueError as exc:
+        raise InputError(data, "frames", str(exc)) from None
+
+
 def _load(structure: str, data: str, *, refining: bool = False):
     """Structure and dataset, checked against each other. Cells: an error beyond 5 % (lengths) or 3 deg
     (angles), a warning beyond 1 % or 0.5 deg. U_ij that are not positive definite get a warning; a
@@ -249,6 +259,8 @@ def cmd_simulate(args) -> int:
         _config_into_simulate(args)
     crystal, ds = _load(structure, data)
     ds = _override_wavelength(ds, args.wavelength)
+    if args.frames:
+        ds = _selected_frames(ds, args.frames, data)
     settings = _model_settings(args)
     out = Path(args.out)
     if args.write_pets:
@@ -435,11 +447,7 @@ def cmd_refine(args) -> int:
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
     crystal, ds = _load(structure, data, refining=True)
     if settings.frames:
-        from .io.pets import frame_selection
-        try:
-            frame_selection(ds.frames.ids, settings.frames)
-        except ValueError as exc:
-            raise InputError(data, "frames", str(exc)) from None
+        _selected_frames(ds, settings.frames, data)  # checked here; build_problem selects them
     log = ProgressLog(out / "refine.log", append=args.resume)
     try:
         return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
@@ -560,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "rows with a weight per frame give a distribution")
     s.add_argument("--thickness-expr", help="per-frame expression, e.g. '800/cos(radians(alpha))'")
     s.add_argument("--thickness-spread", type=float, default=0.0, help="Gaussian spread per frame (A)")
+    s.add_argument("--frames", help="frames to simulate, by the ids of the data's frame loop: '1-40,52', or "
+                                    "'1-99:10' for every 10th (default: all)")
     s.add_argument("--frame-model", help="frame_model.json written by 'blochflow refine' (thickness model, "
                                          "orientation corrections)")
     s.add_argument("--write-pets", help="write a synthetic .cif_pets to this path instead of comparing (--out "

@@ -414,7 +414,10 @@ def frame_model_from_record(record: dict, ctx: FrameContext, frame_ids) -> tuple
     raw = {}
     for b in thick.blocks():
         if b.per_frame and not same:
-            raise ValueError(f"the '{thick.kind}' thickness model holds values for other frames")
+            held = [int(f) for f in record["frame_ids"]]
+            names = ", ".join(map(str, held[:8])) + (" ..." if len(held) > 8 else "")
+            raise ValueError(f"the '{thick.kind}' thickness model holds values for {len(held)} frames ({names}), not "
+                             f"for the {len(frame_ids)} given; select the same frames (--frames)")
         raw[b.name] = torch.as_tensor(record["raw"][b.name], dtype=torch.float64).reshape(
             (ctx.n_frames, *b.shape[1:]) if b.per_frame else b.shape)
     orientation = record.get("refine_orientation", False) and same and "orientation" in record["raw"]

@@ -1026,3 +1026,20 @@ def test_adp_bound_warning_names_the_atoms():
     assert one.startswith("warning: the ADP of 1 atom (O1) ended on the positivity bound") and "hold it up" in one and "\n" not in one
     many = adp_bound_warning([f"C{i}" for i in range(12)])
     assert "12 atoms (C0, C1," in many and "C9 ..." in many and "C10" not in many and "hold them up" in many
+
+
+def test_enantiomer_on_a_centrosymmetric_structure_is_refused(small_dataset, tmp_path, capsys):
+    """--enantiomer asks which hand the data prefer; in a centrosymmetric group the inverted model is
+    the same structure, so the command says so in one line before any work."""
+    _, _, data = small_dataset
+    cif = tmp_path / "centric.cif"
+    cif.write_text("data_c\n_cell_length_a 4.9226\n_cell_length_b 4.9226\n_cell_length_c 5.4003\n"
+                   "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 120\n"
+                   "loop_\n_symmetry_equiv_pos_as_xyz\nx,y,z\n-x,-y,-z\n"
+                   "loop_\n_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n"
+                   "_atom_site_fract_z\n_atom_site_U_iso_or_equiv\nSi1 Si 0.47 0.0 0.33 0.01\nO1 O 0.41 0.27 0.21 0.01\n")
+    capsys.readouterr()
+    assert main(["refine", str(cif), str(data), "--out", str(tmp_path / "hands"), "--enantiomer"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--enantiomer" in err and "centrosymmetric" in err, err
+    assert not (tmp_path / "hands").exists()

@@ -446,6 +446,9 @@ def cmd_refine(args) -> int:
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
     crystal, ds = _load(structure, data, refining=True)
+    if args.enantiomer and crystal.symmetry.inversion_centre() is not None:
+        raise InputError(structure, "--enantiomer", "the space group is centrosymmetric: the inverted model is the "
+                                                     "same structure, so the data have no hand to choose")
     if settings.frames:
         _selected_frames(ds, settings.frames, data)  # checked here; build_problem selects them
     log = ProgressLog(out / "refine.log", append=args.resume)

@@ -538,7 +538,7 @@ def thickness_note(frames: dict) -> str | None:
     loose = np.flatnonzero(np.isfinite(su) & (su > THICKNESS_SU_LIMIT * t))
     if not len(loose):
         return None
-    ids = ", ".join(str(frames["frame"][i]) for i in loose[:10]) + (" ..." if len(loose) > 10 else "")
+    ids = _first_few([frames["frame"][i] for i in loose])
     return (f"note: {len(loose)} of {len(t)} frames have a thickness s.u. above {THICKNESS_SU_LIMIT:.0%} of its value "
             f"(frames {ids}): their thickness is barely determined; frames.csv lists each with its s.u.")
 
@@ -547,11 +547,16 @@ def adp_bound_warning(labels: list[str]) -> str | None:
     """The warning for atoms whose refined ADP ended on the positivity bound (None when there are none)."""
     if not labels:
         return None
-    names = ", ".join(labels[:10]) + (" ..." if len(labels) > 10 else "")
+    from .crystal.parameters import ADP_FLOOR
     them = "them" if len(labels) > 1 else "it"
-    return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({names}) ended on the "
-            f"positivity bound (smallest eigenvalue <= 0.0002 A^2): the data do not hold {them} up; restrain "
-            f"{them} (same_adp), use more frames, or look for a model error")
+    return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({_first_few(labels)}) ended on "
+            f"the positivity bound (smallest eigenvalue <= {2 * ADP_FLOOR:g} A^2): the data do not hold {them} up; "
+            f"restrain {them} (same_adp), use more frames, or look for a model error")
+
+
+def _first_few(items, n: int = 10) -> str:
+    """The first ``n`` items joined by commas, and " ..." when there are more."""
+    return ", ".join(str(x) for x in items[:n]) + (" ..." if len(items) > n else "")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,9 @@ _XYZ, _OCC, _U = slice(0, 3), 3, slice(4, 13)
 _AXES = "xyz"
 
 
+# A^2: the smallest ADP eigenvalue a refinement step may leave (see StructureParameters.bounded_step)
+ADP_FLOOR = 1e-4
+
 class StructureParameters:
     """Flat parameter vector <-> (xyz, occupancy, u_frac) of the asymmetric unit, with constraints.
 
@@ -294,16 +297,16 @@ class StructureParameters:
         """True when every Cartesian ADP tensor has all eigenvalues above ``floor`` (A^2)."""
         return bool(np.all(np.linalg.eigvalsh(self._u_cart(theta)) > floor))
 
-    def adp_at_bound(self, theta, limit: float = 2e-4) -> list[int]:
+    def adp_at_bound(self, theta, limit: float = 2 * ADP_FLOOR) -> list[int]:
         """Atoms with refined ADPs whose smallest Cartesian ADP eigenvalue is at most ``limit`` (A^2):
-        held up by the positivity bound of :meth:`bounded_step` (floor 1e-4 A^2), not by the data."""
+        held up by the positivity bound of :meth:`bounded_step` (ADP_FLOOR), not by the data."""
         owners = np.unique(self._adp_owner[self._adp_owner >= 0])
         if not len(owners):
             return []
         lam = np.linalg.eigvalsh(self._u_cart(theta))[:, 0]
         return [int(a) for a in owners if lam[a] <= limit]
 
-    def adp_step_scales(self, theta, delta, floor: float = 1e-4) -> np.ndarray:
+    def adp_step_scales(self, theta, delta, floor: float = ADP_FLOOR) -> np.ndarray:
         """Per atom, the largest s in (0, 1] keeping its ADP eigenvalues >= floor (A^2) along theta + s delta.
 
         U(s) = U0 + s D is affine, so per atom with W = U0 - f I = L L^T the bound is
@@ -325,7 +328,7 @@ class StructureParameters:
         out[ok] = np.where(mu < 0, np.minimum(1.0, -1.0 / np.where(mu < 0, mu, -1.0)), 1.0)
         return out
 
-    def bounded_step(self, theta, delta, floor: float = 1e-4) -> tuple[torch.Tensor, bool]:
+    def bounded_step(self, theta, delta, floor: float = ADP_FLOOR) -> tuple[torch.Tensor, bool]:
         """``delta`` with each atom's ADP components shortened to keep that atom positive definite.
 
         Only the offending atom's ADP step is cut (a projection onto the feasible set), so one ADP

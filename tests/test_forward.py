@@ -388,3 +388,41 @@ def test_near_candidates_keep_every_beam_that_comes_within_s_max(geometry):
         reached = np.flatnonzero(_abs_excitation(orient, samples.incident, cand_t, 40.0).min(0) < limit)
         assert 0 < len(reached) and set(reached) <= set(near.tolist())
         assert len(near) < len(cand) / 2  # and most are left out
+
+
+def test_centred_lattice_leaves_out_extinct_beams_with_the_same_intensities(quartz):
+    """A body-centred crystal (x + 1/2 on the quartz cell) and the same crystal written in P1 with its
+    centred images as atoms of their own: equal intensities, from about half the beams (the beams with
+    h + k + l odd never couple to 000, so the centred description leaves them out unless they are
+    scored: these quartz data score such reflections, which stay, decoupled, at zero)."""
+    from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
+
+    cell, ds = quartz[0].cell, quartz[1]
+    xyz = torch.tensor([[0.31, 0.12, 0.21], [0.14, 0.43, 0.33]], dtype=torch.float64)
+    u = torch.diag(torch.tensor([0.004, 0.005, 0.003], dtype=torch.float64)).expand(2, 3, 3).clone()
+
+    def crystal(triplets, positions):
+        n = len(positions)
+        asu = AsymmetricUnit([f"A{i}" for i in range(n)], ["Si", "O"] * (n // 2), positions,
+                             torch.ones(n, dtype=torch.float64), u.repeat(n // 2, 1, 1), [True] * n)
+        return Crystal(cell, SymmetryOps.from_triplets(triplets), asu)
+
+    centred = crystal(["x,y,z", "x+1/2,y+1/2,z+1/2"], xyz)
+    listed = crystal(["x,y,z"], torch.cat([xyz, (xyz + 0.5) % 1.0]))
+    assert centred.symmetry.centring_translations().tolist() == [[0.5, 0.5, 0.5]]
+    assert len(listed.symmetry.centring_translations()) == 0
+    mask = _mask(ds, range(2))
+    a, b = (ForwardModel(c, ds, FAST, frame_mask=mask) for c in (centred, listed))
+    assert np.array_equal(a.plan.scored.row, b.plan.scored.row)
+    scored = {tuple(h) for h in a.plan.scored.hkl}
+
+    def unscored(plan):  # (beams of all samples that are not scored reflections)
+        hkl = np.concatenate([ch.hkl[ch.mask].numpy() for ch in plan.chunks]).astype(int)
+        return hkl[[tuple(h) not in scored for h in hkl]]
+
+    odd = {tuple(h) for h in unscored(a.plan) if h.sum() % 2}
+    assert not odd  # only scored extinct reflections stay (decoupled, I = 0)
+    assert 0.4 < len(unscored(a.plan)) / len(unscored(b.plan)) < 0.6
+    with torch.no_grad():
+        ia, ib = a.intensities(a.frame_state(400.0)), b.intensities(b.frame_state(400.0))
+    assert float(ib.max()) > 0 and torch.allclose(ia, ib, rtol=1e-9, atol=1e-12 * float(ib.max()))

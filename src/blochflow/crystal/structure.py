@@ -31,6 +31,14 @@ class SymmetryOps:
     def __len__(self) -> int:
         return len(self.rotations)
 
+    def centring_translations(self) -> np.ndarray:
+        """(L, 3) the lattice-centring translations (operators x + t, t not a lattice vector), in [0, 1)."""
+        ident = np.eye(3, dtype=int)
+        out = {tuple(np.round(t % 1.0, 6) % 1.0) for r, t in zip(self.rotations, self.translations)
+               if np.array_equal(r, ident)}
+        out.discard((0.0, 0.0, 0.0))
+        return np.array(sorted(out), float).reshape(-1, 3)
+
     def inversion_centre(self) -> np.ndarray | None:
         """(3,) fractional position of an inversion centre (t / 2 of an operator -x + t, the smallest
         such t), or None for a non-centrosymmetric group."""

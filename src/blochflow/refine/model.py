@@ -64,7 +64,8 @@ class ForwardModel:
     def _plan_settings(self) -> BeamSettings:
         """The beam settings with chunks sized for the device (larger batches on a GPU)."""
         b = self.settings.beams
-        return dataclasses.replace(b, chunk_elements=int(b.chunk_elements * work_scale(self.device)))
+        centring = tuple(tuple(float(x) for x in t) for t in self.crystal.symmetry.centring_translations())
+        return dataclasses.replace(b, chunk_elements=int(b.chunk_elements * work_scale(self.device)), centring=centring)
 
     def fit_samples_to_fringes(self, thickness, samples_per_fringe: float) -> bool:
         """Give each frame at least ``samples_per_fringe`` tilt samples per Pendelloesung fringe of its

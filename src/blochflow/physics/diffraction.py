@@ -501,9 +501,20 @@ def _padded(potential: torch.Tensor) -> torch.Tensor:
     return torch.cat([potential, potential.new_zeros(1)])
 
 
+def _pair_rows(plan: DiffractionPlan, ch_hkl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N, N) potential row of g_i - g_j for every beam pair of these samples; the trailing zero row
+    (M) on the diagonal and for padding beams."""
+    n = ch_hkl.shape[1]
+    d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
+    idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
+    pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=mask.device)
+    return torch.where(pair, idx, torch.full_like(idx, len(plan.potential_hkl)))
+
+
 def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
-                 sample_slice: slice | None = None) -> _ChunkTerms:
-    """Structure-matrix ingredients of a chunk (optionally of some of its samples)."""
+                 sample_slice: slice | None = None, pairs: bool = True) -> _ChunkTerms:
+    """Structure-matrix ingredients of a chunk (optionally of some of its samples). ``pairs`` False
+    leaves ``idx`` None where the plan does not cache it (:func:`_pair_rows` builds it later)."""
     rtype = potential.real.dtype
     pot = _padded(potential)
     pot_abs = None if potential_abs is None else _padded(potential_abs)
@@ -540,10 +551,7 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
         idx = pair_index
     else:
         pair_set = None
-        d = (ch_hkl[:, :, None, :] - ch_hkl[:, None, :, :]).long() + plan.lut_offset
-        idx = plan.lut[d[..., 0], d[..., 1], d[..., 2]]
-        pair = mask[:, :, None] & mask[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=dev)
-        idx = torch.where(pair, idx, torch.full_like(idx, len(potential)))
+        idx = _pair_rows(plan, ch_hkl, mask) if pairs else None
     big = 1e4 * (1 + torch.arange(n, dtype=rtype, device=dev) * 1e-3)
     diag = torch.where(mask, 2 * k * sg, big)
     if state.surface_normal is None:
@@ -576,7 +584,7 @@ def _slice_terms(tm: _ChunkTerms, sl: slice) -> _ChunkTerms:
     def cut(x):
         return None if x is None else x[sl]
 
-    return _ChunkTerms(tm.pot, tm.pot_abs, tm.idx[sl], tm.diag[sl], cut(tm.m), tm.kn[sl], tm.thickness[sl],
+    return _ChunkTerms(tm.pot, tm.pot_abs, cut(tm.idx), tm.diag[sl], cut(tm.m), tm.kn[sl], tm.thickness[sl],
                        tm.weight[sl], tm.mask[sl], tm.out_sample[keep] - sl.start, tm.out_beam[keep],
                        tm.out_refl[keep], cut(tm.weak_idx), cut(tm.diag_weak), cut(tm.pair_set))
 
@@ -1402,7 +1410,7 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
 
             def small(*args, ch=ch, box=box):
                 pot, pot_abs, st = unpack(args)
-                t = _chunk_terms(plan, ch, pot, pot_abs, st)
+                t = _chunk_terms(plan, ch, pot, pot_abs, st, pairs=False)
                 box.append(t)  # index tables and output rows: plain tensors, no tangent
                 diag = t.diag if t.pot_abs is None else t.diag + 1j * _absorptive_diagonal(t)
                 return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
@@ -1410,16 +1418,23 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
 
             primal, tangent = forward_ad(small, moves_terms)
             inputs += [(_slice_terms(box[0], sl), (pot_primal, *(x[sl] for x in primal)),
-                        (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl))
-                       for c, sl in pieces if c is ch]
+                        (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl),
+                        (ch, sl)) for c, sl in pieces if c is ch]
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
         moving = torch.nonzero(moves_terms)[:, 0]
         real_tangents = not has_abs and _real_tangents(pot_tangent[live])  # centrosymmetric
         # all made first, then solved: overlapping the two (pipeline) put three threads on two cores and
         # cost 8 % of a quartz Jacobian
-        results = parallel_map(lambda args: _fused_jvp(*args[:3], hermitian=not has_abs, decomposition=args[3],
-                                                       live=live, moving=moving, real_tangents=real_tangents),
-                               inputs, workers)
+        # pair tables the plan does not cache are built by the worker, piece by piece: held for every
+        # piece at once they took B N^2 x 8 bytes (4.5 GB for 672 samples of 920 beams)
+        def solve(args):
+            tm, (ch, sl) = args[0], args[4]
+            if tm.idx is None:
+                tm = dataclasses.replace(tm, idx=_pair_rows(plan, ch.hkl[sl], ch.mask[sl]))
+            return _fused_jvp(tm, *args[1:3], hermitian=not has_abs, decomposition=args[3], live=live,
+                              moving=moving, real_tangents=real_tangents)
+
+        results = parallel_map(solve, inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []

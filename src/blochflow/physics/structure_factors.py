@@ -30,8 +30,9 @@ class PotentialPlan:
 
     hkl: torch.Tensor  # (M, 3) float
     g_length: torch.Tensor  # (M,) 1/A
-    hkl_rot: torch.Tensor  # (S, M, 3): R_s^T h for every operator
+    hkl_rot: torch.Tensor  # (S, M, 3): R_s^T h for one operator of each coset of the centring translations
     phase_shift: torch.Tensor  # (S, M): h . t_s
+    lattice_factor: torch.Tensor  # (M,) sum over centring translations c (0 included) of exp(-2 pi i h.c): L or 0
     element_z: torch.Tensor  # (E,) atomic numbers of the distinct elements
     atom_element: torch.Tensor  # (A,) index into element_z
     site_weight: torch.Tensor  # (A,)
@@ -43,8 +44,12 @@ def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=t
     hkl_t = torch.as_tensor(np.asarray(hkl), dtype=dtype)
     b = torch.as_tensor(reciprocal_basis(crystal.cell), dtype=dtype)
     g_len = torch.linalg.norm(hkl_t @ b.T, dim=-1)
-    rots = torch.as_tensor(crystal.symmetry.rotations, dtype=dtype)
-    trans = torch.as_tensor(crystal.symmetry.translations, dtype=dtype)
+    centring = crystal.symmetry.centring_translations()
+    reps = _coset_representatives(crystal.symmetry.rotations, crystal.symmetry.translations, centring)
+    rots = torch.as_tensor(crystal.symmetry.rotations[reps], dtype=dtype)
+    trans = torch.as_tensor(crystal.symmetry.translations[reps], dtype=dtype)
+    phase_c = np.asarray(hkl, float) @ centring.T  # (M, L-1)
+    allowed = np.all(np.abs(phase_c - np.rint(phase_c)) < 1e-6, axis=1)
     hkl_rot = torch.einsum("sji,mj->smi", rots, hkl_t)
     phase_shift = torch.einsum("mi,si->sm", hkl_t, trans)
     centre = crystal.symmetry.inversion_centre()
@@ -53,23 +58,57 @@ def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=t
     elements = sorted(set(crystal.asu.elements), key=crystal.asu.elements.index)
     return PotentialPlan(
         hkl=hkl_t, g_length=g_len, hkl_rot=hkl_rot, phase_shift=phase_shift,
+        lattice_factor=torch.as_tensor(allowed * float(len(centring) + 1), dtype=dtype),
         element_z=torch.tensor([atomic_number(e) for e in elements]),
         atom_element=torch.tensor([elements.index(e) for e in crystal.asu.elements]),
         site_weight=crystal.site_multiplicity_weights().to(dtype),
         prefactor=interaction_prefactor(wavelength, crystal.volume), wavelength=wavelength)
 
 
-def _operator_terms(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
-    """T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom and operator: (A, S, M) complex."""
-    hr = plan.hkl_rot  # (S, M, 3)
-    phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None])
+def _coset_representatives(rotations: np.ndarray, translations: np.ndarray, centring: np.ndarray) -> np.ndarray:
+    """Indices of one operator per coset of the centring translations: every operator is (R, t + c) for
+    a representative (R, t) and a centring translation c (or 0)."""
+    shifts = np.concatenate([np.zeros((1, 3)), centring])
+    reps, seen = [], []
+    for i, (r, t) in enumerate(zip(rotations, translations)):
+        if any(np.array_equal(r, rotations[j]) and _is_lattice_shift(t - translations[j], shifts) for j in seen):
+            continue
+        seen.append(i)
+        reps.append(i)
+    return np.array(reps, int)
+
+
+def _is_lattice_shift(d: np.ndarray, shifts: np.ndarray) -> bool:
+    """Whether d equals one of ``shifts`` modulo whole cell translations."""
+    x = d[None, :] - shifts
+    return bool(np.any(np.all(np.abs(x - np.rint(x)) < 1e-6, axis=1)))
+
+
+# (A, S, M) operator terms are evaluated in blocks of reflections of at most this many elements: an
+# F-centred cubic cell (48 operators per coset, 6 atoms, 60 000 potential rows) held 4.4 GB at once
+TERM_BLOCK_ELEMENTS = 2_000_000
+
+
+def _reflection_blocks(plan: PotentialPlan, n_atoms: int) -> list[slice]:
+    m = plan.hkl.shape[0]
+    step = max(1, TERM_BLOCK_ELEMENTS // max(1, n_atoms * plan.hkl_rot.shape[0]))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
+
+
+def _operator_terms(plan: PotentialPlan, xyz, u_frac, block: slice = slice(None)) -> torch.Tensor:
+    """T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom and coset operator: (A, S, M) complex, for
+    the reflections of ``block``."""
+    hr = plan.hkl_rot[:, block]  # (S, M, 3)
+    phase = 2 * math.pi * (torch.einsum("smi,ai->asm", hr, xyz) + plan.phase_shift[None, :, block])
     dw = torch.exp(-2 * math.pi ** 2 * torch.einsum("smi,aij,smj->asm", hr, u_frac, hr))
     return torch.complex(dw * torch.cos(phase), -dw * torch.sin(phase))  # torch.polar is 2x slower on CPU
 
 
 def _atom_sums(plan: PotentialPlan, xyz, u_frac) -> torch.Tensor:
-    """sum over operators of T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom: (A, M) complex."""
-    return torch.sum(_operator_terms(plan, xyz, u_frac), dim=1)
+    """sum over all operators of T(R^T h) exp(-2 pi i (R^T h . x + h . t)) per atom: (A, M) complex
+    (the coset representatives' sum times the lattice factor)."""
+    sums = [torch.sum(_operator_terms(plan, xyz, u_frac, b), dim=1) for b in _reflection_blocks(plan, len(xyz))]
+    return torch.cat(sums, 1) * plan.lattice_factor
 
 
 def _atom_factors(plan: PotentialPlan) -> torch.Tensor:
@@ -137,12 +176,14 @@ def crystal_potential_jvp(plan: PotentialPlan, xyz: torch.Tensor, occupancy: tor
         (u_g, u_abs), (du, du_abs) = vmap(lambda a, b, c: jvp(pot, (xyz, occupancy, u_frac), (a, b, c)),
                                           out_dims=(None, 0))(d_xyz, d_occupancy, d_u_frac)
         return u_g, u_abs, du, du_abs
-    term = _operator_terms(plan, xyz, u_frac)  # (A, S, M)
-    hr = plan.hkl_rot.to(term.dtype)  # (S, M, 3)
-    s0 = term.sum(1)
-    s1 = torch.einsum("asm,smi->ami", term, hr)
-    s2 = torch.einsum("asm,smi,smj->amij", term, hr, hr)
-    f_atom = _atom_factors(plan)  # (A, M)
+    moments = []
+    for b in _reflection_blocks(plan, len(xyz)):
+        term = _operator_terms(plan, xyz, u_frac, b)  # (A, S, m)
+        hr = plan.hkl_rot[:, b].to(term.dtype)  # (S, m, 3)
+        moments.append((term.sum(1), torch.einsum("asm,smi->ami", term, hr),
+                        torch.einsum("asm,smi,smj->amij", term, hr, hr)))
+    s0, s1, s2 = (torch.cat(x, 1) for x in zip(*moments))
+    f_atom = _atom_factors(plan) * plan.lattice_factor  # (A, M), the centring cosets' sum folded in
     sw = plan.site_weight
     w = occupancy * sw
     u_g = plan.prefactor * torch.sum(w[:, None] * f_atom * s0, dim=0)

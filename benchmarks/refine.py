@@ -119,12 +119,13 @@ def kept_decompositions(args) -> dict:
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     index = refined_index(problem, settings)
     problem.jacobian_dtype = precision_dtype(settings.jacobian_precision)
-    cap = problem_mod.KEEP_DECOMPOSITIONS_BYTES
+    cap, share = problem_mod.KEEP_DECOMPOSITIONS_BYTES, problem_mod.KEEP_DECOMPOSITIONS_SHARE
     times = {"own": [], "kept": []}
     try:
         for i in range(2 * args.repeat + 2):  # the first pair warms up
             mode = "kept" if i % 2 else "own"
             problem_mod.KEEP_DECOMPOSITIONS_BYTES = cap if mode == "kept" else 0
+            problem_mod.KEEP_DECOMPOSITIONS_SHARE = share if mode == "kept" else 0
             problem._last_decompositions = None
             theta = problem.theta0 + 1e-9 * (i + 1)
             t0 = time.perf_counter()
@@ -136,7 +137,7 @@ def kept_decompositions(args) -> dict:
             if i >= 2:
                 times[mode].append((t1 - t0, t2 - t1))
     finally:
-        problem_mod.KEEP_DECOMPOSITIONS_BYTES = cap
+        problem_mod.KEEP_DECOMPOSITIONS_BYTES, problem_mod.KEEP_DECOMPOSITIONS_SHARE = cap, share
     row = {}
     for mode, ts in times.items():
         row[f"{mode}_forward_s"] = min(t[0] for t in ts)

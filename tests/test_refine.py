@@ -226,6 +226,25 @@ def test_single_precision_jacobian_agrees_with_double(small_dataset, truth, abso
     assert float(err.max()) > 1e-9  # it did run in single precision
 
 
+def test_decompositions_are_kept_within_a_share_of_the_device_memory(small_dataset, truth, monkeypatch):
+    """A forward pass keeps its decompositions for the Jacobian when they fit the fixed budget or the
+    share of the solving device's memory, whichever is larger; beyond both it does not."""
+    import blochflow.refine.problem as problem_mod
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, thickness=500.0, free_fraction=0.0)
+    problem = build_problem(displaced(truth, 0.03, 0.02), ds, settings)
+    problem.jacobian_dtype = problem.forward_dtype = torch.float64
+    plan = problem.model.plan
+    size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks) * 16  # complex128
+    monkeypatch.setattr(problem_mod, "KEEP_DECOMPOSITIONS_BYTES", 0.0)
+    for memory, kept in ((8.1 * size, True), (7.9 * size, False)):
+        monkeypatch.setattr(problem_mod, "device_memory", lambda device, m=memory: m)
+        assert problem._keeps(plan) is kept
+    monkeypatch.setattr(problem_mod, "KEEP_DECOMPOSITIONS_BYTES", 1.01 * size)
+    assert problem._keeps(plan)
+
+
 @pytest.mark.parametrize("case", ["elastic", "absorption", "learned"])
 def test_jacobian_reuses_the_decompositions_of_the_forward_pass(small_dataset, truth, monkeypatch, case):
     """A Jacobian at the point of the last forward pass without gradient (an LM iteration's accepted

@@ -879,10 +879,10 @@ def _graph_elements(plan: DiffractionPlan, q: int) -> float:
 
 def _graphs_too_large(plan: DiffractionPlan, q: int) -> bool:
     """Whether a pass's graphs would exceed GRAPH_MEMORY_SHARE of its device's memory."""
-    return _graph_elements(plan, q) * GRAPH_BYTES_PER_ELEMENT > GRAPH_MEMORY_SHARE * _device_memory(plan.device)
+    return _graph_elements(plan, q) * GRAPH_BYTES_PER_ELEMENT > GRAPH_MEMORY_SHARE * device_memory(plan.device)
 
 
-def _device_memory(device: torch.device) -> float:
+def device_memory(device: torch.device) -> float:
     """Bytes of memory of the device (a GPU's own, else the machine's)."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)

@@ -18,7 +18,8 @@ from ..crystal.constraints import floating_origin_directions
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
-from ..physics.diffraction import Decompositions, FrameState, frame_subplan, simulate_frames, simulate_frames_jvp
+from ..physics.diffraction import (Decompositions, FrameState, device_memory, frame_subplan, simulate_frames,
+                                   simulate_frames_jvp)
 from ..physics.scattering import atomic_number
 from .model import ForwardModel
 from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights
@@ -35,8 +36,11 @@ NETWORK_MAX_STEP = 2.0
 # the damping of every parameter.
 PER_FRAME_MAX_STEP = {"thickness": 0.1, "orientation": 1.0}
 # A forward pass without gradient keeps its eigendecompositions (in the Jacobian's precision) for
-# a Jacobian at the same point when they take at most this much memory
+# a Jacobian at the same point when they take at most this much memory, or this share of the solving
+# device's memory if that is more (an LTA-like cell, 192 tilts of 924 beams: 1.3 GB kept, 10 % off an
+# LM iteration)
 KEEP_DECOMPOSITIONS_BYTES = 512e6
+KEEP_DECOMPOSITIONS_SHARE = 1 / 8
 
 
 @dataclass(frozen=True)
@@ -311,7 +315,8 @@ class RefinementProblem:
             return False
         size = sum(ch.hkl.shape[0] * ch.hkl.shape[1] ** 2 for ch in plan.chunks)
         size *= 1 + (self.model.settings.absorption != "none")  # and V^-1 with absorption
-        return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= KEEP_DECOMPOSITIONS_BYTES
+        budget = max(KEEP_DECOMPOSITIONS_BYTES, KEEP_DECOMPOSITIONS_SHARE * device_memory(plan.device))
+        return size * (8 if self.jacobian_dtype != torch.float64 else 16) <= budget
 
     def _solve(self, theta: torch.Tensor, plan, keeping: bool, decompositions=None) -> tuple:
         """Intensities (R,) over ``plan`` at theta in ``forward_dtype`` and, when ``keeping`` (see

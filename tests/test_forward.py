@@ -393,8 +393,8 @@ def test_near_candidates_keep_every_beam_that_comes_within_s_max(geometry):
 def test_centred_lattice_leaves_out_extinct_beams_with_the_same_intensities(quartz):
     """A body-centred crystal (x + 1/2 on the quartz cell) and the same crystal written in P1 with its
     centred images as atoms of their own: equal intensities, from about half the beams (the beams with
-    h + k + l odd never couple to 000, so the centred description leaves them out unless they are
-    scored: these quartz data score such reflections, which stay, decoupled, at zero)."""
+    h + k + l odd never couple to 000, so the centred description leaves them out, and does not score
+    the reflections of that coset that these data list: P1 gives them zero intensity)."""
     from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
 
     cell, ds = quartz[0].cell, quartz[1]
@@ -413,16 +413,21 @@ def test_centred_lattice_leaves_out_extinct_beams_with_the_same_intensities(quar
     assert len(listed.symmetry.centring_translations()) == 0
     mask = _mask(ds, range(2))
     a, b = (ForwardModel(c, ds, FAST, frame_mask=mask) for c in (centred, listed))
-    assert np.array_equal(a.plan.scored.row, b.plan.scored.row)
-    scored = {tuple(h) for h in a.plan.scored.hkl}
-
-    def unscored(plan):  # (beams of all samples that are not scored reflections)
-        hkl = np.concatenate([ch.hkl[ch.mask].numpy() for ch in plan.chunks]).astype(int)
-        return hkl[[tuple(h) not in scored for h in hkl]]
-
-    odd = {tuple(h) for h in unscored(a.plan) if h.sum() % 2}
-    assert not odd  # only scored extinct reflections stay (decoupled, I = 0)
-    assert 0.4 < len(unscored(a.plan)) / len(unscored(b.plan)) < 0.6
+    hkl = np.concatenate([ch.hkl[ch.mask].numpy() for ch in a.plan.chunks]).astype(int)
+    assert np.all(hkl.sum(1) % 2 == 0)  # the odd coset is neither solved nor scored
+    extinct = b.plan.scored.hkl.sum(1) % 2 == 1  # these data list such reflections: P1 scores them at zero
+    assert extinct.any() and np.array_equal(a.plan.scored.row, b.plan.scored.row[~extinct])
+    solved = [plan.n_beams[plan.n_beams > 1].sum() for plan in (a.plan, b.plan)]  # (1: frames not simulated)
+    assert 0.4 < solved[0] / solved[1] < 0.6
     with torch.no_grad():
         ia, ib = a.intensities(a.frame_state(400.0)), b.intensities(b.frame_state(400.0))
-    assert float(ib.max()) > 0 and torch.allclose(ia, ib, rtol=1e-9, atol=1e-12 * float(ib.max()))
+    assert float(ib.max()) > 0 and float(ib[extinct].max()) < 1e-20 * float(ib.max())
+    assert torch.allclose(ia, ib[~extinct], rtol=1e-9, atol=1e-12 * float(ib.max()))
+    from blochflow.refine.run import _log_centring_extinct
+
+    lines = []
+    _log_centring_extinct(centred, ds, lines.append)
+    odd = int((ds.reflections.hkl.sum(1) % 2 == 1).sum())
+    assert len(lines) == 1 and lines[0].startswith(f"{odd} of {len(ds.reflections.hkl)} reflection rows are extinct")
+    _log_centring_extinct(listed, ds, lines.append)
+    assert len(lines) == 1  # nothing to say without centring

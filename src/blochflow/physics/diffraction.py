@@ -55,7 +55,8 @@ class BeamSettings:
     # The crystal's lattice-centring translations (fractional; set from its space group by the forward
     # model). A beam h with h.t not an integer for one of them is extinct with every beam whose
     # difference from it is allowed (U_{g-h} = 0), so it never couples to 000: such beams are left out,
-    # which is exact and makes an F-centred crystal's matrices 4x smaller.
+    # which is exact and makes an F-centred crystal's matrices 4x smaller, and such reflections are
+    # not scored (their intensity is zero whatever the structure).
     centring: tuple[tuple[float, float, float], ...] = ()
 
 
@@ -210,6 +211,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     ds_obs = excitation_error_range(g_obs, axis[fidx], centre_inc, np.radians(frames.half_angle_deg[fidx]), geometry)
     keep = (np.abs(s_obs) < settings.rsg * ds_obs) & (ds_obs - np.abs(s_obs) > settings.dsg)
     keep &= np.any(refl.hkl != 0, axis=1)
+    keep &= lattice_allowed(refl.hkl, settings.centring)  # extinct by the centring: zero in any theory
     if frame_mask is not None:
         keep &= frame_mask[fidx]
     rows = np.flatnonzero(keep) if scored_rows is None else np.asarray(scored_rows)

@@ -29,7 +29,7 @@ from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, Global
                                  PerFrameThickness, SlabThickness)
 from ..io.pets import frame_selection, is_electron_wavelength, select_frames, with_wavelength
 from ..io.writers import atomic_write_bytes
-from ..physics.diffraction import COUPLINGS, BeamSettings, split_samples
+from ..physics.diffraction import COUPLINGS, BeamSettings, lattice_allowed, split_samples
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
@@ -525,6 +525,17 @@ def _warm_start_fit(crystal: Crystal, dataset, settings: RefineSettings, frame_m
     return WarmStart(problem.structure.crystal_at(raw["structure"]), mean, raw.get("orientation"), fitted, record)
 
 
+def _log_centring_extinct(crystal: Crystal, dataset, log: Callable[[str], None]) -> None:
+    """Say how many listed reflections the lattice centring makes extinct (not scored: zero in any
+    theory) and their mean I/sigma, which is about 0 when the cell and centring are right."""
+    refl = dataset.reflections
+    extinct = ~lattice_allowed(refl.hkl, crystal.symmetry.centring_translations())
+    if extinct.any():
+        i_sig = refl.intensity[extinct] / np.maximum(refl.sigma[extinct], 1e-12)
+        log(f"{int(extinct.sum())} of {len(extinct)} reflection rows are extinct by the lattice centring and not "
+            f"scored (mean I/sigma there {float(np.mean(i_sig)):.2f}; well above 0 means a wrong cell or centring)")
+
+
 def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
                   log: Callable[[str], None] = lambda line: None) -> RefinementProblem:
     """The refinement problem for a start structure and a dataset; a learned thickness model with a
@@ -534,6 +545,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         keep = frame_selection(dataset.frames.ids, settings.frames)
         log(f"frames: {int(keep.sum())} of {len(keep)} ({settings.frames})")
         dataset = select_frames(dataset, keep)
+    _log_centring_extinct(crystal, dataset, log)
     kind = settings.thickness_model
     warm = None
     if kind == "learned" and settings.learned_warm_start != "scan":

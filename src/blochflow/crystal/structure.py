@@ -12,6 +12,15 @@ from ..io.structure_cif import StructureRecord
 from . import cell as cellmod
 
 
+def lattice_allowed(hkl: np.ndarray, centring) -> np.ndarray:
+    """(N,) True where h.t is an integer for every centring translation t (L, 3) (the reflections a
+    centred lattice allows, the coset of 000)."""
+    if len(centring) == 0:
+        return np.ones(len(hkl), bool)
+    phase = np.asarray(hkl, float) @ np.asarray(centring, float).T
+    return np.all(np.abs(phase - np.rint(phase)) < 1e-6, axis=1)
+
+
 @dataclass(frozen=True)
 class SymmetryOps:
     """Space-group operators x' = R x + t on fractional coordinates."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
+from ..crystal.structure import lattice_allowed
 from .bloch import (_coefficients, _Propagate, _real_tangents, divided_differences, divided_differences_folded, hermitian_eigh, propagate,
                     propagate_perturbative, propagate_tangents)
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
@@ -144,15 +145,6 @@ def _candidate_beams(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
     g = hkl @ g_matrix.T
     keep = (np.linalg.norm(g, axis=1) <= g_max) & np.any(hkl != 0, axis=1)
     return hkl[keep]
-
-
-def lattice_allowed(hkl: np.ndarray, centring) -> np.ndarray:
-    """(N,) True where h.t is an integer for every centring translation t (the reflections a centred
-    lattice allows, the coset of 000)."""
-    if len(centring) == 0:
-        return np.ones(len(hkl), bool)
-    phase = np.asarray(hkl, float) @ np.asarray(centring, float).T
-    return np.all(np.abs(phase - np.rint(phase)) < 1e-6, axis=1)
 
 
 def _abs_excitation(orient: np.ndarray, incident: np.ndarray, hkl_t: torch.Tensor, k: float) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
-from ..crystal.structure import Crystal
+from ..crystal.structure import Crystal, lattice_allowed
 from .constants import interaction_prefactor
 from .scattering import atomic_number, electron_scattering_factor
 
@@ -48,8 +48,7 @@ def potential_plan(hkl: np.ndarray, crystal: Crystal, wavelength: float, dtype=t
     reps = _coset_representatives(crystal.symmetry.rotations, crystal.symmetry.translations, centring)
     rots = torch.as_tensor(crystal.symmetry.rotations[reps], dtype=dtype)
     trans = torch.as_tensor(crystal.symmetry.translations[reps], dtype=dtype)
-    phase_c = np.asarray(hkl, float) @ centring.T  # (M, L-1)
-    allowed = np.all(np.abs(phase_c - np.rint(phase_c)) < 1e-6, axis=1)
+    allowed = lattice_allowed(np.asarray(hkl), centring)
     hkl_rot = torch.einsum("sji,mj->smi", rots, hkl_t)
     phase_shift = torch.einsum("mi,si->sm", hkl_t, trans)
     centre = crystal.symmetry.inversion_centre()

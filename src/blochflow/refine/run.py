@@ -24,12 +24,12 @@ import torch
 
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraints_from_config
-from ..crystal.structure import Crystal
+from ..crystal.structure import Crystal, lattice_allowed
 from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, GlobalThickness, LearnedThickness,
                                  PerFrameThickness, SlabThickness)
 from ..io.pets import frame_selection, is_electron_wavelength, select_frames, with_wavelength
 from ..io.writers import atomic_write_bytes
-from ..physics.diffraction import COUPLINGS, BeamSettings, lattice_allowed, split_samples
+from ..physics.diffraction import COUPLINGS, BeamSettings, split_samples
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
 from .model import ForwardModel, ModelSettings
 from .objective import Figures

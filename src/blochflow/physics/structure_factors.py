@@ -68,12 +68,10 @@ def _coset_representatives(rotations: np.ndarray, translations: np.ndarray, cent
     """Indices of one operator per coset of the centring translations: every operator is (R, t + c) for
     a representative (R, t) and a centring translation c (or 0)."""
     shifts = np.concatenate([np.zeros((1, 3)), centring])
-    reps, seen = [], []
+    reps: list[int] = []
     for i, (r, t) in enumerate(zip(rotations, translations)):
-        if any(np.array_equal(r, rotations[j]) and _is_lattice_shift(t - translations[j], shifts) for j in seen):
-            continue
-        seen.append(i)
-        reps.append(i)
+        if not any(np.array_equal(r, rotations[j]) and _is_lattice_shift(t - translations[j], shifts) for j in reps):
+            reps.append(i)
     return np.array(reps, int)
 
 

@@ -505,15 +505,75 @@ def _pair_rows(plan: DiffractionPlan, ch_hkl: torch.Tensor, mask: torch.Tensor) 
     return torch.where(pair, idx, torch.full_like(idx, len(plan.potential_hkl)))
 
 
+def _sample_geometry(plan: DiffractionPlan, s_idx: torch.Tensor, fr: torch.Tensor, u0: torch.Tensor,
+                     state: FrameState, rtype: torch.dtype) -> tuple:
+    """Per-sample geometry (orientation O (B, 3, 3), incident direction (B, 3), surface normal (B, 3),
+    wave number K (), K_n = K n.k (B,)) of samples ``s_idx`` in frames ``fr``; ``u0`` is U_0, which
+    sets K in the crystal. Everything a beam's terms depend on besides its h k l."""
+    k = torch.sqrt(1.0 / plan.wavelength ** 2 + u0.real)  # wave number in the crystal (1/A)
+    samples = plan.samples
+    dev = s_idx.device
+    inc = torch.as_tensor(samples.incident, dtype=rtype, device=dev)[s_idx]
+    offs = torch.as_tensor(samples.alpha_offset, dtype=rtype, device=dev)[s_idx]
+    orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
+                                 plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
+    if state.orientation_correction is not None:
+        orient = correction_rotation(state.orientation_correction[fr]) @ orient
+    if state.surface_normal is None:
+        normal = inc
+    else:  # the normal turns with the crystal: by the tilt inside the frame, then the correction
+        normal = _rotate_about(state.surface_normal[fr].to(rtype),
+                               rocking_axis_lab(state.omega[fr], plan.axis_azimuth,
+                                                plan.settings.rocking_axis).to(rtype), offs)
+        if state.orientation_correction is not None:
+            normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
+    return orient, inc, normal, k, k * torch.sum(inc * normal, -1)
+
+
+def _beam_terms(hkl: torch.Tensor, mask: torch.Tensor, geometry: tuple, nonparallel: bool, pad_value):
+    """(2 K s_g (B, N) with ``pad_value`` at padding, illumination factors (1 + g.n / K_n)^-1/2 (B, N) or
+    None) of beams hkl (B, N, 3) at the samples' geometry (:func:`_sample_geometry`)."""
+    orient, inc, normal, k, kn = geometry
+    g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
+    diag = torch.where(mask, 2 * k * excitation_error(g_lab, inc[:, None, :], k), pad_value)
+    if not nonparallel:
+        return diag, None
+    m = torch.where(mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
+                    torch.ones_like(diag))
+    return diag, m
+
+
+def _beam_terms_tangent(hkl: torch.Tensor, mask: torch.Tensor, geometry: tuple, d_geometry: tuple,
+                        nonparallel: bool):
+    """Tangents (T, B, N) of :func:`_beam_terms` for tangents (T, ...) of the geometry, in closed form:
+    d(2 K s) = 2 dK s + 2 K ds, ds = -(k_in + g / K).dg + |g|^2 dK / (2 K^2); dm = -m^3 du / 2 with
+    u = g.n / K_n. Forward AD of the same algebra cost ~0.1 ms per operation per chunk on one
+    thread (the tangents of operations with a constant go through Python reference kernels)."""
+    orient, inc, normal, k, kn = geometry
+    d_orient, d_normal, dk, dkn = d_geometry
+    g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
+    dg = torch.einsum("tbij,bnj->tbni", d_orient, hkl)
+    g2 = torch.sum(g_lab * g_lab, -1)
+    s = excitation_error(g_lab, inc[:, None, :], k)
+    dk_ = dk[:, None, None]
+    ds = -torch.sum((inc[:, None, :] + g_lab / k) * dg, -1) + g2 * dk_ / (2 * k ** 2)
+    d_diag = torch.where(mask, 2 * (dk_ * s + k * ds), 0.0)
+    if not nonparallel:
+        return d_diag, None
+    u = torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]
+    du = ((torch.sum(dg * normal[:, None, :], -1) + torch.einsum("bni,tbi->tbn", g_lab, d_normal))
+          / kn[:, None] - u * (dkn / kn)[..., None])
+    return d_diag, torch.where(mask, -0.5 * (1 + u) ** -1.5 * du, 0.0)
+
+
 def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs, state: FrameState,
-                 sample_slice: slice | None = None, pairs: bool = True) -> _ChunkTerms:
+                 sample_slice: slice | None = None, pairs: bool = True, geometry: tuple | None = None) -> _ChunkTerms:
     """Structure-matrix ingredients of a chunk (optionally of some of its samples). ``pairs`` False
-    leaves ``idx`` None where the plan does not cache it (:func:`_pair_rows` builds it later)."""
+    leaves ``idx`` None where the plan does not cache it (:func:`_pair_rows` builds it later).
+    ``geometry``: the chunk's :func:`_sample_geometry`, when already at hand."""
     rtype = potential.real.dtype
     pot = _padded(potential)
     pot_abs = None if potential_abs is None else _padded(potential_abs)
-    k = torch.sqrt(1.0 / plan.wavelength ** 2 + potential[0].real)  # wave number in the crystal (1/A)
-    samples = plan.samples
     ch_hkl, mask, fr, s_idx, pair_index, pair_set = ch.hkl, ch.mask, ch.frame, ch.sample, ch.pair_index, ch.pair_set
     out_sample, out_beam, out_refl = ch.out_sample, ch.out_beam, ch.out_refl
     weak_hkl, weak_mask, weak_index = ch.weak_hkl, ch.weak_mask, ch.weak_index
@@ -530,44 +590,23 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
             weak_hkl, weak_mask = weak_hkl[sample_slice], weak_mask[sample_slice]
             weak_index = None if weak_index is None else weak_index[sample_slice]
     dev = s_idx.device
-    inc = torch.as_tensor(samples.incident, dtype=rtype, device=dev)[s_idx]
-    offs = torch.as_tensor(samples.alpha_offset, dtype=rtype, device=dev)[s_idx]
-    weight = torch.as_tensor(samples.weight, dtype=rtype, device=dev)[s_idx]
-    orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
-                                 plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
-    if state.orientation_correction is not None:
-        orient = correction_rotation(state.orientation_correction[fr]) @ orient
-    hkl = ch_hkl.to(rtype)
-    n = hkl.shape[1]
-    g_lab = torch.einsum("bij,bnj->bni", orient, hkl)
-    sg = excitation_error(g_lab, inc[:, None, :], k)  # (B,N)
+    if geometry is None:
+        geometry = _sample_geometry(plan, s_idx, fr, potential[0], state, rtype)
+    weight = torch.as_tensor(plan.samples.weight, dtype=rtype, device=dev)[s_idx]
+    n = ch_hkl.shape[1]
     if pair_index is not None:
         idx = pair_index
     else:
         pair_set = None
         idx = _pair_rows(plan, ch_hkl, mask) if pairs else None
     big = 1e4 * (1 + torch.arange(n, dtype=rtype, device=dev) * 1e-3)
-    diag = torch.where(mask, 2 * k * sg, big)
-    if state.surface_normal is None:
-        normal = inc
-    else:  # the normal turns with the crystal: by the tilt inside the frame, then the correction
-        normal = _rotate_about(state.surface_normal[fr].to(rtype),
-                               rocking_axis_lab(state.omega[fr], plan.axis_azimuth,
-                                                plan.settings.rocking_axis).to(rtype), offs)
-        if state.orientation_correction is not None:
-            normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
-    kn = k * torch.sum(inc * normal, -1)  # (B,)
-    m = None
-    if plan.settings.nonparallel:
-        m = torch.where(mask, (1 + torch.sum(g_lab * normal[:, None, :], -1) / kn[:, None]) ** -0.5,
-                        torch.ones_like(sg))
+    diag, m = _beam_terms(ch_hkl.to(rtype), mask, geometry, plan.settings.nonparallel, big)
     weak_idx = diag_weak = None
     if weak_hkl is not None:
         weak_idx = weak_index.long() if weak_index is not None else _weak_index(
             ch_hkl, mask, weak_hkl, weak_mask, plan.lut, plan.lut_offset, len(potential))
-        s_w = excitation_error(torch.einsum("bij,bnj->bni", orient, weak_hkl.to(rtype)), inc[:, None, :], k)
-        diag_weak = torch.where(weak_mask, 2 * k * s_w, torch.full_like(s_w, 1e4))
-    return _ChunkTerms(pot, pot_abs, idx, diag, m, kn, state.thickness[fr], weight, mask,
+        diag_weak, _ = _beam_terms(weak_hkl.to(rtype), weak_mask, geometry, False, 1e4)
+    return _ChunkTerms(pot, pot_abs, idx, diag, m, geometry[4], state.thickness[fr], weight, mask,
                        out_sample, out_beam, out_refl, weak_idx, diag_weak, pair_set)
 
 
@@ -1399,19 +1438,48 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         moves_terms = pot_tangent[:, 0] != 0
         for x in tan_args[1 + has_abs:]:  # the frame state's
             moves_terms = moves_terms | (x != 0).flatten(1).any(1)
+        # forward AD only of the per-sample geometry, once for every sample; the beams' terms take their
+        # tangents in closed form per chunk (:func:`_beam_terms_tangent`)
+        chunk_samples = torch.cat([ch.sample for ch in plan.chunks])
+        chunk_frames = torch.cat([ch.frame for ch in plan.chunks])
+        rtype = potential.real.dtype
+
+        def geometry_of(*args):
+            pot, _, st = unpack(args)
+            return _sample_geometry(plan, chunk_samples, chunk_frames, pot[0], st, rtype)
+
+        geo, d_geo = forward_ad(geometry_of, moves_terms)
+        geo_live = torch.nonzero(moves_terms)[:, 0]
+        thick_t = t_state[3]
+        start = 0
         for ci, ch in enumerate(plan.chunks):
-            box = []
-
-            def small(*args, ch=ch, box=box):
-                pot, pot_abs, st = unpack(args)
-                t = _chunk_terms(plan, ch, pot, pot_abs, st, pairs=False)
-                box.append(t)  # index tables and output rows: plain tensors, no tangent
-                diag = t.diag if t.pot_abs is None else t.diag + 1j * _absorptive_diagonal(t)
-                return (diag, torch.ones_like(t.diag) if t.m is None else t.m, t.kn, t.thickness,
-                        t.kn[:, None] if t.diag_weak is None else t.diag_weak)
-
-            primal, tangent = forward_ad(small, moves_terms)
-            inputs += [(_slice_terms(box[0], sl), (pot_primal, *(x[sl] for x in primal)),
+            fr, rng = ch.frame, slice(start, start + len(ch.sample))
+            start = rng.stop
+            ch_geo = tuple(x if x.dim() == 0 else x[rng] for x in geo)
+            tm = _chunk_terms(plan, ch, potential, potential_abs, state, pairs=False, geometry=ch_geo)
+            d_ch = tuple((x[geo_live] if x.dim() == 1 else x[geo_live][:, rng]).to(tm.diag.dtype) for x in
+                         (d_geo[0], d_geo[2], d_geo[3], d_geo[4]))  # d orientation, normal, K, K_n
+            b, n = tm.diag.shape
+            zeros = tm.diag.new_zeros
+            d_diag, d_m = zeros((n_t, b, n)), zeros((n_t, b, n))
+            d_diag[geo_live], dm_live = _beam_terms_tangent(ch.hkl.to(rtype), ch.mask, ch_geo, d_ch,
+                                                            plan.settings.nonparallel)
+            if dm_live is not None:
+                d_m[geo_live] = dm_live
+            d_kn = zeros((n_t, b))
+            d_kn[geo_live] = d_ch[3]
+            diag = tm.diag
+            if tm.pot_abs is not None:
+                diag = diag + 1j * _absorptive_diagonal(tm)
+                d_diag = d_diag + 1j * tm.mask.to(t_pot_abs.dtype) * t_pot_abs[:, 0, None, None]
+            if tm.diag_weak is None:
+                diag_w, d_diag_w = tm.kn[:, None], d_kn[:, :, None]
+            else:
+                diag_w, d_diag_w = tm.diag_weak, zeros((n_t,) + tm.diag_weak.shape)
+                d_diag_w[geo_live], _ = _beam_terms_tangent(ch.weak_hkl.to(rtype), ch.weak_mask, ch_geo, d_ch, False)
+            primal = (diag, torch.ones_like(tm.diag) if tm.m is None else tm.m, tm.kn, tm.thickness, diag_w)
+            tangent = (d_diag, d_m, d_kn, thick_t[:, fr], d_diag_w)
+            inputs += [(_slice_terms(tm, sl), (pot_primal, *(x[sl] for x in primal)),
                         (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl),
                         (ch, sl)) for c, sl in pieces if c is ch]
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece

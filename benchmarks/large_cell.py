@@ -42,8 +42,9 @@ HALF_ANGLE = 0.5  # deg
 ALPHAS = np.arange(-30.0, 31.0, 3.0)  # 21 frames
 
 
-def structure_cif(atoms, group: str = "F m -3 c") -> str:
-    lines = ["data_lta_like", *(f"_cell_length_{x} {A}" for x in "abc"), *(f"_cell_angle_{x} 90" for x in
+def structure_cif(atoms, group: str = "F m -3 c", cell=(A, A, A), name: str = "lta_like") -> str:
+    """A structure CIF (U_iso) of atoms (label, element, x, y, z, U) in an orthogonal cell."""
+    lines = [f"data_{name}", *(f"_cell_length_{x} {v}" for x, v in zip("abc", cell)), *(f"_cell_angle_{x} 90" for x in
              ("alpha", "beta", "gamma")), f"_symmetry_space_group_name_H-M '{group}'", "loop_", "_atom_site_label",
              "_atom_site_type_symbol", "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z",
              "_atom_site_U_iso_or_equiv"]
@@ -73,15 +74,15 @@ def _rotation(axis: int, angle: float) -> np.ndarray:
     return r if axis != 1 else r.T
 
 
-def geometry_pets() -> str:
+def geometry_pets(group: str = "F m -3 c", cell=(A, A, A)) -> str:
     """A .cif_pets header, frame loop and reflection list (I = sigma = 1) for the reflections near
     their Bragg condition in each frame (beam along -z, rotation axis x, |s_g| within 0.9 of the
-    wedge's reach)."""
-    cell = gemmi.UnitCell(A, A, A, 90, 90, 90)
-    ub = _rotation(2, 0.3) @ _rotation(0, 0.7) @ _rotation(1, 0.2) @ np.array(cell.frac.mat.tolist()).T
-    ops = gemmi.SpaceGroup("F m -3 c").operations()
+    wedge's reach), for an orthogonal cell."""
+    uc = gemmi.UnitCell(*cell, 90, 90, 90)
+    ub = _rotation(2, 0.3) @ _rotation(0, 0.7) @ _rotation(1, 0.2) @ np.array(uc.frac.mat.tolist()).T
+    ops = gemmi.SpaceGroup(group).operations()
     k = 1.0 / WAVELENGTH
-    n = int(DSTARMAX * A) + 1
+    n = int(DSTARMAX * max(cell)) + 1
     grid = np.stack(np.meshgrid(*[np.arange(-n, n + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
     grid = grid[(np.linalg.norm(grid @ ub.T, axis=1) < DSTARMAX) & np.any(grid != 0, axis=1)]
     grid = grid[[not ops.is_systematically_absent([int(v) for v in h]) for h in grid]]
@@ -91,7 +92,7 @@ def geometry_pets() -> str:
         s = (k ** 2 - np.sum((g + [0.0, 0.0, -k]) ** 2, 1)) / (2 * k)
         near = np.abs(s) < 0.9 * np.abs(g[:, 1]) * math.radians(HALF_ANGLE) + 1e-4
         rows += [f"{h} {kk} {l} 1 1 {fid}" for h, kk, l in grid[near]]
-    head = ["data_pets", *(f"_cell_length_{x} {A}" for x in "abc"),
+    head = ["data_pets", *(f"_cell_length_{x} {v}" for x, v in zip("abc", cell)),
             *(f"_cell_angle_{x} 90" for x in ("alpha", "beta", "gamma")), f"_diffrn_radiation_wavelength {WAVELENGTH}"]
     head += [f"_diffrn_orient_matrix_UB_{i + 1}{j + 1} {ub[i, j]:.8f}" for i in range(3) for j in range(3)]
     head += ["_diffrn_measurement_details", ";", "data collection geometry: continuous rotation",
@@ -159,7 +160,7 @@ def refine_case(args, work: Path) -> dict:
                        stdout=subprocess.DEVNULL)
 
     run("simulate", str(work / "truth.cif"), str(work / "geometry.cif_pets"), "--write-pets", str(work / "data.cif_pets"),
-        "--overwrite", "--thickness", "600", "--out", str(work / "sim"))
+        "--overwrite", "--thickness", str(getattr(args, "thickness", 600.0)), "--out", str(work / "sim"))
     t0 = time.perf_counter()
     run("refine", str(work / "start.cif"), str(work / "data.cif_pets"), "--out", str(work / "refined"), "--overwrite",
         "--frames", f"1-21:{args.frame_step}")

@@ -431,3 +431,34 @@ def test_centred_lattice_leaves_out_extinct_beams_with_the_same_intensities(quar
     assert len(lines) == 1 and lines[0].startswith(f"{odd} of {len(ds.reflections.hkl)} reflection rows are extinct")
     _log_centring_extinct(listed, ds, lines.append)
     assert len(lines) == 1  # nothing to say without centring
+
+
+def test_parallel_map_takes_a_generator_in_order_with_few_items_waiting():
+    """Items made by a generator on the calling thread go to the workers as they are made; results
+    come back in input order, and the generator runs at most two items per worker ahead of the
+    solves (made items do not pile up in memory)."""
+    import threading
+    import time
+
+    from blochflow.physics.workers import parallel_map
+
+    made, solved, ahead = [], [], []
+    lock = threading.Lock()
+
+    def items():
+        for i in range(20):
+            with lock:
+                ahead.append(len(made) - len(solved))
+                made.append(i)
+            yield i
+
+    def solve(i):
+        time.sleep(0.002 * (i % 3))
+        with lock:
+            solved.append(i)
+        return i * i, threading.current_thread().name
+
+    out = parallel_map(solve, items(), workers=2)
+    assert [v for v, _ in out] == [i * i for i in range(20)]
+    assert {name.split("_")[0] for _, name in out} == {"blochflow-solve"}
+    assert max(ahead) <= 2 * 2 + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Iterable, Sequence, Sized, TypeVar
 
 import torch
 
@@ -64,13 +64,15 @@ def _workers_single_threaded():
         torch.set_num_threads(previous)
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None,
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None,
                  grad: bool | None = None) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads (default :func:`solver_workers`), each running
-    torch single-threaded; ``grad`` sets autograd recording in the workers (default: the caller's)."""
+    torch single-threaded; ``grad`` sets autograd recording in the workers (default: the caller's).
+    ``items`` may be a generator: each item goes to the workers as this thread makes it, with at
+    most two per worker waiting, so that making overlaps solving and made items do not pile up."""
     workers = solver_workers() if workers is None else workers
     grad = torch.is_grad_enabled() if grad is None else grad
-    if workers <= 1 or len(items) <= 1 or transforms_active():
+    if workers <= 1 or (isinstance(items, Sized) and len(items) <= 1) or transforms_active():
         with torch.set_grad_enabled(grad):
             return [fn(x) for x in items]
 
@@ -79,24 +81,22 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
             return fn(x)
 
     with _workers_single_threaded():
-        return list(_pool(workers).map(call, items))
+        if isinstance(items, Sized):
+            return list(_pool(workers).map(call, items))
+        pool, pending, out = _pool(workers), [], []
+        for x in items:
+            pending.append(pool.submit(call, x))
+            while len(pending) > 2 * workers:
+                out.append(pending.pop(0).result())
+        return out + [f.result() for f in pending]
 
 
 def pipeline(make: Callable[[T], object], solve: Callable[[object], R], items: Sequence[T],
              workers: int | None = None) -> list[R]:
     """``[solve(make(x)) for x in items]`` with ``make`` on the calling thread (e.g. forward-mode AD,
-    which torch keeps process-global) and ``solve`` on ``workers`` threads, overlapped: the next
-    item is made while earlier ones are solved, with at most two per worker in flight."""
-    workers = solver_workers() if workers is None else workers
-    if workers <= 1 or len(items) <= 1 or transforms_active():
-        return [solve(make(x)) for x in items]
-    with _workers_single_threaded():
-        pool, pending, out = _pool(workers), [], []
-        for x in items:
-            pending.append(pool.submit(solve, make(x)))
-            while len(pending) > 2 * workers:
-                out.append(pending.pop(0).result())
-        return out + [f.result() for f in pending]
+    which torch keeps process-global) and ``solve`` on ``workers`` threads, overlapped (see
+    :func:`parallel_map`)."""
+    return parallel_map(solve, (make(x) for x in items), workers)
 
 
 def split_evenly(n: int, parts: int) -> list[slice]:

@@ -1101,3 +1101,33 @@ def test_enantiomer_on_a_centrosymmetric_structure_is_refused(small_dataset, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--enantiomer" in err and "centrosymmetric" in err, err
     assert not (tmp_path / "hands").exists()
+
+
+def test_the_problem_size_and_the_cost_of_a_pass_are_logged_before_the_first_pass(small_dataset, truth, monkeypatch):
+    """A logged build names the frames, tilts, beams and reflections and a timed estimate of one pass
+    (from one chunk's solve) before the start's thickness scan runs; above SLOW_PASS_S it also says
+    how to make a first look cheaper. Silent builds (no log) probe nothing. The estimate is what
+    pass_seconds makes of the probe: the N^3 work of every chunk shared among the solver threads."""
+    import blochflow.refine.run as run_mod
+    from blochflow.physics.diffraction import pass_seconds
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=4, free_fraction=0.0)
+    order = []
+    scan = run_mod.initial_thickness
+    monkeypatch.setattr(run_mod, "initial_thickness", lambda *a: order.append("scan") or scan(*a))
+    problem = build_problem(truth, ds, settings, log=order.append)
+    plan_line = next(i for i, line in enumerate(order) if line.startswith("plan: "))
+    assert plan_line < order.index("scan")
+    assert f"{len(ds.frames)} frames, {len(problem.model.plan.samples.frame)} tilt samples" in order[plan_line]
+    assert not any(line.startswith("note: a large problem") for line in order)
+    per_n3 = problem.model._per_n3
+    assert per_n3 > 0
+    work = sum(ch.hkl.shape[0] * float(ch.hkl.shape[1]) ** 3 for ch in problem.model.plan.chunks)
+    assert pass_seconds(problem.model.plan, per_n3, workers=2) == pytest.approx(per_n3 * work / 2)
+    monkeypatch.setattr(run_mod, "SLOW_PASS_S", 0.0)
+    lines = []
+    build_problem(truth, ds, settings, log=lines.append)
+    assert any(line.startswith("note: a large problem") and f"--frames {min(ds.frames.ids)}-{max(ds.frames.ids)}:"
+               in line for line in lines)
+    assert build_problem(truth, ds, settings).model._per_n3 is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -706,6 +707,41 @@ def _chunk_intensities(plan: DiffractionPlan, ch: BeamChunk, potential, potentia
     if tm.m is not None:
         psi = psi * tm.m[:, None, :].to(psi.dtype)
     return _rocking_values(tm, psi.real ** 2 + psi.imag ** 2), tm.out_refl
+
+
+def solve_cost_probe(plan: DiffractionPlan, potential: torch.Tensor, potential_abs: torch.Tensor | None,
+                     state: FrameState, absorption_method: AbsorptionMethod = "exact") -> float:
+    """Seconds per unit of N^3 (N: a chunk's padded beam count) that a pass without gradient costs per
+    sample on one thread here: a solve of the plan's median-sized chunk (as a pass batches it), timed
+    after a warm-up of one sample. With :func:`pass_seconds` it tells a user what a pass will cost before a
+    long one starts. Against whole passes in single precision on 2 threads (2-core machine): 0.93-1.18
+    of a forward pass, 0.8-0.9 of a thickness scan (quartz at 36 and 70 beams, paracetamol at 580 and
+    1100, an F-centred cell at 920)."""
+    chunks = [ch for ch in plan.chunks if ch.hkl.shape[0]]
+    if not chunks:
+        return 0.0
+    ch = sorted(chunks, key=lambda c: c.hkl.shape[1])[len(chunks) // 2]
+    k = ch.hkl.shape[0]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method, slice(0, 1))
+            t0 = time.perf_counter()
+            _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method, slice(0, k))
+            if plan.device.type == "cuda":
+                torch.cuda.synchronize(plan.device)
+            seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
+    return seconds / (k * float(ch.hkl.shape[1]) ** 3)
+
+
+def pass_seconds(plan: DiffractionPlan, per_n3: float, workers: int | None = None) -> float:
+    """Seconds a pass over the plan without gradient takes, from :func:`solve_cost_probe`'s figure:
+    every sample costs per_n3 N^3 at its chunk's N, shared among the solver threads."""
+    work = sum(ch.hkl.shape[0] * float(ch.hkl.shape[1]) ** 3 for ch in plan.chunks)
+    return per_n3 * work / (_workers(plan) if workers is None else workers)
 
 
 def _scored_values(tm: _ChunkTerms, a_mat: torch.Tensor | None, keep: list | None,

@@ -12,7 +12,8 @@ from ..crystal.structure import Crystal
 from ..io.errors import InputError
 from ..io.pets import PetsDataset
 from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
-                                   frame_state_from_dataset, frame_subplan, simulate_frames)
+                                   frame_state_from_dataset, frame_subplan, pass_seconds, simulate_frames,
+                                   solve_cost_probe)
 from ..physics.device import default_device, resolve_device, work_scale
 from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan
@@ -51,6 +52,7 @@ class ForwardModel:
         self.sigma = torch.as_tensor(dataset.reflections.sigma[rows])
         self.frame = torch.as_tensor(self.plan.scored.frame).long()
         self.n_frames = len(dataset.frames)
+        self._per_n3: float | None = None  # solve_cost_probe, measured once
 
     def resample(self, samples_per_frame: np.ndarray) -> None:
         """Rebuild the plan with these tilt (or azimuth) counts per frame; the scored reflections,
@@ -139,6 +141,16 @@ class ForwardModel:
             w2 = scan(fine)
             best = float(fine[int(np.nanargmin(w2))])
         return best, {"coarse_thickness": coarse.tolist(), "coarse_wR2": w1}
+
+    def pass_seconds_estimate(self) -> float:
+        """Seconds a pass without gradient in single precision (a thickness scan, an LM trial point)
+        takes on this machine over the current plan (probed once per model, see solve_cost_probe)."""
+        if self._per_n3 is None:
+            u, u_abs = self.potential()
+            pot = tuple(None if x is None else x.to(torch.complex64) for x in (u, u_abs))
+            self._per_n3 = solve_cost_probe(self.plan, *pot, self.frame_state(600.0).to(torch.float32),
+                                            self.settings.absorption_method)
+        return pass_seconds(self.plan, self._per_n3)
 
     def n_beams_mean(self) -> float:
         solved = self.plan.n_beams > 1  # frames without scored reflections are not solved

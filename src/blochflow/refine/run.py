@@ -536,10 +536,36 @@ def _log_centring_extinct(crystal: Crystal, dataset, log: Callable[[str], None])
             f"scored (mean I/sigma there {float(np.mean(i_sig)):.2f}; well above 0 means a wrong cell or centring)")
 
 
+SLOW_PASS_S = 30.0  # a pass above this (s) on this machine gets the note on how to make a first look cheaper
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.1f} s" if t < 10 else f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
+
+
+def _log_cost(model: ForwardModel, dataset, log: Callable[[str], None]) -> None:
+    """The problem's size and what one pass over it costs here (timed on one chunk, see
+    solve_cost_probe) before the first pass, the start's thickness scan, runs: on a large dataset
+    that pass alone can take many minutes, and the user should know why and what helps."""
+    est = model.pass_seconds_estimate()
+    log(f"plan: {model.n_frames} frames, {len(model.plan.samples.frame)} tilt samples, {model.n_beams_mean():.0f} "
+        f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (the start's "
+        f"thickness scan is one, an LM iteration a few) about {_seconds(est)} here")
+    if est > SLOW_PASS_S:
+        ids = dataset.frames.ids
+        step = int(min(10, max(2, math.ceil(est / 60.0))))
+        log(f"note: a large problem for this machine; for a first look refine fewer frames (--frames "
+            f"{min(ids)}-{max(ids)}:{step}), use smaller beam sets (--coupling segments --s-max 0.01, as diffBloch), "
+            f"or a GPU (blochflow --device cuda refine ...)")
+
+
 def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
-                  log: Callable[[str], None] = lambda line: None) -> RefinementProblem:
+                  log: Callable[[str], None] | None = None) -> RefinementProblem:
     """The refinement problem for a start structure and a dataset; a learned thickness model with a
-    per-frame or slab warm start first refines that model (logged through ``log``)."""
+    per-frame or slab warm start first refines that model (logged through ``log``, which also gets the
+    problem's size and the cost of a pass, timed on one chunk)."""
+    timed = log is not None
+    log = log or (lambda line: None)
     dataset = with_wavelength(dataset, settings.wavelength)
     if settings.frames:
         keep = frame_selection(dataset.frames.ids, settings.frames)
@@ -568,13 +594,16 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     from .problem import free_set_mask
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
+    if timed:
+        _log_cost(model, dataset, log)
     t0 = None if warm is not None else initial_thickness(model, settings, ~free)
     if settings.samples_per_fringe > 0:
         design = (warm.mean if warm is not None else np.full(model.n_frames, t0)) * FRINGE_MARGIN
         model.fit_samples_to_fringes(design, settings.samples_per_fringe)
         counts = model.samples_per_frame()
         log(f"samples per frame {counts.min()}-{counts.max()} (mean {counts.mean():.0f}) for "
-            f"{settings.samples_per_fringe:g} per fringe at {FRINGE_MARGIN:g} x the start thickness")
+            f"{settings.samples_per_fringe:g} per fringe at {FRINGE_MARGIN:g} x the start thickness"
+            + (f"; a pass now about {_seconds(model.pass_seconds_estimate())}" if timed else ""))
     if kind == "learned":
         mean = warm.mean if warm is not None else np.full(model.n_frames, t0)
         thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,

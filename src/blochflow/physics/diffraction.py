@@ -1489,46 +1489,41 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
         moving = torch.nonzero(moves_terms)[:, 0]
         real_tangents = not has_abs and _real_tangents(pot_tangent[live])  # centrosymmetric
-        rows = []
-
-        def made():  # each chunk's pieces, handed to the workers as they are made, so that the solves of
-            # one chunk overlap the making of the next
-            start = 0
-            for ci, ch in enumerate(plan.chunks):
-                fr, rng = ch.frame, slice(start, start + len(ch.sample))
-                start = rng.stop
-                ch_geo = tuple(x if x.dim() == 0 else x[rng] for x in geo)
-                tm = _chunk_terms(plan, ch, potential, potential_abs, state, pairs=False, geometry=ch_geo)
-                d_ch = tuple((x[geo_live] if x.dim() == 1 else x[geo_live][:, rng]).to(tm.diag.dtype) for x in
-                             (d_geo[0], d_geo[2], d_geo[3], d_geo[4]))  # d orientation, normal, K, K_n
-                b, n = tm.diag.shape
-                zeros = tm.diag.new_zeros
-                d_diag, d_m = zeros((n_t, b, n)), zeros((n_t, b, n))
-                d_diag[geo_live], dm_live = _beam_terms_tangent(ch.hkl.to(rtype), ch.mask, ch_geo, d_ch,
-                                                                plan.settings.nonparallel)
-                if dm_live is not None:
-                    d_m[geo_live] = dm_live
-                d_kn = zeros((n_t, b))
-                d_kn[geo_live] = d_ch[3]
-                diag = tm.diag
-                if tm.pot_abs is not None:
-                    diag = diag + 1j * _absorptive_diagonal(tm)
-                    d_diag = d_diag + 1j * tm.mask.to(t_pot_abs.dtype) * t_pot_abs[:, 0, None, None]
-                if tm.diag_weak is None:
-                    diag_w, d_diag_w = tm.kn[:, None], d_kn[:, :, None]
-                else:
-                    diag_w, d_diag_w = tm.diag_weak, zeros((n_t,) + tm.diag_weak.shape)
-                    d_diag_w[geo_live], _ = _beam_terms_tangent(ch.weak_hkl.to(rtype), ch.weak_mask, ch_geo, d_ch,
-                                                                False)
-                primal = (diag, torch.ones_like(tm.diag) if tm.m is None else tm.m, tm.kn, tm.thickness, diag_w)
-                tangent = (d_diag, d_m, d_kn, thick_t[:, fr], d_diag_w)
-                for c, sl in pieces:
-                    if c is ch:
-                        piece = _slice_terms(tm, sl)
-                        rows.append(piece.out_refl)
-                        yield (piece, (pot_primal, *(x[sl] for x in primal)), (pot_tangent, *(x[:, sl] for x in tangent)),
-                               None if reuse is None else reuse.piece(ci, sl), (ch, sl))
-
+        start = 0
+        inputs = []
+        for ci, ch in enumerate(plan.chunks):
+            fr, rng = ch.frame, slice(start, start + len(ch.sample))
+            start = rng.stop
+            ch_geo = tuple(x if x.dim() == 0 else x[rng] for x in geo)
+            tm = _chunk_terms(plan, ch, potential, potential_abs, state, pairs=False, geometry=ch_geo)
+            d_ch = tuple((x[geo_live] if x.dim() == 1 else x[geo_live][:, rng]).to(tm.diag.dtype) for x in
+                         (d_geo[0], d_geo[2], d_geo[3], d_geo[4]))  # d orientation, normal, K, K_n
+            b, n = tm.diag.shape
+            zeros = tm.diag.new_zeros
+            d_diag, d_m = zeros((n_t, b, n)), zeros((n_t, b, n))
+            d_diag[geo_live], dm_live = _beam_terms_tangent(ch.hkl.to(rtype), ch.mask, ch_geo, d_ch,
+                                                            plan.settings.nonparallel)
+            if dm_live is not None:
+                d_m[geo_live] = dm_live
+            d_kn = zeros((n_t, b))
+            d_kn[geo_live] = d_ch[3]
+            diag = tm.diag
+            if tm.pot_abs is not None:
+                diag = diag + 1j * _absorptive_diagonal(tm)
+                d_diag = d_diag + 1j * tm.mask.to(t_pot_abs.dtype) * t_pot_abs[:, 0, None, None]
+            if tm.diag_weak is None:
+                diag_w, d_diag_w = tm.kn[:, None], d_kn[:, :, None]
+            else:
+                diag_w, d_diag_w = tm.diag_weak, zeros((n_t,) + tm.diag_weak.shape)
+                d_diag_w[geo_live], _ = _beam_terms_tangent(ch.weak_hkl.to(rtype), ch.weak_mask, ch_geo, d_ch,
+                                                            False)
+            primal = (diag, torch.ones_like(tm.diag) if tm.m is None else tm.m, tm.kn, tm.thickness, diag_w)
+            tangent = (d_diag, d_m, d_kn, thick_t[:, fr], d_diag_w)
+            inputs += [(_slice_terms(tm, sl), (pot_primal, *(x[sl] for x in primal)),
+                        (pot_tangent, *(x[:, sl] for x in tangent)), None if reuse is None else reuse.piece(ci, sl),
+                        (ch, sl)) for c, sl in pieces if c is ch]
+        # all made first, then solved: handing each chunk's pieces to the workers as they were made put
+        # three threads on two cores and cost 5-8 % of a quartz Jacobian (sessions 25 and 31)
         # pair tables the plan does not cache are built by the worker, piece by piece: held for every
         # piece at once they took B N^2 x 8 bytes (4.5 GB for 672 samples of 920 beams)
         def solve(args):
@@ -1538,8 +1533,8 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             return _fused_jvp(tm, *args[1:3], hermitian=not has_abs, decomposition=args[3], live=live,
                               moving=moving, real_tangents=real_tangents)
 
-        results = parallel_map(solve, made(), workers)
-        done = [(vals, dvals, r) for (vals, dvals), r in zip(results, rows)]
+        results = parallel_map(solve, inputs, workers)
+        done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]
     elif has_abs and absorption_method == "perturbative":  # forward AD through the solver: one thread
         done = []
         for ch, sl in pieces:

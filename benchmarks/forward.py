@@ -238,8 +238,8 @@ def jacobian_rules(root: Path) -> list[dict]:
                     "potential_speedup": t_fm / t_tables, "jacobian_contraction_s": times["contraction"],
                     "jacobian_one_product_per_tangent_s": times["one_product_per_tangent"],
                     "contraction_speedup": times["one_product_per_tangent"] / times["contraction"],
-                    "default_rule": "contraction" if n_struct >= diffraction.CONTRACTION_MIN_TANGENTS
-                    else "one_product_per_tangent"})
+                    "default_rule": "contraction" if n_struct >= diffraction.contraction_threshold(
+                        problem.model.crystal.symmetry.inversion_centre() is not None) else "one_product_per_tangent"})
     return out
 
 

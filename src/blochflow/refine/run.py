@@ -549,8 +549,8 @@ def _log_cost(model: ForwardModel, dataset, log: Callable[[str], None]) -> None:
     that pass alone can take many minutes, and the user should know why and what helps."""
     est = model.pass_seconds_estimate()
     log(f"plan: {model.n_frames} frames, {len(model.plan.samples.frame)} tilt samples, {model.n_beams_mean():.0f} "
-        f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (the start's "
-        f"thickness scan is one, an LM iteration a few) about {_seconds(est)} here")
+        f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (a thickness "
+        f"scan is one, an LM iteration a few) about {_seconds(est)} here")
     if est > SLOW_PASS_S:
         ids = dataset.frames.ids
         step = int(min(10, max(2, math.ceil(est / 60.0))))

@@ -1129,5 +1129,11 @@ def test_the_problem_size_and_the_cost_of_a_pass_are_logged_before_the_first_pas
     lines = []
     build_problem(truth, ds, settings, log=lines.append)
     assert any(line.startswith("note: a large problem") and f"--frames {min(ds.frames.ids)}-{max(ds.frames.ids)}:"
-               in line for line in lines)
+               in line and "--coupling segments" in line for line in lines)
+    lines = []  # remedies already in use are not offered again
+    chosen = dataclasses.replace(settings, coupling="segments", s_max=0.01,
+                                 frames=f"{min(ds.frames.ids)}-{max(ds.frames.ids)}")
+    build_problem(truth, ds, chosen, log=lines.append)
+    note = [line for line in lines if line.startswith("note: a large problem")]
+    assert len(note) == 1 and "--device cuda" in note[0] and "--frames" not in note[0] and "--coupling" not in note[0]
     assert build_problem(truth, ds, settings).model._per_n3 is None

@@ -543,10 +543,11 @@ def _seconds(t: float) -> str:
     return f"{t:.1f} s" if t < 10 else f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
 
 
-def _log_cost(model: ForwardModel, dataset, log: Callable[[str], None]) -> None:
+def _log_cost(model: ForwardModel, dataset, settings: RefineSettings, log: Callable[[str], None]) -> None:
     """The problem's size and what one pass over it costs here (timed on one chunk, see
     solve_cost_probe) before the first pass, the start's thickness scan, runs: on a large dataset
-    that pass alone can take many minutes, and the user should know why and what helps."""
+    that pass alone can take many minutes, and the user should know why and what helps (the remedies
+    not already in use)."""
     est = model.pass_seconds_estimate()
     log(f"plan: {model.n_frames} frames, {len(model.plan.samples.frame)} tilt samples, {model.n_beams_mean():.0f} "
         f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (a thickness "
@@ -554,9 +555,14 @@ def _log_cost(model: ForwardModel, dataset, log: Callable[[str], None]) -> None:
     if est > SLOW_PASS_S:
         ids = dataset.frames.ids
         step = int(min(10, max(2, math.ceil(est / 60.0))))
-        log(f"note: a large problem for this machine; for a first look refine fewer frames (--frames "
-            f"{min(ids)}-{max(ids)}:{step}), use smaller beam sets (--coupling segments --s-max 0.01, as diffBloch), "
-            f"or a GPU (blochflow --device cuda refine ...)")
+        remedies = [] if settings.frames else [f"refine fewer frames (--frames {min(ids)}-{max(ids)}:{step})"]
+        if settings.coupling != "segments" or settings.s_max > 0.01:
+            remedies.append("use smaller beam sets (--coupling segments --s-max 0.01, as diffBloch)")
+        if model.device.type == "cpu":
+            remedies.append("use a GPU (blochflow --device cuda refine ...)")
+        if remedies:
+            log("note: a large problem for this machine; for a first look " + ", ".join(remedies[:-1])
+                + (" or " if len(remedies) > 1 else "") + remedies[-1])
 
 
 def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mask=None,
@@ -595,7 +601,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
     if timed:
-        _log_cost(model, dataset, log)
+        _log_cost(model, dataset, settings, log)
     t0 = None if warm is not None else initial_thickness(model, settings, ~free)
     if settings.samples_per_fringe > 0:
         design = (warm.mean if warm is not None else np.full(model.n_frames, t0)) * FRINGE_MARGIN

@@ -571,7 +571,8 @@ def _chunk_terms(plan: DiffractionPlan, ch: BeamChunk, potential, potential_abs,
                  sample_slice: slice | None = None, pairs: bool = True, geometry: tuple | None = None) -> _ChunkTerms:
     """Structure-matrix ingredients of a chunk (optionally of some of its samples). ``pairs`` False
     leaves ``idx`` None where the plan does not cache it (:func:`_pair_rows` builds it later).
-    ``geometry``: the chunk's :func:`_sample_geometry`, when already at hand."""
+    ``geometry``: :func:`_sample_geometry` of the samples these terms are for (those of
+    ``sample_slice`` when given), when already at hand."""
     rtype = potential.real.dtype
     pot = _padded(potential)
     pot_abs = None if potential_abs is None else _padded(potential_abs)

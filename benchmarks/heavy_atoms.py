@@ -14,11 +14,10 @@ are a test model, not a reference.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from large_cell import geometry_pets, refine_case, structure_cif
+from large_cell import geometry_pets, refine_case, report, structure_cif
 
 CELL = (8.244, 11.735, 8.198)
 GROUP = "P n m a"
@@ -51,10 +50,7 @@ def main() -> None:
         work = Path(args.work or tmp)
         write_inputs(work)
         result = refine_case(args, work)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -197,10 +197,15 @@ def main() -> None:
             return
         write_inputs(work)
         result = refine_case(args, work) if args.refine else compare(args, work)
+    report(result, args.json)
+
+
+def report(result: dict, json_path: str | None) -> None:
+    """Print the result as JSON, and write it to ``json_path`` when given."""
     text = json.dumps(result, indent=1)
     print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    if json_path:
+        Path(json_path).write_text(text + "\n")
 
 
 if __name__ == "__main__":

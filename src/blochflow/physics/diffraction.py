@@ -518,16 +518,17 @@ def _sample_geometry(plan: DiffractionPlan, s_idx: torch.Tensor, fr: torch.Tenso
     offs = torch.as_tensor(samples.alpha_offset, dtype=rtype, device=dev)[s_idx]
     orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
                                  plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
-    if state.orientation_correction is not None:
-        orient = correction_rotation(state.orientation_correction[fr]) @ orient
+    turn = None if state.orientation_correction is None else correction_rotation(state.orientation_correction[fr])
+    if turn is not None:
+        orient = turn @ orient
     if state.surface_normal is None:
         normal = inc
     else:  # the normal turns with the crystal: by the tilt inside the frame, then the correction
         normal = _rotate_about(state.surface_normal[fr].to(rtype),
                                rocking_axis_lab(state.omega[fr], plan.axis_azimuth,
                                                 plan.settings.rocking_axis).to(rtype), offs)
-        if state.orientation_correction is not None:
-            normal = torch.einsum("bij,bj->bi", correction_rotation(state.orientation_correction[fr]), normal)
+        if turn is not None:
+            normal = torch.einsum("bij,bj->bi", turn, normal)
     return orient, inc, normal, k, k * torch.sum(inc * normal, -1)
 
 

@@ -539,11 +539,16 @@ def _log_centring_extinct(crystal: Crystal, dataset, log: Callable[[str], None])
 SLOW_PASS_S = 30.0  # a pass above this (s) on this machine gets the note on how to make a first look cheaper
 
 
-def _seconds(t: float) -> str:
-    return f"{t:.1f} s" if t < 10 else f"{t:.0f} s" if t < 120 else f"{t / 60:.0f} min"
+def format_duration(seconds: float) -> str:
+    """A duration for a person to read: 0.37 s, 42 s, 12 min, 2.5 h."""
+    if seconds < 100:
+        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 6000:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
-def _log_cost(model: ForwardModel, dataset, settings: RefineSettings, log: Callable[[str], None]) -> None:
+def _log_cost(model: ForwardModel, settings: RefineSettings, log: Callable[[str], None]) -> None:
     """The problem's size and what one pass over it costs here (timed on one chunk, see
     solve_cost_probe) before the first pass, the start's thickness scan, runs: on a large dataset
     that pass alone can take many minutes, and the user should know why and what helps (the remedies
@@ -551,9 +556,9 @@ def _log_cost(model: ForwardModel, dataset, settings: RefineSettings, log: Calla
     est = model.pass_seconds_estimate()
     log(f"plan: {model.n_frames} frames, {len(model.plan.samples.frame)} tilt samples, {model.n_beams_mean():.0f} "
         f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (a thickness "
-        f"scan is one, an LM iteration a few) about {_seconds(est)} here")
+        f"scan is one, an LM iteration a few) about {format_duration(est)} here")
     if est > SLOW_PASS_S:
-        ids = dataset.frames.ids
+        ids = model.dataset.frames.ids
         step = int(min(10, max(2, math.ceil(est / 60.0))))
         remedies = [] if settings.frames else [f"refine fewer frames (--frames {min(ids)}-{max(ids)}:{step})"]
         if settings.coupling != "segments" or settings.s_max > 0.01:
@@ -601,7 +606,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     free = torch.as_tensor(free_set_mask(model.plan.scored.hkl, crystal.symmetry.rotations, settings.free_fraction,
                                          settings.free_seed))
     if timed:
-        _log_cost(model, dataset, settings, log)
+        _log_cost(model, settings, log)
     t0 = None if warm is not None else initial_thickness(model, settings, ~free)
     if settings.samples_per_fringe > 0:
         design = (warm.mean if warm is not None else np.full(model.n_frames, t0)) * FRINGE_MARGIN
@@ -609,7 +614,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         counts = model.samples_per_frame()
         log(f"samples per frame {counts.min()}-{counts.max()} (mean {counts.mean():.0f}) for "
             f"{settings.samples_per_fringe:g} per fringe at {FRINGE_MARGIN:g} x the start thickness"
-            + (f"; a pass now about {_seconds(model.pass_seconds_estimate())}" if timed else ""))
+            + (f"; a pass now about {format_duration(model.pass_seconds_estimate())}" if timed else ""))
     if kind == "learned":
         mean = warm.mean if warm is not None else np.full(model.n_frames, t0)
         thick = LearnedThickness(mean, 0.05 * mean, bounds=settings.thickness_bounds,

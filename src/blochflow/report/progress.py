@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..refine.run import format_duration
+
 _ITERATION = re.compile(r"^(adam|lm)\s+(\d+)/(\d+)\s+(.*)$")
 _TIMING = re.compile(r"  (\[[^\]]* left\])$")
 BAR = 20  # characters of the bar
@@ -29,14 +31,6 @@ def progress_line(text: str, width: int) -> str | None:
     if timing is not None:
         rest = f"{timing.group(1)}  {rest[:timing.start()]}"
     return f"{phase:4s} [{'#' * fill}{'.' * (BAR - fill)}] {k}/{n}  {rest}"[:max(width - 1, 10)]
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 100:
-        return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s"
-    if seconds < 6000:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class IterationClock:
@@ -60,7 +54,7 @@ class IterationClock:
         self.last = now
         per = (now - self.start) / (k - self.first + 1)
         bound = "<= " if phase == "lm" else ""
-        return f"  [{_duration(per)}/it, {bound}{_duration(per * max(n - k, 0))} left]"
+        return f"  [{format_duration(per)}/it, {bound}{format_duration(per * max(n - k, 0))} left]"
 
 
 class ProgressLog:

@@ -31,6 +31,7 @@ _AXES = "xyz"
 # A^2: the smallest ADP eigenvalue a refinement step may leave (see StructureParameters.bounded_step)
 ADP_FLOOR = 1e-4
 
+
 class StructureParameters:
     """Flat parameter vector <-> (xyz, occupancy, u_frac) of the asymmetric unit, with constraints.
 

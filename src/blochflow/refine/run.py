@@ -122,6 +122,11 @@ class RefineSettings:
     # from paracetamol start 02, 0.19 A (same minimum, 1097 s against 1126 s); docs/refinement.md
     adam_steps: int = 0
     adam_objective: str = "intensity"  # first-order phase on intensities wR2, or on amplitudes wR(F)
+    # LM iterations on the amplitude objective wR(F) before the intensity objective: from far starts
+    # (the paper's synthetic quartz 0.29 A, paracetamol 0.33 A) 3-4 save 3 of 15-19 iterations; from
+    # the quartz kinematical model (close) 3 cost 2 iterations and end higher (wR2 8.67 % against
+    # 8.60 %), so none by default; docs/refinement.md
+    lm_amplitude_iterations: int = 0
     # solves of the first-order phase: single (complex64: 2x faster, gradient within 2e-5 of double)
     # or double; the covariance and every reported figure stay double
     adam_precision: str = "single"
@@ -276,7 +281,7 @@ SETTING_RANGES = {
         "g_max", "s_max", "rsg", "kappa", "riding_max_distance", "shift_tol", "checkpoint_every",
         "plateau_iterations", "warm_start_iterations")},
     **{name: (_not_negative, "must not be negative") for name in (
-        "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "plateau_tol", "lr_xyz", "lr_adp",
+        "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "lm_amplitude_iterations", "plateau_tol", "lr_xyz", "lr_adp",
         "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation", "lr_absorption")},
     "thickness": (lambda x: x == "auto" or x > 0, "must be 'auto' or a positive number (A)"),
 }
@@ -803,8 +808,12 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 if settings.refine_thickness:
                     grow_now()
             t0 = time.perf_counter()
+            on_amplitudes = lm.iteration < settings.lm_amplitude_iterations
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
+                                kind="amplitude" if on_amplitudes else "intensity",
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
+            if on_amplitudes:  # a phase to get into the basin: convergence is judged on intensities
+                lm.converged, lm.reason = False, ""
             if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
                 # at convergence: frames on other branches move, outlier frames are tried afresh at zero
                 # orientation correction, and frames whose refined thickness left them below one sample per
@@ -817,8 +826,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                     lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                     lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
-            log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  wR2(work) "
-                f"{math.sqrt(lm.cost / float(torch.sum(problem.weight[problem.work] * problem.model.io[problem.work] ** 2))):.4f}"
+            log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  {'wR(F)' if on_amplitudes else 'wR2(work)'} "
+                f"{math.sqrt(lm.cost / problem.objective_norm('amplitude' if on_amplitudes else 'intensity')):.4f}"
                 f"  max shift/su {lm.max_shift_su:.3g} ({lm.history[-1].get('max_shift_parameter', '') if lm.history else ''}),"
                 f" structure {lm.history[-1].get('max_shift_su_structure', float('nan')) if lm.history else float('nan'):.3g}"
                 f"  damping {lm.damping:.2g}"

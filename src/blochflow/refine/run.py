@@ -561,7 +561,7 @@ def _log_cost(model: ForwardModel, settings: RefineSettings, log: Callable[[str]
     est = model.pass_seconds_estimate()
     log(f"plan: {model.n_frames} frames, {len(model.plan.samples.frame)} tilt samples, {model.n_beams_mean():.0f} "
         f"beams per solve, {len(model.plan.scored.row)} scored reflections; a pass over every tilt (a thickness "
-        f"scan is one, an LM iteration a few) about {format_duration(est)} here")
+        f"scan is one; an LM iteration 2-20, more with more structure parameters) about {format_duration(est)} here")
     if est > SLOW_PASS_S:
         ids = model.dataset.frames.ids
         step = int(min(10, max(2, math.ceil(est / 60.0))))

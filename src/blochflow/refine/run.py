@@ -281,8 +281,9 @@ SETTING_RANGES = {
         "g_max", "s_max", "rsg", "kappa", "riding_max_distance", "shift_tol", "checkpoint_every",
         "plateau_iterations", "warm_start_iterations")},
     **{name: (_not_negative, "must not be negative") for name in (
-        "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "lm_amplitude_iterations", "plateau_tol", "lr_xyz", "lr_adp",
-        "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation", "lr_absorption")},
+        "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "lm_amplitude_iterations", "plateau_tol",
+        "lr_xyz", "lr_adp", "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation",
+        "lr_absorption")},
     "thickness": (lambda x: x == "auto" or x > 0, "must be 'auto' or a positive number (A)"),
 }
 

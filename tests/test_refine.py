@@ -1159,3 +1159,45 @@ def test_lm_on_amplitudes_first_reaches_the_intensity_minimum(small_dataset, tru
     su = torch.sqrt(torch.diagonal(a.covariance))[a.refined_index]
     assert float(((a.theta - b.theta)[a.refined_index].abs() / su).max()) < 0.1
     assert abs(a.figures.wR2 / b.figures.wR2 - 1) < 1e-4
+
+
+def test_lm_reusing_its_jacobian_reaches_the_same_minimum_with_fewer_jacobians(small_dataset, truth):
+    """``lm_reuse_jacobian``: after a step its linear model predicted well, the next iteration keeps
+    the Jacobian (a chord step). The run takes fewer Jacobians than LM iterations, is declared
+    converged only on a fresh one, and ends at the minimum of a run without reuse (0.1 s.u., wR2 1e-4)."""
+    ds, _, _ = small_dataset
+    start = displaced(truth, 0.02, 0.03)
+    out, calls = {}, {}
+    for reuse in (False, True):
+        settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", lm_iterations=30,
+                                  free_fraction=0.0, lm_reuse_jacobian=reuse)
+        problem = build_problem(start, ds, settings)
+        jacobian, calls[reuse] = problem.jacobian, []
+
+        def counted(*args, _jacobian=jacobian, _calls=calls[reuse], **kwargs):
+            _calls.append(1)
+            return _jacobian(*args, **kwargs)
+
+        problem.jacobian = counted
+        out[reuse] = refine(problem, settings, log=lambda s: None)
+        assert out[reuse].lm.converged, out[reuse].lm.reason
+    history = out[True].lm.history
+    reused = [h["jacobian_reused"] for h in history]
+    assert any(reused) and not reused[0] and not reused[-1]
+    assert len(calls[True]) == reused.count(False) < len(history)
+    assert all(abs(h["gain_ratio"] - 1) <= 0.25 for h, nxt in zip(history, reused[1:]) if nxt)
+    a, b = out[False], out[True]
+    su = torch.sqrt(torch.diagonal(a.covariance))[a.refined_index]
+    assert float(((a.theta - b.theta)[a.refined_index].abs() / su).max()) < 0.1
+    assert abs(a.figures.wR2 / b.figures.wR2 - 1) < 1e-4
+
+
+def test_resume_keeps_the_reused_jacobian(small_dataset, truth, tmp_path):
+    """An interrupted run with ``lm_reuse_jacobian`` checkpoints the Jacobian its next chord step
+    takes, and the resumed run ends where the uninterrupted one does, to 1e-8."""
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", lm_iterations=4,
+                              checkpoint_every=1, free_fraction=0.0, lm_reuse_jacobian=True)
+    full, kept, _, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path, stop_after=1)
+    assert "jacobian" in kept["lm"] and any(h["jacobian_reused"] for h in full.lm.history)
+    assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)

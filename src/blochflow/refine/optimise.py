@@ -69,6 +69,10 @@ class LMState:
     # the run was on its R plateau when a thickness rescan moved frames: one flat iteration then
     # shows that it still is (see lm_step)
     replateau: bool = False
+    # the last Jacobian (rows: observations then prior rows; columns: the refined index) when the
+    # next iteration may re-use it (see lm_step), with the objective it was taken for
+    jacobian: torch.Tensor | None = None
+    jacobian_kind: str = ""
 
 
 @dataclass
@@ -86,6 +90,14 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
                      kind: str = "intensity") -> tuple[NormalEquations, torch.Tensor]:
     ic, r, j = problem.jacobian(theta, index, kind)
     return NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r)), ic
+
+
+# A step whose actual reduction of the objective is within this fraction of the reduction its
+# linear model predicted found the problem linear over the step: the next iteration re-uses its
+# Jacobian (a chord step: one forward pass instead of a Jacobian). A gain ratio far above 1 is no
+# better a sign than one far below: a stale Jacobian's short steps keep reducing the objective more
+# than it predicts while they creep towards its own, wrong, fixed point.
+CHORD_GAIN_TOLERANCE = 0.25
 
 
 # Fractions of each frame's own step tried in an LM iteration. Frame costs are separable once the
@@ -130,8 +142,8 @@ def reversed_frames(previous: torch.Tensor, step: torch.Tensor, frame_of: torch.
 
 def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, index: torch.Tensor,
             shift_tol: float = 0.01, rel_tol: float = 1e-7, max_tries: int = 12,
-            kind: str = "intensity", plateau_tol: float = 0.0, plateau_iterations: int = 3
-            ) -> tuple[torch.Tensor, NormalEquations]:
+            kind: str = "intensity", plateau_tol: float = 0.0, plateau_iterations: int = 3,
+            reuse_jacobian: bool = False) -> tuple[torch.Tensor, NormalEquations]:
     """One Levenberg-Marquardt iteration (Marquardt scaling) on the refined ``index`` of theta,
     on the intensity or the amplitude objective (``kind``).
 
@@ -150,8 +162,21 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     ``state.replateau`` (the run had reached its plateau and a thickness rescan then moved some
     frames onto other branches) one such iteration suffices: the plateau is established, and the
     question is only whether the moved frames took the structure off it.
+    With ``reuse_jacobian``, an iteration after a step whose gain ratio (actual over predicted
+    reduction) is within ``CHORD_GAIN_TOLERANCE`` of 1 keeps that step's Jacobian with the residuals at the new
+    point (a chord step, as in the modified Gauss-Newton method); any step below that ratio, and
+    ``state.jacobian = None`` (set by the caller when the model changed), bring a fresh one.
     """
-    ne, _ = normal_equations(problem, theta, index, kind)
+    chord = (reuse_jacobian and state.jacobian is not None and state.jacobian_kind == kind
+             and state.jacobian.shape[1] == len(index))
+    if chord:
+        j, r = state.jacobian, problem.residual_vector(theta, kind)
+        ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
+    else:
+        _, r, j = problem.jacobian(theta, index, kind)
+        ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
+    state.jacobian = None
+    before_chord = (state.damping, state.frame_damping, state.frame_step)
     a, g = ne.jtj, ne.jtr
     diag = torch.diagonal(a).clamp_min(1e-12 * float(torch.diagonal(a).max()))
     net = problem.derived_mask()[index]
@@ -210,24 +235,39 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             shared = param_frame[index] < 0  # parameters every frame sees (structure, absorption, network)
             shift_su_shared = float(ratio[shared].max()) if shared.any() else 0.0
             rel = (ne.cost - new_cost) / max(ne.cost, 1e-300)
+            taken = delta[index]
+            predicted = -float(2 * g @ taken + taken @ (a @ taken))  # the linear model's reduction
+            gain = (ne.cost - new_cost) / predicted if predicted > 0 else 0.0
+            if reuse_jacobian and abs(gain - 1) <= CHORD_GAIN_TOLERANCE:
+                state.jacobian = j
+                state.jacobian_kind = kind
             state.iteration += 1
             state.max_shift_su = shift_su
             state.history.append({"iteration": state.iteration, "cost": new_cost, "cost_before": ne.cost,
                                   "damping": state.damping,
                                   "max_shift_su": shift_su, "max_shift_parameter": worst,
-                                  "max_shift_su_structure": shift_su_structure, "frames_partial_step": partial})
+                                  "max_shift_su_structure": shift_su_structure, "frames_partial_step": partial,
+                                  "gain_ratio": gain, "jacobian_reused": chord})
             state.cost = new_cost
+            reason = ""
             if shift_su < shift_tol and state.damping < 1e-2 and not cut:  # a damped or cut step is short
-                state.converged, state.reason = True, f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
+                reason = f"max |shift|/s.u. {shift_su:.3g} < {shift_tol}"
             elif rel < rel_tol:
-                state.converged, state.reason = True, f"relative cost change {rel:.2g} < {rel_tol}"
+                reason = f"relative cost change {rel:.2g} < {rel_tol}"
             elif (plateau_tol > 0 and shift_su_shared < 10 * shift_tol
                   and _on_plateau(state.history, plateau_tol, window := 1 if state.replateau else plateau_iterations)):
-                state.converged, state.reason = True, (
-                    f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last {window} "
-                    f"iteration{'s' if window > 1 else ''}{' after a rescan on the plateau' if state.replateau else ''}, "
-                    f"shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
+                reason = (f"R plateau: wR2 fell by less than {plateau_tol:g} of itself in each of the last {window} "
+                          f"iteration{'s' if window > 1 else ''}{' after a rescan on the plateau' if state.replateau else ''}, "
+                          f"shared parameters' max |shift|/s.u. {shift_su_shared:.2g}")
+            if reason and chord:  # convergence is judged (and the covariance taken) on a fresh Jacobian: the next
+                state.jacobian = None
+            elif reason:
+                state.converged, state.reason = True, reason
             return trial.detach(), ne
+        if chord:  # the kept Jacobian no longer fits here: the same iteration with a fresh one
+            state.damping, state.frame_damping, state.frame_step = before_chord
+            return lm_step(problem, theta, state, index, shift_tol, rel_tol, max_tries, kind, plateau_tol,
+                           plateau_iterations, reuse_jacobian)
         state.damping *= 4
     state.iteration += 1
     state.converged, state.reason = True, "no downhill step found (at a minimum to numerical precision)"

@@ -440,6 +440,13 @@ class RefinementProblem:
         atom changes strong intensities quadratically, amplitudes linearly): the first phases use it."""
         return torch.sum(self.residuals(self.intensities(theta), kind) ** 2) + self.prior_cost(theta, kind)
 
+    def residual_vector(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
+        """The rows of :meth:`jacobian`'s residuals at theta: the work observations (reusing the last
+        evaluation at the same theta), then the prior rows."""
+        with torch.no_grad():
+            r = self.residuals(self.intensities_at(theta), kind)
+            return torch.cat([r, self.prior_residuals(theta) * self._prior_factor(kind)])
+
     def prior_cost(self, theta: torch.Tensor, kind: str = "intensity") -> torch.Tensor:
         """The objective's prior part: the squared prior rows, scaled for ``kind``."""
         return torch.sum((self.prior_residuals(theta) * self._prior_factor(kind)) ** 2)

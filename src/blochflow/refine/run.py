@@ -152,6 +152,9 @@ class RefineSettings:
     # figure stay double
     lm_precision: str = "single"
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
+    # after a step the linear model predicted well (gain ratio >= 0.75), the next LM iteration keeps
+    # its Jacobian with the new residuals (a chord step: one forward pass, no Jacobian)
+    lm_reuse_jacobian: bool = False
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last
     # plateau_iterations LM iterations (0: off; the shift criterion alone)
@@ -678,14 +681,16 @@ def _lm_to_dict(s: LMState) -> dict:
     return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
             "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
             "frame_damping": json.dumps(s.frame_damping), "frame_step": json.dumps(s.frame_step),
-            "replateau": s.replateau}
+            "replateau": s.replateau, "jacobian_kind": s.jacobian_kind,
+            **({} if s.jacobian is None else {"jacobian": s.jacobian})}
 
 
 def _lm_from_dict(d: dict) -> LMState:
     return LMState(iteration=int(d["iteration"]), damping=float(d["damping"]), cost=float(d["cost"]),
                    converged=bool(d["converged"]), reason=str(d["reason"]), max_shift_su=float(d["max_shift_su"]),
                    history=json.loads(d["history"]), frame_damping=json.loads(d.get("frame_damping", "null")),
-                   frame_step=json.loads(d.get("frame_step", "null")), replateau=bool(d.get("replateau", False)))
+                   frame_step=json.loads(d.get("frame_step", "null")), replateau=bool(d.get("replateau", False)),
+                   jacobian=d.get("jacobian"), jacobian_kind=str(d.get("jacobian_kind", "")))
 
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
@@ -770,6 +775,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             nonlocal theta
             t0 = time.perf_counter()
             theta, moved = rescan_frame_thickness(problem, theta, settings)
+            if moved:
+                lm.jacobian = None
             phase_times["thickness_rescan_s"] = phase_times.get("thickness_rescan_s", 0.0) + time.perf_counter() - t0
             if moved:
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
@@ -779,6 +786,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             nonlocal theta
             t0 = time.perf_counter()
             theta, frames = restart_outlier_frames(problem, theta, settings)
+            if len(frames):
+                lm.jacobian = None
             phase_times["frame_restart_s"] = phase_times.get("frame_restart_s", 0.0) + time.perf_counter() - t0
             if len(frames):
                 ids = " ".join(str(i) for i in problem.model.dataset.frames.ids[frames])
@@ -790,6 +799,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             t0 = time.perf_counter()
             grown = grow_samples(problem, theta, settings, below)
             if grown:
+                lm.jacobian = None
                 phase_times["resample_s"] = phase_times.get("resample_s", 0.0) + time.perf_counter() - t0
                 log(f"tilt samples raised for {grown} frames at LM iteration {lm.iteration} (their thickness "
                     f"needs more than " + ("the start design)" if below is None else f"{below:g} per fringe)"))
@@ -812,7 +822,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             on_amplitudes = lm.iteration < settings.lm_amplitude_iterations
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 kind="amplitude" if on_amplitudes else "intensity",
-                                plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations)
+                                plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations,
+                                reuse_jacobian=settings.lm_reuse_jacobian)
             if on_amplitudes:  # a phase to get into the basin: convergence is judged on intensities
                 lm.converged, lm.reason = False, ""
             if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
@@ -833,7 +844,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 f" structure {lm.history[-1].get('max_shift_su_structure', float('nan')) if lm.history else float('nan'):.3g}"
                 f"  damping {lm.damping:.2g}"
                 + (f"  frames on a partial step {lm.history[-1]['frames_partial_step']}"
-                   if lm.history and lm.history[-1].get("frames_partial_step") else ""))
+                   if lm.history and lm.history[-1].get("frames_partial_step") else "")
+                + ("  (Jacobian re-used)" if lm.history and lm.history[-1].get("jacobian_reused") else ""))
             if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
                 save()
     except (Interrupted, KeyboardInterrupt):
@@ -850,7 +862,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     cov_full, corr = None, []
     t0 = time.perf_counter()
     if len(index) and not interrupted:
-        if ne is not None and lm.converged:
+        if ne is not None and lm.converged and not (lm.history and lm.history[-1].get("jacobian_reused")):
             # as least-squares programs do: the normal matrix of the last cycle (its step is below the
             # convergence test), scaled by GoF^2 at the final point (the reported figures' double pass)
             ic = problem.intensities_at(theta)

@@ -1163,7 +1163,8 @@ def test_lm_on_amplitudes_first_reaches_the_intensity_minimum(small_dataset, tru
 
 def test_lm_reusing_its_jacobian_reaches_the_same_minimum_with_fewer_jacobians(small_dataset, truth):
     """``lm_reuse_jacobian``: after a step its linear model predicted well, the next iteration keeps
-    the Jacobian (a chord step). The run takes fewer Jacobians than LM iterations, is declared
+    the Jacobian's structure columns (a chord step; the frames' own columns are taken afresh). The
+    run takes fewer full Jacobians than LM iterations, is declared
     converged only on a fresh one, and ends at the minimum of a run without reuse (0.1 s.u., wR2 1e-4)."""
     ds, _, _ = small_dataset
     start = displaced(truth, 0.02, 0.03)
@@ -1174,9 +1175,9 @@ def test_lm_reusing_its_jacobian_reaches_the_same_minimum_with_fewer_jacobians(s
         problem = build_problem(start, ds, settings)
         jacobian, calls[reuse] = problem.jacobian, []
 
-        def counted(*args, _jacobian=jacobian, _calls=calls[reuse], **kwargs):
-            _calls.append(1)
-            return _jacobian(*args, **kwargs)
+        def counted(theta, index=None, *args, _jacobian=jacobian, _calls=calls[reuse], **kwargs):
+            _calls.append(len(index))
+            return _jacobian(theta, index, *args, **kwargs)
 
         problem.jacobian = counted
         out[reuse] = refine(problem, settings, log=lambda s: None)
@@ -1184,7 +1185,10 @@ def test_lm_reusing_its_jacobian_reaches_the_same_minimum_with_fewer_jacobians(s
     history = out[True].lm.history
     reused = [h["jacobian_reused"] for h in history]
     assert any(reused) and not reused[0] and not reused[-1]
-    assert len(calls[True]) == reused.count(False) < len(history)
+    # a chord step differentiates only the frames' own columns
+    own = int((out[True].problem.parameter_frames()[out[True].refined_index] >= 0).sum())
+    assert calls[True].count(len(out[True].refined_index)) == reused.count(False) < len(history)
+    assert calls[True].count(own) == reused.count(True) and 0 < own < len(out[True].refined_index)
     assert all(abs(h["gain_ratio"] - 1) <= 0.25 for h, nxt in zip(history, reused[1:]) if nxt)
     a, b = out[False], out[True]
     su = torch.sqrt(torch.diagonal(a.covariance))[a.refined_index]
@@ -1201,6 +1205,7 @@ def test_resume_keeps_the_reused_jacobian(small_dataset, truth, tmp_path):
     full, kept, _, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path, stop_after=1)
     assert "jacobian" in kept["lm"] and any(h["jacobian_reused"] for h in full.lm.history)
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
 
 
 def test_an_expensive_lm_iteration_gets_a_note_on_chord_steps(small_dataset, truth, monkeypatch):

@@ -163,14 +163,21 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     frames onto other branches) one such iteration suffices: the plateau is established, and the
     question is only whether the moved frames took the structure off it.
     With ``reuse_jacobian``, an iteration after a step whose gain ratio (actual over predicted
-    reduction) is within ``CHORD_GAIN_TOLERANCE`` of 1 keeps that step's Jacobian with the residuals at the new
-    point (a chord step, as in the modified Gauss-Newton method); any step below that ratio, and
-    ``state.jacobian = None`` (set by the caller when the model changed), bring a fresh one.
+    reduction) is within ``CHORD_GAIN_TOLERANCE`` of 1 keeps that step's Jacobian columns of the
+    shared parameters (structure) with the residuals at the new point and the frames' own columns
+    afresh (a chord step, as in the modified Gauss-Newton method, on the expensive columns); any other
+    step, and ``state.jacobian = None`` (set by the caller when the model changed), bring a fresh one.
     """
     chord = (reuse_jacobian and state.jacobian is not None and state.jacobian_kind == kind
              and state.jacobian.shape[1] == len(index))
     if chord:
-        j, r = state.jacobian, problem.residual_vector(theta, kind)
+        own = problem.parameter_frames()[index] >= 0
+        if own.any():  # the frames' own columns afresh: cheap (a few tangents), and the nonlinear ones
+            _, r, j_own = problem.jacobian(theta, index[own], kind)
+            j = state.jacobian.clone()
+            j[:, own] = j_own
+        else:
+            j, r = state.jacobian, problem.residual_vector(theta, kind)
         ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
     else:
         _, r, j = problem.jacobian(theta, index, kind)

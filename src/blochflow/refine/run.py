@@ -153,10 +153,11 @@ class RefineSettings:
     lm_precision: str = "single"
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
     # after a step whose reduction its linear model predicted within 25 %, the next LM iteration keeps
-    # its Jacobian with the new residuals (a chord step: one pass, no Jacobian). Pays where a Jacobian
-    # costs many passes (paracetamol with free H, 80 structure tangents: 352 s against 547 s, the same
-    # minimum); on quartz experimental (a Jacobian ~3 passes, rocking curves nonlinear in the frames'
-    # parameters) 28 iterations against 18 and wR2 8.69 % against 8.60 %: off by default
+    # the structure's Jacobian columns with the new residuals and differentiates only the frames' own
+    # parameters (a chord step). Paracetamol with free H (80 structure tangents): 342 s against 547 s,
+    # the same minimum; quartz experimental 26.1 s against 27.1 s, the same figures. Off by default:
+    # runs take more (cheaper) iterations, and it is unmeasured on precession and learned thickness
+    # models (docs/refinement.md)
     lm_reuse_jacobian: bool = False
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last
@@ -839,7 +840,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 if passes > CHORD_HINT_PASSES:
                     log(f"note: an LM iteration here costs about {passes:.0f} passes, most of it the Jacobian; "
                         f"lm_reuse_jacobian = true re-uses one where the last step was near-linear "
-                        f"(paracetamol, free H: 0.64x the time; docs/refinement.md)")
+                        f"(paracetamol, free H: 0.63x the time; docs/refinement.md)")
             if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
                 # at convergence: frames on other branches move, outlier frames are tried afresh at zero
                 # orientation correction, and frames whose refined thickness left them below one sample per

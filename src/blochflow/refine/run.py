@@ -155,9 +155,9 @@ class RefineSettings:
     # after a step whose reduction its linear model predicted within 25 %, the next LM iteration keeps
     # the structure's Jacobian columns with the new residuals and differentiates only the frames' own
     # parameters (a chord step). Paracetamol with free H (80 structure tangents): 342 s against 547 s,
-    # the same minimum; quartz experimental 26.1 s against 27.1 s, the same figures. Off by default:
-    # runs take more (cheaper) iterations, and it is unmeasured on precession and learned thickness
-    # models (docs/refinement.md)
+    # the same minimum; quartz experimental 26.1 s against 27.1 s, the same figures; precession known
+    # truth 582 s against 696 s. Off by default: runs take more (cheaper) iterations, and it is
+    # unmeasured on learned thickness models (docs/refinement.md)
     lm_reuse_jacobian: bool = False
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last

@@ -1207,10 +1207,10 @@ def test_resume_keeps_the_reused_jacobian(small_dataset, truth, tmp_path):
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 
 
-
 def test_an_expensive_lm_iteration_gets_a_note_on_chord_steps(small_dataset, truth, monkeypatch):
-    """The first LM iteration's cost in passes is logged with a pointer to ``lm_reuse_jacobian``
-    when it exceeds CHORD_HINT_PASSES, and not when the setting is already on."""
+    """The first LM iteration's cost in passes (against the estimate the plan line logged) is logged
+    with a pointer to ``lm_reuse_jacobian`` when it exceeds CHORD_HINT_PASSES, and not when the
+    setting is already on."""
     from blochflow.refine import run as runmod
 
     ds, _, _ = small_dataset
@@ -1219,6 +1219,7 @@ def test_an_expensive_lm_iteration_gets_a_note_on_chord_steps(small_dataset, tru
         settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, lm_iterations=2, free_fraction=0.0,
                                   thickness=500.0, lm_reuse_jacobian=reuse)
         lines = []
-        refine(build_problem(displaced(truth, 0.02, 0.03), ds, settings), settings, log=lines.append)
+        problem = build_problem(displaced(truth, 0.02, 0.03), ds, settings, log=lines.append)
+        refine(problem, settings, log=lines.append)
         notes = [line for line in lines if "lm_reuse_jacobian = true" in line]
         assert len(notes) == (0 if reuse else 1), lines

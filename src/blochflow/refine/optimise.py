@@ -178,10 +178,9 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             j[:, own] = j_own
         else:
             j, r = state.jacobian, problem.residual_vector(theta, kind)
-        ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
     else:
         _, r, j = problem.jacobian(theta, index, kind)
-        ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
+    ne = NormalEquations(index, j.T @ j, j.T @ r, float(r @ r), len(r))
     state.jacobian = None
     before_chord = (state.damping, state.frame_damping, state.frame_step)
     a, g = ne.jtj, ne.jtr

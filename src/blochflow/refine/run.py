@@ -784,10 +784,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             nonlocal theta
             t0 = time.perf_counter()
             theta, moved = rescan_frame_thickness(problem, theta, settings)
-            if moved:
-                lm.jacobian = None
             phase_times["thickness_rescan_s"] = phase_times.get("thickness_rescan_s", 0.0) + time.perf_counter() - t0
             if moved:
+                lm.jacobian = None
                 log(f"thickness rescan at LM iteration {lm.iteration}: {moved} frames moved to another branch")
             return moved
 
@@ -795,10 +794,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             nonlocal theta
             t0 = time.perf_counter()
             theta, frames = restart_outlier_frames(problem, theta, settings)
-            if len(frames):
-                lm.jacobian = None
             phase_times["frame_restart_s"] = phase_times.get("frame_restart_s", 0.0) + time.perf_counter() - t0
             if len(frames):
+                lm.jacobian = None
                 ids = " ".join(str(i) for i in problem.model.dataset.frames.ids[frames])
                 log(f"frame restart at LM iteration {lm.iteration}: {len(frames)} outlier frames moved to zero "
                     f"orientation correction and their best thickness there (frames {ids})")
@@ -836,7 +834,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             if on_amplitudes:  # a phase to get into the basin: convergence is judged on intensities
                 lm.converged, lm.reason = False, ""
             if lm.iteration == 1 and not settings.lm_reuse_jacobian and not lm.converged:
-                passes = (time.perf_counter() - t0) / max(problem.model.pass_seconds_estimate(), 1e-9)
+                pass_s = problem.model.pass_seconds_estimate(probe=False)  # known when the plan was logged
+                passes = (time.perf_counter() - t0) / pass_s if pass_s else 0.0
                 if passes > CHORD_HINT_PASSES:
                     log(f"note: an LM iteration here costs about {passes:.0f} passes, most of it the Jacobian; "
                         f"lm_reuse_jacobian = true re-uses one where the last step was near-linear "
@@ -877,7 +876,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     cov_full, corr = None, []
     t0 = time.perf_counter()
     if len(index) and not interrupted:
-        if ne is not None and lm.converged and not (lm.history and lm.history[-1].get("jacobian_reused")):
+        if ne is not None and lm.converged:  # (a chord step never converges: lm_step)
             # as least-squares programs do: the normal matrix of the last cycle (its step is below the
             # convergence test), scaled by GoF^2 at the final point (the reported figures' double pass)
             ic = problem.intensities_at(theta)

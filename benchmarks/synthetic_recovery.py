@@ -13,6 +13,7 @@ mean |dU_ij|, R values, iterations, convergence and wall time.
 
     python benchmarks/synthetic_recovery.py --data-root ../shared/data --dataset quartz [--starts 01,02,03]
         [--frames-step 1] [--threads 2] [--set NAME=VALUE ...] [--json FILE] [--log] [--then-free N]
+        [--first-frames-step K]
 """
 
 from __future__ import annotations
@@ -59,19 +60,25 @@ DATASET_PHYSICS = {"quartz": {"wavelength": 0.0250793, "g_max": 1.9, "n_segments
                    "paracetamol": {"wavelength": 0.02508, "g_max": 1.9, "n_samples": 84, "n_segments": 84}}
 
 
+def _frame_mask(n_frames: int, step: int):
+    if step <= 1:
+        return None
+    mask = np.zeros(n_frames, bool)
+    mask[::step] = True
+    return mask
+
+
 def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int, log=None,
-              then_free: int = 0) -> dict:
+              then_free: int = 0, first_frames_step: int | None = None) -> dict:
     data, truth_path, start_pattern = DATASETS[dataset]
     ds = read_pets(str(root / data))
     truth = crystal_from_record(read_structure(str(root / truth_path)))
     begin = crystal_from_record(read_structure(str(root / start_pattern.format(start=start))))
     settings = settings_from_mapping({**PAPER_PHYSICS, **DATASET_PHYSICS[dataset], **overrides}, "benchmark")
-    mask = None
-    if frames_step > 1:
-        mask = np.zeros(len(ds.frames), bool)
-        mask[::frames_step] = True
+    mask = _frame_mask(len(ds.frames), frames_step)
+    first_step = frames_step if first_frames_step is None else first_frames_step
     t0 = time.perf_counter()
-    problem = build_problem(begin, ds, settings, frame_mask=mask)
+    problem = build_problem(begin, ds, settings, frame_mask=_frame_mask(len(ds.frames), first_step))
     before = structure_deviation(problem.structure.crystal_at(problem.split(problem.theta0)["structure"]), truth,
                                  skip_elements=("H",))
     result = refine(problem, settings, log=log or (lambda s: None))
@@ -85,7 +92,7 @@ def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step
         settings = dataclasses.replace(settings, hydrogens="free", adam_steps=0, lm_iterations=then_free)
         problem = build_problem(refined, ds, settings, frame_mask=mask)
         for name, slot in problem.slots.items():
-            if name != "structure":
+            if name != "structure" and first_step == frames_step:  # other frames: their own start
                 old = first.slots[name]
                 problem.theta0[slot.start:slot.stop] = theta1[old.start:old.stop]
         result = refine(problem, settings, log=log or (lambda s: None))
@@ -114,6 +121,9 @@ def main() -> None:
     p.add_argument("--log", action="store_true", help="print the optimiser's progress lines")
     p.add_argument("--then-free", type=int, default=0, metavar="N",
                    help="after the refinement (e.g. with riding hydrogens), N more LM iterations with free hydrogens")
+    p.add_argument("--first-frames-step", type=int, default=None, metavar="K",
+                   help="with --then-free: the first stage on every K-th frame (its frames' parameters are not "
+                        "handed over then: the second stage starts them as a new run does)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     set_default_device(args.device)
@@ -121,7 +131,8 @@ def main() -> None:
     results = []
     for start in args.starts.split(","):
         res = run_start(args.dataset, start, Path(args.data_root), overrides, args.frames_step,
-                        log=(lambda s: print(s, flush=True)) if args.log else None, then_free=args.then_free)
+                        log=(lambda s: print(s, flush=True)) if args.log else None, then_free=args.then_free,
+                        first_frames_step=args.first_frames_step)
         res["device"] = args.device
         results.append(res)
         print(json.dumps(res), flush=True)

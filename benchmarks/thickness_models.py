@@ -145,6 +145,7 @@ def run_one(case: str, spec: str, data: Path, truth: Crystal, args) -> dict:
             "rmsd_A": dev["rmsd_A"], "mean_abs_dU": dev["mean_abs_dUeq"],
             "thickness_mean_error_A": float(np.mean(mean_err)),
             "wasserstein1_A": float(np.mean(w1)), "time_s": elapsed, "lm_iterations": result.lm.iteration,
+            "lm_jacobians": sum(not h.get("jacobian_reused", False) for h in result.lm.history),
             "converged": result.lm.converged, "frames": frames}
 
 
@@ -189,13 +190,14 @@ def main() -> None:
             write_json(work / "results.json", results)
     if args.set:
         print("\nsettings: " + " ".join(args.set))
-    print("\n| case | model | R_obs | wR2 | R_holdout | RMSD (A) | mean abs dU (A^2) | mean t error (A) | W1 (A) | time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| case | model | R_obs | wR2 | R_holdout | RMSD (A) | mean abs dU (A^2) | mean t error (A) | W1 (A) | LM its (Jacobians) | time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         rh = "-" if r["R_holdout"] is None else f"{100 * r['R_holdout']:.1f} %"
         print(f"| {r['case']} | {r['model']} | {100 * r['R_obs']:.2f} % | {100 * r['wR2']:.2f} % | {rh} | "
               f"{r['rmsd_A']:.4f} | {r['mean_abs_dU']:.4f} | {r['thickness_mean_error_A']:.0f} | "
-              f"{r['wasserstein1_A']:.0f} | {r['time_s']:.0f} |")
+              f"{r['wasserstein1_A']:.0f} | {r['lm_iterations']} ({r['lm_jacobians']}){', converged' if r['converged'] else ''} | "
+              f"{r['time_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -374,10 +374,12 @@ def test_lm_in_single_precision_reaches_the_double_precision_minimum(small_datas
     assert abs(a.figures.wR2 / b.figures.wR2 - 1) < 1e-4 and abs(a.figures.R_obs / b.figures.R_obs - 1) < 1e-3
 
 
-def _full_and_resumed(ds, start, settings, tmp_path, stop_after: int):
-    """(uninterrupted run, checkpoint of a run interrupted after LM iteration ``stop_after``, its
-    resumed problem, the resumed run)."""
+def _full_and_resumed(ds, start, settings, tmp_path, stop_after):
+    """(uninterrupted run, checkpoint of a run interrupted after LM iteration ``stop_after`` (or the
+    iteration that function of the uninterrupted run names), its resumed problem, the resumed run)."""
     full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
+    if callable(stop_after):
+        stop_after = stop_after(full)
 
     def stop(line):
         if line.startswith(f"lm   {stop_after:4d}/"):
@@ -958,7 +960,8 @@ def test_lm_stops_on_an_r_plateau_only_when_the_structure_has_settled(small_data
     assert _on_plateau(rescanned, 1e-3, 1) and not _on_plateau([{"cost": 100.0}, {"cost": 89.99}], 1e-3, 1)
     assert not _on_plateau([{"cost": 100.0}, {"cost": 88.0, "cost_before": 90.0}], 1e-3, 1)
     ds, _, _ = small_dataset
-    base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False)
+    base = dict(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0, lm_iterations=12, refine_orientation=False,
+                lm_reuse_jacobian=False)  # a chord step that meets the rule goes on to a fresh Jacobian
     far = displaced(truth, 0.02, 0.03)
     loose = RefineSettings(**base, plateau_tol=0.9, plateau_iterations=2)  # every iteration counts as flat
     res = refine(build_problem(far, ds, loose), loose, log=lambda s: None)
@@ -1200,26 +1203,26 @@ def test_resume_keeps_the_reused_jacobian(small_dataset, truth, tmp_path):
     """An interrupted run with ``lm_reuse_jacobian`` checkpoints the Jacobian its next chord step
     takes, and the resumed run ends where the uninterrupted one does, to 1e-8."""
     ds, _, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", lm_iterations=4,
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", lm_iterations=8,
                               checkpoint_every=1, free_fraction=0.0, lm_reuse_jacobian=True)
-    full, kept, _, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path, stop_after=1)
+
+    def before_a_chord_step(full):  # the iteration whose Jacobian the next one re-uses
+        return next(h["iteration"] for h in full.lm.history if h["jacobian_reused"]) - 1
+
+    full, kept, _, resumed = _full_and_resumed(ds, displaced(truth, 0.02, 0.03), settings, tmp_path,
+                                               stop_after=before_a_chord_step)
     assert "jacobian" in kept["lm"] and any(h["jacobian_reused"] for h in full.lm.history)
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 
 
-def test_an_expensive_lm_iteration_gets_a_note_on_chord_steps(small_dataset, truth, monkeypatch):
-    """The first LM iteration's cost in passes (against the estimate the plan line logged) is logged
-    with a pointer to ``lm_reuse_jacobian`` when it exceeds CHORD_HINT_PASSES, and not when the
-    setting is already on."""
-    from blochflow.refine import run as runmod
-
-    ds, _, _ = small_dataset
-    monkeypatch.setattr(runmod, "CHORD_HINT_PASSES", 0.0)
-    for reuse in (False, True):
-        settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, lm_iterations=2, free_fraction=0.0,
-                                  thickness=500.0, lm_reuse_jacobian=reuse)
-        lines = []
-        problem = build_problem(displaced(truth, 0.02, 0.03), ds, settings, log=lines.append)
-        refine(problem, settings, log=lines.append)
-        notes = [line for line in lines if "lm_reuse_jacobian = true" in line]
-        assert len(notes) == (0 if reuse else 1), lines
+def test_chord_steps_are_on_by_default_except_with_a_learned_thickness():
+    """``lm_reuse_jacobian = "auto"`` (the default) re-uses Jacobian columns unless the thickness
+    model is learned (its network columns are shared and nonlinear); true and false force it; any
+    other value is refused naming the setting."""
+    assert RefineSettings().chord_steps()
+    assert not RefineSettings(thickness_model="learned").chord_steps()
+    assert settings_from_mapping({"thickness_model": "learned", "lm_reuse_jacobian": True}, "t").chord_steps()
+    assert not settings_from_mapping({"lm_reuse_jacobian": False}, "t").chord_steps()
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="lm_reuse_jacobian: expected true, false or 'auto'"):
+            settings_from_mapping({"lm_reuse_jacobian": bad}, "t")

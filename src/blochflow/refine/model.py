@@ -142,13 +142,10 @@ class ForwardModel:
             best = float(fine[int(np.nanargmin(w2))])
         return best, {"coarse_thickness": coarse.tolist(), "coarse_wR2": w1}
 
-    def pass_seconds_estimate(self, probe: bool = True) -> float | None:
+    def pass_seconds_estimate(self) -> float:
         """Seconds a pass without gradient in single precision (a thickness scan, an LM trial point)
-        takes on this machine over the current plan (probed once per model, see solve_cost_probe;
-        with ``probe`` false, None until then)."""
+        takes on this machine over the current plan (probed once per model, see solve_cost_probe)."""
         if self._per_n3 is None:
-            if not probe:
-                return None
             u, u_abs = self.potential()
             pot = tuple(None if x is None else x.to(torch.complex64) for x in (u, u_abs))
             self._per_n3 = solve_cost_probe(self.plan, *pot, self.frame_state(600.0).to(torch.float32),

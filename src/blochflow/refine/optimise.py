@@ -98,6 +98,12 @@ def normal_equations(problem: RefinementProblem, theta: torch.Tensor, index: tor
 # better a sign than one far below: a stale Jacobian's short steps keep reducing the objective more
 # than it predicts while they creep towards its own, wrong, fixed point.
 CHORD_GAIN_TOLERANCE = 0.25
+# ... and only once the shared parameters have settled: a step that moved one of them by more than
+# this many s.u. says the Jacobian at the new point is another one, however linear the cost was along
+# the step. Without it, a quartz known-truth run took a chord step after a 10 s.u. step, reduced the
+# cost 5x where a fresh Jacobian reduces it 20x, and a frame's orientation meanwhile settled in a
+# wrong minimum (16 iterations against 7, to a worse cost)
+CHORD_SHIFT_LIMIT = 3.0
 
 
 # Fractions of each frame's own step tried in an LM iteration. Frame costs are separable once the
@@ -163,7 +169,8 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     frames onto other branches) one such iteration suffices: the plateau is established, and the
     question is only whether the moved frames took the structure off it.
     With ``reuse_jacobian``, an iteration after a step whose gain ratio (actual over predicted
-    reduction) is within ``CHORD_GAIN_TOLERANCE`` of 1 keeps that step's Jacobian columns of the
+    reduction) is within ``CHORD_GAIN_TOLERANCE`` of 1, and that moved no shared parameter by more than
+    ``CHORD_SHIFT_LIMIT`` s.u., keeps that step's Jacobian columns of the
     shared parameters (structure) with the residuals at the new point and the frames' own columns
     afresh (a chord step, as in the modified Gauss-Newton method, on the expensive columns); any other
     step, and ``state.jacobian = None`` (set by the caller when the model changed), bring a fresh one.
@@ -244,7 +251,7 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
             taken = delta[index]
             predicted = -float(2 * g @ taken + taken @ (a @ taken))  # the linear model's reduction
             gain = (ne.cost - new_cost) / predicted if predicted > 0 else 0.0
-            if reuse_jacobian and abs(gain - 1) <= CHORD_GAIN_TOLERANCE:
+            if reuse_jacobian and abs(gain - 1) <= CHORD_GAIN_TOLERANCE and shift_su_shared <= CHORD_SHIFT_LIMIT:
                 state.jacobian = j
                 state.jacobian_kind = kind
             state.iteration += 1

@@ -152,13 +152,13 @@ class RefineSettings:
     # figure stay double
     lm_precision: str = "single"
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
-    # after a step whose reduction its linear model predicted within 25 %, the next LM iteration keeps
-    # the structure's Jacobian columns with the new residuals and differentiates only the frames' own
-    # parameters (a chord step). Paracetamol with free H (80 structure tangents): 342 s against 547 s,
-    # the same minimum; quartz experimental 26.1 s against 27.1 s, the same figures; precession known
-    # truth 582 s against 696 s. Off by default: runs take more (cheaper) iterations, and it is
-    # unmeasured on learned thickness models (docs/refinement.md)
-    lm_reuse_jacobian: bool = False
+    # chord steps: after a step whose reduction its linear model predicted within 25 %, the next LM
+    # iteration keeps the shared parameters' Jacobian columns with the new residuals and differentiates
+    # only the frames' own parameters. Paracetamol with free H (80 structure tangents): 342 s against
+    # 547 s, the same minimum; quartz experimental 26.1 s against 27.1 s; precession known truth 582 s
+    # against 696 s. "auto": on, except with a learned thickness model, whose network columns are
+    # shared and nonlinear (4 synthetic cases: 1-2 of 8-37 Jacobians saved, one run 5 iterations longer)
+    lm_reuse_jacobian: bool | str = "auto"
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last
     # plateau_iterations LM iterations (0: off; the shift criterion alone)
@@ -173,6 +173,12 @@ class RefineSettings:
                              rocking_axis=self.rocking_axis, s_bethe=self.s_bethe)
         return ModelSettings(beams=beams, absorption=self.absorption, kappa=self.kappa,
                              instability=self.instability)
+
+    def chord_steps(self) -> bool:
+        """Whether LM re-uses the shared parameters' Jacobian columns (``lm_reuse_jacobian``)."""
+        if self.lm_reuse_jacobian == "auto":
+            return self.thickness_model != "learned"
+        return bool(self.lm_reuse_jacobian)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -225,6 +231,8 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
         elif isinstance(default, float) or name in ("g_max", "wavelength"):
             if val is not None and (not isinstance(val, (int, float)) or isinstance(val, bool)):
                 raise ValueError(f"{key}: expected a number, got {val!r}")
+        elif name == "lm_reuse_jacobian" and not (val == "auto" or isinstance(val, bool)):
+            raise ValueError(f"{key}: expected true, false or 'auto', got {val!r}")
         elif name == "thickness" and not (val == "auto" or isinstance(val, (int, float))):
             raise ValueError(f"{key}: expected a number or 'auto', got {val!r}")
         elif name == "frames":
@@ -697,11 +705,6 @@ def _lm_from_dict(d: dict) -> LMState:
                    jacobian=d.get("jacobian"), jacobian_kind=str(d.get("jacobian_kind", "")))
 
 
-# an LM iteration costing more passes than this gets a note on chord steps (quartz: ~3; paracetamol
-# with free hydrogens: ~19, where they save a third of the time)
-CHORD_HINT_PASSES = 8
-
-
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
            resume: dict | None = None, log: Callable[[str], None] = print) -> RefinementResult:
     """Run Adam then LM on ``problem``; returns the result (also when interrupted).
@@ -830,16 +833,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,
                                 kind="amplitude" if on_amplitudes else "intensity",
                                 plateau_tol=settings.plateau_tol, plateau_iterations=settings.plateau_iterations,
-                                reuse_jacobian=settings.lm_reuse_jacobian)
+                                reuse_jacobian=settings.chord_steps())
             if on_amplitudes:  # a phase to get into the basin: convergence is judged on intensities
                 lm.converged, lm.reason = False, ""
-            if lm.iteration == 1 and not settings.lm_reuse_jacobian and not lm.converged:
-                pass_s = problem.model.pass_seconds_estimate(probe=False)  # known when the plan was logged
-                passes = (time.perf_counter() - t0) / pass_s if pass_s else 0.0
-                if passes > CHORD_HINT_PASSES:
-                    log(f"note: an LM iteration here costs about {passes:.0f} passes, most of it the Jacobian; "
-                        f"lm_reuse_jacobian = true re-uses one where the last step was near-linear "
-                        f"(paracetamol, free H: 0.63x the time; docs/refinement.md)")
             if lm.converged and settings.lm_iterations - lm.iteration >= RESCAN_MIN_LEFT:
                 # at convergence: frames on other branches move, outlier frames are tried afresh at zero
                 # orientation correction, and frames whose refined thickness left them below one sample per

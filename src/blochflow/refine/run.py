@@ -152,12 +152,13 @@ class RefineSettings:
     # figure stay double
     lm_precision: str = "single"
     jacobian_precision: str = "single"  # derivatives for LM and the covariance; values stay double
-    # chord steps: after a step whose reduction its linear model predicted within 25 %, the next LM
-    # iteration keeps the shared parameters' Jacobian columns with the new residuals and differentiates
-    # only the frames' own parameters. Paracetamol with free H (80 structure tangents): 342 s against
-    # 547 s, the same minimum; quartz experimental 26.1 s against 27.1 s; precession known truth 582 s
-    # against 696 s. "auto": on, except with a learned thickness model, whose network columns are
-    # shared and nonlinear (4 synthetic cases: 1-2 of 8-37 Jacobians saved, one run 5 iterations longer)
+    # chord steps: after a step whose reduction its linear model predicted within 25 % and which moved
+    # no shared parameter by more than 3 s.u., the next LM iteration keeps the shared parameters'
+    # Jacobian columns with the new residuals and differentiates only the frames' own parameters.
+    # Paracetamol with free H (80 structure tangents), 5 frames: 442 s against 586 s, the same minimum;
+    # quartz experimental and the paper's quartz: the same time and figures. "auto": on, except with a
+    # learned thickness model, whose network columns are shared and nonlinear (4 synthetic cases: 0-2
+    # of 8-36 Jacobians saved, one run 5 iterations longer; docs/refinement.md)
     lm_reuse_jacobian: bool | str = "auto"
     shift_tol: float = 0.01
     # R plateau: stop when wR2 fell by less than this fraction of itself in each of the last

@@ -177,8 +177,9 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     """
     chord = (reuse_jacobian and state.jacobian is not None and state.jacobian_kind == kind
              and state.jacobian.shape[1] == len(index))
+    param_frame = problem.parameter_frames()
     if chord:
-        own = problem.parameter_frames()[index] >= 0
+        own = param_frame[index] >= 0
         if own.any():  # the frames' own columns afresh: cheap (a few tangents), and the nonlinear ones
             _, r, j_own = problem.jacobian(theta, index[own], kind)
             j = state.jacobian.clone()
@@ -200,7 +201,6 @@ def lm_step(problem: RefinementProblem, theta: torch.Tensor, state: LMState, ind
     cov_unit = constrained_inverse(a, basis)
     su = torch.sqrt(torch.clamp(torch.diagonal(cov_unit), min=0) * ne.cost / dof)
     state.cost = ne.cost
-    param_frame = problem.parameter_frames()
     per_frame = bool(param_frame[index].ge(0).any())
     partial, own_damping = 0, torch.zeros(len(index), dtype=torch.float64)
     if per_frame:

@@ -28,7 +28,7 @@ import torch
 
 from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
-from blochflow.io.pets import read_pets
+from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.bloch import CUDA_EIGH_BACKENDS, cuda_eigh_backend, hermitian_eigh
 from blochflow.physics.diffraction import _chunk_matrices, _chunk_terms
@@ -140,7 +140,6 @@ def paracetamol_part(args) -> list[dict]:
     200-300 beams) with each CUDA eigensolver backend: a forward pass in double, one in single with
     its backward pass (an Adam step's solves) and a Jacobian, against the CPU. The quartz figures
     above are at 90 beams; this checks the solvers where the matrices are 3-4x larger."""
-    import numpy as np
     from pathlib import Path
 
     from synthetic_recovery import DATASET_PHYSICS, DATASETS, PAPER_PHYSICS
@@ -151,8 +150,7 @@ def paracetamol_part(args) -> list[dict]:
     start = crystal_from_record(read_structure(str(root / pattern.format(start="01"))))
     settings = settings_from_mapping({**PAPER_PHYSICS, **DATASET_PHYSICS["paracetamol"], "hydrogens": "free",
                                       "refine_orientation": False}, "benchmark")
-    mask = np.zeros(len(ds.frames), bool)
-    mask[::args.frames_step] = True
+    mask = every_nth_frame_mask(len(ds.frames), args.frames_step)
     problem = build_problem(start, ds, settings, frame_mask=mask)
     cpu_plan = problem.model.plan
     theta = problem.theta0.clone()

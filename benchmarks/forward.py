@@ -25,7 +25,7 @@ import torch
 
 from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
-from blochflow.io.pets import read_pets
+from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 import blochflow.physics.diffraction as diffraction
 from blochflow.physics.bloch import propagate
@@ -192,8 +192,7 @@ def _paracetamol_problem(root: Path, step: int = 40, overrides: dict | None = No
     settings = settings_from_mapping({"n_samples": 42, "samples_per_fringe": 0.0, "sample_rule": "linspace", "ub_convention": "diffbloch",
                                       "coupling": "segments", "s_max": 0.01, "thickness": 1000.0, **(overrides or {})},
                                      "benchmark")
-    mask = np.zeros(len(ds.frames), bool)
-    mask[::step] = True
+    mask = every_nth_frame_mask(len(ds.frames), step)
     return build_problem(crystal_from_record(read_structure(str(start))), ds, settings, frame_mask=mask), settings
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from blochflow.crystal.structure import crystal_from_record
-from blochflow.io.pets import read_pets
+from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
 from blochflow.refine.objective import frame_scales, klar_weights, r_obs
@@ -113,8 +113,7 @@ def main() -> None:
                   "lm_iterations": 12, "integration_check": False}
     settings = settings_from_mapping({**PAPER_PHYSICS, **DATASET_PHYSICS[args.dataset], **frame_only, **overrides},
                                      "model_at_truth")
-    mask = np.zeros(len(ds.frames), bool)
-    mask[::args.frames_step] = True
+    mask = every_nth_frame_mask(len(ds.frames), args.frames_step)
     t0 = time.perf_counter()
     problem = build_problem(truth, ds, settings, frame_mask=mask)
     lo, hi, step = (float(v) for v in args.grid.split(","))

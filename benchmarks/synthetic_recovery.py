@@ -24,11 +24,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from blochflow.crystal.structure import crystal_from_record, structure_deviation
-from blochflow.io.pets import read_pets
+from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.physics.device import set_default_device
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
@@ -63,9 +62,7 @@ DATASET_PHYSICS = {"quartz": {"wavelength": 0.0250793, "g_max": 1.9, "n_segments
 def _frame_mask(n_frames: int, step: int):
     if step <= 1:
         return None
-    mask = np.zeros(n_frames, bool)
-    mask[::step] = True
-    return mask
+    return every_nth_frame_mask(n_frames, step)
 
 
 def run_start(dataset: str, start: str, root: Path, overrides: dict, frames_step: int, log=None,

@@ -31,7 +31,7 @@ import numpy as np
 from blochflow.cli import main as cli
 from blochflow.crystal.structure import Crystal, crystal_from_record, displaced, structure_deviation
 from blochflow.data import example_path
-from blochflow.io.pets import read_pets, select_frames
+from blochflow.io.pets import every_nth_frame_mask, read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets, write_json
 from blochflow.refine.run import RefineSettings, build_problem, parse_setting, refine, settings_from_mapping
@@ -172,9 +172,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     structure, data = example_paths()
     ds = read_pets(data)
-    keep = np.zeros(len(ds.frames), bool)
-    keep[::args.frames_step] = True
-    sub = select_frames(ds, keep)
+    sub = select_frames(ds, every_nth_frame_mask(len(ds.frames), args.frames_step))
     geometry = work / "geometry.cif_pets"
     atomic_write_text(geometry, format_pets(sub, sub.reflections.hkl, sub.reflections.intensity,
                                             sub.reflections.sigma, sub.reflections.frame_id), overwrite=True)

@@ -6,7 +6,7 @@ import pytest
 
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import Crystal, crystal_from_record
-from blochflow.io.pets import ReflectionTable, read_pets, select_frames
+from blochflow.io.pets import ReflectionTable, every_nth_frame_mask, read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets
 from blochflow.physics.diffraction import BeamSettings
@@ -40,9 +40,7 @@ def truth(quartz_paths):
 def every_nth_frame(path, step: int):
     """The dataset at ``path`` with every ``step``-th frame kept."""
     ds = read_pets(path)
-    keep = np.zeros(len(ds.frames), bool)
-    keep[::step] = True
-    return select_frames(ds, keep)
+    return select_frames(ds, every_nth_frame_mask(len(ds.frames), step))
 
 
 def simulated(ds, truth: Crystal, thickness, n_samples: int, *, noise: str = "poisson", max_counts: float = 1e6,

@@ -360,6 +360,11 @@ def test_frame_selection_names_frames_by_id_and_rejects_what_selects_nothing():
     assert list(ids[frame_selection(ids, "3-10:3")]) == [3, 6, 9]  # every 3rd, counted from the range's first
     assert list(ids[frame_selection(ids, "1-4:2,9")]) == [3, 9]  # a range may start before the first id
     assert list(ids[frame_selection(ids, "7")]) == [7]
+    # every n-th by position: the same frames as a range over all ids, also where ids are not contiguous
+    from blochflow.io.pets import every_nth_frame_mask
+    for n in (1, 2, 3, 4):
+        assert np.array_equal(every_nth_frame_mask(len(ids), n), frame_selection(ids, f"3-20:{n}"))
+    assert list(ids[every_nth_frame_mask(len(ids), 4)]) == [3, 7, 20]
     for spec, words in (("11-19", "selects no frame"), ("6-4", "lower id"), ("3-10:0", "at least 1"),
                         ("x", "is not a frame id"), ("1-2-3", "is not a frame id"), ("4,", "is not a frame id")):
         with pytest.raises(ValueError, match=words):

@@ -273,6 +273,14 @@ def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
     return dataclasses.replace(dataset, frames=frames, reflections=refl)
 
 
+def every_nth_frame_mask(n_frames: int, step: int) -> np.ndarray:
+    """(F,) bool: every ``step``-th frame by position in the frame loop, from the first (a quick subset
+    of a large dataset; :func:`frame_selection` names frames by id instead)."""
+    keep = np.zeros(n_frames, bool)
+    keep[::max(1, int(step))] = True
+    return keep
+
+
 def frame_selection(ids: np.ndarray, spec: str) -> np.ndarray:
     """(F,) bool: the frames a selection names by the ids of the frame loop. ``spec`` is a comma list
     of ids and ranges ``a-b`` (both ends included), each optionally ``:n`` for every n-th frame of it

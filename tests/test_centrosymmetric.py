@@ -132,3 +132,47 @@ def test_inversion_centre_off_the_origin_gives_the_same_intensities_and_real_mat
         out.append(_passes(problem, problem.theta0.clone()))
     assert calls and not any(calls)
     _assert_same(*out, 1e-9)
+
+
+def test_friedel_mates_share_a_coefficient_in_the_potential_contraction(small_dataset, truth, monkeypatch):
+    """With real potential tangents (dU_h = dU_-h) the contraction bins each beam pair with its
+    reverse: about half the coefficients to contract, the same Jacobian; also with the origin off the
+    inversion centre, where the potential is taken about the centre."""
+    import blochflow.physics.diffraction as diffraction
+
+    ds, _, _ = small_dataset
+    centred = centrosymmetric_crystal(truth.cell)
+    c0 = np.array([0.13, 0.27, 0.05])
+    rot, tr = centred.symmetry.rotations, centred.symmetry.translations
+    a = centred.asu
+    shifted = Crystal(centred.cell, SymmetryOps(rot, (tr + (np.eye(3) - rot) @ c0) % 1.0),
+                      AsymmetricUnit(a.labels, a.elements, a.xyz + torch.as_tensor(c0), a.occupancy, a.u_frac,
+                                     a.anisotropic))
+    monkeypatch.setattr(diffraction, "CONTRACTION_MIN_TANGENTS", 1)  # every Jacobian contracts
+    real_contraction = diffraction._potential_contraction
+    sizes = []
+
+    def spy(left, right, idx, *args, **kw):
+        g, uniq = real_contraction(left, right, idx, *args, **kw)
+        sizes.append(g.shape[-1])
+        return g, uniq
+
+    monkeypatch.setattr(diffraction, "_potential_contraction", spy)
+    for crystal in (centred, shifted):
+        problem = build_problem(crystal, ds, DOUBLE_JACOBIAN)
+        plan = problem.model.plan
+        rows = diffraction.friedel_rows(plan)
+        hkl = torch.as_tensor(plan.potential_hkl).long()
+        mate = {tuple(h): i for i, h in enumerate(hkl.tolist())}
+        expected = [min(i, mate.get(tuple((-h).tolist()), i)) for i, h in enumerate(hkl)]
+        assert rows.tolist() == expected + [len(hkl)]
+        jac, counts = {}, {}
+        for on in (False, True):
+            monkeypatch.setattr(diffraction, "FRIEDEL_BINS", on)
+            sizes.clear()
+            problem._last_decompositions = None
+            jac[on] = problem.jacobian(problem.theta0)[2]
+            counts[on] = sum(sizes)
+        assert counts[True] < 0.6 * counts[False]
+        scale = float(jac[False].abs().max())
+        assert scale > 0 and float((jac[True] - jac[False]).abs().max()) < 1e-10 * scale

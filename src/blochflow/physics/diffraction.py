@@ -506,6 +506,21 @@ def _pair_rows(plan: DiffractionPlan, ch_hkl: torch.Tensor, mask: torch.Tensor) 
     return torch.where(pair, idx, torch.full_like(idx, len(plan.potential_hkl)))
 
 
+def friedel_rows(plan: DiffractionPlan) -> torch.Tensor:
+    """(M+1,) for each potential row the smaller of its own index and that of its Friedel mate -h
+    (its own where the plan has no -h; the zero row M stays M). Where every tangent of the potential
+    is real (a centrosymmetric crystal without absorption) dU_h = dU_-h, so pairs g_k - g_l and
+    g_l - g_k can share one coefficient in the potential contraction (half the table to contract)."""
+    m = len(plan.potential_hkl)
+    own = torch.arange(m, device=plan.lut.device)
+    if m == 0:
+        return own.new_zeros(1)
+    minus = plan.lut_offset - torch.as_tensor(plan.potential_hkl, device=plan.lut.device).long()
+    mate = plan.lut[minus[:, 0], minus[:, 1], minus[:, 2]].long()
+    mate = torch.where(mate == m, own, mate)
+    return torch.cat([torch.minimum(own, mate), own.new_full((1,), m)])
+
+
 def _sample_geometry(plan: DiffractionPlan, s_idx: torch.Tensor, fr: torch.Tensor, u0: torch.Tensor,
                      state: FrameState, rtype: torch.dtype) -> tuple:
     """Per-sample geometry (orientation O (B, 3, 3), incident direction (B, 3), surface normal (B, 3),
@@ -1095,6 +1110,7 @@ def _scored_frames(plan: DiffractionPlan) -> torch.Tensor:
 # products 4.5 s against 6.4 s contracted at 44 tangents, 10.1 s against 6.9 s at 80; quartz, complex,
 # 0.78 s against 1.45 s at 14 tangents.
 CONTRACTION_MIN_TANGENTS = 56
+FRIEDEL_BINS = True  # real tangents: h and -h share a coefficient in the contraction (friedel_rows)
 
 
 def contraction_threshold(real_tangents: bool) -> int:
@@ -1270,7 +1286,7 @@ def _potential_core(dpot, live, idx, pair_set, hm, vinv_m) -> torch.Tensor:
 
 
 def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition, live: torch.Tensor,
-               moving: torch.Tensor, real_tangents: bool = False):
+               moving: torch.Tensor, real_tangents: bool = False, pair_rows: torch.Tensor | None = None):
     """Intensities (P, 1) and tangents (T, P, 1) of a chunk piece at one thickness per sample from the
     values and tangents of its cheap inputs (pot, diag, m, kn, thickness, weak diag). Exact
     absorption (``hermitian`` False) comes in as pot = U + i U' and a complex diag (+ i U'_0): the
@@ -1285,7 +1301,8 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition,
     (index tensors, found once per Jacobian) name the tangents that move the potential and those
     that move the diagonal, illumination or weak-beam inputs: the others' terms are zero and skipped.
     ``real_tangents``: the potential tangents are real (a centrosymmetric crystal), so their products
-    with the complex H take two real products each (:func:`_times_rows`).
+    with the complex H take two real products each (:func:`_times_rows`). ``pair_rows`` (real tangents
+    only; :func:`friedel_rows`) maps each potential row to the one the contraction bins it with.
     """
     if primal[4].shape[1] > 1:
         return _fused_points_jvp(tm, primal, tangent, hermitian, decomposition)
@@ -1309,7 +1326,7 @@ def _fused_jvp(tm: _ChunkTerms, primal, tangent, hermitian: bool, decomposition,
         (b, n), n_t = diag.shape, dpot.shape[0]
         core = torch.zeros((n_t, b, n), dtype=ctype, device=diag.device)
         if len(live) and not bethe and len(live) >= contraction_threshold(real_tangents):
-            g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx)
+            g_table, uniq = _potential_contraction(vinv_m, hm, tm.idx if pair_rows is None else pair_rows[tm.idx])
             core[live] = torch.einsum("bim,tbm->tbi", g_table, dpot[live][:, uniq])
         elif len(live):
             if bethe:  # dC = dP_sw X + (dP_sw X)^H for a potential tangent (P hermitian)
@@ -1505,6 +1522,7 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
         live = torch.nonzero((pot_tangent != 0).any(-1))[:, 0]  # once here, not per piece
         moving = torch.nonzero(moves_terms)[:, 0]
         real_tangents = not has_abs and _real_tangents(pot_tangent[live])  # centrosymmetric
+        pair_rows = friedel_rows(plan) if real_tangents and FRIEDEL_BINS else None
         start = 0
         inputs = []
         for ci, ch in enumerate(plan.chunks):
@@ -1547,7 +1565,7 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             if tm.idx is None:
                 tm = dataclasses.replace(tm, idx=_pair_rows(plan, ch.hkl[sl], ch.mask[sl]))
             return _fused_jvp(tm, *args[1:3], hermitian=not has_abs, decomposition=args[3], live=live,
-                              moving=moving, real_tangents=real_tangents)
+                              moving=moving, real_tangents=real_tangents, pair_rows=pair_rows)
 
         results = parallel_map(solve, inputs, workers)
         done = [(vals, dvals, args[0].out_refl) for (vals, dvals), args in zip(results, inputs)]

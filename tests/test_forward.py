@@ -462,3 +462,25 @@ def test_parallel_map_takes_a_generator_in_order_with_few_items_waiting():
     assert [v for v, _ in out] == [i * i for i in range(20)]
     assert {name.split("_")[0] for _, name in out} == {"blochflow-solve"}
     assert max(ahead) <= 2 * 2 + 1
+
+
+def test_potential_contraction_bins_every_pair_on_its_distinct_entry():
+    """G[s, i, m] = sum over pairs (k, l) with entry uniq[s, m] of left[s, i, k] right[s, l, i], the
+    distinct entries in increasing order and padded with the largest (G zero there), also when the
+    entries' range makes the rank tables run over the samples in blocks."""
+    from blochflow.physics.diffraction import _potential_contraction
+
+    gen = torch.Generator().manual_seed(3)
+    for b, n, top in ((7, 30, 5000), (5, 20, 1_500_000)):  # the second: tables for 2 samples at a time
+        idx = torch.randint(0, top, (b, n, n), generator=gen)
+        left = torch.randn((b, n, n), dtype=torch.complex128, generator=gen)
+        right = torch.randn((b, n, n), dtype=torch.complex128, generator=gen)
+        g, uniq = _potential_contraction(left, right, idx)
+        for s in range(b):
+            values, inverse = torch.unique(idx[s].reshape(-1), return_inverse=True)
+            expected = torch.zeros((n, len(values)), dtype=torch.complex128).index_add_(
+                1, inverse, (left[s][:, :, None] * right[s].mT[:, None, :]).reshape(n, n * n))
+            assert torch.equal(uniq[s, :len(values)], values)
+            assert bool((uniq[s, len(values):] == values[-1]).all())
+            assert float((g[s, :, :len(values)] - expected).abs().max()) < 1e-12
+            assert float(g[s, :, len(values):].abs().sum()) == 0.0

@@ -181,3 +181,53 @@ def test_centred_group_sums_one_operator_per_centring_coset(monkeypatch, tmp_pat
     for t in range(2):
         _, ref = jvp(lambda x, uu: sfmod.crystal_potential(plan, x, occ, uu)[0], (xyz, uf), (dx[t], du[t]))
         assert torch.allclose(d_u[t], ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max()))
+
+
+ILMENITE_LIKE = """data_ilmenite
+_cell_length_a 5.0884
+_cell_length_b 5.0884
+_cell_length_c 14.0885
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 120
+_space_group_name_H-M_alt 'R -3'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_U_iso_or_equiv
+Fe1 Fe 0 0 0.35537 0.006
+Ti1 Ti 0 0 0.14640 0.005
+O1 O 0.3169 0.0234 0.2448 0.007
+"""
+
+
+def test_rhombohedral_centring_on_hexagonal_axes_keeps_every_allowed_reflection(monkeypatch, tmp_path):
+    """R-3 on hexagonal axes: centring translations of 1/3 and 2/3 allow exactly -h+k+l = 3n, at high
+    indices too (a rounded 2/3 once lost 93 % of them), and the potential equals gemmi's sum."""
+    from blochflow.crystal.structure import lattice_allowed
+
+    path = tmp_path / "ilmenite.cif"
+    path.write_text(ILMENITE_LIKE)
+    monkeypatch.setattr(sfmod, "electron_scattering_factor", _it92_factor)
+    crystal = crystal_from_record(read_structure(path))
+    centring = crystal.symmetry.centring_translations()
+    assert len(centring) == 2
+    grid = np.stack(np.meshgrid(*[np.arange(-30, 31)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_array_equal(lattice_allowed(grid, centring), (-grid[:, 0] + grid[:, 1] + grid[:, 2]) % 3 == 0)
+    rng = np.random.default_rng(5)
+    hkl = rng.integers(-12, 13, size=(60, 3))
+    allowed = (-hkl[:, 0] + hkl[:, 1] + hkl[:, 2]) % 3 == 0
+    assert allowed.sum() > 10 and not allowed.all()
+    plan = sfmod.potential_plan(hkl, crystal, 0.0251)
+    u, _ = sfmod.crystal_potential(plan, crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac)
+    small = gemmi.read_small_structure(str(path))
+    small.setup_cell_images()
+    small.change_occupancies_to_crystallographic()  # Fe and Ti on the 3-fold axis
+    calc = gemmi.StructureFactorCalculatorX(small.cell)
+    f_gemmi = np.array([calc.calculate_sf_from_small_structure(small, tuple(map(int, h))) for h in hkl])
+    f_ours = u.numpy() * math.pi * crystal.volume / lorentz_factor(0.0251)
+    assert np.abs(f_gemmi[allowed]).min() > 1e-3 and np.abs(f_gemmi[~allowed]).max() < 1e-9
+    np.testing.assert_allclose(f_ours, np.conj(f_gemmi), rtol=1e-6, atol=1e-6 * np.abs(f_gemmi).max())

@@ -17,8 +17,10 @@ def lattice_allowed(hkl: np.ndarray, centring) -> np.ndarray:
     centred lattice allows, the coset of 000)."""
     if len(centring) == 0:
         return np.ones(len(hkl), bool)
-    phase = np.asarray(hkl, float) @ np.asarray(centring, float).T
-    return np.all(np.abs(phase - np.rint(phase)) < 1e-6, axis=1)
+    # in integers of 1/gemmi.Op.DEN: a centring's 1/3 or 2/3 (R, H) carries no rounding that grows with h
+    den = gemmi.Op.DEN
+    tran = np.rint(np.asarray(centring, float) * den).astype(np.int64)
+    return np.all((np.asarray(hkl, np.int64) @ tran.T) % den == 0, axis=1)
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,11 @@ class SymmetryOps:
     def centring_translations(self) -> np.ndarray:
         """(L, 3) the lattice-centring translations (operators x + t, t not a lattice vector), in [0, 1)."""
         ident = np.eye(3, dtype=int)
-        out = {tuple(np.round(t % 1.0, 6) % 1.0) for r, t in zip(self.rotations, self.translations)
-               if np.array_equal(r, ident)}
-        out.discard((0.0, 0.0, 0.0))
-        return np.array(sorted(out), float).reshape(-1, 3)
+        den = gemmi.Op.DEN  # translations are multiples of 1/DEN: compared exactly, as integers
+        out = {tuple(int(v) for v in np.rint(t * den).astype(np.int64) % den)
+               for r, t in zip(self.rotations, self.translations) if np.array_equal(r, ident)}
+        out.discard((0, 0, 0))
+        return np.array(sorted(out), float).reshape(-1, 3) / den
 
     def inversion_centre(self) -> np.ndarray | None:
         """(3,) fractional position of an inversion centre (t / 2 of an operator -x + t, the smallest

@@ -369,3 +369,37 @@ def test_frame_selection_names_frames_by_id_and_rejects_what_selects_nothing():
                         ("x", "is not a frame id"), ("1-2-3", "is not a frame id"), ("4,", "is not a frame id")):
         with pytest.raises(ValueError, match=words):
             frame_selection(ids, spec)
+
+
+def test_out_folders_keep_the_users_files_and_bad_places_get_one_line(tmp_path, quartz_paths, capsys):
+    """Nothing of the user's is replaced unasked: a folder holding files of an output's name (not
+    only a finished run) is refused; --out at a file, --write-pets inside a file and a frame selection
+    without reflection rows are one-line errors."""
+    from blochflow.cli import main
+
+    paths = [str(p) for p in quartz_paths]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "refined.cif").write_text("precious model")
+    (mine / "summary.json").write_text("precious summary")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    text = quartz_paths[1].read_text()
+    no_rows = tmp_path / "no_rows.cif_pets"
+    no_rows.write_text(re.sub(r"(?m)^\s*-?\d+\s+-?\d+\s+-?\d+\s+\S+\s+\S+\s+11\s*\n", "", text))
+    assert len(read_pets(no_rows).reflections) < len(read_pets(quartz_paths[1]).reflections)
+    cases = [(["refine", *paths, "--out", str(mine), "--frames", "50"], "refined.cif"),
+             (["simulate", *paths, "--out", str(mine), "--frames", "50", "--thickness", "300"], "summary.json"),
+             (["refine", *paths, "--out", str(afile)], "is a file"),
+             (["simulate", *paths, "--out", str(tmp_path / "o"), "--thickness", "300",
+               "--write-pets", str(afile / "x.cif_pets")], "is a file"),
+             (["simulate", paths[0], str(no_rows), "--out", str(tmp_path / "o"), "--frames", "11", "--thickness", "300"],
+              "no row of the reflection loop")]
+    for argv, words in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert (mine / "refined.cif").read_text() == "precious model"
+    assert (mine / "summary.json").read_text() == "precious summary"
+    assert afile.read_text() == "x"

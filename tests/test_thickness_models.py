@@ -250,9 +250,10 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     assert abs(again["wR2_frame_mean"] - summary["wR2_frame_mean"]) < 0.02
     capsys.readouterr()
     (tmp_path / "bad.json").write_text("{}")
-    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim),
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_bad"),
                  "--frame-model", str(tmp_path / "bad.json")]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.json" in err, err
 
 
 def test_simulate_writes_data_from_a_weighted_thickness_table(small_dataset, quartz_paths, tmp_path):

@@ -31,6 +31,48 @@ REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
                                "s_max": 0.01})}
 
 
+# what each command writes in --out: a folder holding any of these is refused unless the user says
+# --overwrite (or --resume, for refine's own run); the user's files of the same names are never replaced unasked
+REFINE_OUTPUTS = ("summary.json", "refined.cif", "reflections.fcf", "frames.csv", "frame_model.json", "fo_fc.svg",
+                  "thickness.svg", "refine.log", "checkpoint.pt", "inverted")
+SIMULATE_OUTPUTS = ("summary.json", "reflections.csv")
+
+
+def _writable_place(path: Path, flag: str, folder: bool) -> None:
+    """InputError unless ``path`` can be made: a folder (``folder``) or a file, whose nearest existing
+    ancestor is a writable folder."""
+    if path.exists():
+        if folder and not path.is_dir():
+            raise InputError(path, flag, "is a file, not a folder")
+        if not folder and path.is_dir():
+            raise InputError(path, flag, "is a folder, not a file")
+    parent = path if folder and path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(parent, flag, "is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(parent, flag, "cannot write here (permission denied)")
+
+
+def _output_folder(out: Path, names: tuple[str, ...], *, overwrite: bool, resume: bool = False) -> None:
+    """InputError if ``out`` cannot be a folder, or already holds files of these names and the user did not
+    ask to replace them (--overwrite) or to continue the run there (--resume)."""
+    _writable_place(out, "--out", folder=True)
+    present = [n for n in names if (out / n).exists()]
+    if not present or overwrite or resume:
+        return
+    if {"summary.json", "refine.log"} <= set(present):
+        why = "holds a finished refinement; pass --resume, --overwrite or another --out"
+    elif "checkpoint.pt" in present:
+        why = ("holds an unfinished refinement (checkpoint.pt); pass --resume to continue it, --overwrite to start "
+               "afresh, or another --out")
+    else:
+        why = (f"already holds {', '.join(present)}; pass --overwrite to replace {'it' if len(present) == 1 else 'them'}, "
+               "or another --out")
+    raise InputError(out, "--out", why)
+
+
 def _example_paths(name: str) -> tuple[str, str]:
     if name not in EXAMPLES:
         raise InputError("--example", name, f"unknown example; choose from {', '.join(EXAMPLES)}")
@@ -123,9 +165,12 @@ def _selected_frames(ds, spec: str, data):
     InputError naming the data file."""
     from .io.pets import frame_selection, select_frames
     try:
-        return select_frames(ds, frame_selection(ds.frames.ids, spec))
+        chosen = select_frames(ds, frame_selection(ds.frames.ids, spec))
     except ValueError as exc:
         raise InputError(data, "frames", str(exc)) from None
+    if not len(chosen.reflections.frame_id):
+        raise InputError(data, f"frames '{spec}'", "no row of the reflection loop belongs to these frames")
+    return chosen
 
 
 def _load(structure: str, data: str, *, refining: bool = False):
@@ -265,6 +310,7 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     if args.write_pets:
         target = Path(args.write_pets)  # as given, relative to the working directory like any path argument
+        _writable_place(target, "--write-pets", folder=False)
         if target.exists() and not args.overwrite:
             raise InputError(target, "--write-pets", "exists already; choose another name or pass --overwrite")
         if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr or args.frame_model):
@@ -287,6 +333,7 @@ def cmd_simulate(args) -> int:
         print(f"wrote {len(rows)} reflections on {len(ds.frames)} frames to {target}")
         return 0
 
+    _output_folder(out, SIMULATE_OUTPUTS, overwrite=args.overwrite)
     model = ForwardModel(crystal, ds, settings)
     if args.frame_model:
         scan = None
@@ -435,8 +482,7 @@ def cmd_refine(args) -> int:
     settings = _refine_settings(args, example_settings)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
-    if (out / "summary.json").exists() and not (args.resume or args.overwrite):
-        raise InputError(out, "--out", "holds a finished refinement; pass --resume, --overwrite or another --out")
+    _output_folder(out, REFINE_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
     resume = None
     if args.resume:
         if not checkpoint.exists():
@@ -585,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--noise", choices=["poisson", "gaussian", "none"], default="poisson")
     s.add_argument("--max-counts", type=float, default=1e5, help="counts of the strongest synthetic reflection")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="allow replacing an existing --write-pets file")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --write-pets file, or the files of an earlier run in --out")
     s.add_argument("--config", help="refine's TOML (or .json) settings file: its physics (beams, samples, "
                                     "wavelength, absorption, thickness); options given here override it")
     _add_model_options(s)
@@ -599,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="TOML (or .json) file with settings; flags override it")
     r.add_argument("--set", action="append", metavar="NAME=VALUE", help="any setting, e.g. --set lr_xyz=0.01")
     r.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    r.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in --out")
+    r.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in --out")
     r.add_argument("--enantiomer", action="store_true", help="also refine the inverted model and compare hands")
     r.add_argument("--samples", type=int, help="tilt samples per frame (the minimum when --samples-per-fringe > 0)")
     r.add_argument("--samples-per-fringe", type=float,
@@ -673,6 +719,9 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (| head)
         sys.stderr = open(os.devnull, "w")
         return 1
+    except OSError as exc:  # a file that cannot be written or read once the run is under way (disk full, ...)
+        print(f"error: {exc.filename or 'file system'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

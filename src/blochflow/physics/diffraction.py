@@ -197,7 +197,7 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
 
     # Scored reflections: Klar et al. (2023) criteria at the frame centre.
     id_to_index = {int(f): i for i, f in enumerate(frames.ids)}
-    fidx = np.array([id_to_index[int(f)] for f in refl.frame_id])
+    fidx = np.array([id_to_index[int(f)] for f in refl.frame_id], dtype=np.int64)
     g_obs = np.einsum("rij,rj->ri", orient[fidx], refl.hkl)
     centre_inc = np.array([0.0, 0.0, -1.0])
     s_obs = excitation_error(torch.as_tensor(g_obs), torch.as_tensor(centre_inc), k).numpy()

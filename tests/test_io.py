@@ -403,3 +403,48 @@ def test_out_folders_keep_the_users_files_and_bad_places_get_one_line(tmp_path, 
     assert (mine / "refined.cif").read_text() == "precious model"
     assert (mine / "summary.json").read_text() == "precious summary"
     assert afile.read_text() == "x"
+
+
+_MG_HCP = """data_mg
+_space_group_name_H-M_alt 'P 63/m m c'
+_cell_length_a 3.2094
+_cell_length_b 3.2094
+_cell_length_c 5.2108
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 120
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+_atom_site_U_iso_or_equiv
+Mg1 Mg {x} {y} 0.25 1 0.015
+O9 O 0.12 0.31 0.264 {occ} 0.02
+"""
+
+
+def test_atoms_near_a_special_position_are_moved_onto_it(tmp_path):
+    """hcp Mg written as 0.33 0.67 (0.02 A off the 2c site): moved onto it with a note, so that its
+    12 coinciding images count once (they counted three times); 0.3333 is moved without a note; an atom
+    of occupancy 0.5 near a mirror is two half atoms (disorder about the site) and stays."""
+    from blochflow.crystal.structure import crystal_from_record
+
+    weights = {}
+    for name, x, y in (("exact", "0.333333", "0.666667"), ("four", "0.3333", "0.6667"), ("two", "0.33", "0.67")):
+        path = tmp_path / f"{name}.cif"
+        path.write_text(_MG_HCP.format(x=x, y=y, occ=0.5))
+        rec = read_structure(path)
+        mg = rec.atoms[0]
+        np.testing.assert_allclose(mg.xyz, (1 / 3, 2 / 3, 0.25), atol=1e-12)
+        assert [n for n in rec.notes if "special position" in n] == ([] if name != "two" else [rec.notes[-1]])
+        weights[name] = crystal_from_record(rec).site_multiplicity_weights().tolist()
+        assert rec.atoms[1].xyz == (0.12, 0.31, 0.264)  # 0.15 A from its mirror image, half occupied: kept
+    assert "Mg1" in rec.notes[-1] and "0.019 A" in rec.notes[-1] and "order 12" in rec.notes[-1]
+    assert weights["two"] == weights["exact"] == weights["four"] and weights["exact"][0] == pytest.approx(1 / 12)
+    path = tmp_path / "full.cif"
+    path.write_text(_MG_HCP.format(x="0.333333", y="0.666667", occ=1))
+    o9 = read_structure(path).atoms[1]  # a whole atom cannot have an image 0.15 A away: on the mirror
+    np.testing.assert_allclose(o9.xyz, (0.12, 0.31, 0.25), atol=1e-12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,8 +249,46 @@ def read_structure(path: str | Path) -> StructureRecord:
     if guessed:
         notes.append(f"no _atom_site_type_symbol: elements read from labels, {', '.join(guessed)}; add the type "
                      f"symbols if that is wrong")
+    atoms = _onto_special_positions(atoms, ops, cell, notes)
     return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm, notes=tuple(notes),
                            atoms=tuple(atoms))
+
+
+SPECIAL_POSITION_TOL = 0.2  # A: images of an atom closer than this to it are one site (SHELXL's SPEC default)
+
+
+def _onto_special_positions(atoms: list, ops: list[str], cell: tuple, notes: list) -> list:
+    """Atoms whose symmetry images lie within SPECIAL_POSITION_TOL of them, with an occupancy too high
+    for the images to be distinct partial atoms (disorder about the site), are moved exactly onto the
+    special position: the mean of those images. Coordinates printed to 2-3 decimals (0.33, 0.67) would
+    otherwise count the site's atom once per image (3x its scattering on a 3-fold axis). Each move is
+    noted."""
+    rot = np.array([gemmi.Op(o).rot for o in ops], float) / gemmi.Op.DEN
+    tran = np.array([gemmi.Op(o).tran for o in ops], float) / gemmi.Op.DEN
+    orth = np.array(gemmi.UnitCell(*cell).orth.mat)
+    out = []
+    for atom in atoms:
+        x0 = x = np.array(atom.xyz, float)
+        order = 1
+        for _ in range(4):  # the mean of the near images; again, in case the first set was not a group
+            img = np.einsum("sij,j->si", rot, x) + tran
+            img -= np.rint(img - x)
+            close = np.linalg.norm((img - x) @ orth.T, axis=1) < SPECIAL_POSITION_TOL
+            order = int(close.sum())
+            if order == 1 or atom.occupancy * order <= 1 + 1e-3:
+                break
+            new = img[close].mean(0)
+            if np.linalg.norm((new - x) @ orth.T) < 1e-9:
+                break
+            x = new
+        moved = float(np.linalg.norm((x - x0) @ orth.T))
+        if moved > 1e-9:
+            atom = dataclasses.replace(atom, xyz=tuple(float(v) for v in x))
+        if moved > 1e-3:  # not the rounding of 0.3333 for 1/3
+            notes.append(f"atom '{atom.label}' lies {moved:.3f} A from a special position (site symmetry of order "
+                         f"{order}): moved onto it, ({x[0]:.6f}, {x[1]:.6f}, {x[2]:.6f})")
+        out.append(atom)
+    return out
 
 
 def non_positive_definite(record: StructureRecord) -> list[str]:

@@ -448,3 +448,58 @@ def test_atoms_near_a_special_position_are_moved_onto_it(tmp_path):
     path.write_text(_MG_HCP.format(x="0.333333", y="0.666667", occ=1))
     o9 = read_structure(path).atoms[1]  # a whole atom cannot have an image 0.15 A away: on the mirror
     np.testing.assert_allclose(o9.xyz, (0.12, 0.31, 0.25), atol=1e-12)
+
+
+def test_symmetry_items_that_disagree_or_leave_the_setting_open_are_noted(tmp_path, quartz_paths):
+    """The operators win over an H-M symbol that names another group, and the note says so; an IT
+    number alone for a group with several settings is read in the standard one, noted; consistent
+    items give no note."""
+    assert not [n for n in read_structure(quartz_paths[0]).notes if "symmetry" in n or "setting" in n]
+    p = _structure(tmp_path, quartz_paths, "_symmetry_space_group_name_H-M 'P3221'", "_symmetry_space_group_name_H-M 'P3121'")
+    rec = read_structure(p)
+    assert _ops(rec) == _ops(read_structure(quartz_paths[0]))
+    assert any("'P3121' disagrees" in n and "P 32 2 1" in n and "operator loop" in n for n in rec.notes), rec.notes
+    mono = tmp_path / "mono.cif"
+    mono.write_text("data_m\n_cell_length_a 5\n_cell_length_b 6\n_cell_length_c 7\n_cell_angle_alpha 90\n"
+                    "_cell_angle_beta 100\n_cell_angle_gamma 90\n_space_group_IT_number 14\nloop_\n_atom_site_label\n"
+                    "_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+                    "_atom_site_U_iso_or_equiv\nC1 C 0.1 0.2 0.3 0.02\n")
+    rec = read_structure(mono)
+    assert len(rec.symops) == 4 and any("IT number alone (14)" in n and "P 1 21/c 1" in n for n in rec.notes)
+
+
+def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_paths, capsys):
+    """A UTF-8 byte-order mark, a '?' type symbol (element from the label, noted), a non-integer
+    frame id, a short reflection row (named by its own line), all intensities zero, an element
+    beyond the scattering table, non-finite settings and a misspelt setting."""
+    from blochflow.cli import main
+
+    text = quartz_paths[0].read_text()
+    bom = tmp_path / "bom.cif"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [a.xyz for a in read_structure(bom).atoms] == [a.xyz for a in read_structure(quartz_paths[0]).atoms]
+    rec = read_structure(_structure(tmp_path, quartz_paths, "O1 O 0.854729", "O1 ? 0.854729", "q.cif"))
+    assert rec.atoms[1].element == "O" and any("O1 as O" in n for n in rec.notes)
+    row = "   2  -2  -8      -28.50      163.17     1"
+    lines = quartz_paths[1].read_text().splitlines()
+    number = lines.index(row) + 1
+    for new, expect in ((row + ".5", "frame id 1.5 is not an integer"), (row[:-6], f"near line {number})")):
+        with pytest.raises(InputError, match=re.escape(expect)):
+            read_pets(_mutate(tmp_path, quartz_paths, row, new))
+    zero = re.sub(r"(?m)^(\s*-?\d+\s+-?\d+\s+-?\d+\s+)\S+(\s+\S+\s+\d+\s*)$", r"\g<1>0.0\g<2>", quartz_paths[1].read_text())
+    (tmp_path / "zero.cif_pets").write_text(zero)
+    with pytest.raises(InputError, match="no intensity is positive"):
+        read_pets(tmp_path / "zero.cif_pets")
+    heavy = _structure(tmp_path, quartz_paths, "O1 O 0.854729", "O1 Og 0.854729", "og.cif")
+    paths = [str(quartz_paths[0]), str(quartz_paths[1])]
+    for argv, words in (([str(heavy), paths[1], "--thickness", "300"], "element Og"),
+                        ([*paths, "--set", "orientation_sigma=nan"], "not a finite number"),
+                        ([*paths, "--s-max", "inf"], "not a finite number"),
+                        ([*paths, "--set", "samples=8"], "did you mean n_samples"),
+                        ([*paths, "--thickness", "300", "--write-pets", str(tmp_path / "w.cif_pets"), "--max-counts", "0"],
+                         "must be positive")):
+        command = "simulate" if "--thickness" in argv else "refine"
+        capsys.readouterr()
+        assert main([command, *argv, "--out", str(tmp_path / "o")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err

@@ -87,6 +87,8 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     block = gemmi.cif.read(str(path)).sole_block()
     small = gemmi.make_small_structure_from_block(block)
     assert [s.label for s in small.sites] == ["Si1", "O1", "H1"]
+    table = block.find("_atom_site_", ["label", "calc_flag", "refinement_flags_posn"])
+    assert [list(r) for r in table] == [["Si1", "d", "."], ["O1", "d", "."], ["H1", "calc", "R"]]  # CIF's vocabulary
     for site, ref in zip(small.sites, atoms):
         assert np.allclose(site.fract.tolist(), ref.xyz, atol=1e-3)
     assert small.sites[1].u_iso == pytest.approx(atoms[1].u_iso, abs=1e-3)
@@ -104,7 +106,7 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     rows = {r[0]: list(r) for r in table}
     assert rows["Si1"][2] == format_su(atoms[0].xyz[1], None) and "(" not in rows["Si1"][2]
     assert rows["Si1"][1].endswith("(12)") and rows["O1"][5] == "0.980(12)"
-    assert rows["H1"][1] == "0.1" and rows["H1"][6] == "R" and rows["O1"][6] == "d"
+    assert rows["H1"][1] == "0.1" and rows["H1"][6] == "calc" and rows["O1"][6] == "d"
     assert gemmi.cif.as_number(rows["O1"][4]) == pytest.approx(atoms[1].u_iso, abs=1e-3)
     aniso = block.find("_atom_site_aniso_", ["label", "U_11", "U_23"])
     assert len(aniso) == 1 and aniso[0][1].endswith("(2)")

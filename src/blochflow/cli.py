@@ -199,6 +199,13 @@ def _load(structure: str, data: str, *, refining: bool = False):
         crystal = crystal_from_record(rec)
     except ValueError as exc:
         raise InputError(structure, "atoms", str(exc)) from None
+    from .physics.scattering import atomic_number
+    for a in rec.atoms:
+        try:
+            atomic_number(a.element)
+        except ValueError:
+            raise InputError(structure, f"atom '{a.label}'", f"element {a.element} has no electron scattering "
+                                                             f"factors (the table covers Z = 1-103)") from None
     bad = non_positive_definite(rec)
     if bad and not refining:
         print(f"warning: {structure}: U_ij of {', '.join(bad)} are not positive definite (their Debye-Waller "
@@ -310,6 +317,8 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     if args.write_pets:
         target = Path(args.write_pets)  # as given, relative to the working directory like any path argument
+        if args.max_counts <= 0:
+            raise InputError("--max-counts", str(args.max_counts), "must be positive (counts of the strongest reflection)")
         _writable_place(target, "--write-pets", folder=False)
         if target.exists() and not args.overwrite:
             raise InputError(target, "--write-pets", "exists already; choose another name or pass --overwrite")
@@ -375,6 +384,8 @@ def cmd_simulate(args) -> int:
     print(f"R_obs {fig.R_obs:.4f}  wR2 {fig.wR2:.4f}  GoF {fig.GoF:.3f}  "
           f"R_obs(frame mean) {fig.R_obs_frame_mean:.4f}  wR2(frame mean) {fig.wR2_frame_mean:.4f}  "
           f"n_obs {fig.n_obs}/{fig.n_all}  thickness {summary['thickness'] if scan is None else f'{best:.0f} A (best)'}")
+    if fig.n_obs == 0:
+        print("warning: no reflection of these frames is observed (I > 3 sigma), so R_obs is undefined")
     print(f"wrote {out / 'summary.json'} and {out / 'reflections.csv'} in {summary['elapsed_s']:.1f} s")
     return 0
 
@@ -690,6 +701,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        for name, value in vars(args).items():  # nan or inf in any numeric flag: no setting means that
+            if isinstance(value, float) and not np.isfinite(value):
+                raise InputError(f"--{name.replace('_', '-')}", str(value), "is not a finite number")
         if args.threads is not None:
             if args.threads < 1:
                 raise InputError("--threads", str(args.threads), "must be at least 1")

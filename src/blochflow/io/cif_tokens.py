@@ -7,6 +7,7 @@ duplicated scalar and records the line of every value so errors can point at it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def read_cif_block(path: str | Path) -> CifBlock:
                 k += 1
             if len(vals) % len(tags):
                 bad_line = vals[-1][1] if vals else ln
+                per_line = Counter(l2 for _, l2 in vals)
+                if Counter(per_line.values()).most_common(1)[0][0] == len(tags):  # one row per line (PETS): the short one
+                    bad_line = next(l2 for l2, c in per_line.items() if c != len(tags))
                 raise InputError(
                     path, f"loop starting line {ln} ({tags[0]})",
                     f"{len(vals)} values do not fill rows of {len(tags)} columns (near line {bad_line})",

@@ -199,6 +199,9 @@ def read_pets(path: str | Path) -> PetsDataset:
         "alpha": ("_diffrn_zone_axis_alpha",), "beta": ("_diffrn_zone_axis_beta",),
         "omega": ("_diffrn_zone_axis_omega",), "scale": ("_diffrn_zone_axis_scale",),
     }, "frame")
+    if np.any(fcols["id"] != np.round(fcols["id"])):
+        r = int(np.argmax(fcols["id"] != np.round(fcols["id"])))
+        raise InputError(path, f"frame loop, line {floop.lines[r]}", f"frame id {fcols['id'][r]:g} is not an integer")
     ids = fcols["id"].astype(int)
     if len(set(ids.tolist())) != len(ids):
         dup = [i for i in ids.tolist() if list(ids).count(i) > 1][0]
@@ -235,6 +238,9 @@ def read_pets(path: str | Path) -> PetsDataset:
         r = int(bad[0])
         raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"sigma {rcols['s'][r]} <= 0 ({len(bad)} such rows)")
+    if np.any(rcols["f"] != np.round(rcols["f"])):
+        r = int(np.argmax(rcols["f"] != np.round(rcols["f"])))
+        raise InputError(path, f"reflection loop, line {row_lines[r]}", f"frame id {rcols['f'][r]:g} is not an integer")
     fid = rcols["f"].astype(int)
     known = set(ids.tolist())
     missing = [r for r, f in enumerate(fid.tolist()) if f not in known]
@@ -244,6 +250,8 @@ def read_pets(path: str | Path) -> PetsDataset:
                          f"frame id {fid[r]} has no entry in the frame loop")
     if len(hkl) == 0:
         raise InputError(path, "reflection loop", "no reflections")
+    if not np.any(rcols["i"] > 0):
+        raise InputError(path, "reflection loop", f"no intensity is positive ({len(hkl)} rows): nothing to compare with")
     refl = ReflectionTable(hkl=hkl.astype(int), intensity=rcols["i"], sigma=rcols["s"], frame_id=fid)
 
     atoms = None

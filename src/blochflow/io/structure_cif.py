@@ -128,6 +128,43 @@ def _symmetry(block, where: str, cell: tuple) -> tuple[list[str], str]:
                                         "write _space_group_name_H-M_alt 'P 1' for no symmetry)")
 
 
+def _symmetry_notes(block, ops: list[str], cell: tuple) -> list[str]:
+    """Warnings on the symmetry items: one that disagrees with the operators used (taken from the first
+    of the operator loop, Hall symbol, H-M symbol and IT number), or an IT number alone for a group with
+    several settings (the standard one is used: P 1 21/c 1 for 14, whatever the atoms were meant for)."""
+    def op_set(group) -> frozenset:
+        return frozenset(op.wrap().triplet() for op in group)
+
+    used = op_set(gemmi.Op(o) for o in ops)
+    found = gemmi.find_spacegroup_by_ops(gemmi.GroupOps([gemmi.Op(o) for o in ops]))
+    used_name = found.xhm() if found else f"{len(ops)} operators"
+    items = [("operator loop", None)] if any(len(block.find_values(t)) for t in _SYMOP_TAGS) else []
+    items += [(tag, value) for tag, value in (_first_value(block, tags) or (None, None)
+                                              for tags in (_HALL_TAGS, _HM_TAGS, _NUMBER_TAGS)) if tag]
+    notes = []
+    for tag, value in items[1:]:
+        try:
+            if tag in _HALL_TAGS:
+                same = op_set(gemmi.symops_from_hall(value)) == used
+            elif tag in _HM_TAGS:
+                sg = _setting(value, cell, "", tag)
+                same = sg is None or op_set(sg.operations()) == used
+            else:
+                same = found is None or int(float(value)) == found.number
+        except (InputError, RuntimeError, ValueError):
+            continue  # an item that names no group is the used one's business (or unused)
+        if not same:
+            notes.append(f"{tag} '{value}' disagrees with the symmetry used, {used_name} (from the "
+                         f"{items[0][0] if items[0][1] is None else items[0][0] + ' ' + repr(items[0][1])})")
+    if len(items) == 1 and items[0][0] in _NUMBER_TAGS and found is not None:
+        settings = [g.xhm() for g in gemmi.spacegroup_table() if g.number == found.number]
+        if len(settings) > 1:
+            notes.append(f"symmetry from the IT number alone ({found.number}): read in its standard setting "
+                         f"'{found.xhm()}'; give the H-M symbol or the operators for another setting "
+                         f"(e.g. '{next(x for x in settings if x != found.xhm())}')")
+    return notes
+
+
 def _check_metric(cell: tuple, ops: list[str], where: str, tol: float = 0.03) -> None:
     """Every operator's rotation must keep the cell's metric (R^T G R = G): operators of another setting
     (hexagonal on rhombohedral axes, b-unique on a c-unique cell, tetragonal with a != b) would put the
@@ -163,7 +200,11 @@ def read_structure(path: str | Path) -> StructureRecord:
     if not Path(path).is_file():
         raise InputError(path, "file", "does not exist")
     try:
-        doc = gemmi.cif.read(path)
+        raw = Path(path).read_bytes()
+        if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is no CIF content
+            doc = gemmi.cif.read_string(raw[3:].decode("utf-8", errors="replace"))
+        else:
+            doc = gemmi.cif.read(path)
     except (RuntimeError, ValueError) as exc:
         raise InputError(path, "file", f"not a readable CIF ({str(exc).splitlines()[0]})") from None
     block = _data_block(doc, path)
@@ -183,6 +224,7 @@ def read_structure(path: str | Path) -> StructureRecord:
     if not all(np.isfinite(cell)) or min(cell[:3]) <= 0:
         raise InputError(where, "_cell_*", f"impossible or non-numeric cell {cell}")
     ops, hm = _symmetry(block, where, cell)
+    symmetry_notes = _symmetry_notes(block, ops, cell)
     _check_metric(cell, ops, where)
 
     labels = block.find_values("_atom_site_label")
@@ -214,7 +256,7 @@ def read_structure(path: str | Path) -> StructureRecord:
                 raise InputError(where, f"_atom_site_aniso row '{label}'", "label given more than once")
             aniso_by_label[label] = tuple(vals)
 
-    atoms, notes, guessed = [], [], []
+    atoms, notes, guessed = [], list(symmetry_notes), []
     for i, row in enumerate(table):
         label = names[i]
         xyz = []
@@ -224,6 +266,9 @@ def read_structure(path: str | Path) -> StructureRecord:
                 raise InputError(where, f"atom '{label}'", f"coordinate '{row[j]}' is not a number")
             xyz.append(v)
         raw_type = gemmi.cif.as_string(types[i]) if len(types) else label
+        if not raw_type.strip() or raw_type in ("?", "."):  # an unknown type symbol: the label's element, noted
+            raw_type = label
+            guessed.append(f"{label} as {_element_symbol(label)}")
         element = _element_symbol(raw_type)
         if element is None:
             raise InputError(where, f"atom '{label}'", f"unknown element '{raw_type}'")
@@ -247,8 +292,8 @@ def read_structure(path: str | Path) -> StructureRecord:
             raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
         atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso))
     if guessed:
-        notes.append(f"no _atom_site_type_symbol: elements read from labels, {', '.join(guessed)}; add the type "
-                     f"symbols if that is wrong")
+        notes.append(f"{'no' if not len(types) else 'unknown (?)'} _atom_site_type_symbol: elements read from labels, "
+                     f"{', '.join(guessed)}; add the type symbols if that is wrong")
     atoms = _onto_special_positions(atoms, ops, cell, notes)
     return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm, notes=tuple(notes),
                            atoms=tuple(atoms))

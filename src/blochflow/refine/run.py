@@ -8,6 +8,7 @@ the same result. Interrupts (SIGINT/SIGTERM) stop cleanly with the best model so
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import io
 import json
@@ -219,7 +220,11 @@ def settings_from_mapping(values: dict, source: str) -> RefineSettings:
     for key, val in values.items():
         name = key.replace("-", "_")
         if name not in fields:
-            raise ValueError(f"{key}: unknown setting")
+            near = difflib.get_close_matches(name, list(fields), n=1)
+            raise ValueError(f"{key}: unknown setting" + (f" (did you mean {near[0]}?)" if near else ""))
+        numbers = val if isinstance(val, (list, tuple)) else [val]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{key}: {val!r} is not a finite number")
         default = getattr(RefineSettings(), name)
         if name in SETTING_CHOICES and val not in SETTING_CHOICES[name]:
             raise ValueError(f"{key}: '{val}' is not one of {', '.join(SETTING_CHOICES[name])}")

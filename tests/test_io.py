@@ -394,7 +394,9 @@ def test_out_folders_keep_the_users_files_and_bad_places_get_one_line(tmp_path, 
              (["simulate", *paths, "--out", str(tmp_path / "o"), "--thickness", "300",
                "--write-pets", str(afile / "x.cif_pets")], "is a file"),
              (["simulate", paths[0], str(no_rows), "--out", str(tmp_path / "o"), "--frames", "11", "--thickness", "300"],
-              "no row of the reflection loop")]
+              "no row of the reflection loop"),
+             (["simulate", paths[0], str(no_rows), "--out", str(tmp_path / "o"), "--thickness", "300",
+               "--write-pets", str(no_rows), "--overwrite"], "is the input data file")]
     for argv, words in cases:
         capsys.readouterr()
         assert main(argv) == 2, argv

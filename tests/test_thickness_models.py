@@ -248,7 +248,13 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
                  "--samples-per-fringe", "0", "--frame-model", str(out / "frame_model.json")]) == 0
     again = json.loads((sim / "summary.json").read_text())
     assert abs(again["wR2_frame_mean"] - summary["wR2_frame_mean"]) < 0.02
+    record = json.loads((out / "frame_model.json").read_text())
+    record["alpha_deg"] = [a + 1.0 for a in record["alpha_deg"]]  # another dataset's frames
+    (tmp_path / "other.json").write_text(json.dumps(record))
     capsys.readouterr()
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_other"), "--samples", "2",
+                 "--samples-per-fringe", "0", "--frame-model", str(tmp_path / "other.json")]) == 0
+    assert "refined on other data?" in capsys.readouterr().out
     (tmp_path / "bad.json").write_text("{}")
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_bad"),
                  "--frame-model", str(tmp_path / "bad.json")]) == 2

@@ -284,6 +284,15 @@ def _frame_model_spec(path: str, ds):
         raise InputError(path, f"line {exc.lineno}", "not valid JSON") from None
     if not isinstance(record, dict) or record.get("format") != "blochflow-frame-model-1":
         raise InputError(path, "format", "not a frame_model.json written by 'blochflow refine'")
+    ids, angles = record.get("frame_ids"), record.get("alpha_deg")
+    if isinstance(ids, list) and isinstance(angles, list) and len(ids) == len(angles):
+        saved = {int(i): float(a) for i, a in zip(ids, angles) if isinstance(a, (int, float))}
+        off = [(int(f), saved[int(f)], float(a)) for f, a in zip(ds.frames.ids, ds.frames.alpha_deg)
+               if int(f) in saved and abs(saved[int(f)] - float(a)) > 0.01]
+        if off:
+            f, a_saved, a_now = off[0]
+            print(f"warning: {path}: refined on other data? frame {f} was at alpha {a_saved:g} deg there and is at "
+                  f"{a_now:g} deg here ({len(off)} frames differ)")
     try:
         frames, raw = frame_model_from_record(record, FrameContext.from_dataset(ds), ds.frames.ids)
         with torch.no_grad():
@@ -320,6 +329,8 @@ def cmd_simulate(args) -> int:
         if args.max_counts <= 0:
             raise InputError("--max-counts", str(args.max_counts), "must be positive (counts of the strongest reflection)")
         _writable_place(target, "--write-pets", folder=False)
+        if target.exists() and target.resolve() == Path(data).resolve():
+            raise InputError(target, "--write-pets", "is the input data file; write the synthetic data elsewhere")
         if target.exists() and not args.overwrite:
             raise InputError(target, "--write-pets", "exists already; choose another name or pass --overwrite")
         if args.thickness == "auto" and not (args.thickness_profile or args.thickness_expr or args.frame_model):
@@ -638,7 +649,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frame-model", help="frame_model.json written by 'blochflow refine' (thickness model, "
                                          "orientation corrections)")
     s.add_argument("--write-pets", help="write a synthetic .cif_pets to this path instead of comparing (--out "
-                                        "then receives nothing)")
+                                        "then receives nothing); with --frames, of those frames only")
     s.add_argument("--noise", choices=["poisson", "gaussian", "none"], default="poisson")
     s.add_argument("--max-counts", type=float, default=1e5, help="counts of the strongest synthetic reflection")
     s.add_argument("--seed", type=int, default=0)

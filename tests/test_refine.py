@@ -1089,6 +1089,17 @@ def test_adp_bound_warning_names_the_atoms():
     assert "12 atoms (C0, C1," in many and "C9 ..." in many and "C10" not in many and "hold them up" in many
 
 
+def test_hand_preference_does_not_depend_on_the_start_hand():
+    """Started from the wrong hand the same two fits give the same figure, negated: the chi^2
+    difference is scaled by the preferred hand's GoF^2, not the start's."""
+    from blochflow.cli import hand_preference
+
+    delta, p = hand_preference(1000.0, 1300.0, 500)
+    back, q = hand_preference(1300.0, 1000.0, 500)
+    assert delta == pytest.approx(300.0 / 2.0) and back == pytest.approx(-delta) and q == pytest.approx(1 - p)
+    assert p > 0.999
+
+
 def test_enantiomer_on_a_centrosymmetric_structure_is_refused(small_dataset, tmp_path, capsys):
     """--enantiomer asks which hand the data prefer; in a centrosymmetric group the inverted model is
     the same structure, so the command says so in one line before any work."""

@@ -556,12 +556,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
     if args.enantiomer and len(results) == 2:
         (_, _, ra), (_, _, rb) = results
         ca, cb = ra.lm.cost, rb.lm.cost
-        dof = max(ra.figures.n_all - len(ra.refined_index), 1)
-        gof2 = ca / dof
-        delta = (cb - ca) / gof2  # chi^2 difference in units of the fit's variance
-        z = max(min(delta / 2, 700), -700)
-        p_model = 1 / (1 + np.exp(-z))
+        delta, p_model = hand_preference(ca, cb, max(ra.figures.n_all - len(ra.refined_index), 1))
         extra["enantiomer"] = {"chosen": "model" if ca <= cb else "inverted",
+                               "chosen_cif": str(results[0 if ca <= cb else 1][1] / "refined.cif"),
                                "wR2_model": ra.figures.wR2, "wR2_inverted": rb.figures.wR2,
                                "R_obs_model": ra.figures.R_obs, "R_obs_inverted": rb.figures.R_obs,
                                "delta_chi2_scaled": delta, "probability_model_hand": p_model}
@@ -589,8 +586,16 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         e = extra["enantiomer"]
         log(f"absolute structure: the data prefer the {e['chosen']} hand (wR2 {e['wR2_model']:.4f} vs "
               f"{e['wR2_inverted']:.4f}; scaled chi2 difference {e['delta_chi2_scaled']:.1f}, "
-              f"P(model hand) = {e['probability_model_hand']:.4f})")
+              f"P(model hand) = {e['probability_model_hand']:.4f}); its model: {e['chosen_cif']}")
     return code
+
+
+def hand_preference(chi2_model: float, chi2_inverted: float, dof: int) -> tuple[float, float]:
+    """The chi^2 difference of the two hands in units of the preferred hand's fit variance (GoF^2),
+    and P(model hand) = 1 / (1 + exp(-delta / 2)); swapping the hands negates delta, whichever the start."""
+    gof2 = max(min(chi2_model, chi2_inverted) / dof, 1e-300)
+    delta = (chi2_inverted - chi2_model) / gof2
+    return delta, float(1 / (1 + np.exp(-max(min(delta / 2, 700), -700))))
 
 
 # a frame thickness whose s.u. exceeds this fraction of its value is reported as undetermined

@@ -625,6 +625,9 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         offset = len(structure.riding) - sum(kinds.values())
         log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
             + (f", {offset} on their starting offset" if offset else ""))
+        if kinds.get("rotor"):  # a wrong start torsion stays, and in ED an H pulls its parent (QA, session 36)
+            log(f"note: the {kinds['rotor']} rotor hydrogens (OH, CH3, NH3) keep the start's torsion about their bond; "
+                f"check them in the start model, or refine them with --hydrogens free")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
                          frame_mask=frame_mask)

@@ -62,11 +62,9 @@ def _output_folder(out: Path, names: tuple[str, ...], *, overwrite: bool, resume
     present = [n for n in names if (out / n).exists()]
     if not present or overwrite or resume:
         return
-    if {"summary.json", "refine.log"} <= set(present):
-        why = "holds a finished refinement; pass --resume, --overwrite or another --out"
-    elif "checkpoint.pt" in present:
-        why = ("holds an unfinished refinement (checkpoint.pt); pass --resume to continue it, --overwrite to start "
-               "afresh, or another --out")
+    if "checkpoint.pt" in present:  # blochflow's own run, finished or interrupted
+        why = ("holds an earlier refinement (checkpoint.pt); pass --resume to continue it, --overwrite to replace "
+               "it, or another --out")
     else:
         why = (f"already holds {', '.join(present)}; pass --overwrite to replace {'it' if len(present) == 1 else 'them'}, "
                "or another --out")

@@ -164,3 +164,29 @@ def test_offset_riding_keeps_the_start_and_water_rides_by_offset():
     assert torch.allclose(sp.physical(sp.theta0)[0], water.asu.xyz, atol=1e-14)
     with pytest.raises(ValueError, match="riding_geometry"):
         StructureParameters(cr, riding_geometry="ideal")
+
+
+def test_refined_rotor_torsions_turn_each_group_about_its_bond():
+    """With riding_torsions, each rotor (the methyl and the hydroxyl) gets one parameter, in radians:
+    zero is the start's placement; a turn moves every H of the group by that angle about the X-P bond
+    and keeps bond lengths and angles; no other group moves; differentiable."""
+    cr = _molecules()
+    fixed, sp = StructureParameters(cr), StructureParameters(cr, refine_torsions=True)
+    names = [n for n in sp.names if n.endswith(".torsion")]
+    assert names == ["H5.torsion", "H8.torsion"] and len(sp) == len(fixed) + 2
+    assert torch.allclose(sp.physical(sp.theta0)[0], fixed.physical(fixed.theta0)[0], atol=1e-14)
+    th = sp.theta0.clone()
+    th[sp.names.index("H5.torsion")] = np.radians(40.0)
+    th[sp.names.index("H8.torsion")] = np.radians(-25.0)
+    p0, p1 = _positions(sp, sp.theta0), _positions(sp, th)
+    for h in ("H5", "H6", "H7"):
+        turned = _torsion(p1["C13"], p1["C12"], p1["C11"], p1[h]) - _torsion(p0["C13"], p0["C12"], p0["C11"], p0[h])
+        assert abs((turned - 40.0 + 180) % 360 - 180) < 1e-9
+        assert abs(_angle(p1["C12"], p1["C11"], p1[h]) - TET) < 1e-9
+        assert abs(np.linalg.norm(p1[h] - p1["C11"]) - XH_DISTANCE_A["C"]) < 1e-12
+    turned = _torsion(p1["C15"], p1["C14"], p1["O1"], p1["H8"]) - _torsion(p0["C15"], p0["C14"], p0["O1"], p0["H8"])
+    assert abs((turned + 25.0 + 180) % 360 - 180) < 1e-9
+    for lab in sp.labels:
+        if lab not in ("H5", "H6", "H7", "H8"):
+            assert np.allclose(p1[lab], p0[lab], atol=1e-12), lab
+    assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))

@@ -43,7 +43,7 @@ class StructureParameters:
     def __init__(self, crystal: Crystal, *, refine_xyz: bool = True, refine_adp: bool = True,
                  adp: str = "keep", hydrogens: str = "riding", refine_occupancy: bool = False,
                  special_tol_A: float = 0.05, site_tol_A: float = 0.1, riding_max_A: float = 1.3,
-                 riding_geometry: str = "idealised"):
+                 riding_geometry: str = "idealised", refine_torsions: bool = False):
         if adp not in ("keep", "iso", "aniso"):
             raise ValueError(f"adp must be 'keep', 'iso' or 'aniso', not {adp!r}")
         if hydrogens not in ("riding", "free", "fixed"):
@@ -229,6 +229,11 @@ class StructureParameters:
                 x_start[j] = xj
             self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
                                               list(heavy))
+        # rotor groups (OH, CH3, NH3) turn about their bond by one refined torsion each (SHELXL's AFIX 137
+        # and 147), added to the start's torsions; otherwise the start's torsions stay
+        self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
+                               if refine_torsions and refine_xyz and g.kind == "rotor" else -1
+                               for g in self.riding_groups]
 
         rows, cols, vals = [], [], []
         for r, d in enumerate(coef):
@@ -271,7 +276,8 @@ class StructureParameters:
         flat = const.index_add(0, rows, vals * theta[cols]).view(-1, _W)
         xyz = flat[:, _XYZ]
         if self.riding_groups:
-            xyz = place_hydrogens(xyz, self.riding_groups, *self._basis(theta))
+            turn = [None if p < 0 else theta[p] for p in self._torsion_param]
+            xyz = place_hydrogens(xyz, self.riding_groups, *self._basis(theta), torsions=turn)
         return xyz, flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
 
     def _basis(self, like: torch.Tensor):

@@ -156,16 +156,19 @@ def _t_unit(v):
 
 
 def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor,
-                    a_inv: torch.Tensor) -> torch.Tensor:
+                    a_inv: torch.Tensor, torsions: list | None = None) -> torch.Tensor:
     """Fractional positions (A, 3) with each group's hydrogens placed from its parent's neighbours.
 
-    The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u)."""
+    The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u).
+    ``torsions``: per group, None or a (0-d tensor) turn in radians of a rotor about its bond, added
+    to each of its hydrogens' torsions R-X-P-H (X the neighbour the rotor turns about)."""
     rows, values = [], []
 
     def image(atom, rot, tr):
         return torch.as_tensor(rot, dtype=xyz.dtype) @ xyz[atom] + torch.as_tensor(tr, dtype=xyz.dtype)
 
-    for g in groups:
+    for n, g in enumerate(groups):
+        turn = None if torsions is None else torsions[n]
         p_frac = image(*g.parent)
         p = a_mat @ p_frac
         u = [_t_unit(a_mat @ image(*nb) - p) for nb in g.neighbours]
@@ -184,7 +187,11 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
             q = a_mat @ (image(*g.reference) - image(*g.neighbours[0]))
             p1 = _t_unit(q - (q @ e) * e)
             p2 = torch.linalg.cross(e, p1)
-            dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (np.cos(f) * p1 + np.sin(f) * p2) for f in g.phase]
+            if turn is None:
+                dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (np.cos(f) * p1 + np.sin(f) * p2) for f in g.phase]
+            else:
+                dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (torch.cos(f - turn) * p1 + torch.sin(f - turn) * p2)
+                        for f in g.phase]
         for h, d, r in zip(g.hydrogens, dirs, g.distance):
             rows.append(h)
             values.append(p_frac + a_inv @ (r * d))

@@ -112,6 +112,8 @@ class RefineSettings:
     # riding hydrogens placed from the parent's neighbours with neutron X-H distances (idealised), or
     # kept at their starting offset from the parent (offset); see crystal/riding.py
     riding_geometry: str = "idealised"
+    # one refined torsion per idealised rotor group (OH, CH3, NH3: SHELXL's AFIX 147/137), or the start's kept
+    riding_torsions: bool = True
     riding_max_distance: float = 1.3  # A: an H farther than this from every non-H atom is an error
     refine_occupancy: bool = False
     # objective
@@ -619,15 +621,19 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
                                     adp=settings.adp, hydrogens=settings.hydrogens,
                                     refine_occupancy=settings.refine_occupancy,
                                     riding_geometry=settings.riding_geometry,
-                                    riding_max_A=settings.riding_max_distance)
+                                    riding_max_A=settings.riding_max_distance,
+                                    refine_torsions=settings.riding_torsions)
     if structure.riding:
         kinds = Counter(g.kind for g in structure.riding_groups for _ in g.hydrogens)
         offset = len(structure.riding) - sum(kinds.values())
         log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
             + (f", {offset} on their starting offset" if offset else ""))
-        if kinds.get("rotor"):  # a wrong start torsion stays, and in ED an H pulls its parent (QA, session 36)
+        rotors = sum(g.kind == "rotor" for g in structure.riding_groups)
+        if rotors and settings.riding_torsions and settings.refine_xyz:
+            log(f"rotor groups (OH, CH3, NH3): {rotors}, each turning about its bond by one refined torsion")
+        elif rotors:  # a wrong start torsion stays, and in ED an H pulls its parent (QA, session 36)
             log(f"note: the {kinds['rotor']} rotor hydrogens (OH, CH3, NH3) keep the start's torsion about their bond; "
-                f"check them in the start model, or refine them with --hydrogens free")
+                f"check them in the start model, or refine them (--set riding_torsions=true, or --hydrogens free)")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
                          frame_mask=frame_mask)

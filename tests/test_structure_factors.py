@@ -28,6 +28,18 @@ def _it92_factor(z, g):
     return out
 
 
+def _ours_and_gemmi(path, crystal, plan, hkl):
+    """Our potential as structure factors F = U pi V / gamma (conjugated: U_g uses exp(-2 pi i h.x),
+    crystallographic F exp(+2 pi i h.x)) and gemmi's F from every operator's image of each site, at hkl."""
+    u, _ = sfmod.crystal_potential(plan, crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac)
+    small = gemmi.read_small_structure(str(path))
+    small.setup_cell_images()
+    small.change_occupancies_to_crystallographic()  # gemmi sums every operator's image of a site
+    calc = gemmi.StructureFactorCalculatorX(small.cell)
+    f_gemmi = np.array([calc.calculate_sf_from_small_structure(small, tuple(map(int, h))) for h in hkl])
+    return np.conj(u.numpy() * math.pi * crystal.volume / lorentz_factor(0.0251)), f_gemmi
+
+
 @pytest.mark.parametrize("name", ["quartz_reference.cif", "quartz_kinematical.cif"])
 def test_potential_matches_gemmi(monkeypatch, quartz_paths, name):
     path = quartz_paths[0].parent / name
@@ -35,16 +47,8 @@ def test_potential_matches_gemmi(monkeypatch, quartz_paths, name):
     crystal = crystal_from_record(read_structure(path))
     rng = np.random.default_rng(1)
     hkl = rng.integers(-6, 7, size=(60, 3))
-    plan = sfmod.potential_plan(hkl, crystal, 0.0251)
-    u, _ = sfmod.crystal_potential(plan, crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac)
-    small = gemmi.read_small_structure(str(path))
-    small.setup_cell_images()
-    small.change_occupancies_to_crystallographic()  # gemmi sums every operator's image of a site
-    calc = gemmi.StructureFactorCalculatorX(small.cell)
-    f_gemmi = np.array([calc.calculate_sf_from_small_structure(small, tuple(map(int, h))) for h in hkl])
-    f_ours = u.numpy() * math.pi * crystal.volume / lorentz_factor(0.0251)
-    # U_g uses exp(-2 pi i h.x); crystallographic F uses exp(+2 pi i h.x)
-    np.testing.assert_allclose(f_ours, np.conj(f_gemmi), rtol=1e-6, atol=1e-6)
+    f_ours, f_gemmi = _ours_and_gemmi(path, crystal, sfmod.potential_plan(hkl, crystal, 0.0251), hkl)
+    np.testing.assert_allclose(f_ours, f_gemmi, rtol=1e-6, atol=1e-6)
 
 
 def test_inverted_model_gives_friedel_mates(quartz_paths):
@@ -161,16 +165,10 @@ def test_centred_group_sums_one_operator_per_centring_coset(monkeypatch, tmp_pat
     allowed = np.all(hkl % 2 == hkl[:, :1] % 2, axis=1)
     assert allowed.any() and not allowed.all()
     np.testing.assert_array_equal(plan.lattice_factor.numpy(), 4.0 * allowed)
-    u, _ = sfmod.crystal_potential(plan, crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac)
-    small = gemmi.read_small_structure(str(path))
-    small.setup_cell_images()
-    small.change_occupancies_to_crystallographic()
-    calc = gemmi.StructureFactorCalculatorX(small.cell)
-    f_gemmi = np.array([calc.calculate_sf_from_small_structure(small, tuple(map(int, h))) for h in hkl])
-    f_ours = u.numpy() * math.pi * crystal.volume / lorentz_factor(0.0251)
+    f_ours, f_gemmi = _ours_and_gemmi(path, crystal, plan, hkl)
     assert np.abs(f_gemmi[allowed]).max() > 1 and np.abs(f_gemmi[~allowed]).max() < 1e-9  # (glides zero a few more)
     # gemmi's tables are single precision: the weak F that cancel (|F| 12 of 1000) differ by 2e-6
-    np.testing.assert_allclose(f_ours, np.conj(f_gemmi), rtol=1e-6, atol=1e-6 * np.abs(f_gemmi).max())
+    np.testing.assert_allclose(f_ours, f_gemmi, rtol=1e-6, atol=1e-6 * np.abs(f_gemmi).max())
     xyz, occ, uf = crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac
     g = torch.Generator().manual_seed(3)
     dx = torch.randn(2, len(xyz), 3, generator=g, dtype=torch.float64)
@@ -221,13 +219,6 @@ def test_rhombohedral_centring_on_hexagonal_axes_keeps_every_allowed_reflection(
     hkl = rng.integers(-12, 13, size=(60, 3))
     allowed = (-hkl[:, 0] + hkl[:, 1] + hkl[:, 2]) % 3 == 0
     assert allowed.sum() > 10 and not allowed.all()
-    plan = sfmod.potential_plan(hkl, crystal, 0.0251)
-    u, _ = sfmod.crystal_potential(plan, crystal.asu.xyz, crystal.asu.occupancy, crystal.asu.u_frac)
-    small = gemmi.read_small_structure(str(path))
-    small.setup_cell_images()
-    small.change_occupancies_to_crystallographic()  # Fe and Ti on the 3-fold axis
-    calc = gemmi.StructureFactorCalculatorX(small.cell)
-    f_gemmi = np.array([calc.calculate_sf_from_small_structure(small, tuple(map(int, h))) for h in hkl])
-    f_ours = u.numpy() * math.pi * crystal.volume / lorentz_factor(0.0251)
+    f_ours, f_gemmi = _ours_and_gemmi(path, crystal, sfmod.potential_plan(hkl, crystal, 0.0251), hkl)  # Fe, Ti on 3
     assert np.abs(f_gemmi[allowed]).min() > 1e-3 and np.abs(f_gemmi[~allowed]).max() < 1e-9
-    np.testing.assert_allclose(f_ours, np.conj(f_gemmi), rtol=1e-6, atol=1e-6 * np.abs(f_gemmi).max())
+    np.testing.assert_allclose(f_ours, f_gemmi, rtol=1e-6, atol=1e-6 * np.abs(f_gemmi).max())

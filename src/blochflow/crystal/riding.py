@@ -187,11 +187,9 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
             q = a_mat @ (image(*g.reference) - image(*g.neighbours[0]))
             p1 = _t_unit(q - (q @ e) * e)
             p2 = torch.linalg.cross(e, p1)
-            if turn is None:
-                dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (np.cos(f) * p1 + np.sin(f) * p2) for f in g.phase]
-            else:
-                dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (torch.cos(f - turn) * p1 + torch.sin(f - turn) * p2)
-                        for f in g.phase]
+            trig = [(np.cos(f), np.sin(f)) if turn is None else (torch.cos(f - turn), torch.sin(f - turn))
+                    for f in g.phase]
+            dirs = [e * np.cos(g.angle) + np.sin(g.angle) * (c * p1 + s * p2) for c, s in trig]
         for h, d, r in zip(g.hydrogens, dirs, g.distance):
             rows.append(h)
             values.append(p_frac + a_inv @ (r * d))

@@ -199,8 +199,8 @@ def read_pets(path: str | Path) -> PetsDataset:
         "alpha": ("_diffrn_zone_axis_alpha",), "beta": ("_diffrn_zone_axis_beta",),
         "omega": ("_diffrn_zone_axis_omega",), "scale": ("_diffrn_zone_axis_scale",),
     }, "frame")
-    if np.any(fcols["id"] != np.round(fcols["id"])):
-        r = int(np.argmax(fcols["id"] != np.round(fcols["id"])))
+    r = _first_non_integer(fcols["id"])
+    if r is not None:
         raise InputError(path, f"frame loop, line {floop.lines[r]}", f"frame id {fcols['id'][r]:g} is not an integer")
     ids = fcols["id"].astype(int)
     if len(set(ids.tolist())) != len(ids):
@@ -230,16 +230,16 @@ def read_pets(path: str | Path) -> PetsDataset:
     if n_zero_count:
         rcols = {k: v[~zero_count] for k, v in rcols.items()}
     hkl = np.stack([rcols["h"], rcols["k"], rcols["l"]], 1)
-    if np.any(hkl != np.round(hkl)):
-        r = int(np.argmax(np.any(hkl != np.round(hkl), 1)))
+    r = _first_non_integer(hkl)
+    if r is not None:
         raise InputError(path, f"reflection loop, line {row_lines[r]}", "Miller index is not an integer")
     bad = np.flatnonzero(rcols["s"] <= 0)
     if len(bad):
         r = int(bad[0])
         raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"sigma {rcols['s'][r]} <= 0 ({len(bad)} such rows)")
-    if np.any(rcols["f"] != np.round(rcols["f"])):
-        r = int(np.argmax(rcols["f"] != np.round(rcols["f"])))
+    r = _first_non_integer(rcols["f"])
+    if r is not None:
         raise InputError(path, f"reflection loop, line {row_lines[r]}", f"frame id {rcols['f'][r]:g} is not an integer")
     fid = rcols["f"].astype(int)
     known = set(ids.tolist())
@@ -279,6 +279,12 @@ def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
     rows = np.isin(r.frame_id, f.ids[keep])
     refl = ReflectionTable(r.hkl[rows], r.intensity[rows], r.sigma[rows], r.frame_id[rows])
     return dataclasses.replace(dataset, frames=frames, reflections=refl)
+
+
+def _first_non_integer(values: np.ndarray) -> int | None:
+    """The first row of ``values`` (R,) or (R, C) holding a value that is not a whole number, or None."""
+    bad = np.flatnonzero((values != np.round(values)).reshape(len(values), -1).any(1))
+    return int(bad[0]) if len(bad) else None
 
 
 def every_nth_frame_mask(n_frames: int, step: int) -> np.ndarray:

@@ -665,20 +665,24 @@ def test_samples_per_fringe_sizes_each_frame_for_its_sweep(quartz_paths, truth):
 
 def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth):
     """A frame put on another branch of the thickness oscillation is moved back to the grid point
-    next to its true thickness; frames already on their branch stay where they are."""
+    next to its true thickness, its orientation corrections (fitted with the wrong branch) back to
+    zero; frames already on their branch stay where they are, corrections and all."""
     from blochflow.refine.run import rescan_frame_thickness
 
     ds, thickness, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
     problem = build_problem(truth, ds, settings)
-    sl = problem.slots["thickness"]
+    sl, so = problem.slots["thickness"], problem.slots["orientation"]
     theta = problem.theta0.clone()
     theta[sl.start:sl.stop] = torch.as_tensor(np.log(thickness / 1000.0))
     theta[sl.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    theta[so.start:so.stop] = 0.005  # mrad: every frame a little off zero
     moved_theta, moved = rescan_frame_thickness(problem, theta, settings)
     t = 1000 * torch.exp(moved_theta[sl.start:sl.stop]).numpy()
     assert moved == 1 and abs(t[2] - thickness[2]) <= 5.0 + 1e-9
     assert np.allclose(np.delete(t, 2), np.delete(thickness, 2))
+    orientation = moved_theta[so.start:so.stop].reshape(-1, 2).numpy()
+    assert np.all(orientation[2] == 0) and np.all(np.delete(orientation, 2, 0) == 0.005)
 
 
 def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth, monkeypatch):

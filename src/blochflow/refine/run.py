@@ -76,7 +76,7 @@ class RefineSettings:
     thickness_grid: tuple = (100.0, 3000.0, 25.0)  # start, stop, step (A) for the 'auto' scan
     # per-frame model: after 5 LM iterations and at convergence, scan each frame's thickness over
     # thickness_grid at the current structure and move frames whose best grid value fits clearly
-    # better (another branch; see rescan_frame_thickness)
+    # better (another branch, with their orientation corrections back to zero; see rescan_frame_thickness)
     thickness_rescan: bool = True
     # per-frame model with orientation corrections: at convergence, frames costing more than twice the
     # median frame per reflection are tried at zero correction and their best grid thickness there
@@ -433,8 +433,10 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     eigendecompositions). A frame whose best grid value lies on another branch of the Pendelloesung
     oscillation (more than RESCAN_BRANCH steps from its thickness) and costs less than RESCAN_GAIN x
     the best grid value on its own branch moves there: no local step leaves a branch. Grid values are
-    compared with grid values, so the grid's coarseness favours neither. Returns theta and the
-    number of frames moved."""
+    compared with grid values, so the grid's coarseness favours neither. A moved frame's orientation
+    corrections go back to zero (the prior's centre, the data's own orientation): they were fitted
+    together with the thickness of the branch it leaves, where they made up for it (known-truth ZnO at
+    1500-2000 A, docs/refinement.md "Thick crystals"). Returns theta and the number of frames moved."""
     if not isinstance(problem.frames.thickness, PerFrameThickness):
         return theta, 0
     # the last forward pass's eigendecompositions serve when it was at theta (they do not depend on thickness)
@@ -453,7 +455,11 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     if len(move):
         rows = torch.as_tensor(move) + sl.start
         moved[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
-        problem.follow_thickness(theta, moved)
+        if "orientation" in problem.slots:
+            so = problem.slots["orientation"]
+            corrections = so.start + 2 * torch.as_tensor(move)
+            moved[corrections], moved[corrections + 1] = 0.0, 0.0
+        problem.follow_thickness(theta, moved)  # (the decompositions serve only when no correction was reset)
     return moved, len(move)
 
 

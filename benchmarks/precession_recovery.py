@@ -3,13 +3,14 @@
 The bundled quartz dataset's frames are declared precession frames (its
 ``_diffrn_zone_axis_precession_angle`` of 1 deg becomes the cone's semi-angle); ``blochflow
 simulate --write-pets`` writes Poisson-noise data from ``quartz_kinematical.cif`` at a thickness
-that varies with the frame's angle, and ``blochflow refine`` (defaults) refines a displaced start
+that varies with the frame's angle (``--thickness``), and ``blochflow refine`` (defaults) refines a displaced start
 against them. Reported: position RMSD, ADP errors, R values, each frame's refined thickness
 against the truth (ratio, and error in s.u.), the orientation corrections over their s.u. (their
 truth is zero), the frames below one sample per fringe, wall time.
 
     python benchmarks/precession_recovery.py [--data-root ../shared/data] [--start 02] [--threads 2]
-        [--geometry precession|continuous] [--set NAME=VALUE ...] [--work DIR] [--json FILE]
+        [--geometry precession|continuous] [--thickness MEAN,AMPLITUDE] [--set NAME=VALUE ...]
+        [--work DIR] [--json FILE]
 
 ``--geometry continuous`` keeps the frames rocking frames: the same known-truth case for them.
 """
@@ -31,11 +32,11 @@ from blochflow.crystal.structure import crystal_from_record, structure_deviation
 from blochflow.io.structure_cif import read_structure
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "src" / "blochflow" / "data" / "examples" / "quartz"
-THICKNESS = "900+300*sin(radians(alpha))"  # A, per frame (720-1130 A over the dataset's -49..+49 deg)
+THICKNESS = (900.0, 300.0)  # A: mean + amplitude * sin(alpha) per frame (720-1130 A over the dataset's -49..+49 deg)
 
 
-def thickness_truth(alpha_deg: np.ndarray) -> np.ndarray:
-    return 900 + 300 * np.sin(np.radians(alpha_deg))
+def thickness_truth(alpha_deg: np.ndarray, mean: float, amplitude: float) -> np.ndarray:
+    return mean + amplitude * np.sin(np.radians(alpha_deg))
 
 
 def blochflow(threads: int, *args: str) -> None:
@@ -52,9 +53,12 @@ def main() -> None:
     p.add_argument("--work", help="folder for the data and the refinement (default: a temporary one)")
     p.add_argument("--geometry", choices=("precession", "continuous"), default="precession",
                    help="declare the frames precession frames (default) or keep them rocking frames")
+    p.add_argument("--thickness", default=",".join(f"{v:g}" for v in THICKNESS), metavar="MEAN,AMPLITUDE",
+                   help="true thickness MEAN + AMPLITUDE sin(alpha) in A (default 900,300; 1800,300 is a thick crystal)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a refine setting (repeatable)")
     p.add_argument("--json")
     args = p.parse_args()
+    mean, amplitude = (float(v) for v in args.thickness.split(","))
     root = Path(args.data_root)
     truth_cif = root / "quartz" / "experimental" / "quartz_kinematical.cif"
     start_cif = root / "quartz" / "synthetic" / f"quartz_{args.start}_displacement.cif"
@@ -67,7 +71,8 @@ def main() -> None:
         text = text.replace("geometry: continuous rotation", "geometry: precession")
     template.write_text(text)
     data = work / "precession_truth.cif_pets"
-    blochflow(args.threads, "simulate", str(truth_cif), str(template), "--thickness-expr", THICKNESS,
+    blochflow(args.threads, "simulate", str(truth_cif), str(template), "--thickness-expr",
+              f"{mean:g}+{amplitude:g}*sin(radians(alpha))",
               "--write-pets", str(data), "--noise", "poisson", "--seed", str(args.seed), "--overwrite",
               "--out", str(work / "simulate"))
     t0 = time.perf_counter()
@@ -82,11 +87,12 @@ def main() -> None:
     col = {k: np.array([float(r[k]) for r in rows]) for k in (
         "alpha_deg", "thickness_mean", "thickness_mean_su", "samples_per_fringe", "orientation_x_mrad",
         "orientation_x_su_mrad", "orientation_y_mrad", "orientation_y_su_mrad")}
-    true_t = thickness_truth(col["alpha_deg"])
+    true_t = thickness_truth(col["alpha_deg"], mean, amplitude)
     ratio = col["thickness_mean"] / true_t
     z = (col["thickness_mean"] - true_t) / col["thickness_mean_su"]
     oz = np.concatenate([col[f"orientation_{a}_mrad"] / col[f"orientation_{a}_su_mrad"] for a in "xy"])
-    res = {"geometry": args.geometry, "start": args.start, "start_rmsd_A": before["rmsd_A"], **after,
+    res = {"geometry": args.geometry, "start": args.start, "thickness_mean_amplitude_A": [mean, amplitude],
+           "start_rmsd_A": before["rmsd_A"], **after,
            **{k: summary.get(k) for k in ("R_obs", "wR2", "GoF", "R_obs_frame_mean", "R_free", "converged",
                                           "iterations")},
            "thickness_ratio_percentiles_0_5_50_95_100": np.percentile(ratio, [0, 5, 50, 95, 100]).round(3).tolist(),

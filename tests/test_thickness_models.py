@@ -242,10 +242,12 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     # the learned model's thicknesses carry s.u. propagated through the network from the covariance
     # (large here: 79 parameters after one LM cycle on 13-23 reflections per frame)
     assert all(0 < float(r["thickness_mean_su"]) < np.inf for r in rows)
-    # simulate with the saved model reproduces the refined fit on the same data
+    # simulate with the saved model reproduces the refined fit on the same data, without a warning
     sim = tmp_path / "sim"
+    capsys.readouterr()
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(sim), "--samples", "2",
                  "--samples-per-fringe", "0", "--frame-model", str(out / "frame_model.json")]) == 0
+    assert "refined on other data?" not in capsys.readouterr().out
     again = json.loads((sim / "summary.json").read_text())
     assert abs(again["wR2_frame_mean"] - summary["wR2_frame_mean"]) < 0.02
     record = json.loads((out / "frame_model.json").read_text())
@@ -255,6 +257,18 @@ def test_learned_run_is_saved_and_simulate_reuses_it(small_dataset, quartz_paths
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_other"), "--samples", "2",
                  "--samples-per-fringe", "0", "--frame-model", str(tmp_path / "other.json")]) == 0
     assert "refined on other data?" in capsys.readouterr().out
+    record = json.loads((out / "frame_model.json").read_text())
+    record["ub"][0][1] += 1e-3  # the same angles, another crystal
+    (tmp_path / "other_ub.json").write_text(json.dumps(record))
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_other_ub"), "--samples",
+                 "2", "--samples-per-fringe", "0", "--frame-model", str(tmp_path / "other_ub.json")]) == 0
+    assert "its UB matrix differs" in capsys.readouterr().out
+    record["ub"] = [[1, 2], [3]]
+    (tmp_path / "bad_ub.json").write_text(json.dumps(record))
+    assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_bad_ub"),
+                 "--frame-model", str(tmp_path / "bad_ub.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad_ub.json" in err and "3 x 3" in err, err
     (tmp_path / "bad.json").write_text("{}")
     assert main(["simulate", str(out / "refined.cif"), str(data), "--out", str(tmp_path / "sim_bad"),
                  "--frame-model", str(tmp_path / "bad.json")]) == 2

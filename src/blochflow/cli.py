@@ -291,6 +291,14 @@ def _frame_model_spec(path: str, ds):
             f, a_saved, a_now = off[0]
             print(f"warning: {path}: refined on other data? frame {f} was at alpha {a_saved:g} deg there and is at "
                   f"{a_now:g} deg here ({len(off)} frames differ)")
+    if record.get("ub") is not None:  # (files from before session 37 have none)
+        try:
+            saved_ub = np.asarray(record["ub"], dtype=float).reshape(3, 3)
+        except (ValueError, TypeError):
+            raise InputError(path, "ub", "not a 3 x 3 matrix of numbers") from None
+        if not np.allclose(saved_ub, ds.ub, rtol=0, atol=1e-6 * np.max(np.abs(ds.ub))):
+            print(f"warning: {path}: refined on other data? its UB matrix differs from this file's (another crystal "
+                  f"or another orientation): its per-frame thickness and orientation values belong to that one")
     try:
         frames, raw = frame_model_from_record(record, FrameContext.from_dataset(ds), ds.frames.ids)
         with torch.no_grad():

@@ -91,7 +91,8 @@ def frame_model_record(result: RefinementResult) -> dict:
     return {"format": "blochflow-frame-model-1", "thickness_model": pr.frames.thickness.config(),
             "refine_orientation": pr.frames.refine_orientation,
             "raw": {n: v.detach().reshape(-1).tolist() for n, v in raw.items() if n != "structure" and n != "kappa"},
-            "frame_ids": [int(f) for f in ds.frames.ids], "alpha_deg": ds.frames.alpha_deg.tolist()}
+            "frame_ids": [int(f) for f in ds.frames.ids], "alpha_deg": ds.frames.alpha_deg.tolist(),
+            "ub": ds.ub.tolist()}  # the crystal's orientation matrix: says which crystal the values belong to
 
 
 # fewer unique reflections than this behind R_free, and it is too noisy to judge over-fitting

@@ -190,3 +190,47 @@ def test_refined_rotor_torsions_turn_each_group_about_its_bond():
         if lab not in ("H5", "H6", "H7", "H8"):
             assert np.allclose(p1[lab], p0[lab], atol=1e-12), lab
     assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))
+
+
+def _crystal(atoms, triplets):
+    a = cellmod.direct_basis(CELL)
+    frac = [np.linalg.solve(a, np.asarray(c, float)) for *_, c in atoms]
+    uf = [cellmod.u_iso_to_frac(0.02, CELL) for _ in atoms]
+    asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
+                         torch.ones(len(atoms), dtype=torch.float64), torch.tensor(np.array(uf)), [False] * len(atoms))
+    return Crystal(cell=CELL, symmetry=SymmetryOps.from_triplets(triplets), asu=asu)
+
+
+def _hydroxyl(o, out_of_plane):
+    """C-C-O-H with the H turned ``out_of_plane`` degrees out of the C-C-O plane (the xz plane here)."""
+    o = np.asarray(o, float)
+    c14 = o + 1.43 * np.array([1.0, 0, 0])
+    c15 = c14 + 1.53 * np.array([np.cos(np.radians(70)), 0, np.sin(np.radians(70))])
+    t, phi = np.radians(180 - TET), np.radians(out_of_plane)
+    h = o + 0.9 * np.array([-np.cos(t), np.sin(t) * np.sin(phi), -np.sin(t) * np.cos(phi)])
+    return c14, c15, h
+
+
+def test_only_tetrahedral_rotors_off_special_positions_turn():
+    """A torsion is refined for OH, SH, CH3, NH3 only: a planar NH2 stays in its plane, a C-H on a
+    triple bond on its axis, and an OH whose H lies on a mirror with its O-C-C stays there (urea's
+    NH2 on a mirror was turned off it: the H 0.03 A off the mirror, counted as two half atoms)."""
+    atoms = []
+    o = np.array([3.0, 3.0, 3.0])  # amide C16(=O2)-N2H2, planar
+    atoms += [("N2", "N", o), ("C16", "C", o + [1.33, 0, 0]), ("O2", "O", o + [1.33 + 0.62, 1.07, 0]),
+              ("H9", "H", o + [-0.5, 0.87, 0.02]), ("H10", "H", o + [-0.5, -0.87, -0.02])]
+    o = np.array([3.0, 12.0, 3.0])  # H-C17#C18-C19
+    atoms += [("C17", "C", o), ("C18", "C", o + [1.20, 0, 0]), ("C19", "C", o + [2.66, 0, 0]),
+              ("H11", "H", o + [-1.0, 0.02, 0])]
+    c14, c15, h = _hydroxyl([12.0, 12.0, 3.0], 60.0)  # a hydroxyl in general
+    atoms += [("O1", "O", [12.0, 12.0, 3.0]), ("C14", "C", c14), ("C15", "C", c15), ("H8", "H", h)]
+    sp = StructureParameters(_crystal(atoms, ["x,y,z"]), refine_torsions=True)
+    assert [n for n in sp.names if n.endswith(".torsion")] == ["H8.torsion"]
+    assert [g.hydrogens for g in sp.rotor_groups] == [[atoms.index(a) for a in atoms if a[0] == "H8"]]
+    # Pm: one hydroxyl with every atom on the mirror y = 0, one off it
+    on = [("O3", "O", [12.0, 0.0, 12.0]), *zip(("C20", "C21", "H12"), "CCH", _hydroxyl([12.0, 0.0, 12.0], 0.0))]
+    off = [("O4", "O", [20.0, 7.0, 12.0]), *zip(("C22", "C23", "H13"), "CCH", _hydroxyl([20.0, 7.0, 12.0], 60.0))]
+    sp = StructureParameters(_crystal(on + off, ["x,y,z", "x,-y,z"]), refine_torsions=True)
+    assert [n for n in sp.names if n.endswith(".torsion")] == ["H13.torsion"]
+    h12 = _positions(sp, sp.theta0)["H12"]
+    assert abs(h12[1]) < 1e-9  # still on the mirror

@@ -20,7 +20,7 @@ import torch
 from . import cell as cellmod
 from .constraints import (U6_INDEX, U6_NAMES, _adp_basis6, _sym_from6, position_basis,
                           site_stabilizer, symmetrize_adp)
-from .riding import RidingGroup, build_groups, place_hydrogens
+from .riding import TETRAHEDRAL, RidingGroup, build_groups, place_hydrogens
 from .structure import AsymmetricUnit, Crystal
 
 _W = 13  # per-atom row layout of the flat physical vector: xyz (3), occupancy (1), u_frac (9, row-major)
@@ -229,10 +229,18 @@ class StructureParameters:
                 x_start[j] = xj
             self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
                                               list(heavy))
-        # rotor groups (OH, CH3, NH3) turn about their bond by one refined torsion each (SHELXL's AFIX 137
-        # and 147), added to the start's torsions; otherwise the start's torsions stay
+        # tetrahedral rotor groups (OH, SH, CH3, NH3) turn about their bond by one refined torsion each
+        # (SHELXL's AFIX 137 and 147), added to the start's torsions; otherwise the start's torsions stay:
+        # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
+        # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
+        def turns(g: RidingGroup) -> bool:
+            return (g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9
+                    and all(len(site_stabilizer(crystal.symmetry, x_in[h], special_tol_A, cell).rotations) == 1
+                            for h in g.hydrogens))
+
+        self.rotor_groups = [g for g in self.riding_groups if turns(g)]  # those whose torsion may be refined
         self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
-                               if refine_torsions and refine_xyz and g.kind == "rotor" else -1
+                               if refine_torsions and refine_xyz and turns(g) else -1
                                for g in self.riding_groups]
 
         rows, cols, vals = [], [], []

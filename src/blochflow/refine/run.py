@@ -634,12 +634,13 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         offset = len(structure.riding) - sum(kinds.values())
         log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
             + (f", {offset} on their starting offset" if offset else ""))
-        rotors = sum(g.kind == "rotor" for g in structure.riding_groups)
+        rotors = structure.rotor_groups
         if rotors and settings.riding_torsions and settings.refine_xyz:
-            log(f"rotor groups (OH, CH3, NH3): {rotors}, each turning about its bond by one refined torsion")
+            log(f"rotor groups (OH, SH, CH3, NH3): {len(rotors)}, each turning about its bond by one refined torsion")
         elif rotors:  # a wrong start torsion stays, and in ED an H pulls its parent (QA, session 36)
-            log(f"note: the {kinds['rotor']} rotor hydrogens (OH, CH3, NH3) keep the start's torsion about their bond; "
-                f"check them in the start model, or refine them (--set riding_torsions=true, or --hydrogens free)")
+            log(f"note: the {sum(len(g.hydrogens) for g in rotors)} rotor hydrogens (OH, SH, CH3, NH3) keep the start's "
+                f"torsion about their bond; check them in the start model, or refine them (--set riding_torsions=true, "
+                f"or --hydrogens free)")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
                          frame_mask=frame_mask)

@@ -234,3 +234,42 @@ def test_only_tetrahedral_rotors_off_special_positions_turn():
     assert [n for n in sp.names if n.endswith(".torsion")] == ["H13.torsion"]
     h12 = _positions(sp, sp.theta0)["H12"]
     assert abs(h12[1]) < 1e-9  # still on the mirror
+
+
+def test_hydrogens_on_symmetry_elements_keep_their_site():
+    """A methyl on a three-fold axis (one H of three in the asymmetric unit) is no C-H on a triple
+    bond: no rule takes it, and the H rides on its starting offset (it was put on the axis, C-C-H
+    180 deg). An O-H whose H lies on a mirror, placed from a C whose other bonds leave the mirror,
+    stays on the mirror as the structure moves."""
+    import blochflow.crystal.cell as cm
+
+    hexagonal = (30.0, 30.0, 30.0, 90, 90, 120)
+    a = cm.direct_basis(hexagonal)
+    t = np.radians(180 - TET)
+    c1 = a @ np.array([0.0, 0.0, 0.2])  # on the three-fold axis of P3
+    c2 = c1 + [0, 0, 1.53]
+    atoms = [("C1", "C", c1), ("C2", "C", c2), ("C3", "C", c2 + 1.53 * np.array([np.sin(t), 0, np.cos(t)])),
+             ("H1", "H", c1 + 1.0 * np.array([np.sin(t), 0, -np.cos(t)]))]
+    frac = [np.linalg.solve(a, c) for *_, c in atoms]
+    asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
+                         torch.ones(4, dtype=torch.float64),
+                         torch.tensor(np.array([cm.u_iso_to_frac(0.02, hexagonal)] * 4)), [False] * 4)
+    sp = StructureParameters(Crystal(cell=hexagonal, symmetry=SymmetryOps.from_triplets(["x,y,z", "-y,x-y,z", "-x+y,-x,z"]),
+                                     asu=asu))
+    assert sp.riding_groups == [] and sp.riding
+    for th in (sp.theta0, _moved(sp, 3)):
+        p = _positions(sp, th)
+        assert abs(_angle(p["C2"], p["C1"], p["H1"]) - TET) < 1e-6
+    # Pm: O3-H12 and C20 on the mirror y = 0, C20's other neighbours C21 and its image off it
+    o = np.array([12.0, 0.0, 12.0])
+    c20 = o + [1.43, 0, 0]
+    c21 = c20 + 1.53 * np.array([np.cos(np.radians(70)) * 0.5, 0.8, np.sin(np.radians(70)) * 0.5])
+    h12 = o + 0.9 * np.array([-np.cos(t), 0, -np.sin(t)])
+    sp = StructureParameters(_crystal([("O3", "O", o), ("C20", "C", c20), ("C21", "C", c21), ("H12", "H", h12)],
+                                      ["x,y,z", "x,-y,z"]))
+    assert [g.hydrogens for g in sp.riding_groups] == [[3]]
+    for seed in (1, 2, 3):
+        p = _positions(sp, _moved(sp, seed))
+        assert abs(p["H12"][1]) < 1e-12 and abs(p["O3"][1]) < 1e-12
+        assert abs(np.linalg.norm(p["H12"] - p["O3"]) - XH_DISTANCE_A["O"]) < 0.01
+    assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (_moved(sp, 1).requires_grad_(True),))

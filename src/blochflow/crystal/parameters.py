@@ -238,6 +238,15 @@ class StructureParameters:
                     and all(len(site_stabilizer(crystal.symmetry, x_in[h], special_tol_A, cell).rotations) == 1
                             for h in g.hydrogens))
 
+        # an idealised H on a special position is projected back onto it after placement (the mean of its
+        # site's images): a rule that places it from neighbours off that position (an O-H on a mirror whose
+        # C has its other bonds off the mirror) would take it off as the neighbours move
+        on_site = [(h, site_stabilizer(crystal.symmetry, x_in[h], special_tol_A, cell))
+                   for g in self.riding_groups for h in g.hydrogens]
+        on_site = [(h, st) for h, st in on_site if len(st.rotations) > 1]
+        self._site_projection = (
+            [h for h, _ in on_site], np.array([st.rotations.mean(0) for _, st in on_site]).reshape(-1, 3, 3),
+            np.array([(st.translations - st.shifts).mean(0) for _, st in on_site]).reshape(-1, 3))
         self.rotor_groups = [g for g in self.riding_groups if turns(g)]  # those whose torsion may be refined
         self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
                                if refine_torsions and refine_xyz and turns(g) else -1
@@ -286,6 +295,11 @@ class StructureParameters:
         if self.riding_groups:
             turn = [None if p < 0 else theta[p] for p in self._torsion_param]
             xyz = place_hydrogens(xyz, self.riding_groups, *self._basis(theta), torsions=turn)
+            hs, rot, tr = self._site_projection
+            if hs:
+                rows = torch.as_tensor(hs, device=xyz.device)
+                on = torch.einsum("kij,kj->ki", torch.as_tensor(rot, dtype=xyz.dtype, device=xyz.device), xyz[rows])
+                xyz = xyz.index_copy(0, rows, on + torch.as_tensor(tr, dtype=xyz.dtype, device=xyz.device))
         return xyz, flat[:, _OCC], flat[:, _U].reshape(-1, 3, 3)
 
     def _basis(self, like: torch.Tensor):

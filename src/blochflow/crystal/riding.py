@@ -65,7 +65,8 @@ def _unit(v):
 
 
 def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
-    """Non-H atoms bonded to the image (R, t) of ``centre_atom``: list of (atom, R', t') images."""
+    """Atoms of ``heavy`` (the non-H atoms, as a rule) bonded to the image (R, t) of ``centre_atom``:
+    list of (atom, R', t') images, coinciding images once."""
     centre = centre_rot @ x_all[centre_atom] + centre_tr
     rc = covalent_radius(elements[centre_atom])
     out = []
@@ -83,7 +84,11 @@ def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, cen
 
 
 def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int]):
-    """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out."""
+    """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out,
+    among them a parent whose hydrogens are partly symmetry images of the others (a methyl on a
+    three-fold axis holds one H of the three in the asymmetric unit, which the rules would take for a
+    C-H on a triple bond)."""
+    hydrogens = [i for i, e in enumerate(elements) if e.capitalize() == "H"]
     by_parent: dict[tuple, list[int]] = {}
     for h, (j, rot, tr) in riding.items():
         key = (j, tuple(np.round(rot, 6).ravel()), tuple(np.round(tr, 6)))
@@ -94,6 +99,8 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         p_el = elements[j].capitalize()
         neigh = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, heavy)
         n, m = len(neigh), len(hs)
+        if len(bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)) > m:
+            continue
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]

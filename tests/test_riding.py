@@ -256,7 +256,7 @@ def test_hydrogens_on_symmetry_elements_keep_their_site():
                          torch.tensor(np.array([cm.u_iso_to_frac(0.02, hexagonal)] * 4)), [False] * 4)
     sp = StructureParameters(Crystal(cell=hexagonal, symmetry=SymmetryOps.from_triplets(["x,y,z", "-y,x-y,z", "-x+y,-x,z"]),
                                      asu=asu))
-    assert sp.riding_groups == [] and sp.riding
+    assert sp.riding_groups == [] and sp.riding and sp.u_factor[3] == 1.5  # a methyl's H: 1.5 U_eq(C)
     for th in (sp.theta0, _moved(sp, 3)):
         p = _positions(sp, th)
         assert abs(_angle(p["C2"], p["C1"], p["H1"]) - TET) < 1e-6

@@ -20,7 +20,7 @@ import torch
 from . import cell as cellmod
 from .constraints import (U6_INDEX, U6_NAMES, _adp_basis6, _sym_from6, position_basis,
                           site_stabilizer, symmetrize_adp)
-from .riding import TETRAHEDRAL, RidingGroup, build_groups, place_hydrogens
+from .riding import TETRAHEDRAL, RidingGroup, bonded_images, build_groups, place_hydrogens
 from .structure import AsymmetricUnit, Crystal
 
 _W = 13  # per-atom row layout of the flat physical vector: xyz (3), occupancy (1), u_frac (9, row-major)
@@ -201,9 +201,12 @@ class StructureParameters:
                                  "(riding_max_distance)")
             _, j, rot, tr = best
             self.riding[h] = (j, rot, tr)  # parent image = rot @ x_parent + tr
-        n_h = defaultdict(int)
+        n_h = defaultdict(int)  # H per parent, symmetry images included (a methyl on a three-fold axis: 3, not 1)
         for j, _, _ in self.riding.values():
             n_h[j] += 1
+        for j in set(n_h):
+            n_h[j] = max(n_h[j], len(bonded_images(crystal.symmetry, a_mat, x_in, self.elements, j, np.eye(3),
+                                                   np.zeros(3), list(self.riding))))
         self.parent = [self.riding[i][0] if i in self.riding else None for i in range(nat)]
         self.u_factor: dict[int, float] = {}  # riding H: U_iso / U_eq(parent)
         for h, (j, rot, tr) in self.riding.items():

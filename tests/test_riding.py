@@ -273,3 +273,31 @@ def test_hydrogens_on_symmetry_elements_keep_their_site():
         assert abs(p["H12"][1]) < 1e-12 and abs(p["O3"][1]) < 1e-12
         assert abs(np.linalg.norm(p["H12"] - p["O3"]) - XH_DISTANCE_A["O"]) < 0.01
     assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (_moved(sp, 1).requires_grad_(True),))
+
+
+def test_rotors_on_linear_chains_are_placed():
+    """A methyl on C#N and the C-H of a terminal alkyne have only collinear reference atoms (the
+    torsion frame was 0/0: NaN positions, a crash in the refinement): they are placed from a fixed
+    direction normal to the chain, the methyl tetrahedral with its start torsion, the alkyne H on the
+    axis, and both follow the moving structure, differentiably; sideways noise in the collinear atom
+    does not turn the methyl."""
+    t = np.radians(180 - TET)
+    z = np.array([0.0, 0.0, 1.0])
+    o = np.array([3.0, 3.2, 3.1])  # H3C1-C2#N1
+    hs = [o + 1.09 * np.array([np.sin(t) * np.cos(f), np.sin(t) * np.sin(f), -np.cos(t)]) for f in (0.3, 2.39, 4.49)]
+    o2 = np.array([12.0, 3.0, 3.0])  # H9-C5#C4-C3 (C3 bonded to C4 only: a methyl-free chain end)
+    atoms = [("C1", "C", o), ("C2", "C", o + 1.46 * z), ("N1", "N", o + 2.62 * z + [0.02, -0.01, 0]),
+             *[(f"H{k}", "H", h) for k, h in zip((1, 2, 3), hs)],
+             ("C3", "C", o2), ("C4", "C", o2 + 1.46 * z), ("C5", "C", o2 + 2.66 * z), ("H9", "H", o2 + 3.72 * z)]
+    sp = StructureParameters(_crystal(atoms, ["x,y,z"]), refine_torsions=True)
+    assert sorted(len(g.hydrogens) for g in sp.riding_groups) == [1, 3]
+    for th in (sp.theta0, _moved(sp, 1), _moved(sp, 2)):
+        p = _positions(sp, th)
+        assert all(np.isfinite(v).all() for v in p.values())
+        for h in ("H1", "H2", "H3"):
+            assert abs(_angle(p["C2"], p["C1"], p[h]) - TET) < 1e-9
+        assert abs(_angle(p["C4"], p["C5"], p["H9"]) - 180.0) < 1e-4  # (arccos near -1: 1e-6 deg is rounding)
+    p0 = _positions(sp, sp.theta0)
+    for h, start in zip(("H1", "H2", "H3"), hs):  # the start's torsion kept (to 0.1 A: the idealised shape)
+        assert np.linalg.norm(p0[h] - start) < 0.1
+    assert torch.autograd.gradcheck(lambda q: sp.physical(q)[0], (_moved(sp, 1).requires_grad_(True),))

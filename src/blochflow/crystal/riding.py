@@ -36,6 +36,9 @@ COVALENT_RADII = {
 BOND_TOLERANCE_A = 0.4  # bonded when d < r_a + r_b + tolerance (the usual connectivity rule)
 XH_DISTANCE_A = {"C": 1.09, "N": 1.01, "O": 0.97, "B": 1.19, "S": 1.34}
 TETRAHEDRAL = float(np.arccos(-1.0 / 3.0))  # 109.47 degrees
+# a reference atom whose bond to X lies within asin(0.3) = 17 degrees of the rotor's bond P-X (the chain
+# C-C#N, H-C#C-C) defines no torsion: the noise in its sideways position would turn the group
+LINEAR_SIN = 0.3
 
 
 @dataclass
@@ -48,6 +51,7 @@ class RidingGroup:
     hydrogens: list[int]
     distance: list[float]  # P-H (A), one per hydrogen
     reference: tuple[int, np.ndarray, np.ndarray] | None = None  # rotor: an atom bonded to the neighbour
+    fixed_reference: np.ndarray | None = None  # rotor on a linear chain: a Cartesian direction in its place
     angle: float = TETRAHEDRAL  # rotor: X-P-H (rad)
     phase: list[float] = field(default_factory=list)  # rotor: torsion per H (rad); methylene: sign per H
 
@@ -128,8 +132,12 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
                 angle = np.pi  # C-H on a triple bond
             else:
                 angle = TETRAHEDRAL  # CH3, NH3, OH, SH
-            ref = refs[0]
-            e, p1, p2 = _rotor_frame(u[0], _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) - _cart(a_mat, rk, tk, x_all[k]))
+            x_k = _cart(a_mat, rk, tk, x_all[k])
+            bent = [r for r in refs if np.linalg.norm(np.cross(u[0], _unit(_cart(a_mat, r[1], r[2], x_all[r[0]]) - x_k)))
+                    > LINEAR_SIN]
+            ref, fixed = (bent[0], None) if bent else (None, _fixed_reference(u[0], [start[h] for h in hs]))
+            r_dir = fixed if ref is None else _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) - x_k
+            e, p1, p2 = _rotor_frame(u[0], r_dir)
             phi = [float(np.arctan2(start[h] @ p2, start[h] @ p1)) for h in hs]
             if m == 1:
                 phase = phi
@@ -145,9 +153,19 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
                 phase = [0.0] * m
                 for rank, i in enumerate(order):
                     phase[i] = phi0 + step * rank
-            groups.append(RidingGroup("rotor", (j, rot, tr), neigh, hs, dist, reference=ref, angle=float(angle),
-                                      phase=phase))
+            groups.append(RidingGroup("rotor", (j, rot, tr), neigh, hs, dist, reference=ref, fixed_reference=fixed,
+                                      angle=float(angle), phase=phase))
     return groups
+
+
+def _fixed_reference(axis: np.ndarray, hydrogens: list[np.ndarray]) -> np.ndarray:
+    """A unit direction normal to ``axis`` for a rotor whose neighbour's other bonds all run along it: the
+    first start H's own sideways direction (its start torsion is then zero), or, for an H on the axis
+    (a C-H on a triple bond, whose torsion means nothing), any normal."""
+    for v in [h - (h @ axis) * axis for h in hydrogens] + [np.cross(axis, b) for b in np.eye(3)]:
+        if np.linalg.norm(v) > LINEAR_SIN:
+            return _unit(v)
+    raise AssertionError("no direction normal to the axis")  # (one of three crosses always is)
 
 
 def _rotor_frame(e_to_x, r_dir):
@@ -191,7 +209,8 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
             dirs = [b * np.cos(half) + s * w * np.sin(half) for s in g.phase]
         else:
             e = u[0]
-            q = a_mat @ (image(*g.reference) - image(*g.neighbours[0]))
+            q = (torch.as_tensor(g.fixed_reference, dtype=xyz.dtype) if g.reference is None
+                 else a_mat @ (image(*g.reference) - image(*g.neighbours[0])))
             p1 = _t_unit(q - (q @ e) * e)
             p2 = torch.linalg.cross(e, p1)
             trig = [(np.cos(f), np.sin(f)) if turn is None else (torch.cos(f - turn), torch.sin(f - turn))

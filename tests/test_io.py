@@ -505,3 +505,20 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
         assert main([command, *argv, "--out", str(tmp_path / "o")]) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
+
+
+def test_adp_type_that_disagrees_with_the_adps_read_is_noted(tmp_path):
+    """The ADPs come from the U/B items alone; an _atom_site_adp_type that is no CIF value (a column
+    a script shifted: '0.05') or says Uani without an aniso row is noted; Uiso/Uani as read is not."""
+    head = ("data_x\n_cell_length_a 4.9\n_cell_length_b 4.9\n_cell_length_c 5.4\n_cell_angle_alpha 90\n"
+            "_cell_angle_beta 90\n_cell_angle_gamma 120\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n"
+            "_atom_site_label\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+            "_atom_site_U_iso_or_equiv\n_atom_site_adp_type\n")
+    aniso = "loop_\n_atom_site_aniso_label\n_atom_site_aniso_U_11\n_atom_site_aniso_U_22\n_atom_site_aniso_U_33\n" \
+            "_atom_site_aniso_U_12\n_atom_site_aniso_U_13\n_atom_site_aniso_U_23\nSi1 0.01 0.01 0.01 0.005 0 0\n"
+    cases = {"fine": ("Uani", "Uiso", aniso, None), "shifted": ("0.05", "0.05", "", "Si1 '0.05', O1 '0.05'"),
+             "no_aniso": ("Uani", "Uiso", "", "Si1 'Uani' without an _atom_site_aniso row")}
+    for name, (si, o, tail, expect) in cases.items():
+        (tmp_path / f"{name}.cif").write_text(head + f"Si1 Si 0 0 0 0.01 {si}\nO1 O 0.3 0.3 0.3 0.01 {o}\n" + tail)
+        notes = [n for n in read_structure(tmp_path / f"{name}.cif").notes if "adp_type" in n]
+        assert (notes == []) if expect is None else (len(notes) == 1 and expect in notes[0]), (name, notes)

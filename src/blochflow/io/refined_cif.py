@@ -21,13 +21,13 @@ def _finite(x) -> bool:
 
 
 def format_plain(value) -> str:
-    """A number without s.u.: up to 6 decimals, trailing zeros dropped; '?' when unknown."""
+    """A number without s.u.: up to 6 decimals (6 significant digits below 1e-4, still without an
+    exponent, as crystallographers write coordinates), trailing zeros dropped; '?' when unknown."""
     if not _finite(value):
         return "?"
     v = float(value)
-    if v != 0 and abs(v) < 1e-4:
-        return f"{v:.6g}"
-    s = f"{v:.6f}".rstrip("0")
+    decimals = 6 if v == 0 or abs(v) >= 1e-4 else 5 - math.floor(math.log10(abs(v)))
+    s = f"{v:.{decimals}f}".rstrip("0")
     s = s + "0" if s.endswith(".") else s
     return "0.0" if s == "-0.0" else s
 

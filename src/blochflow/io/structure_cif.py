@@ -42,6 +42,7 @@ _HM_TAGS = ("_space_group_name_H-M_alt", "_symmetry_space_group_name_H-M", "_spa
             "_symmetry.space_group_name_H-M")
 _NUMBER_TAGS = ("_space_group_IT_number", "_symmetry_Int_Tables_number", "_space_group.IT_number",
                 "_symmetry.Int_Tables_number")
+_ADP_TYPES = ("Uani", "Uiso", "Uovl", "Umpe", "Bani", "Biso", "Bovl")  # the CIF dictionary's values
 _ANISO_U = tuple(f"_atom_site_aniso_U_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
 _ANISO_B = tuple(f"_atom_site_aniso_B_{ij}" for ij in ("11", "22", "33", "12", "13", "23"))
 
@@ -235,6 +236,7 @@ def read_structure(path: str | Path) -> StructureRecord:
     occs = block.find_values("_atom_site_occupancy")
     uisos = block.find_values("_atom_site_U_iso_or_equiv")
     bisos = block.find_values("_atom_site_B_iso_or_equiv")
+    adp_types = block.find_values("_atom_site_adp_type")
     names = [gemmi.cif.as_string(row[0]) for row in table]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -256,7 +258,7 @@ def read_structure(path: str | Path) -> StructureRecord:
                 raise InputError(where, f"_atom_site_aniso row '{label}'", "label given more than once")
             aniso_by_label[label] = tuple(vals)
 
-    atoms, notes, guessed = [], list(symmetry_notes), []
+    atoms, notes, guessed, odd_adp = [], list(symmetry_notes), [], []
     for i, row in enumerate(table):
         label = names[i]
         xyz = []
@@ -290,7 +292,16 @@ def read_structure(path: str | Path) -> StructureRecord:
             raise InputError(where, f"atom '{label}'", "no displacement parameter (U_iso or U_aniso)")
         if u_aniso is None and u_iso < 0:
             raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
+        adp_type = gemmi.cif.as_string(adp_types[i]) if len(adp_types) else "?"
+        if adp_type not in _ADP_TYPES + ("?", "."):
+            odd_adp.append(f"{label} '{adp_type}'")
+        elif adp_type in ("Uani", "Bani") and u_aniso is None:
+            odd_adp.append(f"{label} '{adp_type}' without an _atom_site_aniso row (isotropic)")
         atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso))
+    if odd_adp:  # the ADPs are read from the U/B items alone; a column shifted by a script shows here
+        notes.append(f"_atom_site_adp_type not as the ADPs read: {', '.join(odd_adp[:5])}"
+                     + (f" and {len(odd_adp) - 5} more" if len(odd_adp) > 5 else "")
+                     + "; the U_iso / aniso items were used")
     if guessed:
         notes.append(f"{'no' if not len(types) else 'unknown (?)'} _atom_site_type_symbol: elements read from labels, "
                      f"{', '.join(guessed)}; add the type symbols if that is wrong")

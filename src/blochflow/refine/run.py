@@ -631,9 +631,11 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
                                     refine_torsions=settings.riding_torsions)
     if structure.riding:
         kinds = Counter(g.kind for g in structure.riding_groups for _ in g.hydrogens)
-        offset = len(structure.riding) - sum(kinds.values())
+        placed = {h for g in structure.riding_groups for h in g.hydrogens}
+        offset = [structure.labels[h] for h in structure.riding if h not in placed]
         log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
-            + (f", {offset} on their starting offset" if offset else ""))
+            + (f", {len(offset)} on their starting offset, which keeps the start's geometry: {' '.join(offset[:8])}"
+               + (" ..." if len(offset) > 8 else "") if offset else ""))
         rotors = structure.rotor_groups
         if rotors and settings.riding_torsions and settings.refine_xyz:
             log(f"rotor groups (OH, SH, CH3, NH3): {len(rotors)}, each turning about its bond by one refined torsion")

@@ -232,15 +232,6 @@ class StructureParameters:
                 x_start[j] = xj
             self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
                                               list(heavy))
-        # tetrahedral rotor groups (OH, SH, CH3, NH3) turn about their bond by one refined torsion each
-        # (SHELXL's AFIX 137 and 147), added to the start's torsions; otherwise the start's torsions stay:
-        # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
-        # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
-        def turns(g: RidingGroup) -> bool:
-            return (g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9
-                    and all(len(site_stabilizer(crystal.symmetry, x_in[h], special_tol_A, cell).rotations) == 1
-                            for h in g.hydrogens))
-
         # an idealised H on a special position is projected back onto it after placement (the mean of its
         # site's images): a rule that places it from neighbours off that position (an O-H on a mirror whose
         # C has its other bonds off the mirror) would take it off as the neighbours move
@@ -250,9 +241,15 @@ class StructureParameters:
         self._site_projection = (
             [h for h, _ in on_site], np.array([st.rotations.mean(0) for _, st in on_site]).reshape(-1, 3, 3),
             np.array([(st.translations - st.shifts).mean(0) for _, st in on_site]).reshape(-1, 3))
-        self.rotor_groups = [g for g in self.riding_groups if turns(g)]  # those whose torsion may be refined
+        # tetrahedral rotor groups (OH, SH, CH3, NH3) turn about their bond by one refined torsion each
+        # (SHELXL's AFIX 137 and 147), added to the start's torsions; otherwise the start's torsions stay:
+        # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
+        # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
+        special = {h for h, _ in on_site}
+        self.rotor_groups = [g for g in self.riding_groups if g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9
+                             and not special.intersection(g.hydrogens)]  # those whose torsion may be refined
         self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
-                               if refine_torsions and refine_xyz and turns(g) else -1
+                               if refine_torsions and refine_xyz and any(g is r for r in self.rotor_groups) else -1
                                for g in self.riding_groups]
 
         rows, cols, vals = [], [], []

@@ -238,9 +238,9 @@ def test_only_tetrahedral_rotors_off_special_positions_turn():
 
 def test_hydrogens_on_symmetry_elements_keep_their_site():
     """A methyl on a three-fold axis (one H of three in the asymmetric unit) is no C-H on a triple
-    bond: no rule takes it, and the H rides on its starting offset (it was put on the axis, C-C-H
-    180 deg). An O-H whose H lies on a mirror, placed from a C whose other bonds leave the mirror,
-    stays on the mirror as the structure moves."""
+    bond (it was put on the axis, C-C-H 180 deg): it is a tetrahedral rotor of three, its images
+    109.47 deg apart, U 1.5 U_eq. An O-H whose H lies on a mirror, placed from a C whose other bonds
+    leave the mirror, stays on the mirror as the structure moves."""
     import blochflow.crystal.cell as cm
 
     hexagonal = (30.0, 30.0, 30.0, 90, 90, 120)
@@ -256,10 +256,14 @@ def test_hydrogens_on_symmetry_elements_keep_their_site():
                          torch.tensor(np.array([cm.u_iso_to_frac(0.02, hexagonal)] * 4)), [False] * 4)
     sp = StructureParameters(Crystal(cell=hexagonal, symmetry=SymmetryOps.from_triplets(["x,y,z", "-y,x-y,z", "-x+y,-x,z"]),
                                      asu=asu))
-    assert sp.riding_groups == [] and sp.riding and sp.u_factor[3] == 1.5  # a methyl's H: 1.5 U_eq(C)
-    for th in (sp.theta0, _moved(sp, 3)):
+    assert [(g.hydrogens, g.angle) for g in sp.riding_groups] == [([3], TETRAHEDRAL)] and sp.u_factor[3] == 1.5
+    three = [np.eye(3), np.array([[0, -1, 0], [1, -1, 0], [0, 0, 1]]), np.array([[-1, 1, 0], [-1, 0, 0], [0, 0, 1]])]
+    for th in (sp.theta0, _moved(sp, 3), _moved(sp, 4)):
         p = _positions(sp, th)
-        assert abs(_angle(p["C2"], p["C1"], p["H1"]) - TET) < 1e-6
+        assert abs(_angle(p["C2"], p["C1"], p["H1"]) - TET) < 1e-9
+        assert abs(np.linalg.norm(p["H1"] - p["C1"]) - XH_DISTANCE_A["C"]) < 1e-12
+        h_images = [a @ (r @ np.linalg.solve(a, p["H1"])) for r in three]
+        assert abs(_angle(h_images[0], p["C1"], h_images[1]) - TET) < 1e-9
     # Pm: O3-H12 and C20 on the mirror y = 0, C20's other neighbours C21 and its image off it
     o = np.array([12.0, 0.0, 12.0])
     c20 = o + [1.43, 0, 0]
@@ -301,3 +305,26 @@ def test_rotors_on_linear_chains_are_placed():
     for h, start in zip(("H1", "H2", "H3"), hs):  # the start's torsion kept (to 0.1 A: the idealised shape)
         assert np.linalg.norm(p0[h] - start) < 0.1
     assert torch.autograd.gradcheck(lambda q: sp.physical(q)[0], (_moved(sp, 1).requires_grad_(True),))
+
+
+def test_a_methyl_on_a_mirror_is_a_tetrahedral_rotor_of_three():
+    """Pm: a methyl C1 and its C2-C3 on the mirror y = 0, one H on the mirror and one off it (its
+    image is the third). The pair was taken for a planar =CH2 (120 deg); it is a tetrahedral rotor
+    of three, evenly spaced with the image whatever the start's torsions: every H-C-H 109.47 deg, the
+    mirror H on the mirror, no torsion (the mirror fixes it), U 1.5 U_eq; as the structure moves too."""
+    t = np.radians(180 - TET)
+    c1 = np.array([12.0, 0.0, 12.0])
+    c2 = c1 + [0, 0, 1.53]
+    c3 = c2 + 1.53 * np.array([np.sin(t), 0, np.cos(t)])
+    h = [c1 + 1.09 * np.array([np.sin(t) * np.cos(f), np.sin(t) * np.sin(f), -np.cos(t)])
+         for f in (np.pi, np.pi / 3 + np.radians(10))]  # the start's off-mirror H 10 deg from its ideal torsion
+    sp = StructureParameters(_crystal([("C1", "C", c1), ("C2", "C", c2), ("C3", "C", c3), ("H1", "H", h[0]),
+                                       ("H2", "H", h[1])], ["x,y,z", "x,-y,z"]), refine_torsions=True)
+    assert [len(g.hydrogens) for g in sp.riding_groups] == [2] and sp.riding_groups[0].angle == TETRAHEDRAL
+    assert not [n for n in sp.names if n.endswith(".torsion")] and sp.u_factor[3] == sp.u_factor[4] == 1.5
+    for th in (sp.theta0, _moved(sp, 1), _moved(sp, 2)):
+        p = _positions(sp, th)
+        image = p["H2"] * [1, -1, 1]
+        assert abs(p["H1"][1]) < 1e-12
+        for a, b in (("H1", "H2"), ("H1", None), ("H2", None)):
+            assert abs(_angle(p[a], p["C1"], p[b] if b else image) - TET) < 1e-6, (a, b)

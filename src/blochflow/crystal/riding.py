@@ -88,10 +88,9 @@ def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, cen
 
 
 def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int]):
-    """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out,
-    among them a parent whose hydrogens are partly symmetry images of the others (a methyl on a
-    three-fold axis holds one H of the three in the asymmetric unit, which the rules would take for a
-    C-H on a triple bond)."""
+    """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out.
+    The rules count a parent's H with their symmetry images (a methyl on a three-fold axis holds one H
+    of the three in the asymmetric unit, which would otherwise read as a C-H on a triple bond)."""
     hydrogens = [i for i, e in enumerate(elements) if e.capitalize() == "H"]
     by_parent: dict[tuple, list[int]] = {}
     for h, (j, rot, tr) in riding.items():
@@ -103,7 +102,12 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         p_el = elements[j].capitalize()
         neigh = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, heavy)
         n, m = len(neigh), len(hs)
-        if len(bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)) > m:
+        # a parent whose H are partly symmetry images of the others: a methyl (NH3) on a three-fold axis or
+        # a mirror is a rotor of three with each asymmetric-unit H at its own start torsion (the images
+        # follow by symmetry); anything else is left to its starting offset
+        images = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)
+        by_symmetry = len(images) > m
+        if by_symmetry and not (n == 1 and len(images) == 3 and p_el in ("C", "N")):
             continue
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
@@ -126,7 +130,9 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
                     if not (r[0] == j and np.allclose(_cart(a_mat, r[1], r[2], x_all[j]), p, atol=1e-4))]
             if not refs or (m == 2 and p_el not in ("C", "N")):
                 continue
-            if m == 2 or (m == 1 and p_el == "N"):
+            if by_symmetry:
+                angle = TETRAHEDRAL  # CH3, NH3 of three H, some of them symmetry images
+            elif m == 2 or (m == 1 and p_el == "N"):
                 angle = np.radians(120.0)  # planar =CH2, NH2, N-H
             elif m == 1 and p_el == "C":
                 angle = np.pi  # C-H on a triple bond
@@ -139,23 +145,35 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
             r_dir = fixed if ref is None else _cart(a_mat, ref[1], ref[2], x_all[ref[0]]) - x_k
             e, p1, p2 = _rotor_frame(u[0], r_dir)
             phi = [float(np.arctan2(start[h] @ p2, start[h] @ p1)) for h in hs]
-            if m == 1:
+            if by_symmetry:  # the three evenly spaced (images included); each H takes the nearest of them
+                fitted = _evenly_spaced([float(np.arctan2(v @ p2, v @ p1)) for v in
+                                         (_cart(a_mat, r, t, x_all[i]) - p for i, r, t in images)])
+                phase = [min(fitted, key=lambda g: abs(np.angle(np.exp(1j * (g - f))))) for f in phi]
+            elif m == 1:
                 phase = phi
             elif m == 2:  # planar: in the R-X-P plane, trans and cis
                 phase = [0.0 if np.cos(f) >= 0 else np.pi for f in phi]
                 if phase[0] == phase[1]:
                     phase = [0.0, np.pi] if np.cos(phi[0]) >= np.cos(phi[1]) else [np.pi, 0.0]
-            else:  # a rotor with m H evenly spaced: the common phase is the circular mean of m phi
-                step = 2 * np.pi / m
-                order = np.argsort(np.mod(phi, 2 * np.pi))
-                rel = np.array([phi[i] - step * rank for rank, i in enumerate(order)])
-                phi0 = float(np.angle(np.mean(np.exp(1j * rel))))
-                phase = [0.0] * m
-                for rank, i in enumerate(order):
-                    phase[i] = phi0 + step * rank
+            else:  # a rotor with m H evenly spaced
+                phase = _evenly_spaced(phi)
             groups.append(RidingGroup("rotor", (j, rot, tr), neigh, hs, dist, reference=ref, fixed_reference=fixed,
                                       angle=float(angle), phase=phase))
     return groups
+
+
+def _evenly_spaced(phi: list[float]) -> list[float]:
+    """Torsions of m hydrogens 2 pi / m apart nearest the start's ``phi``, in their order: the common
+    phase is the circular mean of each phi less its rank's multiple of 2 pi / m."""
+    m = len(phi)
+    step = 2 * np.pi / m
+    order = np.argsort(np.mod(phi, 2 * np.pi))
+    rel = np.array([phi[i] - step * rank for rank, i in enumerate(order)])
+    phi0 = float(np.angle(np.mean(np.exp(1j * rel))))
+    phase = [0.0] * m
+    for rank, i in enumerate(order):
+        phase[i] = phi0 + step * rank
+    return phase
 
 
 def _fixed_reference(axis: np.ndarray, hydrogens: list[np.ndarray]) -> np.ndarray:

@@ -59,13 +59,7 @@ def _molecules():
     add("C14", "C", o + 1.43 * t[0])
     add("C15", "C", o + 1.43 * t[0] + 1.53 * -t[1])
     add("H8", "H", o + 0.9 * t[2])
-    a = cellmod.direct_basis(CELL)
-    frac = [np.linalg.solve(a, c) for *_, c in atoms]
-    uf = [cellmod.u_iso_to_frac(0.02, CELL) for _ in atoms]
-    asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
-                         torch.ones(len(atoms), dtype=torch.float64), torch.tensor(np.array(uf)),
-                         [False] * len(atoms))
-    return Crystal(cell=CELL, symmetry=SymmetryOps.from_triplets(["x,y,z"]), asu=asu)
+    return _crystal(atoms, ["x,y,z"])
 
 
 def _angle(a, b, c):
@@ -192,13 +186,14 @@ def test_refined_rotor_torsions_turn_each_group_about_its_bond():
     assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))
 
 
-def _crystal(atoms, triplets):
-    a = cellmod.direct_basis(CELL)
+def _crystal(atoms, triplets, cell=CELL):
+    """A crystal of (label, element, Cartesian A) atoms, U_iso 0.02, under these symmetry operators."""
+    a = cellmod.direct_basis(cell)
     frac = [np.linalg.solve(a, np.asarray(c, float)) for *_, c in atoms]
-    uf = [cellmod.u_iso_to_frac(0.02, CELL) for _ in atoms]
+    uf = [cellmod.u_iso_to_frac(0.02, cell) for _ in atoms]
     asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
                          torch.ones(len(atoms), dtype=torch.float64), torch.tensor(np.array(uf)), [False] * len(atoms))
-    return Crystal(cell=CELL, symmetry=SymmetryOps.from_triplets(triplets), asu=asu)
+    return Crystal(cell=cell, symmetry=SymmetryOps.from_triplets(triplets), asu=asu)
 
 
 def _hydroxyl(o, out_of_plane):
@@ -241,21 +236,14 @@ def test_hydrogens_on_symmetry_elements_keep_their_site():
     bond (it was put on the axis, C-C-H 180 deg): it is a tetrahedral rotor of three, its images
     109.47 deg apart, U 1.5 U_eq. An O-H whose H lies on a mirror, placed from a C whose other bonds
     leave the mirror, stays on the mirror as the structure moves."""
-    import blochflow.crystal.cell as cm
-
     hexagonal = (30.0, 30.0, 30.0, 90, 90, 120)
-    a = cm.direct_basis(hexagonal)
+    a = cellmod.direct_basis(hexagonal)
     t = np.radians(180 - TET)
     c1 = a @ np.array([0.0, 0.0, 0.2])  # on the three-fold axis of P3
     c2 = c1 + [0, 0, 1.53]
     atoms = [("C1", "C", c1), ("C2", "C", c2), ("C3", "C", c2 + 1.53 * np.array([np.sin(t), 0, np.cos(t)])),
              ("H1", "H", c1 + 1.0 * np.array([np.sin(t), 0, -np.cos(t)]))]
-    frac = [np.linalg.solve(a, c) for *_, c in atoms]
-    asu = AsymmetricUnit([x[0] for x in atoms], [x[1] for x in atoms], torch.tensor(np.array(frac)),
-                         torch.ones(4, dtype=torch.float64),
-                         torch.tensor(np.array([cm.u_iso_to_frac(0.02, hexagonal)] * 4)), [False] * 4)
-    sp = StructureParameters(Crystal(cell=hexagonal, symmetry=SymmetryOps.from_triplets(["x,y,z", "-y,x-y,z", "-x+y,-x,z"]),
-                                     asu=asu))
+    sp = StructureParameters(_crystal(atoms, ["x,y,z", "-y,x-y,z", "-x+y,-x,z"], hexagonal))
     assert [(g.hydrogens, g.angle) for g in sp.riding_groups] == [([3], TETRAHEDRAL)] and sp.u_factor[3] == 1.5
     three = [np.eye(3), np.array([[0, -1, 0], [1, -1, 0], [0, 0, 1]]), np.array([[-1, 1, 0], [-1, 0, 0], [0, 0, 1]])]
     for th in (sp.theta0, _moved(sp, 3), _moved(sp, 4)):

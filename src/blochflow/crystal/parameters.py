@@ -246,11 +246,11 @@ class StructureParameters:
         # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
         # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
         special = {h for h, _ in on_site}
-        self.rotor_groups = [g for g in self.riding_groups if g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9
-                             and not special.intersection(g.hydrogens)]  # those whose torsion may be refined
+        turns = [g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9 and not special.intersection(g.hydrogens)
+                 for g in self.riding_groups]
+        self.rotor_groups = [g for g, t in zip(self.riding_groups, turns) if t]  # those whose torsion may be refined
         self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
-                               if refine_torsions and refine_xyz and any(g is r for r in self.rotor_groups) else -1
-                               for g in self.riding_groups]
+                               if refine_torsions and refine_xyz and t else -1 for g, t in zip(self.riding_groups, turns)]
 
         rows, cols, vals = [], [], []
         for r, d in enumerate(coef):

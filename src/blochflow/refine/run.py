@@ -451,16 +451,25 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     best = np.argmin(table, 1)
     cost = table[np.arange(len(best)), best]
     move = np.flatnonzero(~own[np.arange(len(best)), best] & (cost < RESCAN_GAIN * own_best))
-    moved = theta.clone()
-    if len(move):
-        rows = torch.as_tensor(move) + sl.start
-        moved[rows] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF), dtype=theta.dtype)
-        if "orientation" in problem.slots:
-            so = problem.slots["orientation"]
-            corrections = so.start + 2 * torch.as_tensor(move)
-            moved[corrections], moved[corrections + 1] = 0.0, 0.0
-        problem.follow_thickness(theta, moved)  # (the decompositions serve only when no correction was reset)
+    if not len(move):
+        return theta.clone(), 0
+    moved = _frames_moved(problem, theta, move, grid[best[move]])
+    problem.follow_thickness(theta, moved)  # (the decompositions serve only when no correction was reset)
     return moved, len(move)
+
+
+def _frames_moved(problem: RefinementProblem, theta: torch.Tensor, frames: np.ndarray, thickness_A: np.ndarray
+                  ) -> torch.Tensor:
+    """theta with ``frames`` at these thicknesses (A) and their orientation corrections (if refined) at
+    zero: a frame moved to another branch, or restarted, starts again from the data's own orientation."""
+    moved = theta.clone()
+    rows = torch.as_tensor(frames)
+    moved[problem.slots["thickness"].start + rows] = torch.as_tensor(np.log(thickness_A / THICKNESS_REF),
+                                                                     dtype=theta.dtype)
+    if "orientation" in problem.slots:
+        corrections = problem.slots["orientation"].start + 2 * rows
+        moved[corrections], moved[corrections + 1] = 0.0, 0.0
+    return moved
 
 
 # a frame costing more per reflection than this multiple of the median frame is tried afresh: at the truth a
@@ -498,13 +507,7 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     move = np.flatnonzero(try_again & (table[np.arange(n_frames), best] < RESCAN_GAIN * current))
     if not len(move):
         return theta, none
-    moved = theta.clone()
-    st = problem.slots["thickness"]
-    moved[torch.as_tensor(move) + st.start] = torch.as_tensor(np.log(grid[best[move]] / THICKNESS_REF),
-                                                              dtype=theta.dtype)
-    rows = so.start + 2 * torch.as_tensor(move)
-    moved[rows], moved[rows + 1] = 0.0, 0.0
-    return moved, move
+    return _frames_moved(problem, theta, move, grid[best[move]]), move
 
 
 def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,

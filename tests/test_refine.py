@@ -723,6 +723,54 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
     assert not problem.decompositions_kept_at(other)
 
 
+def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dataset, truth):
+    """A frame put 1.2 mrad off in the tilt normal to its rotation axis, at a thickness 100 A off, comes
+    back: that tilt to zero (a grid point) and its thickness next to the truth, its correction about
+    the rotation axis kept. Frames that fit stay exactly where they are. The grid's step follows a
+    fringe: twice the thickness, half the step."""
+    from blochflow.physics.geometry import rocking_axis_lab
+    from blochflow.refine.run import search_frame_tilt, tilt_search_grid
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
+                              thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    ctx = problem.frames.ctx
+    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth)[:, :2]
+    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)
+    theta = problem.theta0.clone()
+    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    corrections = 0.005 * axis  # mrad: every frame a little off about its rotation axis
+    corrections[2] += 1.2 * normal[2]
+    theta[so.start:so.stop] = corrections.reshape(-1)
+    theta[st.start + 2] = float(np.log((thickness[2] + 100.0) / 1000.0))
+    searched, moved, tilts = search_frame_tilt(problem, theta, settings)
+    assert moved.tolist() == [2] and 0.0 in tilts and 1.2 > tilts[1] - tilts[0]
+    after = searched[so.start:so.stop].reshape(-1, 2)
+    assert abs(float(after[2] @ normal[2])) < 1e-9 and abs(float(after[2] @ axis[2]) - 0.005) < 1e-9
+    t = 1000 * torch.exp(searched[st.start:st.stop]).numpy()
+    assert abs(t[2] - thickness[2]) <= 10.0 + 1e-9
+    keep = [f for f in range(len(thickness)) if f != 2]
+    assert torch.equal(after[keep], corrections[keep]) and np.allclose(t[keep], thickness[keep])
+    assert float(problem.frame_costs(searched)[2]) < 0.2 * float(problem.frame_costs(theta)[2])
+    thicker = theta.clone()
+    thicker[st.start:st.stop] += float(np.log(2.0))
+    wide, narrow = tilt_search_grid(problem, theta, 2.0), tilt_search_grid(problem, thicker, 2.0)
+    assert wide[-1] == narrow[-1] == 2.0 and len(narrow) - 1 == 2 * (len(wide) - 1)
+
+
+def test_tilt_search_moves_a_frame_only_for_a_drop_beyond_noise_refitted():
+    """Five per cent less is not enough where it is a few units of chi2 (two parameters refitted over a
+    grid find that much in noise), nor many units that are under five per cent; a drop beyond both moves
+    the frame."""
+    from blochflow.refine.run import tilt_search_moves
+
+    current = np.array([20.0, 20.0, 200.0, 200.0, 10.0, 1000.0])
+    best = np.array([17.0, 10.0, 185.0, 195.0, 0.5, 960.0])
+    assert tilt_search_moves(current, best).tolist() == [1, 2, 4]
+
+
 def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(small_dataset, truth):
     """A frame left in a joint thickness-orientation minimum (thickness 160 A off, corrections of 3 mrad)
     costs far more than the median frame: it is tried at zero correction and the best grid thickness

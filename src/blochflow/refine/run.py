@@ -31,7 +31,7 @@ from ..experiment.frames import (THICKNESS_REF, FrameContext, FrameModel, Global
 from ..io.pets import frame_selection, is_electron_wavelength, select_frames, with_wavelength
 from ..io.writers import atomic_write_bytes
 from ..physics.diffraction import COUPLINGS, BeamSettings, split_samples
-from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts
+from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS, fringe_sample_counts, rocking_axis_lab
 from .model import ForwardModel, ModelSettings
 from .objective import Figures
 from .optimise import (AdamState, LMState, NormalEquations, adam_learning_rates, adam_step, covariance, lm_step,
@@ -82,6 +82,10 @@ class RefineSettings:
     # median frame per reflection are tried at zero correction and their best grid thickness there
     # (see restart_outlier_frames); runs with the thickness rescan
     frame_restart: bool = True
+    # per-frame model with orientation corrections: after the rescan at LM iteration 5, each frame's
+    # correction about the lab axis normal to its rotation axis and its thickness are searched together
+    # on a grid (see search_frame_tilt): in that tilt a thick frame's cost has minima a fringe apart
+    tilt_search: bool = True
     thickness_points: int = 8  # points of a learned distribution per frame (mixture: its weighted points)
     thickness_knots: int = 8  # knots of a learned quantile function
     # a learned distribution's form: 'mixture' (thickness_points weighted points, positions and weights
@@ -510,6 +514,81 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     return _frames_moved(problem, theta, move, grid[best[move]]), move
 
 
+TILT_SEARCH_FRINGE_FRACTION = 1 / 3  # grid step: this share of a fringe for the thick frames' far reflections
+TILT_SEARCH_MAX_POINTS = 81
+TILT_SEARCH_HALF_RANGE = 2.0  # mrad, when no orientation prior sets the range
+TILT_SEARCH_LR = 9.21  # chi2 with 2 degrees of freedom at 1 %
+
+
+def tilt_search_grid(problem: RefinementProblem, theta: torch.Tensor, half_range: float) -> np.ndarray:
+    """Tilts (mrad, symmetric about zero, zero included) for :func:`search_frame_tilt`. A tilt d moves a
+    reflection's excitation error by up to |g| d, and its rocking curve repeats every 1/t (a Pendelloesung
+    fringe), so the cost of a frame against the tilt has minima about 1/(t |g|) apart and a basin a
+    fraction of that wide. The step is a third of it for the 90th percentile of the scored |g| and of
+    the frames' thicknesses at theta (quartz at 1100 A: 0.2 mrad; ZnO at 1700 A, 2 1/A: 0.1 mrad)."""
+    with torch.no_grad():
+        thick = problem.state(problem.split(theta)).thickness.amax(-1).cpu().numpy()
+    g = np.linalg.norm(problem.model.plan.scored.hkl @ np.asarray(problem.model.dataset.ub).T, axis=1)
+    step = 1e3 * TILT_SEARCH_FRINGE_FRACTION / (np.quantile(thick, 0.9) * np.quantile(g, 0.9))
+    half_points = min((TILT_SEARCH_MAX_POINTS - 1) // 2, max(1, math.ceil(half_range / step)))
+    return np.linspace(-half_range, half_range, 2 * half_points + 1)
+
+
+def tilt_search_moves(current: np.ndarray, best: np.ndarray) -> np.ndarray:
+    """Frames whose best (tilt, thickness) pair fits clearly better than their own: by the rescan's
+    RESCAN_GAIN and, as a frame's own two parameters refitted over a grid lower its cost by a few units
+    of chi2 from noise alone, by a likelihood-ratio test (chi2 with 2 degrees of freedom at 1 %)."""
+    return np.flatnonzero((best < RESCAN_GAIN * current) & (current - best > TILT_SEARCH_LR))
+
+
+def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
+                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Per-frame thickness and orientation corrections: each frame's correction about the lab axis
+    normal to its rotation axis (in the plane normal to the beam) and its thickness, searched together:
+    the tilt over :func:`tilt_search_grid` (absolute, within the orientation prior's width) and at each
+    tilt the thickness over ``thickness_grid`` (one thickness scan per tilt, every frame at once); the
+    correction about the rotation axis is kept. A frame moves when its best pair costs less than
+    RESCAN_GAIN x its cost now (data and orientation prior). LM from zero stops in the nearest of the
+    minima a thick frame has in this tilt, and a frame's thickness fitted at a wrong tilt is wrong too
+    (known-truth ZnO at 1400-1700 A: tilt errors 0.2 mrad rms at 9 s.u. before, docs/refinement.md
+    "Thick crystals"). Returns theta, the frames moved and the tilts searched."""
+    tilts = np.zeros(0)
+    if ("orientation" not in problem.slots or not isinstance(problem.frames.thickness, PerFrameThickness)
+            or problem.model.plan.geometry != "continuous"):  # a precession cone has no rotation axis
+        return theta, np.zeros(0, int), tilts
+    ctx = problem.frames.ctx
+    n_frames = problem.model.n_frames
+    so = problem.slots["orientation"]
+    base = theta[so.start:so.stop].detach().reshape(n_frames, 2)
+    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth, settings.rocking_axis)[:, :2].to(theta.dtype)
+    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)  # corrections are rotation vectors (about lab x, y)
+    along = (base * axis).sum(1, keepdim=True) * axis
+    tilts = tilt_search_grid(problem, theta, settings.orientation_sigma or TILT_SEARCH_HALF_RANGE)
+    with torch.no_grad():
+        current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
+    best_cost = np.full(n_frames, np.inf)
+    best_tilt, best_thickness = np.zeros(n_frames), np.zeros(n_frames)
+    for tilt in tilts:
+        trial = theta.clone()
+        trial[so.start:so.stop] = (along + float(tilt) * normal).reshape(-1)
+        grid, table = _grid_costs(problem, trial, settings)
+        with torch.no_grad():
+            cost = table.min(1) + problem.frame_prior_costs(trial).numpy()
+        better = cost < best_cost
+        best_cost[better], best_tilt[better] = cost[better], tilt
+        best_thickness[better] = grid[table.argmin(1)[better]]
+    move = tilt_search_moves(current, best_cost)
+    if not len(move):
+        return theta.clone(), move, tilts
+    out = theta.clone()
+    rows = torch.as_tensor(move)
+    out[problem.slots["thickness"].start + rows] = torch.as_tensor(np.log(best_thickness[move] / THICKNESS_REF),
+                                                                  dtype=theta.dtype)
+    corrections = along[rows] + torch.as_tensor(best_tilt[move], dtype=theta.dtype)[:, None] * normal[rows]
+    out[(so.start + 2 * rows[:, None] + torch.arange(2)[None, :]).reshape(-1)] = corrections.reshape(-1)
+    return out, move, tilts
+
+
 def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
                  below: float | None = None) -> int:
     """Per-frame thickness model with fringe-fitted samples: each frame whose thickness at theta
@@ -832,6 +911,22 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                     f"orientation correction and their best thickness there (frames {ids})")
             return len(frames)
 
+        def tilt_now() -> int:
+            nonlocal theta
+            t0 = time.perf_counter()
+            theta, frames, tilts = search_frame_tilt(problem, theta, settings)
+            took = time.perf_counter() - t0
+            phase_times["tilt_search_s"] = phase_times.get("tilt_search_s", 0.0) + took
+            if len(tilts):
+                log(f"tilt search at LM iteration {lm.iteration}: {len(frames)} frames moved to another tilt and "
+                    f"thickness ({len(tilts)} tilts normal to the rotation axis, {tilts[1] - tilts[0]:.2g} mrad apart, "
+                    f"+-{tilts[-1]:g} mrad; {took:.1f} s)")
+            if len(frames):
+                lm.jacobian = None
+                if settings.refine_thickness:
+                    grow_now()  # frames moved onto thicker branches
+            return len(frames)
+
         def grow_now(below: float | None = None) -> int:
             t0 = time.perf_counter()
             grown = grow_samples(problem, theta, settings, below)
@@ -855,6 +950,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # at convergence only those below one sample per fringe grow (see below)
                 if settings.refine_thickness:
                     grow_now()
+                if rescan and settings.tilt_search and settings.refine_orientation:
+                    tilt_now()
             t0 = time.perf_counter()
             on_amplitudes = lm.iteration < settings.lm_amplitude_iterations
             theta, ne = lm_step(problem, theta, lm, index, shift_tol=settings.shift_tol,

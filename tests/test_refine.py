@@ -491,8 +491,11 @@ def test_resume_rebuilds_the_grown_plan(small_dataset, truth, tmp_path, monkeypa
     monkeypatch.setattr(runmod, "RESCAN_AFTER", 1)
 
     def grow_frame_0(problem, theta, settings, below=None):  # as if frame 0 had moved onto a thicker branch
-        # (and had enough samples at convergence)
-        return 0 if below is not None else _grow_frame_0(problem)
+        # (and had enough samples at convergence, or after the tilt search); growing once, as grow_samples does
+        if below is not None or getattr(problem, "grown_frame_0", False):
+            return 0
+        problem.grown_frame_0 = True
+        return _grow_frame_0(problem)
 
     monkeypatch.setattr(runmod, "grow_samples", grow_frame_0)
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=0, lm_iterations=4, checkpoint_every=1,

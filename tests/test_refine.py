@@ -729,7 +729,8 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
 def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dataset, truth):
     """A frame put 1.2 mrad off in the tilt normal to its rotation axis, at a thickness 100 A off, comes
     back: that tilt to zero (a grid point) and its thickness next to the truth, its correction about
-    the rotation axis kept. Frames that fit stay exactly where they are. The grid's step follows a
+    the rotation axis kept. Only frames above the median frame's cost are searched; frames that fit
+    stay exactly where they are. The grid's step follows a
     fringe: twice the thickness, half the step."""
     from blochflow.physics.geometry import rocking_axis_lab
     from blochflow.refine.run import search_frame_tilt, tilt_search_grid
@@ -748,8 +749,9 @@ def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dat
     corrections[2] += 1.2 * normal[2]
     theta[so.start:so.stop] = corrections.reshape(-1)
     theta[st.start + 2] = float(np.log((thickness[2] + 100.0) / 1000.0))
-    searched, moved, tilts = search_frame_tilt(problem, theta, settings)
+    searched, moved, tilts, looked = search_frame_tilt(problem, theta, settings)
     assert moved.tolist() == [2] and 0.0 in tilts and 1.2 > tilts[1] - tilts[0]
+    assert looked[2] and 0 < looked.sum() <= len(thickness) // 2  # the frames above the median frame's cost
     after = searched[so.start:so.stop].reshape(-1, 2)
     assert abs(float(after[2] @ normal[2])) < 1e-9 and abs(float(after[2] @ axis[2]) - 0.005) < 1e-9
     t = 1000 * torch.exp(searched[st.start:st.stop]).numpy()

@@ -462,18 +462,33 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     return moved, len(move)
 
 
-def _frames_moved(problem: RefinementProblem, theta: torch.Tensor, frames: np.ndarray, thickness_A: np.ndarray
-                  ) -> torch.Tensor:
+def _frames_moved(problem: RefinementProblem, theta: torch.Tensor, frames: np.ndarray, thickness_A: np.ndarray,
+                  corrections: torch.Tensor | None = None) -> torch.Tensor:
     """theta with ``frames`` at these thicknesses (A) and their orientation corrections (if refined) at
-    zero: a frame moved to another branch, or restarted, starts again from the data's own orientation."""
+    ``corrections`` ((k, 2) mrad), by default zero: a frame moved to another branch, or restarted, starts
+    again from the data's own orientation."""
     moved = theta.clone()
     rows = torch.as_tensor(frames)
     moved[problem.slots["thickness"].start + rows] = torch.as_tensor(np.log(thickness_A / THICKNESS_REF),
                                                                      dtype=theta.dtype)
     if "orientation" in problem.slots:
-        corrections = problem.slots["orientation"].start + 2 * rows
-        moved[corrections], moved[corrections + 1] = 0.0, 0.0
+        at = (problem.slots["orientation"].start + 2 * rows[:, None] + torch.arange(2)[None, :]).reshape(-1)
+        moved[at] = 0.0 if corrections is None else corrections.to(theta.dtype).reshape(-1)
     return moved
+
+
+def _frames_above_median(problem: RefinementProblem, theta: torch.Tensor, factor: float
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's cost at theta (data and orientation prior, (F,)) and which frames cost more per work
+    reflection than ``factor`` x the median frame's (frames without work reflections never)."""
+    with torch.no_grad():
+        current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
+    n = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=problem.model.n_frames)
+    has = n > 0
+    if not has.any():
+        return current, has
+    per = current / np.maximum(n, 1)
+    return current, has & (per > factor * np.median(per[has]))
 
 
 # a frame costing more per reflection than this multiple of the median frame is tried afresh: at the truth a
@@ -495,13 +510,10 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     if not isinstance(problem.frames.thickness, PerFrameThickness) or "orientation" not in problem.slots:
         return theta, none
     n_frames = problem.model.n_frames
-    with torch.no_grad():
-        current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
-    n = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=n_frames)
-    per = current / np.maximum(n, 1)
+    current, above = _frames_above_median(problem, theta, RESTART_OUTLIER)
     so = problem.slots["orientation"]
     orientation = theta[so.start:so.stop].detach().reshape(n_frames, 2)
-    try_again = (n > 0) & (per > RESTART_OUTLIER * np.median(per[n > 0])) & (orientation != 0).any(1).numpy()
+    try_again = above & (orientation != 0).any(1).numpy()
     if not try_again.any():
         return theta, none
     at_zero = theta.clone()
@@ -568,13 +580,9 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)  # corrections are rotation vectors (about lab x, y)
     along = (base * axis).sum(1, keepdim=True) * axis
     tilts = tilt_search_grid(problem, theta, settings.orientation_sigma or TILT_SEARCH_HALF_RANGE)
-    with torch.no_grad():
-        current = (problem.frame_costs(theta) + problem.frame_prior_costs(theta)).numpy()
+    current, searched = _frames_above_median(problem, theta, TILT_SEARCH_ABOVE_MEDIAN)
     best_cost = np.full(n_frames, np.inf)
     best_tilt, best_thickness = np.zeros(n_frames), np.zeros(n_frames)
-    n = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=n_frames)
-    per = current / np.maximum(n, 1)
-    searched = (n > 0) & (per > TILT_SEARCH_ABOVE_MEDIAN * np.median(per[n > 0])) if (n > 0).any() else n > 0
     if not searched.any():
         return theta.clone(), np.zeros(0, int), tilts, searched
     for tilt in tilts:
@@ -589,13 +597,9 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     move = tilt_search_moves(current, best_cost)
     if not len(move):
         return theta.clone(), move, tilts, searched
-    out = theta.clone()
     rows = torch.as_tensor(move)
-    out[problem.slots["thickness"].start + rows] = torch.as_tensor(np.log(best_thickness[move] / THICKNESS_REF),
-                                                                  dtype=theta.dtype)
     corrections = along[rows] + torch.as_tensor(best_tilt[move], dtype=theta.dtype)[:, None] * normal[rows]
-    out[(so.start + 2 * rows[:, None] + torch.arange(2)[None, :]).reshape(-1)] = corrections.reshape(-1)
-    return out, move, tilts, searched
+    return _frames_moved(problem, theta, move, best_thickness[move], corrections), move, tilts, searched
 
 
 def grow_samples(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
@@ -959,7 +963,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # at convergence only those below one sample per fringe grow (see below)
                 if settings.refine_thickness:
                     grow_now()
-                if rescan and settings.tilt_search and settings.refine_orientation:
+                if rescan and settings.tilt_search:
                     tilt_now()
             t0 = time.perf_counter()
             on_amplitudes = lm.iteration < settings.lm_amplitude_iterations

@@ -71,7 +71,7 @@ def _results(st):
     atoms.append(AtomResult("H1", "H", (0.1, 0.2, 0.3), None, 1.0, None, "Uiso", 0.02, None, calc_flag="R"))
     summary = RefinementSummary(st.cell, "P 32 2 1", st.symops, 0.0251, r_obs=0.0612, wr2=0.1534, gof=1.07,
                                 n_reflections=4321, n_obs=2100, n_params=57, n_restraints=3,
-                                max_shift_su=0.002, r_free=0.071, thickness=612.5)
+                                max_shift_su=0.002, r_free=0.071, thickness=612.5, r_all=0.0815)
     return summary, atoms
 
 
@@ -114,6 +114,7 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     # R values under the standard tags
     num = lambda tag: gemmi.cif.as_number(block.find_value(tag))  # noqa: E731
     assert num("_refine_ls_R_factor_gt") == pytest.approx(0.0612)
+    assert num("_refine_ls_R_factor_all") == pytest.approx(0.0815)
     assert num("_refine_ls_wR_factor_ref") == pytest.approx(0.1534)
     assert num("_refine_ls_goodness_of_fit_ref") == pytest.approx(1.07)
     assert num("_refine_ls_number_reflns") == 4321 and num("_reflns_number_gt") == 2100
@@ -252,6 +253,44 @@ def test_frame_means_leave_out_a_frame_without_intensity():
     alone = figures_of_merit(io[:3], torch.ones(3), ic[:3], frame[:3], 1)
     assert fig.wR2_frame_mean == pytest.approx(alone.wR2_frame_mean)
     assert fig.R_obs_frame_mean == pytest.approx(alone.R_obs_frame_mean)
+    assert fig.wR2_diffbloch_frame_mean == pytest.approx(alone.wR2_diffbloch_frame_mean)
+
+
+def test_wr2_diffbloch_is_diffblochs_weighted_r2_at_its_best_scale():
+    """wR2_diffbloch is the figure diffBloch reports, written here its way: w = 1 / sqrt(sigma_sqrtI^2 +
+    u^2 Io) on intensity differences, sqrt(sum (w (k Ic - Io))^2 / sum (w Io)^2), with sigma_sqrtI =
+    sigma / (2 sqrt(Io)) or 5 sqrt(sigma) for Io < 0.01 sigma, and the scale searched on a grid per
+    frame (diffBloch's way of fitting it). The grid's minimum is never below ours (ours is the exact
+    minimum) and within its resolution of it. R_all is R_obs over every reflection."""
+    from blochflow.refine.objective import figures_of_merit
+
+    gen = torch.Generator().manual_seed(3)
+    n, n_frames = 240, 3
+    ic = torch.rand(n, generator=gen, dtype=torch.float64) * 50 + 0.1
+    sigma = 1.0 + torch.rand(n, generator=gen, dtype=torch.float64) * 3
+    io = 7.0 * ic * (1 + 0.2 * torch.randn(n, generator=gen, dtype=torch.float64))
+    io[:20] = torch.randn(20, generator=gen, dtype=torch.float64) * 0.5  # weak and negative observations
+    frame = torch.arange(n) % n_frames
+    fig = figures_of_merit(io, sigma, ic, frame, n_frames)
+
+    def theirs(calc, obs, sig, mu=0.01):
+        root = torch.sqrt(obs.clamp(min=1e-12))
+        s_root = torch.where(obs < 0.01 * sig, 5 * torch.sqrt(sig), 0.5 * sig / root)
+        w = 1 / torch.sqrt(s_root ** 2 + (mu * root) ** 2)
+        return torch.sqrt(((w * (calc - obs)) ** 2).sum(-1) / ((w * obs) ** 2).sum(-1))
+
+    best = []
+    for f in range(n_frames):
+        m = frame == f
+        grid = torch.linspace(0.5, 1.5, 20001, dtype=torch.float64)[:, None] * (io[m].sum() / ic[m].sum())
+        vals = theirs(grid * ic[m], io[m].expand(len(grid), -1), sigma[m].expand(len(grid), -1))
+        best.append(float(vals.min()))
+    assert fig.wR2_diffbloch_frame_mean == pytest.approx(np.mean(best), rel=1e-6)
+    assert fig.wR2_diffbloch_frame_mean <= np.mean(best) + 1e-12
+    obs = io > 3 * sigma
+    assert (~obs).sum() >= 20 and fig.R_all != pytest.approx(fig.R_obs)
+    everything = figures_of_merit(io[obs], sigma[obs], ic[obs], frame[obs], n_frames)
+    assert everything.R_all == pytest.approx(everything.R_obs)
 
 
 def test_progress_log_draws_one_status_line_on_a_terminal(tmp_path):

@@ -95,6 +95,7 @@ class RefinementSummary:
     max_shift_su: float = float("nan")
     r_free: float | None = None
     thickness: float | None = None  # mean crystal thickness, A
+    r_all: float | None = None  # R1 on all reflections
     program: str = f"blochflow {__version__}"
     weighting: str = "w = 1/sigma^2^(Io)"
 
@@ -155,6 +156,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             f"_refine_ls_number_parameters {int(s.n_params)}",
             f"_refine_ls_number_restraints {int(s.n_restraints)}", *_hydrogen_treatment(atoms),
             f"_refine_ls_R_factor_gt {format_plain(s.r_obs)}",
+            *([] if s.r_all is None else [f"_refine_ls_R_factor_all {format_plain(s.r_all)}"]),
             f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
             f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]

@@ -8,6 +8,10 @@ Definitions (also in docs/figures_of_merit.md):
   GoF           sqrt( sum w (Io - k Ic)^2 / (n - p) )
   amplitudes    F = sqrt(max(I, 0)), sigma_F = sigma / (2 sqrt(max(Io, sigma))), w_F = 1 / (sigma_F^2 + (u Fo)^2)
                 (the first-order phase's objective: sum w_F (Fo - k_F Fc)^2 is smooth far from the minimum)
+  R_all         R_obs over all scored reflections
+  wR2_diffbloch sqrt( sum v (Io - k' Ic)^2 / sum v Io^2 ), v = 1 / (sigma_sqrtI^2 + u^2 Io), sigma_sqrtI =
+                sigma / (2 sqrt(Io)) (5 sqrt(sigma) where Io < 0.01 sigma), k' the scale minimising it per
+                frame (or the given scales): the weighted R2 diffBloch reports, for comparison with it
 Each is reported globally and as the unweighted mean of per-frame values (diffBloch's figure).
 """
 
@@ -34,6 +38,15 @@ def amplitude(i: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(i.clamp_min(0) + 1e-30)
 
 
+def diffbloch_weights(io: torch.Tensor, sigma: torch.Tensor, instability: float = 0.01) -> torch.Tensor:
+    """v = 1 / (sigma_sqrtI^2 + u^2 Io): amplitude-type weights on intensity differences, the weighted
+    R2 diffBloch reports (after Klar et al. 2023); sigma_sqrtI = sigma / (2 sqrt(Io)), and 5 sqrt(sigma)
+    for weak reflections (Io < 0.01 sigma, negative ones included)."""
+    root = torch.sqrt(io.clamp_min(1e-12))
+    sigma_root = torch.where(io < 0.01 * sigma, 5 * torch.sqrt(sigma), 0.5 * sigma / root)
+    return 1.0 / (sigma_root ** 2 + instability ** 2 * root ** 2)
+
+
 def frame_scales(io, ic, weight, frame, n_frames: int) -> torch.Tensor:
     """Closed-form weighted least-squares scale per frame (differentiable in ic)."""
     num = torch.zeros(n_frames, dtype=ic.dtype).index_add(0, frame, weight * io * ic)
@@ -48,6 +61,9 @@ class Figures:
     GoF: float
     R_obs_frame_mean: float
     wR2_frame_mean: float
+    R_all: float
+    wR2_diffbloch: float
+    wR2_diffbloch_frame_mean: float
     n_obs: int
     n_all: int
     n_frames: int
@@ -73,8 +89,11 @@ def figures_of_merit(io, sigma, ic, frame, n_frames: int, n_params: int = 0, ins
     resid2 = w * (io - kic) ** 2
     obs = io > 3 * sigma
     n_all = len(io)
+    v = diffbloch_weights(io, sigma, instability)
+    kv = frame_scales(io, ic, v, frame, n_frames) if scale is None else k  # its own optimal scales, or the given
+    vres2 = v * (io - kv[frame] * ic) ** 2
     present = torch.unique(frame)
-    r_f, wr_f = [], []
+    r_f, wr_f, wd_f = [], [], []
     for f in present.tolist():
         m = frame == f
         if (m & obs).any():
@@ -82,12 +101,16 @@ def figures_of_merit(io, sigma, ic, frame, n_frames: int, n_params: int = 0, ins
         den = (w[m] * io[m] ** 2).sum()
         if den > 0:  # a frame whose Io are all 0 has no wR2 (0/0); it is left out of the mean
             wr_f.append(torch.sqrt(resid2[m].sum() / den).item())
+            wd_f.append(torch.sqrt(vres2[m].sum() / (v[m] * io[m] ** 2).sum()).item())
     return Figures(
         R_obs=r_obs(io, kic, obs),
         wR2=torch.sqrt(resid2.sum() / (w * io ** 2).sum()).item(),
         GoF=torch.sqrt(resid2.sum() / max(n_all - n_params, 1)).item(),
         R_obs_frame_mean=float(sum(r_f) / len(r_f)) if r_f else float("nan"),
         wR2_frame_mean=float(sum(wr_f) / len(wr_f)) if wr_f else float("nan"),
+        R_all=r_obs(io, kic, torch.ones_like(obs)),
+        wR2_diffbloch=torch.sqrt(vres2.sum() / (v * io ** 2).sum()).item(),
+        wR2_diffbloch_frame_mean=float(sum(wd_f) / len(wd_f)) if wd_f else float("nan"),
         n_obs=int(obs.sum()), n_all=n_all, n_frames=len(present))
 
 

@@ -1332,3 +1332,77 @@ def test_chord_steps_are_on_by_default_except_with_a_learned_thickness():
     for bad in ("yes", 1):
         with pytest.raises(ValueError, match="lm_reuse_jacobian: expected true, false or 'auto'"):
             settings_from_mapping({"lm_reuse_jacobian": bad}, "t")
+
+
+def test_smooth_path_is_the_exact_minimum_and_follows_the_smooth_truth_past_decoys():
+    """smooth_path gives the exact minimum of the summed costs plus the random-walk prior (against every
+    path of a small grid), and on frames whose own costs hold a deeper decoy minimum away from a smooth
+    truth it keeps the truth where each frame's own minimum would not; without neighbours' coupling (a
+    huge step sigma) it is each frame's own minimum."""
+    import itertools
+
+    from blochflow.refine.run import smooth_path
+
+    rng = np.random.default_rng(5)
+    cost = rng.uniform(0, 10, (5, 4))
+    values = np.array([-1.0, -0.2, 0.5, 1.0])
+    gaps = np.array([1.0, 2.0, 0.5, 1.0])
+
+    def objective(path):
+        steps = np.diff(values[list(path)]) / (0.4 * gaps)
+        return cost[np.arange(5), list(path)].sum() + np.sum(steps ** 2)
+
+    best = min(itertools.product(range(4), repeat=5), key=objective)
+    assert tuple(smooth_path(cost, values, gaps, 0.4)) == best
+
+    grid = np.linspace(-3, 3, 61)
+    frames = np.arange(40)
+    truth = 0.8 + 1.5 * np.sin(2 * np.pi * frames / 40)
+    cost = 20 * ((grid[None, :] - truth[:, None]) / 1.0) ** 2  # broad minima at the truth
+    decoys = frames[::4]
+    fake = rng.uniform(-3, 3, len(decoys))
+    cost[decoys] = np.minimum(cost[decoys], 20 * ((grid[None, :] - fake[:, None]) / 0.1) ** 2 - 5)  # deeper, narrow
+    own = grid[np.argmin(cost, 1)]
+    assert np.max(np.abs(own[decoys] - truth[decoys])) > 1.0
+    path = grid[smooth_path(cost, grid, np.ones(39), 0.3)]
+    assert np.max(np.abs(path - truth)) <= 0.1 + 1e-9
+    assert np.array_equal(grid[smooth_path(cost, grid, np.ones(39), 1e6)], own)
+
+
+def test_axis_search_brings_frames_back_about_their_rotation_axis(small_dataset, truth):
+    """Frames put off about their rotation axis (1.4 mrad, one at -1.6) come back onto the grid next to
+    their truth (zero) with their thickness, and keep their correction normal to the axis."""
+    from blochflow.physics.geometry import rocking_axis_lab
+    from blochflow.refine.run import AXIS_SEARCH_STEP, search_axis_path
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
+                              thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    ctx = problem.frames.ctx
+    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth)[:, :2]
+    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)
+    theta = problem.theta0.clone()
+    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    off = torch.full((len(thickness),), 1.4, dtype=torch.float64)
+    off[3] = -1.6
+    corrections = off[:, None] * axis + 0.01 * normal
+    theta[so.start:so.stop] = corrections.reshape(-1)
+    searched, moved, grid = search_axis_path(problem, theta, settings)
+    after = searched[so.start:so.stop].reshape(-1, 2)
+    along, across = (after * axis).sum(1), (after * normal).sum(1)
+    assert sorted(moved.tolist()) == list(range(len(thickness)))
+    assert torch.allclose(across, torch.full_like(across, 0.01))
+    assert torch.all(torch.abs(along) <= 2 * AXIS_SEARCH_STEP + 1e-9)
+    t = 1000 * torch.exp(searched[st.start:st.stop]).numpy()
+    assert np.all(np.abs(t - thickness) <= 30.0)
+
+
+def test_the_axis_search_is_remembered_by_a_checkpoint():
+    """The search of the corrections about the rotation axis runs once per run: a resumed run knows it ran."""
+    from blochflow.refine.optimise import LMState
+    from blochflow.refine.run import _lm_from_dict, _lm_to_dict
+
+    assert _lm_from_dict(_lm_to_dict(LMState(axis_searched=True))).axis_searched
+    assert not _lm_from_dict(_lm_to_dict(LMState())).axis_searched

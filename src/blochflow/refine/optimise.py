@@ -73,6 +73,7 @@ class LMState:
     # next iteration may re-use it (see lm_step), with the objective it was taken for
     jacobian: torch.Tensor | None = None
     jacobian_kind: str = ""
+    axis_searched: bool = False  # the run's one search of the corrections about the rotation axis is done
 
 
 @dataclass

@@ -1406,3 +1406,36 @@ def test_the_axis_search_is_remembered_by_a_checkpoint():
 
     assert _lm_from_dict(_lm_to_dict(LMState(axis_searched=True))).axis_searched
     assert not _lm_from_dict(_lm_to_dict(LMState())).axis_searched
+
+
+@pytest.mark.parametrize("factor, lm_iterations", [(1.8, 20), (1.15, 40)])
+def test_an_axis_search_that_ends_worse_is_undone(small_dataset, truth, monkeypatch, factor, lm_iterations):
+    """The axis search's path is a hypothesis (smooth goniometer errors): when the run converges again at
+    a higher cost than before it, it goes back to the converged point before it, and ends where a run
+    without the search ends, with its covariance. The stand-in path puts every frame 1.8x too thick, on
+    other branches of the Pendelloesung oscillation that LM does not leave by its iteration limit (undone
+    there), or 1.15x, which LM converges from to a worse point (undone then, and LM goes on)."""
+    from blochflow.refine import run as runmod
+
+    ds, thickness, _ = small_dataset
+
+    def worse_path(problem, theta, settings):
+        moved = theta.clone()
+        st = problem.slots["thickness"]
+        moved[st.start:st.stop] += float(np.log(factor))
+        return moved, np.arange(len(thickness)), np.array([-1.0, 0.0, 1.0])
+
+    monkeypatch.setattr(runmod, "search_axis_path", worse_path)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=lm_iterations, axis_search=True, tilt_search=False, frame_restart=False)
+    lines = []
+    with_search = refine(build_problem(truth, ds, settings), settings, log=lines.append)
+    plain_settings = dataclasses.replace(settings, axis_search=False)
+    plain = refine(build_problem(truth, ds, plain_settings), plain_settings, log=lambda s: None)
+    assert any(line.startswith("axis search undone") for line in lines)
+    assert with_search.lm.axis_fallback is None
+    assert with_search.lm.converged == (factor < 1.5)  # 1.8x: the run stops at its limit, undone there
+    assert with_search.figures.wR2 == pytest.approx(plain.figures.wR2, rel=1e-3)
+    st = with_search.problem.slots["structure"]
+    su, su_plain = (torch.sqrt(torch.diagonal(r.covariance)[st.start:st.stop]) for r in (with_search, plain))
+    assert torch.allclose(su, su_plain, rtol=0.02)  # the covariance taken at the point gone back to

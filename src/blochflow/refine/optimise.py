@@ -74,6 +74,10 @@ class LMState:
     jacobian: torch.Tensor | None = None
     jacobian_kind: str = ""
     axis_searched: bool = False  # the run's one search of the corrections about the rotation axis is done
+    # the converged point before that search and its cost, until the run converges again: kept if that
+    # ends higher (see refine)
+    axis_fallback: torch.Tensor | None = None
+    axis_fallback_cost: float = float("nan")
 
 
 @dataclass

@@ -892,7 +892,9 @@ def _lm_to_dict(s: LMState) -> dict:
             "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
             "frame_damping": json.dumps(s.frame_damping), "frame_step": json.dumps(s.frame_step),
             "replateau": s.replateau, "jacobian_kind": s.jacobian_kind, "axis_searched": s.axis_searched,
-            **({} if s.jacobian is None else {"jacobian": s.jacobian})}
+            "axis_fallback_cost": s.axis_fallback_cost,
+            **({} if s.jacobian is None else {"jacobian": s.jacobian}),
+            **({} if s.axis_fallback is None else {"axis_fallback": s.axis_fallback})}
 
 
 def _lm_from_dict(d: dict) -> LMState:
@@ -901,7 +903,8 @@ def _lm_from_dict(d: dict) -> LMState:
                    history=json.loads(d["history"]), frame_damping=json.loads(d.get("frame_damping", "null")),
                    frame_step=json.loads(d.get("frame_step", "null")), replateau=bool(d.get("replateau", False)),
                    jacobian=d.get("jacobian"), jacobian_kind=str(d.get("jacobian_kind", "")),
-                   axis_searched=bool(d.get("axis_searched", False)))
+                   axis_searched=bool(d.get("axis_searched", False)), axis_fallback=d.get("axis_fallback"),
+                   axis_fallback_cost=float(d.get("axis_fallback_cost", float("nan"))))
 
 
 def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: Path | None = None,
@@ -1004,6 +1007,23 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                     f"orientation correction and their best thickness there (frames {ids})")
             return len(frames)
 
+        def undo_axis_search_if_worse() -> bool:
+            """Once the run has converged again after the axis search (or stopped), go back to the converged
+            point before it when that had the lower cost: the search's smooth path is a hypothesis about
+            the goniometer, and the objective decides (the fit never ends worse for having tried it)."""
+            nonlocal theta
+            if lm.axis_fallback is None:
+                return False
+            worse = lm.cost > lm.axis_fallback_cost
+            if worse:
+                log(f"axis search undone at LM iteration {lm.iteration}: wR2(work) "
+                    f"{math.sqrt(lm.cost / problem.objective_norm()):.4f} after it against "
+                    f"{math.sqrt(lm.axis_fallback_cost / problem.objective_norm()):.4f} at the convergence before it; "
+                    f"back to that point")
+                theta, lm.cost, lm.jacobian = lm.axis_fallback.clone(), lm.axis_fallback_cost, None
+            lm.axis_fallback = None
+            return worse
+
         def axis_now() -> int:
             nonlocal theta
             t0 = time.perf_counter()
@@ -1078,13 +1098,16 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # orientation correction, and frames whose refined thickness left them below one sample per
                 # fringe (their rocking integral off by percents, which biases the thickness low) get the
                 # samples they need; in each case LM goes on from there
+                undone = undo_axis_search_if_worse()  # then one more iteration takes the normal matrix there
+                before, cost_before = theta.clone(), lm.cost
                 moved = rescan_now() if rescan else 0
                 if rescan and settings.axis_search and not lm.axis_searched:  # once, when the structure is right
+                    lm.axis_fallback, lm.axis_fallback_cost = before, cost_before
                     moved += axis_now()
                 restarted = restart_now() if rescan and settings.frame_restart else 0
                 grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0
-                if moved or restarted or grown:
-                    lm.replateau = lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
+                if moved or restarted or grown or undone:
+                    lm.replateau = undone or lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                     lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  {'wR(F)' if on_amplitudes else 'wR2(work)'} "
@@ -1097,6 +1120,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 + ("  (Jacobian re-used)" if lm.history and lm.history[-1].get("jacobian_reused") else ""))
             if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
                 save()
+        if undo_axis_search_if_worse():  # the run stopped before it converged again after the axis search
+            ne = None  # the covariance is then taken at the point gone back to
     except (Interrupted, KeyboardInterrupt):
         interrupted = True
         save()

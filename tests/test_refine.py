@@ -1439,3 +1439,32 @@ def test_an_axis_search_that_ends_worse_is_undone(small_dataset, truth, monkeypa
     st = with_search.problem.slots["structure"]
     su, su_plain = (torch.sqrt(torch.diagonal(r.covariance)[st.start:st.stop]) for r in (with_search, plain))
     assert torch.allclose(su, su_plain, rtol=0.02)  # the covariance taken at the point gone back to
+
+
+def test_resume_after_an_axis_search_keeps_the_point_before_it(small_dataset, truth, tmp_path, monkeypatch):
+    """A run interrupted after the axis search and before it was judged resumes with the converged point
+    before the search (in the checkpoint), undoes the search as the uninterrupted run does and ends
+    where that run ends, to 1e-8."""
+    from blochflow.refine import run as runmod
+
+    ds, thickness, _ = small_dataset
+
+    def worse_path(problem, theta, settings):
+        moved = theta.clone()
+        st = problem.slots["thickness"]
+        moved[st.start:st.stop] += float(np.log(1.15))
+        return moved, np.arange(len(thickness)), np.array([-1.0, 0.0, 1.0])
+
+    monkeypatch.setattr(runmod, "search_axis_path", worse_path)
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=40, checkpoint_every=1, axis_search=True, tilt_search=False,
+                              frame_restart=False)
+
+    def after_the_search(full):  # the first iteration from the searched point: it starts far above the last
+        hist = full.lm.history
+        return next(h["iteration"] for prev, h in zip(hist, hist[1:]) if h["cost_before"] > 2 * prev["cost"])
+
+    full, kept, _, resumed = _full_and_resumed(ds, truth, settings, tmp_path, stop_after=after_the_search)
+    assert "axis_fallback" in kept["lm"] and kept["lm"]["axis_searched"]
+    assert full.lm.axis_fallback is None and resumed.lm.axis_fallback is None
+    assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)

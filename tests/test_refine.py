@@ -1408,6 +1408,18 @@ def test_the_axis_search_is_remembered_by_a_checkpoint():
     assert not _lm_from_dict(_lm_to_dict(LMState())).axis_searched
 
 
+def _thicker_path(factor: float):
+    """A stand-in for search_axis_path whose "path" makes every frame ``factor`` x thicker (and names
+    every frame moved)."""
+    def path(problem, theta, settings):
+        moved = theta.clone()
+        st = problem.slots["thickness"]
+        moved[st.start:st.stop] += float(np.log(factor))
+        return moved, np.arange(problem.model.n_frames), np.array([-1.0, 0.0, 1.0])
+
+    return path
+
+
 @pytest.mark.parametrize("factor, lm_iterations", [(1.8, 20), (1.15, 40)])
 def test_an_axis_search_that_ends_worse_is_undone(small_dataset, truth, monkeypatch, factor, lm_iterations):
     """The axis search's path is a hypothesis (smooth goniometer errors): when the run converges again at
@@ -1419,13 +1431,7 @@ def test_an_axis_search_that_ends_worse_is_undone(small_dataset, truth, monkeypa
 
     ds, thickness, _ = small_dataset
 
-    def worse_path(problem, theta, settings):
-        moved = theta.clone()
-        st = problem.slots["thickness"]
-        moved[st.start:st.stop] += float(np.log(factor))
-        return moved, np.arange(len(thickness)), np.array([-1.0, 0.0, 1.0])
-
-    monkeypatch.setattr(runmod, "search_axis_path", worse_path)
+    monkeypatch.setattr(runmod, "search_axis_path", _thicker_path(factor))
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                               lm_iterations=lm_iterations, axis_search=True, tilt_search=False, frame_restart=False)
     lines = []
@@ -1449,13 +1455,7 @@ def test_resume_after_an_axis_search_keeps_the_point_before_it(small_dataset, tr
 
     ds, thickness, _ = small_dataset
 
-    def worse_path(problem, theta, settings):
-        moved = theta.clone()
-        st = problem.slots["thickness"]
-        moved[st.start:st.stop] += float(np.log(1.15))
-        return moved, np.arange(len(thickness)), np.array([-1.0, 0.0, 1.0])
-
-    monkeypatch.setattr(runmod, "search_axis_path", worse_path)
+    monkeypatch.setattr(runmod, "search_axis_path", _thicker_path(1.15))
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                               lm_iterations=40, checkpoint_every=1, axis_search=True, tilt_search=False,
                               frame_restart=False)

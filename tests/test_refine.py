@@ -1429,8 +1429,7 @@ def test_an_axis_search_that_ends_worse_is_undone(small_dataset, truth, monkeypa
     there), or 1.15x, which LM converges from to a worse point (undone then, and LM goes on)."""
     from blochflow.refine import run as runmod
 
-    ds, thickness, _ = small_dataset
-
+    ds, _, _ = small_dataset
     monkeypatch.setattr(runmod, "search_axis_path", _thicker_path(factor))
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                               lm_iterations=lm_iterations, axis_search=True, tilt_search=False, frame_restart=False)
@@ -1453,8 +1452,7 @@ def test_resume_after_an_axis_search_keeps_the_point_before_it(small_dataset, tr
     where that run ends, to 1e-8."""
     from blochflow.refine import run as runmod
 
-    ds, thickness, _ = small_dataset
-
+    ds, _, _ = small_dataset
     monkeypatch.setattr(runmod, "search_axis_path", _thicker_path(1.15))
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                               lm_iterations=40, checkpoint_every=1, axis_search=True, tilt_search=False,

@@ -560,6 +560,21 @@ def tilt_search_moves(current: np.ndarray, best: np.ndarray) -> np.ndarray:
     return np.flatnonzero((best < RESCAN_GAIN * current) & (current - best > TILT_SEARCH_LR))
 
 
+def _rocking_frame_axes(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings):
+    """For the searches of orientation corrections (rocking frames, per-frame thickness, corrections
+    refined; a precession cone has no rotation axis, else None): the corrections' slot, their values
+    (F, 2) at theta, and each frame's rotation axis and its normal in the plane normal to the beam (F, 2)
+    each, unit vectors in the corrections' components (rotation vectors about lab x and y)."""
+    if ("orientation" not in problem.slots or not isinstance(problem.frames.thickness, PerFrameThickness)
+            or problem.model.plan.geometry != "continuous"):
+        return None
+    ctx = problem.frames.ctx
+    so = problem.slots["orientation"]
+    base = theta[so.start:so.stop].detach().reshape(problem.model.n_frames, 2)
+    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth, settings.rocking_axis)[:, :2].to(theta.dtype)
+    return so, base, axis, torch.stack([-axis[:, 1], axis[:, 0]], 1)
+
+
 def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
                       ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame thickness and orientation corrections: each frame's correction about the lab axis
@@ -575,15 +590,11 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     example the same minima at half the solves). Returns theta, the frames moved, the tilts and the
     frames searched (F,) bool."""
     tilts = np.zeros(0)
-    if ("orientation" not in problem.slots or not isinstance(problem.frames.thickness, PerFrameThickness)
-            or problem.model.plan.geometry != "continuous"):  # a precession cone has no rotation axis
+    frames_axes = _rocking_frame_axes(problem, theta, settings)
+    if frames_axes is None:
         return theta, np.zeros(0, int), tilts, np.zeros(problem.model.n_frames, bool)
-    ctx = problem.frames.ctx
+    so, base, axis, normal = frames_axes
     n_frames = problem.model.n_frames
-    so = problem.slots["orientation"]
-    base = theta[so.start:so.stop].detach().reshape(n_frames, 2)
-    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth, settings.rocking_axis)[:, :2].to(theta.dtype)
-    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)  # corrections are rotation vectors (about lab x, y)
     along = (base * axis).sum(1, keepdim=True) * axis
     tilts = tilt_search_grid(problem, theta, settings.orientation_sigma or TILT_SEARCH_HALF_RANGE)
     current, searched = _frames_above_median(problem, theta, TILT_SEARCH_ABOVE_MEDIAN)
@@ -642,15 +653,12 @@ def search_axis_path(problem: RefinementProblem, theta: torch.Tensor, settings: 
     a grid step from its correction moves there, at its best thickness. Returns theta, the frames moved and
     the grid (mrad)."""
     grid = np.zeros(0)
-    if ("orientation" not in problem.slots or not isinstance(problem.frames.thickness, PerFrameThickness)
-            or problem.model.plan.geometry != "continuous"):
+    frames_axes = _rocking_frame_axes(problem, theta, settings)
+    if frames_axes is None:
         return theta, np.zeros(0, int), grid
-    ctx = problem.frames.ctx
+    so, base, axis, normal = frames_axes
     n_frames = problem.model.n_frames
-    so = problem.slots["orientation"]
-    base = theta[so.start:so.stop].detach().reshape(n_frames, 2)
-    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth, settings.rocking_axis)[:, :2].to(theta.dtype)
-    across = base - (base * axis).sum(1, keepdim=True) * axis
+    across = (base * normal).sum(1, keepdim=True) * normal
     half = AXIS_SEARCH_RANGE * (settings.orientation_sigma or TILT_SEARCH_HALF_RANGE)
     grid = np.arange(-math.ceil(half / AXIS_SEARCH_STEP), math.ceil(half / AXIS_SEARCH_STEP) + 1) * AXIS_SEARCH_STEP
     cost = np.zeros((n_frames, len(grid)))

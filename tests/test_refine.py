@@ -726,25 +726,34 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
     assert not problem.decompositions_kept_at(other)
 
 
+def _frames_at_their_truth(small_dataset, truth):
+    """For the orientation searches: the settings, the problem at the truth, the frames' true thicknesses,
+    each frame's rotation axis and its normal (F, 2) in the corrections' components, and theta with every
+    frame at its true thickness and zero correction."""
+    from blochflow.physics.geometry import rocking_axis_lab
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
+                              thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    st = problem.slots["thickness"]
+    ctx = problem.frames.ctx
+    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth)[:, :2]
+    theta = problem.theta0.clone()
+    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    return settings, problem, thickness, axis, torch.stack([-axis[:, 1], axis[:, 0]], 1), theta
+
+
 def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dataset, truth):
     """A frame put 1.2 mrad off in the tilt normal to its rotation axis, at a thickness 100 A off, comes
     back: that tilt to zero (a grid point) and its thickness next to the truth, its correction about
     the rotation axis kept. Only frames above the median frame's cost are searched; frames that fit
     stay exactly where they are. The grid's step follows a
     fringe: twice the thickness, half the step."""
-    from blochflow.physics.geometry import rocking_axis_lab
     from blochflow.refine.run import search_frame_tilt, tilt_search_grid
 
-    ds, thickness, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
-                              thickness_grid=(300.0, 800.0, 10.0))
-    problem = build_problem(truth, ds, settings)
+    settings, problem, thickness, axis, normal, theta = _frames_at_their_truth(small_dataset, truth)
     st, so = problem.slots["thickness"], problem.slots["orientation"]
-    ctx = problem.frames.ctx
-    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth)[:, :2]
-    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)
-    theta = problem.theta0.clone()
-    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
     corrections = 0.005 * axis  # mrad: every frame a little off about its rotation axis
     corrections[2] += 1.2 * normal[2]
     theta[so.start:so.stop] = corrections.reshape(-1)
@@ -1372,19 +1381,10 @@ def test_smooth_path_is_the_exact_minimum_and_follows_the_smooth_truth_past_deco
 def test_axis_search_brings_frames_back_about_their_rotation_axis(small_dataset, truth):
     """Frames put off about their rotation axis (1.4 mrad, one at -1.6) come back onto the grid next to
     their truth (zero) with their thickness, and keep their correction normal to the axis."""
-    from blochflow.physics.geometry import rocking_axis_lab
     from blochflow.refine.run import AXIS_SEARCH_STEP, search_axis_path
 
-    ds, thickness, _ = small_dataset
-    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
-                              thickness_grid=(300.0, 800.0, 10.0))
-    problem = build_problem(truth, ds, settings)
+    settings, problem, thickness, axis, normal, theta = _frames_at_their_truth(small_dataset, truth)
     st, so = problem.slots["thickness"], problem.slots["orientation"]
-    ctx = problem.frames.ctx
-    axis = rocking_axis_lab(ctx.omega, ctx.axis_azimuth)[:, :2]
-    normal = torch.stack([-axis[:, 1], axis[:, 0]], 1)
-    theta = problem.theta0.clone()
-    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
     off = torch.full((len(thickness),), 1.4, dtype=torch.float64)
     off[3] = -1.6
     corrections = off[:, None] * axis + 0.01 * normal

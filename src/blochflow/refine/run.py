@@ -669,13 +669,13 @@ def search_axis_path(problem: RefinementProblem, theta: torch.Tensor, settings: 
         thick, table = _grid_costs(problem, trial, settings)
         with torch.no_grad():
             prior = problem.frame_prior_costs(trial).numpy()
-        ok = np.isfinite(table).any(1)
-        cost[:, g] = np.where(ok, np.where(ok[:, None], table, np.inf).min(1) + prior, 0.0)
-        best_t[:, g] = thick[np.where(ok[:, None], table, np.inf).argmin(1)]
-    order = np.argsort(np.asarray(problem.model.dataset.frames.alpha_deg, float))
-    alpha = np.asarray(problem.model.dataset.frames.alpha_deg, float)[order]
+        # (_grid_costs gives inf where a frame has no value; a frame without any is free on the path)
+        cost[:, g] = np.where(np.isfinite(table).any(1), table.min(1) + prior, 0.0)
+        best_t[:, g] = thick[table.argmin(1)]
+    alpha = np.asarray(problem.model.dataset.frames.alpha_deg, float)
+    order = np.argsort(alpha)
     path = np.empty(n_frames, int)
-    path[order] = smooth_path(cost[order], grid, np.diff(alpha), settings.axis_step_sigma)
+    path[order] = smooth_path(cost[order], grid, np.diff(alpha[order]), settings.axis_step_sigma)
     now = (base * axis).sum(1).numpy()
     has = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=n_frames) > 0
     # every frame off its path point moves, also one whose own cost there is higher: the path carries the
@@ -1108,10 +1108,11 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 # fringe (their rocking integral off by percents, which biases the thickness low) get the
                 # samples they need; in each case LM goes on from there
                 undone = undo_axis_search_if_worse()  # then one more iteration takes the normal matrix there
-                before, cost_before = theta.clone(), lm.cost
+                axis_search = rescan and settings.axis_search and not lm.axis_searched  # once, when the structure is right
+                if axis_search:  # the converged point, before this convergence's rescan too
+                    lm.axis_fallback, lm.axis_fallback_cost = theta.clone(), lm.cost
                 moved = rescan_now() if rescan else 0
-                if rescan and settings.axis_search and not lm.axis_searched:  # once, when the structure is right
-                    lm.axis_fallback, lm.axis_fallback_cost = before, cost_before
+                if axis_search:
                     moved += axis_now()
                 restarted = restart_now() if rescan and settings.frame_restart else 0
                 grown = grow_now(below=GROW_AT_CONVERGENCE_BELOW) if settings.refine_thickness else 0

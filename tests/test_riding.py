@@ -143,21 +143,121 @@ def test_idealised_riding_is_differentiable():
     assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th,))
 
 
-def test_offset_riding_keeps_the_start_and_water_rides_by_offset():
+def test_offset_riding_keeps_the_start():
     cr = _molecules()
     off = StructureParameters(cr, riding_geometry="offset")
     assert not off.riding_groups
     assert torch.allclose(off.physical(off.theta0)[0], cr.asu.xyz, atol=1e-14)
-    # a lone O with two H (no heavy neighbour) has no rule: it rides with its starting offset
-    water = Crystal(cell=CELL, symmetry=cr.symmetry, asu=AsymmetricUnit(
-        ["O9", "H91", "H92"], ["O", "H", "H"],
-        torch.tensor([[0.5, 0.5, 0.5], [0.53, 0.5, 0.5], [0.49, 0.53, 0.5]], dtype=torch.float64),
-        torch.ones(3, dtype=torch.float64), cr.asu.u_frac[:3].clone(), [False] * 3))
-    sp = StructureParameters(water)
-    assert not sp.riding_groups and len(sp.riding) == 2
-    assert torch.allclose(sp.physical(sp.theta0)[0], water.asu.xyz, atol=1e-14)
     with pytest.raises(ValueError, match="riding_geometry"):
         StructureParameters(cr, riding_geometry="ideal")
+
+
+def _rigid_groups():
+    """A free water, an NH4+, a water bonded to Mg and a lone hydroxide, far apart in a P1 box, their
+    hydrogens 0.05-0.1 A and a few degrees off ideal."""
+    rng = np.random.default_rng(7)
+    atoms = []
+
+    def add(label, el, cart, jitter=0.0):
+        atoms.append((label, el, np.asarray(cart, float) + rng.normal(0, jitter, 3)))
+
+    o = np.array([4.0, 4.0, 4.0])
+    add("O9", "O", o)
+    add("H91", "H", o + 0.92 * np.array([np.sin(0.9), 0.2, np.cos(0.9)]), 0.05)
+    add("H92", "H", o + 0.95 * np.array([-np.sin(0.9), -0.1, np.cos(0.9)]), 0.05)
+    o = np.array([14.0, 4.0, 4.0])
+    add("N1", "N", o)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    for k, v in enumerate(_tetra_dirs()):
+        add(f"H1{k}", "H", o + 1.03 * (q @ v), 0.05)
+    o = np.array([4.0, 14.0, 4.0])  # water on Mg (Mg-O 2.08 A bonds by the radii)
+    add("O8", "O", o)
+    add("Mg1", "Mg", o + [0, 0, -2.08])
+    add("H81", "H", o + 0.97 * np.array([np.sin(0.95), 0, np.cos(0.95)]), 0.05)
+    add("H82", "H", o + 0.97 * np.array([-np.sin(0.95), 0, np.cos(0.95)]), 0.05)
+    o = np.array([14.0, 14.0, 4.0])  # a lone hydroxide: a turn about its O-H would do nothing
+    add("O7", "O", o)
+    add("H71", "H", o + [0.0, 0.2, 0.95])
+    return _crystal(atoms, ["x,y,z"])
+
+
+def test_water_and_ammonium_are_rigid_groups_of_ideal_shape_at_the_start_orientation():
+    cr = _rigid_groups()
+    sp = StructureParameters(cr)
+    kinds = {tuple(sp.labels[h] for h in g.hydrogens): g.kind for g in sp.riding_groups}
+    assert kinds == {("H91", "H92"): "rigid", ("H10", "H11", "H12", "H13"): "rigid", ("H81", "H82"): "rigid"}
+    p = _positions(sp, sp.theta0)
+    start = {lab: sp._a @ x for lab, x in zip(cr.asu.labels, cr.asu.xyz.numpy())}
+    assert np.allclose(p["H71"], start["H71"], atol=1e-12)  # the hydroxide rides on its offset
+    for o, hs in (("O9", ("H91", "H92")), ("O8", ("H81", "H82"))):
+        for h in hs:
+            assert abs(np.linalg.norm(p[h] - p[o]) - XH_DISTANCE_A["O"]) < 1e-12
+        assert abs(_angle(p[hs[0]], p[o], p[hs[1]]) - 104.5) < 1e-9
+        # the ideal water lies in the start's H-O-H plane, on its bisector: the best-fitting turn
+        s0, s1 = (start[h] - start[o] for h in hs)
+        bis = s0 / np.linalg.norm(s0) + s1 / np.linalg.norm(s1)
+        w0, w1 = (p[h] - p[o] for h in hs)
+        assert np.allclose(np.cross(bis, w0 + w1), 0, atol=1e-12) and bis @ (w0 + w1) > 0
+        assert abs(np.cross(s0, s1) @ (w0 - w1)) < 1e-12
+    hn = [f"H1{k}" for k in range(4)]
+    for a in hn:
+        assert abs(np.linalg.norm(p[a] - p["N1"]) - XH_DISTANCE_A["N"]) < 1e-12
+        for b in hn:
+            assert a == b or abs(_angle(p[a], p["N1"], p[b]) - TET) < 1e-9
+        assert _angle(p[a], p["N1"], start[a]) < 10.0  # each H near its own start H
+    # a moved parent takes its group along; no parameters without riding torsions
+    assert not any(".turn_" in n for n in sp.names)
+    th = _moved(sp, 3)
+    q = _positions(sp, th)
+    assert np.allclose(q["H91"] - q["O9"], p["H91"] - p["O9"], atol=1e-12)
+
+
+def test_rigid_groups_turn_by_three_refined_angles_and_keep_their_shape():
+    """With riding torsions each rigid group has three angles (radians, about the Cartesian x, y, z);
+    zero is the start's placement, a turn moves every H of its group about the parent and nothing
+    else, and the placement is differentiable."""
+    cr = _rigid_groups()
+    fixed, sp = StructureParameters(cr), StructureParameters(cr, refine_torsions=True)
+    names = [n for n in sp.names if ".turn_" in n]
+    assert names == [f"{h}.turn_{a}" for h in ("H91", "H10", "H81") for a in "xyz"]
+    assert len(sp) == len(fixed) + 9
+    assert torch.allclose(sp.physical(sp.theta0)[0], fixed.physical(fixed.theta0)[0], atol=1e-14)
+    p0 = _positions(sp, sp.theta0)
+    th = sp.theta0.clone()
+    th[sp.names.index("H91.turn_z")] = np.radians(30.0)
+    th[sp.names.index("H10.turn_x")] = np.radians(-20.0)
+    th[sp.names.index("H10.turn_y")] = np.radians(15.0)
+    p1 = _positions(sp, th)
+    c, s = np.cos(np.radians(30.0)), np.sin(np.radians(30.0))
+    for h in ("H91", "H92"):
+        assert np.allclose(p1[h] - p1["O9"], np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ (p0[h] - p0["O9"]), atol=1e-12)
+    hn = [f"H1{k}" for k in range(4)]
+    a, b = np.radians(-20.0), np.radians(15.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    for h in hn:  # R_y after R_x
+        assert np.allclose(p1[h] - p1["N1"], ry @ rx @ (p0[h] - p0["N1"]), atol=1e-12)
+    for a in hn:
+        assert abs(np.linalg.norm(p1[a] - p1["N1"]) - XH_DISTANCE_A["N"]) < 1e-12
+        for b in hn:
+            assert abs(np.linalg.norm(p1[a] - p1[b]) - np.linalg.norm(p0[a] - p0[b])) < 1e-12
+    for lab in sp.labels:
+        if lab not in ("H91", "H92", *hn):
+            assert np.allclose(p1[lab], p0[lab], atol=1e-12), lab
+    assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))
+    # the three turns are independent directions of every group at zero (a full-rank Jacobian)
+    jac = torch.autograd.functional.jacobian(lambda t: sp.physical(t)[0], sp.theta0)
+    cols = [sp.names.index(n) for n in names]
+    assert torch.linalg.matrix_rank(jac.reshape(-1, len(sp))[:, cols]) == 9
+
+
+def test_a_water_on_a_two_fold_axis_rides_on_its_offset():
+    """One H of two in the asymmetric unit: a turn would break the symmetry, so the start stays."""
+    o = np.array([0.0, 15.0, 0.0])
+    cr = _crystal([("O9", "O", o), ("H91", "H", o + [0.76, 0.59, 0.0])], ["x,y,z", "-x,y,-z"])
+    sp = StructureParameters(cr, refine_torsions=True)
+    assert not sp.riding_groups and len(sp.riding) == 1
+    assert torch.allclose(sp.physical(sp.theta0)[0], cr.asu.xyz, atol=1e-14)
 
 
 def test_refined_rotor_torsions_turn_each_group_about_its_bond():

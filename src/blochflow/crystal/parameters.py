@@ -245,12 +245,24 @@ class StructureParameters:
         # (SHELXL's AFIX 137 and 147), added to the start's torsions; otherwise the start's torsions stay:
         # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
         # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
+        # rigid groups (water, NH4+) turn about their parent by three refined angles (about the Cartesian
+        # axes, SHELXL's AFIX 6/7 without a translation)
         special = {h for h, _ in on_site}
-        turns = [g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9 and not special.intersection(g.hydrogens)
-                 for g in self.riding_groups]
-        self.rotor_groups = [g for g, t in zip(self.riding_groups, turns) if t]  # those whose torsion may be refined
-        self._torsion_param = [new(f"{self.labels[g.hydrogens[0]]}.torsion", 0.0, "xyz")
-                               if refine_torsions and refine_xyz and t else -1 for g, t in zip(self.riding_groups, turns)]
+        turns = [(g.kind == "rigid" or g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9)
+                 and not special.intersection(g.hydrogens) for g in self.riding_groups]
+        self.rotor_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rotor"]
+        self.rigid_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rigid"]
+        self._turn_param: list[slice | int | None] = []  # per group: its torsion, its three angles, or None
+        for g, t in zip(self.riding_groups, turns):
+            label = self.labels[g.hydrogens[0]]
+            if not (refine_torsions and refine_xyz and t):
+                self._turn_param.append(None)
+            elif g.kind == "rotor":
+                self._turn_param.append(new(f"{label}.torsion", 0.0, "xyz"))
+            else:
+                first = new(f"{label}.turn_x", 0.0, "xyz")
+                new(f"{label}.turn_y", 0.0, "xyz"), new(f"{label}.turn_z", 0.0, "xyz")
+                self._turn_param.append(slice(first, first + 3))
 
         rows, cols, vals = [], [], []
         for r, d in enumerate(coef):
@@ -293,7 +305,7 @@ class StructureParameters:
         flat = const.index_add(0, rows, vals * theta[cols]).view(-1, _W)
         xyz = flat[:, _XYZ]
         if self.riding_groups:
-            turn = [None if p < 0 else theta[p] for p in self._torsion_param]
+            turn = [None if p is None else theta[p] for p in self._turn_param]
             xyz = place_hydrogens(xyz, self.riding_groups, *self._basis(theta), torsions=turn)
             hs, rot, tr = self._site_projection
             if hs:

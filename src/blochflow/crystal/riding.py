@@ -12,7 +12,12 @@ parameters of their own.
 - one neighbour X, with a reference atom R bonded to X: m H at angle X-P-H (109.47 for CH3, NH3,
   OH, SH; 120 for planar NH2, =CH2 and N-H; 180 for C-H on a triple bond), at torsions R-X-P-H fixed
   at the start's (CH3 and NH3 120 degrees apart, as one rotor; NH2 and =CH2 in the R-X-P plane).
-Anything else (no neighbours, as in water, or an unusual count) rides with its starting offset.
+- water (O with two H, whatever its neighbours), and two to four H on a parent with no non-H neighbour
+  (NH4+, H3O+): a rigid group of ideal shape (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a
+  tetrahedron for four) at the orientation that best fits the start's hydrogens, which three refined
+  angles may turn about the parent (SHELXL's AFIX 6/7 rigid groups, without a translation).
+Anything else (a lone H on an isolated atom, symmetry images among a group's H where the group has no
+rule above, or an unusual count) rides with its starting offset.
 
 X-H distances are rounded neutron averages (C-H 1.09, N-H 1.01, O-H 0.97, B-H 1.19, S-H 1.34 A):
 electron diffraction sees the nuclei's potential, not the shortened X-ray X-H distance. Hydrogens
@@ -36,6 +41,7 @@ COVALENT_RADII = {
 BOND_TOLERANCE_A = 0.4  # bonded when d < r_a + r_b + tolerance (the usual connectivity rule)
 XH_DISTANCE_A = {"C": 1.09, "N": 1.01, "O": 0.97, "B": 1.19, "S": 1.34}
 TETRAHEDRAL = float(np.arccos(-1.0 / 3.0))  # 109.47 degrees
+WATER_ANGLE = float(np.radians(104.5))  # H-O-H of water in crystals (neutron studies: 104-107 degrees)
 # a reference atom whose bond to X lies within asin(0.3) = 17 degrees of the rotor's bond P-X (the chain
 # C-C#N, H-C#C-C) defines no torsion: the noise in its sideways position would turn the group
 LINEAR_SIN = 0.3
@@ -45,7 +51,7 @@ LINEAR_SIN = 0.3
 class RidingGroup:
     """The hydrogens on one parent image and the atoms (as images R x + t) that place them."""
 
-    kind: str  # tertiary | bisector | methylene | rotor
+    kind: str  # tertiary | bisector | methylene | rotor | rigid
     parent: tuple[int, np.ndarray, np.ndarray]  # (atom, R, t) of the parent image next to the H
     neighbours: list[tuple[int, np.ndarray, np.ndarray]]  # bonded non-H atoms of that image
     hydrogens: list[int]
@@ -54,6 +60,7 @@ class RidingGroup:
     fixed_reference: np.ndarray | None = None  # rotor on a linear chain: a Cartesian direction in its place
     angle: float = TETRAHEDRAL  # rotor: X-P-H (rad)
     phase: list[float] = field(default_factory=list)  # rotor: torsion per H (rad); methylene: sign per H
+    directions: list[np.ndarray] = field(default_factory=list)  # rigid: Cartesian unit P->H at zero turn
 
 
 def covalent_radius(element: str) -> float:
@@ -113,7 +120,10 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
         u = [_unit(_cart(a_mat, r, t, x_all[k]) - p) for k, r, t in neigh]
-        if n == 3 and m == 1:
+        if not by_symmetry and 2 <= m <= 4 and (n == 0 or (p_el == "O" and m == 2)):
+            dirs = _fitted_shape(_ideal_shape(m, p_el), [_unit(start[h]) for h in hs])
+            groups.append(RidingGroup("rigid", (j, rot, tr), neigh, hs, dist, directions=dirs))
+        elif n == 3 and m == 1:
             groups.append(RidingGroup("tertiary", (j, rot, tr), neigh, hs, dist))
         elif n == 2 and m == 1:
             groups.append(RidingGroup("bisector", (j, rot, tr), neigh, hs, dist))
@@ -162,6 +172,25 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
     return groups
 
 
+def _ideal_shape(m: int, parent: str) -> np.ndarray:
+    """(m, 3) unit P->H directions of a rigid group: water's two at 104.5 degrees (two H on another
+    parent at 109.47), three or four at the vertices of a regular tetrahedron."""
+    if m == 2:
+        half = (WATER_ANGLE if parent == "O" else TETRAHEDRAL) / 2
+        return np.array([[np.sin(half), 0.0, np.cos(half)], [-np.sin(half), 0.0, np.cos(half)]])
+    tetra = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], float) / np.sqrt(3)
+    return tetra[:m]
+
+
+def _fitted_shape(shape: np.ndarray, start: list[np.ndarray]) -> list[np.ndarray]:
+    """``shape``'s directions turned by the proper rotation that best fits them, in order, to the
+    start's unit directions (Kabsch); a start with its H on one line leaves a free turn about it."""
+    u, _, vt = np.linalg.svd(np.asarray(start).T @ shape)
+    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
+    rot = u @ d @ vt
+    return [rot @ v for v in shape]
+
+
 def _evenly_spaced(phi: list[float]) -> list[float]:
     """Torsions of m hydrogens 2 pi / m apart nearest the start's ``phi``, in their order: the common
     phase is the circular mean of each phi less its rank's multiple of 2 pi / m."""
@@ -198,13 +227,25 @@ def _t_unit(v):
     return v / torch.linalg.norm(v)
 
 
+def _turn_matrix(angles: torch.Tensor) -> torch.Tensor:
+    """R_z(c) R_y(b) R_x(a) for angles (a, b, c) in radians about the Cartesian axes: smooth, the
+    identity at zero, three independent turns near it."""
+    c, s = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(c[0]), torch.zeros_like(c[0])
+    rx = torch.stack([one, zero, zero, zero, c[0], -s[0], zero, s[0], c[0]]).view(3, 3)
+    ry = torch.stack([c[1], zero, s[1], zero, one, zero, -s[1], zero, c[1]]).view(3, 3)
+    rz = torch.stack([c[2], -s[2], zero, s[2], c[2], zero, zero, zero, one]).view(3, 3)
+    return rz @ ry @ rx
+
+
 def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor,
                     a_inv: torch.Tensor, torsions: list | None = None) -> torch.Tensor:
     """Fractional positions (A, 3) with each group's hydrogens placed from its parent's neighbours.
 
     The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u).
     ``torsions``: per group, None or a (0-d tensor) turn in radians of a rotor about its bond, added
-    to each of its hydrogens' torsions R-X-P-H (X the neighbour the rotor turns about)."""
+    to each of its hydrogens' torsions R-X-P-H (X the neighbour the rotor turns about), or for a rigid
+    group a (3,) tensor of turns about the Cartesian axes (:func:`_turn_matrix`)."""
     rows, values = [], []
 
     def image(atom, rot, tr):
@@ -215,7 +256,12 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
         p_frac = image(*g.parent)
         p = a_mat @ p_frac
         u = [_t_unit(a_mat @ image(*nb) - p) for nb in g.neighbours]
-        if g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
+        if g.kind == "rigid":
+            dirs = [torch.as_tensor(d, dtype=xyz.dtype, device=xyz.device) for d in g.directions]
+            if turn is not None:
+                turned = _turn_matrix(turn)
+                dirs = [turned @ d for d in dirs]
+        elif g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
             nrm = torch.linalg.cross(u[1] - u[0], u[2] - u[0])
             dirs = [-torch.sign(nrm @ (u[0] + u[1] + u[2])) * _t_unit(nrm)]
         elif g.kind == "bisector":

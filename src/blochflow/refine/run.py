@@ -122,7 +122,8 @@ class RefineSettings:
     # riding hydrogens placed from the parent's neighbours with neutron X-H distances (idealised), or
     # kept at their starting offset from the parent (offset); see crystal/riding.py
     riding_geometry: str = "idealised"
-    # one refined torsion per idealised rotor group (OH, CH3, NH3: SHELXL's AFIX 147/137), or the start's kept
+    # one refined torsion per idealised rotor group (OH, CH3, NH3: SHELXL's AFIX 147/137) and three turns per
+    # rigid group (water, NH4+), or the start's kept
     riding_torsions: bool = True
     riding_max_distance: float = 1.3  # A: an H farther than this from every non-H atom is an error
     refine_occupancy: bool = False
@@ -818,12 +819,19 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         log(f"riding hydrogens: {len(structure.riding)}" + "".join(f", {n} {k}" for k, n in sorted(kinds.items()))
             + (f", {len(offset)} on their starting offset, which keeps the start's geometry: {' '.join(offset[:8])}"
                + (" ..." if len(offset) > 8 else "") if offset else ""))
-        rotors = structure.rotor_groups
+        rotors, rigid = structure.rotor_groups, structure.rigid_groups
         if rotors and settings.riding_torsions and settings.refine_xyz:
             log(f"rotor groups (OH, SH, CH3, NH3): {len(rotors)}, each turning about its bond by one refined torsion")
         elif rotors:  # a wrong start torsion stays, and in ED an H pulls its parent (QA, session 36)
             log(f"note: the {sum(len(g.hydrogens) for g in rotors)} rotor hydrogens (OH, SH, CH3, NH3) keep the start's "
                 f"torsion about their bond; check them in the start model, or refine them (--set riding_torsions=true, "
+                f"or --hydrogens free)")
+        if rigid and settings.riding_torsions and settings.refine_xyz:
+            log(f"rigid groups (water, NH4+, H3O+): {len(rigid)}, each of ideal shape and turning about its parent "
+                f"by three refined angles")
+        elif rigid:
+            log(f"note: the {sum(len(g.hydrogens) for g in rigid)} hydrogens of rigid groups (water, NH4+, H3O+) keep "
+                f"the start's orientation; check them in the start model, or refine them (--set riding_torsions=true, "
                 f"or --hydrogens free)")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),

@@ -416,3 +416,82 @@ def test_a_methyl_on_a_mirror_is_a_tetrahedral_rotor_of_three():
         assert abs(p["H1"][1]) < 1e-12
         for a, b in (("H1", "H2"), ("H1", None), ("H2", None)):
             assert abs(_angle(p[a], p["C1"], p[b] if b else image) - TET) < 1e-6, (a, b)
+
+
+# a made-up hydrate (P2_1/c; half an oxalic-acid-like molecule on the inversion centre, one water),
+# fractional coordinates and U_iso (the water H at 0.97 A, H-O-H 104.5 degrees)
+HYDRATE_CELL = (6.12, 3.61, 12.06, 90.0, 106.3, 90.0)
+HYDRATE = [("C1", "C", (-0.11177, 0.10931, -0.00944), 0.018), ("O1", "O", (-0.16630, 0.35081, -0.08152), 0.025),
+           ("O2", "O", (-0.22955, 0.00674, 0.05868), 0.025), ("H1", "H", (-0.36785, 0.15295, 0.04307), 0.0375),
+           ("O3", "O", (0.71392, 0.51837, 0.20890), 0.025), ("H2", "H", (0.61614, 0.61906, 0.25236), 0.0375),
+           ("H3", "H", (0.73509, 0.26109, 0.23270), 0.0375)]
+
+
+def _hydrate(turn_deg: float = 0.0) -> Crystal:
+    """The hydrate, its water's hydrogens turned by ``turn_deg`` through O3 about an axis between the
+    normal of the water's plane and its H-H direction."""
+    a = cellmod.direct_basis(HYDRATE_CELL)
+    xyz = {lab: np.array(x) for lab, _, x, _ in HYDRATE}
+    v2, v3 = (a @ (xyz[h] - xyz["O3"]) for h in ("H2", "H3"))
+    k = np.cross(v2, v3) / np.linalg.norm(np.cross(v2, v3)) + 0.4 * (v2 - v3) / np.linalg.norm(v2 - v3)
+    k /= np.linalg.norm(k)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    t = np.radians(turn_deg)
+    rot = np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+    for h in ("H2", "H3"):
+        xyz[h] = xyz["O3"] + np.linalg.solve(a, rot @ (a @ (xyz[h] - xyz["O3"])))
+    asu = AsymmetricUnit([x[0] for x in HYDRATE], [x[1] for x in HYDRATE], torch.tensor(np.array(list(xyz.values()))),
+                         torch.ones(len(HYDRATE), dtype=torch.float64),
+                         torch.tensor(np.array([cellmod.u_iso_to_frac(x[3], HYDRATE_CELL) for x in HYDRATE])),
+                         [False] * len(HYDRATE))
+    return Crystal(cell=HYDRATE_CELL, symmetry=SymmetryOps.from_triplets(
+        ["x,y,z", "-x,y+1/2,-z+1/2", "-x,-y,-z", "x,-y+1/2,z+1/2"]), asu=asu)
+
+
+def _rotation_frames(cell, n_frames: int, dstarmax: float):
+    """A continuous-rotation geometry for ``cell`` (0.025 A, 1.5 deg frames over -35..35 deg, a
+    random crystal orientation) listing every reflection within ``dstarmax`` on every frame."""
+    from blochflow.io.pets import FrameTable, MeasurementDetails, PetsDataset, ReflectionTable
+
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    b = cellmod.reciprocal_basis(cell)
+    top = [int(dstarmax / np.linalg.norm(b[:, i] - b[:, [j for j in range(3) if j != i]] @ np.linalg.lstsq(
+        b[:, [j for j in range(3) if j != i]], b[:, i], rcond=None)[0])) + 1 for i in range(3)]
+    hkl = np.array([(h, k, l) for h in range(-top[0], top[0] + 1) for k in range(-top[1], top[1] + 1)
+                    for l in range(-top[2], top[2] + 1) if 0 < np.linalg.norm(b @ (h, k, l)) < dstarmax])
+    ids = np.arange(1, n_frames + 1)
+    frames = FrameTable(ids, np.tile([1.0, 0, 0], (n_frames, 1)), np.full(n_frames, 0.75),
+                        np.linspace(-35, 35, n_frames), np.zeros(n_frames), np.full(n_frames, 0.3), np.ones(n_frames))
+    n = len(hkl)
+    refl = ReflectionTable(np.tile(hkl, (n_frames, 1)), np.ones(n * n_frames), np.ones(n * n_frames), np.repeat(ids, n))
+    return PetsDataset("made-up geometry", tuple(cell), 0.02508, q @ b,
+                       MeasurementDetails("continuous", dstarmax, 0.001, 0.05, 0.484), frames, refl)
+
+
+def test_a_water_turned_in_the_start_is_turned_back_by_its_rigid_group():
+    """Known truth: data simulated from the hydrate; the start's water H are turned by 20 degrees
+    (0.33 A off). Its rigid group turns them back to the truth, and the heavy atoms end where they
+    should; riding on the start's orientation keeps the H wrong and pulls the water O and the fit."""
+    from conftest import N_SAMPLES, simulated
+
+    from blochflow.refine.run import RefineSettings, build_problem, refine
+
+    truth = _hydrate()
+    ds = simulated(_rotation_frames(HYDRATE_CELL, 6, 1.2), truth, 400.0, N_SAMPLES, seed=2)
+    a = cellmod.direct_basis(HYDRATE_CELL)
+
+    def errors(turn_deg, **extra):
+        settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adam_steps=0, lm_iterations=15,
+                                  free_fraction=0.0, refine_adp=False, **extra)
+        problem = build_problem(_hydrate(turn_deg), ds, settings)
+        res = refine(problem, settings, log=lambda s: None)
+        xyz = problem.structure.physical(res.theta[:len(problem.structure)])[0].detach().numpy()
+        d = np.linalg.norm((xyz - truth.asu.xyz.numpy()) @ a.T, axis=1)
+        return dict(zip(truth.asu.labels, d)), res.figures.GoF
+
+    start = np.linalg.norm((_hydrate(20.0).asu.xyz - truth.asu.xyz).numpy() @ a.T, axis=1)
+    assert min(start[5:]) > 0.3
+    turned, gof = errors(20.0)
+    assert max(turned["H2"], turned["H3"]) < 0.02 and turned["O3"] < 0.005, turned
+    kept, gof_kept = errors(20.0, riding_torsions=False)
+    assert min(kept["H2"], kept["H3"]) > 0.25 and gof_kept > 1.5 * gof

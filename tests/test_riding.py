@@ -205,6 +205,8 @@ def test_water_and_ammonium_are_rigid_groups_of_ideal_shape_at_the_start_orienta
         for b in hn:
             assert a == b or abs(_angle(p[a], p["N1"], p[b]) - TET) < 1e-9
         assert _angle(p[a], p["N1"], start[a]) < 10.0  # each H near its own start H
+    # rotating groups: U_iso = 1.5 U_eq of the parent (water on O, NH4+ as NH3 and CH3)
+    assert all(sp.u_factor[sp.labels.index(h)] == 1.5 for h in hn + ["H91", "H81"])
     # a moved parent takes its group along; no parameters without riding torsions
     assert not any(".turn_" in n for n in sp.names)
     th = _moved(sp, 3)

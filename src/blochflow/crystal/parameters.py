@@ -182,7 +182,8 @@ class StructureParameters:
                     coef[last * _W + _OCC][p] = -1.0
 
         # riding hydrogens: parent image + fixed offset (the affine part; idealised groups replace the
-        # offset by a direction from the parent's neighbours in physical()); U_iso = 1.2 or 1.5 U_eq(parent)
+        # offset by a direction from the parent's neighbours in physical()); U_iso = 1.2 U_eq(parent), 1.5 on O
+        # and for three or more H on one parent (CH3, NH3, NH4+: rotating groups), as with SHELXL's HFIX 137
         theta0 = np.array(start)
 
         def value(row):
@@ -216,7 +217,7 @@ class StructureParameters:
                 const[hb + r] = tr[r] + offset[r]
                 for s in range(3):
                     _add(const, coef, hb + r, jb + s, rot[r, s])
-            factor = self.u_factor[h] = 1.5 if self.elements[j] == "O" or n_h[j] == 3 else 1.2
+            factor = self.u_factor[h] = 1.5 if self.elements[j] == "O" or n_h[j] >= 3 else 1.2
             for r, gr in enumerate(g_rec.ravel()):
                 for s, gd in enumerate(g_dir.ravel()):
                     _add(const, coef, hb + 4 + r, jb + 4 + s, factor * gr * gd / 3)

@@ -168,7 +168,8 @@ def _rigid_groups():
     o = np.array([14.0, 4.0, 4.0])
     add("N1", "N", o)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    for k, v in enumerate(_tetra_dirs()):
+    q *= np.sign(np.linalg.det(q))
+    for k, v in enumerate(_tetra_dirs()[[0, 1, 3, 2]]):  # an odd order: no proper turn maps the ideal's onto it
         add(f"H1{k}", "H", o + 1.03 * (q @ v), 0.05)
     o = np.array([4.0, 14.0, 4.0])  # water on Mg (Mg-O 2.08 A bonds by the radii)
     add("O8", "O", o)

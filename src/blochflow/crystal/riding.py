@@ -26,6 +26,7 @@ on other parents keep their starting distance.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -183,12 +184,20 @@ def _ideal_shape(m: int, parent: str) -> np.ndarray:
 
 
 def _fitted_shape(shape: np.ndarray, start: list[np.ndarray]) -> list[np.ndarray]:
-    """``shape``'s directions turned by the proper rotation that best fits them, in order, to the
-    start's unit directions (Kabsch); a start with its H on one line leaves a free turn about it."""
-    u, _, vt = np.linalg.svd(np.asarray(start).T @ shape)
-    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt)) or 1.0])
-    rot = u @ d @ vt
-    return [rot @ v for v in shape]
+    """``shape``'s directions turned by the proper rotation that best fits them to the start's unit
+    directions (Kabsch), each to the start H it fits best: every assignment of the shape's vertices to
+    the H is tried, as the H of a tetrahedron labelled in an odd order fit no proper turn of it in the
+    shape's order. A start with its H on one line leaves a free turn about it."""
+    target = np.asarray(start)
+    best = (np.inf, [])
+    for order in itertools.permutations(range(len(shape))):
+        u, _, vt = np.linalg.svd(target.T @ shape[list(order)])
+        rot = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt)) or 1.0]) @ vt
+        fitted = shape[list(order)] @ rot.T
+        misfit = float(np.sum((fitted - target) ** 2))
+        if misfit < best[0] - 1e-12:
+            best = (misfit, list(fitted))
+    return best[1]
 
 
 def _evenly_spaced(phi: list[float]) -> list[float]:

@@ -1,5 +1,6 @@
 """Idealised riding hydrogens: placed from the parent's neighbours as the structure moves."""
 
+import gemmi
 import numpy as np
 import pytest
 import torch
@@ -254,13 +255,53 @@ def test_rigid_groups_turn_by_three_refined_angles_and_keep_their_shape():
     assert torch.linalg.matrix_rank(jac.reshape(-1, len(sp))[:, cols]) == 9
 
 
-def test_a_water_on_a_two_fold_axis_rides_on_its_offset():
-    """One H of two in the asymmetric unit: a turn would break the symmetry, so the start stays."""
-    o = np.array([0.0, 15.0, 0.0])
-    cr = _crystal([("O9", "O", o), ("H91", "H", o + [0.76, 0.59, 0.0])], ["x,y,z", "-x,y,-z"])
-    sp = StructureParameters(cr, refine_torsions=True)
-    assert not sp.riding_groups and len(sp.riding) == 1
-    assert torch.allclose(sp.physical(sp.theta0)[0], cr.asu.xyz, atol=1e-14)
+def test_rigid_groups_on_symmetry_elements_turn_only_as_their_site_allows():
+    """A water on a two-fold axis (one H of two in the asymmetric unit), one in a mirror, one across a
+    mirror (its H images of each other), and an NH4+ on a -43m site: each is ideal (O-H 0.97 A, H-O-H
+    104.5 deg with the images; N-H 1.01 A), and each water turns by one angle, about the two-fold or
+    the mirror's normal, which keeps its symmetry; the NH4+ has no turn."""
+    c, s = np.cos(0.2), np.sin(0.2)
+    ha, hb = (np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]]) @ v for v in _tetra_dirs()[:2])  # NH4+ with two H of four
+    axis = [("O9", "O", [0.0, 15.0, 0.0]), ("H91", "H", [0.75, 15.6, 0.1]),  # on the two-fold along y
+            ("N1", "N", [0.0, 22.0, 0.0]), ("H1", "H", [0, 22, 0] + 0.98 * ha), ("H2", "H", [0, 22, 0] + 1.04 * hb)]
+    sp = StructureParameters(_crystal(axis, ["x,y,z", "-x,y,-z"]), refine_torsions=True)
+    assert [g.kind for g in sp.riding_groups] == ["rigid"] * 2
+    assert [n for n in sp.names if "turn" in n] == ["H91.turn", "H1.turn"]
+    assert np.allclose(np.abs(sp.riding_groups[0].turn_axes), [[0, 1, 0]], atol=1e-12)
+    p = _positions(sp, sp.theta0)
+    hn = [p["H1"], p["H2"], p["H1"] * [-1, 1, -1], p["H2"] * [-1, 1, -1]]  # with their images (N1 at x = z = 0)
+    for k, a in enumerate(hn):
+        assert abs(np.linalg.norm(a - p["N1"]) - XH_DISTANCE_A["N"]) < 1e-12
+        assert all(abs(_angle(a, p["N1"], b) - TET) < 1e-9 for b in hn[k + 1:])
+    for h, v in (("H1", ha), ("H2", hb)):  # each H on its own start direction (an ideal start, turned about y)
+        assert np.allclose((p[h] - p["N1"]) / XH_DISTANCE_A["N"], v, atol=1e-9)
+    for turn in (0.0, 0.5):
+        th = sp.theta0.clone()
+        th[sp.names.index("H91.turn")] = turn
+        p = _positions(sp, th)
+        image = p["H91"] * [-1, 1, -1]
+        assert abs(np.linalg.norm(p["H91"] - p["O9"]) - XH_DISTANCE_A["O"]) < 1e-12
+        assert abs(_angle(p["H91"], p["O9"], image) - 104.5) < 1e-9
+    assert np.linalg.norm(p["H91"] - _positions(sp, sp.theta0)["H91"]) > 0.3
+    in_plane = [("O1", "O", [12.0, 0.0, 12.0]), ("H11", "H", [12.76, 0.0, 12.6]), ("H12", "H", [11.25, 0.0, 12.58]),
+                ("O2", "O", [20.0, 0.0, 12.0]), ("H21", "H", [20.05, 0.77, 12.58])]
+    sp = StructureParameters(_crystal(in_plane, ["x,y,z", "x,-y,z"]), refine_torsions=True)
+    assert [n for n in sp.names if "turn" in n] == ["H11.turn", "H21.turn"]
+    th = sp.theta0.clone()
+    th[sp.names.index("H11.turn")], th[sp.names.index("H21.turn")] = 0.4, -0.6
+    p0, p = _positions(sp, sp.theta0), _positions(sp, th)
+    assert abs(p["H11"][1]) < 1e-12 and abs(p["H12"][1]) < 1e-12  # still in the mirror
+    assert abs(_angle(p["H11"], p["O1"], p["H12"]) - 104.5) < 1e-9
+    assert abs(_angle(p["H21"], p["O2"], p["H21"] * [1, -1, 1]) - 104.5) < 1e-9
+    assert min(np.linalg.norm(p[h] - p0[h]) for h in ("H11", "H12", "H21")) > 0.2
+    assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))
+    cubic = [op.triplet() for op in gemmi.SpaceGroup("P -4 3 m").operations()]
+    sp = StructureParameters(_crystal([("N1", "N", [0.0, 0.0, 0.0]), ("H1", "H", [0.6, 0.6, 0.6])], cubic),
+                             refine_torsions=True)
+    assert [g.kind for g in sp.riding_groups] == ["rigid"] and len(sp.riding_groups[0].turn_axes) == 0
+    assert not [n for n in sp.names if "turn" in n]
+    h = _positions(sp, sp.theta0)["H1"]
+    assert np.allclose(h, XH_DISTANCE_A["N"] / np.sqrt(3), atol=1e-12)
 
 
 def test_refined_rotor_torsions_turn_each_group_about_its_bond():

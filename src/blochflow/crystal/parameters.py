@@ -248,9 +248,13 @@ class StructureParameters:
         # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
         # rigid groups (water, NH4+) turn about their parent by three refined angles (about the Cartesian
         # axes, SHELXL's AFIX 6/7 without a translation)
+        # (about the axes its parent's site allows: on a two-fold axis or a mirror one, which keeps H on
+        # the mirror there)
         special = {h for h, _ in on_site}
-        turns = [(g.kind == "rigid" or g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9)
-                 and not special.intersection(g.hydrogens) for g in self.riding_groups]
+        turns = [len(g.turn_axes) > 0 and (len(g.turn_axes) < 3 or not special.intersection(g.hydrogens))
+                 if g.kind == "rigid" else
+                 g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9 and not special.intersection(g.hydrogens)
+                 for g in self.riding_groups]
         self.rotor_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rotor"]
         self.rigid_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rigid"]
         self._turn_param: list[slice | int | None] = []  # per group: its torsion, its three angles, or None
@@ -260,6 +264,8 @@ class StructureParameters:
                 self._turn_param.append(None)
             elif g.kind == "rotor":
                 self._turn_param.append(new(f"{label}.torsion", 0.0, "xyz"))
+            elif len(g.turn_axes) == 1:
+                self._turn_param.append(new(f"{label}.turn", 0.0, "xyz"))
             else:
                 first = new(f"{label}.turn_x", 0.0, "xyz")
                 new(f"{label}.turn_y", 0.0, "xyz"), new(f"{label}.turn_z", 0.0, "xyz")

@@ -14,8 +14,10 @@ parameters of their own.
   at the start's (CH3 and NH3 120 degrees apart, as one rotor; NH2 and =CH2 in the R-X-P plane).
 - water (O with two H, whatever its neighbours), and two to four H on a parent with no non-H neighbour
   (NH4+, H3O+): a rigid group of ideal shape (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a
-  tetrahedron for four) at the orientation that best fits the start's hydrogens, which three refined
-  angles may turn about the parent (SHELXL's AFIX 6/7 rigid groups, without a translation).
+  tetrahedron for four) at the orientation that best fits the start's hydrogens (their symmetry
+  images included), which three refined angles may turn about the parent (SHELXL's AFIX 6/7 rigid
+  groups, without a translation); on a two-fold axis or a mirror one angle, about the axis or the
+  mirror's normal, and none on a site that fixes the group.
 Anything else (a lone H on an isolated atom, symmetry images among a group's H where the group has no
 rule above, or an unusual count) rides with its starting offset.
 
@@ -62,6 +64,9 @@ class RidingGroup:
     angle: float = TETRAHEDRAL  # rotor: X-P-H (rad)
     phase: list[float] = field(default_factory=list)  # rotor: torsion per H (rad); methylene: sign per H
     directions: list[np.ndarray] = field(default_factory=list)  # rigid: Cartesian unit P->H at zero turn
+    # rigid: the turns its parent's site allows, (k, 3) Cartesian axes: k = 3 (x, y, z) on a general
+    # position, one axis on a two-fold axis or a mirror, none where the site fixes the group
+    turn_axes: np.ndarray = field(default_factory=lambda: np.eye(3))
 
 
 def covalent_radius(element: str) -> float:
@@ -115,16 +120,22 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         # follow by symmetry); anything else is left to its starting offset
         images = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)
         by_symmetry = len(images) > m
-        if by_symmetry and not (n == 1 and len(images) == 3 and p_el in ("C", "N")):
-            continue
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
+        if 2 <= len(images) <= 4 and (n == 0 or (p_el == "O" and len(images) == 2)):
+            # water, NH4+, H3O+: the ideal shape fitted to all its H, images included; the asymmetric
+            # unit's H take their vertices, and the group turns only as the parent's site allows
+            every = [_cart(a_mat, r, t, x_all[i]) - p for i, r, t in images]
+            fitted = _fitted_shape(_ideal_shape(len(images), p_el), [_unit(v) for v in every])
+            own = [int(np.argmin([np.linalg.norm(v - start[h]) for v in every])) for h in hs]
+            groups.append(RidingGroup("rigid", (j, rot, tr), neigh, hs, dist, directions=[fitted[i] for i in own],
+                                      turn_axes=_site_turn_axes(symmetry, a_mat, rot @ x_all[j] + tr)))
+            continue
+        if by_symmetry and not (n == 1 and len(images) == 3 and p_el in ("C", "N")):
+            continue
         u = [_unit(_cart(a_mat, r, t, x_all[k]) - p) for k, r, t in neigh]
-        if not by_symmetry and 2 <= m <= 4 and (n == 0 or (p_el == "O" and m == 2)):
-            dirs = _fitted_shape(_ideal_shape(m, p_el), [_unit(start[h]) for h in hs])
-            groups.append(RidingGroup("rigid", (j, rot, tr), neigh, hs, dist, directions=dirs))
-        elif n == 3 and m == 1:
+        if n == 3 and m == 1:
             groups.append(RidingGroup("tertiary", (j, rot, tr), neigh, hs, dist))
         elif n == 2 and m == 1:
             groups.append(RidingGroup("bisector", (j, rot, tr), neigh, hs, dist))
@@ -171,6 +182,23 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
             groups.append(RidingGroup("rotor", (j, rot, tr), neigh, hs, dist, reference=ref, fixed_reference=fixed,
                                       angle=float(angle), phase=phase))
     return groups
+
+
+def _site_turn_axes(symmetry, a_mat: np.ndarray, site: np.ndarray, tol_A: float = 0.01) -> np.ndarray:
+    """(k, 3) Cartesian unit axes spanning the turns of a group about ``site`` (fractional) that its
+    site symmetry keeps: rotation vectors w with det(R) R w = w for every operator R fixing the site
+    (w is an axial vector). A general position gives x, y, z; a two-fold axis or a mirror one axis
+    (the two-fold, the mirror's normal); higher symmetry none or one."""
+    a_inv = np.linalg.inv(a_mat)
+    rows = []
+    for r, t in zip(symmetry.rotations, symmetry.translations):
+        d = r @ site + t - site
+        if np.linalg.norm(a_mat @ (d - np.rint(d))) < tol_A:
+            rc = a_mat @ r @ a_inv
+            rows.append(np.linalg.det(rc) * rc - np.eye(3))
+    _, sv, vt = np.linalg.svd(np.vstack(rows))
+    free = vt[np.abs(sv) < 1e-6]
+    return np.eye(3) if len(free) == 3 else free
 
 
 def _ideal_shape(m: int, parent: str) -> np.ndarray:
@@ -236,6 +264,14 @@ def _t_unit(v):
     return v / torch.linalg.norm(v)
 
 
+def _axis_turn(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """The rotation by ``angle`` (radians, 0-d) about the unit ``axis`` (Rodrigues)."""
+    zero = torch.zeros_like(angle)
+    k = torch.stack([zero, -axis[2] + zero, axis[1] + zero, axis[2] + zero, zero, -axis[0] + zero,
+                     -axis[1] + zero, axis[0] + zero, zero]).view(3, 3)
+    return torch.eye(3, dtype=k.dtype, device=k.device) + torch.sin(angle) * k + (1 - torch.cos(angle)) * (k @ k)
+
+
 def _turn_matrix(angles: torch.Tensor) -> torch.Tensor:
     """R_z(c) R_y(b) R_x(a) for angles (a, b, c) in radians about the Cartesian axes: smooth, the
     identity at zero, three independent turns near it."""
@@ -254,7 +290,8 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
     The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u).
     ``torsions``: per group, None or a (0-d tensor) turn in radians of a rotor about its bond, added
     to each of its hydrogens' torsions R-X-P-H (X the neighbour the rotor turns about), or for a rigid
-    group a (3,) tensor of turns about the Cartesian axes (:func:`_turn_matrix`)."""
+    group a (3,) tensor of turns about the Cartesian axes (:func:`_turn_matrix`) or, where its site
+    allows one axis, a 0-d turn about it."""
     rows, values = [], []
 
     def image(atom, rot, tr):
@@ -268,7 +305,8 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
         if g.kind == "rigid":
             dirs = [torch.as_tensor(d, dtype=xyz.dtype, device=xyz.device) for d in g.directions]
             if turn is not None:
-                turned = _turn_matrix(turn)
+                turned = (_turn_matrix(turn) if turn.dim() else
+                          _axis_turn(torch.as_tensor(g.turn_axes[0], dtype=xyz.dtype, device=xyz.device), turn))
                 dirs = [turned @ d for d in dirs]
         elif g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
             nrm = torch.linalg.cross(u[1] - u[0], u[2] - u[0])

@@ -828,7 +828,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
                 f"or --hydrogens free)")
         if rigid and settings.riding_torsions and settings.refine_xyz:
             log(f"rigid groups (water, NH4+, H3O+): {len(rigid)}, each of ideal shape and turning about its parent "
-                f"by three refined angles")
+                f"by three refined angles (one where its site is on a two-fold axis or a mirror)")
         elif rigid:
             log(f"note: the {sum(len(g.hydrogens) for g in rigid)} hydrogens of rigid groups (water, NH4+, H3O+) keep "
                 f"the start's orientation; check them in the start model, or refine them (--set riding_torsions=true, "

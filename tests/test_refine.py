@@ -551,6 +551,9 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     assert len(small.sites) == 2
     assert block.find_value("_refine_ls_R_factor_gt") is not None
     assert "(" in block.find_loop("_atom_site_fract_x")[0] or "(" in block.find_loop("_atom_site_fract_y")[0]
+    bonds = block.find("_geom_bond_", ["atom_site_label_1", "atom_site_label_2", "distance", "site_symmetry_2"])
+    assert len(bonds) == 4 and all("(" in row[2] for row in bonds)  # Si-O with the s.u. of the covariance
+    assert len(block.find_loop("_geom_angle")) == 7
     for name in ("frames.csv", "reflections.fcf", "fo_fc.svg", "thickness.svg", "checkpoint.pt"):
         assert (out / name).exists(), name
     before = (out / "summary.json").read_bytes()

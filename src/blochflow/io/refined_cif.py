@@ -129,7 +129,29 @@ def _hydrogen_treatment(atoms: list[AtomResult]) -> list[str]:
     return [f"_refine_ls_hydrogen_treatment {kinds.pop() if len(kinds) == 1 else 'mixed'}"]
 
 
-def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult]) -> str:
+def _geometry_loops(bonds: list[dict] | None, angles: list[dict] | None) -> list[str]:
+    """_geom_bond and _geom_angle loops (rows as from crystal.bonds.geometry_table)."""
+    out = []
+    if bonds or angles:
+        out += ["", "_geom_special_details",
+                ";", "s.u. from the full covariance matrix of the refined parameters (scaled by GoF^2);",
+                "the cell is not refined and its s.u. are not included.", ";"]
+    if bonds:
+        out += ["", "loop_"] + [f"_geom_bond_{t}" for t in (
+            "atom_site_label_1", "atom_site_label_2", "distance", "site_symmetry_2", "publ_flag")]
+        out += [f"{_q(b['label_1'])} {_q(b['label_2'])} {format_su(b['distance'], b['su'])} {b['code_2']} ?"
+                for b in bonds]
+    if angles:
+        out += ["", "loop_", "_geom_angle_atom_site_label_1", "_geom_angle_atom_site_label_2",
+                "_geom_angle_atom_site_label_3", "_geom_angle", "_geom_angle_site_symmetry_1",
+                "_geom_angle_site_symmetry_3", "_geom_angle_publ_flag"]
+        out += [f"{_q(a['label_1'])} {_q(a['label_2'])} {_q(a['label_3'])} {format_su(a['angle'], a['su'])} "
+                f"{a['code_1']} {a['code_3']} ?" for a in angles]
+    return out
+
+
+def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult],
+                       bonds: list[dict] | None = None, angles: list[dict] | None = None) -> str:
     """The text written by :func:`write_refined_cif`."""
     s = summary
     name = "".join(c if c.isalnum() or c in "_-." else "_" for c in block_name) or "blochflow"
@@ -187,13 +209,16 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
         for a in aniso:
             us = " ".join(format_su(a.u_aniso[j], _su(a.u_aniso_su, j)) for j in order)
             out.append(f"{_q(a.label)} {_q(a.element)} {us}")
+    out += _geometry_loops(bonds, angles)
     return "\n".join(out) + "\n"
 
 
 def write_refined_cif(path: str | Path, block_name: str, summary: RefinementSummary,
-                      atoms: list[AtomResult], overwrite: bool = True) -> None:
-    """Write the refined structure as CIF 1.1 (atomically; InputError if it exists and not overwrite)."""
-    atomic_write_text(path, format_refined_cif(block_name, summary, atoms), overwrite=overwrite)
+                      atoms: list[AtomResult], overwrite: bool = True, bonds: list[dict] | None = None,
+                      angles: list[dict] | None = None) -> None:
+    """Write the refined structure as CIF 1.1 (atomically; InputError if it exists and not overwrite),
+    with bond distances and angles when given."""
+    atomic_write_text(path, format_refined_cif(block_name, summary, atoms, bonds, angles), overwrite=overwrite)
 
 
 _FCF_KEYS = ("frame", "h", "k", "l", "ic", "io", "sigma")

@@ -8,6 +8,7 @@ import gemmi
 import numpy as np
 import torch
 
+from ..crystal.bonds import geometry_table
 from ..crystal.restraints import restraint_rows
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
@@ -141,7 +142,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         n_restraints=restraint_rows(pr.restraints),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]")
-    write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms)
+    bonds, angles = geometry_table(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
+    write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles)
 
     # reflections (all scored, with the work scales)
     k = pr.scales(result.ic)

@@ -1,0 +1,124 @@
+"""Bond distances and angles of a refined structure with their s.u. (the CIF's _geom_bond, _geom_angle).
+
+Two atoms are bonded when closer than the sum of their covalent radii + 0.4 A (the connectivity rule of
+the riding model, crystal/riding.py), H...H excluded. Each bond is listed once; the angles are those
+at every asymmetric-unit atom between its bonds. An s.u. is propagated from the covariance of the
+structure parameters through the Jacobian of the distance or angle, riding and symmetry constraints
+included (a distance the constraints fix has none); the cell is exact here, as it is not refined.
+A neighbour is named by its symmetry code, operator number (1-based, in the order of the CIF's
+symop loop) and lattice translation plus 5: '3_565'; '.' is the atom itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .riding import BOND_TOLERANCE_A, covalent_radius
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """The image R_op x_atom + t_op + shift of an asymmetric-unit atom."""
+
+    atom: int
+    op: int  # index into the symmetry's operators
+    shift: tuple[int, int, int]
+
+    def code(self, identity: int) -> str:
+        if self.op == identity and self.shift == (0, 0, 0):
+            return "."
+        return f"{self.op + 1}_" + "".join(str(5 + s) for s in self.shift)
+
+
+def _translation(symmetry, op: int) -> np.ndarray:
+    """The operator's translation reduced to [0, 1), as the CIF's symop loop writes it."""
+    t = np.mod(np.asarray(symmetry.translations[op], float), 1.0)
+    return np.where(np.isclose(t, 1.0), 0.0, t)
+
+
+def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str]) -> list[list[Neighbour]]:
+    """Per asymmetric-unit atom, its bonded neighbours (images coinciding on a special position once)."""
+    out = []
+    for i in range(len(xyz)):
+        found, seen = [], []
+        for j in range(len(xyz)):
+            if elements[i].capitalize() == "H" and elements[j].capitalize() == "H":
+                continue
+            dist, trans = symmetry.images_around(xyz[j], xyz[i], a_mat)
+            limit = covalent_radius(elements[i]) + covalent_radius(elements[j]) + BOND_TOLERANCE_A
+            for s, k in sorted(zip(*np.nonzero((dist < limit) & (dist > 0.2))), key=lambda sk: dist[sk]):
+                pos = symmetry.rotations[s] @ xyz[j] + trans[s, k]
+                if any(np.allclose(pos, q, atol=1e-6) for q in seen):
+                    continue
+                seen.append(pos)
+                shift = np.rint(trans[s, k] - _translation(symmetry, s)).astype(int)
+                found.append(Neighbour(j, int(s), tuple(int(v) for v in shift)))
+        out.append(found)
+    return out
+
+
+def _image(symmetry, xyz, nb: Neighbour):
+    rot = torch.as_tensor(symmetry.rotations[nb.op], dtype=xyz.dtype)
+    return rot @ xyz[nb.atom] + torch.as_tensor(_translation(symmetry, nb.op) + np.array(nb.shift), dtype=xyz.dtype)
+
+
+def _inverse_image(symmetry, x: np.ndarray, nb: Neighbour) -> np.ndarray:
+    """Where the inverse of the neighbour's operation takes ``x``."""
+    rot = np.asarray(symmetry.rotations[nb.op], float)
+    return np.linalg.solve(rot, x - _translation(symmetry, nb.op) - np.array(nb.shift))
+
+
+def bond_list(symmetry, xyz: np.ndarray, near: list[list[Neighbour]]) -> list[tuple[int, Neighbour]]:
+    """Each bond once: from the first atom of the pair in the asymmetric unit's order; a bond between
+    images of one atom (i to g i, the same as g^-1 i to i) from the image nearer in a fixed order."""
+    out = []
+    for i, nbs in enumerate(near):
+        for nb in nbs:
+            if nb.atom > i:
+                out.append((i, nb))
+            elif nb.atom == i:
+                here = symmetry.rotations[nb.op] @ xyz[i] + _translation(symmetry, nb.op) + np.array(nb.shift)
+                if tuple(np.round(here, 6)) <= tuple(np.round(_inverse_image(symmetry, xyz[i], nb), 6)):
+                    out.append((i, nb))
+    return out
+
+
+def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | None):
+    """(bonds, angles) of the structure at theta (its parameters: a StructureParameters) as dicts with
+    labels, symmetry codes, the value (A or degrees) and its s.u. (None where zero or unknown)."""
+    sym = structure.crystal.symmetry
+    a = torch.as_tensor(structure._a, dtype=torch.float64)
+    theta = torch.as_tensor(theta, dtype=torch.float64).detach()
+    xyz0 = structure.physical(theta)[0].detach().numpy()
+    near = neighbours(sym, structure._a, xyz0, structure.elements)
+    bonds = bond_list(sym, xyz0, near)
+    angles = [(i, p, q) for i, nbs in enumerate(near) for k, p in enumerate(nbs) for q in nbs[k + 1:]]
+    identity = next(s for s, (r, t) in enumerate(zip(sym.rotations, sym.translations))
+                    if np.array_equal(r, np.eye(3)) and not np.any(np.abs(t - np.rint(t)) > 1e-9))
+
+    def values(th):
+        xyz = structure.physical(th)[0]
+        out = [torch.linalg.norm(a @ (_image(sym, xyz, nb) - xyz[i])) for i, nb in bonds]
+        for i, p, q in angles:
+            u, v = a @ (_image(sym, xyz, p) - xyz[i]), a @ (_image(sym, xyz, q) - xyz[i])
+            out.append(torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v)))
+        return torch.stack(out) if out else torch.zeros(0, dtype=th.dtype)
+
+    val = values(theta).detach().numpy()
+    su = np.full(len(val), np.nan)
+    if covariance is not None and len(val) and len(theta):
+        jac = torch.autograd.functional.jacobian(values, theta).numpy()
+        cov = np.asarray(torch.as_tensor(covariance).detach().cpu(), dtype=float)
+        su = np.sqrt(np.clip(np.einsum("mp,pq,mq->m", jac, cov, jac), 0, None))
+    su = [None if not np.isfinite(s) or s < 1e-12 else float(s) for s in su]
+    lab = structure.labels
+    bond_rows = [dict(label_1=lab[i], label_2=lab[nb.atom], code_2=nb.code(identity), distance=float(val[n]),
+                      su=su[n]) for n, (i, nb) in enumerate(bonds)]
+    off = len(bonds)
+    angle_rows = [dict(label_1=lab[p.atom], label_2=lab[i], label_3=lab[q.atom], code_1=p.code(identity),
+                       code_3=q.code(identity), angle=float(val[off + n]), su=su[off + n])
+                  for n, (i, p, q) in enumerate(angles)]
+    return bond_rows, angle_rows

@@ -35,6 +35,27 @@ def test_crlf_duplicated_tags_and_reduction_process_tag(tmp_path, quartz_paths):
     assert ds.details.rotation_axis_deg == pytest.approx(0.484) and len(ds.reflections) == 6666
 
 
+def test_a_frame_loop_without_zone_axis_or_scale_columns_reads(tmp_path, quartz_paths):
+    """The zone axis (u v w) and PETS's frame scale are not used: a file without them reads with the
+    same frames (u v w 0, scale 1)."""
+    lines = quartz_paths[1].read_text().splitlines()
+    start = lines.index("_diffrn_zone_axis_scale") + 1
+    out = [ln for ln in lines[:start] if ln.strip() not in (
+        "_diffrn_zone_axis_u", "_diffrn_zone_axis_v", "_diffrn_zone_axis_w", "_diffrn_zone_axis_scale")]
+    k = start
+    while lines[k].split() and lines[k].split()[0].isdigit():
+        f = lines[k].split()
+        out.append(" ".join([f[0], *f[4:8]]))
+        k += 1
+    p = tmp_path / "no_uvw.cif_pets"
+    p.write_text("\n".join(out + lines[k:]) + "\n")
+    full, bare = read_pets(quartz_paths[1]), read_pets(p)
+    assert len(bare.frames) == 99 and len(bare.reflections) == len(full.reflections)
+    for name in ("ids", "half_angle_deg", "alpha_deg", "beta_deg", "omega_deg"):
+        assert np.array_equal(getattr(bare.frames, name), getattr(full.frames, name)), name
+    assert not bare.frames.uvw.any() and (bare.frames.scale == 1).all()
+
+
 def _mutate(tmp_path, quartz_paths, old, new, name="bad.cif_pets"):
     text = quartz_paths[1].read_text()
     assert old in text

@@ -95,8 +95,10 @@ def _num(block: CifBlock, tag: str, *, required: bool = True, default: float | N
     return out
 
 
-def _columns(block: CifBlock, loop: CifLoop, spec: dict[str, tuple[str, ...]], what: str):
-    """Numeric columns of a loop, with the row's line named when a value is bad."""
+def _columns(block: CifBlock, loop: CifLoop, spec: dict[str, tuple[str, ...]], what: str,
+             defaults: dict[str, float] | None = None):
+    """Numeric columns of a loop, with the row's line named when a value is bad; a column in
+    ``defaults`` may be missing (then every row takes its default)."""
     out = {}
     for key, candidates in spec.items():
         col = None
@@ -104,6 +106,9 @@ def _columns(block: CifBlock, loop: CifLoop, spec: dict[str, tuple[str, ...]], w
             col = loop.column(tag)
             if col is not None:
                 break
+        if col is None and defaults and key in defaults:
+            out[key] = np.full(len(loop.lines), float(defaults[key]))
+            continue
         if col is None:
             raise InputError(block.path, f"{what} loop", f"missing column {candidates[0]}")
         arr = np.empty(len(col))
@@ -198,7 +203,7 @@ def read_pets(path: str | Path) -> PetsDataset:
         "prec": ("_diffrn_zone_axis_precession_angle",),
         "alpha": ("_diffrn_zone_axis_alpha",), "beta": ("_diffrn_zone_axis_beta",),
         "omega": ("_diffrn_zone_axis_omega",), "scale": ("_diffrn_zone_axis_scale",),
-    }, "frame")
+    }, "frame", defaults={"u": 0.0, "v": 0.0, "w": 0.0, "scale": 1.0})  # (the zone axis and PETS's scale: not used)
     r = _first_non_integer(fcols["id"])
     if r is not None:
         raise InputError(path, f"frame loop, line {floop.lines[r]}", f"frame id {fcols['id'][r]:g} is not an integer")

@@ -31,7 +31,7 @@ def test_quartz_bonds_and_angles_by_their_codes(quartz_paths, start):
     Si-O-Si angle (143-144 deg); every value recomputed by gemmi from the labels and codes alone."""
     crystal = crystal_from_record(read_structure(quartz_paths[0].with_name(start)))
     sp = StructureParameters(crystal)
-    bonds, angles = geometry_table(sp, sp.theta0, None)
+    bonds, angles, _ = geometry_table(sp, sp.theta0, None)
     assert [(b["label_1"], b["label_2"]) for b in bonds] == [("Si1", "O1")] * 4
     lengths = sorted(b["distance"] for b in bonds)
     assert lengths[0] == pytest.approx(lengths[1]) and lengths[2] == pytest.approx(lengths[3])
@@ -67,7 +67,7 @@ def test_su_of_a_distance_and_an_angle_follow_from_the_covariance():
     sp = StructureParameters(crystal, refine_adp=False)
     assert all(n.endswith((".x", ".y", ".z")) for n in sp.names) and len(sp) == 9
     cov = torch.eye(9, dtype=torch.float64) * sigma ** 2  # (position parameters are in A along a, b, c)
-    bonds, angles = geometry_table(sp, sp.theta0, cov)
+    bonds, angles, _ = geometry_table(sp, sp.theta0, cov)
     assert [(b["label_1"], b["label_2"]) for b in bonds] == [("O1", "C1"), ("O1", "N1")]
     for b in bonds:
         assert b["distance"] == pytest.approx(r, abs=1e-12) and b["su"] == pytest.approx(sigma * np.sqrt(2))
@@ -77,7 +77,7 @@ def test_su_of_a_distance_and_an_angle_follow_from_the_covariance():
     # a correlated pair: O1 and C1 moving together along their bond leaves it exact; O1 along y moves O1-N1
     cov = torch.zeros(9, 9, dtype=torch.float64)
     cov[0, 0] = cov[3, 3] = cov[0, 3] = cov[3, 0] = cov[1, 1] = sigma ** 2  # and O1.y alone
-    bonds, _ = geometry_table(sp, sp.theta0, cov)
+    bonds, _, _ = geometry_table(sp, sp.theta0, cov)
     assert bonds[0]["su"] is None and bonds[1]["su"] == pytest.approx(sigma)
 
 
@@ -85,7 +85,7 @@ def test_geometry_loops_are_written_and_read_back_by_gemmi(quartz_paths):
     crystal = crystal_from_record(read_structure(quartz_paths[0]))
     sp = StructureParameters(crystal)
     cov = torch.eye(len(sp), dtype=torch.float64) * 1e-8
-    bonds, angles = geometry_table(sp, sp.theta0, cov)
+    bonds, angles, _ = geometry_table(sp, sp.theta0, cov)
     sym = crystal.symmetry
     summary = RefinementSummary(cell=crystal.cell, space_group="P 32 2 1",
                                 symops=tuple(_triplet(r, t) for r, t in zip(sym.rotations, sym.translations)),
@@ -109,6 +109,39 @@ def test_a_bond_between_images_of_one_atom_is_listed_once():
                          [False])
     crystal = Crystal(cell=cell, symmetry=SymmetryOps.from_triplets(["x,y,z", "-x,y+1/2,-z"]), asu=asu)
     sp = StructureParameters(crystal)
-    bonds, angles = geometry_table(sp, sp.theta0, None)
+    bonds, angles, _ = geometry_table(sp, sp.theta0, None)
     assert len(bonds) == 1 and bonds[0]["distance"] == pytest.approx(np.hypot(0.8, 2.0))
     assert len(angles) == 1 and {angles[0]["code_1"], angles[0]["code_3"]} == {"2_555", "2_545"}
+
+
+def test_hydrogen_bonds_by_the_platon_criteria():
+    """O1-H1...O2 (H...A 1.83 A, nearly linear) and C1-H2...O3 (2.50 A) are hydrogen bonds; N1, 1.96 A
+    from H1 but at 75 deg to O1-H1, is not. Values recomputed from the positions."""
+    o1 = np.array([5.0, 5.0, 5.0])
+    h1 = o1 + [0.97, 0, 0]
+    c1 = np.array([12.0, 5.0, 5.0])
+    h2 = c1 + [1.09, 0, 0]
+    atoms = [("O1", "O", o1), ("H1", "H", h1), ("O2", "O", h1 + [1.80, 0.3, 0]), ("N1", "N", h1 + [-0.5, 1.9, 0]),
+             ("C1", "C", c1), ("H2", "H", h2), ("O3", "O", h2 + [2.5, 0, 0])]
+    crystal = _p1(atoms, cell=(20.0, 20.0, 20.0, 90, 90, 90))
+    sp = StructureParameters(crystal, hydrogens="free", refine_adp=False)
+    cov = torch.eye(len(sp), dtype=torch.float64) * 1e-6
+    bonds, _, hbonds = geometry_table(sp, sp.theta0, cov)
+    assert [(b["label_1"], b["label_2"]) for b in bonds] == [("O1", "H1"), ("C1", "H2")]
+    assert [(h["label_d"], h["label_h"], h["label_a"]) for h in hbonds] == [("O1", "H1", "O2"), ("C1", "H2", "O3")]
+    pos = dict((a[0], a[2]) for a in atoms)
+    for h in hbonds:
+        d, hh, a = pos[h["label_d"]], pos[h["label_h"]], pos[h["label_a"]]
+        assert h["dh"] == pytest.approx(np.linalg.norm(hh - d)) and h["ha"] == pytest.approx(np.linalg.norm(a - hh))
+        assert h["da"] == pytest.approx(np.linalg.norm(a - d))
+        u, v = d - hh, a - hh
+        assert h["angle"] == pytest.approx(np.degrees(np.arccos(u @ v / np.linalg.norm(u) / np.linalg.norm(v))))
+        assert h["code_d"] == h["code_a"] == "." and h["ha_su"] > 0
+    text = format_refined_cif("h", RefinementSummary(cell=crystal.cell, space_group="P 1", symops=("x,y,z",),
+                                                      wavelength=0.0251, r_obs=0.04, wr2=0.08, gof=1.0, n_reflections=10,
+                                                      n_obs=5, n_params=3),
+                              [AtomResult(label=a[0], element=a[1], xyz=(0.0, 0.0, 0.0)) for a in atoms], bonds, [],
+                              hbonds)
+    table = gemmi.cif.read_string(text).sole_block().find("_geom_hbond_", ["atom_site_label_A", "distance_HA",
+                                                                            "site_symmetry_A"])
+    assert [row[0] for row in table] == ["O2", "O3"] and table[0][1].startswith("1.82")

@@ -1,4 +1,5 @@
-"""Bond distances and angles of a refined structure with their s.u. (the CIF's _geom_bond, _geom_angle).
+"""Bond distances, angles and hydrogen bonds of a refined structure with their s.u. (the CIF's
+_geom_bond, _geom_angle, _geom_hbond).
 
 Two atoms are bonded when closer than the sum of their covalent radii + 0.4 A (the connectivity rule of
 the riding model, crystal/riding.py), H...H excluded. Each bond is listed once; the angles are those
@@ -17,6 +18,12 @@ import numpy as np
 import torch
 
 from .riding import BOND_TOLERANCE_A, covalent_radius
+
+# hydrogen bonds D-H...A as PLATON finds them: H...A below the sum of the van der Waals radii (Bondi) less
+# 0.12 A, angle D-H...A above 100 degrees; acceptors N, O, F, S and the heavier halogens
+VDW_RADII = {"H": 1.20, "N": 1.55, "O": 1.52, "F": 1.47, "S": 1.80, "Cl": 1.75, "Br": 1.85, "I": 1.98}
+HBOND_MARGIN_A = 0.12
+HBOND_MIN_ANGLE = 100.0
 
 
 @dataclass(frozen=True)
@@ -86,9 +93,39 @@ def bond_list(symmetry, xyz: np.ndarray, near: list[list[Neighbour]]) -> list[tu
     return out
 
 
+def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str],
+                   near: list[list[Neighbour]]) -> list[tuple[int, Neighbour, Neighbour]]:
+    """(H, its donor D, an acceptor A) for each asymmetric-unit H bonded to one non-H atom and each
+    acceptor image within the PLATON criteria (VDW_RADII, HBOND_MARGIN_A, HBOND_MIN_ANGLE)."""
+    out = []
+    for h, el in enumerate(elements):
+        if el.capitalize() != "H" or len(near[h]) != 1:
+            continue
+        donor = near[h][0]
+        d_pos = symmetry.rotations[donor.op] @ xyz[donor.atom] + _translation(symmetry, donor.op) + np.array(donor.shift)
+        for j, ej in enumerate(elements):
+            if ej.capitalize() not in VDW_RADII or ej.capitalize() == "H":
+                continue
+            dist, trans = symmetry.images_around(xyz[j], xyz[h], a_mat)
+            limit = VDW_RADII["H"] + VDW_RADII[ej.capitalize()] - HBOND_MARGIN_A
+            seen = []
+            for s, k in sorted(zip(*np.nonzero(dist < limit)), key=lambda sk: dist[sk]):
+                pos = symmetry.rotations[s] @ xyz[j] + trans[s, k]
+                if np.allclose(pos, d_pos, atol=1e-6) or any(np.allclose(pos, q, atol=1e-6) for q in seen):
+                    continue
+                seen.append(pos)
+                u, v = a_mat @ (d_pos - xyz[h]), a_mat @ (pos - xyz[h])
+                if np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1))) > HBOND_MIN_ANGLE:
+                    shift = np.rint(trans[s, k] - _translation(symmetry, s)).astype(int)
+                    out.append((h, donor, Neighbour(j, int(s), tuple(int(x) for x in shift))))
+    return out
+
+
 def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | None):
-    """(bonds, angles) of the structure at theta (its parameters: a StructureParameters) as dicts with
-    labels, symmetry codes, the value (A or degrees) and its s.u. (None where zero or unknown)."""
+    """(bonds, angles, hydrogen bonds) of the structure at theta (its parameters: a StructureParameters)
+    as dicts with labels, symmetry codes, the values (A or degrees) and their s.u. (None where zero or
+    unknown). A hydrogen bond is listed from its H in the asymmetric unit: the codes are those of its
+    donor (the H's bonded atom) and its acceptor."""
     sym = structure.crystal.symmetry
     a = torch.as_tensor(structure._a, dtype=torch.float64)
     theta = torch.as_tensor(theta, dtype=torch.float64).detach()
@@ -96,6 +133,7 @@ def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | No
     near = neighbours(sym, structure._a, xyz0, structure.elements)
     bonds = bond_list(sym, xyz0, near)
     angles = [(i, p, q) for i, nbs in enumerate(near) for k, p in enumerate(nbs) for q in nbs[k + 1:]]
+    hbonds = hydrogen_bonds(sym, structure._a, xyz0, structure.elements, near)
     identity = next(s for s, (r, t) in enumerate(zip(sym.rotations, sym.translations))
                     if np.array_equal(r, np.eye(3)) and not np.any(np.abs(t - np.rint(t)) > 1e-9))
 
@@ -105,6 +143,11 @@ def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | No
         for i, p, q in angles:
             u, v = a @ (_image(sym, xyz, p) - xyz[i]), a @ (_image(sym, xyz, q) - xyz[i])
             out.append(torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v)))
+        for h, d, acc in hbonds:
+            u, v = a @ (_image(sym, xyz, d) - xyz[h]), a @ (_image(sym, xyz, acc) - xyz[h])
+            w = a @ (_image(sym, xyz, acc) - _image(sym, xyz, d))
+            out += [torch.linalg.norm(u), torch.linalg.norm(v), torch.linalg.norm(w),
+                    torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v))]
         return torch.stack(out) if out else torch.zeros(0, dtype=th.dtype)
 
     val = values(theta).detach().numpy()
@@ -121,4 +164,12 @@ def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | No
     angle_rows = [dict(label_1=lab[p.atom], label_2=lab[i], label_3=lab[q.atom], code_1=p.code(identity),
                        code_3=q.code(identity), angle=float(val[off + n]), su=su[off + n])
                   for n, (i, p, q) in enumerate(angles)]
-    return bond_rows, angle_rows
+    off += len(angles)
+    hbond_rows = []
+    for n, (h, d, acc) in enumerate(hbonds):
+        k = off + 4 * n
+        hbond_rows.append(dict(label_d=lab[d.atom], label_h=lab[h], label_a=lab[acc.atom], code_d=d.code(identity),
+                               code_a=acc.code(identity),
+                               **{name: float(val[k + m]) for m, name in enumerate(("dh", "ha", "da", "angle"))},
+                               **{f"{name}_su": su[k + m] for m, name in enumerate(("dh", "ha", "da", "angle"))}))
+    return bond_rows, angle_rows, hbond_rows

@@ -129,10 +129,10 @@ def _hydrogen_treatment(atoms: list[AtomResult]) -> list[str]:
     return [f"_refine_ls_hydrogen_treatment {kinds.pop() if len(kinds) == 1 else 'mixed'}"]
 
 
-def _geometry_loops(bonds: list[dict] | None, angles: list[dict] | None) -> list[str]:
-    """_geom_bond and _geom_angle loops (rows as from crystal.bonds.geometry_table)."""
+def _geometry_loops(bonds: list[dict] | None, angles: list[dict] | None, hbonds: list[dict] | None) -> list[str]:
+    """_geom_bond, _geom_angle and _geom_hbond loops (rows as from crystal.bonds.geometry_table)."""
     out = []
-    if bonds or angles:
+    if bonds or angles or hbonds:
         out += ["", "_geom_special_details",
                 ";", "s.u. from the full covariance matrix of the refined parameters (scaled by GoF^2);",
                 "the cell is not refined and its s.u. are not included.", ";"]
@@ -147,11 +147,19 @@ def _geometry_loops(bonds: list[dict] | None, angles: list[dict] | None) -> list
                 "_geom_angle_site_symmetry_3", "_geom_angle_publ_flag"]
         out += [f"{_q(a['label_1'])} {_q(a['label_2'])} {_q(a['label_3'])} {format_su(a['angle'], a['su'])} "
                 f"{a['code_1']} {a['code_3']} ?" for a in angles]
+    if hbonds:
+        out += ["", "loop_"] + [f"_geom_hbond_{t}" for t in (
+            "atom_site_label_D", "atom_site_label_H", "atom_site_label_A", "distance_DH", "distance_HA",
+            "distance_DA", "angle_DHA", "site_symmetry_D", "site_symmetry_H", "site_symmetry_A", "publ_flag")]
+        out += [f"{_q(h['label_d'])} {_q(h['label_h'])} {_q(h['label_a'])} "
+                + " ".join(format_su(h[k], h[f"{k}_su"]) for k in ("dh", "ha", "da", "angle"))
+                + f" {h['code_d']} . {h['code_a']} ?" for h in hbonds]
     return out
 
 
 def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult],
-                       bonds: list[dict] | None = None, angles: list[dict] | None = None) -> str:
+                       bonds: list[dict] | None = None, angles: list[dict] | None = None,
+                       hbonds: list[dict] | None = None) -> str:
     """The text written by :func:`write_refined_cif`."""
     s = summary
     name = "".join(c if c.isalnum() or c in "_-." else "_" for c in block_name) or "blochflow"
@@ -209,16 +217,16 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
         for a in aniso:
             us = " ".join(format_su(a.u_aniso[j], _su(a.u_aniso_su, j)) for j in order)
             out.append(f"{_q(a.label)} {_q(a.element)} {us}")
-    out += _geometry_loops(bonds, angles)
+    out += _geometry_loops(bonds, angles, hbonds)
     return "\n".join(out) + "\n"
 
 
 def write_refined_cif(path: str | Path, block_name: str, summary: RefinementSummary,
                       atoms: list[AtomResult], overwrite: bool = True, bonds: list[dict] | None = None,
-                      angles: list[dict] | None = None) -> None:
+                      angles: list[dict] | None = None, hbonds: list[dict] | None = None) -> None:
     """Write the refined structure as CIF 1.1 (atomically; InputError if it exists and not overwrite),
-    with bond distances and angles when given."""
-    atomic_write_text(path, format_refined_cif(block_name, summary, atoms, bonds, angles), overwrite=overwrite)
+    with bond distances, angles and hydrogen bonds when given."""
+    atomic_write_text(path, format_refined_cif(block_name, summary, atoms, bonds, angles, hbonds), overwrite=overwrite)
 
 
 _FCF_KEYS = ("frame", "h", "k", "l", "ic", "io", "sigma")

@@ -180,6 +180,10 @@ def _rigid_groups():
     o = np.array([14.0, 14.0, 4.0])  # a lone hydroxide: a turn about its O-H would do nothing
     add("O7", "O", o)
     add("H71", "H", o + [0.0, 0.2, 0.95])
+    o = np.array([24.0, 4.0, 4.0])  # a disordered water, two orientations of half H: no rigid group of four
+    add("O6", "O", o)
+    for k, v in enumerate(_tetra_dirs()):
+        add(f"H6{k}", "H", o + 0.97 * v)
     return _crystal(atoms, ["x,y,z"])
 
 
@@ -190,7 +194,8 @@ def test_water_and_ammonium_are_rigid_groups_of_ideal_shape_at_the_start_orienta
     assert kinds == {("H91", "H92"): "rigid", ("H10", "H11", "H12", "H13"): "rigid", ("H81", "H82"): "rigid"}
     p = _positions(sp, sp.theta0)
     start = {lab: sp._a @ x for lab, x in zip(cr.asu.labels, cr.asu.xyz.numpy())}
-    assert np.allclose(p["H71"], start["H71"], atol=1e-12)  # the hydroxide rides on its offset
+    for h in ("H71", "H60", "H61", "H62", "H63"):  # the hydroxide and the disordered water ride on their offset
+        assert np.allclose(p[h], start[h], atol=1e-12)
     for o, hs in (("O9", ("H91", "H92")), ("O8", ("H81", "H82"))):
         for h in hs:
             assert abs(np.linalg.norm(p[h] - p[o]) - XH_DISTANCE_A["O"]) < 1e-12

@@ -13,8 +13,8 @@ parameters of their own.
   OH, SH; 120 for planar NH2, =CH2 and N-H; 180 for C-H on a triple bond), at torsions R-X-P-H fixed
   at the start's (CH3 and NH3 120 degrees apart, as one rotor; NH2 and =CH2 in the R-X-P plane).
 - water (O with two H, whatever its neighbours), and two to four H on a parent with no non-H neighbour
-  (NH4+, H3O+): a rigid group of ideal shape (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a
-  tetrahedron for four) at the orientation that best fits the start's hydrogens (their symmetry
+  (NH4+, H3O+; not four on an O, a disordered water's two orientations): a rigid group of ideal shape
+  (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a tetrahedron for four) at the orientation that best fits the start's hydrogens (their symmetry
   images included), which three refined angles may turn about the parent (SHELXL's AFIX 6/7 rigid
   groups, without a translation); on a two-fold axis or a mirror one angle, about the axis or the
   mirror's normal, and none on a site that fixes the group.
@@ -123,7 +123,8 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
-        if 2 <= len(images) <= 4 and (n == 0 or (p_el == "O" and len(images) == 2)):
+        # (four H on an O are a disordered water's two orientations, not one rigid group: they keep their offset)
+        if 2 <= len(images) <= (3 if p_el == "O" else 4) and (n == 0 or (p_el == "O" and len(images) == 2)):
             # water, NH4+, H3O+: the ideal shape fitted to all its H, images included; the asymmetric
             # unit's H take their vertices, and the group turns only as the parent's site allows
             every = [_cart(a_mat, r, t, x_all[i]) - p for i, r, t in images]

@@ -262,6 +262,7 @@ def test_standard_uncertainties():
     si, o = su
     a = cr.cell[0]
     assert si["adp_type"] == "Uiso" and si["u_aniso"] is None and si["calc_flag"] == ""
+    assert si["symmetry_order"] == 2 and o["symmetry_order"] == 1  # Si on a two-fold axis, O general
     assert si["u_iso_su"] == pytest.approx(np.sqrt(var[sp.names.index("Si1.Uiso")].item()), rel=1e-12)
     assert si["xyz_su"][0] == 0 and si["xyz_su"][2] == 0  # fixed by the 2-fold
     assert si["xyz_su"][1] == pytest.approx(np.sqrt(var[0].item()) / a, rel=1e-12)

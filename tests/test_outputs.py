@@ -64,7 +64,7 @@ def _results(st):
     for i, a in enumerate(st.atoms):
         if i == 0:  # anisotropic with full s.u.s, one special-position coordinate fixed
             atoms.append(AtomResult(a.label, a.element, a.xyz, (0.00012, 0.0, 0.000034), 1.0, None, "Uani",
-                                    float("nan"), 0.00011, a.u_aniso, (0.0002,) * 6))
+                                    float("nan"), 0.00011, a.u_aniso, (0.0002,) * 6, symmetry_order=2))
         else:
             atoms.append(AtomResult(a.label, a.element, a.xyz, (0.0003, 0.00025, 0.0002), 0.98, 0.012,
                                     "Uiso", a.u_iso, 0.0004))
@@ -88,8 +88,8 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     block = gemmi.cif.read(str(path)).sole_block()
     small = gemmi.make_small_structure_from_block(block)
     assert [s.label for s in small.sites] == ["Si1", "O1", "H1"]
-    table = block.find("_atom_site_", ["label", "calc_flag", "refinement_flags_posn"])
-    assert [list(r) for r in table] == [["Si1", "d", "."], ["O1", "d", "."], ["H1", "calc", "R"]]  # CIF's vocabulary
+    table = block.find("_atom_site_", ["label", "site_symmetry_order", "calc_flag", "refinement_flags_posn"])
+    assert [list(r) for r in table] == [["Si1", "2", "d", "S"], ["O1", "1", "d", "."], ["H1", "1", "calc", "R"]]
     for site, ref in zip(small.sites, atoms):
         assert np.allclose(site.fract.tolist(), ref.xyz, atol=1e-3)
     assert small.sites[1].u_iso == pytest.approx(atoms[1].u_iso, abs=1e-3)

@@ -435,7 +435,8 @@ class StructureParameters:
                 u_iso=float(w_eq @ u[a].ravel()), u_iso_su=float(np.sqrt(max(w_eq @ cu @ w_eq, 0.0))),
                 u_aniso=(t6 @ u[a].ravel()).tolist() if aniso else None,
                 u_aniso_su=su(t6 @ cu @ t6.T).tolist() if aniso else None,
-                calc_flag="R" if a in self.riding else ""))
+                calc_flag="R" if a in self.riding else "",
+                symmetry_order=len(site_stabilizer(self.crystal.symmetry, xyz[a], 0.01, self.crystal.cell).rotations)))
         return out
 
 

@@ -69,6 +69,7 @@ class AtomResult:
     u_aniso: tuple[float, ...] | None = None  # U11 U22 U33 U12 U13 U23
     u_aniso_su: tuple[float, ...] | None = None
     calc_flag: str = ""  # '' (refined: calc_flag d) or 'R' (riding: calc_flag calc, refinement_flags_posn R)
+    symmetry_order: int = 1  # operators fixing the site (a special position: > 1, refinement_flags_posn S)
 
     def __post_init__(self):
         if self.adp_type not in ("Uiso", "Uani"):
@@ -199,15 +200,17 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
 
     out += ["", "loop_"] + [f"_atom_site_{t}" for t in (
         "label", "type_symbol", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv", "adp_type",
-        "occupancy", "calc_flag", "refinement_flags_posn")]
+        "occupancy", "site_symmetry_order", "calc_flag", "refinement_flags_posn")]
     for a in atoms:
         u = a.u_iso
         if a.adp_type == "Uani" and not _finite(u):
             u = u_equiv(s.cell, a.u_aniso)
         xyz = " ".join(format_su(a.xyz[i], _su(a.xyz_su, i)) for i in range(3))
+        # riding: calc, and R in the position's flags (as SHELXL); S on a special position
+        flags = ("R" if a.calc_flag == "R" else "") + ("S" if a.symmetry_order > 1 else "")
         out.append(f"{_q(a.label)} {_q(a.element)} {xyz} {format_su(u, a.u_iso_su)} {a.adp_type} "
-                   f"{format_su(a.occupancy, a.occupancy_su)} {'calc' if a.calc_flag == 'R' else 'd'} "
-                   f"{'R' if a.calc_flag == 'R' else '.'}")  # riding: calc, and R in the position's flags (as SHELXL)
+                   f"{format_su(a.occupancy, a.occupancy_su)} {int(a.symmetry_order)} "
+                   f"{'calc' if a.calc_flag == 'R' else 'd'} {flags or '.'}")
     aniso = [a for a in atoms if a.adp_type == "Uani"]
     if aniso:
         order = (0, 1, 2, 5, 4, 3)  # U11 U22 U33 U23 U13 U12, the SHELX order

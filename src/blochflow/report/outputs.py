@@ -129,7 +129,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                                 u_iso=a["u_iso"], u_iso_su=a["u_iso_su"],
                                 u_aniso=None if a["u_aniso"] is None else tuple(a["u_aniso"]),
                                 u_aniso_su=None if a["u_aniso_su"] is None else tuple(a["u_aniso_su"]),
-                                calc_flag=a["calc_flag"]))
+                                calc_flag=a["calc_flag"], symmetry_order=a["symmetry_order"]))
     fig, ffree = result.figures, result.figures_free
     frames = frame_table(result)
     mean_t = float(np.nanmean(frames["thickness_mean"][frames["n_reflections"] > 0]))

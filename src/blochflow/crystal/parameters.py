@@ -247,11 +247,10 @@ class StructureParameters:
         # planar NH2, =CH2 and N-H lie in their plane, a C-H on a triple bond on its axis (AFIX 93, 43,
         # 163 do not turn), and a group with a hydrogen on a special position is held there by symmetry
         # rigid groups (water, NH4+) turn about their parent by three refined angles (about the Cartesian
-        # axes, SHELXL's AFIX 6/7 without a translation)
-        # (about the axes its parent's site allows: on a two-fold axis or a mirror one, which keeps H on
-        # the mirror there)
+        # axes, SHELXL's AFIX 6/7 without a translation), or by one where the parent's site allows one axis
+        # (a two-fold axis, a mirror's normal: H in the mirror stay there)
         special = {h for h, _ in on_site}
-        turns = [len(g.turn_axes) > 0 and (len(g.turn_axes) < 3 or not special.intersection(g.hydrogens))
+        turns = [len(g.turn_axes) == 1 or len(g.turn_axes) == 3 and not special.intersection(g.hydrogens)
                  if g.kind == "rigid" else
                  g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9 and not special.intersection(g.hydrogens)
                  for g in self.riding_groups]

@@ -14,10 +14,10 @@ parameters of their own.
   at the start's (CH3 and NH3 120 degrees apart, as one rotor; NH2 and =CH2 in the R-X-P plane).
 - water (O with two H, whatever its neighbours), and two to four H on a parent with no non-H neighbour
   (NH4+, H3O+; not four on an O, a disordered water's two orientations): a rigid group of ideal shape
-  (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a tetrahedron for four) at the orientation that best fits the start's hydrogens (their symmetry
-  images included), which three refined angles may turn about the parent (SHELXL's AFIX 6/7 rigid
-  groups, without a translation); on a two-fold axis or a mirror one angle, about the axis or the
-  mirror's normal, and none on a site that fixes the group.
+  (H-O-H 104.5 degrees; otherwise H-X-H 109.47, a tetrahedron for four) at the orientation that best
+  fits the start's hydrogens (their symmetry images included), which three refined angles may turn
+  about the parent (SHELXL's AFIX 6/7 rigid groups, without a translation); on a two-fold axis or a
+  mirror one angle, about the axis or the mirror's normal, and none on a site that fixes the group.
 Anything else (a lone H on an isolated atom, symmetry images among a group's H where the group has no
 rule above, or an unusual count) rides with its starting offset.
 

@@ -67,9 +67,20 @@ def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str]
     return out
 
 
+def _position(symmetry, xyz: np.ndarray, nb: Neighbour) -> np.ndarray:
+    """The neighbour's fractional position."""
+    return symmetry.rotations[nb.op] @ xyz[nb.atom] + _translation(symmetry, nb.op) + np.array(nb.shift)
+
+
 def _image(symmetry, xyz, nb: Neighbour):
+    """:func:`_position` on a tensor of positions (differentiable)."""
     rot = torch.as_tensor(symmetry.rotations[nb.op], dtype=xyz.dtype)
     return rot @ xyz[nb.atom] + torch.as_tensor(_translation(symmetry, nb.op) + np.array(nb.shift), dtype=xyz.dtype)
+
+
+def _angle_deg(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The angle between two vectors (degrees), by atan2: smooth where arccos is not, near 0 and 180."""
+    return torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v))
 
 
 def _inverse_image(symmetry, x: np.ndarray, nb: Neighbour) -> np.ndarray:
@@ -87,7 +98,7 @@ def bond_list(symmetry, xyz: np.ndarray, near: list[list[Neighbour]]) -> list[tu
             if nb.atom > i:
                 out.append((i, nb))
             elif nb.atom == i:
-                here = symmetry.rotations[nb.op] @ xyz[i] + _translation(symmetry, nb.op) + np.array(nb.shift)
+                here = _position(symmetry, xyz, nb)
                 if tuple(np.round(here, 6)) <= tuple(np.round(_inverse_image(symmetry, xyz[i], nb), 6)):
                     out.append((i, nb))
     return out
@@ -102,7 +113,7 @@ def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[
         if el.capitalize() != "H" or len(near[h]) != 1:
             continue
         donor = near[h][0]
-        d_pos = symmetry.rotations[donor.op] @ xyz[donor.atom] + _translation(symmetry, donor.op) + np.array(donor.shift)
+        d_pos = _position(symmetry, xyz, donor)
         for j, ej in enumerate(elements):
             if ej.capitalize() not in VDW_RADII or ej.capitalize() == "H":
                 continue
@@ -114,8 +125,8 @@ def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[
                 if np.allclose(pos, d_pos, atol=1e-6) or any(np.allclose(pos, q, atol=1e-6) for q in seen):
                     continue
                 seen.append(pos)
-                u, v = a_mat @ (d_pos - xyz[h]), a_mat @ (pos - xyz[h])
-                if np.degrees(np.arccos(np.clip(u @ v / np.linalg.norm(u) / np.linalg.norm(v), -1, 1))) > HBOND_MIN_ANGLE:
+                u, v = (torch.as_tensor(a_mat @ (x - xyz[h])) for x in (d_pos, pos))
+                if float(_angle_deg(u, v)) > HBOND_MIN_ANGLE:
                     shift = np.rint(trans[s, k] - _translation(symmetry, s)).astype(int)
                     out.append((h, donor, Neighbour(j, int(s), tuple(int(x) for x in shift))))
     return out
@@ -141,13 +152,11 @@ def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | No
         xyz = structure.physical(th)[0]
         out = [torch.linalg.norm(a @ (_image(sym, xyz, nb) - xyz[i])) for i, nb in bonds]
         for i, p, q in angles:
-            u, v = a @ (_image(sym, xyz, p) - xyz[i]), a @ (_image(sym, xyz, q) - xyz[i])
-            out.append(torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v)))
+            out.append(_angle_deg(a @ (_image(sym, xyz, p) - xyz[i]), a @ (_image(sym, xyz, q) - xyz[i])))
         for h, d, acc in hbonds:
             u, v = a @ (_image(sym, xyz, d) - xyz[h]), a @ (_image(sym, xyz, acc) - xyz[h])
             w = a @ (_image(sym, xyz, acc) - _image(sym, xyz, d))
-            out += [torch.linalg.norm(u), torch.linalg.norm(v), torch.linalg.norm(w),
-                    torch.rad2deg(torch.atan2(torch.linalg.norm(torch.linalg.cross(u, v)), u @ v))]
+            out += [torch.linalg.norm(u), torch.linalg.norm(v), torch.linalg.norm(w), _angle_deg(u, v)]
         return torch.stack(out) if out else torch.zeros(0, dtype=th.dtype)
 
     val = values(theta).detach().numpy()

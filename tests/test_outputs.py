@@ -71,7 +71,8 @@ def _results(st):
     atoms.append(AtomResult("H1", "H", (0.1, 0.2, 0.3), None, 1.0, None, "Uiso", 0.02, None, calc_flag="R"))
     summary = RefinementSummary(st.cell, "P 32 2 1", st.symops, 0.0251, r_obs=0.0612, wr2=0.1534, gof=1.07,
                                 n_reflections=4321, n_obs=2100, n_params=57, n_restraints=3,
-                                max_shift_su=0.002, r_free=0.071, thickness=612.5, r_all=0.0815)
+                                max_shift_su=0.002, r_free=0.071, thickness=612.5, r_all=0.0815,
+                                special_details="1 H riding: tertiary C-H 1.\nU_iso(H) = 1.2 U_eq of the parent.")
     return summary, atoms
 
 
@@ -88,6 +89,8 @@ def test_refined_cif_round_trip(quartz, tmp_path):
     block = gemmi.cif.read(str(path)).sole_block()
     small = gemmi.make_small_structure_from_block(block)
     assert [s.label for s in small.sites] == ["Si1", "O1", "H1"]
+    assert gemmi.cif.as_string(block.find_value("_refine_special_details")).strip().splitlines() == \
+        ["1 H riding: tertiary C-H 1.", "U_iso(H) = 1.2 U_eq of the parent."]
     table = block.find("_atom_site_", ["label", "site_symmetry_order", "calc_flag", "refinement_flags_posn"])
     assert [list(r) for r in table] == [["Si1", "2", "d", "S"], ["O1", "1", "d", "."], ["H1", "1", "calc", "R"]]
     for site, ref in zip(small.sites, atoms):

@@ -554,6 +554,7 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     bonds = block.find("_geom_bond_", ["atom_site_label_1", "atom_site_label_2", "distance", "site_symmetry_2"])
     assert len(bonds) == 4 and all("(" in row[2] for row in bonds)  # Si-O with the s.u. of the covariance
     assert len(block.find_loop("_geom_angle")) == 7
+    assert block.find_value("_refine_special_details") is None  # quartz has no H to describe
     for name in ("frames.csv", "reflections.fcf", "fo_fc.svg", "thickness.svg", "checkpoint.pt"):
         assert (out / name).exists(), name
     before = (out / "summary.json").read_bytes()

@@ -544,3 +544,14 @@ def test_a_water_turned_in_the_start_is_turned_back_by_its_rigid_group():
     assert max(turned["H2"], turned["H3"]) < 0.02 and turned["O3"] < 0.005, turned
     kept, gof_kept = errors(20.0, riding_torsions=False)
     assert min(kept["H2"], kept["H3"]) > 0.25 and gof_kept > 1.5 * gof
+
+
+def test_the_hydrogen_treatment_is_described_for_the_cif():
+    """_refine_special_details names each kind of riding group with its H count, and free H."""
+    cr = _rigid_groups()
+    text = StructureParameters(cr, refine_torsions=True).hydrogen_details()
+    assert "13 H riding" in text and "rigid water, NH4+, H3O+ groups (turns refined) 8" in text
+    assert "on the start's offset from the parent 5" in text and "1.5 on O" in text
+    assert StructureParameters(cr, hydrogens="free").hydrogen_details().startswith("13 H refined freely")
+    assert "Idealised" not in StructureParameters(cr, riding_geometry="offset").hydrogen_details()
+    assert StructureParameters(_crystal([("C1", "C", [1.0, 1.0, 1.0])], ["x,y,z"])).hydrogen_details() == ""

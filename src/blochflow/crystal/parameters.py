@@ -294,6 +294,41 @@ class StructureParameters:
     def __len__(self) -> int:
         return len(self.names)
 
+    def hydrogen_details(self) -> str:
+        """How the hydrogens were treated, in words for the CIF's _refine_special_details ('' without H)."""
+        hs = [i for i, e in enumerate(self.elements) if e.capitalize() == "H"]
+        if not hs:
+            return ""
+        placed = {h for g in self.riding_groups for h in g.hydrogens}
+        turned = {id(g) for g in self.rotor_groups + self.rigid_groups}
+        lines = []
+        n_free = sum(self.mode[h] == "free" for h in hs)
+        n_fixed = sum(self.mode[h] == "fixed" for h in hs)
+        if n_free:
+            lines.append(f"{n_free} H refined freely (positions and U_iso).")
+        if n_fixed:
+            lines.append(f"{n_fixed} H fixed at the start model's positions.")
+        if self.riding:
+            kinds: dict[str, int] = {}
+            for g in self.riding_groups:
+                if g.kind == "rotor":
+                    what = ("OH, CH3, NH3 rotors" if abs(g.angle - TETRAHEDRAL) < 1e-9 else
+                            "planar NH2, =CH2, N-H" if abs(g.angle - np.pi) > 1e-9 else "C-H on a triple bond")
+                else:
+                    what = {"tertiary": "tertiary C-H", "bisector": "on the external bisector (aromatic C-H, N-H)",
+                            "methylene": "CH2", "rigid": "rigid water, NH4+, H3O+ groups"}[g.kind]
+                if id(g) in turned:
+                    what += " (turns refined)"
+                kinds[what] = kinds.get(what, 0) + len(g.hydrogens)
+            offset = sum(h not in placed for h in self.riding)
+            if offset:
+                kinds["on the start's offset from the parent"] = offset
+            lines.append(f"{len(self.riding)} H riding: " + "; ".join(f"{k} {n}" for k, n in kinds.items()) + ".")
+            if placed:
+                lines.append("Idealised X-H distances: C-H 1.09, N-H 1.01, O-H 0.97 A.")
+            lines.append("U_iso(H) = 1.2 U_eq of the parent, 1.5 on O and for three or more H on one parent.")
+        return "\n".join(lines)
+
     # -- the map -------------------------------------------------------------------------------
 
     def _tensors(self, like: torch.Tensor):

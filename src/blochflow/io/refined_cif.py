@@ -99,6 +99,7 @@ class RefinementSummary:
     r_all: float | None = None  # R1 on all reflections
     program: str = f"blochflow {__version__}"
     weighting: str = "w = 1/sigma^2^(Io)"
+    special_details: str = ""  # _refine_special_details: how the model was constrained (e.g. its H)
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -191,6 +192,8 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
             f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]
+    if s.special_details:
+        out += ["_refine_special_details", ";", *s.special_details.splitlines(), ";"]
     if s.r_free is not None or s.thickness is not None:
         out += ["", "# local items (blochflow): R1 of the free (unrefined) reflections; mean thickness in A"]
         if s.r_free is not None:

@@ -141,7 +141,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=len(result.refined_index),
         n_restraints=restraint_rows(pr.restraints),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
-        r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]")
+        r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
+        special_details=pr.structure.hydrogen_details())
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,

@@ -154,8 +154,8 @@ def test_offset_riding_keeps_the_start():
 
 
 def _rigid_groups():
-    """A free water, an NH4+, a water bonded to Mg and a lone hydroxide, far apart in a P1 box, their
-    hydrogens 0.05-0.1 A and a few degrees off ideal."""
+    """A free water, an NH4+, a water bonded to Mg, a lone hydroxide and a disordered water (four half H),
+    far apart in a P1 box, their hydrogens 0.05-0.1 A and a few degrees off ideal."""
     rng = np.random.default_rng(7)
     atoms = []
 
@@ -177,7 +177,7 @@ def _rigid_groups():
     add("Mg1", "Mg", o + [0, 0, -2.08])
     add("H81", "H", o + 0.97 * np.array([np.sin(0.95), 0, np.cos(0.95)]), 0.05)
     add("H82", "H", o + 0.97 * np.array([-np.sin(0.95), 0, np.cos(0.95)]), 0.05)
-    o = np.array([14.0, 14.0, 4.0])  # a lone hydroxide: a turn about its O-H would do nothing
+    o = np.array([14.0, 14.0, 4.0])  # a lone hydroxide: it turns about two axes normal to its O-H
     add("O7", "O", o)
     add("H71", "H", o + [0.0, 0.2, 0.95])
     o = np.array([24.0, 4.0, 4.0])  # a disordered water, two orientations of half H: no rigid group of four
@@ -191,11 +191,14 @@ def test_water_and_ammonium_are_rigid_groups_of_ideal_shape_at_the_start_orienta
     cr = _rigid_groups()
     sp = StructureParameters(cr)
     kinds = {tuple(sp.labels[h] for h in g.hydrogens): g.kind for g in sp.riding_groups}
-    assert kinds == {("H91", "H92"): "rigid", ("H10", "H11", "H12", "H13"): "rigid", ("H81", "H82"): "rigid"}
+    assert kinds == {("H91", "H92"): "rigid", ("H10", "H11", "H12", "H13"): "rigid", ("H81", "H82"): "rigid",
+                     ("H71",): "rigid"}
     p = _positions(sp, sp.theta0)
     start = {lab: sp._a @ x for lab, x in zip(cr.asu.labels, cr.asu.xyz.numpy())}
-    for h in ("H71", "H60", "H61", "H62", "H63"):  # the hydroxide and the disordered water ride on their offset
+    for h in ("H60", "H61", "H62", "H63"):  # the disordered water rides on its offset
         assert np.allclose(p[h], start[h], atol=1e-12)
+    oh = p["H71"] - p["O7"]  # the hydroxide: on its start direction at 0.97 A
+    assert np.allclose(oh, XH_DISTANCE_A["O"] * (start["H71"] - start["O7"]) / np.linalg.norm(start["H71"] - start["O7"]))
     for o, hs in (("O9", ("H91", "H92")), ("O8", ("H81", "H82"))):
         for h in hs:
             assert abs(np.linalg.norm(p[h] - p[o]) - XH_DISTANCE_A["O"]) < 1e-12
@@ -222,21 +225,26 @@ def test_water_and_ammonium_are_rigid_groups_of_ideal_shape_at_the_start_orienta
 
 
 def test_rigid_groups_turn_by_three_refined_angles_and_keep_their_shape():
-    """With riding torsions each rigid group has three angles (radians, about the Cartesian x, y, z);
-    zero is the start's placement, a turn moves every H of its group about the parent and nothing
-    else, and the placement is differentiable."""
+    """With riding torsions each rigid group has three angles (radians, about the Cartesian x, y, z),
+    a lone hydroxide two (about axes normal to its O-H); zero is the start's placement, a turn moves
+    every H of its group about the parent and nothing else, and the placement is differentiable."""
     cr = _rigid_groups()
     fixed, sp = StructureParameters(cr), StructureParameters(cr, refine_torsions=True)
     names = [n for n in sp.names if ".turn_" in n]
-    assert names == [f"{h}.turn_{a}" for h in ("H91", "H10", "H81") for a in "xyz"]
-    assert len(sp) == len(fixed) + 9
+    assert names == [f"{h}.turn_{a}" for h in ("H91", "H10", "H81") for a in "xyz"] + ["H71.turn_1", "H71.turn_2"]
+    assert len(sp) == len(fixed) + 11
+    axes = next(g.turn_axes for g in sp.riding_groups if len(g.hydrogens) == 1)
+    oh = cr.asu.xyz[cr.asu.labels.index("H71")] - cr.asu.xyz[cr.asu.labels.index("O7")]
+    assert np.allclose(axes @ (sp._a @ oh.numpy()), 0, atol=1e-12)  # both normal to the O-H
     assert torch.allclose(sp.physical(sp.theta0)[0], fixed.physical(fixed.theta0)[0], atol=1e-14)
     p0 = _positions(sp, sp.theta0)
     th = sp.theta0.clone()
     th[sp.names.index("H91.turn_z")] = np.radians(30.0)
     th[sp.names.index("H10.turn_x")] = np.radians(-20.0)
     th[sp.names.index("H10.turn_y")] = np.radians(15.0)
+    th[sp.names.index("H71.turn_2")] = np.radians(25.0)
     p1 = _positions(sp, th)
+    assert abs(_angle(p1["H71"], p1["O7"], p0["H71"]) - 25.0) < 1e-9  # about an axis normal to O-H
     c, s = np.cos(np.radians(30.0)), np.sin(np.radians(30.0))
     for h in ("H91", "H92"):
         assert np.allclose(p1[h] - p1["O9"], np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ (p0[h] - p0["O9"]), atol=1e-12)
@@ -251,13 +259,13 @@ def test_rigid_groups_turn_by_three_refined_angles_and_keep_their_shape():
         for b in hn:
             assert abs(np.linalg.norm(p1[a] - p1[b]) - np.linalg.norm(p0[a] - p0[b])) < 1e-12
     for lab in sp.labels:
-        if lab not in ("H91", "H92", *hn):
+        if lab not in ("H91", "H92", "H71", *hn):
             assert np.allclose(p1[lab], p0[lab], atol=1e-12), lab
     assert torch.autograd.gradcheck(lambda t: sp.physical(t)[0], (th.requires_grad_(True),))
-    # the three turns are independent directions of every group at zero (a full-rank Jacobian)
+    # the turns are independent directions of every group at zero (a full-rank Jacobian)
     jac = torch.autograd.functional.jacobian(lambda t: sp.physical(t)[0], sp.theta0)
     cols = [sp.names.index(n) for n in names]
-    assert torch.linalg.matrix_rank(jac.reshape(-1, len(sp))[:, cols]) == 9
+    assert torch.linalg.matrix_rank(jac.reshape(-1, len(sp))[:, cols]) == 11
 
 
 def test_rigid_groups_on_symmetry_elements_turn_only_as_their_site_allows():
@@ -550,8 +558,8 @@ def test_the_hydrogen_treatment_is_described_for_the_cif():
     """_refine_special_details names each kind of riding group with its H count, and free H."""
     cr = _rigid_groups()
     text = StructureParameters(cr, refine_torsions=True).hydrogen_details()
-    assert "13 H riding" in text and "rigid water, NH4+, H3O+ groups (turns refined) 8" in text
-    assert "on the start's offset from the parent 5" in text and "1.5 on O" in text
+    assert "13 H riding" in text and "rigid water, NH4+, H3O+ groups (turns refined) 9" in text
+    assert "on the start's offset from the parent 4" in text and "1.5 on O" in text
     assert StructureParameters(cr, hydrogens="free").hydrogen_details().startswith("13 H refined freely")
     assert "Idealised" not in StructureParameters(cr, riding_geometry="offset").hydrogen_details()
     assert StructureParameters(_crystal([("C1", "C", [1.0, 1.0, 1.0])], ["x,y,z"])).hydrogen_details() == ""

@@ -250,7 +250,7 @@ class StructureParameters:
         # axes, SHELXL's AFIX 6/7 without a translation), or by one where the parent's site allows one axis
         # (a two-fold axis, a mirror's normal: H in the mirror stay there)
         special = {h for h, _ in on_site}
-        turns = [len(g.turn_axes) == 1 or len(g.turn_axes) == 3 and not special.intersection(g.hydrogens)
+        turns = [0 < len(g.turn_axes) < 3 or len(g.turn_axes) == 3 and not special.intersection(g.hydrogens)
                  if g.kind == "rigid" else
                  g.kind == "rotor" and abs(g.angle - TETRAHEDRAL) < 1e-9 and not special.intersection(g.hydrogens)
                  for g in self.riding_groups]
@@ -265,10 +265,12 @@ class StructureParameters:
                 self._turn_param.append(new(f"{label}.torsion", 0.0, "xyz"))
             elif len(g.turn_axes) == 1:
                 self._turn_param.append(new(f"{label}.turn", 0.0, "xyz"))
-            else:
-                first = new(f"{label}.turn_x", 0.0, "xyz")
-                new(f"{label}.turn_y", 0.0, "xyz"), new(f"{label}.turn_z", 0.0, "xyz")
-                self._turn_param.append(slice(first, first + 3))
+            else:  # about x, y, z, or two axes normal to a lone X-H
+                cart = np.array_equal(g.turn_axes, np.eye(3))
+                first = len(self.names)
+                for k in range(len(g.turn_axes)):
+                    new(f"{label}.turn_{'xyz'[k] if cart else k + 1}", 0.0, "xyz")
+                self._turn_param.append(slice(first, first + len(g.turn_axes)))
 
         rows, cols, vals = [], [], []
         for r, d in enumerate(coef):

@@ -18,8 +18,10 @@ parameters of their own.
   fits the start's hydrogens (their symmetry images included), which three refined angles may turn
   about the parent (SHELXL's AFIX 6/7 rigid groups, without a translation); on a two-fold axis or a
   mirror one angle, about the axis or the mirror's normal, and none on a site that fixes the group.
-Anything else (a lone H on an isolated atom, symmetry images among a group's H where the group has no
-rule above, or an unusual count) rides with its starting offset.
+- a lone X-H (OH-, HF: one H on a parent with no non-H neighbour): its start direction, turned by two
+  refined angles about axes normal to it.
+Anything else (symmetry images among a group's H where the group has no rule above, or an unusual
+count) rides with its starting offset.
 
 X-H distances are rounded neutron averages (C-H 1.09, N-H 1.01, O-H 0.97, B-H 1.19, S-H 1.34 A):
 electron diffraction sees the nuclei's potential, not the shortened X-ray X-H distance. Hydrogens
@@ -124,14 +126,17 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
         # (four H on an O are a disordered water's two orientations, not one rigid group: they keep their offset)
-        if 2 <= len(images) <= (3 if p_el == "O" else 4) and (n == 0 or (p_el == "O" and len(images) == 2)):
-            # water, NH4+, H3O+: the ideal shape fitted to all its H, images included; the asymmetric
-            # unit's H take their vertices, and the group turns only as the parent's site allows
+        if (1 if n == 0 else 2) <= len(images) <= (3 if p_el == "O" else 4) and (n == 0 or (p_el == "O" and len(images) == 2)):
+            # water, NH4+, H3O+ (and a lone X-H: OH-, HF): the ideal shape fitted to all its H, images
+            # included; the asymmetric unit's H take their vertices, and the group turns only as the
+            # parent's site allows, and not about the line of a lone X-H
             every = [_cart(a_mat, r, t, x_all[i]) - p for i, r, t in images]
-            fitted = _fitted_shape(_ideal_shape(len(images), p_el), [_unit(v) for v in every])
+            fitted = ([_unit(every[0])] if len(every) == 1 else
+                      _fitted_shape(_ideal_shape(len(images), p_el), [_unit(v) for v in every]))
             own = [int(np.argmin([np.linalg.norm(v - start[h]) for v in every])) for h in hs]
+            axes = _site_turn_axes(symmetry, a_mat, rot @ x_all[j] + tr, line=fitted[0] if len(fitted) == 1 else None)
             groups.append(RidingGroup("rigid", (j, rot, tr), neigh, hs, dist, directions=[fitted[i] for i in own],
-                                      turn_axes=_site_turn_axes(symmetry, a_mat, rot @ x_all[j] + tr)))
+                                      turn_axes=axes))
             continue
         if by_symmetry and not (n == 1 and len(images) == 3 and p_el in ("C", "N")):
             continue
@@ -185,11 +190,13 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
     return groups
 
 
-def _site_turn_axes(symmetry, a_mat: np.ndarray, site: np.ndarray, tol_A: float = 0.01) -> np.ndarray:
+def _site_turn_axes(symmetry, a_mat: np.ndarray, site: np.ndarray, tol_A: float = 0.01,
+                    line: np.ndarray | None = None) -> np.ndarray:
     """(k, 3) Cartesian unit axes spanning the turns of a group about ``site`` (fractional) that its
     site symmetry keeps: rotation vectors w with det(R) R w = w for every operator R fixing the site
     (w is an axial vector). A general position gives x, y, z; a two-fold axis or a mirror one axis
-    (the two-fold, the mirror's normal); higher symmetry none or one."""
+    (the two-fold, the mirror's normal); higher symmetry none or one. A group on one ``line`` (a lone
+    X-H) does not turn about it: that axis is taken out where the site allows it."""
     a_inv = np.linalg.inv(a_mat)
     rows = []
     for r, t in zip(symmetry.rotations, symmetry.translations):
@@ -199,6 +206,9 @@ def _site_turn_axes(symmetry, a_mat: np.ndarray, site: np.ndarray, tol_A: float 
             rows.append(np.linalg.det(rc) * rc - np.eye(3))
     _, sv, vt = np.linalg.svd(np.vstack(rows))
     free = vt[np.abs(sv) < 1e-6]
+    if line is not None and len(free) and np.linalg.norm(free @ line) > 1 - 1e-6:  # the line is an allowed axis
+        _, sv, vt = np.linalg.svd(free - np.outer(free @ line, line))
+        return vt[:int(np.sum(sv > 1e-6))]
     return np.eye(3) if len(free) == 3 else free
 
 
@@ -273,15 +283,14 @@ def _axis_turn(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return torch.eye(3, dtype=k.dtype, device=k.device) + torch.sin(angle) * k + (1 - torch.cos(angle)) * (k @ k)
 
 
-def _turn_matrix(angles: torch.Tensor) -> torch.Tensor:
-    """R_z(c) R_y(b) R_x(a) for angles (a, b, c) in radians about the Cartesian axes: smooth, the
-    identity at zero, three independent turns near it."""
-    c, s = torch.cos(angles), torch.sin(angles)
-    one, zero = torch.ones_like(c[0]), torch.zeros_like(c[0])
-    rx = torch.stack([one, zero, zero, zero, c[0], -s[0], zero, s[0], c[0]]).view(3, 3)
-    ry = torch.stack([c[1], zero, s[1], zero, one, zero, -s[1], zero, c[1]]).view(3, 3)
-    rz = torch.stack([c[2], -s[2], zero, s[2], c[2], zero, zero, zero, one]).view(3, 3)
-    return rz @ ry @ rx
+def turn_matrix(axes, angles: torch.Tensor) -> torch.Tensor:
+    """R_k(angle_k) ... R_1(angle_1): turns about fixed unit ``axes`` (k, 3), the first applied first;
+    about x, y, z this is R_z R_y R_x. Smooth, the identity at zero, k independent turns near it."""
+    axes = torch.as_tensor(np.asarray(axes), dtype=angles.dtype, device=angles.device)
+    out = torch.eye(3, dtype=angles.dtype, device=angles.device)
+    for axis, angle in zip(axes, angles.reshape(-1)):
+        out = _axis_turn(axis, angle) @ out
+    return out
 
 
 def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.Tensor,
@@ -291,8 +300,7 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
     The riding map stores the parent image next to each H, so H = (R x_P + t) + A^-1 (d u).
     ``torsions``: per group, None or a (0-d tensor) turn in radians of a rotor about its bond, added
     to each of its hydrogens' torsions R-X-P-H (X the neighbour the rotor turns about), or for a rigid
-    group a (3,) tensor of turns about the Cartesian axes (:func:`_turn_matrix`) or, where its site
-    allows one axis, a 0-d turn about it."""
+    group a tensor of turns about its ``turn_axes`` (:func:`turn_matrix`)."""
     rows, values = [], []
 
     def image(atom, rot, tr):
@@ -306,8 +314,7 @@ def place_hydrogens(xyz: torch.Tensor, groups: list[RidingGroup], a_mat: torch.T
         if g.kind == "rigid":
             dirs = [torch.as_tensor(d, dtype=xyz.dtype, device=xyz.device) for d in g.directions]
             if turn is not None:
-                turned = (_turn_matrix(turn) if turn.dim() else
-                          _axis_turn(torch.as_tensor(g.turn_axes[0], dtype=xyz.dtype, device=xyz.device), turn))
+                turned = turn_matrix(g.turn_axes, turn)
                 dirs = [turned @ d for d in dirs]
         elif g.kind == "tertiary":  # the normal of the plane through the three bond-vector tips
             nrm = torch.linalg.cross(u[1] - u[0], u[2] - u[0])

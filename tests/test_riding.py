@@ -563,3 +563,20 @@ def test_the_hydrogen_treatment_is_described_for_the_cif():
     assert StructureParameters(cr, hydrogens="free").hydrogen_details().startswith("13 H refined freely")
     assert "Idealised" not in StructureParameters(cr, riding_geometry="offset").hydrogen_details()
     assert StructureParameters(_crystal([("C1", "C", [1.0, 1.0, 1.0])], ["x,y,z"])).hydrogen_details() == ""
+
+
+def test_half_occupied_hydrogens_of_a_whole_parent_are_no_rigid_group():
+    """A hydroxyl H disordered over two half-occupied sites reads as an O with two H: no water (it keeps
+    its offset); a half-occupied water (O and H at 0.5) is a rigid group like any water."""
+    o1, o2 = np.array([4.0, 4.0, 4.0]), np.array([14.0, 4.0, 4.0])
+    atoms = [("O1", "O", o1), ("C1", "C", o1 + [1.43, 0, 0]), ("C2", "C", o1 + [1.43 + 0.5, 1.45, 0]),
+             ("H1A", "H", o1 + [-0.3, 0.8, 0.45]), ("H1B", "H", o1 + [-0.3, -0.8, 0.45]),
+             ("O2", "O", o2), ("H2A", "H", o2 + [0.76, 0.0, 0.59]), ("H2B", "H", o2 + [-0.76, 0.0, 0.59])]
+    cr = _crystal(atoms, ["x,y,z"])
+    cr.asu.occupancy = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    sp = StructureParameters(cr, refine_torsions=True)
+    assert [[sp.labels[h] for h in g.hydrogens] for g in sp.riding_groups] == [["H2A", "H2B"]]
+    p = _positions(sp, sp.theta0)
+    start = {lab: sp._a @ x for lab, x in zip(cr.asu.labels, cr.asu.xyz.numpy())}
+    assert np.allclose(p["H1A"], start["H1A"], atol=1e-12) and np.allclose(p["H1B"], start["H1B"], atol=1e-12)
+    assert abs(_angle(p["H2A"], p["O2"], p["H2B"]) - 104.5) < 1e-9

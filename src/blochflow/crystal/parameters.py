@@ -232,7 +232,7 @@ class StructureParameters:
             for j, xj in heavy.items():
                 x_start[j] = xj
             self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
-                                              list(heavy))
+                                              list(heavy), occupancy=occ_in)
         # an idealised H on a special position is projected back onto it after placement (the mean of its
         # site's images): a rule that places it from neighbours off that position (an O-H on a mirror whose
         # C has its other bonds off the mirror) would take it off as the neighbours move

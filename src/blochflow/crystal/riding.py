@@ -102,10 +102,13 @@ def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, cen
     return out
 
 
-def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int]):
+def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int],
+                 occupancy: np.ndarray | None = None):
     """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out.
     The rules count a parent's H with their symmetry images (a methyl on a three-fold axis holds one H
-    of the three in the asymmetric unit, which would otherwise read as a C-H on a triple bond)."""
+    of the three in the asymmetric unit, which would otherwise read as a C-H on a triple bond). A rigid
+    group needs its H as occupied as its parent (``occupancy``, per atom): H of lower occupancy are
+    disorder (a hydroxyl H over two sites), not a water."""
     hydrogens = [i for i, e in enumerate(elements) if e.capitalize() == "H"]
     by_parent: dict[tuple, list[int]] = {}
     for h, (j, rot, tr) in riding.items():
@@ -126,7 +129,9 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         start = {h: a_mat @ x_all[h] - p for h in hs}
         dist = [XH_DISTANCE_A.get(p_el, float(np.linalg.norm(start[h]))) for h in hs]
         # (four H on an O are a disordered water's two orientations, not one rigid group: they keep their offset)
-        if (1 if n == 0 else 2) <= len(images) <= (3 if p_el == "O" else 4) and (n == 0 or (p_el == "O" and len(images) == 2)):
+        whole = occupancy is None or all(abs(occupancy[h] - occupancy[j]) < 0.01 for h in hs)
+        if whole and (1 if n == 0 else 2) <= len(images) <= (3 if p_el == "O" else 4) and (
+                n == 0 or (p_el == "O" and len(images) == 2)):
             # water, NH4+, H3O+ (and a lone X-H: OH-, HF): the ideal shape fitted to all its H, images
             # included; the asymmetric unit's H take their vertices, and the group turns only as the
             # parent's site allows, and not about the line of a lone X-H

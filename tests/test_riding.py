@@ -580,3 +580,21 @@ def test_half_occupied_hydrogens_of_a_whole_parent_are_no_rigid_group():
     start = {lab: sp._a @ x for lab, x in zip(cr.asu.labels, cr.asu.xyz.numpy())}
     assert np.allclose(p["H1A"], start["H1A"], atol=1e-12) and np.allclose(p["H1B"], start["H1B"], atol=1e-12)
     assert abs(_angle(p["H2A"], p["O2"], p["H2B"]) - 104.5) < 1e-9
+
+
+def test_a_strongly_h_bonded_neighbours_h_does_not_count_as_the_parents():
+    """A water's H 1.30 A from a hydroxyl O (a strong hydrogen bond, within bonding distance): the
+    hydroxyl is still a rotor of one H, and the water a rigid group."""
+    c14, c15, h8 = _hydroxyl([12.0, 12.0, 3.0], 60.0)
+    o1 = np.array([12.0, 12.0, 3.0])
+    away = (o1 - h8) / np.linalg.norm(o1 - h8)  # the water on the side opposite H8
+    side = np.cross(away, [0.0, 0.0, 1.0])
+    side /= np.linalg.norm(side)
+    h2a = o1 + 1.30 * away
+    o2 = h2a + 0.97 * away
+    h2b = o2 + 0.97 * (np.cos(np.radians(75.5)) * away + np.sin(np.radians(75.5)) * side)
+    atoms = [("O1", "O", o1), ("C14", "C", c14), ("C15", "C", c15), ("H8", "H", h8),
+             ("O2", "O", o2), ("H2A", "H", h2a), ("H2B", "H", h2b)]
+    sp = StructureParameters(_crystal(atoms, ["x,y,z"]), refine_torsions=True)
+    kinds = {tuple(sp.labels[h] for h in g.hydrogens): g.kind for g in sp.riding_groups}
+    assert kinds == {("H8",): "rotor", ("H2A", "H2B"): "rigid"}

@@ -123,7 +123,9 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         # a parent whose H are partly symmetry images of the others: a methyl (NH3) on a three-fold axis or
         # a mirror is a rotor of three with each asymmetric-unit H at its own start torsion (the images
         # follow by symmetry); anything else is left to its starting offset
-        images = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)
+        # (only H riding on this parent count: an H-bonded neighbour's H can come within bonding distance)
+        images = [im for im in bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)
+                  if riding.get(im[0], (None,))[0] == j]
         by_symmetry = len(images) > m
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}

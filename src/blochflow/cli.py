@@ -703,7 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--adam-steps", type=int)
     r.add_argument("--lm-iterations", type=int)
     r.add_argument("--adp", choices=["keep", "iso", "aniso"])
-    r.add_argument("--hydrogens", choices=["riding", "free", "fixed"])
+    r.add_argument("--hydrogens", choices=["riding", "free", "fixed"],
+                   help="riding (default): idealised on their parents, OH/CH3/NH3 rotors and rigid water/NH4+ "
+                        "turned by refined angles (--set riding_torsions=false keeps the start's); free; or fixed")
     r.add_argument("--refine-occupancy", action="store_true")
     r.add_argument("--no-orientation", action="store_true", help="do not refine per-frame orientation corrections")
     r.add_argument("--orientation-sigma", type=float,

@@ -562,6 +562,7 @@ def test_the_hydrogen_treatment_is_described_for_the_cif():
     assert "on the start's offset from the parent 4" in text and "1.5 on O" in text
     assert StructureParameters(cr, hydrogens="free").hydrogen_details().startswith("13 H refined freely")
     assert "Idealised" not in StructureParameters(cr, riding_geometry="offset").hydrogen_details()
+    assert "turns refined" not in StructureParameters(cr, refine_torsions=False).hydrogen_details()
     assert StructureParameters(_crystal([("C1", "C", [1.0, 1.0, 1.0])], ["x,y,z"])).hydrogen_details() == ""
 
 

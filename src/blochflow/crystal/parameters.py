@@ -256,7 +256,7 @@ class StructureParameters:
                  for g in self.riding_groups]
         self.rotor_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rotor"]
         self.rigid_groups = [g for g, t in zip(self.riding_groups, turns) if t and g.kind == "rigid"]
-        self._turn_param: list[slice | int | None] = []  # per group: its torsion, its three angles, or None
+        self._turn_param: list[slice | int | None] = []  # per group: its torsion, its angles' slice, or None
         for g, t in zip(self.riding_groups, turns):
             label = self.labels[g.hydrogens[0]]
             if not (refine_torsions and refine_xyz and t):
@@ -302,7 +302,7 @@ class StructureParameters:
         if not hs:
             return ""
         placed = {h for g in self.riding_groups for h in g.hydrogens}
-        turned = {id(g) for g in self.rotor_groups + self.rigid_groups}
+        turned = {id(g) for g, p in zip(self.riding_groups, self._turn_param) if p is not None}
         lines = []
         n_free = sum(self.mode[h] == "free" for h in hs)
         n_fixed = sum(self.mode[h] == "fixed" for h in hs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .riding import BOND_TOLERANCE_A, covalent_radius
+from .riding import BOND_TOLERANCE_A, covalent_radius, images_within
 
 # hydrogen bonds D-H...A as PLATON finds them: H...A below the sum of the van der Waals radii (Bondi) less
 # 0.12 A, angle D-H...A above 100 degrees; acceptors N, O, F, S and the heavier halogens
@@ -46,24 +46,29 @@ def _translation(symmetry, op: int) -> np.ndarray:
     return np.where(np.isclose(t, 1.0), 0.0, t)
 
 
+def _neighbour(symmetry, atom: int, op: int, trans: np.ndarray) -> Neighbour:
+    """The image of ``atom`` by operator ``op`` and full translation ``trans``, as a Neighbour."""
+    shift = np.rint(trans - _translation(symmetry, op)).astype(int)
+    return Neighbour(atom, op, tuple(int(v) for v in shift))
+
+
+def _nearest_first(symmetry, a_mat, xyz, centre, found):
+    """``images_within``'s images of each atom in order of their distance from ``centre``."""
+    def key(f):
+        j, s, t = f
+        return j, float(np.linalg.norm(a_mat @ (symmetry.rotations[s] @ xyz[j] + t - centre)))
+    return sorted(found, key=key)
+
+
 def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str]) -> list[list[Neighbour]]:
     """Per asymmetric-unit atom, its bonded neighbours (images coinciding on a special position once)."""
     out = []
-    for i in range(len(xyz)):
-        found, seen = [], []
-        for j in range(len(xyz)):
-            if elements[i].capitalize() == "H" and elements[j].capitalize() == "H":
-                continue
-            dist, trans = symmetry.images_around(xyz[j], xyz[i], a_mat)
-            limit = covalent_radius(elements[i]) + covalent_radius(elements[j]) + BOND_TOLERANCE_A
-            for s, k in sorted(zip(*np.nonzero((dist < limit) & (dist > 0.2))), key=lambda sk: dist[sk]):
-                pos = symmetry.rotations[s] @ xyz[j] + trans[s, k]
-                if any(np.allclose(pos, q, atol=1e-6) for q in seen):
-                    continue
-                seen.append(pos)
-                shift = np.rint(trans[s, k] - _translation(symmetry, s)).astype(int)
-                found.append(Neighbour(j, int(s), tuple(int(v) for v in shift)))
-        out.append(found)
+    for i, el in enumerate(elements):
+        candidates = [j for j, ej in enumerate(elements) if not (el.capitalize() == ej.capitalize() == "H")]
+        found = images_within(symmetry, a_mat, xyz, xyz[i], candidates,
+                              lambda j: covalent_radius(el) + covalent_radius(elements[j]) + BOND_TOLERANCE_A)
+        found = _nearest_first(symmetry, a_mat, xyz, xyz[i], found)
+        out.append([_neighbour(symmetry, j, s, t) for j, s, t in found])
     return out
 
 
@@ -109,26 +114,20 @@ def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[
     """(H, its donor D, an acceptor A) for each asymmetric-unit H bonded to one non-H atom and each
     acceptor image within the PLATON criteria (VDW_RADII, HBOND_MARGIN_A, HBOND_MIN_ANGLE)."""
     out = []
+    acceptors = [j for j, e in enumerate(elements) if e.capitalize() in VDW_RADII and e.capitalize() != "H"]
     for h, el in enumerate(elements):
         if el.capitalize() != "H" or len(near[h]) != 1:
             continue
         donor = near[h][0]
         d_pos = _position(symmetry, xyz, donor)
-        for j, ej in enumerate(elements):
-            if ej.capitalize() not in VDW_RADII or ej.capitalize() == "H":
-                continue
-            dist, trans = symmetry.images_around(xyz[j], xyz[h], a_mat)
-            limit = VDW_RADII["H"] + VDW_RADII[ej.capitalize()] - HBOND_MARGIN_A
-            seen = []
-            for s, k in sorted(zip(*np.nonzero(dist < limit)), key=lambda sk: dist[sk]):
-                pos = symmetry.rotations[s] @ xyz[j] + trans[s, k]
-                if np.allclose(pos, d_pos, atol=1e-6) or any(np.allclose(pos, q, atol=1e-6) for q in seen):
-                    continue
-                seen.append(pos)
-                u, v = (torch.as_tensor(a_mat @ (x - xyz[h])) for x in (d_pos, pos))
-                if float(_angle_deg(u, v)) > HBOND_MIN_ANGLE:
-                    shift = np.rint(trans[s, k] - _translation(symmetry, s)).astype(int)
-                    out.append((h, donor, Neighbour(j, int(s), tuple(int(x) for x in shift))))
+        found = images_within(symmetry, a_mat, xyz, xyz[h], acceptors,
+                              lambda j: VDW_RADII["H"] + VDW_RADII[elements[j].capitalize()] - HBOND_MARGIN_A)
+        for j, s, t in _nearest_first(symmetry, a_mat, xyz, xyz[h], found):
+            acc = _neighbour(symmetry, j, s, t)
+            pos = _position(symmetry, xyz, acc)
+            u, v = (torch.as_tensor(a_mat @ (x - xyz[h])) for x in (d_pos, pos))
+            if not np.allclose(pos, d_pos, atol=1e-6) and float(_angle_deg(u, v)) > HBOND_MIN_ANGLE:
+                out.append((h, donor, acc))
     return out
 
 

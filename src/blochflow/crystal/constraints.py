@@ -31,14 +31,15 @@ class Stabilizer(NamedTuple):
         return len(self.rotations)
 
 
-def site_stabilizer(symmetry, xyz_frac, tol_A: float = 0.05, cell=None) -> Stabilizer:
-    """Operators mapping the site onto itself within ``tol_A`` (Angstrom; fractional units if no cell).
+def site_stabilizer(symmetry, xyz_frac, tol_A: float = 0.05, cell=None, basis=None) -> Stabilizer:
+    """Operators mapping the site onto itself within ``tol_A`` (Angstrom; fractional units if neither the
+    cell nor its direct ``basis`` is given).
 
     0.05 A is well above the rounding of CIF coordinates but below the separation of split
     (disordered) sites, which must not be merged onto a special position.
     """
     x = np.asarray(xyz_frac, float)  # (3,) fractional
-    a = np.eye(3) if cell is None else cellmod.direct_basis(cell)  # (3, 3) A per fractional unit
+    a = (np.eye(3) if cell is None else cellmod.direct_basis(cell)) if basis is None else np.asarray(basis)  # A/frac
     img = np.einsum("sij,j->si", symmetry.rotations, x) + symmetry.translations  # (S, 3)
     n = np.rint(img - x)  # (S, 3) lattice shift
     dist = np.linalg.norm((img - n - x) @ a.T, axis=1)  # (S,) A

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .constraints import site_stabilizer
+
 # single-bond covalent radii (A), Cordero et al., Dalton Trans. (2008) 2832; sp3 carbon
 COVALENT_RADII = {
     "H": 0.31, "B": 0.84, "C": 0.76, "N": 0.71, "O": 0.66, "F": 0.57, "Si": 1.11, "P": 1.07, "S": 1.05,
@@ -83,23 +85,30 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
-    """Atoms of ``heavy`` (the non-H atoms, as a rule) bonded to the image (R, t) of ``centre_atom``:
-    list of (atom, R', t') images, coinciding images once."""
-    centre = centre_rot @ x_all[centre_atom] + centre_tr
-    rc = covalent_radius(elements[centre_atom])
+def images_within(symmetry, a_mat, x_all, centre, candidates, limit) -> list[tuple[int, int, np.ndarray]]:
+    """(atom, operator index, full translation t + n) of the images R x + t + n of the ``candidates``
+    closer than ``limit(atom)`` A to the fractional point ``centre`` (and not on it), images coinciding on
+    a special position once."""
     out = []
-    for j in heavy:
+    for j in candidates:
         dist, trans = symmetry.images_around(x_all[j], centre, a_mat)
-        limit = rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A
         seen = []
-        for s, k in zip(*np.nonzero((dist < limit) & (dist > 0.2))):
+        for s, k in zip(*np.nonzero((dist < limit(j)) & (dist > 0.2))):
             pos = symmetry.rotations[s] @ x_all[j] + trans[s, k]
             if any(np.allclose(pos, q, atol=1e-6) for q in seen):  # images coinciding (special positions)
                 continue
             seen.append(pos)
-            out.append((j, np.asarray(symmetry.rotations[s], float), np.asarray(trans[s, k], float)))
+            out.append((j, int(s), np.asarray(trans[s, k], float)))
     return out
+
+
+def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
+    """Atoms of ``heavy`` (the non-H atoms, as a rule) bonded to the image (R, t) of ``centre_atom``:
+    list of (atom, R', t') images, coinciding images once."""
+    rc = covalent_radius(elements[centre_atom])
+    found = images_within(symmetry, a_mat, x_all, centre_rot @ x_all[centre_atom] + centre_tr, heavy,
+                          lambda j: rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A)
+    return [(j, np.asarray(symmetry.rotations[s], float), t) for j, s, t in found]
 
 
 def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int],
@@ -109,7 +118,6 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
     of the three in the asymmetric unit, which would otherwise read as a C-H on a triple bond). A rigid
     group needs its H as occupied as its parent (``occupancy``, per atom): H of lower occupancy are
     disorder (a hydroxyl H over two sites), not a water."""
-    hydrogens = [i for i, e in enumerate(elements) if e.capitalize() == "H"]
     by_parent: dict[tuple, list[int]] = {}
     for h, (j, rot, tr) in riding.items():
         key = (j, tuple(np.round(rot, 6).ravel()), tuple(np.round(tr, 6)))
@@ -124,8 +132,8 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
         # a mirror is a rotor of three with each asymmetric-unit H at its own start torsion (the images
         # follow by symmetry); anything else is left to its starting offset
         # (only H riding on this parent count: an H-bonded neighbour's H can come within bonding distance)
-        images = [im for im in bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, hydrogens)
-                  if riding.get(im[0], (None,))[0] == j]
+        images = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr,
+                               [h for h, (parent, _, _) in riding.items() if parent == j])
         by_symmetry = len(images) > m
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
@@ -206,11 +214,9 @@ def _site_turn_axes(symmetry, a_mat: np.ndarray, site: np.ndarray, tol_A: float 
     X-H) does not turn about it: that axis is taken out where the site allows it."""
     a_inv = np.linalg.inv(a_mat)
     rows = []
-    for r, t in zip(symmetry.rotations, symmetry.translations):
-        d = r @ site + t - site
-        if np.linalg.norm(a_mat @ (d - np.rint(d))) < tol_A:
-            rc = a_mat @ r @ a_inv
-            rows.append(np.linalg.det(rc) * rc - np.eye(3))
+    for r in site_stabilizer(symmetry, site, tol_A, basis=a_mat).rotations:
+        rc = a_mat @ r @ a_inv
+        rows.append(np.linalg.det(rc) * rc - np.eye(3))
     _, sv, vt = np.linalg.svd(np.vstack(rows))
     free = vt[np.abs(sv) < 1e-6]
     if line is not None and len(free) and np.linalg.norm(free @ line) > 1 - 1e-6:  # the line is an allowed axis

@@ -6,7 +6,8 @@ import pytest
 
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import Crystal, crystal_from_record
-from blochflow.io.pets import ReflectionTable, every_nth_frame_mask, read_pets, select_frames
+from blochflow.io.pets import (FrameTable, MeasurementDetails, PetsDataset, ReflectionTable, every_nth_frame_mask,
+                               read_pets, select_frames)
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets
 from blochflow.physics.diffraction import BeamSettings
@@ -69,3 +70,21 @@ def _rmsd(xyz, truth: Crystal) -> float:
     d = (xyz.detach() - truth.asu.xyz).numpy()
     d -= np.round(d)
     return float(np.sqrt(np.mean(np.sum((d @ cellmod.direct_basis(truth.cell).T) ** 2, 1))))
+
+
+def rotation_frames(cell, n_frames: int, dstarmax: float):
+    """A continuous-rotation geometry for ``cell`` (0.025 A, 1.5 deg frames over -35..35 deg, a
+    random crystal orientation) listing every reflection within ``dstarmax`` on every frame."""
+    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
+    b = cellmod.reciprocal_basis(cell)
+    top = [int(dstarmax / np.linalg.norm(b[:, i] - b[:, [j for j in range(3) if j != i]] @ np.linalg.lstsq(
+        b[:, [j for j in range(3) if j != i]], b[:, i], rcond=None)[0])) + 1 for i in range(3)]
+    hkl = np.array([(h, k, l) for h in range(-top[0], top[0] + 1) for k in range(-top[1], top[1] + 1)
+                    for l in range(-top[2], top[2] + 1) if 0 < np.linalg.norm(b @ (h, k, l)) < dstarmax])
+    ids = np.arange(1, n_frames + 1)
+    frames = FrameTable(ids, np.tile([1.0, 0, 0], (n_frames, 1)), np.full(n_frames, 0.75),
+                        np.linspace(-35, 35, n_frames), np.zeros(n_frames), np.full(n_frames, 0.3), np.ones(n_frames))
+    n = len(hkl)
+    refl = ReflectionTable(np.tile(hkl, (n_frames, 1)), np.ones(n * n_frames), np.ones(n * n_frames), np.repeat(ids, n))
+    return PetsDataset("made-up geometry", tuple(cell), 0.02508, q @ b,
+                       MeasurementDetails("continuous", dstarmax, 0.001, 0.05, 0.484), frames, refl)

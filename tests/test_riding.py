@@ -505,36 +505,16 @@ def _hydrate(turn_deg: float = 0.0) -> Crystal:
         ["x,y,z", "-x,y+1/2,-z+1/2", "-x,-y,-z", "x,-y+1/2,z+1/2"]), asu=asu)
 
 
-def _rotation_frames(cell, n_frames: int, dstarmax: float):
-    """A continuous-rotation geometry for ``cell`` (0.025 A, 1.5 deg frames over -35..35 deg, a
-    random crystal orientation) listing every reflection within ``dstarmax`` on every frame."""
-    from blochflow.io.pets import FrameTable, MeasurementDetails, PetsDataset, ReflectionTable
-
-    q, _ = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))
-    b = cellmod.reciprocal_basis(cell)
-    top = [int(dstarmax / np.linalg.norm(b[:, i] - b[:, [j for j in range(3) if j != i]] @ np.linalg.lstsq(
-        b[:, [j for j in range(3) if j != i]], b[:, i], rcond=None)[0])) + 1 for i in range(3)]
-    hkl = np.array([(h, k, l) for h in range(-top[0], top[0] + 1) for k in range(-top[1], top[1] + 1)
-                    for l in range(-top[2], top[2] + 1) if 0 < np.linalg.norm(b @ (h, k, l)) < dstarmax])
-    ids = np.arange(1, n_frames + 1)
-    frames = FrameTable(ids, np.tile([1.0, 0, 0], (n_frames, 1)), np.full(n_frames, 0.75),
-                        np.linspace(-35, 35, n_frames), np.zeros(n_frames), np.full(n_frames, 0.3), np.ones(n_frames))
-    n = len(hkl)
-    refl = ReflectionTable(np.tile(hkl, (n_frames, 1)), np.ones(n * n_frames), np.ones(n * n_frames), np.repeat(ids, n))
-    return PetsDataset("made-up geometry", tuple(cell), 0.02508, q @ b,
-                       MeasurementDetails("continuous", dstarmax, 0.001, 0.05, 0.484), frames, refl)
-
-
 def test_a_water_turned_in_the_start_is_turned_back_by_its_rigid_group():
     """Known truth: data simulated from the hydrate; the start's water H are turned by 20 degrees
     (0.33 A off). Its rigid group turns them back to the truth, and the heavy atoms end where they
     should; riding on the start's orientation keeps the H wrong and pulls the water O and the fit."""
-    from conftest import N_SAMPLES, simulated
+    from conftest import N_SAMPLES, rotation_frames, simulated
 
     from blochflow.refine.run import RefineSettings, build_problem, refine
 
     truth = _hydrate()
-    ds = simulated(_rotation_frames(HYDRATE_CELL, 6, 1.2), truth, 400.0, N_SAMPLES, seed=2)
+    ds = simulated(rotation_frames(HYDRATE_CELL, 6, 1.2), truth, 400.0, N_SAMPLES, seed=2)
     a = cellmod.direct_basis(HYDRATE_CELL)
 
     def errors(turn_deg, **extra):

@@ -7,7 +7,8 @@ at every asymmetric-unit atom between its bonds. An s.u. is propagated from the 
 structure parameters through the Jacobian of the distance or angle, riding and symmetry constraints
 included (a distance the constraints fix has none); the cell is exact here, as it is not refined.
 A neighbour is named by its symmetry code, operator number (1-based, in the order of the CIF's
-symop loop) and lattice translation plus 5: '3_565'; '.' is the atom itself.
+symop loop) and lattice translation plus 5: '3_565'; '.' is the atom itself. Atoms in different groups of
+one disorder assembly (crystal/disorder.py) are never bonded, nor the two ends of an angle.
 """
 
 from __future__ import annotations
@@ -60,13 +61,29 @@ def _nearest_first(symmetry, a_mat, xyz, centre, found):
     return sorted(found, key=key)
 
 
-def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str]) -> list[list[Neighbour]]:
-    """Per asymmetric-unit atom, its bonded neighbours (images coinciding on a special position once)."""
+def _together(symmetry, disorder, a: Neighbour, b: Neighbour) -> bool:
+    """Whether two images can be present together (not alternatives of one disorder)."""
+    return disorder is None or disorder.together(
+        a.atom, b.atom, bool(np.allclose(symmetry.rotations[a.op], symmetry.rotations[b.op])))
+
+
+def _keep_with(symmetry, disorder, i: int):
+    """``images_within``'s filter: the images that can be present with asymmetric-unit atom i."""
+    if not disorder:
+        return None
+    return lambda j, s: disorder.together(i, j, bool(np.allclose(symmetry.rotations[s], np.eye(3))))
+
+
+def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str],
+               disorder=None) -> list[list[Neighbour]]:
+    """Per asymmetric-unit atom, its bonded neighbours (images coinciding on a special position once; with
+    ``disorder``, no alternative of the atom)."""
     out = []
     for i, el in enumerate(elements):
         candidates = [j for j, ej in enumerate(elements) if not (el.capitalize() == ej.capitalize() == "H")]
         found = images_within(symmetry, a_mat, xyz, xyz[i], candidates,
-                              lambda j: covalent_radius(el) + covalent_radius(elements[j]) + BOND_TOLERANCE_A)
+                              lambda j: covalent_radius(el) + covalent_radius(elements[j]) + BOND_TOLERANCE_A,
+                              _keep_with(symmetry, disorder, i))
         found = _nearest_first(symmetry, a_mat, xyz, xyz[i], found)
         out.append([_neighbour(symmetry, j, s, t) for j, s, t in found])
     return out
@@ -110,9 +127,10 @@ def bond_list(symmetry, xyz: np.ndarray, near: list[list[Neighbour]]) -> list[tu
 
 
 def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str],
-                   near: list[list[Neighbour]]) -> list[tuple[int, Neighbour, Neighbour]]:
+                   near: list[list[Neighbour]], disorder=None) -> list[tuple[int, Neighbour, Neighbour]]:
     """(H, its donor D, an acceptor A) for each asymmetric-unit H bonded to one non-H atom and each
-    acceptor image within the PLATON criteria (VDW_RADII, HBOND_MARGIN_A, HBOND_MIN_ANGLE)."""
+    acceptor image within the PLATON criteria (VDW_RADII, HBOND_MARGIN_A, HBOND_MIN_ANGLE); with
+    ``disorder``, acceptors that can be present with the H and its donor."""
     out = []
     acceptors = [j for j, e in enumerate(elements) if e.capitalize() in VDW_RADII and e.capitalize() != "H"]
     for h, el in enumerate(elements):
@@ -121,9 +139,12 @@ def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[
         donor = near[h][0]
         d_pos = _position(symmetry, xyz, donor)
         found = images_within(symmetry, a_mat, xyz, xyz[h], acceptors,
-                              lambda j: VDW_RADII["H"] + VDW_RADII[elements[j].capitalize()] - HBOND_MARGIN_A)
+                              lambda j: VDW_RADII["H"] + VDW_RADII[elements[j].capitalize()] - HBOND_MARGIN_A,
+                              _keep_with(symmetry, disorder, h))
         for j, s, t in _nearest_first(symmetry, a_mat, xyz, xyz[h], found):
             acc = _neighbour(symmetry, j, s, t)
+            if not _together(symmetry, disorder, donor, acc):
+                continue
             pos = _position(symmetry, xyz, acc)
             u, v = (torch.as_tensor(a_mat @ (x - xyz[h])) for x in (d_pos, pos))
             if not np.allclose(pos, d_pos, atol=1e-6) and float(_angle_deg(u, v)) > HBOND_MIN_ANGLE:
@@ -140,10 +161,12 @@ def geometry_table(structure, theta: torch.Tensor, covariance: torch.Tensor | No
     a = torch.as_tensor(structure._a, dtype=torch.float64)
     theta = torch.as_tensor(theta, dtype=torch.float64).detach()
     xyz0 = structure.physical(theta)[0].detach().numpy()
-    near = neighbours(sym, structure._a, xyz0, structure.elements)
+    disorder = structure.crystal.asu.disorder or None
+    near = neighbours(sym, structure._a, xyz0, structure.elements, disorder)
     bonds = bond_list(sym, xyz0, near)
-    angles = [(i, p, q) for i, nbs in enumerate(near) for k, p in enumerate(nbs) for q in nbs[k + 1:]]
-    hbonds = hydrogen_bonds(sym, structure._a, xyz0, structure.elements, near)
+    angles = [(i, p, q) for i, nbs in enumerate(near) for k, p in enumerate(nbs) for q in nbs[k + 1:]
+              if _together(sym, disorder, p, q)]
+    hbonds = hydrogen_bonds(sym, structure._a, xyz0, structure.elements, near, disorder)
     identity = next(s for s, (r, t) in enumerate(zip(sym.rotations, sym.translations))
                     if np.array_equal(r, np.eye(3)) and not np.any(np.abs(t - np.rint(t)) > 1e-9))
 

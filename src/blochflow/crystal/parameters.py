@@ -42,6 +42,7 @@ class StructureParameters:
 
     def __init__(self, crystal: Crystal, *, refine_xyz: bool = True, refine_adp: bool = True,
                  adp: str = "keep", hydrogens: str = "riding", refine_occupancy: bool = False,
+                 refine_disorder: bool = True,
                  special_tol_A: float = 0.05, site_tol_A: float = 0.1, riding_max_A: float = 1.3,
                  riding_geometry: str = "idealised", refine_torsions: bool = False):
         if adp not in ("keep", "iso", "aniso"):
@@ -151,8 +152,11 @@ class StructureParameters:
                 if rot[r, a] * rot[c, b]:
                     _add(const, coef, jb + 4 + 3 * r + c, ib + 4 + 3 * a + b, rot[r, a] * rot[c, b])
 
-        # occupancies: atoms sharing a site (within site_tol_A, any image) keep their starting sum
-        refined = [i for i in range(nat) if refine_occupancy and self.mode[i] == "free"]
+        # occupancies: atoms sharing a site (within site_tol_A, any image) keep their starting sum;
+        # with refine_disorder, those of a disorder group are one parameter instead (below)
+        dis = asu.disorder
+        in_part = {i for i in range(nat) if refine_disorder and dis.group[i]}
+        refined = [i for i in range(nat) if refine_occupancy and self.mode[i] == "free" and i not in in_part]
         for i in range(nat):
             const[i * _W + _OCC] = occ_in[i]
         parent_of = list(range(nat))
@@ -181,6 +185,30 @@ class StructureParameters:
                 if last is not None:
                     coef[last * _W + _OCC][p] = -1.0
 
+        # disorder groups (SHELXL's PART with a free variable): one occupancy per group, scaling each of its
+        # atoms' start occupancy; the groups of one assembly keep their starting sum (0.6 + 0.4 stays 1)
+        self.disorder_parts: list[tuple[str, str, list[int], int | None]] = []  # (assembly, group, atoms, parameter)
+        for assembly, groups in dis.parts().items():
+            members = {g: [i for i in atoms if i in in_part] for g, atoms in groups.items()}
+            members = {g: m for g, m in members.items() if m}
+            level = {g: float(np.mean(occ_in[m])) for g, m in members.items()}
+            last = list(members)[-1] if len(members) > 1 else None
+            params = {}
+            for g, atoms in members.items():
+                if g != last:
+                    params[g] = new(f"part{assembly}{g}.occ", level[g], "occupancy")
+                self.disorder_parts.append((assembly, g, atoms, params.get(g)))
+            for g, atoms in members.items():
+                for i in atoms:
+                    ratio = occ_in[i] / level[g] if level[g] > 0 else 1.0
+                    if g != last:
+                        const[i * _W + _OCC] = 0.0
+                        coef[i * _W + _OCC][params[g]] = ratio
+                    else:  # sum - the others
+                        const[i * _W + _OCC] = ratio * sum(level.values())
+                        for p in params.values():
+                            coef[i * _W + _OCC][p] = -ratio
+
         # riding hydrogens: parent image + fixed offset (the affine part; idealised groups replace the
         # offset by a direction from the parent's neighbours in physical()); U_iso = 1.2 U_eq(parent), 1.5 on O
         # and for three or more H on one parent (CH3, NH3, NH4+: rotating groups), as with SHELXL's HFIX 137
@@ -195,19 +223,21 @@ class StructureParameters:
             best = (np.inf, None, None, None)
             for j, xj in heavy.items():
                 d, rot, tr = _nearest_image(crystal.symmetry, xj, x_in[h], a_mat)
-                if d < best[0]:
+                if d < best[0] and dis.together(h, j, bool(np.allclose(rot, np.eye(3)))):
                     best = (d, j, rot, tr)
             if best[0] > riding_max_A:
                 raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on "
                                  "(riding_max_distance)")
             _, j, rot, tr = best
             self.riding[h] = (j, rot, tr)  # parent image = rot @ x_parent + tr
-        n_h = defaultdict(int)  # H per parent, symmetry images included (a methyl on a three-fold axis: 3, not 1)
-        for j, _, _ in self.riding.values():
-            n_h[j] += 1
-        for j in set(n_h):
-            n_h[j] = max(n_h[j], len(bonded_images(crystal.symmetry, a_mat, x_in, self.elements, j, np.eye(3),
-                                                   np.zeros(3), list(self.riding))))
+        # H per parent and disorder group, symmetry images included (a methyl on a three-fold axis: 3, not 1);
+        # only H riding on it (a neighbour's H in a strong hydrogen bond can come within bonding distance)
+        on_parent = defaultdict(list)
+        for h, (j, _, _) in self.riding.items():
+            on_parent[j, dis.group[h]].append(h)
+        n_h = {key: max(len(hs), len(bonded_images(crystal.symmetry, a_mat, x_in, self.elements, key[0], np.eye(3),
+                                                   np.zeros(3), hs, dis if dis else None)))
+               for key, hs in on_parent.items()}
         self.parent = [self.riding[i][0] if i in self.riding else None for i in range(nat)]
         self.u_factor: dict[int, float] = {}  # riding H: U_iso / U_eq(parent)
         for h, (j, rot, tr) in self.riding.items():
@@ -217,12 +247,12 @@ class StructureParameters:
                 const[hb + r] = tr[r] + offset[r]
                 for s in range(3):
                     _add(const, coef, hb + r, jb + s, rot[r, s])
-            factor = self.u_factor[h] = 1.5 if self.elements[j] == "O" or n_h[j] >= 3 else 1.2
+            factor = self.u_factor[h] = 1.5 if self.elements[j] == "O" or n_h[j, dis.group[h]] >= 3 else 1.2
             for r, gr in enumerate(g_rec.ravel()):
                 for s, gd in enumerate(g_dir.ravel()):
                     _add(const, coef, hb + 4 + r, jb + 4 + s, factor * gr * gd / 3)
             occ_j = value(jb + _OCC)
-            if occ_j > 0:
+            if occ_j > 0 and h not in in_part:  # (one in a disorder group has the group's occupancy)
                 const[hb + _OCC] = 0.0
                 _add(const, coef, hb + _OCC, jb + _OCC, occ_in[h] / occ_j)
 
@@ -232,7 +262,7 @@ class StructureParameters:
             for j, xj in heavy.items():
                 x_start[j] = xj
             self.riding_groups = build_groups(crystal.symmetry, a_mat, x_start, self.elements, self.riding,
-                                              list(heavy), occupancy=occ_in)
+                                              list(heavy), occupancy=occ_in, disorder=dis)
         # an idealised H on a special position is projected back onto it after placement (the mean of its
         # site's images): a rule that places it from neighbours off that position (an O-H on a mirror whose
         # C has its other bonds off the mirror) would take it off as the neighbours move
@@ -295,6 +325,22 @@ class StructureParameters:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def disorder_details(self) -> str:
+        """The disorder groups and how their occupancies were refined, in words ('' without groups)."""
+        if not self.disorder_parts:
+            return ""
+        lines = []
+        by_assembly: dict[str, list] = {}
+        for assembly, group, atoms, p in self.disorder_parts:
+            by_assembly.setdefault(assembly, []).append((group, atoms, p))
+        for assembly, parts in by_assembly.items():
+            name = f"Disorder assembly {assembly}" if assembly else "Disorder"
+            each = ", ".join(f"group {g} ({len(atoms)} atoms)" for g, atoms, _ in parts)
+            how = ("one occupancy refined for all its atoms" if len(parts) == 1 else
+                   f"one occupancy per group, {len(parts) - 1} refined, the groups summing to their start")
+            lines.append(f"{name}: {each}; {how}.")
+        return "\n".join(lines)
 
     def hydrogen_details(self) -> str:
         """How the hydrogens were treated, in words for the CIF's _refine_special_details ('' without H)."""
@@ -368,7 +414,8 @@ class StructureParameters:
     def crystal_at(self, theta: torch.Tensor) -> Crystal:
         """A detached :class:`Crystal` at theta (e.g. for writing the refined model)."""
         xyz, occ, u = (t.detach().clone() for t in self.physical(theta))
-        asu = AsymmetricUnit(list(self.labels), list(self.elements), xyz, occ, u, list(self.anisotropic))
+        asu = AsymmetricUnit(list(self.labels), list(self.elements), xyz, occ, u, list(self.anisotropic),
+                             self.crystal.asu.disorder)
         return Crystal(cell=self.crystal.cell, symmetry=self.crystal.symmetry, asu=asu, name=self.crystal.name)
 
     # -- ADP positivity ------------------------------------------------------------------------
@@ -457,7 +504,9 @@ class StructureParameters:
             cols = np.unique(self._cols[sl])
             jac = np.zeros((_W, len(cols)))
             np.add.at(jac, (self._rows[sl] - a * _W, np.searchsorted(cols, self._cols[sl])), self._vals[sl])
-            c = jac @ cov[np.ix_(cols, cols)] @ jac.T if a not in self.riding else np.zeros((_W, _W))
+            c = jac @ cov[np.ix_(cols, cols)] @ jac.T
+            if a in self.riding:  # calculated: no s.u., bar an occupancy it shares (a disorder group's)
+                c = np.diag(np.eye(_W)[_OCC] * c[_OCC, _OCC])
             cu = c[4:, 4:]
             aniso = self.anisotropic[a]
 
@@ -472,7 +521,8 @@ class StructureParameters:
                 u_aniso=(t6 @ u[a].ravel()).tolist() if aniso else None,
                 u_aniso_su=su(t6 @ cu @ t6.T).tolist() if aniso else None,
                 calc_flag="R" if a in self.riding else "",
-                symmetry_order=len(site_stabilizer(self.crystal.symmetry, xyz[a], 0.01, self.crystal.cell).rotations)))
+                symmetry_order=len(site_stabilizer(self.crystal.symmetry, xyz[a], 0.01, self.crystal.cell).rotations),
+                disorder_assembly=self.crystal.asu.disorder.assembly[a], disorder_group=self.crystal.asu.disorder.group[a]))
         return out
 
 

@@ -23,6 +23,11 @@ parameters of their own.
 Anything else (symmetry images among a group's H where the group has no rule above, or an unusual
 count) rides with its starting offset.
 
+With disorder groups (crystal/disorder.py) a parent's H of one group form their own riding group (a
+methyl disordered over two sets of three H is two rotors), and only the neighbours that can be present
+with them count; where those are alternatives of each other (a CH2 next to a carbon split over two
+sites) the H ride with their starting offset, their geometry having no single answer.
+
 X-H distances are rounded neutron averages (C-H 1.09, N-H 1.01, O-H 0.97, B-H 1.19, S-H 1.34 A):
 electron diffraction sees the nuclei's potential, not the shortened X-ray X-H distance. Hydrogens
 on other parents keep their starting distance.
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 
 from .constraints import site_stabilizer
+from .disorder import Disorder
 
 # single-bond covalent radii (A), Cordero et al., Dalton Trans. (2008) 2832; sp3 carbon
 COVALENT_RADII = {
@@ -85,15 +91,18 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def images_within(symmetry, a_mat, x_all, centre, candidates, limit) -> list[tuple[int, int, np.ndarray]]:
+def images_within(symmetry, a_mat, x_all, centre, candidates, limit,
+                  keep=None) -> list[tuple[int, int, np.ndarray]]:
     """(atom, operator index, full translation t + n) of the images R x + t + n of the ``candidates``
     closer than ``limit(atom)`` A to the fractional point ``centre`` (and not on it), images coinciding on
-    a special position once."""
+    a special position once; ``keep(atom, operator index)``, where given, chooses among them (disorder)."""
     out = []
     for j in candidates:
         dist, trans = symmetry.images_around(x_all[j], centre, a_mat)
         seen = []
         for s, k in zip(*np.nonzero((dist < limit(j)) & (dist > 0.2))):
+            if keep is not None and not keep(j, int(s)):
+                continue
             pos = symmetry.rotations[s] @ x_all[j] + trans[s, k]
             if any(np.allclose(pos, q, atol=1e-6) for q in seen):  # images coinciding (special positions)
                 continue
@@ -102,38 +111,52 @@ def images_within(symmetry, a_mat, x_all, centre, candidates, limit) -> list[tup
     return out
 
 
-def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy):
+def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, centre_tr, heavy,
+                  disorder: Disorder | None = None):
     """Atoms of ``heavy`` (the non-H atoms, as a rule) bonded to the image (R, t) of ``centre_atom``:
-    list of (atom, R', t') images, coinciding images once."""
+    list of (atom, R', t') images, coinciding images once; with ``disorder``, only the images that can be
+    present with the centre (no alternative of it)."""
     rc = covalent_radius(elements[centre_atom])
+    keep = None if not disorder else (lambda j, s: disorder.together(
+        centre_atom, j, bool(np.allclose(symmetry.rotations[s], centre_rot))))
     found = images_within(symmetry, a_mat, x_all, centre_rot @ x_all[centre_atom] + centre_tr, heavy,
-                          lambda j: rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A)
+                          lambda j: rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A, keep)
     return [(j, np.asarray(symmetry.rotations[s], float), t) for j, s, t in found]
 
 
 def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int],
-                 occupancy: np.ndarray | None = None):
+                 occupancy: np.ndarray | None = None, disorder: Disorder | None = None):
     """Riding groups for the hydrogens in ``riding`` ({h: (parent, R, t)}); those no rule fits are left out.
     The rules count a parent's H with their symmetry images (a methyl on a three-fold axis holds one H
     of the three in the asymmetric unit, which would otherwise read as a C-H on a triple bond). A rigid
     group needs its H as occupied as its parent (``occupancy``, per atom): H of lower occupancy are
-    disorder (a hydroxyl H over two sites), not a water."""
+    disorder (a hydroxyl H over two sites), not a water. ``disorder``: the atoms' disorder groups."""
+    disorder = disorder if disorder else None
     by_parent: dict[tuple, list[int]] = {}
     for h, (j, rot, tr) in riding.items():
-        key = (j, tuple(np.round(rot, 6).ravel()), tuple(np.round(tr, 6)))
+        key = (j, tuple(np.round(rot, 6).ravel()), tuple(np.round(tr, 6)), disorder and disorder.group[h])
         by_parent.setdefault(key, []).append(h)
     groups = []
     for hs in by_parent.values():
         j, rot, tr = riding[hs[0]]
         p_el = elements[j].capitalize()
-        neigh = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, heavy)
+
+        def with_h(found, h0=hs[0]):  # the images that can be present with the group's H
+            return found if disorder is None else [
+                f for f in found if disorder.together(h0, f[0], bool(np.allclose(f[1], np.eye(3))))]
+
+        neigh = with_h(bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, heavy, disorder))
+        if disorder is not None and not disorder.all_together([(k, r) for k, r, _ in neigh]):
+            continue  # neighbours that are alternatives of each other: no one geometry
         n, m = len(neigh), len(hs)
         # a parent whose H are partly symmetry images of the others: a methyl (NH3) on a three-fold axis or
         # a mirror is a rotor of three with each asymmetric-unit H at its own start torsion (the images
         # follow by symmetry); anything else is left to its starting offset
-        # (only H riding on this parent count: an H-bonded neighbour's H can come within bonding distance)
-        images = bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr,
-                               [h for h, (parent, _, _) in riding.items() if parent == j])
+        # (only H riding on this parent, and in the group's disorder group, count: an H-bonded neighbour's H
+        # can come within bonding distance)
+        mates = [h for h, (parent, _, _) in riding.items()
+                 if parent == j and (disorder is None or disorder.group[h] == disorder.group[hs[0]])]
+        images = with_h(bonded_images(symmetry, a_mat, x_all, elements, j, rot, tr, mates, disorder))
         by_symmetry = len(images) > m
         p = _cart(a_mat, rot, tr, x_all[j])
         start = {h: a_mat @ x_all[h] - p for h in hs}
@@ -169,7 +192,7 @@ def build_groups(symmetry, a_mat, x_all, elements, riding: dict, heavy: list[int
             groups.append(RidingGroup("methylene", (j, rot, tr), neigh, hs, dist, phase=signs))
         elif n == 1 and 1 <= m <= 3:
             k, rk, tk = neigh[0]
-            refs = [r for r in bonded_images(symmetry, a_mat, x_all, elements, k, rk, tk, heavy)
+            refs = [r for r in with_h(bonded_images(symmetry, a_mat, x_all, elements, k, rk, tk, heavy, disorder))
                     if not (r[0] == j and np.allclose(_cart(a_mat, r[1], r[2], x_all[j]), p, atol=1e-4))]
             if not refs or (m == 2 and p_el not in ("C", "N")):
                 continue

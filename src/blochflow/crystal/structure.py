@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import gemmi
 import numpy as np
@@ -10,6 +10,7 @@ import torch
 
 from ..io.structure_cif import StructureRecord
 from . import cell as cellmod
+from .disorder import Disorder
 
 
 def lattice_allowed(hkl: np.ndarray, centring) -> np.ndarray:
@@ -85,11 +86,16 @@ class AsymmetricUnit:
     occupancy: torch.Tensor  # (A,)
     u_frac: torch.Tensor  # (A, 3, 3)
     anisotropic: list[bool]
+    disorder: Disorder | None = field(default=None)  # disorder groups; None: no atom in a group
+
+    def __post_init__(self):
+        if self.disorder is None:
+            self.disorder = Disorder.none(len(self.labels))
 
     def clone(self) -> "AsymmetricUnit":
         return AsymmetricUnit(list(self.labels), list(self.elements), self.xyz.detach().clone(),
                               self.occupancy.detach().clone(), self.u_frac.detach().clone(),
-                              list(self.anisotropic))
+                              list(self.anisotropic), self.disorder)
 
 
 @dataclass
@@ -137,7 +143,8 @@ def crystal_from_record(rec: StructureRecord, dtype=torch.float64) -> Crystal:
     asu = AsymmetricUnit(
         labels=[a.label for a in rec.atoms], elements=[a.element for a in rec.atoms],
         xyz=torch.tensor(np.array(xyz), dtype=dtype), occupancy=torch.tensor(occ, dtype=dtype),
-        u_frac=torch.tensor(np.array(uf), dtype=dtype), anisotropic=aniso)
+        u_frac=torch.tensor(np.array(uf), dtype=dtype), anisotropic=aniso,
+        disorder=Disorder(tuple(a.disorder_assembly for a in rec.atoms), tuple(a.disorder_group for a in rec.atoms)))
     crystal = Crystal(cell=tuple(rec.cell), symmetry=SymmetryOps.from_triplets(rec.symops), asu=asu,
                       name=rec.name)
     _check_distinct_sites(crystal)

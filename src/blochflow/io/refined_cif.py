@@ -70,6 +70,8 @@ class AtomResult:
     u_aniso_su: tuple[float, ...] | None = None
     calc_flag: str = ""  # '' (refined: calc_flag d) or 'R' (riding: calc_flag calc, refinement_flags_posn R)
     symmetry_order: int = 1  # operators fixing the site (a special position: > 1, refinement_flags_posn S)
+    disorder_assembly: str = ""  # '' where the atom is in no disorder group
+    disorder_group: str = ""
 
     def __post_init__(self):
         if self.adp_type not in ("Uiso", "Uani"):
@@ -201,9 +203,11 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
         if s.thickness is not None:
             out.append(f"_blochflow_refine_thickness_mean {format_plain(s.thickness)}")
 
+    disorder = any(a.disorder_group for a in atoms)
     out += ["", "loop_"] + [f"_atom_site_{t}" for t in (
         "label", "type_symbol", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv", "adp_type",
-        "occupancy", "site_symmetry_order", "calc_flag", "refinement_flags_posn")]
+        "occupancy", "site_symmetry_order", "calc_flag", "refinement_flags_posn")
+        + (("disorder_assembly", "disorder_group") if disorder else ())]
     for a in atoms:
         u = a.u_iso
         if a.adp_type == "Uani" and not _finite(u):
@@ -213,7 +217,8 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
         flags = ("R" if a.calc_flag == "R" else "") + ("S" if a.symmetry_order > 1 else "")
         out.append(f"{_q(a.label)} {_q(a.element)} {xyz} {format_su(u, a.u_iso_su)} {a.adp_type} "
                    f"{format_su(a.occupancy, a.occupancy_su)} {int(a.symmetry_order)} "
-                   f"{'calc' if a.calc_flag == 'R' else 'd'} {flags or '.'}")
+                   f"{'calc' if a.calc_flag == 'R' else 'd'} {flags or '.'}"
+                   + (f" {_q(a.disorder_assembly or '.')} {_q(a.disorder_group or '.')}" if disorder else ""))
     aniso = [a for a in atoms if a.adp_type == "Uani"]
     if aniso:
         order = (0, 1, 2, 5, 4, 3)  # U11 U22 U33 U23 U13 U12, the SHELX order

@@ -21,6 +21,8 @@ class AtomRecord:
     occupancy: float
     u_iso: float  # A^2 (U_eq when anisotropic)
     u_aniso: tuple[float, float, float, float, float, float] | None  # U11 U22 U33 U12 U13 U23 (CIF frame)
+    disorder_assembly: str = ""  # _atom_site_disorder_assembly ('' where none)
+    disorder_group: str = ""  # _atom_site_disorder_group ('' where none or 0; SHELXL's PART)
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,8 @@ def read_structure(path: str | Path) -> StructureRecord:
     uisos = block.find_values("_atom_site_U_iso_or_equiv")
     bisos = block.find_values("_atom_site_B_iso_or_equiv")
     adp_types = block.find_values("_atom_site_adp_type")
+    assemblies = block.find_values("_atom_site_disorder_assembly")
+    groups = block.find_values("_atom_site_disorder_group")
     names = [gemmi.cif.as_string(row[0]) for row in table]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -297,7 +301,9 @@ def read_structure(path: str | Path) -> StructureRecord:
             odd_adp.append(f"{label} '{adp_type}'")
         elif adp_type in ("Uani", "Bani") and u_aniso is None:
             odd_adp.append(f"{label} '{adp_type}' without an _atom_site_aniso row (isotropic)")
-        atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso))
+        assembly, group = (_code(v[i]) if len(v) else "" for v in (assemblies, groups))
+        atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso,
+                                assembly if group else "", group))
     if odd_adp:  # the ADPs are read from the U/B items alone; a column shifted by a script shows here
         notes.append(f"_atom_site_adp_type not as the ADPs read: {', '.join(odd_adp[:5])}"
                      + (f" and {len(odd_adp) - 5} more" if len(odd_adp) > 5 else "")
@@ -357,6 +363,12 @@ def non_positive_definite(record: StructureRecord) -> list[str]:
             if np.linalg.eigvalsh(np.array([[u11, u12, u13], [u12, u22, u23], [u13, u23, u33]])).min() <= 0:
                 bad.append(a.label)
     return bad
+
+
+def _code(value: str) -> str:
+    """A disorder assembly or group code as a string; '' for none ('.', '?', 0, as SHELXL's PART 0)."""
+    code = gemmi.cif.as_string(value).strip()
+    return "" if code in (".", "?") or code.lstrip("+-") == "0" else code.lstrip("+")
 
 
 def _standard_uncertainty(value: str) -> float:

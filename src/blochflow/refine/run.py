@@ -127,6 +127,9 @@ class RefineSettings:
     riding_torsions: bool = True
     riding_max_distance: float = 1.3  # A: an H farther than this from every non-H atom is an error
     refine_occupancy: bool = False
+    # one occupancy per disorder group (_atom_site_disorder_group, SHELXL's PART with a free variable), the
+    # groups of an assembly keeping their starting sum; atoms outside a group keep theirs unless refine_occupancy
+    refine_disorder: bool = True
     # objective
     free_fraction: float = 0.05
     free_seed: int = 0
@@ -809,6 +812,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
     structure = StructureParameters(crystal, refine_xyz=settings.refine_xyz, refine_adp=settings.refine_adp,
                                     adp=settings.adp, hydrogens=settings.hydrogens,
                                     refine_occupancy=settings.refine_occupancy,
+                                    refine_disorder=settings.refine_disorder,
                                     riding_geometry=settings.riding_geometry,
                                     riding_max_A=settings.riding_max_distance,
                                     refine_torsions=settings.riding_torsions)
@@ -833,6 +837,12 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
             log(f"note: the {sum(len(g.hydrogens) for g in rigid)} hydrogens of rigid groups (water, NH4+, H3O+) keep "
                 f"the start's orientation; check them in the start model, or refine them (--set riding_torsions=true, "
                 f"or --hydrogens free)")
+    if structure.disorder_parts:
+        log("disorder groups: " + ", ".join(
+            f"{assembly + ':' if assembly else ''}{group} ({len(atoms)} atoms, occupancy "
+            f"{'refined' if p is not None else 'the rest of the sum'})"
+            for assembly, group, atoms, p in structure.disorder_parts)
+            + "; atoms of different groups of one assembly are never bonded")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),
                          frame_mask=frame_mask)
@@ -878,7 +888,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
 
 
 def refined_index(problem: RefinementProblem, settings: RefineSettings) -> torch.Tensor:
-    switches = {"xyz": settings.refine_xyz, "adp": settings.refine_adp, "occupancy": settings.refine_occupancy,
+    switches = {"xyz": settings.refine_xyz, "adp": settings.refine_adp,
+                "occupancy": settings.refine_occupancy or settings.refine_disorder,
                 "thickness": settings.refine_thickness, "network": settings.refine_thickness,
                 "surface": settings.refine_thickness, "orientation": settings.refine_orientation,
                 "absorption": problem.refine_absorption}

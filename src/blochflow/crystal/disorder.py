@@ -1,0 +1,51 @@
+"""Disorder groups (the CIF's _atom_site_disorder_assembly and _atom_site_disorder_group, SHELXL's PART).
+
+An atom with no group ('' or '.') is present in every alternative. Atoms in different groups of one
+assembly are alternatives (one or the other is there, never both): they are never bonded to each other
+and never neighbours in a riding group or a hydrogen bond. Groups of different assemblies are
+independent disorders and coexist. A negative group (SHELXL's PART -n: a molecule disordered about a
+symmetry element) is also an alternative to its own symmetry images (another rotation), though not to
+its lattice translations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Disorder:
+    """Per asymmetric-unit atom, its (assembly, group) codes; '' where the CIF gives none."""
+
+    assembly: tuple[str, ...]
+    group: tuple[str, ...]
+
+    @classmethod
+    def none(cls, n: int) -> "Disorder":
+        return cls(("",) * n, ("",) * n)
+
+    def __bool__(self) -> bool:
+        return any(self.group)
+
+    def together(self, i: int, j: int, same_rotation: bool = True) -> bool:
+        """Whether atom i and an image of atom j can be present together; ``same_rotation``: the image's
+        operator has the rotation of i's (a lattice translation apart), which a negative group needs."""
+        gi, gj = self.group[i], self.group[j]
+        if not gi or not gj or self.assembly[i] != self.assembly[j]:
+            return True
+        return gi == gj and (same_rotation or not gi.startswith("-"))
+
+    def all_together(self, atoms: list[tuple[int, np.ndarray]]) -> bool:
+        """Whether every pair of the images (atom, rotation) can be present together."""
+        return all(self.together(i, j, bool(np.allclose(ri, rj)))
+                   for n, (i, ri) in enumerate(atoms) for j, rj in atoms[n + 1:])
+
+    def parts(self) -> dict[str, dict[str, list[int]]]:
+        """{assembly: {group: atoms}} of the atoms that belong to a group, in the asymmetric unit's order."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for i, (a, g) in enumerate(zip(self.assembly, self.group)):
+            if g:
+                out.setdefault(a, {}).setdefault(g, []).append(i)
+        return out

@@ -579,3 +579,17 @@ def test_a_strongly_h_bonded_neighbours_h_does_not_count_as_the_parents():
     sp = StructureParameters(_crystal(atoms, ["x,y,z"]), refine_torsions=True)
     kinds = {tuple(sp.labels[h] for h in g.hydrogens): g.kind for g in sp.riding_groups}
     assert kinds == {("H8",): "rotor", ("H2A", "H2B"): "rigid"}
+
+
+def test_a_strongly_h_bonded_neighbours_h_does_not_raise_the_parents_u_factor():
+    """An NH2 with a water's H 1.30 A from its N: the N has two H, U_iso 1.2 U_eq (three would make 1.5)."""
+    n = np.array([12.0, 12.0, 3.0])
+    up = np.array([0.0, 0.0, 1.0])
+    atoms = [("N1", "N", n), ("C1", "C", n + [1.35, 0, 0]), ("C2", "C", n + [2.1, 1.2, 0]),
+             ("H1", "H", n + 1.01 * np.array([np.cos(2.094), np.sin(2.094), 0])),
+             ("H2", "H", n + 1.01 * np.array([np.cos(4.189), np.sin(4.189), 0])),
+             ("H3", "H", n + 1.30 * up), ("O1", "O", n + 2.27 * up),
+             ("H4", "H", n + 2.27 * up + 0.97 * np.array([0.97, 0, 0.24]))]
+    sp = StructureParameters(_crystal(atoms, ["x,y,z"]))
+    assert sp.labels[sp.riding[5][0]] == "O1"
+    assert sp.u_factor[3] == sp.u_factor[4] == 1.2 and sp.u_factor[5] == 1.5

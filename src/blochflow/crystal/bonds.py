@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cell import direct_basis
 from .riding import BOND_TOLERANCE_A, covalent_radius, images_within
 
 # hydrogen bonds D-H...A as PLATON finds them: H...A below the sum of the van der Waals radii (Bondi) less
@@ -124,6 +125,15 @@ def bond_list(symmetry, xyz: np.ndarray, near: list[list[Neighbour]]) -> list[tu
                 if tuple(np.round(here, 6)) <= tuple(np.round(_inverse_image(symmetry, xyz[i], nb), 6)):
                     out.append((i, nb))
     return out
+
+
+def bonded_pairs(crystal) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+    """Each bond of a crystal once, as (i, j, R, t): atom i to the image R x_j + t of atom j."""
+    sym = crystal.symmetry
+    xyz = crystal.asu.xyz.detach().cpu().numpy().astype(float)
+    near = neighbours(sym, direct_basis(crystal.cell), xyz, crystal.asu.elements, crystal.asu.disorder or None)
+    return [(i, nb.atom, np.asarray(sym.rotations[nb.op], float), _translation(sym, nb.op) + np.array(nb.shift))
+            for i, nb in bond_list(sym, xyz, near)]
 
 
 def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str],

@@ -3,7 +3,12 @@
 Restraints are given by atom labels. A distance restraint uses the symmetry image of the second
 atom nearest to the first in the start structure (operator and lattice translation fixed there),
 so the restrained bond is the one a crystallographer sees. Same-ADP restraints tie the Cartesian
-U tensors (all six components) of two atoms.
+U tensors (all six components) of two atoms. A same-distance restraint (SHELXL's SADI) holds two or
+more distances equal, each row its distance's deviation from their mean. A rigid-bond restraint
+(Hirshfeld's test, the first part of SHELXL's RIGU and DELU) holds the two atoms' mean-square
+displacements along their bond equal, z.U_i.z = z.U_j.z with z the unit bond vector: given a pair, or
+for every bond between two anisotropic non-H atoms when no atoms are named (bonds as in the geometry
+table: covalent radii + 0.4 A, none between alternatives of one disorder).
 
 Config (TOML)::
 
@@ -12,6 +17,15 @@ Config (TOML)::
     atoms = ["Si1", "O1"]
     target = 1.61          # A (distance only)
     sigma = 0.01           # A or A^2
+
+    [[restraints]]
+    type = "same_distance"
+    atoms = [["C2A", "C1"], ["C2B", "C1"]]
+    sigma = 0.02           # A (the default)
+
+    [[restraints]]
+    type = "rigid_bond"    # every bond between anisotropic atoms; or atoms = ["C1", "N1"]
+    sigma = 0.004          # A^2 (the default, SHELXL's RIGU)
 """
 
 from __future__ import annotations
@@ -21,8 +35,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .bonds import bonded_pairs
 from .cell import direct_basis
 from .structure import Crystal
+
+SIGMA_DEFAULTS = {"same_distance": 0.02, "rigid_bond": 0.004}  # A, A^2: SHELXL's SADI and RIGU defaults
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,21 @@ class DistanceRestraint:
 class SameAdpRestraint:
     i: int
     j: int
+    sigma: float
+
+
+@dataclass(frozen=True)
+class SameDistanceRestraint:
+    pairs: tuple  # ((i, j, rotation (3, 3) applied to j, translation (3,)), ...)
+    sigma: float
+
+
+@dataclass(frozen=True)
+class RigidBondRestraint:
+    i: int
+    j: int
+    rotation: np.ndarray  # (3, 3) applied to atom j (and to its U)
+    translation: np.ndarray
     sigma: float
 
 
@@ -71,13 +103,37 @@ def restraints_from_config(items, crystal: Crystal) -> list:
         where = f"restraints[{n}]"
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected a table with type, atoms, sigma")
-        kind, atoms, sigma = item.get("type"), item.get("atoms"), item.get("sigma")
-        if not isinstance(atoms, (list, tuple)) or len(atoms) != 2:
-            raise ValueError(f"{where}: 'atoms' must name two atoms")
+        kind, atoms = item.get("type"), item.get("atoms")
+        sigma = item.get("sigma", SIGMA_DEFAULTS.get(kind))
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or sigma <= 0:
             raise ValueError(f"{where}: 'sigma' must be a positive number")
+        if kind == "same_distance":
+            if (not isinstance(atoms, (list, tuple)) or len(atoms) < 2
+                    or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in atoms)):
+                raise ValueError(f"{where}: 'atoms' must list two or more pairs, [[a, b], [c, d]]")
+            pairs = []
+            for a, b in atoms:
+                i, j = _index(labels, a, where), _index(labels, b, where)
+                rot, tr, _ = nearest_image(crystal, i, j)
+                if rot is None:
+                    raise ValueError(f"{where}: no image of {b} distinct from {a}")
+                pairs.append((i, j, rot, tr))
+            out.append(SameDistanceRestraint(tuple(pairs), float(sigma)))
+            continue
+        if kind == "rigid_bond" and atoms in (None, "all"):
+            out += [RigidBondRestraint(i, j, rot, tr, float(sigma)) for i, j, rot, tr in bonded_pairs(crystal)
+                    if crystal.asu.anisotropic[i] and crystal.asu.anisotropic[j]
+                    and "H" not in (crystal.asu.elements[i].capitalize(), crystal.asu.elements[j].capitalize())]
+            continue
+        if not isinstance(atoms, (list, tuple)) or len(atoms) != 2:
+            raise ValueError(f"{where}: 'atoms' must name two atoms")
         i, j = (_index(labels, a, where) for a in atoms)
-        if kind == "distance":
+        if kind == "rigid_bond":
+            rot, tr, _ = nearest_image(crystal, i, j)
+            if rot is None:
+                raise ValueError(f"{where}: no image of {atoms[1]} distinct from {atoms[0]}")
+            out.append(RigidBondRestraint(i, j, rot, tr, float(sigma)))
+        elif kind == "distance":
             target = item.get("target")
             if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
                 raise ValueError(f"{where}: 'target' must be a positive distance in A")
@@ -88,14 +144,16 @@ def restraints_from_config(items, crystal: Crystal) -> list:
         elif kind == "same_adp":
             out.append(SameAdpRestraint(i, j, float(sigma)))
         else:
-            raise ValueError(f"{where}: type must be 'distance' or 'same_adp', got {kind!r}")
+            raise ValueError(f"{where}: type must be 'distance', 'same_distance', 'same_adp' or 'rigid_bond', "
+                             f"got {kind!r}")
     return out
 
 
 def restraint_rows(restraints: list) -> int:
-    """How many least-squares rows the restraints add (a distance one, a same-ADP six): the
-    number of restraints a CIF reports (_refine_ls_number_restraints)."""
-    return sum(1 if isinstance(r, DistanceRestraint) else 6 for r in restraints)
+    """The number of restraints a CIF reports (_refine_ls_number_restraints): a distance or rigid bond one,
+    a same-ADP six, n equal distances n - 1 (their n rows about the mean hold n - 1 differences)."""
+    return sum(6 if isinstance(r, SameAdpRestraint) else len(r.pairs) - 1 if isinstance(r, SameDistanceRestraint)
+               else 1 for r in restraints)
 
 
 def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch.Tensor) -> torch.Tensor:
@@ -104,11 +162,24 @@ def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch
         return torch.zeros(0, dtype=xyz.dtype)
     a = torch.as_tensor(direct_basis(cell), dtype=xyz.dtype)
     rows = []
+
+    def bond(i, j, rot, tr):  # Cartesian vector from atom i to the image (rot, tr) of atom j
+        img = torch.as_tensor(rot, dtype=xyz.dtype) @ xyz[j] + torch.as_tensor(tr, dtype=xyz.dtype)
+        return a @ (img - xyz[i])
+
     for r in restraints:
         if isinstance(r, DistanceRestraint):
-            img = torch.as_tensor(r.rotation, dtype=xyz.dtype) @ xyz[r.j] + torch.as_tensor(r.translation, dtype=xyz.dtype)
-            d = torch.linalg.norm(a @ (img - xyz[r.i]))
+            d = torch.linalg.norm(bond(r.i, r.j, r.rotation, r.translation))
             rows.append(((d - r.target) / r.sigma)[None])
+        elif isinstance(r, SameDistanceRestraint):
+            d = torch.stack([torch.linalg.norm(bond(*p)) for p in r.pairs])
+            rows.append((d - d.mean()) / r.sigma)
+        elif isinstance(r, RigidBondRestraint):
+            z = bond(r.i, r.j, r.rotation, r.translation)
+            z = z / torch.linalg.norm(z)
+            rot = torch.as_tensor(r.rotation, dtype=xyz.dtype)
+            ui, uj = a @ u_frac[r.i] @ a.T, a @ (rot @ u_frac[r.j] @ rot.T) @ a.T
+            rows.append(((z @ ui @ z - z @ uj @ z) / r.sigma)[None])
         else:
             ui, uj = a @ u_frac[r.i] @ a.T, a @ u_frac[r.j] @ a.T
             iu = torch.triu_indices(3, 3)

@@ -106,7 +106,8 @@ class RefineSettings:
     learned_warm_start: str = "per-frame"
     warm_start_iterations: int = 6
     holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
-    restraints: tuple = ()  # tables {type: distance|same_adp, atoms: [a, b], target (A), sigma}
+    # tables {type: distance|same_distance|same_adp|rigid_bond, atoms, target (A), sigma}: crystal/restraints.py
+    restraints: tuple = ()
     refine_thickness: bool = True
     refine_orientation: bool = True
     # > 0 (mrad): Gaussian prior of this width on each frame's two orientation corrections (0: none).

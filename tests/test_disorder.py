@@ -230,3 +230,28 @@ def test_known_truth_the_groups_occupancy_is_refined_back():
     assert rmsd < 0.01
     held, _, rmsd_held, gof_held = fit(refine_disorder=False)
     assert held["C2A"] == 0.5 and gof_held > 3 * gof and rmsd_held > 0.03
+
+
+def test_independent_disorders_under_one_group_numbering_keep_their_own_sums():
+    """SHELXL numbers every disorder PART 1 and 2 and writes no assembly; two disorders refined apart
+    (free variables 0.62 and 0.71) are two sets: each pair keeps its sum of 1 as its occupancy moves, and a
+    class with no partner (0.5) has its own parameter."""
+    cell = (12.0, 12.0, 12.0, 90.0, 90.0, 90.0)
+    rows = [("C1", 0.62, "1"), ("C2", 0.38, "2"), ("N1", 0.71, "1"), ("N2", 0.29, "2"), ("O1", 0.5, "1"),
+            ("C3", 0.62, "1")]
+    xyz = torch.tensor([[0.1 + 0.15 * k, 0.1, 0.1] for k in range(len(rows))], dtype=torch.float64)
+    u = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(0.02, cell))] * len(rows))
+    asu = AsymmetricUnit([r[0] for r in rows], [r[0][0] for r in rows], xyz,
+                         torch.tensor([r[1] for r in rows], dtype=torch.float64), u, [False] * len(rows),
+                         Disorder(("",) * len(rows), tuple(r[2] for r in rows)))
+    sp = StructureParameters(Crystal(cell, SymmetryOps.from_triplets(["x,y,z"]), asu))
+    occ_names = [n for n in sp.names if n.endswith("occ")]
+    assert len(occ_names) == 3 and len(set(occ_names)) == 3
+    theta = sp.theta0.clone()
+    for n in occ_names:
+        theta[sp.names.index(n)] += 0.05
+    occ = dict(zip(sp.labels, sp.physical(theta)[1].numpy()))
+    assert occ["C1"] + occ["C2"] == pytest.approx(1.0) and occ["N1"] + occ["N2"] == pytest.approx(1.0)
+    assert occ["C1"] == occ["C3"] == pytest.approx(0.67) and occ["N1"] == pytest.approx(0.76)
+    assert occ["O1"] == pytest.approx(0.55)
+    assert sp.disorder_details().count("Disorder:") == 3

@@ -49,3 +49,32 @@ class Disorder:
             if g:
                 out.setdefault(a, {}).setdefault(g, []).append(i)
         return out
+
+    def occupancy_sets(self, occupancy, members, tol: float = 0.005) -> list[tuple[str, list[tuple[str, list[int]]]]]:
+        """The disorder's free variables, as [(assembly, [(group, atoms), ...]), ...]: per assembly, the
+        ``members`` of its groups split into classes of one group and one start occupancy (within ``tol``),
+        and the classes into sets refined together with their sum held. Where each group has a single
+        occupancy, all are one set (one disorder: 0.65 + 0.35, or three groups). Otherwise the assembly
+        holds independent disorders written with one group numbering (SHELXL's PART 1 and 2 with the free
+        variables 21/-21 and 31/-31): classes of different groups whose occupancies sum to 1 pair up, and
+        the rest are alone (one occupancy each, no sum)."""
+        out = []
+        for assembly, groups in self.parts().items():
+            classes = []
+            for g, atoms in groups.items():
+                levels: list[list[int]] = []
+                for i in (i for i in atoms if i in members):
+                    near = next((c for c in levels if abs(occupancy[i] - occupancy[c[0]]) <= tol), None)
+                    near.append(i) if near is not None else levels.append([i])
+                classes += [(g, c) for c in levels]
+            if len({g for g, _ in classes}) == len(classes):
+                if classes:
+                    out.append((assembly, classes))
+                continue
+            left = list(classes)
+            while left:
+                g, c = left.pop(0)
+                mate = next((k for k, (g2, c2) in enumerate(left)
+                             if g2 != g and abs(occupancy[c[0]] + occupancy[c2[0]] - 1) <= 2 * tol), None)
+                out.append((assembly, [(g, c)] + ([left.pop(mate)] if mate is not None else [])))
+        return out

@@ -12,7 +12,7 @@ CIF-frame U_ij or U_iso in A^2, occupancies as fractions.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -185,29 +185,31 @@ class StructureParameters:
                 if last is not None:
                     coef[last * _W + _OCC][p] = -1.0
 
-        # disorder groups (SHELXL's PART with a free variable): one occupancy per group, scaling each of its
-        # atoms' start occupancy; the groups of one assembly keep their starting sum (0.6 + 0.4 stays 1)
-        self.disorder_parts: list[tuple[str, str, list[int], int | None]] = []  # (assembly, group, atoms, parameter)
-        for assembly, groups in dis.parts().items():
-            members = {g: [i for i in atoms if i in in_part] for g, atoms in groups.items()}
-            members = {g: m for g, m in members.items() if m}
-            level = {g: float(np.mean(occ_in[m])) for g, m in members.items()}
-            last = list(members)[-1] if len(members) > 1 else None
-            params = {}
-            for g, atoms in members.items():
-                if g != last:
-                    params[g] = new(f"part{assembly}{g}.occ", level[g], "occupancy")
-                self.disorder_parts.append((assembly, g, atoms, params.get(g)))
-            for g, atoms in members.items():
+        # disorder groups (SHELXL's PART with a free variable): one occupancy per group (per class of one
+        # start occupancy where an assembly holds several disorders), scaling each of its atoms' start
+        # occupancy; the classes of a set keep their starting sum (0.6 + 0.4 stays 1)
+        self.disorder_parts: list[tuple[str, str, list[int], int | None, int]] = []  # + parameter, set
+        sets = dis.occupancy_sets(occ_in, in_part)
+        per_group = Counter((a, g) for a, classes in sets for g, _ in classes)
+        for k, (assembly, classes) in enumerate(sets):
+            level = [float(np.mean(occ_in[atoms])) for _, atoms in classes]
+            params = []
+            for n, (g, atoms) in enumerate(classes):
+                p = None
+                if n < len(classes) - 1 or len(classes) == 1:
+                    tag = "" if per_group[assembly, g] == 1 else f"_{self.labels[atoms[0]]}"
+                    p = new(f"part{assembly}{g}{tag}.occ", level[n], "occupancy")
+                    params.append(p)
+                self.disorder_parts.append((assembly, g, atoms, p, k))
                 for i in atoms:
-                    ratio = occ_in[i] / level[g] if level[g] > 0 else 1.0
-                    if g != last:
+                    ratio = occ_in[i] / level[n] if level[n] > 0 else 1.0
+                    if p is not None:
                         const[i * _W + _OCC] = 0.0
-                        coef[i * _W + _OCC][params[g]] = ratio
-                    else:  # sum - the others
-                        const[i * _W + _OCC] = ratio * sum(level.values())
-                        for p in params.values():
-                            coef[i * _W + _OCC][p] = -ratio
+                        coef[i * _W + _OCC][p] = ratio
+                    else:  # the last of a set: its sum less the others
+                        const[i * _W + _OCC] = ratio * sum(level)
+                        for q in params:
+                            coef[i * _W + _OCC][q] = -ratio
 
         # riding hydrogens: parent image + fixed offset (the affine part; idealised groups replace the
         # offset by a direction from the parent's neighbours in physical()); U_iso = 1.2 U_eq(parent), 1.5 on O
@@ -328,15 +330,15 @@ class StructureParameters:
 
     def disorder_details(self) -> str:
         """The disorder groups and how their occupancies were refined, in words ('' without groups)."""
-        if not self.disorder_parts:
-            return ""
+        sets: dict[int, list] = {}
+        for assembly, group, atoms, _, k in self.disorder_parts:
+            sets.setdefault(k, []).append((assembly, group, atoms))
         lines = []
-        by_assembly: dict[str, list] = {}
-        for assembly, group, atoms, p in self.disorder_parts:
-            by_assembly.setdefault(assembly, []).append((group, atoms, p))
-        for assembly, parts in by_assembly.items():
+        for parts in sets.values():
+            assembly = parts[0][0]
             name = f"Disorder assembly {assembly}" if assembly else "Disorder"
-            each = ", ".join(f"group {g} ({len(atoms)} atoms)" for g, atoms, _ in parts)
+            each = ", ".join(f"group {g} ({len(atoms)} atoms{', ' + self.labels[atoms[0]] + '...' if len(sets) > 1 else ''})"
+                             for _, g, atoms in parts)
             how = ("one occupancy refined for all its atoms" if len(parts) == 1 else
                    f"one occupancy per group, {len(parts) - 1} refined, the groups summing to their start")
             lines.append(f"{name}: {each}; {how}.")

@@ -842,7 +842,7 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         log("disorder groups: " + ", ".join(
             f"{assembly + ':' if assembly else ''}{group} ({len(atoms)} atoms, occupancy "
             f"{'refined' if p is not None else 'the rest of the sum'})"
-            for assembly, group, atoms, p in structure.disorder_parts)
+            for assembly, group, atoms, p, _ in structure.disorder_parts)
             + "; atoms of different groups of one assembly are never bonded")
     # the model sees the start projected onto its special positions, so site weights are right
     model = ForwardModel(structure.crystal_at(structure.theta0), dataset, settings.model_settings(),

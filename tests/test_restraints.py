@@ -148,3 +148,33 @@ def test_new_restraints_are_counted_for_the_cif(quartz):
     items = [{"type": "same_distance", "atoms": [["Si1", "O1"], ["O1", "O1"], ["Si1", "Si1"]]},
              {"type": "rigid_bond"}]
     assert restraint_rows(restraints_from_config(items, quartz)) == 2 + 4
+
+
+def test_similar_adp_turns_the_neighbours_u_by_the_bonds_operator(quartz):
+    """SIMU on every bond: Cartesian U_i - R U_j R^T over sigma, six rows a bond. The nearest Si-O bond
+    (no operator) gives U_Si - U_O itself; its image by the two-fold axis through Si (a turned O) gives
+    the same tensor turned, so the same eigenvalues, which U_O unturned would not."""
+    from blochflow.crystal.restraints import restraint_rows
+
+    rs = restraints_from_config([{"type": "similar_adp"}], quartz)
+    assert len(rs) == 4 and rs[0].sigma == 0.04 and restraint_rows(rs) == 24
+    u = quartz.asu.u_frac.clone().requires_grad_(True)
+    rows = restraint_residuals(rs, quartz.cell, quartz.asu.xyz, u).detach().numpy().reshape(4, 6) * 0.04
+    iu = np.triu_indices(3)
+
+    def tensor(v):
+        m = np.zeros((3, 3))
+        m[iu] = v
+        return m + np.triu(m, 1).T
+
+    a = direct_basis(quartz.cell)
+    x = quartz.asu.xyz.numpy()
+    d0 = nearest_image(quartz, 0, 1)[2]
+    same = [k for k, r in enumerate(rs) if abs(np.linalg.norm(a @ (r.rotation @ x[r.j] + r.translation - x[r.i])) - d0) < 1e-6]
+    plain = [k for k in same if np.allclose(rs[k].rotation, np.eye(3))][0]
+    turned = [k for k in same if k != plain][0]
+    uc = [a @ m @ a.T for m in quartz.asu.u_frac.numpy()]
+    assert tensor(rows[plain]) == pytest.approx(uc[0] - uc[1], abs=1e-12)
+    assert np.linalg.eigvalsh(tensor(rows[turned])) == pytest.approx(np.linalg.eigvalsh(uc[0] - uc[1]), abs=1e-12)
+    assert np.abs(tensor(rows[turned]) - (uc[0] - uc[1])).max() > 1e-3  # the same tensor, turned
+    assert torch.autograd.gradcheck(lambda v: restraint_residuals(rs, quartz.cell, quartz.asu.xyz, v), (u,))

@@ -6,9 +6,11 @@ so the restrained bond is the one a crystallographer sees. Same-ADP restraints t
 U tensors (all six components) of two atoms. A same-distance restraint (SHELXL's SADI) holds two or
 more distances equal, each row its distance's deviation from their mean. A rigid-bond restraint
 (Hirshfeld's test, the first part of SHELXL's RIGU and DELU) holds the two atoms' mean-square
-displacements along their bond equal, z.U_i.z = z.U_j.z with z the unit bond vector: given a pair, or
-for every bond between two anisotropic non-H atoms when no atoms are named (bonds as in the geometry
-table: covalent radii + 0.4 A, none between alternatives of one disorder).
+displacements along their bond equal, z.U_i.z = z.U_j.z with z the unit bond vector. A similar-ADP
+restraint (SHELXL's SIMU) holds the Cartesian U tensors of two bonded atoms alike, the neighbour's
+tensor turned by the operator that makes the bond. Both apply to a named pair, or to every bond between
+two anisotropic non-H atoms when no atoms are named (bonds as in the geometry table: covalent radii +
+0.4 A, none between alternatives of one disorder).
 
 Config (TOML)::
 
@@ -26,6 +28,10 @@ Config (TOML)::
     [[restraints]]
     type = "rigid_bond"    # every bond between anisotropic atoms; or atoms = ["C1", "N1"]
     sigma = 0.004          # A^2 (the default, SHELXL's RIGU)
+
+    [[restraints]]
+    type = "similar_adp"   # likewise
+    sigma = 0.04           # A^2 (the default, SHELXL's SIMU)
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from .bonds import bonded_pairs
 from .cell import direct_basis
 from .structure import Crystal
 
-SIGMA_DEFAULTS = {"same_distance": 0.02, "rigid_bond": 0.004}  # A, A^2: SHELXL's SADI and RIGU defaults
+SIGMA_DEFAULTS = {"same_distance": 0.02, "rigid_bond": 0.004, "similar_adp": 0.04}  # SHELXL's SADI, RIGU, SIMU
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,15 @@ class RigidBondRestraint:
     i: int
     j: int
     rotation: np.ndarray  # (3, 3) applied to atom j (and to its U)
+    translation: np.ndarray
+    sigma: float
+
+
+@dataclass(frozen=True)
+class SimilarAdpRestraint:
+    i: int
+    j: int
+    rotation: np.ndarray  # (3, 3) applied to atom j's U
     translation: np.ndarray
     sigma: float
 
@@ -120,19 +135,20 @@ def restraints_from_config(items, crystal: Crystal) -> list:
                 pairs.append((i, j, rot, tr))
             out.append(SameDistanceRestraint(tuple(pairs), float(sigma)))
             continue
-        if kind == "rigid_bond" and atoms in (None, "all"):
-            out += [RigidBondRestraint(i, j, rot, tr, float(sigma)) for i, j, rot, tr in bonded_pairs(crystal)
+        per_bond = {"rigid_bond": RigidBondRestraint, "similar_adp": SimilarAdpRestraint}.get(kind)
+        if per_bond is not None and atoms in (None, "all"):
+            out += [per_bond(i, j, rot, tr, float(sigma)) for i, j, rot, tr in bonded_pairs(crystal)
                     if crystal.asu.anisotropic[i] and crystal.asu.anisotropic[j]
                     and "H" not in (crystal.asu.elements[i].capitalize(), crystal.asu.elements[j].capitalize())]
             continue
         if not isinstance(atoms, (list, tuple)) or len(atoms) != 2:
             raise ValueError(f"{where}: 'atoms' must name two atoms")
         i, j = (_index(labels, a, where) for a in atoms)
-        if kind == "rigid_bond":
+        if per_bond is not None:
             rot, tr, _ = nearest_image(crystal, i, j)
             if rot is None:
                 raise ValueError(f"{where}: no image of {atoms[1]} distinct from {atoms[0]}")
-            out.append(RigidBondRestraint(i, j, rot, tr, float(sigma)))
+            out.append(per_bond(i, j, rot, tr, float(sigma)))
         elif kind == "distance":
             target = item.get("target")
             if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
@@ -144,16 +160,16 @@ def restraints_from_config(items, crystal: Crystal) -> list:
         elif kind == "same_adp":
             out.append(SameAdpRestraint(i, j, float(sigma)))
         else:
-            raise ValueError(f"{where}: type must be 'distance', 'same_distance', 'same_adp' or 'rigid_bond', "
-                             f"got {kind!r}")
+            raise ValueError(f"{where}: type must be 'distance', 'same_distance', 'same_adp', 'rigid_bond' or "
+                             f"'similar_adp', got {kind!r}")
     return out
 
 
 def restraint_rows(restraints: list) -> int:
     """The number of restraints a CIF reports (_refine_ls_number_restraints): a distance or rigid bond one,
-    a same-ADP six, n equal distances n - 1 (their n rows about the mean hold n - 1 differences)."""
-    return sum(6 if isinstance(r, SameAdpRestraint) else len(r.pairs) - 1 if isinstance(r, SameDistanceRestraint)
-               else 1 for r in restraints)
+    a same-ADP or similar-ADP six, n equal distances n - 1 (their n rows about the mean hold n - 1 differences)."""
+    return sum(6 if isinstance(r, (SameAdpRestraint, SimilarAdpRestraint)) else len(r.pairs) - 1
+               if isinstance(r, SameDistanceRestraint) else 1 for r in restraints)
 
 
 def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch.Tensor) -> torch.Tensor:
@@ -180,6 +196,11 @@ def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch
             rot = torch.as_tensor(r.rotation, dtype=xyz.dtype)
             ui, uj = a @ u_frac[r.i] @ a.T, a @ (rot @ u_frac[r.j] @ rot.T) @ a.T
             rows.append(((z @ ui @ z - z @ uj @ z) / r.sigma)[None])
+        elif isinstance(r, SimilarAdpRestraint):
+            rot = torch.as_tensor(r.rotation, dtype=xyz.dtype)
+            diff = a @ (u_frac[r.i] - rot @ u_frac[r.j] @ rot.T) @ a.T
+            iu = torch.triu_indices(3, 3)
+            rows.append(diff[iu[0], iu[1]] / r.sigma)
         else:
             ui, uj = a @ u_frac[r.i] @ a.T, a @ u_frac[r.j] @ a.T
             iu = torch.triu_indices(3, 3)

@@ -158,7 +158,8 @@ def test_no_bond_or_angle_joins_two_alternatives():
 
 def test_a_negative_group_is_not_bonded_to_its_own_symmetry_images():
     """PART -1 (a molecule disordered about an inversion centre): C1 and its inversion image, 1 A apart,
-    are alternatives; C1-C2 (same operator) is a bond, as is C1 to its lattice translation's neighbour."""
+    are alternatives; C1-C2 (same operator) is a bond. The group's occupancy (1/2, set by the symmetry)
+    is not refined."""
     cell = (10.0, 10.0, 10.0, 90.0, 90.0, 90.0)
     xyz = torch.tensor([[0.05, 0.0, 0.0], [0.17, 0.05, 0.0]], dtype=torch.float64)
     u = torch.stack([torch.as_tensor(cellmod.u_iso_to_frac(0.02, cell))] * 2)
@@ -171,6 +172,9 @@ def test_a_negative_group_is_not_bonded_to_its_own_symmetry_images():
         return sorted((b["label_1"], b["label_2"], b["code_2"]) for b in geometry_table(sp, sp.theta0, None)[0])
 
     assert bonds("") == [("C1", "C1", "2_555"), ("C1", "C2", ".")]
+    assert not [n for n in StructureParameters(Crystal(cell, SymmetryOps.from_triplets(["x,y,z", "-x,-y,-z"]),
+                AsymmetricUnit(["C1", "C2"], ["C", "C"], xyz, torch.full((2,), 0.5, dtype=torch.float64), u,
+                               [False, False], Disorder(("", ""), ("-1", "-1"))))).names if "occ" in n]
     assert bonds("-1") == [("C1", "C2", ".")]
     assert bonds("1") == bonds("")
 

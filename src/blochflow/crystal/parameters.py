@@ -155,7 +155,8 @@ class StructureParameters:
         # occupancies: atoms sharing a site (within site_tol_A, any image) keep their starting sum;
         # with refine_disorder, those of a disorder group are one parameter instead (below)
         dis = asu.disorder
-        in_part = {i for i in range(nat) if refine_disorder and dis.group[i]}
+        # (a negative group's occupancy is the symmetry's, 1/2 about a two-fold element, and is kept)
+        in_part = {i for i in range(nat) if refine_disorder and dis.group[i] and not dis.group[i].startswith("-")}
         refined = [i for i in range(nat) if refine_occupancy and self.mode[i] == "free" and i not in in_part]
         for i in range(nat):
             const[i * _W + _OCC] = occ_in[i]

@@ -203,7 +203,7 @@ def test_refined_cif_keeps_the_groups_and_reads_back(tmp_path):
     assert "_atom_site_disorder_group" not in format_refined_cif("e", summary, plain)
 
 
-def test_known_truth_the_groups_occupancy_is_refined_back():
+def test_known_truth_the_groups_occupancy_is_refined_back(tmp_path):
     """Data simulated from the disordered model (0.65 / 0.35); the start has 0.5 / 0.5 and its non-H atoms
     0.03 A off. One parameter takes the occupancies back to the truth within its s.u., the groups' sum
     held, and the atoms back to where they were (0.65, 0.002; 0.007 A rms, GoF 0.83); with the occupancies
@@ -217,11 +217,14 @@ def test_known_truth_the_groups_occupancy_is_refined_back():
     a = cellmod.direct_basis(CELL)
     heavy = [i for i, e in enumerate(truth.asu.elements) if e != "H"]
 
+    results = []
+
     def fit(**extra):
         settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adam_steps=0, lm_iterations=15,
                                   free_fraction=0.0, refine_adp=False, **extra)
         problem = build_problem(_ethyl(occupancy=0.5, shift_A=0.03), ds, settings)
         res = refine(problem, settings, log=lambda s: None)
+        results.append((res, settings))
         xyz, occ, _ = problem.structure.physical(res.theta[:len(problem.structure)])
         d = np.linalg.norm((xyz.detach().numpy() - truth.asu.xyz.numpy()) @ a.T, axis=1)
         su = {x["label"]: x["occupancy_su"] for x in problem.structure.standard_uncertainties(
@@ -232,6 +235,17 @@ def test_known_truth_the_groups_occupancy_is_refined_back():
     assert abs(occ["C2A"] - 0.65) < max(3 * su["C2A"], 0.01) and occ["C2A"] + occ["C2B"] == pytest.approx(1.0)
     assert su["C2A"] > 0 and occ["H2A"] == occ["C2A"]
     assert rmsd < 0.01
+    # the outputs: each group's occupancy in summary.json and the log line, the groups in refined.cif
+    from blochflow.cli import disorder_line
+    from blochflow.report.outputs import write_outputs
+
+    summary = write_outputs(results[0][0], tmp_path, structure_path="s.cif", data_path="d.cif_pets",
+                            settings=results[0][1])
+    groups = {g["group"]: g for g in summary["disorder"]}
+    assert groups["1"]["occupancy"] == pytest.approx(occ["C2A"]) and groups["1"]["refined"]
+    assert groups["2"]["occupancy_su"] == pytest.approx(su["C2A"]) and not groups["2"]["refined"]
+    assert disorder_line(summary["disorder"]).startswith("disorder occupancies: A:1 (C2A...) 0.6")
+    assert crystal_from_record(read_structure(tmp_path / "refined.cif")).asu.disorder == truth.asu.disorder
     held, _, rmsd_held, gof_held = fit(refine_disorder=False)
     assert held["C2A"] == 0.5 and gof_held > 3 * gof and rmsd_held > 0.03
 

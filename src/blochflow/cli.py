@@ -577,8 +577,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
-        for note in (determinacy_warning(summ["n_all"], summ["n_params"]), thickness_note(summ["frames"]),
-                     adp_bound_warning(summ["adp_at_bound"])):
+        for note in (disorder_line(summ["disorder"]), determinacy_warning(summ["n_all"], summ["n_params"]),
+                     thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"])):
             if note:
                 log(note)
         if not has_free and settings.free_fraction > 0:
@@ -602,6 +602,16 @@ def hand_preference(chi2_model: float, chi2_inverted: float, dof: int) -> tuple[
     gof2 = max(min(chi2_model, chi2_inverted) / dof, 1e-300)
     delta = (chi2_inverted - chi2_model) / gof2
     return delta, float(1 / (1 + np.exp(-max(min(delta / 2, 700), -700))))
+
+
+def disorder_line(groups: list[dict]) -> str | None:
+    """The refined occupancy of each disorder group, 'disorder occupancies: A:1 0.650(2), A:2 0.350(2)'."""
+    if not groups:
+        return None
+    from .io.refined_cif import format_su
+    return "disorder occupancies: " + ", ".join(
+        f"{g['assembly'] + ':' if g['assembly'] else ''}{g['group']} ({g['atoms'][0]}...) "
+        f"{format_su(g['occupancy'], g['occupancy_su'] or None)}" for g in groups)
 
 
 # a frame thickness whose s.u. exceeds this fraction of its value is reported as undetermined

@@ -200,6 +200,13 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "structure": structure_path, "data": data_path,
         "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
         "atoms": atoms_su,
+        # per disorder group (a class of one start occupancy where a group holds several): its atoms (non-H
+        # first), refined occupancy and s.u. (its first atom's)
+        "disorder": [{"assembly": assembly, "group": group, "atoms": [atoms_su[i]["label"] for i in sorted(
+                          members, key=lambda i: pr.structure.elements[i].capitalize() in ("H", "D"))],
+                      "occupancy": atoms_su[members[0]]["occupancy"],
+                      "occupancy_su": atoms_su[members[0]]["occupancy_su"], "refined": param is not None,
+                      "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }
     if extra:

@@ -336,3 +336,28 @@ def test_progress_log_draws_one_status_line_on_a_terminal(tmp_path):
     assert plain.getvalue().splitlines() == ["adam    1/20  wR(F)(work) 0.4  [1 s/it, 19 s left]",
                                              "lm      1/30  wR2(work) 0.1297  [2 min/it, <= 58 min left]",
                                              "lm      2/30  wR2(work) 0.1176  [75 min/it, <= 35.0 h left]"]
+
+
+def test_formula_z_and_density(tmp_path, quartz_paths):
+    """The formula unit and Z from the cell's content: quartz O2 Si, Z 3 (Si on a two-fold axis), density
+    2.64 g/cm^3; a partial site leaves a fractional formula; refined.cif carries them."""
+    import dataclasses
+
+    from blochflow.crystal.structure import crystal_from_record, formula_units
+
+    quartz = crystal_from_record(read_structure(quartz_paths[0]))
+    formula, z = formula_units(quartz)
+    assert formula == {"O": 2.0, "Si": 1.0} and z == 3
+    half = dataclasses.replace(quartz, asu=quartz.asu.clone())
+    half.asu.occupancy = torch.tensor([1.0, 0.9], dtype=torch.float64)
+    formula, z = formula_units(half)
+    assert formula == pytest.approx({"O": 1.8, "Si": 1.0}) and z == 3  # m = 2 makes Si whole, O never
+    summary = RefinementSummary(quartz.cell, "P 32 2 1", ("x,y,z",), 0.0251, r_obs=0.04, wr2=0.08, gof=1.0,
+                                n_reflections=10, n_obs=5, n_params=3, formula={"O": 2.0, "Si": 1.0}, z=3)
+    write_refined_cif(tmp_path / "r.cif", "q", summary, [AtomResult("Si1", "Si", (0.47, 0.0, 0.0))])
+    block = gemmi.cif.read(str(tmp_path / "r.cif")).sole_block()
+    assert gemmi.cif.as_string(block.find_value("_chemical_formula_sum")) == "O2 Si"
+    assert float(block.find_value("_chemical_formula_weight")) == pytest.approx(60.08, abs=0.01)
+    assert float(block.find_value("_exptl_crystal_density_diffrn")) == pytest.approx(2.64, abs=0.01)
+    assert block.find_value("_cell_formula_units_Z") == "3"
+    assert block.find_value("_space_group_crystal_system") == "trigonal"

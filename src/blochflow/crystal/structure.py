@@ -128,6 +128,28 @@ class Crystal:
         return torch.tensor(w, dtype=self.asu.xyz.dtype)
 
 
+def formula_units(crystal: Crystal, tol: float = 0.01) -> tuple[dict[str, float], int]:
+    """The formula of one formula unit (element -> count, Hill order: C, H, then the rest alphabetically;
+    without C all alphabetically) and Z, the units per cell. The cell holds each atom's occupancy once
+    per distinct image (the operators over those fixing its site); a unit is m times the asymmetric
+    unit's content, m the least divisor of the operator count that makes each element's count of sites
+    whole (quartz: Si O2, Z 3). Occupancies then scale the counts: a partly occupied site gives a
+    fractional count (O1.8), two disorder groups summing to 1 a whole one."""
+    n_ops = len(crystal.symmetry)
+    weights = crystal.site_multiplicity_weights().numpy()
+    occ = crystal.asu.occupancy.detach().cpu().numpy()
+    per_asu: dict[str, float] = {}
+    sites: dict[str, float] = {}
+    for el, o, w in zip(crystal.asu.elements, occ, weights):
+        e = el.capitalize()
+        per_asu[e] = per_asu.get(e, 0.0) + float(o * w)
+        sites[e] = sites.get(e, 0.0) + float(w)
+    m = next((d for d in range(1, n_ops + 1) if n_ops % d == 0
+              and all(abs(d * c - round(d * c)) <= tol for c in sites.values())), 1)
+    order = sorted(per_asu, key=lambda e: ((0 if e == "C" else 1 if e == "H" else 2) if "C" in per_asu else 2, e))
+    return {e: m * per_asu[e] for e in order if m * per_asu[e] > 0}, n_ops // m
+
+
 def crystal_from_record(rec: StructureRecord, dtype=torch.float64) -> Crystal:
     """Build a :class:`Crystal` from a CIF record (Uani kept where given, else Uiso)."""
     xyz, occ, uf, aniso = [], [], [], []

@@ -102,6 +102,8 @@ class RefinementSummary:
     program: str = f"blochflow {__version__}"
     weighting: str = "w = 1/sigma^2^(Io)"
     special_details: str = ""  # _refine_special_details: how the model was constrained (e.g. its H)
+    formula: dict | None = None  # element -> count of one formula unit (Hill order), for _chemical_formula_*
+    z: int | None = None  # formula units per cell
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -161,6 +163,9 @@ def _geometry_loops(bonds: list[dict] | None, angles: list[dict] | None, hbonds:
     return out
 
 
+_AMU_G = 1.66053907  # g cm^-3 per (g/mol) / A^3: 1e24 / N_A
+
+
 def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[AtomResult],
                        bonds: list[dict] | None = None, angles: list[dict] | None = None,
                        hbonds: list[dict] | None = None) -> str:
@@ -174,10 +179,16 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
     for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"),
                       s.cell):
         out.append(f"_cell_{tag} {format_plain(v)}")
-    out += [f"_cell_volume {uc.volume:.3f}", "",
-            f"_space_group_name_H-M_alt {_q(s.space_group or '?')}"]
+    out += [f"_cell_volume {uc.volume:.3f}"]
+    if s.formula:
+        weight = sum(n * gemmi.Element(e).weight for e, n in s.formula.items())
+        out += [f"_cell_formula_units_Z {int(s.z)}", "",
+                f"_chemical_formula_sum {_q(' '.join(e if abs(n - 1) < 1e-6 else f'{e}{n:.4g}' for e, n in s.formula.items()))}",
+                f"_chemical_formula_weight {weight:.2f}",
+                f"_exptl_crystal_density_diffrn {s.z * weight * _AMU_G / uc.volume:.3f}"]
+    out += ["", f"_space_group_name_H-M_alt {_q(s.space_group or '?')}"]
     if sg is not None:
-        out.append(f"_space_group_IT_number {sg.number}")
+        out += [f"_space_group_crystal_system {sg.crystal_system_str()}", f"_space_group_IT_number {sg.number}"]
     out += ["loop_", "_space_group_symop_id", "_space_group_symop_operation_xyz"]
     out += [f"{i + 1} {_q(op)}" for i, op in enumerate(s.symops or ("x,y,z",))]
     out += ["", "_diffrn_radiation_type electron", "_diffrn_radiation_probe electron",

@@ -10,6 +10,7 @@ import torch
 
 from ..crystal.bonds import geometry_table
 from ..crystal.restraints import restraint_rows
+from ..crystal.structure import formula_units
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
 from ..refine.problem import equivalence_keys
@@ -131,6 +132,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                                 u_aniso_su=None if a["u_aniso_su"] is None else tuple(a["u_aniso_su"]),
                                 calc_flag=a["calc_flag"], symmetry_order=a["symmetry_order"],
                                 disorder_assembly=a["disorder_assembly"], disorder_group=a["disorder_group"]))
+    formula, z_units = formula_units(crystal)
     fig, ffree = result.figures, result.figures_free
     frames = frame_table(result)
     mean_t = float(np.nanmean(frames["thickness_mean"][frames["n_reflections"] > 0]))
@@ -143,7 +145,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         n_restraints=restraint_rows(pr.restraints),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
-        special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t))
+        special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
+        formula=formula, z=z_units)
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,

@@ -338,7 +338,10 @@ class StructureParameters:
         for parts in sets.values():
             assembly = parts[0][0]
             name = f"Disorder assembly {assembly}" if assembly else "Disorder"
-            each = ", ".join(f"group {g} ({len(atoms)} atoms{', ' + self.labels[atoms[0]] + '...' if len(sets) > 1 else ''})"
+            def first(atoms):  # a non-H atom names the group
+                return self.labels[next((a for a in atoms if self.elements[a].capitalize() not in ("H", "D")), atoms[0])]
+
+            each = ", ".join(f"group {g} ({len(atoms)} atoms{', ' + first(atoms) + '...' if len(sets) > 1 else ''})"
                              for _, g, atoms in parts)
             how = ("one occupancy refined for all its atoms" if len(parts) == 1 else
                    f"one occupancy per group, {len(parts) - 1} refined, the groups summing to their start")

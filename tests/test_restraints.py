@@ -178,3 +178,40 @@ def test_similar_adp_turns_the_neighbours_u_by_the_bonds_operator(quartz):
     assert np.linalg.eigvalsh(tensor(rows[turned])) == pytest.approx(np.linalg.eigvalsh(uc[0] - uc[1]), abs=1e-12)
     assert np.abs(tensor(rows[turned]) - (uc[0] - uc[1])).max() > 1e-3  # the same tensor, turned
     assert torch.autograd.gradcheck(lambda v: restraint_residuals(rs, quartz.cell, quartz.asu.xyz, v), (u,))
+
+
+def test_rigid_bond_test_of_a_refined_model(quartz):
+    """Hirshfeld's test on quartz: Si1's four bonds are two pairs alike by the two-fold axis, so two rows;
+    the nearest bond's dU as each atom sees it from its own side; s.u. by finite differences."""
+    from blochflow.crystal.parameters import StructureParameters
+    from blochflow.crystal.restraints import rigid_bond_test
+
+    sp = StructureParameters(quartz)
+    rows = rigid_bond_test(sp, sp.theta0, None)
+    assert len(rows) == 2 and all(r["su"] is None for r in rows)
+    crystal = sp.crystal_at(sp.theta0)
+    near = (_msd_along(crystal, 0, 1) - _msd_along(crystal, 1, 0))
+    assert min(abs(r["delta"] - near) for r in rows) < 1e-12
+    sigma = 1e-3
+    cov = torch.eye(len(sp), dtype=torch.float64) * sigma ** 2
+    rows = rigid_bond_test(sp, sp.theta0, cov)
+
+    def deltas(theta):
+        return np.array([r["delta"] for r in rigid_bond_test(sp, theta, None)])
+
+    h = 1e-6
+    grad = np.array([(deltas(sp.theta0 + h * e) - deltas(sp.theta0 - h * e)) / (2 * h)
+                     for e in torch.eye(len(sp), dtype=torch.float64)])  # (P, rows)
+    assert [r["su"] for r in rows] == pytest.approx(sigma * np.sqrt((grad ** 2).sum(0)), rel=1e-6)
+
+
+def test_rigid_bond_lines_warn_above_the_limit():
+    from blochflow.cli import rigid_bond_lines
+
+    ok = [{"label_1": "Si1", "label_2": "O1", "delta": -0.000516, "su": 0.000211}]
+    assert rigid_bond_lines(ok) == ["rigid-bond test (Hirshfeld): 1 bond between anisotropic atoms, largest "
+                                    "|dU| 0.0005(2) A^2 (Si1-O1, 2.4 s.u.)"]
+    loose = [{"label_1": "C1", "label_2": "C2", "delta": 0.004, "su": 0.002}]  # 2 s.u.: not significant
+    strong = [{"label_1": "C1", "label_2": "C3", "delta": 0.004, "su": 0.0005}]
+    assert len(rigid_bond_lines(loose)) == 1 and len(rigid_bond_lines(ok + strong)) == 2
+    assert "C1-C3" in rigid_bond_lines(ok + strong)[1] and rigid_bond_lines([]) == []

@@ -577,7 +577,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
-        for note in (disorder_line(summ["disorder"]), determinacy_warning(summ["n_all"], summ["n_params"]),
+        for note in (disorder_line(summ["disorder"]), *rigid_bond_lines(summ["rigid_bond_test"]),
+                     determinacy_warning(summ["n_all"], summ["n_params"]),
                      thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"])):
             if note:
                 log(note)
@@ -612,6 +613,34 @@ def disorder_line(groups: list[dict]) -> str | None:
     return "disorder occupancies: " + ", ".join(
         f"{g['assembly'] + ':' if g['assembly'] else ''}{g['group']} ({g['atoms'][0]}...) "
         f"{format_su(g['occupancy'], g['occupancy_su'] or None)}" for g in groups)
+
+
+# Hirshfeld's rigid-bond test: a bond's dU is reported as suspect above this many A^2 and s.u.
+RIGID_BOND_LIMIT = (0.001, 3.0)
+
+
+def rigid_bond_lines(rows: list[dict]) -> list[str]:
+    """The rigid-bond test's summary line (largest |dU|), and a warning naming the bonds above
+    RIGID_BOND_LIMIT; none without anisotropic bonded atoms."""
+    if not rows:
+        return []
+    from .io.refined_cif import format_su
+    worst = max(rows, key=lambda r: abs(r["delta"]))
+
+    def ratio(r):
+        return f", {abs(r['delta']) / r['su']:.1f} s.u." if r["su"] else ""
+
+    out = [f"rigid-bond test (Hirshfeld): {len(rows)} bond{'s' if len(rows) > 1 else ''} between anisotropic atoms, "
+           f"largest |dU| {format_su(abs(worst['delta']), worst['su'])} A^2 ({worst['label_1']}-{worst['label_2']}"
+           f"{ratio(worst)})"]
+    bad = [r for r in rows if abs(r["delta"]) > RIGID_BOND_LIMIT[0]
+           and (r["su"] is None or abs(r["delta"]) > RIGID_BOND_LIMIT[1] * r["su"])]
+    if bad:
+        out.append(f"warning: {len(bad)} bond{'s' if len(bad) > 1 else ''} fail{'' if len(bad) > 1 else 's'} the "
+                   f"rigid-bond test (|dU| above {RIGID_BOND_LIMIT[0]:g} A^2 and {RIGID_BOND_LIMIT[1]:g} s.u.: "
+                   f"{_first_few([r['label_1'] + '-' + r['label_2'] for r in bad])}): look for disorder or a wrong "
+                   f"element, or restrain the ADPs (rigid_bond, similar_adp); summary.json lists every bond")
+    return out
 
 
 # a frame thickness whose s.u. exceeds this fraction of its value is reported as undetermined

@@ -206,3 +206,38 @@ def restraint_residuals(restraints: list, cell, xyz: torch.Tensor, u_frac: torch
             iu = torch.triu_indices(3, 3)
             rows.append((ui - uj)[iu[0], iu[1]] / r.sigma)
     return torch.cat(rows)
+
+
+def rigid_bond_test(structure, theta: torch.Tensor, covariance: torch.Tensor | None) -> list[dict]:
+    """Hirshfeld's rigid-bond test of a refined model (a StructureParameters at theta): per bond between two
+    anisotropic non-H atoms, dU = z.U_i.z - z.U_j.z (A^2, the rigid_bond restraint's value) and its s.u.
+    from the covariance of theta (None where zero or unknown). Bonded atoms vibrate alike along their bond:
+    a dU of several s.u. and above about 0.001 A^2 points to disorder, a wrong element or a poor ADP."""
+    theta = torch.as_tensor(theta, dtype=torch.float64).detach()
+    crystal = structure.crystal_at(theta)
+    light = ("H", "D")
+    rs = [RigidBondRestraint(i, j, rot, tr, 1.0) for i, j, rot, tr in bonded_pairs(crystal)
+          if structure.anisotropic[i] and structure.anisotropic[j]
+          and crystal.asu.elements[i].capitalize() not in light and crystal.asu.elements[j].capitalize() not in light]
+    if not rs:
+        return []
+
+    def values(th):
+        xyz, _, u = structure.physical(th)
+        return restraint_residuals(rs, crystal.cell, xyz, u)
+
+    val = values(theta).detach().numpy()
+    su = [None] * len(rs)
+    if covariance is not None and len(theta):
+        jac = torch.autograd.functional.jacobian(values, theta).numpy()
+        cov = np.asarray(torch.as_tensor(covariance).detach().cpu(), dtype=float)
+        var = np.einsum("mp,pq,mq->m", jac, cov, jac)
+        su = [float(np.sqrt(v)) if v > 1e-24 else None for v in var]
+    lab = crystal.asu.labels
+    out, seen = [], set()
+    for r, v, e in zip(rs, val, su):  # bonds equivalent by a site's symmetry have one value: listed once
+        key = (r.i, r.j, round(float(v), 12))
+        if key not in seen:
+            seen.add(key)
+            out.append(dict(label_1=lab[r.i], label_2=lab[r.j], delta=float(v), su=e))
+    return out

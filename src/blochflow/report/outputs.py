@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..crystal.bonds import geometry_table
-from ..crystal.restraints import restraint_rows
+from ..crystal.restraints import restraint_rows, rigid_bond_test
 from ..crystal.structure import formula_units
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
@@ -151,6 +151,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,
                       hbonds=hbonds)
+    rigid = rigid_bond_test(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
 
     # reflections (all scored, with the work scales)
     k = pr.scales(result.ic)
@@ -210,6 +211,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                       "occupancy": atoms_su[members[0]]["occupancy"],
                       "occupancy_su": atoms_su[members[0]]["occupancy_su"], "refined": param is not None,
                       "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
+        "rigid_bond_test": rigid,
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }
     if extra:

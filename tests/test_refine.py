@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from contextlib import contextmanager
 
 import gemmi
@@ -1470,3 +1471,24 @@ def test_resume_after_an_axis_search_keeps_the_point_before_it(small_dataset, tr
     assert "axis_fallback" in kept["lm"] and kept["lm"]["axis_searched"]
     assert full.lm.axis_fallback is None and resumed.lm.axis_fallback is None
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
+
+def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_paths, tmp_path, capsys):
+    """--dry-run builds the model as refine does, times a forward pass and a Jacobian, estimates the run,
+    and leaves no folder behind; a bad restraint is still refused in one line."""
+    from blochflow.cli import main
+
+    _, _, data = small_dataset
+    out = tmp_path / "dry"
+    capsys.readouterr()
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--samples", "2",
+                 "--set", "samples_per_fringe=0", "--thickness", "500"]) == 0
+    text = capsys.readouterr().out
+    line = next(t for t in text.splitlines() if t.startswith("dry run:"))
+    assert re.search(r"a Jacobian of \d+ refined parameters [\d.]+ s", line) and "Nothing was written" in line
+    assert not out.exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[restraints]]\ntype = "rigid_bond"\natoms = ["Si1"]\n')
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--config", str(bad),
+                 "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not out.exists()

@@ -508,6 +508,11 @@ def cmd_refine(args) -> int:
             raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
         structure, data = args.structure, args.data
     settings = _refine_settings(args, example_settings)
+    if getattr(args, "dry_run", False):
+        crystal, ds = _load(structure, data, refining=True)
+        if settings.frames:
+            _selected_frames(ds, settings.frames, data)
+        return _dry_run(args, crystal, ds, structure, settings)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
     _output_folder(out, REFINE_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
@@ -530,6 +535,45 @@ def cmd_refine(args) -> int:
         return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
     finally:
         log.close()
+
+
+def _dry_run(args, crystal, ds, structure, settings) -> int:
+    """--dry-run: the problem built as refine builds it (its log lines), one forward pass and one Jacobian
+    timed at the start, and the cost of a refinement from them; nothing is written."""
+    from .refine.run import build_problem, refined_index
+    from .report.progress import ProgressLog
+
+    log = ProgressLog(None)
+    try:
+        problem = build_problem(crystal, ds, settings, log=log)
+    except ValueError as exc:
+        item, _, why = str(exc).partition(": ")
+        raise InputError(args.config or structure, item, why or item) from None
+    log(f"model: {problem.n_params} parameters, {int(problem.work.sum())} work / {int(problem.free.sum())} free "
+        f"reflections on {problem.model.n_frames} frames, {problem.model.n_beams_mean():.0f} beams per solve")
+    index = refined_index(problem, settings)
+    t0 = time.perf_counter()
+    problem.residual_vector(problem.theta0)
+    forward = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    problem.jacobian(problem.theta0, index)
+    jacobian = time.perf_counter() - t0
+    step = jacobian + 2 * forward  # a Jacobian and a trial step or two
+    hands = " (twice that with --enantiomer)" if args.enantiomer else ""
+    log(f"dry run: a forward pass {forward:.2f} s, a Jacobian of {len(index)} refined parameters {jacobian:.2f} s: "
+        f"an LM iteration about {step:.2g} s. The runs measured took 6-20 LM iterations: about "
+        f"{_duration(6 * step)} to {_duration(20 * step)} here, more with the thickness and tilt searches{hands}. "
+        f"Nothing was written.")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    """'45 s', '12 min', '2.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log) -> int:
@@ -746,6 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="riding (default): idealised on their parents, OH/CH3/NH3 rotors and rigid water/NH4+ "
                         "turned by refined angles (--set riding_torsions=false keeps the start's); free; or fixed")
     r.add_argument("--refine-occupancy", action="store_true")
+    r.add_argument("--dry-run", action="store_true",
+                   help="read the inputs and build the model as refine would, time one forward pass and one "
+                        "Jacobian, say what the refinement would cost; write nothing")
     r.add_argument("--no-orientation", action="store_true", help="do not refine per-frame orientation corrections")
     r.add_argument("--orientation-sigma", type=float,
                    help="width (mrad) of the prior on each orientation correction (default 2; 0: none)")

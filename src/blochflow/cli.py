@@ -158,6 +158,25 @@ def _override_wavelength(ds, wavelength):
         raise InputError("command line", "--wavelength", str(exc)) from None
 
 
+def _load_datasets(structure: str, data: str | list[str]):
+    """:func:`_load` for a refinement: one dataset, or several merged (io.pets.merge_datasets), each checked
+    against the structure."""
+    if isinstance(data, str):
+        return _load(structure, data, refining=True)
+    from .io.pets import merge_datasets
+    loaded = [_load(structure, d, refining=True) for d in data]
+    try:
+        ds = merge_datasets([d for _, d in loaded])
+    except ValueError as exc:
+        path, _, why = str(exc).partition(": ")
+        raise InputError(path, "dataset", why) from None
+    base = ds.extra.get("frame_id_offset", 0)
+    print(f"datasets: {len(data)} merged, {len(ds.frames)} frames, {len(ds.reflections.frame_id)} reflections"
+          + (f"; their frame ids collide, so dataset k's frame n is k x {base} + n (k from 0; frames.csv gives "
+             f"each frame's dataset and id there)" if base else ""))
+    return loaded[0][0], ds
+
+
 def _selected_frames(ds, spec: str, data):
     """The dataset restricted to the frames ``spec`` names (see io.pets.frame_selection), or a one-line
     InputError naming the data file."""
@@ -506,12 +525,12 @@ def cmd_refine(args) -> int:
     else:
         if not args.structure or not args.data:
             raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
-        structure, data = args.structure, args.data
+        structure, data = args.structure, (args.data[0] if len(args.data) == 1 else list(args.data))
     settings = _refine_settings(args, example_settings)
     if getattr(args, "dry_run", False):
-        crystal, ds = _load(structure, data, refining=True)
+        crystal, ds = _load_datasets(structure, data)
         if settings.frames:
-            _selected_frames(ds, settings.frames, data)
+            _selected_frames(ds, settings.frames, ds.path)
         return _dry_run(args, crystal, ds, structure, settings)
     out = Path(args.out)
     checkpoint = out / "checkpoint.pt"
@@ -524,12 +543,12 @@ def cmd_refine(args) -> int:
             resume = load_checkpoint(checkpoint)
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
-    crystal, ds = _load(structure, data, refining=True)
+    crystal, ds = _load_datasets(structure, data)
     if args.enantiomer and crystal.symmetry.inversion_centre() is not None:
         raise InputError(structure, "--enantiomer", "the space group is centrosymmetric: the inverted model is the "
                                                      "same structure, so the data have no hand to choose")
     if settings.frames:
-        _selected_frames(ds, settings.frames, data)  # checked here; build_problem selects them
+        _selected_frames(ds, settings.frames, ds.path)  # checked here; build_problem selects them
     log = ProgressLog(out / "refine.log", append=args.resume)
     try:
         return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
@@ -755,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("refine", help="refine a structure against a 3D-ED dataset (dynamical)")
     r.add_argument("structure", nargs="?", help="starting structure CIF")
-    r.add_argument("data", nargs="?", help="PETS2 .cif_pets file")
+    r.add_argument("data", nargs="*", help="PETS2 .cif_pets file; several datasets of one phase (crystals, runs) "
+                                           "are refined together, each frame with its own dataset's UB")
     r.add_argument("--example", help="use a bundled example dataset (quartz)")
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--config", help="TOML (or .json) file with settings; flags override it")

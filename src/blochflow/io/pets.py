@@ -38,6 +38,11 @@ class FrameTable:
     beta_deg: np.ndarray
     omega_deg: np.ndarray
     scale: np.ndarray
+    # several datasets merged (merge_datasets): each frame's own UB (F, 3, 3), the index of the dataset it
+    # came from and its id there; None for one dataset
+    ub: np.ndarray | None = None
+    dataset: np.ndarray | None = None
+    dataset_frame: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -279,7 +284,8 @@ def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
     import dataclasses
     keep = np.asarray(keep, bool)
     f = dataset.frames
-    frames = FrameTable(*(getattr(f, n.name)[keep] for n in dataclasses.fields(FrameTable)))
+    frames = FrameTable(*(None if getattr(f, n.name) is None else getattr(f, n.name)[keep]
+                          for n in dataclasses.fields(FrameTable)))
     r = dataset.reflections
     rows = np.isin(r.frame_id, f.ids[keep])
     refl = ReflectionTable(r.hkl[rows], r.intensity[rows], r.sigma[rows], r.frame_id[rows])
@@ -326,3 +332,42 @@ def frame_selection(ids: np.ndarray, spec: str) -> np.ndarray:
             raise ValueError(f"'{text}' selects no frame (the data's frame ids run {ids.min()}-{ids.max()})")
         keep[inside[::n]] = True
     return keep
+
+
+def merge_datasets(datasets: list[PetsDataset]) -> PetsDataset:
+    """Several datasets of one phase (crystals, or runs of one crystal) as one: frames and reflections
+    concatenated, each frame with its own dataset's UB. Frame ids are kept where they do not collide;
+    otherwise dataset k's are k * 10^d + id (10^d above every id: frame 2017 is dataset 3's 17). A
+    dataset's rotation-axis azimuth differs from the first's by an angle that adds to omega exactly
+    (the orientation is R_z(omega - phi) R_x(alpha) R_y(beta) UB, the goniometer axis R_z(omega - phi) x),
+    so each frame's omega carries it and the header keeps the first's. ValueError where the datasets
+    cannot be one: another acquisition geometry or wavelength."""
+    if len(datasets) == 1:
+        return datasets[0]
+    first = datasets[0]
+    for d in datasets[1:]:
+        if d.details.geometry != first.details.geometry:
+            raise ValueError(f"{d.path}: a {d.details.geometry} dataset cannot be refined with {first.path}'s "
+                             f"{first.details.geometry} frames")
+        if abs(d.wavelength - first.wavelength) > 1e-4 * first.wavelength:
+            raise ValueError(f"{d.path}: wavelength {d.wavelength:g} A differs from {first.path}'s "
+                             f"{first.wavelength:g} A (set the right one in the file)")
+    all_ids = np.concatenate([d.frames.ids for d in datasets])
+    collide = len(np.unique(all_ids)) < len(all_ids)
+    base = 10 ** len(str(int(np.abs(all_ids).max()))) if collide else 0
+    frames, refl = [], []
+    for k, d in enumerate(datasets):
+        f, r = d.frames, d.reflections
+        ids = f.ids + k * base
+        dphi = d.details.rotation_axis_deg - first.details.rotation_axis_deg
+        frames.append(FrameTable(ids, f.uvw, f.half_angle_deg, f.alpha_deg, f.beta_deg, f.omega_deg - dphi, f.scale,
+                                 np.repeat(np.asarray(d.ub, float)[None], len(f), 0), np.full(len(f), k),
+                                 np.asarray(f.ids)))
+        refl.append(ReflectionTable(r.hkl, r.intensity, r.sigma, r.frame_id + k * base))
+    frames = FrameTable(*(np.concatenate([getattr(f, n) for f in frames])
+                          for n in FrameTable.__dataclass_fields__))
+    refl = ReflectionTable(*(np.concatenate([getattr(r, n) for r in refl])
+                             for n in ReflectionTable.__dataclass_fields__))
+    details = replace(first.details, dstarmax=max(d.details.dstarmax for d in datasets))
+    return replace(first, path=" + ".join(d.path for d in datasets), details=details, frames=frames,
+                   reflections=refl, extra={**first.extra, "datasets": [d.path for d in datasets], "frame_id_offset": base})

@@ -103,7 +103,7 @@ class DiffractionPlan:
     geometry: str
     wavelength: float
     g_max: float
-    ub: torch.Tensor  # (3, 3)
+    ub: torch.Tensor  # (3, 3), or (F, 3, 3) one per frame (several datasets merged)
     axis_azimuth: float  # radians
     samples: SampleSet
     scored: ScoredReflections
@@ -182,11 +182,21 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     frames, refl = dataset.frames, dataset.reflections
     geometry = dataset.details.geometry
     k = 1.0 / dataset.wavelength
-    ub = torch.as_tensor(orientation_ub(dataset.ub, reciprocal_basis(dataset.cell), settings.ub_convention),
-                         dtype=torch.float64)
+    b_matrix = reciprocal_basis(dataset.cell)
+    # several datasets merged: each frame its dataset's UB (the candidate beams of every one of them)
+    ubs = [dataset.ub] if frames.ub is None else list(np.unique(np.asarray(frames.ub, float), axis=0))
+    g_ubs = [orientation_ub(u, b_matrix, settings.ub_convention) for u in ubs]
+    if frames.ub is None:
+        ub = torch.as_tensor(g_ubs[0], dtype=torch.float64)
+    else:
+        if settings.rocking_axis != "goniometer":
+            raise ValueError(f"rocking_axis: '{settings.rocking_axis}' needs one dataset (merged datasets carry "
+                             "their rotation axes in omega, which only the goniometer axis allows)")
+        ub = torch.as_tensor(np.stack([orientation_ub(u, b_matrix, settings.ub_convention) for u in frames.ub]),
+                             dtype=torch.float64)
     g_max = settings.g_max
     if g_max is None:  # a header's dstarmax can fall short of its own reflections (paper paracetamol: 1.4, 1.9)
-        reach = np.linalg.norm(np.asarray(refl.hkl, float) @ ub.numpy().T, axis=1).max(initial=0.0)
+        reach = max(np.linalg.norm(np.asarray(refl.hkl, float) @ g.T, axis=1).max(initial=0.0) for g in g_ubs)
         g_max = max(dataset.details.dstarmax, reach) + 0.4
     phi = math.radians(dataset.details.rotation_axis_deg)
     alpha = torch.as_tensor(np.radians(frames.alpha_deg))
@@ -215,11 +225,12 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
                             settings.n_samples if samples_per_frame is None else samples_per_frame,
                             settings.sample_rule, settings.tilt_window)
 
-    cand = _candidate_beams(ub.numpy(), g_max)
+    cand = (_candidate_beams(g_ubs[0], g_max) if len(g_ubs) == 1 else
+            np.unique(np.concatenate([_candidate_beams(g, g_max) for g in g_ubs]), axis=0))
     cand = cand[lattice_allowed(cand, settings.centring)]
     per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
     sf = samples.frame
-    sample_orient = sample_orientations(ub, alpha[sf], beta[sf], omega[sf], phi,
+    sample_orient = sample_orientations(ub if ub.dim() == 2 else ub[sf], alpha[sf], beta[sf], omega[sf], phi,
                                         torch.as_tensor(samples.alpha_offset), settings.rocking_axis).numpy()
 
     def key(h):
@@ -531,7 +542,8 @@ def _sample_geometry(plan: DiffractionPlan, s_idx: torch.Tensor, fr: torch.Tenso
     dev = s_idx.device
     inc = torch.as_tensor(samples.incident, dtype=rtype, device=dev)[s_idx]
     offs = torch.as_tensor(samples.alpha_offset, dtype=rtype, device=dev)[s_idx]
-    orient = sample_orientations(plan.ub.to(rtype), state.alpha[fr], state.beta[fr], state.omega[fr],
+    orient = sample_orientations((plan.ub if plan.ub.dim() == 2 else plan.ub[fr]).to(rtype), state.alpha[fr],
+                                 state.beta[fr], state.omega[fr],
                                  plan.axis_azimuth, offs, plan.settings.rocking_axis)  # (B,3,3)
     turn = None if state.orientation_correction is None else correction_rotation(state.orientation_correction[fr])
     if turn is not None:

@@ -806,6 +806,14 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         dataset = select_frames(dataset, keep)
     _log_centring_extinct(crystal, dataset, log)
     kind = settings.thickness_model
+    if dataset.frames.dataset is not None and len(np.unique(dataset.frames.dataset)) > 1:
+        # several datasets (crystals): a thickness model over the rotation, or one smooth path of the
+        # corrections about the rotation axis, describes one crystal
+        if kind != "per-frame":
+            raise ValueError(f"thickness_model: '{kind}' describes one crystal's frames; several datasets take "
+                             "'per-frame'")
+        if settings.axis_search:
+            raise ValueError("axis_search: searches one crystal's frames as one path; not with several datasets")
     warm = None
     if kind == "learned" and settings.learned_warm_start != "scan":
         warm = _warm_start_fit(crystal, dataset, settings, frame_mask, log)

@@ -82,6 +82,8 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
             "orientation_x_mrad": orient[:, 0], "orientation_x_su_mrad": su["orientation_x_su_mrad"],
             "orientation_y_mrad": orient[:, 1], "orientation_y_su_mrad": su["orientation_y_su_mrad"],
             "holdout": pr.holdout_frame.numpy().astype(int),
+            **({} if ds.frames.dataset is None else {"dataset": ds.frames.dataset,
+                                                      "dataset_frame": ds.frames.dataset_frame}),
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
 
 

@@ -130,6 +130,9 @@ def test_two_crystals_refine_together_from_the_command_line(small_dataset, quart
     n = len(ds.frames)
     assert frames["dataset"] == [0] * n + [1] * n and frames["dataset_frame"] == list(ds.frames.ids) * 2
     assert len(set(frames["frame"])) == 2 * n
+    per = summary["datasets"]
+    assert [d["path"] for d in per] == [str(first), str(second)] and sum(d["n_all"] for d in per) == summary["n_all"]
+    assert all(d["R_obs"] < 2 * summary["R_obs"] + 0.01 for d in per)
     refined = crystal_from_record(read_structure(out / "refined.cif"))
     before = _rmsd(crystal_from_record(read_structure(start)).asu.xyz, truth)
     assert before > 0.005 and summary["GoF"] < 1.3  # 0.0058 -> 0.0004 A, GoF 1.01 when measured

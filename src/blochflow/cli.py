@@ -640,6 +640,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
+        for d in summ["datasets"]:
+            log(f"  dataset {d['dataset'] + 1} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
+                f"wR2 {d['wR2']:.4f}  {d['n_all']} work reflections")
         for note in (disorder_line(summ["disorder"]), *rigid_bond_lines(summ["rigid_bond_test"]),
                      determinacy_warning(summ["n_all"], summ["n_params"]),
                      thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"])):

@@ -13,6 +13,7 @@ from ..crystal.restraints import restraint_rows, rigid_bond_test
 from ..crystal.structure import formula_units
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
+from ..refine.objective import figures_of_merit
 from ..refine.problem import equivalence_keys
 from ..refine.run import RefinementResult
 from .plots import fo_fc_svg, thickness_svg
@@ -85,6 +86,28 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
             **({} if ds.frames.dataset is None else {"dataset": ds.frames.dataset,
                                                       "dataset_frame": ds.frames.dataset_frame}),
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
+
+
+def dataset_figures(result: RefinementResult) -> list[dict]:
+    """Several datasets refined together: per dataset, its file, frames and the work reflections' R_obs,
+    wR2 and counts at the refined frame scales ([] for one dataset)."""
+    pr = result.problem
+    ds = pr.model.dataset
+    if ds.frames.dataset is None:
+        return []
+    ic = result.ic.detach()
+    k = pr.scales(ic)
+    of_frame = torch.as_tensor(ds.frames.dataset)[pr.model.frame]
+    out = []
+    for n, path in enumerate(ds.extra.get("datasets", [])):
+        m = pr.work & (of_frame == n)
+        if not bool(m.any()):
+            continue
+        f = figures_of_merit(pr.model.io[m], pr.model.sigma[m], ic[m], pr.model.frame[m], pr.model.n_frames,
+                             instability=pr.model.settings.instability, scale=k)
+        out.append({"dataset": n, "path": path, "n_frames": int(np.sum(ds.frames.dataset == n)), "R_obs": f.R_obs,
+                    "wR2": f.wR2, "n_obs": f.n_obs, "n_all": f.n_all})
+    return out
 
 
 def frame_model_record(result: RefinementResult) -> dict:
@@ -214,6 +237,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                       "occupancy_su": atoms_su[members[0]]["occupancy_su"], "refined": param is not None,
                       "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
         "rigid_bond_test": rigid,
+        "datasets": dataset_figures(result),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }
     if extra:

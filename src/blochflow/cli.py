@@ -34,7 +34,7 @@ REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
 # what each command writes in --out: a folder holding any of these is refused unless the user says
 # --overwrite (or --resume, for refine's own run); the user's files of the same names are never replaced unasked
 REFINE_OUTPUTS = ("summary.json", "refined.cif", "reflections.fcf", "frames.csv", "frame_model.json", "fo_fc.svg",
-                  "thickness.svg", "refine.log", "checkpoint.pt", "inverted")
+                  "thickness.svg", "difference_map.ccp4", "refine.log", "checkpoint.pt", "inverted")
 SIMULATE_OUTPUTS = ("summary.json", "reflections.csv")
 
 
@@ -644,6 +644,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
             log(f"  dataset {d['dataset'] + 1} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
                 f"wR2 {d['wR2']:.4f}  {d['n_all']} work reflections")
         for note in (disorder_line(summ["disorder"]), *rigid_bond_lines(summ["rigid_bond_test"]),
+                     *difference_map_lines(summ["difference_map"]),
                      determinacy_warning(summ["n_all"], summ["n_params"]),
                      thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"])):
             if note:
@@ -679,6 +680,19 @@ def disorder_line(groups: list[dict]) -> str | None:
     return "disorder occupancies: " + ", ".join(
         f"{g['assembly'] + ':' if g['assembly'] else ''}{g['group']} ({g['atoms'][0]}...) "
         f"{format_su(g['occupancy'], g['occupancy_su'] or None)}" for g in groups)
+
+
+def difference_map_lines(diff: dict | None, shown: int = 3) -> list[str]:
+    """The difference map's extremes and its strongest peaks, each with what a hydrogen there would do."""
+    if not diff:
+        return []
+    out = [f"difference map ({diff['file']}; the objective's gradient in the potential, in sigma): max "
+           f"{diff['max_sigma']:.1f}, min {diff['min_sigma']:.1f}; strongest peaks, each tried as a hydrogen:"]
+    for n, q in enumerate(diff["peaks"][:shown]):
+        out.append(f"  {n + 1}) {q['height']:.1f} sigma at {q['xyz'][0]:.4f} {q['xyz'][1]:.4f} {q['xyz'][2]:.4f}, "
+                   f"{q['distance']:.2f} A from {q['nearest']}: an H there takes occupancy {q['h_occupancy']:.2f} "
+                   f"and lowers chi^2 by {100 * q['chi2_fall']:.1f} %")
+    return out
 
 
 # Hirshfeld's rigid-bond test: a bond's dU is reported as suspect above this many A^2 and s.u.

@@ -131,6 +131,9 @@ class RefineSettings:
     # one occupancy per disorder group (_atom_site_disorder_group, SHELXL's PART with a free variable), the
     # groups of an assembly keeping their starting sum; atoms outside a group keep theirs unless refine_occupancy
     refine_disorder: bool = True
+    # outputs: the difference map (report/difference_map.py: the objective's gradient in the potential,
+    # its strongest peaks tried as hydrogens), difference_map.ccp4 and its peaks in summary.json
+    difference_map: bool = True
     # objective
     free_fraction: float = 0.05
     free_seed: int = 0

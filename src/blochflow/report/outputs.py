@@ -11,6 +11,7 @@ import torch
 from ..crystal.bonds import geometry_table
 from ..crystal.restraints import restraint_rows, rigid_bond_test
 from ..crystal.structure import formula_units
+from .difference_map import difference_map, write_map
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
 from ..refine.objective import figures_of_merit
@@ -177,6 +178,11 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,
                       hbonds=hbonds)
     rigid = rigid_bond_test(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
+    diff = None
+    if getattr(settings, "difference_map", False):
+        values, diff = difference_map(pr, result.theta)
+        write_map(out / "difference_map.ccp4", values, crystal.cell)
+        diff["file"] = "difference_map.ccp4"
 
     # reflections (all scored, with the work scales)
     k = pr.scales(result.ic)
@@ -237,6 +243,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                       "occupancy_su": atoms_su[members[0]]["occupancy_su"], "refined": param is not None,
                       "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
         "rigid_bond_test": rigid,
+        "difference_map": diff,
         "datasets": dataset_figures(result),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }

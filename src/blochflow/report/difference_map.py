@@ -1,0 +1,170 @@
+"""Difference map of a refined model: where the data want potential the model lacks (a missing
+hydrogen, a disordered site) or has too much.
+
+A dynamical refinement has no kinematical F_obs, so the map is not a Fourier synthesis of
+F_obs - F_calc. It is the gradient of the refinement's own objective (the weighted sum of squares
+of the work reflections, frame scales held) with respect to the crystal potential, computed through
+the Bloch-wave model by one reverse pass: D(x) = -Re sum_h (dchi^2 / dU_h*) exp(2 pi i h.x), over the
+potential coefficients the model uses. Where adding potential at x would lower chi^2, D(x) > 0. In
+the kinematical limit this is the weighted difference Fourier map. Dynamical coupling blurs it, so
+each of the strongest peaks is then tried: a hydrogen placed there (U_iso 0.03 A^2), its occupancy
+fitted by one Gauss-Newton step along its potential (a forward-mode tangent through the model), gives
+the fall of chi^2 an atom there would bring. Peaks are ranked by that fall; the map is given in units
+of its rms (sigma), as map viewers show it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..crystal import cell as cellmod
+from ..crystal.structure import AsymmetricUnit, Crystal
+from ..physics.diffraction import frame_subplan, simulate_frames_jvp
+from ..physics.structure_factors import crystal_potential, potential_plan
+from ..refine.objective import klar_weights
+
+PROBE_U_ISO = 0.03  # A^2, the trial hydrogen's
+REVERSE_BUDGET = 3e7  # structure-matrix elements (samples x beams^2) per reverse pass of the gradient
+
+
+def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple[np.ndarray, dict]:
+    """D(x) on a grid (N1, N2, N3) over the cell (about ``spacing_A`` apart, finer where the
+    potential's orders need it), in units of its rms; and what the probes need (potential, state,
+    residuals, weights)."""
+    model = problem.model
+    raw = {k: v.detach() for k, v in problem.split(torch.as_tensor(theta, dtype=torch.float64)).items()}
+    with torch.no_grad():
+        xyz, occ, u = problem.structure.physical(raw["structure"])
+        pot, pot_abs = problem.potential(raw)
+        state = problem.state(raw)
+    with torch.no_grad():
+        ic = model.intensities(state, potential=(pot, pot_abs))
+    k = problem.scales(ic).detach()[model.frame]
+    w = klar_weights(model.io, model.sigma, model.settings.instability)
+    work = problem.work
+    chi2 = torch.sum((w * (model.io - k * ic) ** 2)[work])
+    # the reverse pass in batches of frames (chi^2 is a sum over frames once the scales are held), each
+    # holding at most REVERSE_BUDGET elements of structure matrices
+    pot = pot.detach().clone().requires_grad_(True)
+    per_frame = max(float(np.mean(model.samples_per_frame())) * model.n_beams_mean() ** 2, 1.0)
+    step = max(1, int(REVERSE_BUDGET / per_frame))
+    for first in range(0, model.n_frames, step):
+        frames = torch.zeros(model.n_frames, dtype=torch.bool)
+        frames[first:first + step] = True
+        rows = work & frames[model.frame]
+        if not bool(rows.any()):
+            continue
+        sub = frame_subplan(model.plan, frames)[0]
+        ic_b = model.intensities(state, potential=(pot, pot_abs), plan=sub)
+        torch.sum((w * (model.io - k * ic_b) ** 2)[rows]).backward()
+    grad = pot.grad.detach().cpu().numpy()
+    hkl = np.asarray(model.plan.potential_hkl)
+    crystal = problem.structure.crystal_at(raw["structure"])
+    centre = crystal.symmetry.inversion_centre()
+    coef = -grad
+    if centre is not None:  # the model's potential is taken about the inversion centre: back to the origin
+        coef = coef * np.exp(-2j * np.pi * (hkl @ np.asarray(centre, float)))
+    coef[np.all(hkl == 0, axis=1)] = 0.0
+    a = cellmod.direct_basis(crystal.cell)
+    n = [max(2 * int(np.abs(hkl[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
+         for i in range(3)]
+    grid = np.zeros(n, complex)
+    np.add.at(grid, tuple((hkl % n).T), coef)
+    values = np.real(np.fft.ifftn(grid)) * grid.size
+    rms = float(np.sqrt(np.mean(values ** 2)))
+    context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k.detach(),
+               "ic": ic.detach(), "weight": w, "chi2": float(chi2.detach())}
+    return values / rms if rms > 0 else values, context
+
+
+def map_peaks(values: np.ndarray, crystal: Crystal, count: int = 10, min_separation_A: float = 0.5) -> list[dict]:
+    """The highest local maxima of a periodic map over the cell (each once under the symmetry, none within
+    ``min_separation_A`` of a higher one), positions refined by a parabola per axis, with the nearest
+    atom (label, distance in A)."""
+    n = np.array(values.shape)
+    is_max = np.ones(values.shape, bool)
+    for shift in np.ndindex(3, 3, 3):
+        if shift != (1, 1, 1):
+            is_max &= values >= np.roll(values, tuple(np.array(shift) - 1), axis=(0, 1, 2))
+    idx = np.argwhere(is_max & (values > 0))
+    idx = idx[np.argsort(-values[tuple(idx.T)], kind="stable")]
+    a = cellmod.direct_basis(crystal.cell)
+    sym = crystal.symmetry
+    xyz = crystal.asu.xyz.detach().cpu().numpy()
+    out: list[dict] = []
+    for p in idx:
+        frac = p.astype(float)
+        for ax in range(3):  # a parabola through the neighbours along each axis
+            lo, hi = p.copy(), p.copy()
+            lo[ax], hi[ax] = (p[ax] - 1) % n[ax], (p[ax] + 1) % n[ax]
+            y0, y1, y2 = values[tuple(lo)], values[tuple(p)], values[tuple(hi)]
+            curv = y0 - 2 * y1 + y2
+            if curv < 0:
+                frac[ax] += 0.5 * (y0 - y2) / curv
+        frac = (frac / n) % 1.0
+        if any(sym.images_around(np.array(q["xyz"]), frac, a)[0].min() < min_separation_A for q in out):
+            continue
+        dist = [sym.images_around(x, frac, a)[0].min() for x in xyz]
+        near = int(np.argmin(dist))
+        out.append({"xyz": [float(v) for v in frac], "height": float(values[tuple(p)]),
+                    "nearest": crystal.asu.labels[near], "distance": float(dist[near])})
+        if len(out) == count:
+            break
+    return out
+
+
+def probe_peaks(problem, context: dict, peaks: list[dict]) -> list[dict]:
+    """Each peak with the fall of chi^2 (fraction) a hydrogen there would bring and its fitted occupancy
+    (one Gauss-Newton step along its potential), strongest fall first."""
+    if not peaks:
+        return []
+    crystal = context["crystal"]
+    model = problem.model
+    u_frac = torch.as_tensor(cellmod.u_iso_to_frac(PROBE_U_ISO, crystal.cell), dtype=torch.float64)[None]
+    tangents = []
+    for q in peaks:
+        probe = Crystal(crystal.cell, crystal.symmetry,
+                        AsymmetricUnit(["probe"], ["H"], torch.tensor([q["xyz"]], dtype=torch.float64),
+                                       torch.ones(1, dtype=torch.float64), u_frac, [False]))
+        d_pot, _ = crystal_potential(potential_plan(context["hkl"], probe, model.dataset.wavelength),
+                                     probe.asu.xyz, probe.asu.occupancy, probe.asu.u_frac)
+        tangents.append((d_pot.to(context["potential"][0].dtype), None, tuple(None for _ in context["state"].tensors())))
+    pot, pot_abs = context["potential"]
+    with torch.no_grad():
+        ic, d_ic = simulate_frames_jvp(model.plan, pot, pot_abs, context["state"], tangents,
+                                       absorption_method=model.settings.absorption_method)
+    work = problem.work
+    k, w = context["k"][work], context["weight"][work]
+    resid = (model.io - context["k"] * ic)[work]
+    d = k[:, None] * d_ic[work]
+    g = (w[:, None] * resid[:, None] * d).sum(0)
+    h = (w[:, None] * d ** 2).sum(0).clamp_min(1e-300)
+    out = [{**q, "h_occupancy": float(gi / hi), "chi2_fall": float(gi ** 2 / hi) / max(context["chi2"], 1e-300)}
+           for q, gi, hi in zip(peaks, g, h)]
+    return sorted(out, key=lambda q: -q["chi2_fall"])
+
+
+def write_map(path: str | Path, values: np.ndarray, cell) -> None:
+    """The map as a CCP4 file (P 1, the whole cell), written atomically."""
+    import gemmi
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    ccp4 = gemmi.Ccp4Map()
+    ccp4.grid = gemmi.FloatGrid(np.ascontiguousarray(values, dtype=np.float32), gemmi.UnitCell(*cell),
+                                gemmi.SpaceGroup("P 1"))
+    ccp4.update_ccp4_header()
+    ccp4.write_ccp4_map(str(tmp))
+    os.replace(tmp, path)
+
+
+def difference_map(problem, theta: torch.Tensor, count: int = 30, report: int = 10) -> tuple[np.ndarray, dict]:
+    """The map (in sigma) and its summary: rms-scaled extremes and the ``report`` strongest of the
+    ``count`` highest peaks by the fall of chi^2 a hydrogen there would bring."""
+    values, context = gradient_map(problem, theta)
+    peaks = probe_peaks(problem, context, map_peaks(values, context["crystal"], count))
+    return values, {"max_sigma": float(values.max()), "min_sigma": float(values.min()), "peaks": peaks[:report]}

@@ -551,6 +551,13 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     small = gemmi.make_small_structure_from_block(block)
     assert len(small.sites) == 2
     assert block.find_value("_refine_ls_R_factor_gt") is not None
+    # the reflections' items: counts, Bragg-angle range (theta = asin(lambda d* / 2)), index limits, wR2(gt)
+    assert int(block.find_value("_diffrn_reflns_number")) == summary["n_all"] + summary["n_free"]
+    theta_max = float(block.find_value("_diffrn_reflns_theta_max"))
+    assert 0 < float(block.find_value("_diffrn_reflns_theta_min")) < theta_max < 3.0
+    assert int(block.find_value("_diffrn_reflns_limit_h_max")) > 0 > int(block.find_value("_diffrn_reflns_limit_h_min"))
+    assert 0 < float(block.find_value("_refine_ls_wR_factor_gt")) <= float(block.find_value("_refine_ls_wR_factor_ref"))
+    assert "3D electron diffraction" in block.find_value("_diffrn_measurement_method")
     assert "(" in block.find_loop("_atom_site_fract_x")[0] or "(" in block.find_loop("_atom_site_fract_y")[0]
     bonds = block.find("_geom_bond_", ["atom_site_label_1", "atom_site_label_2", "distance", "site_symmetry_2"])
     assert len(bonds) == 4 and all("(" in row[2] for row in bonds)  # Si-O with the s.u. of the covariance

@@ -104,6 +104,11 @@ class RefinementSummary:
     special_details: str = ""  # _refine_special_details: how the model was constrained (e.g. its H)
     formula: dict | None = None  # element -> count of one formula unit (Hill order), for _chemical_formula_*
     z: int | None = None  # formula units per cell
+    measurement: str = ""  # _diffrn_measurement_method
+    theta_range: tuple | None = None  # (min, max) Bragg angle of the reflections, degrees
+    hkl_limits: tuple | None = None  # ((h_min, h_max), (k_min, k_max), (l_min, l_max))
+    wr2_gt: float | None = None  # wR2 of the observed (I > 3 sigma) reflections
+    n_measured: int | None = None  # every scored reflection (work, free and held-out frames), all frames
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -192,7 +197,13 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
     out += ["loop_", "_space_group_symop_id", "_space_group_symop_operation_xyz"]
     out += [f"{i + 1} {_q(op)}" for i, op in enumerate(s.symops or ("x,y,z",))]
     out += ["", "_diffrn_radiation_type electron", "_diffrn_radiation_probe electron",
-            f"_diffrn_radiation_wavelength {format_plain(s.wavelength)}", "",
+            f"_diffrn_radiation_wavelength {format_plain(s.wavelength)}",
+            *([f"_diffrn_measurement_method {_q(s.measurement)}"] if s.measurement else []),
+            f"_diffrn_reflns_number {int(s.n_reflections if s.n_measured is None else s.n_measured)}",
+            *([f"_diffrn_reflns_theta_min {s.theta_range[0]:.4f}", f"_diffrn_reflns_theta_max {s.theta_range[1]:.4f}"]
+              if s.theta_range else []),
+            *([f"_diffrn_reflns_limit_{ax}_{end} {int(lim[e])}" for ax, lim in zip("hkl", s.hkl_limits)
+               for e, end in enumerate(("min", "max"))] if s.hkl_limits else []), "",
             f"_reflns_number_total {int(s.n_reflections)}", f"_reflns_number_gt {int(s.n_obs)}",
             "_reflns_threshold_expression 'I>3sigma(I)'", "",
             "_refine_ls_structure_factor_coef Fsqd", "_refine_ls_matrix_type full",
@@ -203,6 +214,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             f"_refine_ls_R_factor_gt {format_plain(s.r_obs)}",
             *([] if s.r_all is None else [f"_refine_ls_R_factor_all {format_plain(s.r_all)}"]),
             f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
+            *([] if s.wr2_gt is None else [f"_refine_ls_wR_factor_gt {format_plain(s.wr2_gt)}"]),
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
             f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]
     if s.special_details:

@@ -14,7 +14,8 @@ from ..crystal.structure import formula_units
 from .difference_map import difference_map, write_map
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
-from ..refine.objective import figures_of_merit
+from ..crystal.cell import reciprocal_basis
+from ..refine.objective import figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
 from ..refine.run import RefinementResult
 from .plots import fo_fc_svg, thickness_svg
@@ -87,6 +88,28 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
             **({} if ds.frames.dataset is None else {"dataset": ds.frames.dataset,
                                                       "dataset_frame": ds.frames.dataset_frame}),
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
+
+
+def _data_items(result: RefinementResult) -> dict:
+    """The reflections' items of refined.cif: measurement method, Bragg-angle range and index limits of
+    the scored reflections, and wR2 of the observed ones (I > 3 sigma, the work set's weights and scales)."""
+    pr = result.problem
+    model = pr.model
+    ds = model.dataset
+    hkl = np.asarray(model.plan.scored.hkl)
+    d_star = np.linalg.norm(hkl @ reciprocal_basis(ds.cell).T, axis=1)
+    theta = np.degrees(np.arcsin(np.clip(ds.wavelength * d_star / 2, 0, 1)))
+    ic = result.ic.detach()
+    kic = pr.scales(ic)[model.frame] * ic
+    w = klar_weights(model.io, model.sigma, model.settings.instability)
+    gt = pr.work & (model.io > 3 * model.sigma)
+    den = float(torch.sum((w * model.io ** 2)[gt]))
+    method = {"continuous": "continuous-rotation 3D electron diffraction",
+              "precession": "precession-assisted 3D electron diffraction"}.get(ds.details.geometry, "")
+    return {"measurement": method, "n_measured": len(hkl),
+            "theta_range": (float(theta.min()), float(theta.max())) if len(theta) else None,
+            "hkl_limits": tuple((int(hkl[:, i].min()), int(hkl[:, i].max())) for i in range(3)) if len(hkl) else None,
+            "wr2_gt": float(np.sqrt(float(torch.sum((w * (model.io - kic) ** 2)[gt])) / den)) if den > 0 else None}
 
 
 def dataset_figures(result: RefinementResult) -> list[dict]:
@@ -172,7 +195,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
         special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
-        formula=formula, z=z_units)
+        formula=formula, z=z_units, **_data_items(result))
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,

@@ -88,6 +88,28 @@ def test_a_missing_hydrogen_is_the_strongest_peak():
     assert max(q["h_occupancy"] for q in peaks["complete"]) < 0.05
 
 
+def test_too_much_potential_is_the_deepest_hole():
+    """The hydrate's water O given as F (more potential than the data have): the minimum whose removal
+    of potential lowers chi^2 most sits on it (0.12 A when measured, -0.10 H, chi^2 -10 %)."""
+    from conftest import N_SAMPLES, rotation_frames, simulated
+
+    from blochflow.refine.run import RefineSettings, build_problem, refine
+
+    truth = _hydrate()
+    ds = simulated(rotation_frames(HYDRATE_CELL, 20, 1.2), truth, 400.0, N_SAMPLES, seed=2)
+    a = truth.asu
+    o3 = a.labels.index("O3")
+    elements = [("F" if i == o3 else e) for i, e in enumerate(a.elements)]
+    wrong = Crystal(truth.cell, truth.symmetry, AsymmetricUnit(list(a.labels), elements, a.xyz, a.occupancy, a.u_frac,
+                                                               list(a.anisotropic)))
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adam_steps=0, lm_iterations=10,
+                              free_fraction=0.0, refine_adp=False)
+    problem = build_problem(wrong, ds, settings)
+    result = refine(problem, settings, log=lambda s: None)
+    hole = difference_map(problem, result.theta)[1]["holes"][0]
+    assert hole["nearest"] == "O3" and hole["distance"] < 0.3 and hole["h_occupancy"] < -0.05 and hole["height"] < 0
+
+
 def test_the_peak_follows_the_origin_of_a_shifted_setting():
     """The same known truth described with its inversion centre at (0.1, 0.2, 0.3), where the model's
     potential is taken about that centre: the missing H1's peak is found at the shifted H1."""

@@ -692,6 +692,10 @@ def difference_map_lines(diff: dict | None, shown: int = 3) -> list[str]:
         out.append(f"  {n + 1}) {q['height']:.1f} sigma at {q['xyz'][0]:.4f} {q['xyz'][1]:.4f} {q['xyz'][2]:.4f}, "
                    f"{q['distance']:.2f} A from {q['nearest']}: an H there takes occupancy {q['h_occupancy']:.2f} "
                    f"and lowers chi^2 by {100 * q['chi2_fall']:.1f} %")
+    for q in diff.get("holes", [])[:1]:
+        out.append(f"  deepest hole by fit: {q['height']:.1f} sigma at {q['xyz'][0]:.4f} {q['xyz'][1]:.4f} "
+                   f"{q['xyz'][2]:.4f}, {q['distance']:.2f} A from {q['nearest']}: {-q['h_occupancy']:.2f} H of "
+                   f"potential less there lowers chi^2 by {100 * q['chi2_fall']:.1f} %")
     return out
 
 

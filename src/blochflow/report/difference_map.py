@@ -164,9 +164,17 @@ def write_map(path: str | Path, values: np.ndarray, cell) -> None:
     os.replace(tmp, path)
 
 
-def difference_map(problem, theta: torch.Tensor, count: int = 12, report: int = 10) -> tuple[np.ndarray, dict]:
-    """The map (in sigma) and its summary: rms-scaled extremes and the ``report`` strongest of the
-    ``count`` highest peaks by the fall of chi^2 a hydrogen there would bring."""
+def difference_map(problem, theta: torch.Tensor, count: int = 12, report: int = 10,
+                   holes: int = 6) -> tuple[np.ndarray, dict]:
+    """The map (in sigma) and its summary: rms-scaled extremes, the ``report`` strongest of the ``count``
+    highest peaks by the fall of chi^2 a hydrogen there would bring, and the ``holes`` deepest minima
+    tried the same way (their fitted occupancy negative: the model has too much potential there, a
+    wrong element or an over-occupied site), strongest first."""
     values, context = gradient_map(problem, theta)
-    peaks = probe_peaks(problem, context, map_peaks(values, context["crystal"], count))
-    return values, {"max_sigma": float(values.max()), "min_sigma": float(values.min()), "peaks": peaks[:report]}
+    crystal = context["crystal"]
+    tried = probe_peaks(problem, context, map_peaks(values, crystal, count) +
+                        [{**q, "height": -q["height"], "hole": True} for q in map_peaks(-values, crystal, holes)])
+    peaks = [q for q in tried if not q.get("hole")]
+    dips = [{k: v for k, v in q.items() if k != "hole"} for q in tried if q.get("hole")]
+    return values, {"max_sigma": float(values.max()), "min_sigma": float(values.min()), "peaks": peaks[:report],
+                    "holes": dips[:3]}

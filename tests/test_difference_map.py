@@ -150,3 +150,20 @@ def test_the_reverse_pass_in_batches_of_frames_gives_the_same_map(monkeypatch):
     monkeypatch.setattr(dm, "REVERSE_BUDGET", 1.0)  # one frame a pass
     frame_by_frame, _ = dm.gradient_map(problem, problem.theta0)
     assert np.allclose(frame_by_frame, whole, rtol=1e-9, atol=1e-9)
+
+
+def test_a_failed_map_is_a_warning_not_a_lost_run(monkeypatch, small_dataset, quartz_paths, tmp_path, capsys):
+    """Should the map fail (memory, say), the refine command still writes its outputs and says so."""
+    import blochflow.report.outputs as outputs
+    from blochflow.cli import main
+
+    def fail(*args, **kwargs):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(outputs, "difference_map", fail)
+    _, _, data = small_dataset
+    out = tmp_path / "run"
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--samples", "2", "--set",
+                 "samples_per_fringe=0", "--thickness", "500", "--lm-iterations", "1"]) == 0
+    assert (out / "refined.cif").exists() and not (out / "difference_map.ccp4").exists()
+    assert "the difference map could not be made (MemoryError: no room)" in capsys.readouterr().out

@@ -689,6 +689,8 @@ def difference_map_lines(diff: dict | None, shown: int = 3) -> list[str]:
     """The difference map's extremes and its strongest peaks, each with what a hydrogen there would do."""
     if not diff:
         return []
+    if "error" in diff:
+        return [f"warning: the difference map could not be made ({diff['error']}); every other output is written"]
     out = [f"difference map ({diff['file']}; the objective's gradient in the potential, in sigma): max "
            f"{diff['max_sigma']:.1f}, min {diff['min_sigma']:.1f}; strongest peaks, each tried as a hydrogen:"]
     for n, q in enumerate(diff["peaks"][:shown]):

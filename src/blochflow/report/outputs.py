@@ -203,9 +203,12 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     rigid = rigid_bond_test(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
     diff = None
     if getattr(settings, "difference_map", False):
-        values, diff = difference_map(pr, result.theta)
-        write_map(out / "difference_map.ccp4", values, crystal.cell)
-        diff["file"] = "difference_map.ccp4"
+        try:  # a derived product: should it fail, the refinement's own outputs are still written
+            values, diff = difference_map(pr, result.theta)
+            write_map(out / "difference_map.ccp4", values, crystal.cell)
+            diff["file"] = "difference_map.ccp4"
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            diff = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
     # reflections (all scored, with the work scales)
     k = pr.scales(result.ic)

@@ -1499,3 +1499,32 @@ def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_path
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--config", str(bad),
                  "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+
+
+def test_the_axis_search_is_suggested_where_neighbours_jump(small_dataset, truth):
+    """The note reads the refined corrections about each frame's rotation axis: alternating by 6 mrad at
+    0.1 mrad s.u. between neighbours (frames in different minima) it suggests the axis search; within their
+    s.u. it does not; nor when the search ran."""
+    from types import SimpleNamespace
+
+    from blochflow.cli import axis_search_note
+    from blochflow.refine.run import RefineSettings, build_problem
+    from blochflow.report.outputs import axis_jumps
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0)
+    result = SimpleNamespace(problem=build_problem(truth, ds, settings))
+    n = len(ds.frames)
+    axis = np.radians(ds.details.rotation_axis_deg - ds.frames.omega_deg)  # x, y of each frame's axis: cos, -sin
+
+    def frames(along, su):
+        return {"orientation_x_mrad": along * np.cos(axis), "orientation_y_mrad": -along * np.sin(axis),
+                "orientation_x_su_mrad": np.full(n, su), "orientation_y_su_mrad": np.full(n, su),
+                "alpha_deg": ds.frames.alpha_deg, "n_reflections": np.ones(n, int)}
+
+    jumping = axis_jumps(result, frames(3.0 * (-1.0) ** np.arange(n), 0.1))
+    assert jumping == {"pairs": n - 1, "jumps": n - 1}
+    assert "--set axis_search=true" in axis_search_note(jumping, settings)
+    calm = axis_jumps(result, frames(0.05 * (-1.0) ** np.arange(n), 0.1))
+    assert calm == {"pairs": n - 1, "jumps": 0} and axis_search_note(calm, settings) is None
+    assert axis_search_note(jumping, dataclasses.replace(settings, axis_search=True)) is None

@@ -1089,11 +1089,6 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                 log(f"tilt search at LM iteration {lm.iteration}: {len(frames)} of {int(searched.sum())} frames searched "
                     f"(those above the median frame's cost) moved to another tilt and thickness ({len(tilts)} tilts "
                     f"normal to the rotation axis, {tilts[1] - tilts[0]:.2g} mrad apart, +-{tilts[-1]:g} mrad; {took:.1f} s)")
-            if 2 * len(frames) >= max(int(searched.sum()), 2) and not settings.axis_search:
-                log("  most frames searched moved: their corrections about the rotation axis may sit in wrong minima "
-                    "too; where the goniometer's errors are smooth over the rotation, --set axis_search=true "
-                    "searches them as one smooth path at the first convergence (it is undone if the fit ends worse; "
-                    "docs/refinement.md \"Thick crystals\")")
             if len(frames):
                 lm.jacobian = None
                 if settings.refine_thickness:

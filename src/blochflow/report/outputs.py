@@ -15,6 +15,7 @@ from .difference_map import difference_map, write_map
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
 from ..crystal.cell import reciprocal_basis
+from ..physics.geometry import rotation_axis_lab
 from ..refine.objective import figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
 from ..refine.run import RefinementResult
@@ -110,6 +111,36 @@ def _data_items(result: RefinementResult) -> dict:
             "theta_range": (float(theta.min()), float(theta.max())) if len(theta) else None,
             "hkl_limits": tuple((int(hkl[:, i].min()), int(hkl[:, i].max())) for i in range(3)) if len(hkl) else None,
             "wr2_gt": float(np.sqrt(float(torch.sum((w * (model.io - kic) ** 2)[gt])) / den)) if den > 0 else None}
+
+
+AXIS_JUMP_SU = 3.0  # a jump between neighbouring frames' corrections about the rotation axis beyond this many s.u.
+
+
+def axis_jumps(result: RefinementResult, frames: dict) -> dict | None:
+    """How often the refined corrections about the rotation axis jump between neighbouring frames (in
+    alpha, within one dataset) by more than AXIS_JUMP_SU times their combined s.u.: the mark of frames
+    in different minima of a thick crystal's tilt landscape (docs/refinement.md "Thick crystals"). None
+    without orientation corrections or their s.u."""
+    pr = result.problem
+    if "orientation_x_su_mrad" not in frames or not pr.frames.refine_orientation:
+        return None
+    ctx = pr.frames.ctx
+    axis = rotation_axis_lab(ctx.omega, ctx.axis_azimuth).numpy()[:, :2]  # lab x, y of each frame's axis
+    corr = np.stack([frames["orientation_x_mrad"], frames["orientation_y_mrad"]], 1)
+    su = np.stack([frames["orientation_x_su_mrad"], frames["orientation_y_su_mrad"]], 1)
+    along = np.sum(corr * axis, 1)
+    along_su = np.sqrt(np.sum((su * axis) ** 2, 1))
+    ds = pr.model.dataset.frames
+    group = np.zeros(len(along), int) if ds.dataset is None else np.asarray(ds.dataset)
+    pairs = jumps = 0
+    for g in np.unique(group):
+        idx = np.flatnonzero((group == g) & np.isfinite(along_su) & (along_su > 0) & (frames["n_reflections"] > 0))
+        idx = idx[np.argsort(np.asarray(frames["alpha_deg"])[idx], kind="stable")]
+        if len(idx) < 2:
+            continue
+        d = np.abs(np.diff(along[idx])) / np.sqrt(along_su[idx][1:] ** 2 + along_su[idx][:-1] ** 2)
+        pairs, jumps = pairs + len(d), jumps + int(np.sum(d > AXIS_JUMP_SU))
+    return {"pairs": pairs, "jumps": jumps} if pairs else None
 
 
 def dataset_figures(result: RefinementResult) -> list[dict]:
@@ -271,6 +302,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "rigid_bond_test": rigid,
         "difference_map": diff,
         "datasets": dataset_figures(result),
+        "axis_jumps": axis_jumps(result, frames),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }
     if extra:

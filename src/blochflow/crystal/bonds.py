@@ -68,13 +68,6 @@ def _together(symmetry, disorder, a: Neighbour, b: Neighbour) -> bool:
         a.atom, b.atom, bool(np.allclose(symmetry.rotations[a.op], symmetry.rotations[b.op])))
 
 
-def _keep_with(symmetry, disorder, i: int):
-    """``images_within``'s filter: the images that can be present with asymmetric-unit atom i."""
-    if not disorder:
-        return None
-    return lambda j, s: disorder.together(i, j, bool(np.allclose(symmetry.rotations[s], np.eye(3))))
-
-
 def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str],
                disorder=None) -> list[list[Neighbour]]:
     """Per asymmetric-unit atom, its bonded neighbours (images coinciding on a special position once; with
@@ -84,7 +77,7 @@ def neighbours(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[str]
         candidates = [j for j, ej in enumerate(elements) if not (el.capitalize() == ej.capitalize() == "H")]
         found = images_within(symmetry, a_mat, xyz, xyz[i], candidates,
                               lambda j: covalent_radius(el) + covalent_radius(elements[j]) + BOND_TOLERANCE_A,
-                              _keep_with(symmetry, disorder, i))
+                              disorder.image_filter(symmetry, i) if disorder else None)
         found = _nearest_first(symmetry, a_mat, xyz, xyz[i], found)
         out.append([_neighbour(symmetry, j, s, t) for j, s, t in found])
     return out
@@ -150,7 +143,7 @@ def hydrogen_bonds(symmetry, a_mat: np.ndarray, xyz: np.ndarray, elements: list[
         d_pos = _position(symmetry, xyz, donor)
         found = images_within(symmetry, a_mat, xyz, xyz[h], acceptors,
                               lambda j: VDW_RADII["H"] + VDW_RADII[elements[j].capitalize()] - HBOND_MARGIN_A,
-                              _keep_with(symmetry, disorder, h))
+                              disorder.image_filter(symmetry, h) if disorder else None)
         for j, s, t in _nearest_first(symmetry, a_mat, xyz, xyz[h], found):
             acc = _neighbour(symmetry, j, s, t)
             if not _together(symmetry, disorder, donor, acc):

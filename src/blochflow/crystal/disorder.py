@@ -37,6 +37,14 @@ class Disorder:
             return True
         return gi == gj and (same_rotation or not gi.startswith("-"))
 
+    def image_filter(self, symmetry, atom: int, rotation=None):
+        """``images_within``'s ``keep(j, operator index)``: the images that can be present with ``atom``
+        (whose own image has ``rotation``, the identity by default); None without disorder groups."""
+        if not self:
+            return None
+        rot = np.eye(3) if rotation is None else np.asarray(rotation, float)
+        return lambda j, s: self.together(atom, j, bool(np.allclose(symmetry.rotations[s], rot)))
+
     def all_together(self, atoms: list[tuple[int, np.ndarray]]) -> bool:
         """Whether every pair of the images (atom, rotation) can be present together."""
         return all(self.together(i, j, bool(np.allclose(ri, rj)))

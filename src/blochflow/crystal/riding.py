@@ -117,8 +117,7 @@ def bonded_images(symmetry, a_mat, x_all, elements, centre_atom, centre_rot, cen
     list of (atom, R', t') images, coinciding images once; with ``disorder``, only the images that can be
     present with the centre (no alternative of it)."""
     rc = covalent_radius(elements[centre_atom])
-    keep = None if not disorder else (lambda j, s: disorder.together(
-        centre_atom, j, bool(np.allclose(symmetry.rotations[s], centre_rot))))
+    keep = disorder.image_filter(symmetry, centre_atom, centre_rot) if disorder else None
     found = images_within(symmetry, a_mat, x_all, centre_rot @ x_all[centre_atom] + centre_tr, heavy,
                           lambda j: rc + covalent_radius(elements[j]) + BOND_TOLERANCE_A, keep)
     return [(j, np.asarray(symmetry.rotations[s], float), t) for j, s, t in found]

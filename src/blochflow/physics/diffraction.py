@@ -184,16 +184,15 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     k = 1.0 / dataset.wavelength
     b_matrix = reciprocal_basis(dataset.cell)
     # several datasets merged: each frame its dataset's UB (the candidate beams of every one of them)
-    ubs = [dataset.ub] if frames.ub is None else list(np.unique(np.asarray(frames.ub, float), axis=0))
-    g_ubs = [orientation_ub(u, b_matrix, settings.ub_convention) for u in ubs]
     if frames.ub is None:
-        ub = torch.as_tensor(g_ubs[0], dtype=torch.float64)
+        ubs, of_frame = np.asarray(dataset.ub, float)[None], None
     else:
         if settings.rocking_axis != "goniometer":
             raise ValueError(f"rocking_axis: '{settings.rocking_axis}' needs one dataset (merged datasets carry "
                              "their rotation axes in omega, which only the goniometer axis allows)")
-        ub = torch.as_tensor(np.stack([orientation_ub(u, b_matrix, settings.ub_convention) for u in frames.ub]),
-                             dtype=torch.float64)
+        ubs, of_frame = np.unique(np.asarray(frames.ub, float), axis=0, return_inverse=True)
+    g_ubs = np.stack([orientation_ub(u, b_matrix, settings.ub_convention) for u in ubs])
+    ub = torch.as_tensor(g_ubs[0] if of_frame is None else g_ubs[np.ravel(of_frame)], dtype=torch.float64)
     g_max = settings.g_max
     if g_max is None:  # a header's dstarmax can fall short of its own reflections (paper paracetamol: 1.4, 1.9)
         reach = max(np.linalg.norm(np.asarray(refl.hkl, float) @ g.T, axis=1).max(initial=0.0) for g in g_ubs)

@@ -106,7 +106,7 @@ class RefineSettings:
     learned_warm_start: str = "per-frame"
     warm_start_iterations: int = 6
     holdout_frames: float = 0.0  # fraction of frames left out of the fit and reported
-    # tables {type: distance|same_distance|same_adp|rigid_bond, atoms, target (A), sigma}: crystal/restraints.py
+    # tables {type: distance|same_distance|same_adp|rigid_bond|similar_adp, atoms, target (A), sigma}: crystal/restraints.py
     restraints: tuple = ()
     refine_thickness: bool = True
     refine_orientation: bool = True

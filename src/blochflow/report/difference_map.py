@@ -39,13 +39,12 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     potential's orders need it), in units of its rms; and what the probes need (potential, state,
     residuals, weights)."""
     model = problem.model
-    raw = {k: v.detach() for k, v in problem.split(torch.as_tensor(theta, dtype=torch.float64)).items()}
+    theta = torch.as_tensor(theta, dtype=torch.float64).detach()
+    raw = {k: v.detach() for k, v in problem.split(theta).items()}
     with torch.no_grad():
-        xyz, occ, u = problem.structure.physical(raw["structure"])
         pot, pot_abs = problem.potential(raw)
         state = problem.state(raw)
-    with torch.no_grad():
-        ic = model.intensities(state, potential=(pot, pot_abs))
+        ic = problem.intensities(theta)  # remembered by the problem when theta was its last point
     k = problem.scales(ic).detach()[model.frame]
     w = klar_weights(model.io, model.sigma, model.settings.instability)
     work = problem.work
@@ -79,8 +78,8 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     np.add.at(grid, tuple((hkl % n).T), coef)
     values = np.real(np.fft.ifftn(grid)) * grid.size
     rms = float(np.sqrt(np.mean(values ** 2)))
-    context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k.detach(),
-               "ic": ic.detach(), "weight": w, "chi2": float(chi2.detach())}
+    context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k,
+               "weight": w, "chi2": float(chi2)}
     return values / rms if rms > 0 else values, context
 
 

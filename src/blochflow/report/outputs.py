@@ -9,16 +9,16 @@ import numpy as np
 import torch
 
 from ..crystal.bonds import geometry_table
+from ..crystal.cell import reciprocal_basis
 from ..crystal.restraints import restraint_rows, rigid_bond_test
 from ..crystal.structure import formula_units
-from .difference_map import difference_map, write_map
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
-from ..crystal.cell import reciprocal_basis
 from ..physics.geometry import rotation_axis_lab
 from ..refine.objective import figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
 from ..refine.run import RefinementResult
+from .difference_map import difference_map, write_map
 from .plots import fo_fc_svg, thickness_svg
 
 
@@ -91,17 +91,16 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
 
 
-def _data_items(result: RefinementResult) -> dict:
+def _data_items(result: RefinementResult, kic: torch.Tensor) -> dict:
     """The reflections' items of refined.cif: measurement method, Bragg-angle range and index limits of
-    the scored reflections, and wR2 of the observed ones (I > 3 sigma, the work set's weights and scales)."""
+    the scored reflections, and wR2 of the observed ones (I > 3 sigma, the work set's weights; ``kic`` the
+    calculated intensities at their frame scales)."""
     pr = result.problem
     model = pr.model
     ds = model.dataset
     hkl = np.asarray(model.plan.scored.hkl)
     d_star = np.linalg.norm(hkl @ reciprocal_basis(ds.cell).T, axis=1)
     theta = np.degrees(np.arcsin(np.clip(ds.wavelength * d_star / 2, 0, 1)))
-    ic = result.ic.detach()
-    kic = pr.scales(ic)[model.frame] * ic
     w = klar_weights(model.io, model.sigma, model.settings.instability)
     gt = pr.work & (model.io > 3 * model.sigma)
     den = float(torch.sum((w * model.io ** 2)[gt]))
@@ -143,15 +142,14 @@ def axis_jumps(result: RefinementResult, frames: dict) -> dict | None:
     return {"pairs": pairs, "jumps": jumps} if pairs else None
 
 
-def dataset_figures(result: RefinementResult) -> list[dict]:
+def dataset_figures(result: RefinementResult, scales: torch.Tensor) -> list[dict]:
     """Several datasets refined together: per dataset, its file, frames and the work reflections' R_obs,
-    wR2 and counts at the refined frame scales ([] for one dataset)."""
+    wR2 and counts at the refined frame ``scales`` ([] for one dataset)."""
     pr = result.problem
     ds = pr.model.dataset
     if ds.frames.dataset is None:
         return []
     ic = result.ic.detach()
-    k = pr.scales(ic)
     of_frame = torch.as_tensor(ds.frames.dataset)[pr.model.frame]
     out = []
     for n, path in enumerate(ds.extra.get("datasets", [])):
@@ -159,7 +157,7 @@ def dataset_figures(result: RefinementResult) -> list[dict]:
         if not bool(m.any()):
             continue
         f = figures_of_merit(pr.model.io[m], pr.model.sigma[m], ic[m], pr.model.frame[m], pr.model.n_frames,
-                             instability=pr.model.settings.instability, scale=k)
+                             instability=pr.model.settings.instability, scale=scales)
         out.append({"dataset": n, "path": path, "n_frames": int(np.sum(ds.frames.dataset == n)), "R_obs": f.R_obs,
                     "wR2": f.wR2, "n_obs": f.n_obs, "n_all": f.n_all})
     return out
@@ -213,6 +211,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                                 calc_flag=a["calc_flag"], symmetry_order=a["symmetry_order"],
                                 disorder_assembly=a["disorder_assembly"], disorder_group=a["disorder_group"]))
     formula, z_units = formula_units(crystal)
+    scales = pr.scales(result.ic.detach())  # the work set's frame scales: refined.cif, the fcf, per dataset
+    kic = scales[pr.model.frame] * result.ic.detach()
     fig, ffree = result.figures, result.figures_free
     frames = frame_table(result)
     mean_t = float(np.nanmean(frames["thickness_mean"][frames["n_reflections"] > 0]))
@@ -226,7 +226,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
         special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
-        formula=formula, z=z_units, **_data_items(result))
+        formula=formula, z=z_units, **_data_items(result, kic))
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,
@@ -242,8 +242,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
             diff = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
 
     # reflections (all scored, with the work scales)
-    k = pr.scales(result.ic)
-    kic = (k[pr.model.frame] * result.ic).detach().numpy()
+    kic = kic.numpy()
     io, sigma = pr.model.io.numpy(), pr.model.sigma.numpy()
     refl = pr.model.dataset.reflections
     rows = pr.model.plan.scored.row
@@ -301,7 +300,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                       "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
         "rigid_bond_test": rigid,
         "difference_map": diff,
-        "datasets": dataset_figures(result),
+        "datasets": dataset_figures(result, scales),
         "axis_jumps": axis_jumps(result, frames),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
     }

@@ -1,13 +1,14 @@
 """Refinement benchmark: quartz experimental end to end, time per phase and iteration, peak memory;
 and the cost of learned thickness distributions with 1, 8 and 32 points per frame.
 
-    python benchmarks/refine.py [--start kinematical|reference] [--samples 8] [--adam-steps 5]
-                                [--lm-iterations 6] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
+    python benchmarks/refine.py [--start kinematical|reference] [--samples N] [--adam-steps A]
+                                [--lm-iterations L] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
     python benchmarks/refine.py --thickness-points 1,8,32 [--samples 8]
     python benchmarks/refine.py --kept-decompositions [--samples 24] [--repeat 3]
 
-The first form runs the same refinement as ``blochflow refine`` (orientation corrections,
-structure, per-frame thickness, profiled scales) and reports the wall time of each phase, the time
+The first form runs the same refinement as ``blochflow refine --example quartz`` (README's first
+command: its settings unless flags or --set change them; orientation corrections, structure,
+per-frame thickness, profiled scales) and reports the wall time of each phase, the time
 per Adam step and per LM iteration, R values and the peak resident memory of the process. The
 second times one Adam step (forward + backward), one Jacobian, one forward pass and their sum (the
 least an LM iteration costs) of the quartz problem with a learned thickness distribution of Q points
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from blochflow.cli import REFINE_EXAMPLES
 from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets
@@ -46,8 +48,8 @@ def peak_memory_mb() -> float:
 
 def full_refinement(args) -> dict:
     structure, data = _paths(args.start)
-    settings = settings_from_mapping({"n_samples": args.samples, "adam_steps": args.adam_steps,
-                                      "lm_iterations": args.lm_iterations,
+    flags = {"n_samples": args.samples, "adam_steps": args.adam_steps, "lm_iterations": args.lm_iterations}
+    settings = settings_from_mapping({**REFINE_EXAMPLES["quartz"][2], **{k: v for k, v in flags.items() if v is not None},
                                       **dict(parse_setting(item) for item in args.set)}, "benchmark")
     t0 = time.perf_counter()
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
@@ -55,7 +57,7 @@ def full_refinement(args) -> dict:
     result = refine(problem, settings, log=print if args.log else (lambda s: None))
     pt = result.phase_times
     fig = result.figures
-    return {"start": args.start, "n_samples": args.samples, "threads": torch.get_num_threads(),
+    return {"start": args.start, "n_samples": settings.n_samples, "threads": torch.get_num_threads(),
             "device": str(default_device()),
             "n_params": len(result.refined_index), "setup_s": setup, "adam_s": pt["adam_s"],
             "adam_per_step_s": pt["adam_s"] / max(result.adam_steps, 1), "lm_s": pt["lm_s"],
@@ -76,7 +78,7 @@ def thickness_points(args) -> list[dict]:
     rows, base = [], None
     for q in [0] + [int(x) for x in args.thickness_points.split(",")]:
         model = "per-frame" if q == 0 else "learned"
-        settings = RefineSettings(n_samples=args.samples, samples_per_fringe=0.0, thickness=600.0, thickness_model=model,
+        settings = RefineSettings(n_samples=args.samples or 8, samples_per_fringe=0.0, thickness=600.0, thickness_model=model,
                                   thickness_points=max(q, 1), thickness_distribution=args.distribution,
                                   refine_orientation=False)
         problem = build_problem(crystal, ds, settings)
@@ -115,7 +117,7 @@ def kept_decompositions(args) -> dict:
     import blochflow.refine.problem as problem_mod
 
     structure, data = _paths(args.start)
-    settings = settings_from_mapping({"n_samples": args.samples, "samples_per_fringe": 0.0, **dict(parse_setting(s) for s in args.set)}, "benchmark")
+    settings = settings_from_mapping({"n_samples": args.samples or 24, "samples_per_fringe": 0.0, **dict(parse_setting(s) for s in args.set)}, "benchmark")
     problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
     index = refined_index(problem, settings)
     problem.jacobian_dtype = precision_dtype(settings.jacobian_precision)
@@ -152,9 +154,9 @@ def kept_decompositions(args) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--start", choices=["kinematical", "reference"], default="kinematical")
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--adam-steps", type=int, default=5)
-    p.add_argument("--lm-iterations", type=int, default=6)
+    p.add_argument("--samples", type=int, help="tilt samples per frame (default: the README example's)")
+    p.add_argument("--adam-steps", type=int, help="default: the README example's")
+    p.add_argument("--lm-iterations", type=int, help="default: the README example's")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="where the Bloch solves run (cpu, cuda, auto)")
     p.add_argument("--thickness-points", help="comma list, e.g. 1,8,32: time learned distributions instead")

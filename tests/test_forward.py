@@ -10,7 +10,7 @@ import torch
 from blochflow.crystal.structure import crystal_from_record, inverted
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
-from blochflow.physics.diffraction import BeamSettings, build_plan
+from blochflow.physics.diffraction import BeamSettings, build_plan, distinct_rows, mark_differences
 from blochflow.physics.geometry import frame_samples, fringe_sample_counts
 from blochflow.refine.model import ForwardModel, ModelSettings
 
@@ -484,3 +484,37 @@ def test_potential_contraction_bins_every_pair_on_its_distinct_entry():
             assert bool((uniq[s, len(values):] == values[-1]).all())
             assert float((g[s, :, :len(values)] - expected).abs().max()) < 1e-12
             assert float(g[s, :, len(values):].abs().sum()) == 0.0
+
+
+def test_distinct_rows_is_numpys_unique_of_rows():
+    """The hashed row deduplication returns np.unique's first rows (in its sorted order) and inverse."""
+    rng = np.random.default_rng(3)
+    base = rng.integers(-3, 4, size=(7, 40))
+    rows = base[rng.integers(0, 7, size=60)]
+    rows[5, 0] = -9  # one row of its own
+    first, which = distinct_rows(rows)
+    _, ref_first, ref_which = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    assert np.array_equal(first, ref_first) and np.array_equal(which, ref_which.reshape(-1))
+    assert np.array_equal(rows[first][which], rows)
+
+
+def test_mark_differences_marks_every_pair_of_every_set():
+    """Forming only the pairs with a member new since the set before marks what every set's full
+    table of differences marks, and nothing else (beam sets that drift as tilt samples do, some repeated)."""
+    rng = np.random.default_rng(5)
+    centre, size = 500, 1001
+    pool = rng.choice(np.arange(-200, 201), 120, replace=False)
+    a_sets, b_sets, start = [], [], 0
+    for k in range(25):
+        start += int(rng.integers(0, 4))
+        a_sets.append(np.concatenate([[0], pool[start:start + 30]]))
+        b_sets.append(pool[60 + (k % 5):80 + (k % 7)] if k % 3 else pool[:0])
+    a_sets.append(a_sets[3])  # back to an earlier set
+    b_sets.append(b_sets[3])
+    for pairs in ((a_sets, a_sets), (a_sets, b_sets)):
+        used = np.zeros(size, bool)
+        mark_differences(used, *pairs, centre)
+        ref = np.zeros(size, bool)
+        for a, b in zip(*pairs):
+            ref[(a[:, None] - b[None, :] + centre).ravel()] = True
+        assert np.array_equal(used, ref) and ref.sum() > 100

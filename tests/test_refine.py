@@ -15,7 +15,7 @@ import torch
 from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import displaced
-from blochflow.io.pets import select_frames
+from blochflow.io.pets import read_pets, select_frames
 from blochflow.physics.workers import fixed_workers
 from blochflow.refine.problem import equivalence_keys, free_set_mask
 from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine, settings_from_mapping
@@ -1499,6 +1499,45 @@ def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_path
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--config", str(bad),
                  "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+
+
+def test_dry_run_times_a_part_of_a_large_problem(small_dataset, quartz_paths, tmp_path, capsys, monkeypatch):
+    """A problem whose pass is estimated above DRY_RUN_PASS_S is timed on a part (frames spread over the
+    rotation, or one frame at fewer samples) and scaled by the solves' work: never a pass over the whole
+    data."""
+    import blochflow.cli as cli
+    import blochflow.refine.problem as problem_mod
+    from blochflow.refine.model import ForwardModel
+
+    _, _, data = small_dataset
+    args = ["refine", str(quartz_paths[0]), str(data), "--out", str(tmp_path / "dry"), "--dry-run", "--samples", "8",
+            "--set", "samples_per_fringe=0", "--thickness", "500"]
+
+    def figures(line):
+        return [float(x) for x in re.findall(r"a forward pass ([\d.]+) s, a Jacobian of \d+ refined parameters ([\d.]+) s",
+                                             line)[0]]
+
+    capsys.readouterr()
+    largest = []
+    solve = problem_mod.RefinementProblem._solve
+
+    def counting(self, theta, plan, *rest, **kw):
+        largest.append(len(plan.samples.frame))
+        return solve(self, theta, plan, *rest, **kw)
+
+    monkeypatch.setattr(problem_mod.RefinementProblem, "_solve", counting)
+    monkeypatch.setattr(ForwardModel, "pass_seconds_estimate", lambda self: 1.0)
+    for part_s in (1e-9, 1 / 3):  # one frame at two samples; a third of the frames
+        monkeypatch.setattr(cli, "DRY_RUN_PASS_S", 0.5)
+        monkeypatch.setattr(cli, "DRY_RUN_PART_S", part_s)
+        largest.clear()
+        assert cli.main(args) == 0
+        line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("dry run:"))
+        assert ("at 2 tilt samples" if part_s < 1e-6 else "frames spread over the rotation") in line
+        assert "scaled to the whole data" in line
+        n_frames = len(read_pets(data).frames.ids)
+        assert max(largest) < 8 * n_frames  # no pass over every frame's samples
+        assert all(x > 0 for x in figures(line))
 
 
 def test_the_axis_search_is_suggested_where_neighbours_jump(small_dataset, truth):

@@ -556,32 +556,90 @@ def cmd_refine(args) -> int:
         log.close()
 
 
+DRY_RUN_FRAMES = 4  # frames, spread over the rotation, whose thickness scan gives --dry-run its start thickness
+DRY_RUN_PASS_S = 2.0  # a problem whose pass is estimated above this is timed on a part of it (see _dry_run)
+DRY_RUN_PART_S = 0.5  # ... whose pass is estimated at about this
+
+
 def _dry_run(args, crystal, ds, structure, settings) -> int:
-    """--dry-run: the problem built as refine builds it (its log lines), one forward pass and one Jacobian
-    timed at the start, and the cost of a refinement from them; nothing is written."""
-    from .refine.run import build_problem, refined_index
+    """--dry-run: what a refinement would cost, without making one or any pass over the whole data (a
+    pass over paracetamol at the default beams takes minutes here, a Jacobian hours). The start thickness
+    comes from the scan of DRY_RUN_FRAMES frames spread over the rotation; the whole problem is built at
+    it for its size lines (a learned model without its warm-start fit). A forward pass, at the
+    refinement's precision, and a Jacobian are timed on the whole problem when its pass is estimated
+    below DRY_RUN_PASS_S (the second of two calls: the first pays for allocations); else, after a call on
+    one tilt sample for the allocations, on a part whose pass is estimated at DRY_RUN_PART_S (frames
+    spread over the rotation, or the median frame by reflections at fewer tilt samples) and scaled by
+    the solves' work (beams^3 summed over the tilt samples). Nothing is written."""
+    from .io.pets import frame_selection, select_frames
+    from .refine.run import build_problem, format_duration, precision_dtype, refined_index
     from .report.progress import ProgressLog
 
     log = ProgressLog(None)
-    try:
-        problem = build_problem(crystal, ds, settings, log=log)
-    except ValueError as exc:
-        item, _, why = str(exc).partition(": ")
-        raise InputError(args.config or structure, item, why or item) from None
+
+    def build(keep, s, log_to=None):
+        try:
+            return build_problem(crystal, ds if keep.all() else select_frames(ds, keep), s, log=log_to)
+        except ValueError as exc:
+            item, _, why = str(exc).partition(": ")
+            raise InputError(args.config or structure, item, why or item) from None
+
+    def spread(k):  # (F,) k frames spread over the rotation
+        keep = np.zeros(n, bool)
+        keep[np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(int))] = True
+        return keep
+
+    def work(p):  # a pass's solves: beams cubed, summed over the tilt samples
+        return float(np.sum(np.asarray(p.model.plan.n_beams, float) ** 3))
+
+    def timed(p, calls=1):  # (forward, Jacobian) seconds of the last of ``calls`` calls
+        p.forward_dtype = precision_dtype(settings.lm_precision)  # as LM evaluates its trial points
+        index = refined_index(p, settings)
+        for call in range(calls):
+            theta = p.theta0 + 1e-9 * call  # a new point each time: nothing remembered from the call before
+            t0 = time.perf_counter()
+            p.residual_vector(theta)
+            t1 = time.perf_counter()
+            p.jacobian(theta, index)
+            t2 = time.perf_counter()
+        return np.array([t1 - t0, t2 - t1])
+
+    if settings.frames:
+        ds = select_frames(ds, frame_selection(ds.frames.ids, settings.frames))
+        settings = dataclasses.replace(settings, frames="")
+    settings = dataclasses.replace(settings, learned_warm_start="scan")
+    n = len(ds.frames.ids)
+    if settings.thickness == "auto":  # as the whole data's scan would find it, from these frames
+        part = build(spread(DRY_RUN_FRAMES), settings)
+        with torch.no_grad():
+            thickness = float(part.state(part.split(part.theta0)).thickness.mean())
+        settings = dataclasses.replace(settings, thickness=thickness)
+        log(f"start thickness {thickness:.0f} A (the scan of {min(n, DRY_RUN_FRAMES)} frames spread over the rotation)")
+    problem = build(np.ones(n, bool), settings, log)
     log(_size_line("model", problem))
-    index = refined_index(problem, settings)
-    t0 = time.perf_counter()
-    problem.residual_vector(problem.theta0)
-    forward = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    problem.jacobian(problem.theta0, index)
-    jacobian = time.perf_counter() - t0
+    estimate, how = problem.model.pass_seconds_estimate(), ""
+    if estimate <= DRY_RUN_PASS_S:
+        forward, jacobian = timed(problem, calls=2)
+    else:
+        counts = np.bincount(np.searchsorted(ds.frames.ids, ds.reflections.frame_id), minlength=n)
+        median = np.zeros(n, bool)
+        median[np.argsort(counts, kind="stable")[n // 2]] = True
+        timed(build(median, dataclasses.replace(settings, n_samples=1, samples_per_fringe=0.0)))  # allocations
+        k = min(n - 1, round(n * DRY_RUN_PART_S / estimate))
+        if k >= 1:
+            part, what = build(spread(k), settings), f"{k} frames spread over the rotation"
+        else:
+            samples = max(2, round(len(problem.model.plan.n_beams) * DRY_RUN_PART_S / estimate))
+            part = build(median, dataclasses.replace(settings, n_samples=samples, samples_per_fringe=0.0))
+            what = f"frame {ds.frames.ids[median][0]} at {samples} tilt samples"
+        forward, jacobian = timed(part) * work(problem) / max(work(part), 1.0)
+        how = f" (timed on {what}, scaled to the whole data by the solves' work)"
     step = jacobian + 2 * forward  # a Jacobian and a trial step or two
     hands = " (twice that with --enantiomer)" if args.enantiomer else ""
-    log(f"dry run: a forward pass {forward:.2f} s, a Jacobian of {len(index)} refined parameters {jacobian:.2f} s: "
-        f"an LM iteration about {step:.2g} s. The runs measured took 6-20 LM iterations: about "
-        f"{_duration(6 * step)} to {_duration(20 * step)} here, more with the thickness and tilt searches{hands}. "
-        f"Nothing was written.")
+    log(f"dry run: a forward pass {format_duration(forward)}, a Jacobian of {len(refined_index(problem, settings))} "
+        f"refined parameters {format_duration(jacobian)}{how}: an LM iteration about {format_duration(step)}. The runs "
+        f"measured took 6-20 LM iterations: about {format_duration(6 * step)} to {format_duration(20 * step)} here, "
+        f"more with the thickness and tilt searches{hands}. Nothing was written.")
     return 0
 
 
@@ -589,15 +647,6 @@ def _size_line(name: str, problem) -> str:
     """'model: 311 parameters, 1829 work / 107 free reflections on 99 frames, 38 beams per solve'."""
     return (f"{name}: {problem.n_params} parameters, {int(problem.work.sum())} work / {int(problem.free.sum())} free "
             f"reflections on {problem.model.n_frames} frames, {problem.model.n_beams_mean():.0f} beams per solve")
-
-
-def _duration(seconds: float) -> str:
-    """'45 s', '12 min', '2.5 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log) -> int:

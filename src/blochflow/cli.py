@@ -559,6 +559,9 @@ def cmd_refine(args) -> int:
 DRY_RUN_FRAMES = 4  # frames, spread over the rotation, whose thickness scan gives --dry-run its start thickness
 DRY_RUN_PASS_S = 2.0  # a problem whose pass is estimated above this is timed on a part of it (see _dry_run)
 DRY_RUN_PART_S = 0.5  # ... whose pass is estimated at about this
+# passes outside the LM iterations: the start's thickness scan (1), the tilt search (19 tilts over the half
+# of the frames above the median cost: ~10) and the integration check (twice the samples: 2)
+DRY_RUN_SEARCH_PASSES = 13
 
 
 def _dry_run(args, crystal, ds, structure, settings) -> int:
@@ -638,8 +641,9 @@ def _dry_run(args, crystal, ds, structure, settings) -> int:
     hands = " (twice that with --enantiomer)" if args.enantiomer else ""
     log(f"dry run: a forward pass {format_duration(forward)}, a Jacobian of {len(refined_index(problem, settings))} "
         f"refined parameters {format_duration(jacobian)}{how}: an LM iteration about {format_duration(step)}. The runs "
-        f"measured took 6-20 LM iterations: about {format_duration(6 * step)} to {format_duration(20 * step)} here, "
-        f"more with the thickness and tilt searches{hands}. Nothing was written.")
+        f"measured took 6-20 LM iterations: about {format_duration(6 * step)} to {format_duration(20 * step)} here, and "
+        f"the start's thickness scan, the tilt search and the integration check add about {DRY_RUN_SEARCH_PASSES} "
+        f"passes ({format_duration(DRY_RUN_SEARCH_PASSES * forward)}){hands}. Nothing was written.")
     return 0
 
 

@@ -624,9 +624,11 @@ def _dry_run(args, crystal, ds, structure, settings) -> int:
     if estimate <= DRY_RUN_PASS_S:
         forward, jacobian = timed(problem, calls=2)
     else:
-        counts = np.bincount(np.searchsorted(ds.frames.ids, ds.reflections.frame_id), minlength=n)
+        order = np.argsort(ds.frames.ids, kind="stable")
+        counts = np.bincount(order[np.searchsorted(ds.frames.ids[order], ds.reflections.frame_id)], minlength=n)
+        ranked = [f for f in np.argsort(counts, kind="stable") if counts[f]]  # frames with reflections
         median = np.zeros(n, bool)
-        median[np.argsort(counts, kind="stable")[n // 2]] = True
+        median[ranked[len(ranked) // 2] if ranked else n // 2] = True
         timed(build(median, dataclasses.replace(settings, n_samples=1, samples_per_fringe=0.0)))  # allocations
         k = min(n - 1, round(n * DRY_RUN_PART_S / estimate))
         if k >= 1:

@@ -599,6 +599,13 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
     assert e["wR2_inverted"] > 1.5 * e["wR2_model"]
     assert (out / "inverted" / "refined.cif").exists()
+    # each hand's CIF states how the hand was decided, which hand it holds and which the data prefer
+    for path, holds, verdict in ((out, "start", "(this one)"), (out / "inverted", "inverted", "(the other file)")):
+        block = gemmi.cif.read(str(path / "refined.cif")).sole_block()
+        text = " ".join(gemmi.cif.as_string(block.find_value("_refine_ls_abs_structure_details")).split())
+        assert f"holds the {holds} hand" in text and f"prefer the start hand {verdict}" in text, text
+        assert f"{e['probability_model_hand']:.4f}" in text
+        assert json.loads((path / "summary.json").read_text())["hand"] == ("model" if holds == "start" else "inverted")
 
 
 @pytest.mark.parametrize("orientation", [False, True])

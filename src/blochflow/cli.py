@@ -691,7 +691,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
                                "delta_chi2_scaled": delta, "probability_model_hand": p_model}
     code = 0
     for name, sub, res in results:
-        summ = write_outputs(res, sub, structure_path=structure, data_path=data, settings=settings, extra=extra)
+        summ = write_outputs(res, sub, structure_path=structure, data_path=data, settings=settings,
+                             extra={**extra, "hand": name} if extra else extra)
         f = res.figures
         has_free = summ["R_free"] is not None and bool(np.isfinite(summ["R_free"]))
         free = f"  R_free {summ['R_free']:.4f}" if has_free else ""

@@ -109,6 +109,7 @@ class RefinementSummary:
     hkl_limits: tuple | None = None  # ((h_min, h_max), (k_min, k_max), (l_min, l_max))
     wr2_gt: float | None = None  # wR2 of the observed (I > 3 sigma) reflections
     n_measured: int | None = None  # every scored reflection (work, free and held-out frames), all frames
+    abs_structure: str = ""  # _refine_ls_abs_structure_details: how the hand was decided (--enantiomer)
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -217,6 +218,8 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             *([] if s.wr2_gt is None else [f"_refine_ls_wR_factor_gt {format_plain(s.wr2_gt)}"]),
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
             f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]
+    if s.abs_structure:
+        out += ["_refine_ls_abs_structure_details", ";", *s.abs_structure.splitlines(), ";"]
     if s.special_details:
         out += ["_refine_special_details", ";", *s.special_details.splitlines(), ";"]
     if s.r_free is not None or s.thickness is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import gemmi
@@ -190,6 +191,22 @@ def free_groups(result: RefinementResult) -> int:
     return len(np.unique(keys, axis=0))
 
 
+def abs_structure_details(hands: dict | None, inverted: bool) -> str:
+    """_refine_ls_abs_structure_details for a model of the --enantiomer comparison ('' without one): which
+    hand this file holds, which the data prefer, and by how much (Klar et al. 2023's comparison of the two
+    refined hands)."""
+    if not hands:
+        return ""
+    this, other = ("inverted", "model") if inverted else ("model", "inverted")
+    return textwrap.fill(f"Absolute structure from dynamical refinement of both hands (the start model and its inversion), "
+            f"each with the same settings. This file holds the {'inverted' if inverted else 'start'} hand. "
+            f"wR2 {hands[f'wR2_{this}']:.4f} here against {hands[f'wR2_{other}']:.4f} for the other hand; the chi2 "
+            f"difference in units of the better hand's GoF^2 is {abs(hands['delta_chi2_scaled']):.1f}, "
+            f"P(start hand) = {hands['probability_model_hand']:.4f}. The data prefer the "
+            f"{'start' if hands['chosen'] == 'model' else 'inverted'} hand"
+            f"{' (this one).' if hands['chosen'] == this else ' (the other file).'}", width=78)
+
+
 def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
                   extra: dict | None = None) -> dict:
     """Write every output file; returns the summary dictionary."""
@@ -226,7 +243,9 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
         special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
-        formula=formula, z=z_units, **_data_items(result, kic))
+        formula=formula, z=z_units, abs_structure=abs_structure_details((extra or {}).get("enantiomer"),
+                                                                        (extra or {}).get("hand") == "inverted"),
+        **_data_items(result, kic))
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
     write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,

@@ -608,7 +608,9 @@ def _dry_run(args, crystal, ds, structure, settings) -> int:
         return np.array([t1 - t0, t2 - t1])
 
     if settings.frames:
-        ds = select_frames(ds, frame_selection(ds.frames.ids, settings.frames))
+        keep = frame_selection(ds.frames.ids, settings.frames)
+        log(f"frames: {int(keep.sum())} of {len(keep)} ({settings.frames})")
+        ds = select_frames(ds, keep)
         settings = dataclasses.replace(settings, frames="")
     settings = dataclasses.replace(settings, learned_warm_start="scan")
     n = len(ds.frames.ids)

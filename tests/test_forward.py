@@ -545,3 +545,24 @@ def test_grid_phases_in_blocks_equal_the_direct_phases(dtype, tol):
     uneven[:, 7] += 3.0
     plain = (math.pi * uneven / kn[:, None]).to(dtype)[:, :, None] * lam[:, None, :]
     assert torch.equal(_grid_phases(uneven, kn, lam), torch.complex(torch.cos(plain), torch.sin(plain)))
+
+
+def test_passes_over_several_thicknesses_repeat_to_the_bit(quartz):
+    """A scan's intensities (several thicknesses per sample, float32, two solver threads) come out the same
+    on every call: the pieces' repeated rows are summed on one thread (on two, index_put_'s float32 sums
+    changed from call to call, and the refinement's rescans and searches with them)."""
+    crystal, ds = quartz
+    model = ForwardModel(crystal, ds, FAST, frame_mask=_mask(ds, range(0, 99, 9)))
+    grid = np.arange(100.0, 2001.0, 50.0)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tables = [model.thickness_scan(grid) for _ in range(4)]
+        with torch.no_grad():
+            pot = tuple(None if x is None else x.to(torch.complex64) for x in model.potential())
+            st = model.grid_state(grid).to(torch.float32)
+            passes = [model.intensities(st, pot, per_thickness=True) for _ in range(4)]
+    finally:
+        torch.set_num_threads(previous)
+    assert all(np.array_equal(t, tables[0], equal_nan=True) for t in tables[1:])
+    assert all(torch.equal(p, passes[0]) for p in passes[1:])

@@ -24,7 +24,7 @@ from .bloch import (_coefficients, _Propagate, _real_tangents, divided_differenc
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .device import work_scale
-from .workers import parallel_map, pipeline, solver_workers, split_evenly, transforms_active
+from .workers import parallel_map, pipeline, single_threaded, solver_workers, split_evenly, transforms_active
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 COUPLINGS = ("sample", "segments")
@@ -1070,9 +1070,11 @@ class _ParallelFrames(torch.autograd.Function):
         out = torch.zeros((len(plan.scored.row), inputs[5].shape[1]), dtype=ref.real.dtype, device=ref.device)
         ctx.recompute = _graphs_too_large(plan, inputs[5].shape[1])
         if ctx.recompute:
-            for vals, rows in parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
-                                           pieces, workers, grad=False):
-                out.index_put_((rows,), vals, accumulate=True)
+            done = parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
+                                pieces, workers, grad=False)
+            with single_threaded():  # repeated rows summed in one order (see single_threaded)
+                for vals, rows in done:
+                    out.index_put_((rows,), vals, accumulate=True)
             ctx.plan, ctx.absorption_method, ctx.pieces, ctx.workers = plan, absorption_method, pieces, workers
             ctx.inputs = [None if x is None else x.detach() for x in inputs]
             return out
@@ -1083,8 +1085,9 @@ class _ParallelFrames(torch.autograd.Function):
             return leaves, vals, rows
 
         done = parallel_map(run, pieces, workers, grad=True)
-        for _, vals, rows in done:  # index_put_ accumulates rows 5-50x faster than index_add on a CPU
-            out.index_put_((rows,), vals.detach(), accumulate=True)
+        with single_threaded():  # repeated rows summed in one order (see single_threaded)
+            for _, vals, rows in done:  # index_put_ accumulates rows 5-50x faster than index_add on a CPU
+                out.index_put_((rows,), vals.detach(), accumulate=True)
         ctx.done, ctx.workers = done, workers
         return out
 
@@ -1147,10 +1150,11 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
         if decompositions is not None and not recording:
             where = {id(ch): i for i, ch in enumerate(plan.chunks)}
             given = [decompositions.piece(where[id(ch)], slice(None) if sl is None else sl) for ch, sl in pieces]
-        for vals, rows in parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method,
-                                                                       item[1], item[2]),
-                                       list(zip(pieces, kept, given)), workers):
-            out.index_put_((rows,), vals.to(out.dtype), accumulate=True)  # 5-50x faster than index_add on a CPU
+        done = parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method, item[1], item[2]),
+                            list(zip(pieces, kept, given)), workers)
+        with single_threaded():  # repeated rows summed in one order (see single_threaded)
+            for vals, rows in done:
+                out.index_put_((rows,), vals.to(out.dtype), accumulate=True)  # 5-50x faster than index_add on a CPU
         if keeping:
             keep.take(kept)
     if per_thickness:
@@ -1684,7 +1688,8 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             return vals, dvals, made[0].out_refl
 
         done = pipeline(make, solve, pieces, workers)
-    for vals, dvals, rows in done:
-        out.index_put_((rows,), vals, accumulate=True)  # 5-50x faster than index_add on a CPU
-        d_out.index_put_((rows,), dvals.permute(1, 2, 0), accumulate=True)
+    with single_threaded():  # repeated rows summed in one order (see single_threaded)
+        for vals, dvals, rows in done:
+            out.index_put_((rows,), vals, accumulate=True)  # 5-50x faster than index_add on a CPU
+            d_out.index_put_((rows,), dvals.permute(1, 2, 0), accumulate=True)
     return out, d_out

@@ -24,7 +24,7 @@ from .bloch import (_coefficients, _Propagate, _real_tangents, divided_differenc
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, rotation_matrix, sample_orientations)
 from .device import work_scale
-from .workers import parallel_map, pipeline, single_threaded, solver_workers, split_evenly, transforms_active
+from .workers import add_rows, parallel_map, pipeline, solver_workers, split_evenly, transforms_active
 
 AbsorptionMethod = Literal["exact", "perturbative"]
 COUPLINGS = ("sample", "segments")
@@ -172,10 +172,10 @@ def _near_candidates(orient: np.ndarray, incident: np.ndarray, cand: np.ndarray,
 
 def mark_differences(used: np.ndarray, a_sets: list, b_sets: list, centre: int) -> None:
     """Set ``used`` at every position a - b + centre, a in a_sets[k] and b in b_sets[k], over the sets k
-    (int arrays of box positions relative to the centre, which lies at ``centre``) in their order. Only the pairs with a member new since the set before
-    are formed: after set k every pair of it is marked (those of two old members with set k - 1), and
-    successive tilt samples share most beams, so a pass costs the new beams times N, not N^2 per sample
-    (paracetamol, 1100 beams: 24 s before)."""
+    (int arrays of box positions relative to the centre, which lies at ``centre``) in their order. Only
+    the pairs with a member new since the set before are formed: after set k every pair of it is marked
+    (those of two old members with set k - 1), and successive tilt samples share most beams, so a pass
+    costs the new beams times N, not N^2 per sample (paracetamol, 1100 beams: 24 s before)."""
     in_a, in_b = np.zeros(len(used), bool), np.zeros(len(used), bool)  # members of the set before
     prev_a = prev_b = np.zeros(0, np.int64)
     for a, b in zip(a_sets, b_sets):
@@ -818,8 +818,8 @@ def _grid_phases(thickness: torch.Tensor, kn: torch.Tensor, lam: torch.Tensor) -
     """exp(i pi t_q lam_j / K_n) (B, Q, N) for thicknesses (B, Q), K_n (B,) and real eigenvalues (B, N).
     A thickness scan's grid is uniform, t_q = t_0 + q dt: then with q = a K + b the factor is the product
     of those at t_0 + a K dt and at b dt, each from its own phase (two roundings, none accumulated), so
-    cos and sin run on (Q / K + K) N phases instead of Q N (the scan's largest cost after the eigensolver:
-    its scans 15 % faster on the README example)."""
+    cos and sin run on (Q / K + K) N phases instead of Q N (the scan's largest cost after the eigensolver;
+    a scan of half the README example's frames 0.93x, benchmarks/thickness_scan.py)."""
     b_n, q_n = thickness.shape
     if q_n >= GRID_BLOCK_MIN:
         t = thickness.to(lam.dtype)
@@ -1072,9 +1072,7 @@ class _ParallelFrames(torch.autograd.Function):
         if ctx.recompute:
             done = parallel_map(lambda piece: _piece_intensities(plan, piece, inputs, absorption_method),
                                 pieces, workers, grad=False)
-            with single_threaded():  # repeated rows summed in one order (see single_threaded)
-                for vals, rows in done:
-                    out.index_put_((rows,), vals, accumulate=True)
+            add_rows(out, ((rows, vals) for vals, rows in done))
             ctx.plan, ctx.absorption_method, ctx.pieces, ctx.workers = plan, absorption_method, pieces, workers
             ctx.inputs = [None if x is None else x.detach() for x in inputs]
             return out
@@ -1085,9 +1083,7 @@ class _ParallelFrames(torch.autograd.Function):
             return leaves, vals, rows
 
         done = parallel_map(run, pieces, workers, grad=True)
-        with single_threaded():  # repeated rows summed in one order (see single_threaded)
-            for _, vals, rows in done:  # index_put_ accumulates rows 5-50x faster than index_add on a CPU
-                out.index_put_((rows,), vals.detach(), accumulate=True)
+        add_rows(out, ((rows, vals.detach()) for _, vals, rows in done))
         ctx.done, ctx.workers = done, workers
         return out
 
@@ -1152,9 +1148,7 @@ def simulate_frames(plan: DiffractionPlan, potential: torch.Tensor, potential_ab
             given = [decompositions.piece(where[id(ch)], slice(None) if sl is None else sl) for ch, sl in pieces]
         done = parallel_map(lambda item: _piece_intensities(plan, item[0], inputs, absorption_method, item[1], item[2]),
                             list(zip(pieces, kept, given)), workers)
-        with single_threaded():  # repeated rows summed in one order (see single_threaded)
-            for vals, rows in done:
-                out.index_put_((rows,), vals.to(out.dtype), accumulate=True)  # 5-50x faster than index_add on a CPU
+        add_rows(out, ((rows, vals.to(out.dtype)) for vals, rows in done))
         if keeping:
             keep.take(kept)
     if per_thickness:
@@ -1688,8 +1682,6 @@ def _frames_jvp_per_point(plan: DiffractionPlan, potential, potential_abs, state
             return vals, dvals, made[0].out_refl
 
         done = pipeline(make, solve, pieces, workers)
-    with single_threaded():  # repeated rows summed in one order (see single_threaded)
-        for vals, dvals, rows in done:
-            out.index_put_((rows,), vals, accumulate=True)  # 5-50x faster than index_add on a CPU
-            d_out.index_put_((rows,), dvals.permute(1, 2, 0), accumulate=True)
+    add_rows(out, ((rows, vals) for vals, _, rows in done))
+    add_rows(d_out, ((rows, dvals.permute(1, 2, 0)) for _, dvals, rows in done))
     return out, d_out

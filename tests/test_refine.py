@@ -902,6 +902,37 @@ def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_datase
     assert abs(ends[True][0]) < 5.0 and ends[True][1] < 0.1 and ends[True][2] == 1
 
 
+def test_frames_are_checked_once_the_structure_settles_not_only_at_convergence(small_dataset, truth):
+    """The rescan and outlier restart run between convergences once the structure's shifts have been
+    below 1 s.u. for two iterations, at most every 5 iterations; a run from the truth with one frame in
+    a joint thickness-orientation minimum restarts it that way, before its first convergence."""
+    from blochflow.refine.run import RESCAN_EVERY, frames_check_due
+
+    settled, moving = {"max_shift_su_structure": 0.5}, {"max_shift_su_structure": 3.0}
+    assert frames_check_due([moving, settled, settled])
+    assert not frames_check_due([settled, moving]) and not frames_check_due([settled])
+    checked = [moving, {**settled, "frames_checked": True}] + [settled] * (RESCAN_EVERY - 1)
+    assert not frames_check_due(checked) and frames_check_due(checked + [settled])
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0),
+                              jacobian_precision="double", lm_precision="double")
+    problem = build_problem(truth, ds, settings)
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    start = problem.theta0.clone()
+    start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
+    problem.theta0 = start
+    lines = []
+    res = refine(problem, settings, log=lines.append)
+    restarts = [line for line in lines if line.startswith("frame restart")]
+    assert res.lm.converged and len(restarts) == 1 and "(structure settled)" in restarts[0], restarts
+    assert abs(1000 * float(torch.exp(res.theta[st.start + 2])) - thickness[2]) < 5.0
+    checks = [h["iteration"] for h in res.lm.history if h.get("frames_checked")]  # the last at convergence
+    assert checks[-1] == res.lm.iteration and all(b - a >= RESCAN_EVERY for a, b in zip(checks[:-1], checks[1:-1])), checks
+
+
 @contextmanager
 def _torch_threads(n: int):
     """torch's intra-op thread count (and so the solver's worker count) set to n inside the block."""

@@ -1540,10 +1540,11 @@ def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_path
 
 
 def test_dry_run_times_a_part_of_a_large_problem(small_dataset, quartz_paths, tmp_path, capsys, monkeypatch):
-    """A problem whose pass is estimated above DRY_RUN_PASS_S is timed on a part (frames spread over the
+    """A problem whose pass is estimated above WHOLE_PASS_S is timed on a part (frames spread over the
     rotation, or one frame at fewer samples) and scaled by the solves' work: never a pass over the whole
     data."""
     import blochflow.cli as cli
+    import blochflow.refine.cost as cost
     import blochflow.refine.problem as problem_mod
     from blochflow.refine.model import ForwardModel
 
@@ -1566,8 +1567,8 @@ def test_dry_run_times_a_part_of_a_large_problem(small_dataset, quartz_paths, tm
     monkeypatch.setattr(problem_mod.RefinementProblem, "_solve", counting)
     monkeypatch.setattr(ForwardModel, "pass_seconds_estimate", lambda self: 1.0)
     for part_s in (1e-9, 1 / 3):  # one frame at two samples; a third of the frames
-        monkeypatch.setattr(cli, "DRY_RUN_PASS_S", 0.5)
-        monkeypatch.setattr(cli, "DRY_RUN_PART_S", part_s)
+        monkeypatch.setattr(cost, "WHOLE_PASS_S", 0.5)
+        monkeypatch.setattr(cost, "PART_PASS_S", part_s)
         largest.clear()
         assert cli.main(args) == 0
         line = next(t for t in capsys.readouterr().out.splitlines() if t.startswith("dry run:"))

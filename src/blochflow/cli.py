@@ -556,98 +556,19 @@ def cmd_refine(args) -> int:
         log.close()
 
 
-DRY_RUN_FRAMES = 4  # frames, spread over the rotation, whose thickness scan gives --dry-run its start thickness
-DRY_RUN_PASS_S = 2.0  # a problem whose pass is estimated above this is timed on a part of it (see _dry_run)
-DRY_RUN_PART_S = 0.5  # ... whose pass is estimated at about this
-# passes outside the LM iterations: the start's thickness scan (1), the tilt search (19 tilts over the half
-# of the frames above the median cost: ~10) and the integration check (twice the samples: 2)
-DRY_RUN_SEARCH_PASSES = 13
-
-
 def _dry_run(args, crystal, ds, structure, settings) -> int:
-    """--dry-run: what a refinement would cost, without making one or any pass over the whole data (a
-    pass over paracetamol at the default beams takes minutes here, a Jacobian hours). The start thickness
-    comes from the scan of DRY_RUN_FRAMES frames spread over the rotation; the whole problem is built at
-    it for its size lines (a learned model without its warm-start fit). A forward pass, at the
-    refinement's precision, and a Jacobian are timed on the whole problem when its pass is estimated
-    below DRY_RUN_PASS_S (the second of two calls: the first pays for allocations); else, after a call on
-    one tilt sample for the allocations, on a part whose pass is estimated at DRY_RUN_PART_S (frames
-    spread over the rotation, or the median frame by reflections at fewer tilt samples) and scaled by
-    the solves' work (beams^3 summed over the tilt samples). Nothing is written."""
-    from .io.pets import frame_selection, select_frames
-    from .refine.run import build_problem, format_duration, precision_dtype, refined_index
+    """--dry-run: what the refinement would cost (refine.cost.estimate_cost), logged; nothing is written."""
+    from .refine.cost import estimate_cost
     from .report.progress import ProgressLog
 
     log = ProgressLog(None)
-
-    def build(keep, s, log_to=None):
-        try:
-            return build_problem(crystal, ds if keep.all() else select_frames(ds, keep), s, log=log_to)
-        except ValueError as exc:
-            item, _, why = str(exc).partition(": ")
-            raise InputError(args.config or structure, item, why or item) from None
-
-    def spread(k):  # (F,) k frames spread over the rotation
-        keep = np.zeros(n, bool)
-        keep[np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(int))] = True
-        return keep
-
-    def work(p):  # a pass's solves: beams cubed, summed over the tilt samples
-        return float(np.sum(np.asarray(p.model.plan.n_beams, float) ** 3))
-
-    def timed(p, calls=1):  # (forward, Jacobian) seconds of the last of ``calls`` calls
-        p.forward_dtype = precision_dtype(settings.lm_precision)  # as LM evaluates its trial points
-        index = refined_index(p, settings)
-        for call in range(calls):
-            theta = p.theta0 + 1e-9 * call  # a new point each time: nothing remembered from the call before
-            t0 = time.perf_counter()
-            p.residual_vector(theta)
-            t1 = time.perf_counter()
-            p.jacobian(theta, index)
-            t2 = time.perf_counter()
-        return np.array([t1 - t0, t2 - t1])
-
-    if settings.frames:
-        keep = frame_selection(ds.frames.ids, settings.frames)
-        log(f"frames: {int(keep.sum())} of {len(keep)} ({settings.frames})")
-        ds = select_frames(ds, keep)
-        settings = dataclasses.replace(settings, frames="")
-    settings = dataclasses.replace(settings, learned_warm_start="scan")
-    n = len(ds.frames.ids)
-    if settings.thickness == "auto":  # as the whole data's scan would find it, from these frames
-        part = build(spread(DRY_RUN_FRAMES), settings)
-        with torch.no_grad():
-            thickness = float(part.state(part.split(part.theta0)).thickness.mean())
-        settings = dataclasses.replace(settings, thickness=thickness)
-        log(f"start thickness {thickness:.0f} A (the scan of {min(n, DRY_RUN_FRAMES)} frames spread over the rotation)")
-    problem = build(np.ones(n, bool), settings, log)
-    log(_size_line("model", problem))
-    estimate, how = problem.model.pass_seconds_estimate(), ""
-    if estimate <= DRY_RUN_PASS_S:
-        forward, jacobian = timed(problem, calls=2)
-    else:
-        order = np.argsort(ds.frames.ids, kind="stable")
-        counts = np.bincount(order[np.searchsorted(ds.frames.ids[order], ds.reflections.frame_id)], minlength=n)
-        ranked = [f for f in np.argsort(counts, kind="stable") if counts[f]]  # frames with reflections
-        median = np.zeros(n, bool)
-        median[ranked[len(ranked) // 2] if ranked else n // 2] = True
-        timed(build(median, dataclasses.replace(settings, n_samples=1, samples_per_fringe=0.0)))  # allocations
-        k = min(n - 1, round(n * DRY_RUN_PART_S / estimate))
-        if k >= 1:
-            part, what = build(spread(k), settings), f"{k} frames spread over the rotation"
-        else:
-            samples = max(2, round(len(problem.model.plan.n_beams) * DRY_RUN_PART_S / estimate))
-            part = build(median, dataclasses.replace(settings, n_samples=samples, samples_per_fringe=0.0))
-            what = f"frame {ds.frames.ids[median][0]} at {samples} tilt samples"
-        forward, jacobian = timed(part) * work(problem) / max(work(part), 1.0)
-        how = f" (timed on {what}, scaled to the whole data by the solves' work)"
-    step = jacobian + 2 * forward  # a Jacobian and a trial step or two
-    hands = " (twice that with --enantiomer)" if args.enantiomer else ""
-    log(f"dry run: a forward pass {format_duration(forward)}, a Jacobian of {len(refined_index(problem, settings))} "
-        f"refined parameters {format_duration(jacobian)}{how}: an LM iteration about {format_duration(step)}. The runs "
-        f"measured took 6-20 LM iterations: about {format_duration(6 * step)} to {format_duration(20 * step)} here, and "
-        f"the start's thickness scan, the tilt search and the integration check add about {DRY_RUN_SEARCH_PASSES} "
-        f"passes ({format_duration(DRY_RUN_SEARCH_PASSES * forward)}){hands}. Nothing was written.")
+    try:
+        estimate = estimate_cost(crystal, ds, settings, log)
+    except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
+        item, _, why = str(exc).partition(": ")
+        raise InputError(args.config or structure, item, why or item) from None
+    log(_size_line("model", estimate.problem))
+    log(estimate.summary(hands=2 if args.enantiomer else 1))
     return 0
 
 

@@ -165,8 +165,8 @@ class RefineSettings:
     lr_orientation: float = 0.0
     lr_absorption: float = 0.005
     # the most LM iterations: a safety net, as runs stop when they converge (the quartz example
-    # converges in 19-30 from its two starts, paracetamol in 6-21, precession quartz from 0.16 A
-    # with LM alone in 35)
+    # converges in 16-17 from its two starts, the paper's synthetic quartz in 13-26 from its three,
+    # paracetamol in 6-21, precession quartz from 0.16 A with LM alone in 35)
     lm_iterations: int = 50
     # solves of the LM trial points: single (complex64: 10 % less time per quartz refinement; the
     # cost a step is judged by then differs from double by ~1e-6 of itself, intensities by ~1e-5,

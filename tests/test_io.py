@@ -263,6 +263,12 @@ def test_no_scored_reflection_is_a_one_line_error(tmp_path, quartz_paths):
     for cmd in (["simulate"], ["refine", "--lm-iterations", "1", "--adam-steps", "1"]):
         r = _cli(cmd[0], quartz_paths[0], p, "--out", tmp_path / cmd[0], *cmd[1:])
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no reflection is scored" in r.stderr, r.stderr
+    # segment coupling scores only reflections within g_max: a g_max below every one says so, rather
+    # than pointing at the geometry
+    r = _cli("refine", quartz_paths[0], quartz_paths[1], "--out", tmp_path / "gmax", "--set", "g_max=0.1",
+             "--set", "coupling=segments")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "none lies within g_max 0.1 1/A" in r.stderr, r.stderr
+    assert not (tmp_path / "gmax" / "refined.cif").exists()
 
 
 def test_non_positive_definite_u_is_simulated_as_given_and_refined_from_isotropic(tmp_path, quartz_paths, capsys):

@@ -43,6 +43,10 @@ class ForwardModel:
         self.plan = build_plan(dataset, self._plan_settings(), frame_mask=frame_mask).to(self.device)
         if len(self.plan.scored.row) == 0:
             b = settings.beams
+            g = np.linalg.norm(np.asarray(dataset.reflections.hkl, float) @ np.asarray(dataset.ub, float).T, axis=1)
+            if len(g) and not (g <= self.plan.g_max).any():
+                raise InputError(dataset.path, "reflection loop", f"no reflection is scored: none lies within g_max "
+                                 f"{self.plan.g_max:g} 1/A (the nearest at |g| = {g.min():.3g} 1/A); raise g_max")
             raise InputError(dataset.path, "reflection loop", f"no reflection is scored: none lies within RSg {b.rsg:g} "
                              f"(and DSg {b.dsg:g} 1/A) of its Bragg condition in its frame; check the UB matrix, the "
                              f"frame angles and the wedge half-angles, or raise --rsg")

@@ -933,6 +933,43 @@ def test_frames_are_checked_once_the_structure_settles_not_only_at_convergence(s
     assert checks[-1] == res.lm.iteration and all(b - a >= RESCAN_EVERY for a, b in zip(checks[:-1], checks[1:-1])), checks
 
 
+def test_a_run_resumed_around_a_settled_structure_check_ends_the_same(small_dataset, truth, tmp_path):
+    """Interrupted just before the check that restarts a frame (the checkpoint has not seen it) and just
+    after it (the checkpoint has), the resumed runs end where the uninterrupted one does: the check is
+    made once, at the same iteration."""
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
+                              lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0), checkpoint_every=1,
+                              jacobian_precision="double", lm_precision="double")
+
+    def problem():
+        p = build_problem(truth, ds, settings)
+        st, so = p.slots["thickness"], p.slots["orientation"]
+        start = p.theta0.clone()
+        start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+        start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+        start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
+        p.theta0 = start
+        return p
+
+    lines = []
+    full = refine(problem(), settings, log=lines.append)
+    at = int(next(line for line in lines if "(structure settled)" in line).split("iteration ")[1].split(" ")[0])
+    for stop_after in (at, at + 1):
+        def stop(line):
+            if line.startswith(f"lm   {stop_after:4d}/"):
+                raise Interrupted()
+
+        ck = tmp_path / f"checkpoint{stop_after}.pt"
+        assert refine(problem(), settings, checkpoint=ck, log=stop).interrupted
+        again = []
+        resumed = refine(problem(), settings, checkpoint=ck, resume=torch.load(ck, weights_only=True), log=again.append)
+        assert sum("(structure settled)" in line for line in again) == (stop_after == at) * sum(
+            "(structure settled)" in line and f"iteration {at} " in line for line in lines)
+        assert resumed.lm.iteration == full.lm.iteration
+        assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
+
 @contextmanager
 def _torch_threads(n: int):
     """torch's intra-op thread count (and so the solver's worker count) set to n inside the block."""

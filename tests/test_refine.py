@@ -872,6 +872,36 @@ def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(s
     assert len(moved_again) == 0 and torch.equal(again, restarted)
 
 
+def test_a_frame_off_both_neighbours_about_its_rotation_axis_is_moved_to_their_mean(small_dataset, truth):
+    """At the truth (corrections zero), a frame turned about its rotation axis by three fringes beyond both
+    neighbours is tried at their mean there, its correction normal to the axis kept, and moves back at its
+    true thickness; a frame within a fringe of its neighbours is not tried, and a second call moves none."""
+    from blochflow.refine.run import _rocking_frame_axes, fringe_angle, restart_axis_jumps
+
+    ds, thickness, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
+                              thickness_grid=(300.0, 800.0, 10.0))
+    problem = build_problem(truth, ds, settings)
+    st = problem.slots["thickness"]
+    theta = problem.theta0.clone()
+    theta[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    so, _, axis, normal = _rocking_frame_axes(problem, theta, settings)
+    fringe = fringe_angle(problem, theta)
+    corrections = torch.zeros(problem.model.n_frames, 2, dtype=theta.dtype)
+    corrections[2] = 3 * fringe * axis[2] + 0.1 * normal[2]
+    corrections[1] = 0.5 * fringe * axis[1]  # within a fringe of its neighbours, as frame 3
+    corrections[3] = -0.5 * fringe * axis[3]
+    theta[so.start:so.stop] = corrections.reshape(-1)
+    moved_theta, moved = restart_axis_jumps(problem, theta, settings)
+    assert list(moved) == [2]
+    after = moved_theta[so.start:so.stop].reshape(-1, 2)
+    assert abs(float(after[2] @ axis[2])) < 1e-12  # the neighbours' mean
+    assert torch.allclose(after[2] @ normal[2], torch.tensor(0.1, dtype=theta.dtype))
+    assert torch.equal(torch.cat([after[:2], after[3:]]), torch.cat([corrections[:2], corrections[3:]]))
+    assert abs(1000 * float(torch.exp(moved_theta[st.start + 2])) - thickness[2]) <= 10.0
+    assert len(restart_axis_jumps(problem, moved_theta, settings)[1]) == 0
+
+
 def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_dataset, truth):
     """LM from the truth with one frame in a joint thickness-orientation minimum (160 A off, 3 mrad)
     converges with that frame still there when outlier frames are not restarted (``frame_restart``

@@ -81,7 +81,8 @@ class RefineSettings:
     thickness_rescan: bool = True
     # per-frame model with orientation corrections: with each rescan after the first, frames costing more
     # than twice the median frame per reflection are tried at zero correction and their best grid
-    # thickness there (see restart_outlier_frames)
+    # thickness there (see restart_outlier_frames), and rocking frames off both neighbours about their
+    # rotation axis by more than a fringe at the neighbours' mean (restart_axis_jumps)
     frame_restart: bool = True
     # per-frame model with orientation corrections: after the rescan at LM iteration 5, each frame's
     # correction about the lab axis normal to its rotation axis and its thickness are searched together
@@ -566,16 +567,24 @@ TILT_SEARCH_LR = 9.21  # chi2 with 2 degrees of freedom at 1 %
 TILT_SEARCH_ABOVE_MEDIAN = 1.0  # frames costing more per reflection than this x the median frame are searched
 
 
+def fringe_angle(problem: RefinementProblem, theta: torch.Tensor) -> float:
+    """The rotation (mrad) that moves a frame's cost from one minimum to the next: a rotation d moves a
+    reflection's excitation error by up to |g| d, and its rocking curve repeats every 1/t (a
+    Pendelloesung fringe), so 1/(t |g|), for the 90th percentiles of the frames' thicknesses at theta and
+    of the scored |g| (quartz at 1100 A: 0.6 mrad; ZnO at 1700 A, 2 1/A: 0.3 mrad)."""
+    with torch.no_grad():
+        thick = problem.state(problem.split(theta)).thickness.amax(-1).cpu().numpy()
+    g = np.linalg.norm(problem.model.plan.scored.hkl @ np.asarray(problem.model.dataset.ub).T, axis=1)
+    return 1e3 / (np.quantile(thick, 0.9) * np.quantile(g, 0.9))
+
+
 def tilt_search_grid(problem: RefinementProblem, theta: torch.Tensor, half_range: float) -> np.ndarray:
     """Tilts (mrad, symmetric about zero, zero included) for :func:`search_frame_tilt`. A tilt d moves a
     reflection's excitation error by up to |g| d, and its rocking curve repeats every 1/t (a Pendelloesung
     fringe), so the cost of a frame against the tilt has minima about 1/(t |g|) apart and a basin a
     fraction of that wide. The step is a third of it for the 90th percentile of the scored |g| and of
     the frames' thicknesses at theta (quartz at 1100 A: 0.2 mrad; ZnO at 1700 A, 2 1/A: 0.1 mrad)."""
-    with torch.no_grad():
-        thick = problem.state(problem.split(theta)).thickness.amax(-1).cpu().numpy()
-    g = np.linalg.norm(problem.model.plan.scored.hkl @ np.asarray(problem.model.dataset.ub).T, axis=1)
-    step = 1e3 * TILT_SEARCH_FRINGE_FRACTION / (np.quantile(thick, 0.9) * np.quantile(g, 0.9))
+    step = TILT_SEARCH_FRINGE_FRACTION * fringe_angle(problem, theta)
     half_points = min((TILT_SEARCH_MAX_POINTS - 1) // 2, max(1, math.ceil(half_range / step)))
     return np.linspace(-half_range, half_range, 2 * half_points + 1)
 
@@ -644,6 +653,54 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     rows = torch.as_tensor(move)
     corrections = along[rows] + torch.as_tensor(best_tilt[move], dtype=theta.dtype)[:, None] * normal[rows]
     return _frames_moved(problem, theta, move, best_thickness[move], corrections), move, tilts, searched
+
+
+def restart_axis_jumps(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+    """Rocking frames with per-frame thickness and orientation corrections: each frame whose correction
+    about its rotation axis lies beyond both neighbours' (in alpha, within a dataset) by more than
+    :func:`fringe_angle` is tried at its neighbours' mean there (its correction normal to the axis kept)
+    and the best thickness on the grid there (only these frames are solved); it moves when that costs
+    less than RESCAN_GAIN x its cost now. A goniometer's errors about its axis vary smoothly over the
+    rotation, while a thick frame's cost has minima a fringe apart in that rotation, broad and close in
+    depth, and LM leaves some frames in the wrong one (docs/refinement.md "Thick crystals"): a frame off
+    both neighbours by a fringe or more is the mark. A cheap, local form of the axis search; the data
+    decide each move. Returns theta and the indices of the frames moved."""
+    none = np.zeros(0, int)
+    frames_axes = _rocking_frame_axes(problem, theta, settings)
+    if frames_axes is None:
+        return theta, none
+    so, base, axis, normal = frames_axes
+    along = (base * axis).sum(1).numpy()
+    frames = problem.model.dataset.frames
+    group = np.zeros(len(along), int) if frames.dataset is None else np.asarray(frames.dataset)
+    n_work = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=problem.model.n_frames)
+    limit = fringe_angle(problem, theta)
+    target = np.full(len(along), np.nan)
+    for g in np.unique(group):
+        idx = np.flatnonzero((group == g) & (n_work > 0))
+        idx = idx[np.argsort(np.asarray(frames.alpha_deg)[idx], kind="stable")]
+        for a, f, b in zip(idx[:-2], idx[1:-1], idx[2:]):
+            off_a, off_b = along[f] - along[a], along[f] - along[b]
+            if off_a * off_b > 0 and min(abs(off_a), abs(off_b)) > limit:
+                target[f] = 0.5 * (along[a] + along[b])
+    tried = np.isfinite(target)
+    if not tried.any():
+        return theta, none
+    current, _ = _frames_above_median(problem, theta, 1.0)
+    kept = (base * normal).sum(1, keepdim=True) * normal
+    corrections = torch.where(torch.as_tensor(tried)[:, None],
+                              kept + torch.as_tensor(np.nan_to_num(target), dtype=base.dtype)[:, None] * axis, base)
+    trial = theta.clone()
+    trial[so.start:so.stop] = corrections.reshape(-1)
+    grid, table = _grid_costs(problem, trial, settings, frames=torch.as_tensor(tried))
+    with torch.no_grad():
+        cost = table.min(1) + problem.frame_prior_costs(trial).numpy()
+    move = np.flatnonzero(tried & (cost < RESCAN_GAIN * current))
+    if not len(move):
+        return theta, none
+    best = grid[table.argmin(1)[move]]
+    return _frames_moved(problem, theta, move, best, corrections[torch.as_tensor(move)]), move
 
 
 AXIS_SEARCH_STEP = 0.2  # mrad between the grid's rotations about the axis (its minima are broad, docs)
@@ -1056,16 +1113,23 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             return moved
 
         def restart_now(why: str = "") -> int:
+            """The outlier restart, then the restart of frames off both neighbours about their rotation axis."""
             nonlocal theta
             t0 = time.perf_counter()
             theta, frames = restart_outlier_frames(problem, theta, settings)
+            theta, jumps = restart_axis_jumps(problem, theta, settings)
             phase_times["frame_restart_s"] = phase_times.get("frame_restart_s", 0.0) + time.perf_counter() - t0
+            ids = problem.model.dataset.frames.ids
             if len(frames):
-                lm.jacobian = None
-                ids = " ".join(str(i) for i in problem.model.dataset.frames.ids[frames])
                 log(f"frame restart at LM iteration {lm.iteration}{why}: {len(frames)} outlier frames moved to zero "
-                    f"orientation correction and their best thickness there (frames {ids})")
-            return len(frames)
+                    f"orientation correction and their best thickness there (frames {' '.join(map(str, ids[frames]))})")
+            if len(jumps):
+                log(f"frame restart at LM iteration {lm.iteration}{why}: {len(jumps)} frames off both neighbours about "
+                    f"the rotation axis moved to their mean and their best thickness there (frames "
+                    f"{' '.join(map(str, ids[jumps]))})")
+            if len(frames) or len(jumps):
+                lm.jacobian = None
+            return len(frames) + len(jumps)
 
         def undo_axis_search_if_worse() -> bool:
             """Once the run has converged again after the axis search (or stopped), go back to the converged

@@ -27,7 +27,8 @@ PART_PASS_S = 0.5  # ... whose pass is estimated at about this
 # of the frames above the median cost: ~10) and the integration check (twice the samples: 2)
 SEARCH_PASSES = 13
 # LM iterations of the runs measured (docs/refinement.md): the range the estimate is given for
-LM_ITERATIONS = (6, 20)
+# (paracetamol 6-21, the quartz example 17, the paper's synthetic quartz 13-27, thick ZnO 26)
+LM_ITERATIONS = (6, 27)
 
 
 @dataclass(frozen=True)

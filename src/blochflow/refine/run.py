@@ -550,14 +550,28 @@ def restart_outlier_frames(problem: RefinementProblem, theta: torch.Tensor, sett
     try_again = above & (orientation != 0).any(1).numpy()
     if not try_again.any():
         return theta, none
-    at_zero = theta.clone()
-    at_zero[so.start:so.stop] = torch.where(torch.as_tensor(try_again)[:, None], 0.0, orientation).reshape(-1)
-    grid, table = _grid_costs(problem, at_zero, settings, frames=torch.as_tensor(try_again))
-    best = np.argmin(table, 1)
-    move = np.flatnonzero(try_again & (table[np.arange(n_frames), best] < RESCAN_GAIN * current))
+    return _restart_frames_at(problem, theta, settings, try_again, torch.zeros_like(orientation), current)
+
+
+def _restart_frames_at(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings,
+                       tried: np.ndarray, corrections: torch.Tensor, current: np.ndarray
+                       ) -> tuple[torch.Tensor, np.ndarray]:
+    """The restarts' common step: each ``tried`` frame (F,) at its row of ``corrections`` (F, 2 mrad) and
+    its best grid thickness there (only these frames solved), moved there when that costs (data and
+    orientation prior) less than RESCAN_GAIN x ``current`` (its cost now). Returns theta and the frames
+    moved."""
+    so = problem.slots["orientation"]
+    trial = theta.clone()
+    trial[so.start:so.stop] = torch.where(torch.as_tensor(tried)[:, None], corrections,
+                                          theta[so.start:so.stop].reshape(-1, 2)).reshape(-1)
+    grid, table = _grid_costs(problem, trial, settings, frames=torch.as_tensor(tried))
+    with torch.no_grad():
+        cost = table.min(1) + problem.frame_prior_costs(trial).numpy()
+    move = np.flatnonzero(tried & (cost < RESCAN_GAIN * current))
     if not len(move):
-        return theta, none
-    return _frames_moved(problem, theta, move, grid[best[move]]), move
+        return theta, np.zeros(0, int)
+    best = grid[table.argmin(1)[move]]
+    return _frames_moved(problem, theta, move, best, corrections[torch.as_tensor(move)]), move
 
 
 TILT_SEARCH_FRINGE_FRACTION = 1 / 3  # grid step: this share of a fringe for the thick frames' far reflections
@@ -670,7 +684,7 @@ def restart_axis_jumps(problem: RefinementProblem, theta: torch.Tensor, settings
     frames_axes = _rocking_frame_axes(problem, theta, settings)
     if frames_axes is None:
         return theta, none
-    so, base, axis, normal = frames_axes
+    _, base, axis, normal = frames_axes
     along = (base * axis).sum(1).numpy()
     frames = problem.model.dataset.frames
     group = np.zeros(len(along), int) if frames.dataset is None else np.asarray(frames.dataset)
@@ -689,18 +703,8 @@ def restart_axis_jumps(problem: RefinementProblem, theta: torch.Tensor, settings
         return theta, none
     current, _ = _frames_above_median(problem, theta, 1.0)
     kept = (base * normal).sum(1, keepdim=True) * normal
-    corrections = torch.where(torch.as_tensor(tried)[:, None],
-                              kept + torch.as_tensor(np.nan_to_num(target), dtype=base.dtype)[:, None] * axis, base)
-    trial = theta.clone()
-    trial[so.start:so.stop] = corrections.reshape(-1)
-    grid, table = _grid_costs(problem, trial, settings, frames=torch.as_tensor(tried))
-    with torch.no_grad():
-        cost = table.min(1) + problem.frame_prior_costs(trial).numpy()
-    move = np.flatnonzero(tried & (cost < RESCAN_GAIN * current))
-    if not len(move):
-        return theta, none
-    best = grid[table.argmin(1)[move]]
-    return _frames_moved(problem, theta, move, best, corrections[torch.as_tensor(move)]), move
+    corrections = kept + torch.as_tensor(np.nan_to_num(target), dtype=base.dtype)[:, None] * axis
+    return _restart_frames_at(problem, theta, settings, tried, corrections, current)
 
 
 AXIS_SEARCH_STEP = 0.2  # mrad between the grid's rotations about the axis (its minima are broad, docs)

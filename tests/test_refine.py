@@ -902,6 +902,19 @@ def test_a_frame_off_both_neighbours_about_its_rotation_axis_is_moved_to_their_m
     assert len(restart_axis_jumps(problem, moved_theta, settings)[1]) == 0
 
 
+def _joint_minimum_problem(truth, ds, thickness, settings):
+    """The problem at the truth with every frame at its true thickness, except frame 2: 160 A thicker and
+    turned by (3, -3) mrad, a joint thickness-orientation minimum that no local step leaves."""
+    problem = build_problem(truth, ds, settings)
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    start = problem.theta0.clone()
+    start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
+    start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
+    start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
+    problem.theta0 = start
+    return problem
+
+
 def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_dataset, truth):
     """LM from the truth with one frame in a joint thickness-orientation minimum (160 A off, 3 mrad)
     converges with that frame still there when outlier frames are not restarted (``frame_restart``
@@ -915,13 +928,8 @@ def test_a_run_restarts_a_frame_left_in_a_joint_minimum_and_goes_on(small_datase
         settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                                   lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0), frame_restart=on,
                                   jacobian_precision="double", lm_precision="double")
-        problem = build_problem(truth, ds, settings)
+        problem = _joint_minimum_problem(truth, ds, thickness, settings)
         st, so = problem.slots["thickness"], problem.slots["orientation"]
-        start = problem.theta0.clone()
-        start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
-        start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
-        start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
-        problem.theta0 = start
         lines = []
         res = refine(problem, settings, log=lines.append)
         assert res.lm.converged
@@ -947,13 +955,8 @@ def test_frames_are_checked_once_the_structure_settles_not_only_at_convergence(s
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, adam_steps=0,
                               lm_iterations=30, thickness_grid=(300.0, 800.0, 10.0),
                               jacobian_precision="double", lm_precision="double")
-    problem = build_problem(truth, ds, settings)
-    st, so = problem.slots["thickness"], problem.slots["orientation"]
-    start = problem.theta0.clone()
-    start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
-    start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
-    start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
-    problem.theta0 = start
+    problem = _joint_minimum_problem(truth, ds, thickness, settings)
+    st = problem.slots["thickness"]
     lines = []
     res = refine(problem, settings, log=lines.append)
     restarts = [line for line in lines if line.startswith("frame restart")]
@@ -973,14 +976,7 @@ def test_a_run_resumed_around_a_settled_structure_check_ends_the_same(small_data
                               jacobian_precision="double", lm_precision="double")
 
     def problem():
-        p = build_problem(truth, ds, settings)
-        st, so = p.slots["thickness"], p.slots["orientation"]
-        start = p.theta0.clone()
-        start[st.start:st.stop] = torch.as_tensor(np.log(thickness / 1000.0))
-        start[st.start + 2] = float(np.log((thickness[2] + 160.0) / 1000.0))
-        start[so.start + 4:so.start + 6] = torch.tensor([3.0, -3.0])
-        p.theta0 = start
-        return p
+        return _joint_minimum_problem(truth, ds, thickness, settings)
 
     lines = []
     full = refine(problem(), settings, log=lines.append)

@@ -669,6 +669,18 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     return _frames_moved(problem, theta, move, best_thickness[move], corrections), move, tilts, searched
 
 
+def rotation_order(frames, use: np.ndarray) -> list[np.ndarray]:
+    """The frames marked in ``use`` (F,) as runs in the order of the rotation: per dataset of a merged
+    table (``frames.dataset``), their indices sorted by alpha. Neighbours in a run are neighbours on
+    the goniometer."""
+    group = np.zeros(len(use), int) if frames.dataset is None else np.asarray(frames.dataset)
+    runs = []
+    for g in np.unique(group):
+        idx = np.flatnonzero((group == g) & use)
+        runs.append(idx[np.argsort(np.asarray(frames.alpha_deg)[idx], kind="stable")])
+    return runs
+
+
 def restart_axis_jumps(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
                        ) -> tuple[torch.Tensor, np.ndarray]:
     """Rocking frames with per-frame thickness and orientation corrections: each frame whose correction
@@ -686,14 +698,10 @@ def restart_axis_jumps(problem: RefinementProblem, theta: torch.Tensor, settings
         return theta, none
     _, base, axis, normal = frames_axes
     along = (base * axis).sum(1).numpy()
-    frames = problem.model.dataset.frames
-    group = np.zeros(len(along), int) if frames.dataset is None else np.asarray(frames.dataset)
     n_work = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=problem.model.n_frames)
     limit = fringe_angle(problem, theta)
     target = np.full(len(along), np.nan)
-    for g in np.unique(group):
-        idx = np.flatnonzero((group == g) & (n_work > 0))
-        idx = idx[np.argsort(np.asarray(frames.alpha_deg)[idx], kind="stable")]
+    for idx in rotation_order(problem.model.dataset.frames, n_work > 0):
         for a, f, b in zip(idx[:-2], idx[1:-1], idx[2:]):
             off_a, off_b = along[f] - along[a], along[f] - along[b]
             if off_a * off_b > 0 and min(abs(off_a), abs(off_b)) > limit:

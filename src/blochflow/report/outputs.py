@@ -18,7 +18,7 @@ from ..io.writers import write_csv, write_json
 from ..physics.geometry import rotation_axis_lab
 from ..refine.objective import figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
-from ..refine.run import RefinementResult
+from ..refine.run import RefinementResult, rotation_order
 from .difference_map import difference_map, write_map
 from .plots import fo_fc_svg, thickness_svg
 
@@ -130,12 +130,9 @@ def axis_jumps(result: RefinementResult, frames: dict) -> dict | None:
     su = np.stack([frames["orientation_x_su_mrad"], frames["orientation_y_su_mrad"]], 1)
     along = np.sum(corr * axis, 1)
     along_su = np.sqrt(np.sum((su * axis) ** 2, 1))
-    ds = pr.model.dataset.frames
-    group = np.zeros(len(along), int) if ds.dataset is None else np.asarray(ds.dataset)
     pairs = jumps = 0
-    for g in np.unique(group):
-        idx = np.flatnonzero((group == g) & np.isfinite(along_su) & (along_su > 0) & (frames["n_reflections"] > 0))
-        idx = idx[np.argsort(np.asarray(frames["alpha_deg"])[idx], kind="stable")]
+    use = np.isfinite(along_su) & (along_su > 0) & (frames["n_reflections"] > 0)
+    for idx in rotation_order(pr.model.dataset.frames, use):
         if len(idx) < 2:
             continue
         d = np.abs(np.diff(along[idx])) / np.sqrt(along_su[idx][1:] ** 2 + along_su[idx][:-1] ** 2)

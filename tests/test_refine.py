@@ -1491,6 +1491,30 @@ def test_smooth_path_is_the_exact_minimum_and_follows_the_smooth_truth_past_deco
     assert np.array_equal(grid[smooth_path(cost, grid, np.ones(39), 1e6)], own)
 
 
+def test_the_rotation_path_runs_per_dataset_of_a_merged_table():
+    """Two merged datasets over the same alpha range, whose goniometers are off about their axes by
+    different smooth amounts (+1 and -1 mrad, broad costs): each dataset gets its own path through its
+    own minima. One path over both sorted by alpha (the frames interleave) would be dragged between the
+    two and land on neither."""
+    from types import SimpleNamespace
+
+    from blochflow.refine.run import rotation_path, smooth_path
+
+    grid = np.linspace(-2, 2, 41)
+    alpha = np.concatenate([np.arange(20.0), np.arange(20.0) + 0.5])
+    truth = np.repeat([1.0, -1.0], 20)
+    cost = 0.5 * (grid[None, :] - truth[:, None]) ** 2
+    frames = SimpleNamespace(alpha_deg=alpha, dataset=np.repeat([0, 1], 20))
+    path = grid[rotation_path(cost, grid, frames, 0.05)]
+    assert np.allclose(path, truth)
+    order = np.argsort(alpha)
+    mixed = np.empty(40, int)
+    mixed[order] = smooth_path(cost[order], grid, np.diff(alpha[order]), 0.05)
+    assert np.max(np.abs(grid[mixed] - truth)) > 0.5
+    single = SimpleNamespace(alpha_deg=alpha, dataset=None)  # one dataset: the one path sorted by alpha
+    assert np.array_equal(rotation_path(cost, grid, single, 0.05), mixed)
+
+
 def test_axis_search_brings_frames_back_about_their_rotation_axis(small_dataset, truth):
     """Frames put off about their rotation axis (1.4 mrad, one at -1.6) come back onto the grid next to
     their truth (zero) with their thickness, and keep their correction normal to the axis."""

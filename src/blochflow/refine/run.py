@@ -738,12 +738,23 @@ def smooth_path(cost: np.ndarray, values: np.ndarray, gaps: np.ndarray, step_sig
     return path
 
 
+def rotation_path(cost: np.ndarray, values: np.ndarray, frames, step_sigma: float) -> np.ndarray:
+    """:func:`smooth_path` for every frame (cost (F, G)), one path per dataset of a merged table in its
+    rotation order (:func:`rotation_order`): the random walk links neighbours on one goniometer, never
+    the last frame of one dataset to the first of the next."""
+    path = np.empty(len(cost), int)
+    alpha = np.asarray(frames.alpha_deg, float)
+    for idx in rotation_order(frames, np.ones(len(cost), bool)):
+        path[idx] = smooth_path(cost[idx], values, np.diff(alpha[idx]), step_sigma)
+    return path
+
+
 def search_axis_path(problem: RefinementProblem, theta: torch.Tensor, settings: RefineSettings
                      ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Per-frame corrections about the rotation axis as one smooth path: each frame's cost (data and
-    orientation prior, its thickness scanned) over a grid of absolute corrections about its rotation axis,
-    its correction normal to the axis kept; then the path through the grid that minimises the summed costs
-    plus a random-walk prior between neighbouring frames (:func:`smooth_path`, ``axis_step_sigma``). A
+    """Per-frame corrections about the rotation axis as one smooth path per dataset: each frame's cost
+    (data and orientation prior, its thickness scanned) over a grid of absolute corrections about its
+    rotation axis, its correction normal to the axis kept; then the path through the grid that minimises
+    the summed costs plus a random-walk prior between neighbouring frames (:func:`rotation_path`). A
     goniometer's angle errors are smooth over the rotation, while each frame's own landscape about the axis
     has broad, ambiguous minima where few reflections are partial. Every frame whose path value is more than
     a grid step from its correction moves there, at its best thickness. Returns theta, the frames moved and
@@ -768,10 +779,7 @@ def search_axis_path(problem: RefinementProblem, theta: torch.Tensor, settings: 
         # (_grid_costs gives inf where a frame has no value; a frame without any is free on the path)
         cost[:, g] = np.where(np.isfinite(table).any(1), table.min(1) + prior, 0.0)
         best_t[:, g] = thick[table.argmin(1)]
-    alpha = np.asarray(problem.model.dataset.frames.alpha_deg, float)
-    order = np.argsort(alpha)
-    path = np.empty(n_frames, int)
-    path[order] = smooth_path(cost[order], grid, np.diff(alpha[order]), settings.axis_step_sigma)
+    path = rotation_path(cost, grid, problem.model.dataset.frames, settings.axis_step_sigma)
     now = (base * axis).sum(1).numpy()
     has = np.bincount(problem.model.frame[problem.work].cpu().numpy(), minlength=n_frames) > 0
     # every frame off its path point moves, also one whose own cost there is higher: the path carries the

@@ -32,7 +32,8 @@ from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.bloch import CUDA_EIGH_BACKENDS, cuda_eigh_backend, hermitian_eigh
 from blochflow.physics.diffraction import _chunk_matrices, _chunk_terms
-from blochflow.refine.run import build_problem, settings_from_mapping
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import settings_from_mapping
 
 
 def _sync():

@@ -32,7 +32,8 @@ from blochflow.physics.bloch import propagate
 from blochflow.physics.diffraction import BeamSettings
 from blochflow.physics.workers import fixed_workers
 from blochflow.refine.model import ForwardModel, ModelSettings
-from blochflow.refine.run import build_problem, refined_index, settings_from_mapping
+from blochflow.refine.run import build_problem, refined_index
+from blochflow.refine.settings import settings_from_mapping
 
 
 def _time(fn, repeat=1):

@@ -29,7 +29,8 @@ from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
 from blochflow.refine.objective import frame_scales, klar_weights, r_obs
-from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
+from blochflow.refine.run import build_problem, refine
+from blochflow.refine.settings import parse_setting, settings_from_mapping
 from synthetic_recovery import DATASET_PHYSICS, DATASETS, PAPER_PHYSICS
 
 BINS = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)

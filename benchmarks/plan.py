@@ -24,7 +24,8 @@ from blochflow.data import example_path
 from blochflow.io.pets import read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.diffraction import distinct_rows, mark_differences
-from blochflow.refine.run import build_problem, settings_from_mapping
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import settings_from_mapping
 
 PARACETAMOL = ("../shared/data/paracetamol/synthetic/paracetamol_01_displacement.cif",
                "../shared/data/paracetamol/synthetic/paracetamol_paper_data.cif_pets")

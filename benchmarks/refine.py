@@ -33,8 +33,8 @@ from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
 from blochflow.physics.device import default_device, set_default_device
 from blochflow.refine.optimise import AdamState, adam_learning_rates, adam_step
-from blochflow.refine.run import (RefineSettings, build_problem, parse_setting, precision_dtype, refine, refined_index,
-                                  settings_from_mapping)
+from blochflow.refine.run import build_problem, refine, refined_index
+from blochflow.refine.settings import RefineSettings, parse_setting, precision_dtype, settings_from_mapping
 
 
 def _paths(start: str):

@@ -31,7 +31,8 @@ from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.physics.device import set_default_device
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import write_json
-from blochflow.refine.run import build_problem, parse_setting, refine, settings_from_mapping
+from blochflow.refine.run import build_problem, refine
+from blochflow.refine.settings import parse_setting, settings_from_mapping
 
 DATASETS = {  # dataset -> (data file, truth, start pattern), relative to the data root
     "quartz": ("quartz/synthetic/quartz_paper_data.cif_pets", "quartz/experimental/quartz_kinematical.cif",

@@ -34,7 +34,8 @@ from blochflow.data import example_path
 from blochflow.io.pets import every_nth_frame_mask, read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets, write_json
-from blochflow.refine.run import RefineSettings, build_problem, parse_setting, refine, settings_from_mapping
+from blochflow.refine.run import build_problem, refine
+from blochflow.refine.settings import RefineSettings, parse_setting, settings_from_mapping
 
 SLAB_T0, SLAB_NORMAL = 350.0, (0.35, 0.10)  # A; rad tilt of the normal at zero goniometer angle
 

@@ -21,7 +21,9 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
-from blochflow.refine.run import _grid_costs, build_problem, settings_from_mapping
+from blochflow.refine.frame_search import _grid_costs
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import settings_from_mapping
 
 
 def main() -> None:

@@ -9,7 +9,8 @@ import torch
 
 from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
 from blochflow.physics import bloch
-from blochflow.refine.run import RefineSettings, build_problem
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import RefineSettings
 
 from conftest import N_SAMPLES
 

@@ -122,7 +122,7 @@ def test_paper_synthetic_configs_hold_the_benchmark_physics():
     from pathlib import Path
 
     from blochflow.cli import _read_config
-    from blochflow.refine.run import settings_from_mapping
+    from blochflow.refine.settings import settings_from_mapping
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("synthetic_recovery", root / "benchmarks" / "synthetic_recovery.py")

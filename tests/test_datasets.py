@@ -91,7 +91,8 @@ def test_merging_checks_and_keeps_ids(quartz_paths):
                                               ({"axis_search": True}, "one path"),
                                               ({"rocking_axis": "fixed"}, "needs one dataset")])
 def test_one_crystal_models_are_refused_with_several(quartz_paths, truth, setting, message):
-    from blochflow.refine.run import RefineSettings, build_problem
+    from blochflow.refine.run import build_problem
+    from blochflow.refine.settings import RefineSettings
 
     one = every_nth_frame(quartz_paths[1], 25)
     merged = merge_datasets([one, _turned(one, 2.0, 7.0)])

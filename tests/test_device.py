@@ -16,7 +16,8 @@ from blochflow.physics.bloch import CUDA_EIGH_BACKENDS, cuda_eigh_backend
 from blochflow.physics.device import resolve_device
 from blochflow.physics.workers import fixed_workers
 from blochflow.physics.diffraction import Decompositions, FrameState, simulate_frames, simulate_frames_jvp
-from blochflow.refine.run import RefineSettings, build_problem
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import RefineSettings
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")

@@ -61,7 +61,8 @@ def test_a_missing_hydrogen_is_the_strongest_peak():
     takes more than 0.01."""
     from conftest import N_SAMPLES, rotation_frames, simulated
 
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     truth = _hydrate()
     ds = simulated(rotation_frames(HYDRATE_CELL, 20, 1.2), truth, 400.0, N_SAMPLES, seed=2)
@@ -93,7 +94,8 @@ def test_too_much_potential_is_the_deepest_hole():
     of potential lowers chi^2 most sits on it (0.12 A when measured, -0.10 H, chi^2 -10 %)."""
     from conftest import N_SAMPLES, rotation_frames, simulated
 
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     truth = _hydrate()
     ds = simulated(rotation_frames(HYDRATE_CELL, 20, 1.2), truth, 400.0, N_SAMPLES, seed=2)
@@ -115,7 +117,8 @@ def test_the_peak_follows_the_origin_of_a_shifted_setting():
     potential is taken about that centre: the missing H1's peak is found at the shifted H1."""
     from conftest import N_SAMPLES, rotation_frames, simulated
 
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     truth = _hydrate()
     t = np.array([0.1, 0.2, 0.3])
@@ -141,7 +144,8 @@ def test_the_reverse_pass_in_batches_of_frames_gives_the_same_map(monkeypatch):
     from conftest import N_SAMPLES, rotation_frames, simulated
 
     import blochflow.report.difference_map as dm
-    from blochflow.refine.run import RefineSettings, build_problem
+    from blochflow.refine.run import build_problem
+    from blochflow.refine.settings import RefineSettings
 
     truth = _hydrate()
     ds = simulated(rotation_frames(HYDRATE_CELL, 4, 1.0), truth, 400.0, N_SAMPLES, seed=2)

@@ -210,7 +210,8 @@ def test_known_truth_the_groups_occupancy_is_refined_back(tmp_path):
     held at 0.5 the atoms go farther off to make up for them (0.064 A, GoF 7.9)."""
     from conftest import N_SAMPLES, rotation_frames, simulated
 
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     truth = _ethyl()
     ds = simulated(rotation_frames(CELL, 6, 1.0), truth, 400.0, N_SAMPLES, seed=3)

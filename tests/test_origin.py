@@ -10,7 +10,8 @@ import torch
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.constraints import floating_origin_directions
 from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps, displaced
-from blochflow.refine.run import RefineSettings, build_problem, refine
+from blochflow.refine.run import build_problem, refine
+from blochflow.refine.settings import RefineSettings
 
 from conftest import N_SAMPLES
 

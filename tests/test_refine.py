@@ -18,7 +18,8 @@ from blochflow.crystal.structure import displaced
 from blochflow.io.pets import read_pets, select_frames
 from blochflow.physics.workers import fixed_workers
 from blochflow.refine.problem import equivalence_keys, free_set_mask
-from blochflow.refine.run import Interrupted, RefineSettings, build_problem, refine, settings_from_mapping
+from blochflow.refine.run import Interrupted, build_problem, refine
+from blochflow.refine.settings import RefineSettings, settings_from_mapping
 from blochflow.report.outputs import frame_standard_uncertainties
 
 from conftest import N_SAMPLES, _rmsd, every_nth_frame, simulated
@@ -408,7 +409,7 @@ def test_interrupt_and_resume_give_the_same_result(small_dataset, truth, tmp_pat
 def test_frames_that_grow_thicker_get_the_samples_they_need(small_dataset, truth):
     """A frame moved to a thicker branch than the start design gets the tilt samples its fringes
     need; no other frame changes, and values remembered for the old plan are dropped."""
-    from blochflow.refine.run import grow_samples
+    from blochflow.refine.frame_search import grow_samples
 
     ds, _, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.3, n_samples=2, thickness=500.0, free_fraction=0.0)
@@ -428,7 +429,7 @@ def test_frames_that_grow_thicker_get_the_samples_they_need(small_dataset, truth
 def test_at_convergence_only_frames_below_one_sample_per_fringe_grow(small_dataset, truth):
     """The convergence check grows a frame whose refined thickness left it below one sample per
     fringe (to ``samples_per_fringe``), but not one between that and the design's 1.2."""
-    from blochflow.refine.run import grow_samples
+    from blochflow.refine.frame_search import grow_samples
 
     ds, _, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=1.2, n_samples=1, thickness=500.0, free_fraction=0.0)
@@ -689,7 +690,7 @@ def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth)
     """A frame put on another branch of the thickness oscillation is moved back to the grid point
     next to its true thickness, its orientation corrections (fitted with the wrong branch) back to
     zero; frames already on their branch stay where they are, corrections and all."""
-    from blochflow.refine.run import rescan_frame_thickness
+    from blochflow.refine.frame_search import rescan_frame_thickness
 
     ds, thickness, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
@@ -711,7 +712,7 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
     """After a rescan at the point of the last single-precision pass, the intensities at the moved
     thicknesses come from that pass's decompositions (no eigensolver call) and agree with a fresh
     solve; the next Jacobian takes them too. A point that differs in anything else is not served."""
-    from blochflow.refine.run import rescan_frame_thickness
+    from blochflow.refine.frame_search import rescan_frame_thickness
 
     ds, thickness, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0, thickness_grid=(300.0, 800.0, 10.0))
@@ -769,7 +770,7 @@ def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dat
     the rotation axis kept. Only frames above the median frame's cost are searched; frames that fit
     stay exactly where they are. The grid's step follows a
     fringe: twice the thickness, half the step."""
-    from blochflow.refine.run import search_frame_tilt, tilt_search_grid
+    from blochflow.refine.frame_search import search_frame_tilt, tilt_search_grid
 
     settings, problem, thickness, axis, normal, theta = _frames_at_their_truth(small_dataset, truth)
     st, so = problem.slots["thickness"], problem.slots["orientation"]
@@ -835,7 +836,7 @@ def test_tilt_search_moves_a_frame_only_for_a_drop_beyond_noise_refitted():
     """Five per cent less is not enough where it is a few units of chi2 (two parameters refitted over a
     grid find that much in noise), nor many units that are under five per cent; a drop beyond both moves
     the frame."""
-    from blochflow.refine.run import tilt_search_moves
+    from blochflow.refine.frame_search import tilt_search_moves
 
     current = np.array([20.0, 20.0, 200.0, 200.0, 10.0, 1000.0])
     best = np.array([17.0, 10.0, 185.0, 195.0, 0.5, 960.0])
@@ -847,7 +848,7 @@ def test_an_outlier_frame_restarts_from_zero_orientation_at_its_best_thickness(s
     costs far more than the median frame: it is tried at zero correction and the best grid thickness
     there, and moves (next to its true thickness). Frames that fit like the rest stay as they are,
     their small corrections included."""
-    from blochflow.refine.run import restart_outlier_frames
+    from blochflow.refine.frame_search import restart_outlier_frames
 
     ds, thickness, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
@@ -876,7 +877,7 @@ def test_a_frame_off_both_neighbours_about_its_rotation_axis_is_moved_to_their_m
     """At the truth (corrections zero), a frame turned about its rotation axis by three fringes beyond both
     neighbours is tried at their mean there, its correction normal to the axis kept, and moves back at its
     true thickness; a frame within a fringe of its neighbours is not tried, and a second call moves none."""
-    from blochflow.refine.run import _rocking_frame_axes, fringe_angle, restart_axis_jumps
+    from blochflow.refine.frame_search import _rocking_frame_axes, fringe_angle, restart_axis_jumps
 
     ds, thickness, _ = small_dataset
     settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, free_fraction=0.0,
@@ -944,7 +945,7 @@ def test_frames_are_checked_once_the_structure_settles_not_only_at_convergence(s
     """The rescan and outlier restart run between convergences once the structure's shifts have been
     below 1 s.u. for two iterations, at most every 5 iterations; a run from the truth with one frame in
     a joint thickness-orientation minimum restarts it that way, before its first convergence."""
-    from blochflow.refine.run import RESCAN_EVERY, frames_check_due
+    from blochflow.refine.frame_search import RESCAN_EVERY, frames_check_due
 
     settled, moving = {"max_shift_su_structure": 0.5}, {"max_shift_su_structure": 3.0}
     assert frames_check_due([moving, settled, settled])
@@ -1463,7 +1464,7 @@ def test_smooth_path_is_the_exact_minimum_and_follows_the_smooth_truth_past_deco
     huge step sigma) it is each frame's own minimum."""
     import itertools
 
-    from blochflow.refine.run import smooth_path
+    from blochflow.refine.frame_search import smooth_path
 
     rng = np.random.default_rng(5)
     cost = rng.uniform(0, 10, (5, 4))
@@ -1498,7 +1499,7 @@ def test_the_rotation_path_runs_per_dataset_of_a_merged_table():
     two and land on neither."""
     from types import SimpleNamespace
 
-    from blochflow.refine.run import rotation_path, smooth_path
+    from blochflow.refine.frame_search import rotation_path, smooth_path
 
     grid = np.linspace(-2, 2, 41)
     alpha = np.concatenate([np.arange(20.0), np.arange(20.0) + 0.5])
@@ -1518,7 +1519,7 @@ def test_the_rotation_path_runs_per_dataset_of_a_merged_table():
 def test_axis_search_brings_frames_back_about_their_rotation_axis(small_dataset, truth):
     """Frames put off about their rotation axis (1.4 mrad, one at -1.6) come back onto the grid next to
     their truth (zero) with their thickness, and keep their correction normal to the axis."""
-    from blochflow.refine.run import AXIS_SEARCH_STEP, search_axis_path
+    from blochflow.refine.frame_search import AXIS_SEARCH_STEP, search_axis_path
 
     settings, problem, thickness, axis, normal, theta = _frames_at_their_truth(small_dataset, truth)
     st, so = problem.slots["thickness"], problem.slots["orientation"]
@@ -1673,7 +1674,8 @@ def test_the_axis_search_is_suggested_where_neighbours_jump(small_dataset, truth
     from types import SimpleNamespace
 
     from blochflow.cli import axis_search_note
-    from blochflow.refine.run import RefineSettings, build_problem
+    from blochflow.refine.run import build_problem
+    from blochflow.refine.settings import RefineSettings
     from blochflow.report.outputs import axis_jumps
 
     ds, _, _ = small_dataset

@@ -60,7 +60,8 @@ def test_restraint_pulls_a_refinement(small_dataset, truth, quartz_paths, tmp_pa
     command reads restraints from the config file and rejects an unknown atom in one line."""
     from blochflow.cli import main
     from blochflow.io.pets import select_frames
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     ds, _, data = small_dataset
     keep = np.zeros(len(ds.frames), bool)

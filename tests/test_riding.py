@@ -511,7 +511,8 @@ def test_a_water_turned_in_the_start_is_turned_back_by_its_rigid_group():
     should; riding on the start's orientation keeps the H wrong and pulls the water O and the fit."""
     from conftest import N_SAMPLES, rotation_frames, simulated
 
-    from blochflow.refine.run import RefineSettings, build_problem, refine
+    from blochflow.refine.run import build_problem, refine
+    from blochflow.refine.settings import RefineSettings
 
     truth = _hydrate()
     ds = simulated(rotation_frames(HYDRATE_CELL, 6, 1.2), truth, 400.0, N_SAMPLES, seed=2)

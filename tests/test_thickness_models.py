@@ -13,7 +13,8 @@ from blochflow.crystal.structure import displaced
 from blochflow.experiment.frames import (FrameContext, LearnedThickness, SlabThickness,
                                          thickness_model_from_config)
 from blochflow.io.pets import select_frames
-from blochflow.refine.run import RefineSettings, build_problem
+from blochflow.refine.run import build_problem
+from blochflow.refine.settings import RefineSettings
 
 
 def _two_frames(ds):

@@ -132,7 +132,7 @@ def _config_into_simulate(args) -> None:
 def _model_settings(args):
     from .physics.diffraction import BeamSettings
     from .refine.model import ModelSettings
-    from .refine.run import SETTING_RANGES
+    from .refine.settings import SETTING_RANGES
     for name in ("samples", "segments", "tilt_window"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')}", str(getattr(args, name)), "must be at least 1")
@@ -462,7 +462,7 @@ _REFINE_FLAGS = {  # flag dest -> setting name
 
 
 def _refine_settings(args, base: dict | None = None):
-    from .refine.run import parse_setting
+    from .refine.settings import parse_setting
     values = dict(base or {})
     values.update(_read_config(args.config) if args.config else {})
     source = args.config or "command line"
@@ -490,7 +490,7 @@ def _refine_settings(args, base: dict | None = None):
 
 def _checked_settings(values: dict, source: str):
     """RefineSettings from ``values``, or a one-line InputError naming ``source`` and the setting."""
-    from .refine.run import settings_from_mapping
+    from .refine.settings import settings_from_mapping
     try:
         return settings_from_mapping(values, source)
     except (ValueError, TypeError) as exc:

@@ -18,7 +18,8 @@ import torch
 from ..crystal.structure import Crystal
 from ..io.pets import frame_selection, select_frames
 from .problem import RefinementProblem
-from .run import RefineSettings, build_problem, format_duration, precision_dtype, refined_index
+from .run import build_problem, format_duration, refined_index
+from .settings import RefineSettings, precision_dtype
 
 START_FRAMES = 4  # frames, spread over the rotation, whose thickness scan gives the start thickness
 WHOLE_PASS_S = 2.0  # a problem whose pass is estimated above this is timed on a part of it

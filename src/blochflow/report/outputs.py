@@ -18,7 +18,8 @@ from ..io.writers import write_csv, write_json
 from ..physics.geometry import rotation_axis_lab
 from ..refine.objective import figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
-from ..refine.run import RefinementResult, rotation_order
+from ..refine.frame_search import rotation_order
+from ..refine.run import RefinementResult
 from .difference_map import difference_map, write_map
 from .plots import fo_fc_svg, thickness_svg
 

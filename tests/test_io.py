@@ -534,6 +534,46 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
         assert err.count("\n") == 1 and words in err, err
 
 
+def test_empty_loops_are_one_line_errors_and_what_the_reader_assumed_is_noted(tmp_path, quartz_paths):
+    """A frame or reflection loop with its tags but no rows is a one-line error naming the loop; a
+    header without the rotation-axis azimuth, zero-count rows and rows repeating another's hkl and
+    frame are read, each with a note that names the file (the refinement logs them)."""
+    lines = quartz_paths[1].read_text().splitlines()
+    frames_end, refl_tags = lines.index("_diffrn_zone_axis_scale") + 1, lines.index("_refln_zone_axis_id") + 1
+    for name, text, expect in (("no_refl.cif_pets", lines[:refl_tags], "reflection loop: no reflections"),
+                               ("no_frames.cif_pets", lines[:frames_end] + lines[frames_end + 99:],  # 99 frame rows
+                                "frame loop: no frames")):
+        (tmp_path / name).write_text("\n".join(text) + "\n")
+        with pytest.raises(InputError) as err:
+            read_pets(tmp_path / name)
+        assert expect in str(err.value) and name in str(err.value), str(err.value)
+    assert read_pets(quartz_paths[1]).extra["notes"] == []
+    row = "   2  -2  -8      -28.50      163.17     1"
+    text = quartz_paths[1].read_text().replace("rotation axis position:    0.484\n", "")
+    text = text.replace(row, f"{row}\n{row}\n   1   1   1    0.0    0.0    1", 1)
+    (tmp_path / "odd.cif_pets").write_text(text)
+    ds = read_pets(tmp_path / "odd.cif_pets")
+    notes = ds.extra["notes"]
+    assert ds.details.rotation_axis_deg == 0.0 and len(notes) == 3, notes
+    assert all(str(tmp_path / "odd.cif_pets") in n for n in notes)
+    assert "rotation axis is taken at 0 deg" in notes[0] and "1 reflection rows with I = 0" in notes[1]
+    assert "1 reflection rows repeat another row's hkl and frame" in notes[2]
+
+
+def test_ionic_types_and_u_values_that_look_like_b_are_noted(tmp_path, quartz_paths):
+    """Type symbols with a charge (Si4+) are read as the neutral atom, said in a note; a U above
+    LARGE_U (a B typed into a U item) is read as given, with a note naming the atom."""
+    plain = read_structure(quartz_paths[0])
+    assert not any("ionic" in n or "U above" in n for n in plain.notes)
+    text = quartz_paths[0].read_text().replace("Si1 Si 1.000000", "Si1 Si4+ 1.000000").replace(
+        "O1 O 0.854729", "O1 O2- 0.854729").replace("O1 0.013019", "O1 1.33")
+    (tmp_path / "odd.cif").write_text(text)
+    rec = read_structure(tmp_path / "odd.cif")
+    assert [a.element for a in rec.atoms] == ["Si", "O"]
+    assert any("ionic type symbols read as neutral atoms" in n and "Si1 Si4+, O1 O2-" in n for n in rec.notes)
+    assert any("U above 0.5 A^2" in n and "O1 1.33" in n and "B value" in n for n in rec.notes), rec.notes
+
+
 def test_adp_type_that_disagrees_with_the_adps_read_is_noted(tmp_path):
     """The ADPs come from the U/B items alone; an _atom_site_adp_type that is no CIF value (a column
     a script shifted: '0.05') or says Uani without an aniso row is noted; Uiso/Uani as read is not."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from contextlib import contextmanager
 
@@ -581,6 +582,19 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{name}:" in err, err
     assert not (tmp_path / "x").exists()
+    # --overwrite replaces the earlier run: its outputs this run does not write (no difference map here, no
+    # inverted hand) go, with a line in the log; the user's own files stay
+    (out / "inverted").mkdir()
+    (out / "inverted" / "refined.cif").write_text("an earlier inverted hand")
+    (out / "difference_map.ccp4").write_bytes(b"an earlier map")
+    (out / "my_notes.txt").write_text("mine")
+    for name in ("difference_map.ccp4", "inverted/refined.cif"):
+        os.utime(out / name, (1e9, 1e9))
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--config", str(config), "--overwrite",
+                 "--lm-iterations", "1", "--set", "difference_map=false"]) == 0
+    assert not (out / "difference_map.ccp4").exists() and not (out / "inverted").exists()
+    assert (out / "my_notes.txt").read_text() == "mine" and (out / "refined.cif").exists()
+    assert "removed the earlier run's difference_map.ccp4, inverted/" in (out / "refine.log").read_text()
 
 
 def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tmp_path):
@@ -1625,6 +1639,27 @@ def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_path
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--config", str(bad),
                  "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
     assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+
+
+def test_a_bad_setting_is_blamed_on_where_it_came_from(quartz_paths, tmp_path, capsys):
+    """A setting's error names its source: the config file, the flag or --set, also when another
+    source gave other settings; a flag or --set overrides a config key written with hyphens."""
+    from blochflow.cli import main
+
+    typo, negative = tmp_path / "typo.toml", tmp_path / "negative.toml"
+    typo.write_text("lm_iteratons = 1\n")
+    negative.write_text("lm-iterations = -2\n")
+    base = ["refine", *map(str, quartz_paths[:2]), "--out", str(tmp_path / "o"), "--dry-run"]
+    for extra, first in ((["--config", str(typo), "--set", "s_max=0.01"], f"error: {typo}: lm_iteratons: unknown"),
+                         (["--config", str(negative), "--set", "s_max=0.01"], f"error: {negative}: lm_iterations: -2"),
+                         (["--config", str(negative), "--lm-iterations", "3", "--set", "free-seed=-1"],
+                          "error: --set: free_seed: -1 must be from 0 to 2^63 - 1"),
+                         (["--samples", "0"], "error: --samples: n_samples: must be at least 1")):
+        capsys.readouterr()
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith(first) and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_dry_run_times_a_part_of_a_large_problem(small_dataset, quartz_paths, tmp_path, capsys, monkeypatch):

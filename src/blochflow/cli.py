@@ -428,7 +428,7 @@ def cmd_simulate(args) -> int:
 
 def _read_config(path: str) -> dict:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # (a byte-order mark from Windows editors)
     except OSError as exc:
         raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
     if path.endswith(".json"):
@@ -462,39 +462,47 @@ _REFINE_FLAGS = {  # flag dest -> setting name
 
 
 def _refine_settings(args, base: dict | None = None):
+    """RefineSettings from the example's settings, the config file, the flags and --set (each overriding
+    the one before); an error names where the offending setting came from."""
     from .refine.settings import parse_setting
     values = dict(base or {})
-    values.update(_read_config(args.config) if args.config else {})
-    source = args.config or "command line"
+    origin = dict.fromkeys(values, f"--example {args.example}" if getattr(args, "example", None) else "command line")
+    if args.config:
+        config = {k.replace("-", "_"): v for k, v in _read_config(args.config).items()}  # lm-iterations as a flag
+        values.update(config)
+        origin.update(dict.fromkeys(config, args.config))
     for dest, name in _REFINE_FLAGS.items():
         v = getattr(args, dest, None)
         if v is not None:
-            values[name] = v
+            values[name], origin[name] = v, f"--{dest.replace('_', '-')}"
     if args.no_orientation:
-        values["refine_orientation"] = False
+        values["refine_orientation"], origin["refine_orientation"] = False, "--no-orientation"
     if args.refine_occupancy:
-        values["refine_occupancy"] = True
+        values["refine_occupancy"], origin["refine_occupancy"] = True, "--refine-occupancy"
     for item in args.set or []:
         if "=" not in item:
             raise InputError("--set", item, "expected NAME=VALUE")
         key, value = parse_setting(item)
-        values[key] = value
-        source = "--set"
+        key = key.replace("-", "_")
+        values[key], origin[key] = value, "--set"
     if isinstance(values.get("thickness"), str) and values["thickness"] != "auto":
         try:
             values["thickness"] = float(values["thickness"])
         except ValueError:
-            raise InputError(source, "thickness", f"'{values['thickness']}' is not a number or 'auto'") from None
-    return _checked_settings(values, source)
+            raise InputError(origin["thickness"], "thickness", f"'{values['thickness']}' is not a number or 'auto'") from None
+    return _checked_settings(values, args.config or "command line", origin)
 
 
-def _checked_settings(values: dict, source: str):
-    """RefineSettings from ``values``, or a one-line InputError naming ``source`` and the setting."""
+def _checked_settings(values: dict, source: str, origin: dict | None = None):
+    """RefineSettings from ``values``, or a one-line InputError naming the setting and where it came
+    from: ``origin[name]`` (a file, a flag, --set), else ``source``."""
     from .refine.settings import settings_from_mapping
     try:
         return settings_from_mapping(values, source)
     except (ValueError, TypeError) as exc:
-        raise InputError(source, str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()) from None
+        item, why = str(exc).split(":")[0], str(exc).split(":", 1)[-1].strip()
+        named = [origin[n] for n in item.split(", ") if n in (origin or {})]
+        raise InputError(named[0] if named else source, item, why) from None
 
 
 def determinacy_warning(n_all: int, n_params: int) -> str | None:
@@ -549,11 +557,40 @@ def cmd_refine(args) -> int:
                                                      "same structure, so the data have no hand to choose")
     if settings.frames:
         _selected_frames(ds, settings.frames, ds.path)  # checked here; build_problem selects them
+    started = time.time()
     log = ProgressLog(out / "refine.log", append=args.resume)
     try:
-        return _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
+        code = _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log)
+        if args.overwrite:
+            removed = _remove_stale_outputs(out, started, keep_inverted=args.enantiomer)
+            if removed:
+                log(f"removed the earlier run's {', '.join(removed)} (--overwrite; this run wrote none)")
+        return code
     finally:
         log.close()
+
+
+def _remove_stale_outputs(out: Path, started: float, keep_inverted: bool) -> list[str]:
+    """After an --overwrite run: blochflow's own outputs in ``out`` that the earlier run wrote and this one
+    did not (a difference map, the inverted hand's folder), which would otherwise sit beside the new
+    model as if they were its own. Only the names of REFINE_OUTPUTS; anything else stays. Returns them."""
+    removed = []
+    for name in REFINE_OUTPUTS:
+        path = out / name
+        if name == "inverted":
+            if keep_inverted or not path.is_dir():
+                continue
+            ours = [path / inner for inner in REFINE_OUTPUTS if (path / inner).is_file()]
+            for inner in ours:
+                inner.unlink()
+            if not any(path.iterdir()):
+                path.rmdir()
+            if ours:
+                removed.append(name + "/")
+        elif path.is_file() and path.stat().st_mtime < started - 1.0:
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def _dry_run(args, crystal, ds, structure, settings) -> int:

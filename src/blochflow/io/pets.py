@@ -213,6 +213,8 @@ def read_pets(path: str | Path) -> PetsDataset:
     if r is not None:
         raise InputError(path, f"frame loop, line {floop.lines[r]}", f"frame id {fcols['id'][r]:g} is not an integer")
     ids = fcols["id"].astype(int)
+    if len(ids) == 0:
+        raise InputError(path, "frame loop", "no frames (the loop has no rows)")
     if len(set(ids.tolist())) != len(ids):
         dup = [i for i in ids.tolist() if list(ids).count(i) > 1][0]
         raise InputError(path, "frame loop", f"frame id {dup} appears twice")
@@ -232,6 +234,8 @@ def read_pets(path: str | Path) -> PetsDataset:
         "s": ("_refln_intensity_sigma", "_refln_f_squared_sigma"),
         "f": ("_refln_zone_axis_id",),
     }, "reflection")
+    if len(rcols["h"]) == 0:
+        raise InputError(path, "reflection loop", "no reflections (the loop has no rows)")
     # Zero-count Poisson observations (I = 0, sigma = 0) carry no weight information: drop them
     # and count them; any other sigma <= 0 is an error.
     zero_count = (rcols["s"] == 0) & (rcols["i"] == 0)
@@ -259,7 +263,7 @@ def read_pets(path: str | Path) -> PetsDataset:
         raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"frame id {fid[r]} has no entry in the frame loop")
     if len(hkl) == 0:
-        raise InputError(path, "reflection loop", "no reflections")
+        raise InputError(path, "reflection loop", f"no reflections: all {n_zero_count} rows have I = 0 and sigma = 0")
     if not np.any(rcols["i"] > 0):
         raise InputError(path, "reflection loop", f"no intensity is positive ({len(hkl)} rows): nothing to compare with")
     refl = ReflectionTable(hkl=hkl.astype(int), intensity=rcols["i"], sigma=rcols["s"], frame_id=fid)
@@ -276,7 +280,25 @@ def read_pets(path: str | Path) -> PetsDataset:
                               occupancy=np.array([float(o) for o in occ]) if occ else np.ones(len(types)))
     return PetsDataset(path=path, cell=cell, wavelength=wavelength, ub=ub, details=details,
                        frames=frames, reflections=refl, atoms=atoms,
-                       extra={"n_zero_count_dropped": n_zero_count})
+                       extra={"n_zero_count_dropped": n_zero_count, "notes": _reading_notes(path, details_text, refl,
+                                                                                            n_zero_count)})
+
+
+def _reading_notes(path: str, details_text: str, refl: ReflectionTable, n_zero_count: int) -> list[str]:
+    """What the reader assumed or dropped that the user should know (logged by the refinement): a
+    missing rotation-axis azimuth taken as 0, zero-count rows dropped, rows repeating another's hkl
+    and frame (each is scored as given: two observations of one reflection count twice)."""
+    notes = []
+    if "rotation axis position" not in details_text.lower():
+        notes.append(f"{path}: no 'rotation axis position' in _diffrn_measurement_details; the rotation axis is "
+                     "taken at 0 deg (along lab x)")
+    if n_zero_count:
+        notes.append(f"{path}: {n_zero_count} reflection rows with I = 0 and sigma = 0 dropped (no weight)")
+    rows = np.concatenate([refl.hkl, refl.frame_id[:, None]], 1)
+    n_repeat = len(rows) - len(np.unique(rows, axis=0))
+    if n_repeat:
+        notes.append(f"{path}: {n_repeat} reflection rows repeat another row's hkl and frame; each is scored")
+    return notes
 
 
 def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
@@ -294,6 +316,8 @@ def select_frames(dataset: PetsDataset, keep: np.ndarray) -> PetsDataset:
 
 def _first_non_integer(values: np.ndarray) -> int | None:
     """The first row of ``values`` (R,) or (R, C) holding a value that is not a whole number, or None."""
+    if len(values) == 0:
+        return None
     bad = np.flatnonzero((values != np.round(values)).reshape(len(values), -1).any(1))
     return int(bad[0]) if len(bad) else None
 
@@ -370,4 +394,5 @@ def merge_datasets(datasets: list[PetsDataset]) -> PetsDataset:
                              for n in ReflectionTable.__dataclass_fields__))
     details = replace(first.details, dstarmax=max(d.details.dstarmax for d in datasets))
     return replace(first, path=" + ".join(d.path for d in datasets), details=details, frames=frames,
-                   reflections=refl, extra={**first.extra, "datasets": [d.path for d in datasets], "frame_id_offset": base})
+                   reflections=refl, extra={**first.extra, "datasets": [d.path for d in datasets], "frame_id_offset": base,
+                          "notes": [n for d in datasets for n in d.extra.get("notes", [])]})

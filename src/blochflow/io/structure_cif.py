@@ -262,7 +262,7 @@ def read_structure(path: str | Path) -> StructureRecord:
                 raise InputError(where, f"_atom_site_aniso row '{label}'", "label given more than once")
             aniso_by_label[label] = tuple(vals)
 
-    atoms, notes, guessed, odd_adp = [], list(symmetry_notes), [], []
+    atoms, notes, guessed, odd_adp, ionic, large_u = [], list(symmetry_notes), [], [], [], []
     for i, row in enumerate(table):
         label = names[i]
         xyz = []
@@ -278,6 +278,8 @@ def read_structure(path: str | Path) -> StructureRecord:
         element = _element_symbol(raw_type)
         if element is None:
             raise InputError(where, f"atom '{label}'", f"unknown element '{raw_type}'")
+        if len(types) and re.fullmatch(r"[A-Za-z]+\d*[+-]\d*", raw_type.strip()):
+            ionic.append(f"{label} {raw_type.strip()}")
         if not len(types) and len(element) == 2 and label[1:2].isupper() and _element_symbol(label[:1]):
             guessed.append(f"{label} as {element}")  # HO1: holmium, or the H of O1?
         occ = gemmi.cif.as_number(occs[i], default=1.0) if len(occs) else 1.0
@@ -296,6 +298,8 @@ def read_structure(path: str | Path) -> StructureRecord:
             raise InputError(where, f"atom '{label}'", "no displacement parameter (U_iso or U_aniso)")
         if u_aniso is None and u_iso < 0:
             raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
+        if (u_iso if u_aniso is None else max(u_aniso[:3])) > LARGE_U:
+            large_u.append(f"{label} {u_iso if u_aniso is None else max(u_aniso[:3]):.3g}")
         adp_type = gemmi.cif.as_string(adp_types[i]) if len(adp_types) else "?"
         if adp_type not in _ADP_TYPES + ("?", "."):
             odd_adp.append(f"{label} '{adp_type}'")
@@ -308,6 +312,13 @@ def read_structure(path: str | Path) -> StructureRecord:
         notes.append(f"_atom_site_adp_type not as the ADPs read: {', '.join(odd_adp[:5])}"
                      + (f" and {len(odd_adp) - 5} more" if len(odd_adp) > 5 else "")
                      + "; the U_iso / aniso items were used")
+    if ionic:
+        notes.append(f"ionic type symbols read as neutral atoms (their electron scattering factors): {', '.join(ionic[:5])}"
+                     + (f" and {len(ionic) - 5} more" if len(ionic) > 5 else ""))
+    if large_u:
+        notes.append(f"U above {LARGE_U:g} A^2 (rms displacement {LARGE_U ** 0.5:.2f} A): {', '.join(large_u[:5])}"
+                     + (f" and {len(large_u) - 5} more" if len(large_u) > 5 else "")
+                     + "; a B value in a U item? (U = B / 8 pi^2)")
     if guessed:
         notes.append(f"{'no' if not len(types) else 'unknown (?)'} _atom_site_type_symbol: elements read from labels, "
                      f"{', '.join(guessed)}; add the type symbols if that is wrong")
@@ -315,6 +326,8 @@ def read_structure(path: str | Path) -> StructureRecord:
     return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm, notes=tuple(notes),
                            atoms=tuple(atoms))
 
+
+LARGE_U = 0.5  # A^2: above this a U is more likely a B value (B = 8 pi^2 U) than an atom's vibration
 
 SPECIAL_POSITION_TOL = 0.2  # A: images of an atom closer than this to it are one site (SHELXL's SPEC default)
 

@@ -224,6 +224,8 @@ def build_problem(crystal: Crystal, dataset, settings: RefineSettings, frame_mas
         keep = frame_selection(dataset.frames.ids, settings.frames)
         log(f"frames: {int(keep.sum())} of {len(keep)} ({settings.frames})")
         dataset = select_frames(dataset, keep)
+    for note in dataset.extra.get("notes", []):
+        log("note: " + note)
     _log_centring_extinct(crystal, dataset, log)
     kind = settings.thickness_model
     if dataset.frames.dataset is not None and len(np.unique(dataset.frames.dataset)) > 1:

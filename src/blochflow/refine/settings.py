@@ -307,5 +307,6 @@ SETTING_RANGES = {
         "s_bethe", "dsg", "instability", "adam_steps", "lm_iterations", "lm_amplitude_iterations", "plateau_tol",
         "lr_xyz", "lr_adp", "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation",
         "lr_absorption")},
+    "free_seed": (lambda x: 0 <= x < 2 ** 63, "must be from 0 to 2^63 - 1"),
     "thickness": (lambda x: x == "auto" or x > 0, "must be 'auto' or a positive number (A)"),
 }

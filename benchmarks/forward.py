@@ -29,7 +29,7 @@ from blochflow.io.pets import every_nth_frame_mask, read_pets
 from blochflow.io.structure_cif import read_structure
 import blochflow.physics.diffraction as diffraction
 from blochflow.physics.bloch import propagate
-from blochflow.physics.diffraction import BeamSettings
+from blochflow.physics.plan import BeamSettings
 from blochflow.physics.workers import fixed_workers
 from blochflow.refine.model import ForwardModel, ModelSettings
 from blochflow.refine.run import build_problem, refined_index

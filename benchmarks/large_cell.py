@@ -121,7 +121,7 @@ def forward_once(work: Path, which: str, frames: int, samples: int, threads: int
     from blochflow.crystal.structure import crystal_from_record
     from blochflow.io.pets import frame_selection, read_pets, select_frames
     from blochflow.io.structure_cif import read_structure
-    from blochflow.physics.diffraction import BeamSettings
+    from blochflow.physics.plan import BeamSettings
     from blochflow.refine.model import ForwardModel, ModelSettings
 
     torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from blochflow.crystal.structure import crystal_from_record
 from blochflow.data import example_path
 from blochflow.io.pets import read_pets, select_frames
 from blochflow.io.structure_cif import read_structure
-from blochflow.physics.diffraction import distinct_rows, mark_differences
+from blochflow.physics.plan import distinct_rows, mark_differences
 from blochflow.refine.run import build_problem
 from blochflow.refine.settings import settings_from_mapping
 

@@ -10,7 +10,7 @@ from blochflow.io.pets import (FrameTable, MeasurementDetails, PetsDataset, Refl
                                read_pets, select_frames)
 from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text, format_pets
-from blochflow.physics.diffraction import BeamSettings
+from blochflow.physics.plan import BeamSettings
 from blochflow.refine.model import ModelSettings
 from blochflow.simulate import ThicknessSpec, synthesize
 

@@ -9,7 +9,7 @@ import torch
 from conftest import N_SAMPLES, every_nth_frame
 
 from blochflow.io.pets import merge_datasets, select_frames
-from blochflow.physics.diffraction import BeamSettings
+from blochflow.physics.plan import BeamSettings
 from blochflow.refine.model import ForwardModel, ModelSettings
 from blochflow.simulate import ThicknessSpec
 

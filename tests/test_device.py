@@ -141,7 +141,7 @@ def test_a_frame_subplan_solves_those_frames_as_the_whole_plan_does(small_datase
     """Intensities over a plan cut to some frames are the whole plan's at those frames' reflections
     (zero at the others), and that pass's decompositions, merged into another set, put exactly
     the whole plan's in those frames' places."""
-    from blochflow.physics.diffraction import frame_subplan
+    from blochflow.physics.plan import frame_subplan
 
     problem = _problem(small_dataset, truth)
     plan = problem.model.plan
@@ -313,7 +313,7 @@ def test_split_samples_is_the_midpoint_rule_with_twice_the_samples(small_dataset
     gives the intensities of a plan built with twice the samples, where every candidate beam is
     coupled at every sample (so that the two plans' beam sets cannot differ); rules whose nodes do
     not nest get None."""
-    from blochflow.physics.diffraction import build_plan, split_samples
+    from blochflow.physics.plan import build_plan, split_samples
 
     ds, _, _ = small_dataset
     keep = np.zeros(len(ds.frames), bool)

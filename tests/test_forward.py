@@ -10,7 +10,7 @@ import torch
 from blochflow.crystal.structure import crystal_from_record, inverted
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
-from blochflow.physics.diffraction import BeamSettings, build_plan, distinct_rows, mark_differences
+from blochflow.physics.plan import BeamSettings, build_plan, distinct_rows, mark_differences
 from blochflow.physics.geometry import frame_samples, fringe_sample_counts
 from blochflow.refine.model import ForwardModel, ModelSettings
 
@@ -120,7 +120,7 @@ def test_candidate_beams_are_cut_by_their_lab_frame_length():
     """g_max bounds |g| of the g the simulation uses (G h, G the orientation matrix), not |B h|:
     the two differ when U is not orthonormal, as in PETS UB matrices."""
     from blochflow.crystal.cell import reciprocal_basis
-    from blochflow.physics.diffraction import _candidate_beams
+    from blochflow.physics.plan import _candidate_beams
     b = reciprocal_basis((4.9, 4.9, 5.4, 90, 90, 120))
     rot = np.linalg.qr(np.random.default_rng(1).normal(size=(3, 3)))[0]
     g_matrix = rot @ np.diag([1.02, 0.99, 1.03]) @ b
@@ -370,7 +370,7 @@ def test_thickness_scan_in_single_precision_ranks_thicknesses_as_double(quartz):
 def test_near_candidates_keep_every_beam_that_comes_within_s_max(geometry):
     """The candidates left out of a frame's excitation errors stay beyond the limit at every one of its
     samples (brute force over every candidate and sample, wedges and cones far wider than real ones)."""
-    from blochflow.physics.diffraction import _abs_excitation, _near_candidates
+    from blochflow.physics.plan import _abs_excitation, _near_candidates
     from blochflow.physics.geometry import sample_orientations
 
     rng = np.random.default_rng(4)

@@ -130,7 +130,7 @@ def _config_into_simulate(args) -> None:
 
 
 def _model_settings(args):
-    from .physics.diffraction import BeamSettings
+    from .physics.plan import BeamSettings
     from .refine.model import ModelSettings
     from .refine.settings import SETTING_RANGES
     for name in ("samples", "segments", "tilt_window"):

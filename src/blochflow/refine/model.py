@@ -11,9 +11,9 @@ import torch
 from ..crystal.structure import Crystal
 from ..io.errors import InputError
 from ..io.pets import PetsDataset
-from ..physics.diffraction import (AbsorptionMethod, BeamSettings, FrameState, build_plan,
-                                   frame_state_from_dataset, frame_subplan, pass_seconds, simulate_frames,
-                                   solve_cost_probe)
+from ..physics.diffraction import (AbsorptionMethod, FrameState, frame_state_from_dataset, pass_seconds,
+                                   simulate_frames, solve_cost_probe)
+from ..physics.plan import BeamSettings, build_plan, frame_subplan
 from ..physics.device import default_device, resolve_device, work_scale
 from ..physics.geometry import fringe_sample_counts
 from ..physics.structure_factors import AbsorptionModel, crystal_potential, crystal_potential_jvp, potential_plan

@@ -18,8 +18,8 @@ from ..crystal.constraints import floating_origin_directions
 from ..crystal.parameters import StructureParameters
 from ..crystal.restraints import restraint_residuals
 from ..experiment.frames import Block, FrameModel
-from ..physics.diffraction import (Decompositions, FrameState, device_memory, frame_subplan, simulate_frames,
-                                   simulate_frames_jvp)
+from ..physics.diffraction import Decompositions, FrameState, device_memory, simulate_frames, simulate_frames_jvp
+from ..physics.plan import frame_subplan
 from ..physics.scattering import atomic_number
 from .model import ForwardModel
 from .objective import Figures, amplitude, amplitude_weights, figures_of_merit, frame_scales, klar_weights

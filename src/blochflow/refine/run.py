@@ -28,7 +28,7 @@ from ..experiment.frames import (FrameContext, FrameModel, GlobalThickness, Lear
                                  PerFrameThickness, SlabThickness)
 from ..io.pets import frame_selection, select_frames, with_wavelength
 from ..io.writers import atomic_write_bytes
-from ..physics.diffraction import split_samples
+from ..physics.plan import split_samples
 from ..physics.geometry import fringe_sample_counts
 from .frame_search import (GROW_AT_CONVERGENCE_BELOW, RESCAN_AFTER, RESCAN_MIN_LEFT, frames_check_due, grow_samples,
                            rescan_frame_thickness, restart_axis_jumps, restart_outlier_frames, search_axis_path,

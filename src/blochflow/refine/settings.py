@@ -14,7 +14,7 @@ import torch
 
 from ..experiment.frames import LearnedThickness
 from ..io.pets import is_electron_wavelength
-from ..physics.diffraction import COUPLINGS, BeamSettings
+from ..physics.plan import COUPLINGS, BeamSettings
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS
 from .model import ModelSettings
 

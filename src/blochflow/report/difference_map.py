@@ -24,7 +24,8 @@ import torch
 
 from ..crystal import cell as cellmod
 from ..crystal.structure import AsymmetricUnit, Crystal
-from ..physics.diffraction import frame_subplan, simulate_frames_jvp
+from ..physics.diffraction import simulate_frames_jvp
+from ..physics.plan import frame_subplan
 from ..physics.structure_factors import crystal_potential, potential_plan
 from ..refine.objective import klar_weights
 

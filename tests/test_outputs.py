@@ -183,6 +183,12 @@ def test_fo_fc_svg(tmp_path):
     assert groups["unobs"].get("fill") == "none" and groups["obs"].get("fill") != "none"
     assert any("quartz & co" in (t.text or "") for t in root.iter(SVG + "text"))
     assert [p.name for p in tmp_path.iterdir()] == ["fofc.svg"]
+    free = np.arange(n) % 10 == 0  # a free set: drawn apart and counted apart from the work rows
+    fo_fc_svg(path, io, ic, sig, "with a free set", included=~free)
+    root = ET.parse(path).getroot()
+    groups = {g.get("class"): len(g.findall(SVG + "circle")) for g in root.iter(SVG + "g")}
+    assert groups["free-obs"] + groups["free-unobs"] == free[1:].sum() and groups["obs"] + groups["unobs"] == (~free).sum()
+    assert any(f"free set ({free[1:].sum()})" in (t.text or "") for t in root.iter(SVG + "text"))
 
 
 def test_thickness_svg(tmp_path):

@@ -564,7 +564,24 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     bonds = block.find("_geom_bond_", ["atom_site_label_1", "atom_site_label_2", "distance", "site_symmetry_2"])
     assert len(bonds) == 4 and all("(" in row[2] for row in bonds)  # Si-O with the s.u. of the covariance
     assert len(block.find_loop("_geom_angle")) == 7
-    assert block.find_value("_refine_special_details") is None  # quartz has no H to describe
+    details = gemmi.cif.as_string(block.find_value("_refine_special_details"))
+    assert "unmerged intensities" in details and "hydrogen" not in details.lower()  # quartz has no H to describe
+    # the counts: every listed reflection-frame row, the work rows refined, the orientation priors as restraints
+    fcf = gemmi.cif.read(str(out / "reflections.fcf")).sole_block()
+    status = list(fcf.find_loop("_refln_refinement_status"))
+    assert int(block.find_value("_reflns_number_total")) == len(status) == summary["n_all"] + summary["n_free"]
+    assert status.count("excl") == summary["n_free"] and int(block.find_value("_refine_ls_number_reflns")) == status.count("incl")
+    assert int(block.find_value("_refine_ls_number_restraints")) == 2 * summary["n_frames"]
+    assert float(block.find_value("_refine_ls_restrained_S_all")) > 0
+    io, ic = (np.array([float(x) for x in fcf.find_loop(t)]) for t in ("_refln_F_squared_meas", "_refln_F_squared_calc"))
+    sig = np.array([float(x) for x in fcf.find_loop("_refln_F_squared_sigma")])
+    work = np.array(status) == "incl"
+    gt = work & (io > 3 * sig)  # R_obs recomputed from the fcf's included rows is the reported one
+    r_obs = np.abs(np.sqrt(io.clip(0)) - np.sqrt(ic.clip(0)))[gt].sum() / np.sqrt(io.clip(0))[gt].sum()
+    assert r_obs == pytest.approx(summary["R_obs"], rel=1e-5)
+    assert "Not determined" in gemmi.cif.as_string(block.find_value("_refine_ls_abs_structure_details"))
+    assert list(block.find_loop("_atom_site_refinement_flags_adp")) == ["T", "."]  # Si on its 2-fold axis
+    assert sorted(block.find_loop("_atom_type_symbol")) == ["O", "Si"]
     for name in ("frames.csv", "reflections.fcf", "fo_fc.svg", "thickness.svg", "checkpoint.pt"):
         assert (out / name).exists(), name
     before = (out / "summary.json").read_bytes()
@@ -610,8 +627,13 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     out = tmp_path / "hands"
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--enantiomer", "--samples", str(N_SAMPLES), "--set", "samples_per_fringe=0",
                  "--thickness", "500", "--adam-steps", "0", "--lm-iterations", "3", "--free-fraction", "0"]) == 0
-    e = json.loads((out / "summary.json").read_text())["enantiomer"]
+    model, inverted = (json.loads((d / "summary.json").read_text()) for d in (out, out / "inverted"))
+    e = model["enantiomer"]
     assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
+    # the scaled difference of the data's chi2 (the orientation priors left out): from the two hands' GoF
+    dof = model["n_all"] - model["n_params"]
+    ga, gb = model["GoF"] ** 2, inverted["GoF"] ** 2
+    assert e["delta_chi2_scaled"] == pytest.approx((gb - ga) * dof / min(ga, gb), rel=1e-9)
     assert e["wR2_inverted"] > 1.5 * e["wR2_model"]
     assert (out / "inverted" / "refined.cif").exists()
     # each hand's CIF states how the hand was decided, which hand it holds and which the data prefer

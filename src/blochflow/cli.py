@@ -642,8 +642,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
     extra = {}
     if args.enantiomer and len(results) == 2:
         (_, _, ra), (_, _, rb) = results
-        ca, cb = ra.lm.cost, rb.lm.cost
-        delta, p_model = hand_preference(ca, cb, max(ra.figures.n_all - len(ra.refined_index), 1))
+        dof = max(ra.figures.n_all - len(ra.refined_index), 1)
+        ca, cb = ra.figures.GoF ** 2 * dof, rb.figures.GoF ** 2 * dof  # the data's chi2 (the priors left out)
+        delta, p_model = hand_preference(ca, cb, dof)
         extra["enantiomer"] = {"chosen": "model" if ca <= cb else "inverted",
                                "chosen_cif": str(results[0 if ca <= cb else 1][1] / "refined.cif"),
                                "wR2_model": ra.figures.wR2, "wR2_inverted": rb.figures.wR2,

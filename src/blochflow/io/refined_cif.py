@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -14,6 +15,7 @@ from .. import __version__
 from .writers import atomic_write_text
 
 _ONE = Decimal(1)
+SCATTERING_SOURCE = "electron scattering factors of neutral atoms: Lobato & Van Dyck, Acta Cryst. A70 (2014) 636-649"
 
 
 def _finite(x) -> bool:
@@ -109,7 +111,11 @@ class RefinementSummary:
     hkl_limits: tuple | None = None  # ((h_min, h_max), (k_min, k_max), (l_min, l_max))
     wr2_gt: float | None = None  # wR2 of the observed (I > 3 sigma) reflections
     n_measured: int | None = None  # every scored reflection (work, free and held-out frames), all frames
+    n_measured_gt: int | None = None  # of those, Io > 3 sigma (with n_measured: _reflns_number_total / _gt)
     abs_structure: str = ""  # _refine_ls_abs_structure_details: how the hand was decided (--enantiomer)
+    restrained_s: float | None = None  # _refine_ls_restrained_S_all: GoF with the restraint and prior rows
+    d_min: float | None = None  # A, the highest resolution of the scored reflections
+    refinement_details: str = ""  # opens _refine_special_details: what the observations and parameters are
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -181,6 +187,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
     uc = gemmi.UnitCell(*s.cell)
     sg = gemmi.find_spacegroup_by_name(s.space_group) if s.space_group else None
     out = [f"data_{name}", "", f"_audit_creation_method {_q(s.program)}",
+           f"_audit_creation_date {datetime.date.today().isoformat()}",
            f"_computing_structure_refinement {_q(s.program)}", ""]
     for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"),
                       s.cell):
@@ -194,19 +201,23 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
                 f"_exptl_crystal_density_diffrn {s.z * weight * _AMU_G / uc.volume:.3f}"]
     out += ["", f"_space_group_name_H-M_alt {_q(s.space_group or '?')}"]
     if sg is not None:
-        out += [f"_space_group_crystal_system {sg.crystal_system_str()}", f"_space_group_IT_number {sg.number}"]
+        out += [f"_space_group_crystal_system {sg.crystal_system_str()}", f"_space_group_IT_number {sg.number}",
+                f"_space_group_name_Hall {_q(sg.hall.strip())}"]
     out += ["loop_", "_space_group_symop_id", "_space_group_symop_operation_xyz"]
     out += [f"{i + 1} {_q(op)}" for i, op in enumerate(s.symops or ("x,y,z",))]
     out += ["", "_diffrn_radiation_type electron", "_diffrn_radiation_probe electron",
             f"_diffrn_radiation_wavelength {format_plain(s.wavelength)}",
+            "_diffrn_ambient_temperature ?", "_cell_measurement_temperature ?",
             *([f"_diffrn_measurement_method {_q(s.measurement)}"] if s.measurement else []),
             f"_diffrn_reflns_number {int(s.n_reflections if s.n_measured is None else s.n_measured)}",
             *([f"_diffrn_reflns_theta_min {s.theta_range[0]:.4f}", f"_diffrn_reflns_theta_max {s.theta_range[1]:.4f}"]
               if s.theta_range else []),
             *([f"_diffrn_reflns_limit_{ax}_{end} {int(lim[e])}" for ax, lim in zip("hkl", s.hkl_limits)
                for e, end in enumerate(("min", "max"))] if s.hkl_limits else []), "",
-            f"_reflns_number_total {int(s.n_reflections)}", f"_reflns_number_gt {int(s.n_obs)}",
-            "_reflns_threshold_expression 'I>3sigma(I)'", "",
+            f"_reflns_number_total {int(s.n_reflections if s.n_measured is None else s.n_measured)}",
+            f"_reflns_number_gt {int(s.n_obs if s.n_measured_gt is None else s.n_measured_gt)}",
+            "_reflns_threshold_expression 'I>3sigma(I)'",
+            *([] if s.d_min is None else [f"_reflns_d_resolution_high {s.d_min:.4f}"]), "",
             "_refine_ls_structure_factor_coef Fsqd", "_refine_ls_matrix_type full",
             "_refine_ls_weighting_scheme calc", f"_refine_ls_weighting_details {_q(s.weighting)}",
             f"_refine_ls_number_reflns {int(s.n_reflections)}",
@@ -217,11 +228,17 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             f"_refine_ls_wR_factor_ref {format_plain(s.wr2)}",
             *([] if s.wr2_gt is None else [f"_refine_ls_wR_factor_gt {format_plain(s.wr2_gt)}"]),
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
-            f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}"]
+            *([] if s.restrained_s is None else [f"_refine_ls_restrained_S_all {format_plain(s.restrained_s)}"]),
+            f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}", "_refine_ls_extinction_method none",
+            "_refine_diff_density_max ?", "_refine_diff_density_min ?"]
     if s.abs_structure:
         out += ["_refine_ls_abs_structure_details", ";", *s.abs_structure.splitlines(), ";"]
-    if s.special_details:
-        out += ["_refine_special_details", ";", *s.special_details.splitlines(), ";"]
+    details = "\n".join(t for t in (s.refinement_details, s.special_details) if t)
+    if details:
+        out += ["_refine_special_details", ";", *details.splitlines(), ";"]
+    if s.formula:  # the scattering factors used, per element (checkCIF asks for their source)
+        out += ["", "loop_", "_atom_type_symbol", "_atom_type_scat_source"]
+        out += [f"{e} {_q(SCATTERING_SOURCE)}" for e in s.formula]
     if s.r_free is not None or s.thickness is not None:
         out += ["", "# local items (blochflow): R1 of the free (unrefined) reflections; mean thickness in A"]
         if s.r_free is not None:
@@ -232,7 +249,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
     disorder = any(a.disorder_group for a in atoms)
     out += ["", "loop_"] + [f"_atom_site_{t}" for t in (
         "label", "type_symbol", "fract_x", "fract_y", "fract_z", "U_iso_or_equiv", "adp_type",
-        "occupancy", "site_symmetry_order", "calc_flag", "refinement_flags_posn")
+        "occupancy", "site_symmetry_order", "calc_flag", "refinement_flags_posn", "refinement_flags_adp")
         + (("disorder_assembly", "disorder_group") if disorder else ())]
     for a in atoms:
         u = a.u_iso
@@ -243,7 +260,8 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
         flags = ("R" if a.calc_flag == "R" else "") + ("S" if a.symmetry_order > 1 else "")
         out.append(f"{_q(a.label)} {_q(a.element)} {xyz} {format_su(u, a.u_iso_su)} {a.adp_type} "
                    f"{format_su(a.occupancy, a.occupancy_su)} {int(a.symmetry_order)} "
-                   f"{'calc' if a.calc_flag == 'R' else 'd'} {flags or '.'}"
+                   f"{'calc' if a.calc_flag == 'R' else 'd'} {flags or '.'} "
+                   f"{'T' if a.symmetry_order > 1 and a.adp_type == 'Uani' else '.'}"
                    + (f" {_q(a.disorder_assembly or '.')} {_q(a.disorder_group or '.')}" if disorder else ""))
     aniso = [a for a in atoms if a.adp_type == "Uani"]
     if aniso:
@@ -292,26 +310,33 @@ def _num(x: float) -> str:
 
 
 def write_fcf(path: str | Path, rows, summary: RefinementSummary | None = None,
-              block_name: str = "blochflow_fcf", overwrite: bool = True) -> None:
-    """SHELX LIST 4-like reflection list (F^2 calc, F^2 meas, sigma, status 'o'/'<') plus a frame column.
+              block_name: str = "blochflow_fcf", overwrite: bool = True, included=None) -> None:
+    """SHELX LIST 4-like reflection list (F^2 calc, F^2 meas, sigma, status 'o'/'<') plus the refinement
+    status (incl: in the fit; excl: the free set or held-out frames) and a frame column.
 
-    For dynamical 3D-ED data each reflection is listed per frame; Ic is the scaled calculated
-    intensity. Status is the row's ``obs`` when given, else 'o' for Io > 3 sigma.
+    For dynamical 3D-ED data each reflection is listed per frame (not merged); Ic is the scaled
+    calculated intensity. Status is the row's ``obs`` when given, else 'o' for Io > 3 sigma;
+    ``included`` (R,) bool, default all.
     """
     cols, obs = _fcf_columns(rows)
-    out = [f"data_{block_name}", "", "# SHELX LIST 4 columns; _refln_blochflow_frame (frame id) appended",
+    incl = np.ones(len(obs), bool) if included is None else np.asarray(included, bool)
+    out = [f"data_{block_name}", "",
+           "# SHELX LIST 4 columns, not merged: one row per reflection and frame (_refln_blochflow_frame, the",
+           "# frame id); _refln_refinement_status excl marks the free set and held-out frames",
            "_shelx_refln_list_code 4", ""]
     if summary is not None:
         for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta",
                            "angle_gamma"), summary.cell):
             out.append(f"_cell_{tag} {format_plain(v)}")
+        out += [f"_space_group_name_H-M_alt {_q(summary.space_group or '?')}",
+                f"_diffrn_radiation_wavelength {format_plain(summary.wavelength)}"]
         out += ["loop_", "_space_group_symop_operation_xyz"] + [_q(op) for op in summary.symops] + [""]
     out += ["loop_", "_refln_index_h", "_refln_index_k", "_refln_index_l", "_refln_F_squared_calc",
             "_refln_F_squared_meas", "_refln_F_squared_sigma", "_refln_observed_status",
-            "_refln_blochflow_frame"]
+            "_refln_refinement_status", "_refln_blochflow_frame"]
     for i in range(len(obs)):
         h, k, l, fr = (int(cols[c][i]) for c in ("h", "k", "l", "frame"))
         ic, io, sg = (float(cols[c][i]) for c in ("ic", "io", "sigma"))
         out.append(f"{h:4d}{k:4d}{l:4d} {_num(ic):>12} {_num(io):>12} {_num(sg):>12} "
-                   f"{'o' if obs[i] else '<'} {fr:5d}")
+                   f"{'o' if obs[i] else '<'} {'incl' if incl[i] else 'excl'} {fr:5d}")
     atomic_write_text(path, "\n".join(out) + "\n", overwrite=overwrite)

@@ -108,7 +108,8 @@ def _data_items(result: RefinementResult, kic: torch.Tensor) -> dict:
     den = float(torch.sum((w * model.io ** 2)[gt]))
     method = {"continuous": "continuous-rotation 3D electron diffraction",
               "precession": "precession-assisted 3D electron diffraction"}.get(ds.details.geometry, "")
-    return {"measurement": method, "n_measured": len(hkl),
+    return {"measurement": method, "n_measured": len(hkl), "n_measured_gt": int((model.io > 3 * model.sigma).sum()),
+            "d_min": float(1 / d_star.max()) if len(d_star) and d_star.max() > 0 else None,
             "theta_range": (float(theta.min()), float(theta.max())) if len(theta) else None,
             "hkl_limits": tuple((int(hkl[:, i].min()), int(hkl[:, i].max())) for i in range(3)) if len(hkl) else None,
             "wr2_gt": float(np.sqrt(float(torch.sum((w * (model.io - kic) ** 2)[gt])) / den)) if den > 0 else None}
@@ -189,20 +190,45 @@ def free_groups(result: RefinementResult) -> int:
     return len(np.unique(keys, axis=0))
 
 
-def abs_structure_details(hands: dict | None, inverted: bool) -> str:
-    """_refine_ls_abs_structure_details for a model of the --enantiomer comparison ('' without one): which
-    hand this file holds, which the data prefer, and by how much (Klar et al. 2023's comparison of the two
-    refined hands)."""
+def abs_structure_details(hands: dict | None, inverted: bool, centrosymmetric: bool = False) -> str:
+    """_refine_ls_abs_structure_details for a model of the --enantiomer comparison: which hand this file
+    holds, which the data prefer, and by how much (Klar et al. 2023's comparison of the two refined
+    hands); without one, 'not determined' in a non-centrosymmetric group, '' in a centrosymmetric one."""
     if not hands:
-        return ""
+        return "" if centrosymmetric else ("Not determined: only the start hand was refined (blochflow refine "
+                                           "--enantiomer refines both and says which the data prefer).")
     this, other = ("inverted", "model") if inverted else ("model", "inverted")
     return textwrap.fill(f"Absolute structure from dynamical refinement of both hands (the start model and its inversion), "
             f"each with the same settings. This file holds the {'inverted' if inverted else 'start'} hand. "
-            f"wR2 {hands[f'wR2_{this}']:.4f} here against {hands[f'wR2_{other}']:.4f} for the other hand; the chi2 "
-            f"difference in units of the better hand's GoF^2 is {abs(hands['delta_chi2_scaled']):.1f}, "
+            f"wR2 {hands[f'wR2_{this}']:.4f} here against {hands[f'wR2_{other}']:.4f} for the other hand; the data's "
+            f"chi2 difference in units of the better hand's GoF^2 is {abs(hands['delta_chi2_scaled']):.1f}, "
             f"P(start hand) = {hands['probability_model_hand']:.4f}. The data prefer the "
             f"{'start' if hands['chosen'] == 'model' else 'inverted'} hand"
             f"{' (this one).' if hands['chosen'] == this else ' (the other file).'}", width=78)
+
+
+def refinement_details(result: RefinementResult, n_params: int, prior_rows: int) -> str:
+    """The opening of _refine_special_details: what the observations are (unmerged intensities, one per
+    reflection and frame, fitted by dynamical theory), how the parameters split between the structure
+    and the frames, the free set and the frames' priors, so the counts of the CIF read right."""
+    pr = result.problem
+    n_structure = int(((result.refined_index >= pr.slots["structure"].start)
+                       & (result.refined_index < pr.slots["structure"].stop)).sum())
+    n_free, n_hold = int(pr.free.sum()), int(pr.holdout.sum())
+    priors = ([f"orientation corrections about zero within {pr.frames.orientation_sigma:g} mrad"]
+              if pr.frames.orientation_sigma > 0 and "orientation" in pr.slots else [])
+    priors += ["smoothness of the thickness over the rotation"] if pr.frames.thickness.kind == "learned" else []
+    text = (f"Dynamical refinement (Bloch waves, blochflow) against unmerged intensities: one observation per "
+            f"reflection and frame ({pr.model.n_frames} frames), so _refine_ls_number_reflns counts reflection-frame "
+            f"pairs. Of the {n_params} parameters {n_structure} describe the structure; the rest belong to the frame "
+            f"model ({pr.frames.thickness.kind} thickness{', orientation corrections' if 'orientation' in pr.slots else ''}); "
+            f"the frame scales are profiled (least-squares optimal at every step) and not counted."
+            + (f" {n_free} reflection-frame pairs (whole symmetry-equivalence groups) are a free set left out of the fit "
+               f"(R_free in _blochflow_refine_R_free; _refln_refinement_status excl in the fcf)." if n_free else "")
+            + (f" {n_hold} pairs on held-out frames are left out too." if n_hold else "")
+            + (f" The restraints include {prior_rows} prior rows of the frame model ({'; '.join(priors)}), counted in "
+               f"_refine_ls_restrained_S_all and in the s.u." if prior_rows else ""))
+    return textwrap.fill(text, width=100)
 
 
 def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
@@ -233,16 +259,25 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     mean_t = float(np.nanmean(frames["thickness_mean"][frames["n_reflections"] > 0]))
     sym = crystal.symmetry
     symops = tuple(_triplet(r, t) for r, t in zip(sym.rotations, sym.translations))
+    n_params = len(result.refined_index)
+    with torch.no_grad():  # the frames' priors (orientation) are restraints too: rows of the least squares
+        prior_rows = int(pr.frames.prior_residuals(pr.split(result.theta)).numel())
+        prior_cost = float(pr.prior_cost(result.theta))
+    n_restraints = restraint_rows(pr.restraints) + prior_rows
+    chi2 = fig.GoF ** 2 * max(fig.n_all - n_params, 1)
+    restrained_s = float(np.sqrt((chi2 + prior_cost) / max(fig.n_all + n_restraints - n_params, 1)))
     summary_cif = RefinementSummary(
         cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,
         wavelength=pr.model.dataset.wavelength, r_obs=fig.R_obs, wr2=fig.wR2, gof=fig.GoF,
-        n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=len(result.refined_index),
-        n_restraints=restraint_rows(pr.restraints),
+        n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=n_params, n_restraints=n_restraints,
+        restrained_s=restrained_s if n_restraints else None,
+        refinement_details=refinement_details(result, n_params, prior_rows),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
         special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
-        formula=formula, z=z_units, abs_structure=abs_structure_details((extra or {}).get("enantiomer"),
-                                                                        (extra or {}).get("hand") == "inverted"),
+        formula=formula, z=z_units, abs_structure=abs_structure_details(
+            (extra or {}).get("enantiomer"), (extra or {}).get("hand") == "inverted",
+            centrosymmetric=crystal.symmetry.inversion_centre() is not None),
         **_data_items(result, kic))
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
@@ -264,13 +299,14 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     refl = pr.model.dataset.reflections
     rows = pr.model.plan.scored.row
     fcf_rows = np.column_stack([refl.frame_id[rows], refl.hkl[rows], kic, io, sigma])
-    write_fcf(out / "reflections.fcf", fcf_rows, summary_cif)
-    fo_fc_svg(out / "fo_fc.svg", io, kic, sigma, f"Fo vs Fc: R_obs {100 * fig.R_obs:.2f} %")
+    write_fcf(out / "reflections.fcf", fcf_rows, summary_cif, included=pr.work.numpy())
+    fo_fc_svg(out / "fo_fc.svg", io, kic, sigma, f"Fo vs Fc: R_obs {100 * fig.R_obs:.2f} % (work set)",
+              included=pr.work.numpy())
     spread_lo = frames.get("thickness_q10", frames["thickness_mean"])
     spread_hi = frames.get("thickness_q90", frames["thickness_mean"])
     has = frames["n_reflections"] > 0
     thickness_svg(out / "thickness.svg", frames["alpha_deg"][has], frames["thickness_mean"][has], spread_lo[has],
-                  spread_hi[has], "thickness per frame (A), +- s.u.", su=frames["thickness_mean_su"][has])
+                  spread_hi[has], "thickness per frame (\u00c5), \u00b1 s.u.", su=frames["thickness_mean_su"][has])
     names = list(frames)
     write_csv(out / "frames.csv", names, (list(row) for row in zip(*[frames[n] for n in names])))
     write_json(out / "frame_model.json", frame_model_record(result))

@@ -81,10 +81,12 @@ def _ssqrt(x):
     return np.sign(x) * np.sqrt(np.abs(x))
 
 
-def fo_fc_svg(path: str | Path, io, ic, sigma, title: str) -> None:
-    """Observed vs calculated on signed-sqrt(I) axes (|F|-like), y = x line; Io > 3 sigma filled."""
+def fo_fc_svg(path: str | Path, io, ic, sigma, title: str, included=None) -> None:
+    """Observed vs calculated on signed-sqrt(I) axes (|F|-like), y = x line; Io > 3 sigma filled; rows not
+    ``included`` in the fit ((R,) bool: the free set) drawn in orange and counted apart."""
     io, ic, sigma = (np.asarray(a, float).ravel() for a in (io, ic, sigma))
     ok = np.isfinite(io) & np.isfinite(ic) & np.isfinite(sigma)
+    incl = (np.ones(len(io), bool) if included is None else np.asarray(included, bool).ravel())[ok]
     fo, fc, obs = _ssqrt(io[ok]), _ssqrt(ic[ok]), (io > 3 * sigma)[ok]
     lo, hi = _limits(fo, fc)
     lo = min(lo, 0.0)
@@ -93,12 +95,15 @@ def fo_fc_svg(path: str | Path, io, ic, sigma, title: str) -> None:
     body.append(f'<line class="identity" x1="{f.px(lo):.1f}" y1="{f.py(lo):.1f}" x2="{f.px(hi):.1f}" '
                 f'y2="{f.py(hi):.1f}" stroke="grey" stroke-dasharray="4 3"/>')
     xs, ys = f.px(fc), f.py(fo)
-    for cls, sel, fill in (("unobs", ~obs, "none"), ("obs", obs, "steelblue")):
-        body.append(f'<g class="{cls}" fill="{fill}" stroke="steelblue" stroke-width="0.8">')
+    for cls, sel, fill, colour in (("unobs", ~obs & incl, "none", "steelblue"), ("obs", obs & incl, "steelblue", "steelblue"),
+                                   ("free-unobs", ~obs & ~incl, "none", "darkorange"),
+                                   ("free-obs", obs & ~incl, "darkorange", "darkorange")):
+        body.append(f'<g class="{cls}" fill="{fill}" stroke="{colour}" stroke-width="0.8">')
         body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.2"/>' for x, y in zip(xs[sel], ys[sel])]
         body.append("</g>")
-    body.append(f'<text x="{ML + 10}" y="{MT + 18}">filled: Io &gt; 3&#963; ({int(obs.sum())}); '
-                f'hollow: others ({int((~obs).sum())})</text>')
+    body.append(f'<text x="{ML + 10}" y="{MT + 18}">filled: Io &gt; 3&#963; ({int((obs & incl).sum())}); '
+                f'hollow: others ({int((~obs & incl).sum())})'
+                + (f'; orange: free set ({int((~incl).sum())})' if (~incl).any() else '') + '</text>')
     atomic_write_text(path, _document(body))
 
 

@@ -10,7 +10,8 @@ import torch
 
 from blochflow.crystal import cell as cellmod
 from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
-from blochflow.report.difference_map import difference_map, map_peaks, write_map
+from blochflow.report.difference_map import (difference_map, map_peaks, map_values_at, symmetrised_coefficients,
+                                             write_map)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_riding import HYDRATE_CELL, _hydrate  # noqa: E402
@@ -171,3 +172,27 @@ def test_a_failed_map_is_a_warning_not_a_lost_run(monkeypatch, small_dataset, qu
                  "samples_per_fringe=0", "--thickness", "500", "--lm-iterations", "1"]) == 0
     assert (out / "refined.cif").exists() and not (out / "difference_map.ccp4").exists()
     assert "the difference map could not be made (MemoryError: no room)" in capsys.readouterr().out
+
+
+def test_the_map_is_symmetrised_over_the_space_group():
+    """Coefficients with no symmetry (random, as a gradient over frames that see equivalent reflections
+    differently) become those of a map with the group's symmetry, D(R x + t) = D(x) at random points, for
+    P3_221 (screw axes: translations in the phases) and a C-centred group; a map that already had the
+    symmetry is unchanged."""
+    import gemmi
+
+    rng = np.random.default_rng(4)
+    hkl = np.array([h for h in np.ndindex(7, 7, 7)]) - 3
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    for name in ("P 32 2 1", "C 1 2/c 1"):
+        sym = SymmetryOps.from_triplets([op.triplet() for op in gemmi.SpaceGroup(name).operations()])
+        coef = rng.normal(size=len(hkl)) + 1j * rng.normal(size=len(hkl))
+        orders, c = symmetrised_coefficients(hkl, coef, sym.rotations, sym.translations)
+        x = rng.uniform(size=(20, 3))
+        d = map_values_at(orders, c, x)
+        for r, t in zip(sym.rotations, sym.translations):
+            assert np.allclose(map_values_at(orders, c, x @ np.asarray(r, float).T + t), d, atol=1e-9), name
+        assert np.std(map_values_at(hkl, coef, x @ np.asarray(sym.rotations[1], float).T + sym.translations[1])
+                      - map_values_at(hkl, coef, x)) > 1.0  # the raw map had no symmetry
+        again_orders, again = symmetrised_coefficients(orders, c, sym.rotations, sym.translations)
+        assert np.allclose(map_values_at(again_orders, again, x), d, atol=1e-9)

@@ -5,7 +5,8 @@ A dynamical refinement has no kinematical F_obs, so the map is not a Fourier syn
 F_obs - F_calc. It is the gradient of the refinement's own objective (the weighted sum of squares
 of the work reflections, frame scales held) with respect to the crystal potential, computed through
 the Bloch-wave model by one reverse pass: D(x) = -Re sum_h (dchi^2 / dU_h*) exp(2 pi i h.x), over the
-potential coefficients the model uses. Where adding potential at x would lower chi^2, D(x) > 0. In
+potential coefficients the model uses, averaged over the space group's operators (a symmetric change of
+potential is the only one the structure can make). Where adding potential at x would lower chi^2, D(x) > 0. In
 the kinematical limit this is the weighted difference Fourier map. Dynamical coupling blurs it, so
 each of the 12 highest peaks is then tried: a hydrogen placed there (U_iso 0.03 A^2), its occupancy
 fitted by one Gauss-Newton step along its potential (a forward-mode tangent through the model), gives
@@ -72,16 +73,38 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     if centre is not None:  # the model's potential is taken about the inversion centre: back to the origin
         coef = coef * np.exp(-2j * np.pi * (hkl @ np.asarray(centre, float)))
     coef[np.all(hkl == 0, axis=1)] = 0.0
+    orders, coef = symmetrised_coefficients(hkl, coef, crystal.symmetry.rotations, crystal.symmetry.translations)
     a = cellmod.direct_basis(crystal.cell)
-    n = [max(2 * int(np.abs(hkl[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
-         for i in range(3)]
+    n = [max(2 * int(np.abs(orders[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
+         for i in range(3)]  # (the orders are closed under the symmetry: equal sizes on equivalent axes)
     grid = np.zeros(n, complex)
-    np.add.at(grid, tuple((hkl % n).T), coef)
+    np.add.at(grid, tuple((orders % n).T), coef)
     values = np.real(np.fft.ifftn(grid)) * grid.size
     rms = float(np.sqrt(np.mean(values ** 2)))
     context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k,
                "weight": w, "chi2": float(chi2)}
     return values / rms if rms > 0 else values, context
+
+
+def symmetrised_coefficients(hkl: np.ndarray, coef: np.ndarray, rotations: np.ndarray, translations: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier coefficients (hkl (M, 3), coef (M,)) of the map averaged over the space group's operators,
+    D_sym(x) = mean over (R, t) of D(R x + t): each operator puts c_h exp(2 pi i h.t) at R^T h. The raw
+    gradient is not symmetric (equivalent reflections are seen by different frames, so their dchi^2/dU
+    differ); its average is the gradient with respect to a potential change that keeps the symmetry, the
+    only kind the structure can make. Returns the distinct indices and their summed coefficients."""
+    hkl = np.asarray(hkl, np.int64)
+    moved = np.concatenate([hkl @ np.asarray(r, np.int64) for r in rotations])  # (R^T h) as rows: h^T R
+    values = np.concatenate([coef * np.exp(2j * np.pi * (hkl @ np.asarray(t, float))) for t in translations])
+    unique, where = np.unique(moved, axis=0, return_inverse=True)
+    summed = np.zeros(len(unique), complex)
+    np.add.at(summed, where.ravel(), values / len(rotations))
+    return unique, summed
+
+
+def map_values_at(hkl: np.ndarray, coef: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+    """D(x) = Re sum_h c_h exp(2 pi i h.x) at fractional points xyz (P, 3), without a grid."""
+    return np.real(np.exp(2j * np.pi * (np.asarray(xyz, float) @ np.asarray(hkl, float).T)) @ coef)
 
 
 def map_peaks(values: np.ndarray, crystal: Crystal, count: int = 10, min_separation_A: float = 0.5) -> list[dict]:

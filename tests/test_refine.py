@@ -628,6 +628,7 @@ def test_enantiomer_choice_prefers_the_true_hand(small_dataset, quartz_paths, tm
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--enantiomer", "--samples", str(N_SAMPLES), "--set", "samples_per_fringe=0",
                  "--thickness", "500", "--adam-steps", "0", "--lm-iterations", "3", "--free-fraction", "0"]) == 0
     model, inverted = (json.loads((d / "summary.json").read_text()) for d in (out, out / "inverted"))
+    assert gemmi.cif.read(str(out / "inverted" / "refined.cif")).sole_block().name == "blochflow_refined_inverted"
     e = model["enantiomer"]
     assert e["chosen"] == "model" and e["probability_model_hand"] > 0.999
     # the scaled difference of the data's chi2 (the orientation priors left out): from the two hands' GoF

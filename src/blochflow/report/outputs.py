@@ -281,7 +281,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         **_data_items(result, kic))
     bonds, angles, hbonds = geometry_table(pr.structure, result.theta[:n_s],
                                            None if result.covariance is None else cov_s)
-    write_refined_cif(out / "refined.cif", "blochflow_refined", summary_cif, atoms, bonds=bonds, angles=angles,
+    block = "blochflow_refined" + ("_inverted" if (extra or {}).get("hand") == "inverted" else "")
+    write_refined_cif(out / "refined.cif", block, summary_cif, atoms, bonds=bonds, angles=angles,
                       hbonds=hbonds)
     rigid = rigid_bond_test(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
     diff = None

@@ -158,3 +158,29 @@ def test_simulate_takes_the_physics_of_a_refine_config(tmp_path, quartz_paths, c
     assert main(["simulate", structure, data, "--out", str(tmp_path / "c"), "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "paper.toml" in err and "s_maxx" in err
+
+
+def test_a_spread_applies_to_a_profile_without_one_and_two_thickness_models_are_refused(tmp_path, quartz_paths, capsys):
+    """--thickness-spread spreads a profile that has no spread column (it was dropped silently: the data
+    came out as without it); a profile with its own spread, two thickness models at once (a value and an
+    expression, say: one was ignored) and a negative spread are one-line errors."""
+    ids = [int(f) for f in read_pets(quartz_paths[1]).frames.ids]
+    flat = tmp_path / "flat.csv"
+    flat.write_text("frame,thickness\n" + "".join(f"{f},400\n" for f in ids))
+    base = ["simulate", *map(str, quartz_paths), "--noise", "none", "--frames", "1-99:10", *FAST]
+    written = {}
+    for name, extra in (("sharp", []), ("spread", ["--thickness-spread", "60"])):
+        written[name] = tmp_path / f"{name}.cif_pets"
+        assert main([*base, "--out", str(tmp_path / name), "--thickness-profile", str(flat), *extra,
+                     "--write-pets", str(written[name])]) == 0
+    sharp, spread = (read_pets(written[n]).reflections.intensity for n in ("sharp", "spread"))
+    assert np.abs(spread - sharp).max() > 1e-3 * sharp.max()
+    with_spread = tmp_path / "with_spread.csv"
+    with_spread.write_text("frame,thickness,spread\n" + "".join(f"{f},400,20\n" for f in ids))
+    for extra, words in ((["--thickness-profile", str(with_spread), "--thickness-spread", "60"], "leave out --thickness-spread"),
+                         (["--thickness", "900", "--thickness-expr", "600"], "give one of --thickness, --thickness-expr"),
+                         (["--thickness", "400", "--thickness-spread", "-30"], "must not be negative")):
+        capsys.readouterr()
+        assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err

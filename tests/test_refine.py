@@ -1481,6 +1481,63 @@ def test_resume_keeps_the_reused_jacobian(small_dataset, truth, tmp_path):
     assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
 
 
+def test_an_interrupt_inside_an_lm_step_resumes_to_the_same_result(small_dataset, truth, tmp_path, monkeypatch):
+    """SIGTERM arriving inside an LM step (its trial points, after the step dropped the kept Jacobian):
+    the checkpoint holds the state at the step's start, so the resumed run repeats the step as a chord
+    step and ends where the uninterrupted run does, to 1e-8 (before, it saved the part-updated state and
+    took a fresh Jacobian there: another path, O1 0.009 A off in a QA run). The exit status is SIGTERM's."""
+    import signal
+
+    import blochflow.refine.optimise as opt
+
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=N_SAMPLES, adp="aniso", lm_iterations=8,
+                              checkpoint_every=1, free_fraction=0.0, lm_reuse_jacobian=True)
+    start = displaced(truth, 0.02, 0.03)
+    full = refine(build_problem(start, ds, settings), settings, log=lambda s: None)
+    chord = next(h["iteration"] for h in full.lm.history if h["jacobian_reused"])
+    real, armed = opt._frame_line_search, {"on": False}
+
+    def search(*args, **kwargs):
+        if armed["on"]:
+            raise Interrupted(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    def log(line):
+        armed["on"] = armed["on"] or line.startswith(f"lm   {chord - 1:4d}/")
+
+    monkeypatch.setattr(opt, "_frame_line_search", search)
+    ck = tmp_path / "checkpoint.pt"
+    part = refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=log)
+    assert part.interrupted and part.interrupt_signal == signal.SIGTERM
+    monkeypatch.setattr(opt, "_frame_line_search", real)
+    kept = torch.load(ck, weights_only=True)
+    assert "jacobian" in kept["lm"] and int(kept["lm"]["iteration"]) == chord - 1
+    resumed = refine(build_problem(start, ds, settings), settings, checkpoint=ck, resume=kept, log=lambda s: None)
+    assert torch.allclose(resumed.theta, full.theta, rtol=0, atol=1e-8)
+
+
+def test_resume_refuses_other_inputs_and_names_the_settings_that_changed(small_dataset, truth, tmp_path):
+    """A checkpoint is resumed only by a run of the same settings on the same start structure and data:
+    another start, or the same frames with other intensities, is refused; changed settings are named."""
+    ds, _, _ = small_dataset
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, adam_steps=0, lm_iterations=1, thickness=500.0,
+                              free_fraction=0.0)
+    start = displaced(truth, 0.02, 0.03)
+    ck = tmp_path / "checkpoint.pt"
+    refine(build_problem(start, ds, settings), settings, checkpoint=ck, log=lambda s: None)
+    kept = torch.load(ck, weights_only=True)
+    refine(build_problem(start, ds, settings), settings, resume=kept, log=lambda s: None)  # the same: accepted
+    r = ds.reflections
+    other_data = dataclasses.replace(ds, reflections=dataclasses.replace(r, intensity=r.intensity * 1.01))
+    for st, data in ((displaced(truth, 0.03, 0.03, seed=1), ds), (start, other_data)):
+        with pytest.raises(ValueError, match="another start structure or other data"):
+            refine(build_problem(st, data, settings), settings, resume=kept, log=lambda s: None)
+    more = dataclasses.replace(settings, lm_iterations=3)
+    with pytest.raises(ValueError, match=r"other settings \(lm_iterations: 1 then, 3 now\)"):
+        refine(build_problem(start, ds, more), more, resume=kept, log=lambda s: None)
+
+
 def test_chord_steps_are_on_by_default_except_with_a_learned_thickness():
     """``lm_reuse_jacobian = "auto"`` (the default) re-uses Jacobian columns unless the thickness
     model is learned (its network columns are shared and nonlinear); true and false force it; any

@@ -239,6 +239,21 @@ def _load(structure: str, data: str, *, refining: bool = False):
     return crystal, ds
 
 
+def _thickness_sources(args) -> None:
+    """InputError when simulate is given two thickness models (a value, a profile, an expression, a frame
+    model: one would be ignored silently) or a negative spread."""
+    given = [flag for flag, on in (("--thickness", args.thickness not in ("auto", None)),
+                                   ("--thickness-profile", bool(args.thickness_profile)),
+                                   ("--thickness-expr", bool(args.thickness_expr)),
+                                   ("--frame-model", bool(args.frame_model))) if on]
+    if len(given) > 1:
+        raise InputError(given[1], "thickness", f"give one of {', '.join(given)}: each sets every frame's thickness")
+    if args.thickness_spread < 0:
+        raise InputError("--thickness-spread", str(args.thickness_spread), "must not be negative")
+    if args.thickness_spread and args.frame_model:
+        raise InputError("--thickness-spread", str(args.thickness_spread), "--frame-model sets the spread itself")
+
+
 def _thickness_spec(args, ds):
     from .simulate import ThicknessSpec, evaluate_profile
     n = len(ds.frames)
@@ -267,6 +282,9 @@ def _thickness_spec(args, ds):
         if missing:
             raise InputError(path, "frame", f"no thickness for frame id {missing[0]}")
         if weighted:
+            if args.thickness_spread:
+                raise InputError(path, "weight", "a weighted profile is each frame's distribution; leave out "
+                                                 "--thickness-spread")
             q = max(len(by_id[int(f)]) for f in ds.frames.ids)
             pts = np.array([[p[0] for p in by_id[int(f)]] + [by_id[int(f)][0][0]] * (q - len(by_id[int(f)]))
                             for f in ds.frames.ids])
@@ -275,7 +293,10 @@ def _thickness_spec(args, ds):
                 raise InputError(path, "weight", "every frame needs a positive total weight")
             return ThicknessSpec.from_points(pts, wts)
         mean = np.array([by_id[int(f)][0][0] for f in ds.frames.ids])
-        spread = np.array([by_id[int(f)][0][1] for f in ds.frames.ids])
+        if rows and "spread" in rows[0]:
+            if args.thickness_spread:
+                raise InputError(path, "spread", "the profile gives each frame's spread; leave out --thickness-spread")
+            spread = np.array([by_id[int(f)][0][1] for f in ds.frames.ids])
     elif args.thickness_expr:
         mean = evaluate_profile(args.thickness_expr, ds.frames)
     else:
@@ -343,6 +364,7 @@ def cmd_simulate(args) -> int:
     t_start = time.perf_counter()
     if args.config:
         _config_into_simulate(args)
+    _thickness_sources(args)
     crystal, ds = _load(structure, data)
     ds = _override_wavelength(ds, args.wavelength)
     if args.frames:
@@ -659,7 +681,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         free = f"  R_free {summ['R_free']:.4f}" if has_free else ""
         log(f"{name}: R_obs {f.R_obs:.4f}  wR2 {f.wR2:.4f}  GoF {f.GoF:.3f}  R_obs(frame mean) "
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
-              f"({res.lm.reason or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
+              f"({summ['convergence'] or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
         for d in summ["datasets"]:
             log(f"  dataset {d['dataset'] + 1} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
                 f"wR2 {d['wR2']:.4f}  {d['n_all']} work reflections")
@@ -676,7 +698,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
             log(f"warning: R_free rests on {summ['n_free_groups']} unique reflections ({summ['n_free_obs']} observed "
                   f"in all frames): too few to judge over-fitting; raise --free-fraction for a firmer figure")
         if res.interrupted:
-            code = 130
+            code = 128 + (res.interrupt_signal or 2)  # as a shell reports a process stopped by the signal
     if "enantiomer" in extra:
         e = extra["enantiomer"]
         log(f"absolute structure: the data prefer the {e['chosen']} hand (wR2 {e['wR2_model']:.4f} vs "

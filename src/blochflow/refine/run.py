@@ -8,6 +8,7 @@ the same result. Interrupts (SIGINT/SIGTERM) stop cleanly with the best model so
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -57,12 +58,17 @@ class RefinementResult:
     elapsed_s: float
     interrupted: bool
     correlations: list = field(default_factory=list)
+    interrupt_signal: int = 0  # the signal that stopped an interrupted run (SIGINT 2, SIGTERM 15)
     start_figures: Figures | None = None
     integration: dict | None = None  # the final model at twice the samples (integration_check)
 
 
 class Interrupted(Exception):
-    """Raised inside the loop when SIGINT/SIGTERM arrives."""
+    """Raised inside the loop when SIGINT/SIGTERM arrives (``signum``: which)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
 # Per-frame thicknesses spread about the start value as the refinement moves them: the fringe rule
@@ -345,6 +351,34 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+def _settings_json(settings: RefineSettings) -> str:
+    return json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
+
+
+def inputs_fingerprint(problem: RefinementProblem) -> str:
+    """A hash of what a run was fitted to: the start structure's parameters (as read from its file) and the
+    scored observations (hkl, frame, Io, sigma). A checkpoint keeps it, so --resume refuses other inputs."""
+    h = hashlib.sha256()
+    model = problem.model
+    for x in (problem.split(problem.theta0)["structure"], model.io, model.sigma, model.frame,
+              torch.as_tensor(np.asarray(model.plan.scored.hkl))):
+        h.update(np.ascontiguousarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_resume(resume: dict, problem: RefinementProblem, settings: RefineSettings) -> None:
+    """ValueError unless the checkpoint was written by a run of these settings on these inputs, naming
+    the settings that differ (checkpoints before session 44 hold only the settings' hash)."""
+    if resume["fingerprint"] != settings.fingerprint():
+        then = json.loads(resume["settings"]) if "settings" in resume else None
+        now = json.loads(_settings_json(settings))
+        changed = [f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in now if then is not None and then.get(k) != now[k]]
+        raise ValueError("checkpoint was written with other settings" + (f" ({'; '.join(changed[:3])})" if changed else ""))
+    if resume["n_params"] != problem.n_params or resume.get("inputs", inputs_fingerprint(problem)) != \
+            inputs_fingerprint(problem):
+        raise ValueError("checkpoint was written for another start structure or other data")
+
+
 def _lm_to_dict(s: LMState) -> dict:
     return {"iteration": s.iteration, "damping": s.damping, "cost": s.cost, "converged": s.converged,
             "reason": s.reason, "max_shift_su": s.max_shift_su, "history": json.dumps(s.history),
@@ -388,8 +422,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     lm = LMState()
     phase_times = {"setup_s": 0.0, "adam_s": 0.0, "lm_s": 0.0, "covariance_s": 0.0}
     if resume is not None:
-        if resume["fingerprint"] != settings.fingerprint() or resume["n_params"] != problem.n_params:
-            raise ValueError("checkpoint was written with different settings or data")
+        _check_resume(resume, problem, settings)
         theta = resume["theta"].clone()
         adam = AdamState(int(resume["adam_step"]), resume["adam_m"].clone(), resume["adam_v"].clone())
         lm = _lm_from_dict(resume["lm"])
@@ -409,27 +442,37 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             problem.intensities(theta)
             problem.forward_dtype = torch.float64
 
-    def save():
-        if checkpoint is not None:
-            _save_checkpoint(checkpoint, {"fingerprint": settings.fingerprint(), "n_params": problem.n_params,
-                                          "theta": theta, "adam_step": adam.step, "adam_m": adam.m,
-                                          "adam_v": adam.v, "lm": _lm_to_dict(lm),
-                                          "phase_times": json.dumps(phase_times),
-                                          "decompositions_kept": problem.decompositions_kept_at(theta),
-                                          "kept_single": problem.values_single_at(theta),
-                                          "samples_per_frame": torch.as_tensor(problem.model.samples_per_frame())})
+    def payload() -> dict:
+        """The run's state as a checkpoint holds it."""
+        return {"fingerprint": settings.fingerprint(), "settings": _settings_json(settings),
+                "inputs": inputs_fingerprint(problem), "n_params": problem.n_params,
+                "theta": theta, "adam_step": adam.step, "adam_m": adam.m.clone(),
+                "adam_v": adam.v.clone(), "lm": _lm_to_dict(lm),
+                "phase_times": json.dumps(phase_times),
+                "decompositions_kept": problem.decompositions_kept_at(theta),
+                "kept_single": problem.values_single_at(theta),
+                "samples_per_frame": torch.as_tensor(problem.model.samples_per_frame())}
 
-    interrupted = False
+    def save(state: dict | None = None):
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, payload() if state is None else state)
+
+    interrupted, stopped_by = False, 0
+    # the state at the start of the step under way: an interrupt inside a step leaves the LM or Adam state
+    # part-updated (damping raised, the kept Jacobian dropped), so the checkpoint it writes holds this one,
+    # from which a resumed run repeats the step exactly
+    consistent: dict | None = None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
-        raise Interrupted()
+        raise Interrupted(signum)
 
     for s in previous:
         signal.signal(s, handler)
     ne: NormalEquations | None = None
     try:
         while adam.step < adam_steps and len(index):
+            consistent = payload()
             t0 = time.perf_counter()
             problem.forward_dtype = precision_dtype(settings.adam_precision)
             try:
@@ -437,10 +480,11 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             finally:
                 problem.forward_dtype = torch.float64
             phase_times["adam_s"] += time.perf_counter() - t0
+            consistent = payload()  # the step is whole
             figure = "wR(F)" if settings.adam_objective == "amplitude" else "wR2"
             log(f"adam {adam.step:4d}/{adam_steps}  {figure}(work) {math.sqrt(loss):.4f}")
             if adam.step % settings.checkpoint_every == 0:
-                save()
+                save(consistent)
         rescan = settings.thickness_rescan and settings.refine_thickness and "thickness" in problem.slots
 
         def rescan_now(why: str = "") -> int:
@@ -535,6 +579,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
 
         problem.forward_dtype = precision_dtype(settings.lm_precision)
         while not lm.converged and lm.iteration < settings.lm_iterations and len(index):
+            consistent = payload()
             # thickness rescans after RESCAN_AFTER LM iterations (the structure is then close; at the
             # start a frame can be moved onto a wrong branch that LM then keeps) and at convergence,
             # each only while RESCAN_MIN_LEFT iterations remain to refine from it
@@ -579,6 +624,7 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                     lm.replateau = undone or lm.reason.startswith("R plateau")  # one flat iteration then shows it still is
                     lm.converged, lm.reason = False, ""
             phase_times["lm_s"] += time.perf_counter() - t0
+            consistent = payload()  # the iteration is whole (with the frame checks at convergence)
             log(f"lm   {lm.iteration:4d}/{settings.lm_iterations}  {'wR(F)' if on_amplitudes else 'wR2(work)'} "
                 f"{math.sqrt(lm.cost / problem.objective_norm('amplitude' if on_amplitudes else 'intensity')):.4f}"
                 f"  max shift/su {lm.max_shift_su:.3g} ({lm.history[-1].get('max_shift_parameter', '') if lm.history else ''}),"
@@ -588,12 +634,12 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                    if lm.history and lm.history[-1].get("frames_partial_step") else "")
                 + ("  (Jacobian re-used)" if lm.history and lm.history[-1].get("jacobian_reused") else ""))
             if lm.iteration % settings.checkpoint_every == 0 or lm.converged:
-                save()
+                save(consistent)
         if undo_axis_search_if_worse():  # the run stopped before it converged again after the axis search
             ne = None  # the covariance is then taken at the point gone back to
-    except (Interrupted, KeyboardInterrupt):
-        interrupted = True
-        save()
+    except (Interrupted, KeyboardInterrupt) as exc:
+        interrupted, stopped_by = True, getattr(exc, "signum", int(signal.SIGINT))
+        save(consistent)
         log("interrupted: " + ("checkpoint written; " if checkpoint is not None else "")
             + "the results below are the model so far")
     finally:
@@ -642,5 +688,5 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
                             figures_holdout=fig_hold,
                             covariance=cov_full, refined_index=index, lm=lm, adam_steps=adam.step,
                             phase_times=phase_times, elapsed_s=time.perf_counter() - t_start,
-                            interrupted=interrupted, correlations=corr, start_figures=start_fig,
+                            interrupted=interrupted, interrupt_signal=stopped_by, correlations=corr, start_figures=start_fig,
                             integration=integration)

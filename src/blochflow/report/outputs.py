@@ -327,7 +327,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "n_beams_mean": pr.model.n_beams_mean(),
         "iterations": {"adam": result.adam_steps, "lm": result.lm.iteration},
         "converged": bool(result.lm.converged and not result.interrupted),
-        "convergence": result.lm.reason,
+        "convergence": ("interrupted (--resume continues the run)" if result.interrupted and not result.lm.converged
+                        else result.lm.reason),
         "interrupted": result.interrupted,
         "max_shift_su": result.lm.max_shift_su,
         "start": None if result.start_figures is None else result.start_figures.as_dict(),

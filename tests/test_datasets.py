@@ -129,10 +129,10 @@ def test_two_crystals_refine_together_from_the_command_line(small_dataset, quart
     assert summary["data"] == [str(first), str(second)]
     frames = summary["frames"]
     n = len(ds.frames)
-    assert frames["dataset"] == [0] * n + [1] * n and frames["dataset_frame"] == list(ds.frames.ids) * 2
+    assert frames["dataset"] == [1] * n + [2] * n and frames["dataset_frame"] == list(ds.frames.ids) * 2
     assert len(set(frames["frame"])) == 2 * n
     per = summary["datasets"]
-    assert [d["path"] for d in per] == [str(first), str(second)] and sum(d["n_all"] for d in per) == summary["n_all"]
+    assert [d["dataset"] for d in per] == [1, 2] and [d["path"] for d in per] == [str(first), str(second)] and sum(d["n_all"] for d in per) == summary["n_all"]
     assert all(d["R_obs"] < 2 * summary["R_obs"] + 0.01 for d in per)
     refined = crystal_from_record(read_structure(out / "refined.cif"))
     before = _rmsd(crystal_from_record(read_structure(start)).asu.xyz, truth)

@@ -172,7 +172,7 @@ def _load_datasets(structure: str, data: str | list[str]):
         raise InputError(path, "dataset", why) from None
     base = ds.extra.get("frame_id_offset", 0)
     print(f"datasets: {len(data)} merged, {len(ds.frames)} frames, {len(ds.reflections.frame_id)} reflections"
-          + (f"; their frame ids collide, so dataset k's frame n is k x {base} + n (k from 0; frames.csv gives "
+          + (f"; their frame ids collide, so dataset k's frame n is (k - 1) x {base} + n (k from 1, in the order given; frames.csv gives "
              f"each frame's dataset and id there)" if base else ""))
     return loaded[0][0], ds
 
@@ -683,7 +683,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
               f"{f.R_obs_frame_mean:.4f}{free}  {'converged' if summ['converged'] else 'NOT converged'} "
               f"({summ['convergence'] or 'iteration limit'})  {res.elapsed_s:.1f} s -> {sub}")
         for d in summ["datasets"]:
-            log(f"  dataset {d['dataset'] + 1} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
+            log(f"  dataset {d['dataset']} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
                 f"wR2 {d['wR2']:.4f}  {d['n_all']} work reflections")
         for note in (disorder_line(summ["disorder"]), *rigid_bond_lines(summ["rigid_bond_test"]),
                      *difference_map_lines(summ["difference_map"]),

@@ -88,7 +88,7 @@ def frame_table(result: RefinementResult) -> dict[str, np.ndarray]:
             "orientation_x_mrad": orient[:, 0], "orientation_x_su_mrad": su["orientation_x_su_mrad"],
             "orientation_y_mrad": orient[:, 1], "orientation_y_su_mrad": su["orientation_y_su_mrad"],
             "holdout": pr.holdout_frame.numpy().astype(int),
-            **({} if ds.frames.dataset is None else {"dataset": ds.frames.dataset,
+            **({} if ds.frames.dataset is None else {"dataset": ds.frames.dataset + 1,  # counted from 1, as the log
                                                       "dataset_frame": ds.frames.dataset_frame}),
             **{("tilt_samples" if n == "samples" else n): v for n, v in integration.items()}}
 
@@ -158,7 +158,7 @@ def dataset_figures(result: RefinementResult, scales: torch.Tensor) -> list[dict
             continue
         f = figures_of_merit(pr.model.io[m], pr.model.sigma[m], ic[m], pr.model.frame[m], pr.model.n_frames,
                              instability=pr.model.settings.instability, scale=scales)
-        out.append({"dataset": n, "path": path, "n_frames": int(np.sum(ds.frames.dataset == n)), "R_obs": f.R_obs,
+        out.append({"dataset": n + 1, "path": path, "n_frames": int(np.sum(ds.frames.dataset == n)), "R_obs": f.R_obs,
                     "wR2": f.wR2, "n_obs": f.n_obs, "n_all": f.n_all})
     return out
 

@@ -146,3 +146,6 @@ def test_two_crystals_refine_together_from_the_command_line(small_dataset, quart
     assert main(["refine", str(start), str(first), str(other), "--out", str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "wavelength" in err and "other.cif_pets" in err
+    # --wavelength states every file's: they then merge (a dry run builds the merged problem)
+    assert main(["refine", str(start), str(first), str(other), "--out", str(tmp_path / "x"), *args,
+                 "--wavelength", "0.0251", "--dry-run"]) == 0

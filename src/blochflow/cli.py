@@ -158,13 +158,13 @@ def _override_wavelength(ds, wavelength):
         raise InputError("command line", "--wavelength", str(exc)) from None
 
 
-def _load_datasets(structure: str, data: str | list[str]):
+def _load_datasets(structure: str, data: str | list[str], wavelength: float | None = None):
     """:func:`_load` for a refinement: one dataset, or several merged (io.pets.merge_datasets), each checked
-    against the structure."""
+    against the structure; ``wavelength`` (--wavelength) replaces every file's before they are merged."""
     if isinstance(data, str):
         return _load(structure, data, refining=True)
-    from .io.pets import merge_datasets
-    loaded = [_load(structure, d, refining=True) for d in data]
+    from .io.pets import merge_datasets, with_wavelength
+    loaded = [(c, with_wavelength(d, wavelength)) for c, d in (_load(structure, d, refining=True) for d in data)]
     try:
         ds = merge_datasets([d for _, d in loaded])
     except ValueError as exc:
@@ -558,7 +558,7 @@ def cmd_refine(args) -> int:
         structure, data = args.structure, (args.data[0] if len(args.data) == 1 else list(args.data))
     settings = _refine_settings(args, example_settings)
     if getattr(args, "dry_run", False):
-        crystal, ds = _load_datasets(structure, data)
+        crystal, ds = _load_datasets(structure, data, settings.wavelength)
         if settings.frames:
             _selected_frames(ds, settings.frames, ds.path)
         return _dry_run(args, crystal, ds, structure, settings)
@@ -573,7 +573,7 @@ def cmd_refine(args) -> int:
             resume = load_checkpoint(checkpoint)
         except Exception as exc:  # a truncated or foreign file
             raise InputError(checkpoint, "--resume", f"unreadable checkpoint ({type(exc).__name__})") from None
-    crystal, ds = _load_datasets(structure, data)
+    crystal, ds = _load_datasets(structure, data, settings.wavelength)
     if args.enantiomer and crystal.symmetry.inversion_centre() is not None:
         raise InputError(structure, "--enantiomer", "the space group is centrosymmetric: the inverted model is the "
                                                      "same structure, so the data have no hand to choose")

@@ -375,7 +375,7 @@ def merge_datasets(datasets: list[PetsDataset]) -> PetsDataset:
                              f"{first.details.geometry} frames")
         if abs(d.wavelength - first.wavelength) > 1e-4 * first.wavelength:
             raise ValueError(f"{d.path}: wavelength {d.wavelength:g} A differs from {first.path}'s "
-                             f"{first.wavelength:g} A (set the right one in the file)")
+                             f"{first.wavelength:g} A (set the right one in the file, or give every file's with --wavelength)")
     all_ids = np.concatenate([d.frames.ids for d in datasets])
     collide = len(np.unique(all_ids)) < len(all_ids)
     base = 10 ** len(str(int(np.abs(all_ids).max()))) if collide else 0

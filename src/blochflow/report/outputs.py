@@ -307,7 +307,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     spread_hi = frames.get("thickness_q90", frames["thickness_mean"])
     has = frames["n_reflections"] > 0
     thickness_svg(out / "thickness.svg", frames["alpha_deg"][has], frames["thickness_mean"][has], spread_lo[has],
-                  spread_hi[has], "thickness per frame (\u00c5), \u00b1 s.u.", su=frames["thickness_mean_su"][has])
+                  spread_hi[has], "thickness per frame (\u00c5): mean \u00b1 s.u., band 10-90 %", su=frames["thickness_mean_su"][has])
     names = list(frames)
     write_csv(out / "frames.csv", names, (list(row) for row in zip(*[frames[n] for n in names])))
     write_json(out / "frame_model.json", frame_model_record(result))

@@ -664,9 +664,9 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
     extra = {}
     if args.enantiomer and len(results) == 2:
         (_, _, ra), (_, _, rb) = results
-        dof = max(ra.figures.n_all - len(ra.refined_index), 1)
-        ca, cb = ra.figures.GoF ** 2 * dof, rb.figures.GoF ** 2 * dof  # the data's chi2 (the priors left out)
-        delta, p_model = hand_preference(ca, cb, dof)
+        from .refine.objective import data_chi2
+        ca, cb = data_chi2(ra.figures, len(ra.refined_index)), data_chi2(rb.figures, len(rb.refined_index))
+        delta, p_model = hand_preference(ca, cb, max(ra.figures.n_all - len(ra.refined_index), 1))
         extra["enantiomer"] = {"chosen": "model" if ca <= cb else "inverted",
                                "chosen_cif": str(results[0 if ca <= cb else 1][1] / "refined.cif"),
                                "wR2_model": ra.figures.wR2, "wR2_inverted": rb.figures.wR2,

@@ -298,8 +298,9 @@ def read_structure(path: str | Path) -> StructureRecord:
             raise InputError(where, f"atom '{label}'", "no displacement parameter (U_iso or U_aniso)")
         if u_aniso is None and u_iso < 0:
             raise InputError(where, f"atom '{label}'", f"U_iso {u_iso:g} is negative")
-        if (u_iso if u_aniso is None else max(u_aniso[:3])) > LARGE_U:
-            large_u.append(f"{label} {u_iso if u_aniso is None else max(u_aniso[:3]):.3g}")
+        u_largest = u_iso if u_aniso is None else max(u_aniso[:3])
+        if u_largest > LARGE_U:
+            large_u.append(f"{label} {u_largest:.3g}")
         adp_type = gemmi.cif.as_string(adp_types[i]) if len(adp_types) else "?"
         if adp_type not in _ADP_TYPES + ("?", "."):
             odd_adp.append(f"{label} '{adp_type}'")

@@ -72,6 +72,12 @@ class Figures:
         return asdict(self)
 
 
+def data_chi2(figures: Figures, n_params: int) -> float:
+    """sum w (Io - k Ic)^2 of the reflections ``figures`` describe, from their GoF (whose degrees of freedom
+    are max(n - n_params, 1)): the data's part of the objective, without restraints or priors."""
+    return figures.GoF ** 2 * max(figures.n_all - n_params, 1)
+
+
 def r_obs(io, kic, obs):
     """R_obs over the reflections ``obs`` (the definition above); NaN when there are none."""
     num = torch.abs(io.clamp_min(0).sqrt() - kic.clamp_min(0).sqrt())[obs].sum()

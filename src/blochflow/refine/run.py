@@ -351,10 +351,6 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def _settings_json(settings: RefineSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str)
-
-
 def inputs_fingerprint(problem: RefinementProblem) -> str:
     """A hash of what a run was fitted to: the start structure's parameters (as read from its file) and the
     scored observations (hkl, frame, Io, sigma). A checkpoint keeps it, so --resume refuses other inputs."""
@@ -371,11 +367,11 @@ def _check_resume(resume: dict, problem: RefinementProblem, settings: RefineSett
     the settings that differ (checkpoints before session 44 hold only the settings' hash)."""
     if resume["fingerprint"] != settings.fingerprint():
         then = json.loads(resume["settings"]) if "settings" in resume else None
-        now = json.loads(_settings_json(settings))
+        now = json.loads(settings.as_json())
         changed = [f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in now if then is not None and then.get(k) != now[k]]
         raise ValueError("checkpoint was written with other settings" + (f" ({'; '.join(changed[:3])})" if changed else ""))
-    if resume["n_params"] != problem.n_params or resume.get("inputs", inputs_fingerprint(problem)) != \
-            inputs_fingerprint(problem):
+    inputs = inputs_fingerprint(problem)
+    if resume["n_params"] != problem.n_params or resume.get("inputs", inputs) != inputs:
         raise ValueError("checkpoint was written for another start structure or other data")
 
 
@@ -442,12 +438,15 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             problem.intensities(theta)
             problem.forward_dtype = torch.float64
 
+    # what the run is of (settings, inputs): the same in every checkpoint it writes
+    identity = {"fingerprint": settings.fingerprint(), "settings": settings.as_json(),
+                "inputs": inputs_fingerprint(problem), "n_params": problem.n_params}
+
     def payload() -> dict:
-        """The run's state as a checkpoint holds it."""
-        return {"fingerprint": settings.fingerprint(), "settings": _settings_json(settings),
-                "inputs": inputs_fingerprint(problem), "n_params": problem.n_params,
-                "theta": theta, "adam_step": adam.step, "adam_m": adam.m.clone(),
-                "adam_v": adam.v.clone(), "lm": _lm_to_dict(lm),
+        """The run's state as a checkpoint holds it (adam_step and lm_step replace theta and the moments
+        rather than change them in place, so they are held as they are)."""
+        return {**identity, "theta": theta, "adam_step": adam.step, "adam_m": adam.m,
+                "adam_v": adam.v, "lm": _lm_to_dict(lm),
                 "phase_times": json.dumps(phase_times),
                 "decompositions_kept": problem.decompositions_kept_at(theta),
                 "kept_single": problem.values_single_at(theta),

@@ -184,8 +184,12 @@ class RefineSettings:
             return self.thickness_model != "learned"
         return bool(self.lm_reuse_jacobian)
 
+    def as_json(self) -> str:
+        """Every setting as JSON (sorted keys): what a checkpoint keeps to name the settings a resume changed."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(self.as_json().encode()).hexdigest()[:16]
 
 
 SETTING_CHOICES = {"sample_rule": ("midpoint", "gauss", "linspace"), "ub_convention": UB_CONVENTIONS,

@@ -16,7 +16,7 @@ from ..crystal.structure import formula_units
 from ..io.refined_cif import AtomResult, RefinementSummary, write_fcf, write_refined_cif
 from ..io.writers import write_csv, write_json
 from ..physics.geometry import rotation_axis_lab
-from ..refine.objective import figures_of_merit, klar_weights
+from ..refine.objective import data_chi2, figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
 from ..refine.frame_search import rotation_order
 from ..refine.run import RefinementResult
@@ -264,7 +264,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         prior_rows = int(pr.frames.prior_residuals(pr.split(result.theta)).numel())
         prior_cost = float(pr.prior_cost(result.theta))
     n_restraints = restraint_rows(pr.restraints) + prior_rows
-    chi2 = fig.GoF ** 2 * max(fig.n_all - n_params, 1)
+    chi2 = data_chi2(fig, n_params)
     restrained_s = float(np.sqrt((chi2 + prior_cost) / max(fig.n_all + n_restraints - n_params, 1)))
     summary_cif = RefinementSummary(
         cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,

@@ -129,6 +129,12 @@ def u_equiv(cell, u_aniso) -> float:
     return float(np.trace(a @ n @ u @ n @ a.T) / 3)
 
 
+def _cell_items(cell) -> list[str]:
+    """_cell_length_a ... _cell_angle_gamma lines, for refined.cif and the fcf."""
+    return [f"_cell_{tag} {format_plain(v)}" for tag, v in zip(
+        ("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"), cell)]
+
+
 def _q(text: str) -> str:
     return gemmi.cif.quote(str(text)) if str(text) else "."
 
@@ -189,10 +195,7 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
     out = [f"data_{name}", "", f"_audit_creation_method {_q(s.program)}",
            f"_audit_creation_date {datetime.date.today().isoformat()}",
            f"_computing_structure_refinement {_q(s.program)}", ""]
-    for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta", "angle_gamma"),
-                      s.cell):
-        out.append(f"_cell_{tag} {format_plain(v)}")
-    out += [f"_cell_volume {uc.volume:.3f}"]
+    out += _cell_items(s.cell) + [f"_cell_volume {uc.volume:.3f}"]
     if s.formula:
         weight = sum(n * gemmi.Element(e).weight for e, n in s.formula.items())
         out += [f"_cell_formula_units_Z {int(s.z)}", "",
@@ -325,10 +328,7 @@ def write_fcf(path: str | Path, rows, summary: RefinementSummary | None = None,
            "# frame id); _refln_refinement_status excl marks the free set and held-out frames",
            "_shelx_refln_list_code 4", ""]
     if summary is not None:
-        for tag, v in zip(("length_a", "length_b", "length_c", "angle_alpha", "angle_beta",
-                           "angle_gamma"), summary.cell):
-            out.append(f"_cell_{tag} {format_plain(v)}")
-        out += [f"_space_group_name_H-M_alt {_q(summary.space_group or '?')}",
+        out += _cell_items(summary.cell) + [f"_space_group_name_H-M_alt {_q(summary.space_group or '?')}",
                 f"_diffrn_radiation_wavelength {format_plain(summary.wavelength)}"]
         out += ["loop_", "_space_group_symop_operation_xyz"] + [_q(op) for op in summary.symops] + [""]
     out += ["loop_", "_refln_index_h", "_refln_index_k", "_refln_index_l", "_refln_F_squared_calc",

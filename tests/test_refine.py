@@ -748,7 +748,9 @@ def test_thickness_rescan_moves_a_frame_off_a_wrong_branch(small_dataset, truth)
 def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth, monkeypatch):
     """After a rescan at the point of the last single-precision pass, the intensities at the moved
     thicknesses come from that pass's decompositions (no eigensolver call) and agree with a fresh
-    solve; the next Jacobian takes them too. A point that differs in anything else is not served."""
+    solve; the next Jacobian takes them too. A frame moved in its orientation is solved again alone
+    (its samples only), the others' values and decompositions kept; a point that differs in a
+    structure parameter is not served."""
     from blochflow.refine.frame_search import rescan_frame_thickness
 
     ds, thickness, _ = small_dataset
@@ -763,23 +765,38 @@ def test_rescan_hands_its_decompositions_to_the_moved_point(small_dataset, truth
         problem.intensities(theta)
     calls = []
     original = torch.linalg.eigh
-    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a, *r, **k: calls.append(a.shape[0]) or original(a, *r, **k))
     moved_theta, moved = rescan_frame_thickness(problem, theta, settings)
     assert moved == 1 and not calls
     assert problem.decompositions_kept_at(moved_theta) and problem.values_single_at(moved_theta)
     handed = problem.intensities_at(moved_theta)
     problem.jacobian(moved_theta)
     assert not calls
-    problem._last_decompositions = problem._last_intensities = None
-    with torch.no_grad():
-        fresh = problem.intensities(moved_theta)
-    assert calls
-    assert float(torch.max(torch.abs(handed - fresh)) / torch.max(fresh)) < 1e-5
+
+    def fresh(at):
+        problem._last_decompositions = problem._last_intensities = None
+        with torch.no_grad():
+            out = problem.intensities(at)
+        assert calls
+        calls.clear()
+        return out
+
+    assert float(torch.max(torch.abs(handed - fresh(moved_theta))) / torch.max(handed)) < 1e-5
+    turned = moved_theta.clone()
+    turned[problem.slots["orientation"].start + 2 * 1] += 0.5  # mrad, frame 1 only
+    problem.follow_frames(moved_theta, turned)
+    assert problem.decompositions_kept_at(turned)
+    assert sum(calls) == int((problem.model.plan.samples.frame == 1).sum())  # frame 1's samples, no other
+    calls.clear()
+    followed = problem.intensities_at(turned)
+    problem.jacobian(turned)
+    assert not calls
+    assert float(torch.max(torch.abs(followed - fresh(turned))) / torch.max(followed)) < 1e-5
     other = moved_theta.clone()
-    other[problem.group_index("orientation")] += 1e-3
+    other[problem.slots["structure"].start] += 1e-3
     with torch.no_grad():
         problem.intensities(moved_theta)
-    problem.follow_thickness(moved_theta, other)
+    problem.follow_frames(moved_theta, other)
     assert not problem.decompositions_kept_at(other)
 
 
@@ -829,6 +846,39 @@ def test_tilt_search_brings_a_frame_back_across_the_minima_of_its_tilt(small_dat
     thicker[st.start:st.stop] += float(np.log(2.0))
     wide, narrow = tilt_search_grid(problem, theta, 2.0), tilt_search_grid(problem, thicker, 2.0)
     assert wide[-1] == narrow[-1] == 2.0 and len(narrow) - 1 == 2 * (len(wide) - 1)
+
+
+
+def test_tilt_search_coarse_to_fine_finds_the_full_grids_choice(small_dataset, truth, monkeypatch):
+    """The tilt search solves every second grid tilt and then the two beside each frame's best: with
+    the grid's zero (the truth) between two coarse tilts, two frames put off by 1.2 and 0.7 mrad in the
+    tilt normal to their rotation axis come back to zero, with the same tilt, thickness and theta as
+    from the whole grid, in 8 thickness scans instead of 11."""
+    import dataclasses
+
+    import blochflow.refine.frame_search as fs
+
+    settings, problem, thickness, axis, normal, theta = _frames_at_their_truth(small_dataset, truth)
+    settings = dataclasses.replace(settings, orientation_sigma=1.6)  # 11 tilts, zero the 6th
+    st, so = problem.slots["thickness"], problem.slots["orientation"]
+    corrections = 0.005 * axis
+    corrections[2] += 1.2 * normal[2]
+    corrections[4] -= 0.7 * normal[4]
+    theta[so.start:so.stop] = corrections.reshape(-1)
+    theta[st.start + 4] = float(np.log((thickness[4] - 60.0) / 1000.0))
+    scans = []
+    grid_costs = fs._grid_costs
+    monkeypatch.setattr(fs, "_grid_costs", lambda *a, **k: scans.append(1) or grid_costs(*a, **k))
+    fine, moved, tilts, _ = fs.search_frame_tilt(problem, theta, settings)
+    assert len(tilts) == 11 and tilts[5] == 0.0 and len(scans) == 6 + 2  # tilts 0, 2, .. 10, then beside each best
+    scans.clear()
+    monkeypatch.setattr(fs, "TILT_SEARCH_COARSE_STRIDE", 1)
+    full, moved_full, _, _ = fs.search_frame_tilt(problem, theta, settings)
+    assert len(scans) == 11
+    assert moved.tolist() == moved_full.tolist() and {2, 4} <= set(moved.tolist())
+    assert torch.equal(fine, full)
+    after = fine[so.start:so.stop].reshape(-1, 2)
+    assert abs(float(after[2] @ normal[2])) < 1e-9 and abs(float(after[4] @ normal[4])) < 1e-9
 
 
 @pytest.mark.parametrize("azimuth_deg", [0.484, 40.0])

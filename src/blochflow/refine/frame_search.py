@@ -82,9 +82,7 @@ def rescan_frame_thickness(problem: RefinementProblem, theta: torch.Tensor, sett
     move = np.flatnonzero(~own[np.arange(len(best)), best] & (cost < RESCAN_GAIN * own_best))
     if not len(move):
         return theta.clone(), 0
-    moved = _frames_moved(problem, theta, move, grid[best[move]])
-    problem.follow_thickness(theta, moved)  # (the decompositions serve only when no correction was reset)
-    return moved, len(move)
+    return _frames_moved(problem, theta, move, grid[best[move]]), len(move)
 
 
 def _frames_moved(problem: RefinementProblem, theta: torch.Tensor, frames: np.ndarray, thickness_A: np.ndarray,
@@ -99,6 +97,7 @@ def _frames_moved(problem: RefinementProblem, theta: torch.Tensor, frames: np.nd
     if "orientation" in problem.slots:
         at = (problem.slots["orientation"].start + 2 * rows[:, None] + torch.arange(2)[None, :]).reshape(-1)
         moved[at] = 0.0 if corrections is None else corrections.to(theta.dtype).reshape(-1)
+    problem.follow_frames(theta, moved)  # only these frames are solved again when next evaluated
     return moved
 
 
@@ -170,6 +169,10 @@ TILT_SEARCH_MAX_POINTS = 81
 TILT_SEARCH_HALF_RANGE = 2.0  # mrad, when no orientation prior sets the range
 TILT_SEARCH_LR = 9.21  # chi2 with 2 degrees of freedom at 1 %
 TILT_SEARCH_ABOVE_MEDIAN = 1.0  # frames costing more per reflection than this x the median frame are searched
+# the grid is searched coarse to fine: every 2nd tilt (2/3 of a fringe apart, so each basin has a point within a
+# third of a fringe of its minimum), then the tilts beside each frame's best; on the quartz example and the
+# known-truth ZnO (docs/refinement.md) every frame's choice is the full grid's, at 12 and 22 of 19 and 39 solves
+TILT_SEARCH_COARSE_STRIDE = 2
 
 
 def fringe_angle(problem: RefinementProblem, theta: torch.Tensor) -> float:
@@ -220,8 +223,9 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
                       ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame thickness and orientation corrections: each frame's correction about the lab axis
     normal to its rotation axis (in the plane normal to the beam) and its thickness, searched together:
-    the tilt over :func:`tilt_search_grid` (absolute, within the orientation prior's width) and at each
-    tilt the thickness over ``thickness_grid`` (one thickness scan per tilt, every frame at once); the
+    the tilt over :func:`tilt_search_grid` (absolute, within the orientation prior's width; coarse to fine,
+    TILT_SEARCH_COARSE_STRIDE) and at each tilt the thickness over ``thickness_grid`` (one thickness scan
+    per tilt, every frame at once); the
     correction about the rotation axis is kept. A frame moves when its best pair fits clearly better
     (:func:`tilt_search_moves`; costs of data and orientation prior). LM from zero stops in the nearest of the
     minima a thick frame has in this tilt, and a frame's thickness fitted at a wrong tilt is wrong too
@@ -240,18 +244,36 @@ def search_frame_tilt(problem: RefinementProblem, theta: torch.Tensor, settings:
     tilts = tilt_search_grid(problem, theta, settings.orientation_sigma or TILT_SEARCH_HALF_RANGE)
     current, searched = _frames_above_median(problem, theta, TILT_SEARCH_ABOVE_MEDIAN)
     best_cost = np.full(n_frames, np.inf)
-    best_tilt, best_thickness = np.zeros(n_frames), np.zeros(n_frames)
+    best_index, best_thickness = np.zeros(n_frames, int), np.zeros(n_frames)
     if not searched.any():
         return theta.clone(), np.zeros(0, int), tilts, searched
-    for tilt in tilts:
+    tried = np.zeros((len(tilts), n_frames), bool)
+
+    def try_tilts(index: np.ndarray, frames: np.ndarray) -> None:  # frame f at tilts[index[f]], for the frames marked
         trial = theta.clone()
-        trial[so.start:so.stop] = (along + float(tilt) * normal).reshape(-1)
-        grid, table = _grid_costs(problem, trial, settings, frames=torch.as_tensor(searched))
+        tilt = torch.as_tensor(tilts[np.clip(index, 0, len(tilts) - 1)], dtype=theta.dtype)
+        trial[so.start:so.stop] = (along + tilt[:, None] * normal).reshape(-1)
+        grid, table = _grid_costs(problem, trial, settings, frames=torch.as_tensor(frames))
         with torch.no_grad():
             cost = table.min(1) + problem.frame_prior_costs(trial).numpy()
-        better = cost < best_cost
-        best_cost[better], best_tilt[better] = cost[better], tilt
+        better = frames & (cost < best_cost)
+        best_cost[better], best_index[better] = cost[better], index[better]
         best_thickness[better] = grid[table.argmin(1)[better]]
+        tried[index[frames], np.flatnonzero(frames)] = True
+
+    # coarse to fine: every TILT_SEARCH_COARSE_STRIDE-th grid tilt (and the last) for every searched frame,
+    # then the grid tilts between each frame's best and its coarse neighbours, all frames at once
+    coarse = np.unique(np.r_[np.arange(0, len(tilts), TILT_SEARCH_COARSE_STRIDE), len(tilts) - 1])
+    for i in coarse:
+        try_tilts(np.full(n_frames, i), searched)
+    centre = best_index.copy()
+    for offset in [o for d in range(1, TILT_SEARCH_COARSE_STRIDE) for o in (-d, d)]:
+        index = centre + offset
+        inside = searched & (index >= 0) & (index < len(tilts))
+        inside[inside] = ~tried[index[inside], np.flatnonzero(inside)]
+        if inside.any():
+            try_tilts(index, inside)
+    best_tilt = tilts[best_index]
     move = tilt_search_moves(current, best_cost)
     if not len(move):
         return theta.clone(), move, tilts, searched

@@ -145,6 +145,7 @@ class RefinementProblem:
         self.forward_dtype = torch.float64  # float32: solves of intensities() in single precision (Adam)
         self._last_intensities = None
         self._last_decompositions = None  # (theta, plan, Decompositions) of the last pass without gradient
+        self._pending_follow = None  # (before, after) of follow_frames
         self.warm_start = None  # record of the simpler model's fit this problem started from, if any
         self.origin = self._floating_origin()
 
@@ -357,33 +358,58 @@ class RefinementProblem:
         self.model.resample(samples_per_frame)
         self._last_intensities = self._last_decompositions = None
 
-    def follow_thickness(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """``after`` differs from ``before`` in per-frame thicknesses only (a rescan moved frames):
-        the decompositions kept at ``before`` are those at ``after`` too (a structure matrix does not
-        depend on thickness), so the intensities there are formed from them without the solver, and
-        both are remembered for ``after``. Nothing happens when none were kept in the precision the
-        forward pass solves in."""
+    def follow_frames(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """``after`` differs from ``before`` in the own parameters (thickness, orientation corrections) of
+        some frames only: a rescan, search or restart moved them. The values and decompositions at
+        ``after``, when next asked for, are then those remembered at ``before`` with only the moved frames
+        solved again; frames moved in thickness alone take the kept decompositions (a structure matrix
+        does not depend on thickness), with no solve. Asked for after anything else was evaluated, or
+        for another plan, the pass is whole as before."""
+        self._pending_follow = (before.detach().clone(), after.detach().clone())
+
+    def _follow(self, theta: torch.Tensor) -> None:
+        """Form the values (and decompositions) at theta announced by :meth:`follow_frames`, if still valid."""
+        pending = self._pending_follow
+        if pending is None or not torch.equal(pending[1], theta.detach()):
+            return
+        self._pending_follow = None
+        before, after = pending
+        last = self._last_intensities
+        if last is None or last[2] != self.forward_dtype or not torch.equal(last[0], before):
+            return
+        changed = before != after
+        owner = self.parameter_frames()[changed]
+        if not len(owner) or bool((owner < 0).any()):
+            return
+        frames = torch.zeros(self.model.n_frames, dtype=torch.bool)
+        frames[owner] = True
         dec = self.decompositions_at(before)
-        if dec is None or "thickness" not in self.slots:
-            return
+        sl = self.slots.get("thickness")
+        thickness_only = sl is not None and not bool(torch.cat([changed[:sl.start], changed[sl.stop:]]).any())
         wanted = torch.complex64 if self.forward_dtype == torch.float32 else torch.complex128
-        other = torch.ones(self.n_params, dtype=torch.bool)
-        sl = self.slots["thickness"]
-        other[sl.start:sl.stop] = False
-        if dec.dtype != wanted or not torch.equal(before[other], after[other]):
-            return
         with torch.no_grad():
-            ic, _ = self._solve(after, self.model.plan, False, decompositions=dec)
-        self._last_intensities = (after.detach().clone(), ic, self.forward_dtype)
-        self.remember_decompositions(after, dec)
+            if thickness_only and dec is not None and dec.dtype == wanted:
+                ic, _ = self._solve(after, self.model.plan, False, decompositions=dec)
+            else:
+                ic_moved, dec_moved, source = self.frame_intensities(after, frames)
+                ic = torch.where(frames[self.model.frame], ic_moved, last[1])
+                if dec is not None and dec_moved is not None and dec.dtype == dec_moved.dtype:
+                    dec.take_frames(self.model.plan, dec_moved, frames, source)
+                else:
+                    dec = None
+        self._last_intensities = (after.clone(), ic, self.forward_dtype)
+        if dec is not None:
+            self.remember_decompositions(after, dec)
 
     def decompositions_kept_at(self, theta: torch.Tensor) -> bool:
         """Whether a Jacobian at theta would take the eigendecompositions of the last forward pass."""
+        self._follow(theta)
         kept = self._last_decompositions
         return kept is not None and kept[1] is self.model.plan and torch.equal(kept[0], theta.detach())
 
     def values_single_at(self, theta: torch.Tensor) -> bool:
         """Whether the intensities remembered at theta were solved in single precision."""
+        self._follow(theta)
         last = self._last_intensities
         return last is not None and last[2] == torch.float32 and torch.equal(last[0], theta.detach())
 
@@ -391,6 +417,7 @@ class RefinementProblem:
         """Intensities at theta without gradient, reusing the last such evaluation when theta is the
         same (an LM iteration has just computed them at its accepted trial point) and it was solved
         in ``forward_dtype`` or in double precision."""
+        self._follow(theta)
         last = self._last_intensities
         if (last is not None and last[2] in (self.forward_dtype, torch.float64)
                 and torch.equal(last[0], theta.detach())):

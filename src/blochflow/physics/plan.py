@@ -162,6 +162,14 @@ def _near_candidates(orient: np.ndarray, incident: np.ndarray, cand: np.ndarray,
     return np.flatnonzero(_abs_excitation(orient[:1], incident[:1], cand_t, k)[0] < reach)
 
 
+def _members(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``np.isin(a, b)``; small sets (a segment's beams against its frame's scored reflections, tens
+    to hundreds each) by one comparison table, 10x faster than isin's sort there."""
+    if len(a) * len(b) > 200_000:
+        return np.isin(a, b)
+    return (a[:, None] == b[None, :]).any(1) if len(b) else np.zeros(len(a), bool)
+
+
 def mark_differences(used: np.ndarray, a_sets: list, b_sets: list, centre: int) -> None:
     """Set ``used`` at every position a - b + centre, a in a_sets[k] and b in b_sets[k], over the sets k
     (int arrays of box positions relative to the centre, which lies at ``centre``) in their order. Only
@@ -303,9 +311,10 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
             excited = frame_excitation(idx[ends.ravel()], idx).reshape(len(segments), 2, -1) < settings.s_max
             for seg, exc in zip(segments, excited):
                 sel = cand[exc[0] | exc[1]]
-                pos = np.flatnonzero(np.isin(sc_key, key(sel)))
+                sel_key = key(sel)
+                pos = np.flatnonzero(_members(sc_key, sel_key))
                 beams = np.concatenate([np.zeros((1, 3), int), scored.hkl[sc[pos]],
-                                        sel[~np.isin(key(sel), sc_key)]])
+                                        sel[~_members(sel_key, sc_key)]])
                 for s in idx[seg]:
                     sample_beams[s], sample_out[s] = beams, (1 + np.arange(len(pos)), sc[pos])
         else:

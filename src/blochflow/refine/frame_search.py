@@ -171,7 +171,7 @@ TILT_SEARCH_LR = 9.21  # chi2 with 2 degrees of freedom at 1 %
 TILT_SEARCH_ABOVE_MEDIAN = 1.0  # frames costing more per reflection than this x the median frame are searched
 # the grid is searched coarse to fine: every 2nd tilt (2/3 of a fringe apart, so each basin has a point within a
 # third of a fringe of its minimum), then the tilts beside each frame's best; on the quartz example and the
-# known-truth ZnO (docs/refinement.md) every frame's choice is the full grid's, at 12 and 22 of 19 and 39 solves
+# known-truth ZnO and quartz rocking cases (docs/refinement.md) every frame's choice is the full grid's
 TILT_SEARCH_COARSE_STRIDE = 2
 
 

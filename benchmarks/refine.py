@@ -5,6 +5,7 @@ and the cost of learned thickness distributions with 1, 8 and 32 points per fram
                                 [--lm-iterations L] [--threads 2] [--set NAME=VALUE ...] [--json FILE]
     python benchmarks/refine.py --thickness-points 1,8,32 [--samples 8]
     python benchmarks/refine.py --kept-decompositions [--samples 24] [--repeat 3]
+    python benchmarks/refine.py --tilt-search [--repeat 2]
 
 The first form runs the same refinement as ``blochflow refine --example quartz`` (README's first
 command: its settings unless flags or --set change them; orientation corrections, structure,
@@ -15,6 +16,8 @@ least an LM iteration costs) of the quartz problem with a learned thickness dist
 per frame, as ratios to the single-thickness (per-frame) model measured in the same process. The
 third times a trial forward pass and the Jacobian at that point, with the Jacobian solving its own
 eigenproblems or taking those the forward pass kept (alternated in one process, best of --repeat).
+The fourth times the tilt search coarse to fine against the whole grid at the point of the README
+example's first 5 LM iterations (alternated, best of --repeat) and says whether they agree.
 """
 
 from __future__ import annotations
@@ -151,6 +154,37 @@ def kept_decompositions(args) -> dict:
     return row
 
 
+def tilt_search_grids(args) -> dict:
+    """The tilt search coarse to fine (every second grid tilt, then the two beside each frame's best)
+    against the whole grid, alternated ``--repeat`` times in one process at the point LM reaches after
+    the README example's first 5 iterations: the wall time of each and whether every frame got the
+    same tilt and thickness."""
+    import blochflow.refine.frame_search as frame_search
+
+    structure, data = _paths(args.start)
+    settings = settings_from_mapping({**REFINE_EXAMPLES["quartz"][2], "lm_iterations": 5,
+                                      **dict(parse_setting(item) for item in args.set)}, "benchmark")
+    problem = build_problem(crystal_from_record(read_structure(structure)), read_pets(data), settings)
+    theta = refine(problem, settings, log=lambda s: None).theta
+    stride = frame_search.TILT_SEARCH_COARSE_STRIDE
+    times, results = {"coarse_to_fine": [], "whole_grid": []}, {}
+    try:
+        for i in range(2 * args.repeat):
+            mode = "whole_grid" if i % 2 else "coarse_to_fine"
+            frame_search.TILT_SEARCH_COARSE_STRIDE = 1 if mode == "whole_grid" else stride
+            t0 = time.perf_counter()
+            results[mode] = frame_search.search_frame_tilt(problem, theta, settings)
+            times[mode].append(time.perf_counter() - t0)
+    finally:
+        frame_search.TILT_SEARCH_COARSE_STRIDE = stride
+    (fine, moved, tilts, searched), (whole, moved_whole, _, _) = results["coarse_to_fine"], results["whole_grid"]
+    best = {k: min(v) for k, v in times.items()}
+    return {"tilts": len(tilts), "frames_searched": int(searched.sum()), "frames_moved": len(moved),
+            "same_frames_moved": moved.tolist() == moved_whole.tolist(), "same_theta": bool(torch.equal(fine, whole)),
+            "coarse_to_fine_s": best["coarse_to_fine"], "whole_grid_s": best["whole_grid"],
+            "ratio": best["coarse_to_fine"] / best["whole_grid"], "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--start", choices=["kinematical", "reference"], default="kinematical")
@@ -164,6 +198,8 @@ def main() -> None:
                    help="form of the learned distribution timed by --thickness-points")
     p.add_argument("--kept-decompositions", action="store_true",
                    help="time forward + Jacobian with and without the forward pass's decompositions kept")
+    p.add_argument("--tilt-search", action="store_true",
+                   help="time the tilt search coarse to fine against the whole grid (same choices?)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="any refine setting")
     p.add_argument("--json")
@@ -174,6 +210,8 @@ def main() -> None:
     set_default_device(args.device)
     if args.kept_decompositions:
         out = kept_decompositions(args)
+    elif args.tilt_search:
+        out = tilt_search_grids(args)
     else:
         out = thickness_points(args) if args.thickness_points else full_refinement(args)
     print(json.dumps(out, indent=1))

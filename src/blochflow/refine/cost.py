@@ -24,9 +24,9 @@ from .settings import RefineSettings, precision_dtype
 START_FRAMES = 4  # frames, spread over the rotation, whose thickness scan gives the start thickness
 WHOLE_PASS_S = 2.0  # a problem whose pass is estimated above this is timed on a part of it
 PART_PASS_S = 0.5  # ... whose pass is estimated at about this
-# passes outside the LM iterations: the start's thickness scan (1), the tilt search (19 tilts over the half
-# of the frames above the median cost: ~10) and the integration check (twice the samples: 2)
-SEARCH_PASSES = 13
+# passes outside the LM iterations: the start's thickness scan (1), the tilt search (12 of its 19 tilts, coarse
+# to fine, over the half of the frames above the median cost: ~6) and the integration check (twice the samples: 2)
+SEARCH_PASSES = 9
 # LM iterations of the runs measured (docs/refinement.md): the range the estimate is given for
 # (paracetamol 6-21, the quartz example 17, the paper's synthetic quartz 13-27, thick ZnO 26)
 LM_ITERATIONS = (6, 27)

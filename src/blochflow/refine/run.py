@@ -559,7 +559,8 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
             if searched.any():
                 log(f"tilt search at LM iteration {lm.iteration}: {len(frames)} of {int(searched.sum())} frames searched "
                     f"(those above the median frame's cost) moved to another tilt and thickness ({len(tilts)} tilts "
-                    f"normal to the rotation axis, {tilts[1] - tilts[0]:.2g} mrad apart, +-{tilts[-1]:g} mrad; {took:.1f} s)")
+                    f"normal to the rotation axis, {tilts[1] - tilts[0]:.2g} mrad apart, +-{tilts[-1]:g} mrad, searched coarse to "
+                    f"fine; {took:.1f} s)")
             if len(frames):
                 lm.jacobian = None
                 if settings.refine_thickness:

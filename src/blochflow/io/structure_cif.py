@@ -310,22 +310,23 @@ def read_structure(path: str | Path) -> StructureRecord:
         atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso,
                                 assembly if group else "", group))
     if odd_adp:  # the ADPs are read from the U/B items alone; a column shifted by a script shows here
-        notes.append(f"_atom_site_adp_type not as the ADPs read: {', '.join(odd_adp[:5])}"
-                     + (f" and {len(odd_adp) - 5} more" if len(odd_adp) > 5 else "")
-                     + "; the U_iso / aniso items were used")
+        notes.append(f"_atom_site_adp_type not as the ADPs read: {_first_few(odd_adp)}; the U_iso / aniso items were used")
     if ionic:
-        notes.append(f"ionic type symbols read as neutral atoms (their electron scattering factors): {', '.join(ionic[:5])}"
-                     + (f" and {len(ionic) - 5} more" if len(ionic) > 5 else ""))
+        notes.append(f"ionic type symbols read as neutral atoms (their electron scattering factors): {_first_few(ionic)}")
     if large_u:
-        notes.append(f"U above {LARGE_U:g} A^2 (rms displacement {LARGE_U ** 0.5:.2f} A): {', '.join(large_u[:5])}"
-                     + (f" and {len(large_u) - 5} more" if len(large_u) > 5 else "")
-                     + "; a B value in a U item? (U = B / 8 pi^2)")
+        notes.append(f"U above {LARGE_U:g} A^2 (rms displacement {LARGE_U ** 0.5:.2f} A): {_first_few(large_u)}"
+                     "; a B value in a U item? (U = B / 8 pi^2)")
     if guessed:
         notes.append(f"{'no' if not len(types) else 'unknown (?)'} _atom_site_type_symbol: elements read from labels, "
                      f"{', '.join(guessed)}; add the type symbols if that is wrong")
     atoms = _onto_special_positions(atoms, ops, cell, notes)
     return StructureRecord(path=path, name=block.name, cell=cell, symops=tuple(ops), spacegroup=hm, notes=tuple(notes),
                            atoms=tuple(atoms))
+
+
+def _first_few(items: list[str], shown: int = 5) -> str:
+    """The first ``shown`` items, comma-separated, and how many more there are."""
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 LARGE_U = 0.5  # A^2: above this a U is more likely a B value (B = 8 pi^2 U) than an atom's vibration

@@ -288,6 +288,17 @@ def test_standard_uncertainties():
     np.testing.assert_allclose(res[0]["u_aniso"], [0.012306, 0.011452, 0.00523, 0.006153, -0.001064, -0.000532],
                                atol=1e-15)
     assert res[0]["u_aniso_su"][3] == pytest.approx(res[0]["u_aniso_su"][0] / 2, rel=1e-12)  # U12 = U11 / 2
+    # a parameter whose s.u. exceeds its whole range (an atom of zero occupancy: its columns vanish and the
+    # inverse normal matrix gives it ~1e300) is named undetermined and given no s.u.; the others keep theirs
+    sp = StructureParameters(cr, adp="iso")
+    big = torch.diag(var).clone()
+    o_rows = [i for i, name in enumerate(sp.names) if name.startswith("O1")]
+    big[o_rows, o_rows] = 1e300
+    si, o = sp.standard_uncertainties(sp.theta0, big)
+    assert si["undetermined"] == [] and si["u_iso_su"] > 0 and si["xyz_su"][1] > 0
+    assert o["undetermined"] == ["O1.x", "O1.y", "O1.z", "O1.U"]
+    assert np.isnan(o["xyz_su"]).all() and np.isnan(o["u_iso_su"])
+    assert su[1]["undetermined"] == []  # at the small variances above, nothing is
     # riding hydrogens carry no s.u.
     para = StructureParameters(_load(PARA))
     res = para.standard_uncertainties(para.theta0, torch.eye(len(para), dtype=torch.float64) * 1e-6)

@@ -70,6 +70,8 @@ def _mutate(tmp_path, quartz_paths, old, new, name="bad.cif_pets"):
     ("   2  -2  -8      -28.50      163.17     1", "   2  -2  -8      -28.50      163.17   500", "frame id 500"),
     ("_refln_index_h", "_refln_index_hh", "missing"),
     ("_diffrn_radiation_wavelength 0.02510", "_diffrn_radiation_wavelength x", "not a number"),
+    ("   2  -2  -8      -28.50      163.17     1", "   2  -2  -8      3e20      163.17     1", "beyond 1e+15"),
+    ("   2  -2  -8      -28.50      163.17     1", "   2  -2  -8      -28.50      2e16     1", "beyond 1e+15"),
 ])
 def test_pets_errors_name_file_item_problem(tmp_path, quartz_paths, old, new, expect):
     p = _mutate(tmp_path, quartz_paths, old, new)

@@ -27,6 +27,8 @@ SVG = "{http://www.w3.org/2000/svg}"
     (-0.123456, 0.000234, "-0.1235(2)"), (0.5, 0.0996, "0.50(10)"), (0.5, 0.0199, "0.50(2)"),
     (0.333333, None, "0.333333"), (float("nan"), 0.1, "?"), (-4.09894e-05, None, "-0.0000409894"),
     (2.3e-9, 0, "0.0000000023"), (-1e-12, None, "-0.000000000001"),
+    # an s.u. beyond 1e6 x max(1, |value|) says nothing (an undetermined parameter): the value alone; below, kept
+    (0.5, 1e300, "0.5"), (0.5, 2e6, "0.5"), (0.5, 9e5, "1(900000)"), (1234.5, 3e8, "1235(300000000)"),
 ])
 def test_format_su_cases(value, su, expected):
     assert format_su(value, su) == expected

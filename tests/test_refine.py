@@ -1768,7 +1768,13 @@ def test_dry_run_times_the_problem_and_writes_nothing(small_dataset, quartz_path
     bad.write_text('[[restraints]]\ntype = "rigid_bond"\natoms = ["Si1"]\n')
     assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--config", str(bad),
                  "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
-    assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists() and err.startswith(f"error: {bad}: restraints[0]")
+    # the same kind of error from --set is blamed on --set, not on the structure or a config file
+    assert main(["refine", str(quartz_paths[0]), str(data), "--out", str(out), "--dry-run", "--set", "restraints=[1]",
+                 "--samples", "2", "--set", "samples_per_fringe=0", "--thickness", "500"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --set: restraints[0]: expected a table") and err.count("\n") == 1
 
 
 def test_a_bad_setting_is_blamed_on_where_it_came_from(quartz_paths, tmp_path, capsys):

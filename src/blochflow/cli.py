@@ -512,7 +512,17 @@ def _refine_settings(args, base: dict | None = None):
             values["thickness"] = float(values["thickness"])
         except ValueError:
             raise InputError(origin["thickness"], "thickness", f"'{values['thickness']}' is not a number or 'auto'") from None
+    args.setting_origin = origin  # where each setting came from, for errors found later (build_problem)
     return _checked_settings(values, args.config or "command line", origin)
+
+
+def _problem_error(args, structure, exc: ValueError) -> InputError:
+    """A one-line error for a ValueError of build_problem: named after the setting it is about and where
+    that was set (config file, flag, --set), else after the structure (atoms, hydrogens)."""
+    item, _, why = str(exc).partition(": ")
+    name = item.split("[")[0].split(".")[0].strip()
+    source = getattr(args, "setting_origin", {}).get(name)
+    return InputError(source or structure, item, why or item)
 
 
 def _checked_settings(values: dict, source: str, origin: dict | None = None):
@@ -624,8 +634,7 @@ def _dry_run(args, crystal, ds, structure, settings) -> int:
     try:
         estimate = estimate_cost(crystal, ds, settings, log)
     except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
-        item, _, why = str(exc).partition(": ")
-        raise InputError(args.config or structure, item, why or item) from None
+        raise _problem_error(args, structure, exc) from None
     log(_size_line("model", estimate.problem))
     log(estimate.summary(hands=2 if args.enantiomer else 1))
     return 0
@@ -640,7 +649,7 @@ def _size_line(name: str, problem) -> str:
 def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint, resume, log) -> int:
     """The refinement of the model (and with --enantiomer the inverted one), its outputs and summary lines."""
     from .crystal.structure import inverted
-    from .refine.run import build_problem, refine
+    from .refine.run import ResumeError, build_problem, refine
     from .report.outputs import MIN_FREE_GROUPS, write_outputs
 
     hands = [("model", crystal)] + ([("inverted", inverted(crystal))] if args.enantiomer else [])
@@ -650,13 +659,12 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
         try:
             problem = build_problem(cr, ds, settings, log=log)
         except ValueError as exc:  # restraints naming unknown atoms, hydrogens without a parent, ...
-            item, _, why = str(exc).partition(": ")
-            raise InputError(args.config or structure, item, why or item) from None
+            raise _problem_error(args, structure, exc) from None
         log(_size_line(name, problem))
         try:
             res = refine(problem, settings, checkpoint=sub / "checkpoint.pt",
                          resume=resume if name == "model" else None, log=log)
-        except ValueError as exc:
+        except ResumeError as exc:
             raise InputError(checkpoint, "--resume", str(exc)) from None
         results.append((name, sub, res))
         if res.interrupted:
@@ -689,7 +697,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
                      *difference_map_lines(summ["difference_map"]),
                      axis_search_note(summ["axis_jumps"], settings),
                      determinacy_warning(summ["n_all"], summ["n_params"]),
-                     thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"])):
+                     thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"]),
+                     undetermined_warning(summ["undetermined"])):
             if note:
                 log(note)
         if not has_free and settings.free_fraction > 0:
@@ -816,6 +825,15 @@ def adp_bound_warning(labels: list[str]) -> str | None:
     return (f"warning: the ADP of {len(labels)} atom{'s' if len(labels) > 1 else ''} ({_first_few(labels)}) ended on "
             f"the positivity bound (smallest eigenvalue <= {2 * ADP_FLOOR:g} A^2): the data do not hold {them} up; "
             f"restrain {them} (same_adp), use more frames, or look for a model error")
+
+
+def undetermined_warning(names: list[str]) -> str | None:
+    """The warning for parameters the data do not determine (s.u. beyond their range; None when none)."""
+    if not names:
+        return None
+    return (f"warning: the data do not determine {len(names)} parameter{'s' if len(names) > 1 else ''} "
+            f"({_first_few(names)}): their s.u. exceed the parameter's whole range, so refined.cif gives them "
+            f"without one; an atom of zero occupancy, or one no scored reflection depends on? Fix or remove them")
 
 
 def _first_few(items, n: int = 10) -> str:

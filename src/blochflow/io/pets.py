@@ -13,6 +13,10 @@ import numpy as np
 from .cif_tokens import CifBlock, CifLoop, read_cif_block
 from .errors import InputError
 
+# |I| or sigma beyond this is refused: the fit sums their squares (and the weights' squares of those), and
+# no detector counts near it; data in such units are to be rescaled
+MAX_INTENSITY = 1e15
+
 Geometry = Literal["continuous", "precession"]
 
 
@@ -252,6 +256,12 @@ def read_pets(path: str | Path) -> PetsDataset:
         r = int(bad[0])
         raise InputError(path, f"reflection loop, line {row_lines[r]}",
                          f"sigma {rcols['s'][r]} <= 0 ({len(bad)} such rows)")
+    huge = np.flatnonzero((np.abs(rcols["i"]) > MAX_INTENSITY) | (rcols["s"] > MAX_INTENSITY))
+    if len(huge):
+        r = int(huge[0])
+        raise InputError(path, f"reflection loop, line {row_lines[r]}",
+                         f"I {rcols['i'][r]:g}, sigma {rcols['s'][r]:g}: beyond {MAX_INTENSITY:g}, where the squares "
+                         f"the fit sums overflow ({len(huge)} such rows); rescale the intensities")
     r = _first_non_integer(rcols["f"])
     if r is not None:
         raise InputError(path, f"reflection loop, line {row_lines[r]}", f"frame id {rcols['f'][r]:g} is not an integer")

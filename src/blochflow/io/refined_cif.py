@@ -15,6 +15,7 @@ from .. import __version__
 from .writers import atomic_write_text
 
 _ONE = Decimal(1)
+SU_UNDETERMINED = 1e6  # an s.u. this many times the value (or 1) says nothing: written without one
 SCATTERING_SOURCE = "electron scattering factors of neutral atoms: Lobato & Van Dyck, Acta Cryst. A70 (2014) 636-649"
 
 
@@ -37,12 +38,13 @@ def format_plain(value) -> str:
 def format_su(value, su) -> str:
     """``value(su)`` in IUCr notation: 2 s.u. digits when they are <= 19, else 1; value rounded alike.
 
-    Values are never rounded above the units place (``123(25)``). Without a positive finite s.u.
-    the value is written plain (:func:`format_plain`).
+    Values are never rounded above the units place (``123(25)``). Without a positive finite s.u.,
+    or with one above SU_UNDETERMINED x max(1, |value|) (the data do not determine the value: an
+    atom of zero occupancy), the value is written plain (:func:`format_plain`).
     """
     if not _finite(value):
         return "?"
-    if not _finite(su) or float(su) <= 0:
+    if not _finite(su) or float(su) <= 0 or float(su) > SU_UNDETERMINED * max(1.0, abs(float(value))):
         return format_plain(value)
     s, v = Decimal(repr(float(su))), Decimal(repr(float(value)))
     e = s.adjusted()  # power of ten of the leading digit

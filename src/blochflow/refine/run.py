@@ -362,17 +362,21 @@ def inputs_fingerprint(problem: RefinementProblem) -> str:
     return h.hexdigest()[:16]
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (other settings, inputs or parameters)."""
+
+
 def _check_resume(resume: dict, problem: RefinementProblem, settings: RefineSettings) -> None:
-    """ValueError unless the checkpoint was written by a run of these settings on these inputs, naming
+    """ResumeError unless the checkpoint was written by a run of these settings on these inputs, naming
     the settings that differ (checkpoints before session 44 hold only the settings' hash)."""
     if resume["fingerprint"] != settings.fingerprint():
         then = json.loads(resume["settings"]) if "settings" in resume else None
         now = json.loads(settings.as_json())
         changed = [f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in now if then is not None and then.get(k) != now[k]]
-        raise ValueError("checkpoint was written with other settings" + (f" ({'; '.join(changed[:3])})" if changed else ""))
+        raise ResumeError("checkpoint was written with other settings" + (f" ({'; '.join(changed[:3])})" if changed else ""))
     inputs = inputs_fingerprint(problem)
     if resume["n_params"] != problem.n_params or resume.get("inputs", inputs) != inputs:
-        raise ValueError("checkpoint was written for another start structure or other data")
+        raise ResumeError("checkpoint was written for another start structure or other data")
 
 
 def _lm_to_dict(s: LMState) -> dict:

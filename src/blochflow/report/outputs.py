@@ -358,6 +358,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
         "datasets": dataset_figures(result, scales),
         "axis_jumps": axis_jumps(result, frames),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],
+        "undetermined": [name for a in atoms_su for name in a["undetermined"]],
     }
     if extra:
         summary.update(extra)

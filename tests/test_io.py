@@ -528,7 +528,11 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
                         ([*paths, "--s-max", "inf"], "not a finite number"),
                         ([*paths, "--set", "samples=8"], "did you mean n_samples"),
                         ([*paths, "--thickness", "300", "--write-pets", str(tmp_path / "w.cif_pets"), "--max-counts", "0"],
-                         "must be positive")):
+                         "must be positive"),
+                        ([*paths, "--thickness", "300", "--write-pets", str(tmp_path / "w.cif_pets"), "--max-counts", "1e30"],
+                         "at most 1e+15"),
+                        ([str(_structure(tmp_path, quartz_paths, "_atom_site_fract_z", "_atom_site_fract_zz", "noz.cif")),
+                          paths[1], "--thickness", "300"], "_atom_site_fract_z: missing")):
         command = "simulate" if "--thickness" in argv else "refine"
         capsys.readouterr()
         assert main([command, *argv, "--out", str(tmp_path / "o")]) == 2, argv

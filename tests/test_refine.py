@@ -55,6 +55,33 @@ def test_jacobian_matches_finite_differences(small_dataset, truth, kind):
     assert float(jac.abs().max(0).values.min()) > 0  # every parameter reaches the residuals
 
 
+def test_a_frame_anticorrelated_with_the_model_is_held_at_scale_zero(small_dataset, truth):
+    """A frame whose Io anticorrelate with the model (here: negated) gets scale 0, not a negative one: its data
+    stay unexplained, its residuals are constant (zero Jacobian rows), and the analytic Jacobian agrees with
+    finite differences of the profiled residuals also there; the other frame is fitted as before."""
+    ds, _, _ = small_dataset
+    keep = np.zeros(len(ds.frames), bool)
+    keep[[1, 4]] = True
+    sub = select_frames(ds, keep)
+    flip = sub.reflections.frame_id == sub.frames.ids[0]
+    sub = dataclasses.replace(sub, reflections=dataclasses.replace(
+        sub.reflections, intensity=np.where(flip, -np.abs(sub.reflections.intensity) - 1.0, sub.reflections.intensity)))
+    settings = RefineSettings(samples_per_fringe=0.0, n_samples=2, thickness=500.0, free_fraction=0.0,
+                              jacobian_precision="double", orientation_sigma=0.0)
+    problem = build_problem(displaced(truth, 0.03, 0.02), sub, settings)
+    theta = problem.theta0.clone()
+    k = problem.scales(problem.intensities(theta))
+    assert float(k[0]) == 0.0 and float(k[1]) > 0
+    _, r, jac = problem.jacobian(theta)
+    rows0 = (problem.model.frame == 0)[problem.work]
+    assert bool(rows0.any()) and float(jac[rows0].abs().max()) == 0.0
+    for i in range(problem.n_params):
+        e = torch.zeros_like(theta)
+        e[i] = 1e-6
+        fd = (problem.residuals(problem.intensities(theta + e)) - problem.residuals(problem.intensities(theta - e))) / 2e-6
+        assert float((jac[:, i] - fd).abs().max()) < 1e-5 * max(float(fd.abs().max()), 1e-3), problem.names[i]
+
+
 def test_per_frame_steps_are_capped_frame_by_frame(small_dataset, truth):
     """A frame's thickness and orientation step is scaled to PER_FRAME_MAX_STEP on its own; other
     frames and the structure keep their full step."""

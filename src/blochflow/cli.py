@@ -373,8 +373,10 @@ def cmd_simulate(args) -> int:
     out = Path(args.out)
     if args.write_pets:
         target = Path(args.write_pets)  # as given, relative to the working directory like any path argument
-        if args.max_counts <= 0:
-            raise InputError("--max-counts", str(args.max_counts), "must be positive (counts of the strongest reflection)")
+        from .io.pets import MAX_INTENSITY
+        if not 0 < args.max_counts <= MAX_INTENSITY:
+            raise InputError("--max-counts", str(args.max_counts), f"must be positive and at most {MAX_INTENSITY:g} "
+                             "(counts of the strongest reflection; the reader refuses larger intensities)")
         _writable_place(target, "--write-pets", folder=False)
         if target.exists() and target.resolve() == Path(data).resolve():
             raise InputError(target, "--write-pets", "is the input data file; write the synthetic data elsewhere")
@@ -697,7 +699,8 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
                      *difference_map_lines(summ["difference_map"]),
                      axis_search_note(summ["axis_jumps"], settings),
                      determinacy_warning(summ["n_all"], summ["n_params"]),
-                     thickness_note(summ["frames"]), adp_bound_warning(summ["adp_at_bound"]),
+                     thickness_note(summ["frames"]), zero_scale_warning(summ["frames"]),
+                     adp_bound_warning(summ["adp_at_bound"]),
                      undetermined_warning(summ["undetermined"])):
             if note:
                 log(note)
@@ -814,6 +817,18 @@ def thickness_note(frames: dict) -> str | None:
     ids = _first_few([frames["frame"][i] for i in loose])
     return (f"note: {len(loose)} of {len(t)} frames have a thickness s.u. above {THICKNESS_SU_LIMIT:.0%} of its value "
             f"(frames {ids}): their thickness is barely determined; frames.csv lists each with its s.u.")
+
+
+def zero_scale_warning(frames: dict) -> str | None:
+    """The warning for frames with reflections whose scale ended at 0: their Io anticorrelate with the
+    model (all negative, or another crystal's), so they are left unexplained (None when there are none)."""
+    idle = np.flatnonzero((np.asarray(frames["scale"], float) <= 0) & (np.asarray(frames["n_reflections"]) > 0))
+    if not len(idle):
+        return None
+    return (f"warning: {len(idle)} frame{'s' if len(idle) > 1 else ''} ({_first_few([frames['frame'][i] for i in idle])}) "
+            f"ended with scale 0: {'their' if len(idle) > 1 else 'its'} intensities do not correlate with the "
+            f"model's, so the fit leaves {'them' if len(idle) > 1 else 'it'} unexplained; check frames.csv, or "
+            f"leave {'them' if len(idle) > 1 else 'it'} out (--frames)")
 
 
 def adp_bound_warning(labels: list[str]) -> str | None:

@@ -233,6 +233,10 @@ def read_structure(path: str | Path) -> StructureRecord:
     labels = block.find_values("_atom_site_label")
     if not len(labels):
         raise InputError(where, "_atom_site loop", "missing (no _atom_site_label)")
+    for tag in ("_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z"):
+        if len(block.find_values(tag)) != len(labels):
+            raise InputError(where, tag, "missing" if not len(block.find_values(tag)) else
+                             "not in the loop of _atom_site_label (Cartesian coordinates are not read)")
     table = block.find(["_atom_site_label", "_atom_site_fract_x", "_atom_site_fract_y", "_atom_site_fract_z"])
     types = block.find_values("_atom_site_type_symbol")
     occs = block.find_values("_atom_site_occupancy")

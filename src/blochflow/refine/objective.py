@@ -48,10 +48,12 @@ def diffbloch_weights(io: torch.Tensor, sigma: torch.Tensor, instability: float 
 
 
 def frame_scales(io, ic, weight, frame, n_frames: int) -> torch.Tensor:
-    """Closed-form weighted least-squares scale per frame (differentiable in ic)."""
+    """Closed-form weighted least-squares scale per frame (differentiable in ic), held at 0 where the
+    frame's Io anticorrelate with ic (a negative scale is no physical frame: its data are then left
+    unexplained rather than fitted upside down; the refinement names such frames)."""
     num = torch.zeros(n_frames, dtype=ic.dtype).index_add(0, frame, weight * io * ic)
     den = torch.zeros(n_frames, dtype=ic.dtype).index_add(0, frame, weight * ic * ic)
-    return num / den.clamp_min(torch.finfo(ic.dtype).tiny)
+    return num.clamp_min(0) / den.clamp_min(torch.finfo(ic.dtype).tiny)
 
 
 @dataclass(frozen=True)

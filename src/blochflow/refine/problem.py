@@ -630,7 +630,7 @@ class RefinementProblem:
         ww = torch.where(self.work, w, torch.zeros_like(w))
         den = torch.zeros(self.model.n_frames, dtype=ic.dtype).index_add(0, frame, ww * yc * yc)
         k = self.scales(ic, kind)
-        dk_coef = ww * (yo - 2 * k[frame] * yc) / den[frame].clamp_min(1e-300)  # dk_f / dy_j
+        dk_coef = ww * (yo - 2 * k[frame] * yc) / den[frame].clamp_min(1e-300) * (k[frame] > 0)  # dk_f / dy_j
         dk = torch.zeros((self.model.n_frames, self.n_params), dtype=ic.dtype).index_put_(
             (frame,), dk_coef[:, None] * j_y, accumulate=True)  # index_add is ~50x slower on a CPU
         sw = torch.sqrt(w)

@@ -566,3 +566,30 @@ def test_passes_over_several_thicknesses_repeat_to_the_bit(quartz):
         torch.set_num_threads(previous)
     assert all(np.array_equal(t, tables[0], equal_nan=True) for t in tables[1:])
     assert all(torch.equal(p, passes[0]) for p in passes[1:])
+
+
+def test_a_plan_too_large_for_the_memory_is_refused_before_it_is_allocated(quartz, monkeypatch):
+    """Sizes that would exhaust the machine's memory (tilt samples of an absurd thickness, a frame's excitation
+    table, one sample's structure matrix) are one-line InputErrors naming the data file and the sizes, raised
+    before the arrays exist; the same plan within the memory builds."""
+    from blochflow.io.errors import InputError
+    from blochflow.physics import plan as plan_mod
+
+    _, ds = quartz
+    keep = np.zeros(len(ds.frames.ids), bool)
+    keep[:2] = True
+    settings = BeamSettings(n_samples=2, s_max=0.01)
+    assert build_plan(ds, settings, frame_mask=keep).n_beams.max() > 1
+    with pytest.raises(InputError, match=r"problem size: 20000000000 tilt samples over \d+ frames need about"):
+        build_plan(ds, settings, frame_mask=keep, samples_per_frame=np.full(len(ds.frames.ids), 2e10 / len(ds.frames.ids)))
+    # a machine of 200 MB: 3000 samples per frame fit, their excitation tables (~4900 candidates) do not
+    monkeypatch.setattr(plan_mod, "device_memory", lambda device: 2e8)
+    with pytest.raises(InputError, match="the excitation errors of 3000 tilt samples of a frame for"):
+        build_plan(ds, BeamSettings(n_samples=3000, s_max=0.01), frame_mask=keep)
+    # a machine of 4 MB: the candidates' box (1.3 MB) and the plan at s_max 0.01 (40 beams) fit; at s_max 0.1
+    # one sample's matrices (336 beams, 7 MB) do not
+    monkeypatch.setattr(plan_mod, "device_memory", lambda device: 4e6)
+    assert build_plan(ds, settings, frame_mask=keep).n_beams.max() == 40
+    with pytest.raises(InputError, match=r"structure matrices of 336 beams \(one sample's\) need about") as err:
+        build_plan(ds, BeamSettings(n_samples=2, s_max=0.1), frame_mask=keep)
+    assert str(ds.path) in str(err.value) and "\n" not in str(err.value)

@@ -531,6 +531,8 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
                          "must be positive"),
                         ([*paths, "--thickness", "300", "--write-pets", str(tmp_path / "w.cif_pets"), "--max-counts", "1e30"],
                          "at most 1e+15"),
+                        ([*paths, "--set", "thickness=1e9"], "at most 100000 (10 um)"),
+                        ([*paths, "--thickness", "2e5", "--frames", "1-3"], "thickness above 100000 A"),
                         ([str(_structure(tmp_path, quartz_paths, "_atom_site_fract_z", "_atom_site_fract_zz", "noz.cif")),
                           paths[1], "--thickness", "300"], "_atom_site_fract_z: missing")):
         command = "simulate" if "--thickness" in argv else "refine"

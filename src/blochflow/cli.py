@@ -303,8 +303,12 @@ def _thickness_spec(args, ds):
         mean = np.full(n, float(args.thickness))
     if args.thickness_spread:
         spread = np.full(n, float(args.thickness_spread)) if spread is None else spread
+    from .physics.constants import MAX_THICKNESS
     if np.any(mean <= 0):
         raise InputError("--thickness", str(mean.min()), "thickness must be positive")
+    if np.any(mean > MAX_THICKNESS):
+        raise InputError("--thickness", f"{mean.max():g}", f"thickness above {MAX_THICKNESS:g} A (10 um): not a "
+                         "crystal electrons cross; a unit mistake (nm or um for A)?")
     return ThicknessSpec(mean=mean, spread=spread)
 
 

@@ -7,6 +7,8 @@ on the device. ``blochflow --device`` sets the process default that forward mode
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICE_CHOICES = ("cpu", "cuda", "auto")
@@ -55,3 +57,13 @@ def work_scale(device: torch.device) -> float:
         return 1.0
     total = torch.cuda.get_device_properties(device).total_memory
     return float(min(64.0, max(4.0, total / 2 ** 31)))
+
+
+def device_memory(device: torch.device) -> float:
+    """Bytes of memory of the device (a GPU's own, else the machine's)."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 16 GB
+        return 16e9

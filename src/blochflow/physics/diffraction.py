@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +19,7 @@ import torch
 
 from .bloch import (_coefficients, _Propagate, _real_tangents, divided_differences, divided_differences_folded, hermitian_eigh, propagate,
                     propagate_perturbative, propagate_tangents)
-from .device import work_scale
+from .device import device_memory, work_scale
 from .geometry import excitation_error, rocking_axis_lab, rotation_matrix, sample_orientations
 from .plan import BeamChunk, DiffractionPlan
 from .workers import add_rows, parallel_map, pipeline, solver_workers, split_evenly, transforms_active
@@ -552,16 +551,6 @@ def _graph_elements(plan: DiffractionPlan, q: int) -> float:
 def _graphs_too_large(plan: DiffractionPlan, q: int) -> bool:
     """Whether a pass's graphs would exceed GRAPH_MEMORY_SHARE of its device's memory."""
     return _graph_elements(plan, q) * GRAPH_BYTES_PER_ELEMENT > GRAPH_MEMORY_SHARE * device_memory(plan.device)
-
-
-def device_memory(device: torch.device) -> float:
-    """Bytes of memory of the device (a GPU's own, else the machine's)."""
-    if device.type == "cuda":
-        return float(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # not POSIX: assume 16 GB
-        return 16e9
 
 
 class _ParallelFrames(torch.autograd.Function):

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ..crystal.cell import reciprocal_basis
+from ..io.errors import InputError
 from ..crystal.structure import lattice_allowed
+from .device import device_memory
 from .geometry import (SampleSet, excitation_error, excitation_error_range, frame_orientations, frame_samples,
                        orientation_ub, rocking_axis_lab, sample_orientations)
 
@@ -129,10 +131,31 @@ class DiffractionPlan:
                                    lut_offset=self.lut_offset.to(device), device=device)
 
 
+# A plan whose arrays would need more than this share of the machine's memory is refused before they are
+# allocated, naming the sizes (the kernel's out-of-memory kill says nothing)
+PLAN_MEMORY_SHARE = 0.5
+
+
+def _refuse_too_large(path, need_bytes: float, what: str) -> None:
+    """InputError when ``need_bytes`` exceed PLAN_MEMORY_SHARE of the machine's memory (the plan is
+    built in host memory whatever the solver's device)."""
+    have = PLAN_MEMORY_SHARE * device_memory(torch.device("cpu"))
+    if need_bytes > have:
+        raise InputError(path, "problem size", f"{what} need about {need_bytes / 1e9:.3g} GB, more than "
+                         f"{PLAN_MEMORY_SHARE:.0%} of this machine's memory ({have / PLAN_MEMORY_SHARE / 1e9:.3g} GB); "
+                         "lower g_max or s_max, refine fewer frames (--frames), or check the thickness and "
+                         "tilt-sample settings")
+
+
+def _candidate_box(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
+    """Half-widths of the hkl box holding every |g| <= g_max (see :func:`_candidate_beams`)."""
+    return np.ceil(g_max * np.linalg.norm(np.linalg.inv(g_matrix), axis=1)).astype(int)  # |h_i| <= |row_i(G^-1)| |g|
+
+
 def _candidate_beams(g_matrix: np.ndarray, g_max: float) -> np.ndarray:
     """Every hkl != 000 with |g| <= g_max, g = g_matrix h the lab-frame vector the simulation uses
     (the cell's metric only when the orientation matrix is orthonormal)."""
-    hmax = np.ceil(g_max * np.linalg.norm(np.linalg.inv(g_matrix), axis=1)).astype(int)  # |h_i| <= |row_i(G^-1)| |g|
+    hmax = _candidate_box(g_matrix, g_max)
     grids = np.meshgrid(*[np.arange(-m, m + 1) for m in hmax], indexing="ij")
     hkl = np.stack([g.ravel() for g in grids], 1)
     g = hkl @ g_matrix.T
@@ -255,6 +278,13 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     scored = ScoredReflections(row=rows, frame=fidx[rows], hkl=refl.hkl[rows], excitation_error=s_obs[rows],
                                excitation_range=ds_obs[rows])
 
+    path = getattr(dataset, "path", "data")
+    per_frame = np.broadcast_to(np.asarray(settings.n_samples if samples_per_frame is None else samples_per_frame,
+                                           float), (len(frames.ids),))
+    # the samples' geometry (~300 bytes each) and the candidate beams' box (~100 bytes a point)
+    box = max(float(np.prod(2.0 * _candidate_box(g, g_max) + 1)) for g in g_ubs)
+    _refuse_too_large(path, 300 * float(per_frame.sum()), f"{int(per_frame.sum())} tilt samples over {len(per_frame)} frames")
+    _refuse_too_large(path, 100 * box, f"the beams within g_max {g_max:.3g} 1/A (a box of {box:.3g} hkl)")
     samples = frame_samples(frames.half_angle_deg, geometry,
                             settings.n_samples if samples_per_frame is None else samples_per_frame,
                             settings.sample_rule, settings.tilt_window)
@@ -273,6 +303,11 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
     cand_t = torch.as_tensor(cand.T, dtype=torch.float64)
 
     limit = max(settings.s_max, settings.s_bethe)
+
+    # a frame's excitation table (its samples x the candidates, 8 bytes each)
+    _refuse_too_large(path, 8.0 * float(per_frame.max(initial=0)) * len(cand),
+                      f"the excitation errors of {int(per_frame.max(initial=0))} tilt samples of a frame for "
+                      f"{len(cand)} beams within g_max {g_max:.3g} 1/A")
 
     def frame_excitation(idx, frame_idx):  # |s_g| of every candidate at these samples of a frame (S, C):
         out = np.full((len(idx), len(cand)), np.inf)  # those that stay beyond s_max (s_bethe) are not computed
@@ -331,6 +366,9 @@ def build_plan(dataset, settings: BeamSettings = BeamSettings(), frame_mask: np.
         sample_out = [(b, new_index[r]) for b, r in sample_out]
         per_frame_scored = [np.flatnonzero(scored.frame == f) for f in range(len(frames))]
     n_beams = np.array([len(b) for b in sample_beams])
+    # one sample's structure matrix and the solver's work on it (~64 bytes per element: A, V, pair tables)
+    _refuse_too_large(path, 64.0 * float(n_beams.max(initial=1)) ** 2,
+                      f"structure matrices of {int(n_beams.max(initial=1))} beams (one sample's)")
 
     # Chunks of samples with similar beam counts (little padding) and a bounded B x N^2.
     chunks_idx: list[list[int]] = []

@@ -14,6 +14,7 @@ import torch
 
 from ..experiment.frames import LearnedThickness
 from ..io.pets import is_electron_wavelength
+from ..physics.constants import MAX_THICKNESS
 from ..physics.plan import COUPLINGS, BeamSettings
 from ..physics.geometry import ROCKING_AXES, UB_CONVENTIONS
 from .model import ModelSettings
@@ -312,5 +313,6 @@ SETTING_RANGES = {
         "lr_xyz", "lr_adp", "lr_occupancy", "lr_thickness", "lr_network", "lr_surface", "lr_orientation",
         "lr_absorption")},
     "free_seed": (lambda x: 0 <= x < 2 ** 63, "must be from 0 to 2^63 - 1"),
-    "thickness": (lambda x: x == "auto" or x > 0, "must be 'auto' or a positive number (A)"),
+    "thickness": (lambda x: x == "auto" or 0 < x <= MAX_THICKNESS,
+                  f"must be 'auto' or a thickness in A, above 0 and at most {MAX_THICKNESS:g} (10 um)"),
 }

@@ -523,6 +523,11 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
         read_pets(tmp_path / "zero.cif_pets")
     heavy = _structure(tmp_path, quartz_paths, "O1 O 0.854729", "O1 Og 0.854729", "og.cif")
     paths = [str(quartz_paths[0]), str(quartz_paths[1])]
+    twin = tmp_path / "copy.cif_pets"  # the same data under another name
+    twin.write_bytes(quartz_paths[1].read_bytes())
+    half_ub = tmp_path / "half_ub.cif_pets"
+    half_ub.write_text(re.sub(r"(_diffrn_orient_matrix_UB_\d\d\s+)(\S+)", lambda m: f"{m.group(1)}{float(m.group(2)) / 2:.6f}",
+                              quartz_paths[1].read_text()))
     for argv, words in (([str(heavy), paths[1], "--thickness", "300"], "element Og"),
                         ([*paths, "--set", "orientation_sigma=nan"], "not a finite number"),
                         ([*paths, "--s-max", "inf"], "not a finite number"),
@@ -532,6 +537,12 @@ def test_quirks_of_real_files_and_numbers_that_mean_nothing(tmp_path, quartz_pat
                         ([*paths, "--thickness", "300", "--write-pets", str(tmp_path / "w.cif_pets"), "--max-counts", "1e30"],
                          "at most 1e+15"),
                         ([*paths, "--set", "thickness=1e9"], "at most 100000 (10 um)"),
+                        ([*paths, str(twin)], "given twice"),
+                        ([paths[0], str(half_ub)], "the UB matrix and the cell do not belong together"),
+                        ([paths[1], paths[0]], "looks like the data"),
+                        ([str(tmp_path), paths[1], "--thickness", "300"], "is a directory"),
+                        ([*paths, "--frames", " "], "is empty"),
+                        (["--example", "quartz", paths[0]], "brings its own structure and data"),
                         ([*paths, "--thickness", "2e5", "--frames", "1-3"], "thickness above 100000 A"),
                         ([str(_structure(tmp_path, quartz_paths, "_atom_site_fract_z", "_atom_site_fract_zz", "noz.cif")),
                           paths[1], "--thickness", "300"], "_atom_site_fract_z: missing")):
@@ -597,3 +608,21 @@ def test_adp_type_that_disagrees_with_the_adps_read_is_noted(tmp_path):
         (tmp_path / f"{name}.cif").write_text(head + f"Si1 Si 0 0 0 0.01 {si}\nO1 O 0.3 0.3 0.3 0.01 {o}\n" + tail)
         notes = [n for n in read_structure(tmp_path / f"{name}.cif").notes if "adp_type" in n]
         assert (notes == []) if expect is None else (len(notes) == 1 and expect in notes[0]), (name, notes)
+
+
+def test_structure_cifs_saved_with_old_mac_line_ends_or_in_utf16_read_as_the_original(tmp_path, quartz_paths):
+    """CR-only line ends (old Mac editors) and UTF-16 with its byte-order mark (some Windows editors) give
+    the same structure as the file itself, and the same for the data file in UTF-16."""
+    text = quartz_paths[0].read_text()
+    cr, u16 = tmp_path / "cr.cif", tmp_path / "u16.cif"
+    cr.write_bytes(text.replace("\n", "\r").encode())
+    u16.write_bytes(text.encode("utf-16"))
+    ref = read_structure(quartz_paths[0])
+    for p in (cr, u16):
+        rec = read_structure(p)
+        assert rec.cell == ref.cell and [a.label for a in rec.atoms] == [a.label for a in ref.atoms]
+        assert np.allclose([a.xyz for a in rec.atoms], [a.xyz for a in ref.atoms])
+    data16 = tmp_path / "u16.cif_pets"
+    data16.write_bytes(quartz_paths[1].read_text().encode("utf-16"))
+    a, b = read_pets(quartz_paths[1]), read_pets(data16)
+    assert np.array_equal(a.reflections.hkl, b.reflections.hkl) and np.array_equal(a.ub, b.ub)

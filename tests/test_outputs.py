@@ -369,3 +369,35 @@ def test_formula_z_and_density(tmp_path, quartz_paths):
     assert float(block.find_value("_exptl_crystal_density_diffrn")) == pytest.approx(2.64, abs=0.01)
     assert block.find_value("_cell_formula_units_Z") == "3"
     assert block.find_value("_space_group_crystal_system") == "trigonal"
+
+
+def test_a_full_disk_names_the_file_and_leaves_no_part_of_it(tmp_path, monkeypatch):
+    """A write that fails part-way (ENOSPC has no file name of its own) raises an OSError naming the file
+    it was writing, and neither the file nor its temporary copy is left; an earlier version stays whole."""
+    import errno
+    import os
+
+    from blochflow.io import writers
+
+    target = tmp_path / "refined.cif"
+    atomic_write_text(target, "old")
+    real = os.fdopen
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.os, "fdopen", lambda fd, mode: Full(real(fd, mode)))
+    with pytest.raises(OSError) as err:
+        atomic_write_text(target, "new")
+    assert err.value.filename == str(target) and err.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["refined.cif"] and target.read_text() == "old"

@@ -163,7 +163,19 @@ def _load_datasets(structure: str, data: str | list[str], wavelength: float | No
     against the structure; ``wavelength`` (--wavelength) replaces every file's before they are merged."""
     if isinstance(data, str):
         return _load(structure, data, refining=True)
+    import hashlib
+
     from .io.pets import merge_datasets, with_wavelength
+    seen = {}
+    for d in data:  # the same data twice would count every reflection twice and halve its s.u.
+        try:
+            digest = hashlib.sha256(Path(d).read_bytes()).hexdigest()
+        except OSError:
+            continue  # the reader names what is wrong with the path
+        if digest in seen:
+            raise InputError(d, "dataset", f"the same data as {seen[digest]}, given twice: every reflection would "
+                             "count twice")
+        seen[digest] = d
     loaded = [(c, with_wavelength(d, wavelength)) for c, d in (_load(structure, d, refining=True) for d in data)]
     try:
         ds = merge_datasets([d for _, d in loaded])
@@ -352,6 +364,23 @@ def _frame_model_spec(path: str, ds):
     return FrameModelSpec(state)
 
 
+def _check_inputs(args, command: str) -> None:
+    """One-line errors for input files given in a way the command cannot mean: files beside --example,
+    none without it, the data before the structure, an empty --frames."""
+    data = args.data if isinstance(args.data, list) else ([args.data] if args.data else [])
+    if args.example and (args.structure or data):
+        raise InputError("command line", "--example", f"brings its own structure and data; leave out "
+                         f"{' '.join([args.structure or '', *data]).strip()} or drop --example")
+    if not args.example and (not args.structure or not data):
+        raise InputError("command line", command, "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
+    if not args.example and str(args.structure).lower().endswith(".cif_pets") and not any(
+            str(d).lower().endswith(".cif_pets") for d in data):
+        raise InputError("command line", command, f"{args.structure} looks like the data and {data[0]} like the "
+                         "structure: give STRUCTURE.cif first, then DATA.cif_pets")
+    if getattr(args, "frames", None) is not None and not args.frames.strip():
+        raise InputError("--frames", repr(args.frames), "is empty: name frame ids, e.g. '1-40,52' or '1-99:10'")
+
+
 def cmd_simulate(args) -> int:
     import torch
 
@@ -359,11 +388,10 @@ def cmd_simulate(args) -> int:
     from .simulate import synthesize
     from .refine.model import ForwardModel
 
+    _check_inputs(args, "simulate")
     if args.example:
         structure, data = _example_paths(args.example)
     else:
-        if not args.structure or not args.data:
-            raise InputError("command line", "simulate", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
         structure, data = args.structure, args.data
     t_start = time.perf_counter()
     if args.config:
@@ -563,14 +591,13 @@ def cmd_refine(args) -> int:
     from .report.progress import ProgressLog
 
     example_settings = {}
+    _check_inputs(args, "refine")
     if args.example:
         if args.example not in REFINE_EXAMPLES:
             raise InputError("--example", args.example, f"unknown example; choose from {', '.join(REFINE_EXAMPLES)}")
         cif, pets, example_settings = REFINE_EXAMPLES[args.example]
         structure, data = example_path(args.example, cif), example_path(args.example, pets)
     else:
-        if not args.structure or not args.data:
-            raise InputError("command line", "refine", "needs STRUCTURE.cif and DATA.cif_pets (or --example)")
         structure, data = args.structure, (args.data[0] if len(args.data) == 1 else list(args.data))
     settings = _refine_settings(args, example_settings)
     if getattr(args, "dry_run", False):

@@ -72,14 +72,25 @@ def _split_line(line: str, path: str, lineno: int) -> list[str]:
     return out
 
 
+def decoded_text(raw: bytes) -> str:
+    """A CIF file's text with its line ends made '\\n' (Windows CRLF, old Mac CR): UTF-16 when it starts
+    with that byte-order mark (some Windows editors save so), else UTF-8 (a UTF-8 byte-order mark dropped;
+    bytes that are not UTF-8, e.g. Latin-1 in comments, replaced)."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16", errors="replace")
+    else:
+        text = raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_cif_block(path: str | Path) -> CifBlock:
     """Read the first data block of a CIF file into scalars and loops (tags lower-cased)."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        text = decoded_text(Path(path).read_bytes())
     except OSError as exc:
         raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = text.split("\n")
 
     # Tokenise into (token, line) with text fields as single tokens.
     tokens: list[tuple[str, int, bool]] = []  # (value, line, is_text_field)

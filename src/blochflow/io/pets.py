@@ -89,18 +89,20 @@ class PetsDataset:
 
 
 def _num(block: CifBlock, tag: str, *, required: bool = True, default: float | None = None) -> float:
+    """The number of a scalar item (tags are looked up lower-cased, named as written in the dictionary)."""
+    name, tag = tag, tag.lower()
     val = block.values.get(tag)
     if val is None:
         if required:
-            raise InputError(block.path, tag, "missing")
+            raise InputError(block.path, name, "missing")
         return default  # type: ignore[return-value]
     try:
         out = float(re.sub(r"\(\d+\)$", "", val))
     except ValueError:
-        raise InputError(block.path, f"{tag} (line {block.value_lines[tag]})",
+        raise InputError(block.path, f"{name} (line {block.value_lines[tag]})",
                          f"value '{val}' is not a number") from None
     if not math.isfinite(out):
-        raise InputError(block.path, f"{tag} (line {block.value_lines[tag]})", "value is not finite")
+        raise InputError(block.path, f"{name} (line {block.value_lines[tag]})", "value is not finite")
     return out
 
 
@@ -181,6 +183,24 @@ def with_wavelength(dataset: PetsDataset, wavelength: float | None) -> PetsDatas
     return replace(dataset, wavelength=float(wavelength))
 
 
+# |UB e_i| against the header cell's reciprocal lengths: beyond UB_CELL_NOTE a note (quartz: 1.01), beyond
+# UB_CELL_MISMATCH an error (the UB of another crystal or a units slip)
+UB_CELL_NOTE = 0.03
+UB_CELL_MISMATCH = 0.2
+
+
+def _reciprocal_lengths(cell, path) -> np.ndarray:
+    """a*, b*, c* (1/A) of a cell (a, b, c, alpha, beta, gamma); InputError for angles that span no volume."""
+    a, b, c = cell[:3]
+    ca, cb, cg = (math.cos(math.radians(x)) for x in cell[3:])
+    v2 = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
+    if v2 <= 0:
+        raise InputError(path, "_cell_angle_*", f"angles {cell[3:]} span no volume")
+    vol = a * b * c * math.sqrt(v2)
+    sines = [math.sin(math.radians(x)) for x in cell[3:]]
+    return np.array([b * c * sines[0], a * c * sines[1], a * b * sines[2]]) / vol
+
+
 def read_pets(path: str | Path) -> PetsDataset:
     """Read a ``.cif_pets`` file; raise :class:`InputError` on malformed content."""
     path = str(path)
@@ -193,9 +213,16 @@ def read_pets(path: str | Path) -> PetsDataset:
     wavelength = _num(block, "_diffrn_radiation_wavelength")
     if not is_electron_wavelength(wavelength):
         raise InputError(path, "_diffrn_radiation_wavelength", f"{wavelength} A is not an electron wavelength")
-    ub = np.array([[_num(block, f"_diffrn_orient_matrix_ub_{i}{j}") for j in (1, 2, 3)] for i in (1, 2, 3)])
+    ub = np.array([[_num(block, f"_diffrn_orient_matrix_UB_{i}{j}") for j in (1, 2, 3)] for i in (1, 2, 3)])
     if abs(np.linalg.det(ub)) < 1e-12:
         raise InputError(path, "_diffrn_orient_matrix_UB", "matrix is singular")
+    ratio = np.linalg.norm(ub, axis=0) / _reciprocal_lengths(cell, path)  # |UB e_i| against a*, b*, c*
+    if np.abs(ratio - 1).max() > UB_CELL_MISMATCH:
+        raise InputError(path, "_diffrn_orient_matrix_UB", f"its reciprocal axes are {np.round(ratio, 3).tolist()} x "
+                         f"those of the cell (a*, b*, c*): the UB matrix and the cell do not belong together")
+    ub_note = (f"{path}: the UB matrix's reciprocal axes are {np.round(ratio, 3).tolist()} x those of the header's "
+               f"cell; the UB sets the geometry, the cell the scattering factors"
+               if np.abs(ratio - 1).max() > UB_CELL_NOTE else None)
 
     details_text = block.values.get("_diffrn_measurement_details") or block.values.get(
         "_diffrn_reflns_reduction_process")
@@ -290,8 +317,8 @@ def read_pets(path: str | Path) -> PetsDataset:
                               occupancy=np.array([float(o) for o in occ]) if occ else np.ones(len(types)))
     return PetsDataset(path=path, cell=cell, wavelength=wavelength, ub=ub, details=details,
                        frames=frames, reflections=refl, atoms=atoms,
-                       extra={"n_zero_count_dropped": n_zero_count, "notes": _reading_notes(path, details_text, refl,
-                                                                                            n_zero_count)})
+                       extra={"n_zero_count_dropped": n_zero_count,
+                              "notes": _reading_notes(path, details_text, refl, n_zero_count) + ([ub_note] if ub_note else [])})
 
 
 def _reading_notes(path: str, details_text: str, refl: ReflectionTable, n_zero_count: int) -> list[str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
+from .cif_tokens import decoded_text
 from .errors import InputError
 
 
@@ -200,14 +201,14 @@ def _check_group(ops: list, where: str, tag: str) -> None:
 def read_structure(path: str | Path) -> StructureRecord:
     """Read the data block of a structure CIF that holds atoms; raise :class:`InputError` on bad content."""
     path = str(path)
+    if Path(path).is_dir():
+        raise InputError(path, "file", "is a directory, not a CIF file")
     if not Path(path).is_file():
         raise InputError(path, "file", "does not exist")
     try:
-        raw = Path(path).read_bytes()
-        if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is no CIF content
-            doc = gemmi.cif.read_string(raw[3:].decode("utf-8", errors="replace"))
-        else:
-            doc = gemmi.cif.read(path)
+        doc = gemmi.cif.read_string(decoded_text(Path(path).read_bytes()))
+    except OSError as exc:
+        raise InputError(path, "file", f"cannot read ({exc.strerror})") from None
     except (RuntimeError, ValueError) as exc:
         raise InputError(path, "file", f"not a readable CIF ({str(exc).splitlines()[0]})") from None
     block = _data_block(doc, path)

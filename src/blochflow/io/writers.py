@@ -33,9 +33,11 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = True) ->
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a full disk: name the file it stopped
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 

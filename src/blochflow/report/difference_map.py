@@ -183,8 +183,12 @@ def write_map(path: str | Path, values: np.ndarray, cell) -> None:
     ccp4.grid = gemmi.FloatGrid(np.ascontiguousarray(values, dtype=np.float32), gemmi.UnitCell(*cell),
                                 gemmi.SpaceGroup("P 1"))
     ccp4.update_ccp4_header()
-    ccp4.write_ccp4_map(str(tmp))
-    os.replace(tmp, path)
+    try:
+        ccp4.write_ccp4_map(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written map left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def difference_map(problem, theta: torch.Tensor, count: int = 12, report: int = 10,

@@ -1610,9 +1610,16 @@ def test_resume_refuses_other_inputs_and_names_the_settings_that_changed(small_d
     for st, data in ((displaced(truth, 0.03, 0.03, seed=1), ds), (start, other_data)):
         with pytest.raises(ValueError, match="another start structure or other data"):
             refine(build_problem(st, data, settings), settings, resume=kept, log=lambda s: None)
+    other = dataclasses.replace(settings, n_samples=3, lm_iterations=3)
+    with pytest.raises(ValueError, match=r"other settings \(n_samples: 2 then, 3 now; only lm_iterations and "
+                                         r"checkpoint_every may change on --resume\)"):
+        refine(build_problem(start, ds, other), other, resume=kept, log=lambda s: None)
+    # a run stopped at its iteration limit goes on with a higher one, from where it stopped
     more = dataclasses.replace(settings, lm_iterations=3)
-    with pytest.raises(ValueError, match=r"other settings \(lm_iterations: 1 then, 3 now\)"):
-        refine(build_problem(start, ds, more), more, resume=kept, log=lambda s: None)
+    lines = []
+    went_on = refine(build_problem(start, ds, more), more, resume=kept, log=lines.append)
+    assert "resumed with lm_iterations: 1 -> 3" in lines and went_on.lm.iteration > 1
+    assert went_on.lm.history[0] == json.loads(kept["lm"]["history"])[0]  # the same run, gone on
 
 
 def test_chord_steps_are_on_by_default_except_with_a_learned_thickness():

@@ -366,17 +366,30 @@ class ResumeError(ValueError):
     """A checkpoint that cannot continue this run (other settings, inputs or parameters)."""
 
 
-def _check_resume(resume: dict, problem: RefinementProblem, settings: RefineSettings) -> None:
+# settings a resumed run may change: how far LM goes (a run stopped at its limit goes on) and how often it
+# saves; every other change would make the resumed run another refinement
+RESUMABLE_CHANGES = ("lm_iterations", "checkpoint_every")
+
+
+def _check_resume(resume: dict, problem: RefinementProblem, settings: RefineSettings) -> list[str]:
     """ResumeError unless the checkpoint was written by a run of these settings on these inputs, naming
-    the settings that differ (checkpoints before session 44 hold only the settings' hash)."""
+    the settings that differ (checkpoints before session 44 hold only the settings' hash); changes of
+    RESUMABLE_CHANGES alone are allowed, and returned as 'name: then -> now'."""
+    allowed = []
     if resume["fingerprint"] != settings.fingerprint():
         then = json.loads(resume["settings"]) if "settings" in resume else None
         now = json.loads(settings.as_json())
-        changed = [f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in now if then is not None and then.get(k) != now[k]]
-        raise ResumeError("checkpoint was written with other settings" + (f" ({'; '.join(changed[:3])})" if changed else ""))
+        keys = [k for k in now if then is not None and then.get(k) != now[k]]
+        changed = [f"{k}: {then.get(k)!r} then, {now[k]!r} now" for k in keys]
+        if not keys or any(k not in RESUMABLE_CHANGES for k in keys):
+            raise ResumeError("checkpoint was written with other settings" + (
+                f" ({'; '.join(c for k, c in zip(keys, changed) if k not in RESUMABLE_CHANGES)}; only "
+                f"{' and '.join(RESUMABLE_CHANGES)} may change on --resume)" if changed else ""))
+        allowed = [f"{k}: {then.get(k)} -> {now[k]}" for k in keys]
     inputs = inputs_fingerprint(problem)
     if resume["n_params"] != problem.n_params or resume.get("inputs", inputs) != inputs:
         raise ResumeError("checkpoint was written for another start structure or other data")
+    return allowed
 
 
 def _lm_to_dict(s: LMState) -> dict:
@@ -422,7 +435,9 @@ def refine(problem: RefinementProblem, settings: RefineSettings, *, checkpoint: 
     lm = LMState()
     phase_times = {"setup_s": 0.0, "adam_s": 0.0, "lm_s": 0.0, "covariance_s": 0.0}
     if resume is not None:
-        _check_resume(resume, problem, settings)
+        changed = _check_resume(resume, problem, settings)
+        if changed:
+            log(f"resumed with {', '.join(changed)}")
         theta = resume["theta"].clone()
         adam = AdamState(int(resume["adam_step"]), resume["adam_m"].clone(), resume["adam_v"].clone())
         lm = _lm_from_dict(resume["lm"])

@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import gemmi
 import numpy as np
@@ -626,3 +627,17 @@ def test_structure_cifs_saved_with_old_mac_line_ends_or_in_utf16_read_as_the_ori
     data16.write_bytes(quartz_paths[1].read_text().encode("utf-16"))
     a, b = read_pets(quartz_paths[1]), read_pets(data16)
     assert np.array_equal(a.reflections.hkl, b.reflections.hkl) and np.array_equal(a.ub, b.ub)
+
+
+def test_an_aniso_row_of_another_type_than_its_atom_is_noted(tmp_path):
+    """An _atom_site_aniso row whose type symbol is not its atom's element (rows from another model, or
+    a shifted column) is read with the atom's own type and noted; the example's matching rows are not."""
+    from blochflow.data import example_path
+
+    text = Path(example_path("quartz", "quartz_kinematical.cif")).read_text()
+    assert not [n for n in read_structure(example_path("quartz", "quartz_kinematical.cif")).notes if "aniso_type" in n]
+    p = tmp_path / "odd.cif"
+    p.write_text(text.replace(" O1 O 0.017(2)", " O1 Si 0.017(2)"))
+    rec = read_structure(p)
+    assert [a.element for a in rec.atoms] == ["Si", "O"]
+    assert any("_atom_site_aniso_type_symbol disagrees with the atom's type: O1 'Si' (atom: O)" in n for n in rec.notes)

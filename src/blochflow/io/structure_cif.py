@@ -314,6 +314,14 @@ def read_structure(path: str | Path) -> StructureRecord:
         assembly, group = (_code(v[i]) if len(v) else "" for v in (assemblies, groups))
         atoms.append(AtomRecord(label, element, tuple(xyz), float(min(occ, 1.0)), float(u_iso), u_aniso,
                                 assembly if group else "", group))
+    aniso_types = block.find(["_atom_site_aniso_label", "_atom_site_aniso_type_symbol"])
+    own = {a.label: a.element for a in atoms}
+    odd_type = [f"{lab} '{typ}' (atom: {own[lab]})" for lab, typ in
+                ((gemmi.cif.as_string(r[0]), gemmi.cif.as_string(r[1])) for r in aniso_types)
+                if lab in own and typ not in ("", "?", ".") and _element_symbol(typ) not in (None, own[lab])]
+    if odd_type:  # rows from another model, or a column shifted by a script
+        notes.append(f"_atom_site_aniso_type_symbol disagrees with the atom's type: {_first_few(odd_type)}; each "
+                     f"atom's own type was used")
     if odd_adp:  # the ADPs are read from the U/B items alone; a column shifted by a script shows here
         notes.append(f"_atom_site_adp_type not as the ADPs read: {_first_few(odd_adp)}; the U_iso / aniso items were used")
     if ionic:

@@ -15,8 +15,9 @@ import torch
 
 from blochflow.cli import main
 from blochflow.crystal import cell as cellmod
-from blochflow.crystal.structure import displaced
+from blochflow.crystal.structure import crystal_from_record, displaced
 from blochflow.io.pets import read_pets, select_frames
+from blochflow.io.structure_cif import read_structure
 from blochflow.physics.workers import fixed_workers
 from blochflow.refine.problem import equivalence_keys, free_set_mask
 from blochflow.refine.run import Interrupted, build_problem, refine
@@ -1900,3 +1901,30 @@ def test_the_axis_search_is_suggested_where_neighbours_jump(small_dataset, truth
     calm = axis_jumps(result, frames(0.05 * (-1.0) ** np.arange(n), 0.1))
     assert calm == {"pairs": n - 1, "jumps": 0} and axis_search_note(calm, settings) is None
     assert axis_search_note(jumping, dataclasses.replace(settings, axis_search=True)) is None
+
+
+def test_a_dry_run_of_a_problem_too_large_to_time_extrapolates_without_solving(small_dataset, quartz_paths, monkeypatch):
+    """Where one solve would take longer than PROBE_SAMPLE_S, the dry run neither scans the start thickness
+    nor times a sample: the pass comes from the rate of a small eigendecomposition scaled by N^3, the Jacobian
+    as that pass plus one product per tangent, and no solve of the problem runs."""
+    from blochflow.physics import diffraction
+    from blochflow.refine import cost
+
+    _, _, data = small_dataset
+    crystal = crystal_from_record(read_structure(quartz_paths[0]))
+    settings = RefineSettings(n_samples=2, samples_per_fringe=0.0)
+    monkeypatch.setattr(cost, "PROBE_SAMPLE_S", 1e-12)
+    monkeypatch.setattr(diffraction, "PROBE_SAMPLE_S", 1e-12)
+
+    def no_solve(*args, **kwargs):
+        raise AssertionError("a solve of the problem ran")
+
+    monkeypatch.setattr(diffraction, "_chunk_intensities", no_solve)
+    monkeypatch.setattr(diffraction, "_piece_intensities", no_solve)
+    lines = []
+    est = cost.estimate_cost(crystal, read_pets(data), settings, lines.append)
+    assert any(line.startswith("start thickness not scanned") for line in lines)
+    rate = diffraction.eigh_seconds_per_n3(torch.complex64, torch.device("cpu"))
+    work = sum(ch.hkl.shape[0] * float(ch.hkl.shape[1]) ** 3 for ch in est.problem.model.plan.chunks)
+    assert 0.2 < est.forward_s / (rate * work / diffraction._workers(est.problem.model.plan)) < 5
+    assert est.jacobian_s > est.forward_s and "extrapolated" in est.summary() and "a lower bound" in est.summary()

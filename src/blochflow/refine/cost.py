@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from ..crystal.structure import Crystal
-from ..io.pets import frame_selection, select_frames
+from ..io.pets import frame_selection, select_frames, with_wavelength
+from ..physics.diffraction import PROBE_BEAMS, PROBE_SAMPLE_S, eigh_seconds_per_n3
+from .model import ForwardModel
 from .problem import RefinementProblem
 from .run import build_problem, format_duration, refined_index
 from .settings import RefineSettings, precision_dtype
@@ -49,6 +51,8 @@ class CostEstimate:
     def summary(self, hands: int = 1) -> str:
         """The dry run's closing line."""
         how = f" (timed on {self.timed_on}, scaled to the whole data by the solves' work)" if self.timed_on else ""
+        if self.timed_on.startswith("extrapolated"):
+            how = f" ({self.timed_on})"
         step, (few, many) = self.lm_iteration_s, LM_ITERATIONS
         return (f"dry run: a forward pass {format_duration(self.forward_s)}, a Jacobian of {self.n_refined} refined "
                 f"parameters {format_duration(self.jacobian_s)}{how}: an LM iteration about {format_duration(step)}. "
@@ -100,6 +104,13 @@ def estimate_cost(crystal: Crystal, dataset, settings: RefineSettings,
             t2 = time.perf_counter()
         return np.array([t1 - t0, t2 - t1])
 
+    # a problem whose single solve takes minutes is neither scanned nor timed: its cost is extrapolated
+    first = ForwardModel(crystal, with_wavelength(select_frames(dataset, spread(START_FRAMES)), settings.wavelength),
+                         settings.model_settings())
+    largest = float(first.plan.n_beams.max(initial=1))
+    eigh_rate = eigh_seconds_per_n3(torch.complex64, first.device)
+    if eigh_rate * largest ** 3 > PROBE_SAMPLE_S:
+        return _extrapolated(crystal, dataset, settings, build, largest, eigh_rate, log)
     if settings.thickness == "auto":  # as the whole data's scan would find it, from these frames
         part = build(spread(START_FRAMES), settings)
         with torch.no_grad():
@@ -127,3 +138,45 @@ def estimate_cost(crystal: Crystal, dataset, settings: RefineSettings,
             timed_on = f"frame {dataset.frames.ids[median][0]} at {samples} tilt samples"
         forward, jacobian = timed(part) * work(problem) / max(work(part), 1.0)
     return CostEstimate(problem, float(forward), float(jacobian), len(refined_index(problem, settings)), timed_on)
+
+
+# the start thickness a dry run assumes when scanning it would take too long (a typical 3D-ED crystal; the
+# refinement scans it)
+NOMINAL_THICKNESS = 600.0
+
+
+def _extrapolated(crystal, dataset, settings, build, largest: float, eigh_rate: float, log) -> CostEstimate:
+    """The estimate of a problem too large to time a sample of: a pass from the rate of a PROBE_BEAMS-beam
+    eigendecomposition scaled by N^3 (solve_cost_probe does so too), a Jacobian as that pass plus one
+    N^3 product per tangent (the potential's and the frames' own: _fused_jvp), at the measured ratio of
+    a product to an eigendecomposition of that size. On the problems measured the Jacobians took 1-2.5x
+    such a figure (their gathers and propagation), so it is a lower bound."""
+    if settings.thickness == "auto":
+        settings = dataclasses.replace(settings, thickness=NOMINAL_THICKNESS)
+        log(f"start thickness not scanned: one solve of {largest:.0f} beams takes about "
+            f"{format_duration(eigh_rate * largest ** 3)} here; the estimate assumes {NOMINAL_THICKNESS:.0f} A (the "
+            f"refinement scans it)")
+    problem = build(np.ones(len(dataset.frames.ids), bool), settings, log)
+    forward = problem.model.pass_seconds_estimate()
+    n = PROBE_BEAMS
+    product_rate = eigh_seconds_per_n3(torch.complex64, problem.model.device, product=True)
+    tangents = _tangents(problem, refined_index(problem, settings))
+    jacobian = forward * (1 + tangents * product_rate / eigh_rate)
+    return CostEstimate(problem, float(forward), float(jacobian), len(refined_index(problem, settings)),
+                        f"extrapolated from a {n}-beam eigendecomposition and matrix product by N^3, the Jacobian as "
+                        f"a pass plus a product per each of its {tangents} tangents: a lower bound")
+
+
+def _tangents(problem: RefinementProblem, index) -> int:
+    """The directions a Jacobian of the parameters ``index`` pushes through the solver: one per global
+    parameter, one per column of a per-frame block (all frames at once)."""
+    wanted = torch.zeros(problem.n_params, dtype=torch.bool)
+    wanted[torch.as_tensor(index, dtype=torch.long)] = True
+    count = 0
+    for slot in problem.slots.values():
+        if slot.block.per_frame:
+            f, k = slot.block.shape
+            count += sum(bool(wanted[slot.start + torch.arange(f) * k + j].any()) for j in range(k))
+        else:
+            count += int(wanted[slot.start:slot.stop].sum())
+    return count

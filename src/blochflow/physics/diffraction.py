@@ -404,7 +404,7 @@ def eigh_seconds_per_n3(dtype: torch.dtype, device: torch.device, n: int = PROBE
     a = torch.randn(n, n, dtype=torch.float64, generator=g) + 1j * torch.randn(n, n, dtype=torch.float64, generator=g)
     a = ((a + a.mH) / 2).to(dtype if dtype.is_complex else torch.complex64).to(device)
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # a multithreaded eigh of this size is many times slower, not faster
+    torch.set_num_threads(1)  # as the workers solve; two threads gain nothing at this size and lose 80x on a busy core
     try:
         run = (lambda: a @ a) if product else (lambda: torch.linalg.eigh(a))
         run()  # allocations and library start-up

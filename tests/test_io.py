@@ -106,7 +106,7 @@ def test_cli_cell_mismatch(tmp_path, quartz_paths):
     cif = tmp_path / "big.cif"
     cif.write_text(quartz_paths[0].read_text().replace("_cell_length_c 5.40030", "_cell_length_c 6.0"))
     r = _cli("simulate", cif, quartz_paths[1], "--out", tmp_path / "o", "--thickness", "500")
-    assert r.returncode == 2 and "_cell_length_c" in r.stderr and "5 %" in r.stderr
+    assert r.returncode == 2 and "_cell_length_c" in r.stderr and "5 %" in r.stderr and "not of one crystal" in r.stderr
 
 
 def test_write_pets_refuses_to_overwrite(tmp_path, quartz_paths):

@@ -220,7 +220,8 @@ def _load(structure: str, data: str, *, refining: bool = False):
         off = 100 * abs(c - p) / abs(p) if length else abs(c - p)  # % or deg
         limit, note, unit = (5.0, 1.0, "%") if length else (3.0, 0.5, "deg")
         if off > limit:
-            raise InputError(structure, item, f"{c} differs from {p} in {data} by more than {limit:g} {unit}")
+            raise InputError(structure, item, f"{c} differs from {p} in {data} by more than {limit:g} {unit}: the "
+                             f"structure and the data are not of one crystal (or one file's cell is mistyped)")
         if off > note:
             print(f"warning: {structure}: {item} {c} differs from {p} in {data} by {off:.2g} {unit}; "
                   f"the data file's UB matrix sets the geometry, the structure's cell the scattering factors")

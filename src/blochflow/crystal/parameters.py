@@ -519,23 +519,24 @@ class StructureParameters:
             def su(m):
                 return np.sqrt(np.clip(np.diag(m), 0, None))
 
-            xyz_su, occ_su = su(c[:3, :3]), float(np.sqrt(max(c[3, 3], 0.0)))
-            uiso_su, uani_su = float(np.sqrt(max(w_eq @ cu @ w_eq, 0.0))), su(t6 @ cu @ t6.T)
             # an s.u. beyond the parameter's whole range: the data do not determine it (an atom of zero
             # occupancy, a parameter no scored reflection depends on); reported as such, written without s.u.
-            undetermined = [f"{lab}.{n}" for n, v in zip("xyz", xyz_su) if v > UNDETERMINED_SU["xyz"]]
-            if occ_su > UNDETERMINED_SU["occupancy"]:
+            xyz_su = determined(su(c[:3, :3]), "xyz")
+            occ_su = float(determined(np.sqrt(max(c[3, 3], 0.0)), "occupancy"))
+            uiso_su = float(determined(np.sqrt(max(w_eq @ cu @ w_eq, 0.0)), "adp"))
+            uani_su = determined(su(t6 @ cu @ t6.T), "adp")
+            undetermined = [f"{lab}.{n}" for n, v in zip("xyz", xyz_su) if np.isnan(v)]
+            if np.isnan(occ_su):
                 undetermined.append(f"{lab}.occ")
-            if (uani_su > UNDETERMINED_SU["adp"]).any() if aniso else uiso_su > UNDETERMINED_SU["adp"]:
+            if np.isnan(uani_su).any() if aniso else np.isnan(uiso_su):
                 undetermined.append(f"{lab}.U")
-            nan = float("nan")
             out.append(dict(
-                label=lab, xyz=xyz[a].tolist(), xyz_su=np.where(xyz_su > UNDETERMINED_SU["xyz"], nan, xyz_su).tolist(),
-                occupancy=float(occ[a]), occupancy_su=nan if occ_su > UNDETERMINED_SU["occupancy"] else occ_su,
+                label=lab, xyz=xyz[a].tolist(), xyz_su=xyz_su.tolist(),
+                occupancy=float(occ[a]), occupancy_su=occ_su,
                 adp_type="Uani" if aniso else "Uiso",
-                u_iso=float(w_eq @ u[a].ravel()), u_iso_su=nan if uiso_su > UNDETERMINED_SU["adp"] else uiso_su,
+                u_iso=float(w_eq @ u[a].ravel()), u_iso_su=uiso_su,
                 u_aniso=(t6 @ u[a].ravel()).tolist() if aniso else None,
-                u_aniso_su=np.where(uani_su > UNDETERMINED_SU["adp"], nan, uani_su).tolist() if aniso else None,
+                u_aniso_su=uani_su.tolist() if aniso else None,
                 undetermined=undetermined,
                 calc_flag="R" if a in self.riding else "",
                 symmetry_order=len(site_stabilizer(self.crystal.symmetry, xyz[a], 0.01, self.crystal.cell).rotations),
@@ -546,6 +547,12 @@ class StructureParameters:
 # s.u. beyond which a parameter is not determined by the data: half the cell in a fractional coordinate,
 # the whole range of an occupancy, 1 A^2 in a U (atoms vibrate by 0.01-0.1 A^2)
 UNDETERMINED_SU = {"xyz": 0.5, "occupancy": 1.0, "adp": 1.0}
+
+
+def determined(su, kind: str):
+    """The s.u. (a number or an array) with NaN where it exceeds UNDETERMINED_SU[kind]."""
+    su = np.asarray(su, dtype=float)
+    return np.where(su > UNDETERMINED_SU[kind], np.nan, su)
 
 
 def _add(const, coef, row, src, factor):

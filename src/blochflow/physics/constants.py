@@ -28,6 +28,8 @@ def lorentz_factor(wavelength_a: float) -> float:
 def interaction_prefactor(wavelength_a: float, volume_a3: float) -> float:
     """gamma / (pi Omega) (1/A^3): U_g = prefactor * sum_j f_j T_j exp(-2 pi i g.r_j), f in A."""
     return lorentz_factor(wavelength_a) / (math.pi * volume_a3)
+
+
 # The thickest crystal a setting or profile may give (A): 10 um, far beyond what fast electrons cross
 # (3D-ED crystals are 100-5000 A); larger values are unit mistakes, and their rocking integrals would
 # need millions of tilt samples

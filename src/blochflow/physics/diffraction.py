@@ -374,9 +374,11 @@ def solve_cost_probe(plan: DiffractionPlan, potential: torch.Tensor, potential_a
     torch.set_num_threads(1)
     try:
         # a sample of thousands of beams takes minutes: then the rate of a smaller eigendecomposition, scaled
-        per_n3 = eigh_seconds_per_n3(potential.dtype, plan.device)
-        if per_n3 * float(ch.hkl.shape[1]) ** 3 > PROBE_SAMPLE_S:
-            return per_n3
+        # (at most PROBE_BEAMS a sample costs less than that rate's own measurement)
+        if ch.hkl.shape[1] > PROBE_BEAMS:
+            per_n3 = seconds_per_n3(potential.dtype, plan.device)
+            if per_n3 * float(ch.hkl.shape[1]) ** 3 > PROBE_SAMPLE_S:
+                return per_n3
         with torch.no_grad():
             _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method, slice(0, 1))
             t0 = time.perf_counter()
@@ -395,18 +397,18 @@ PROBE_SAMPLE_S = 5.0
 PROBE_BEAMS = 256  # the size of the eigendecomposition that rate is taken from
 
 
-def eigh_seconds_per_n3(dtype: torch.dtype, device: torch.device, n: int = PROBE_BEAMS, product: bool = False) -> float:
-    """Seconds per N^3 of one Hermitian eigendecomposition (eigenvectors too) of an n x n matrix of
-    ``dtype`` (complex) here, on one thread as a pass's solver workers run: the rate a pass's solves
-    scale with (they are 81 % of a forward pass on the quartz example), for problems too large to time
-    a sample of. With ``product``, the rate of an n x n matrix product instead (a Jacobian's per tangent)."""
+def seconds_per_n3(dtype: torch.dtype, device: torch.device, n: int = PROBE_BEAMS, op: str = "eigh") -> float:
+    """Seconds per N^3 of one ``op`` on an n x n Hermitian matrix of ``dtype`` (complex) here, on one
+    thread as a pass's solver workers run, for problems too large to time a sample of: "eigh" (with
+    eigenvectors), the rate a pass's solves scale with (81 % of a forward pass on the quartz example),
+    or "product" (a matrix product: a Jacobian's work per tangent)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, dtype=torch.float64, generator=g) + 1j * torch.randn(n, n, dtype=torch.float64, generator=g)
     a = ((a + a.mH) / 2).to(dtype if dtype.is_complex else torch.complex64).to(device)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers solve; two threads gain nothing at this size and lose 80x on a busy core
     try:
-        run = (lambda: a @ a) if product else (lambda: torch.linalg.eigh(a))
+        run = {"eigh": lambda: torch.linalg.eigh(a), "product": lambda: a @ a}[op]
         run()  # allocations and library start-up
         t0 = time.perf_counter()
         run()

@@ -17,7 +17,7 @@ import torch
 
 from ..crystal.structure import Crystal
 from ..io.pets import frame_selection, select_frames, with_wavelength
-from ..physics.diffraction import PROBE_BEAMS, PROBE_SAMPLE_S, eigh_seconds_per_n3
+from ..physics.diffraction import PROBE_BEAMS, PROBE_SAMPLE_S, seconds_per_n3
 from .model import ForwardModel
 from .problem import RefinementProblem
 from .run import build_problem, format_duration, refined_index
@@ -108,7 +108,7 @@ def estimate_cost(crystal: Crystal, dataset, settings: RefineSettings,
     first = ForwardModel(crystal, with_wavelength(select_frames(dataset, spread(START_FRAMES)), settings.wavelength),
                          settings.model_settings())
     largest = float(first.plan.n_beams.max(initial=1))
-    eigh_rate = eigh_seconds_per_n3(torch.complex64, first.device)
+    eigh_rate = seconds_per_n3(torch.complex64, first.device) if largest > PROBE_BEAMS else 0.0
     if eigh_rate * largest ** 3 > PROBE_SAMPLE_S:
         return _extrapolated(crystal, dataset, settings, build, largest, eigh_rate, log)
     if settings.thickness == "auto":  # as the whole data's scan would find it, from these frames
@@ -158,13 +158,13 @@ def _extrapolated(crystal, dataset, settings, build, largest: float, eigh_rate: 
             f"refinement scans it)")
     problem = build(np.ones(len(dataset.frames.ids), bool), settings, log)
     forward = problem.model.pass_seconds_estimate()
-    n = PROBE_BEAMS
-    product_rate = eigh_seconds_per_n3(torch.complex64, problem.model.device, product=True)
-    tangents = _tangents(problem, refined_index(problem, settings))
+    product_rate = seconds_per_n3(torch.complex64, problem.model.device, op="product")
+    index = refined_index(problem, settings)
+    tangents = _tangents(problem, index)
     jacobian = forward * (1 + tangents * product_rate / eigh_rate)
-    return CostEstimate(problem, float(forward), float(jacobian), len(refined_index(problem, settings)),
-                        f"extrapolated from a {n}-beam eigendecomposition and matrix product by N^3, the Jacobian as "
-                        f"a pass plus a product per each of its {tangents} tangents: a lower bound")
+    return CostEstimate(problem, float(forward), float(jacobian), len(index),
+                        f"extrapolated from a {PROBE_BEAMS}-beam eigendecomposition and matrix product by N^3, the "
+                        f"Jacobian as a pass plus a product per each of its {tangents} tangents: a lower bound")
 
 
 def _tangents(problem: RefinementProblem, index) -> int:

@@ -594,6 +594,14 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     assert len(block.find_loop("_geom_angle")) == 7
     details = gemmi.cif.as_string(block.find_value("_refine_special_details"))
     assert "unmerged intensities" in details and "hydrogen" not in details.lower()  # quartz has no H to describe
+    # the residual density: the F_o - F_c map's extremes, as in summary.json and its map file
+    residual = summary["residual_potential"]
+    assert float(block.find_value("_refine_diff_density_max")) == pytest.approx(residual["max"], abs=6e-4)
+    assert float(block.find_value("_refine_diff_density_min")) == pytest.approx(residual["min"], abs=6e-4)
+    assert float(block.find_value("_refine_diff_density_rms")) == pytest.approx(residual["rms"], abs=6e-4)
+    assert residual["min"] < 0 < residual["max"] and "_refine_diff_density" in details.replace("\n", " ")
+    grid = np.array(gemmi.read_ccp4_map(str(out / residual["file"])).grid, copy=False)
+    assert grid.max() == pytest.approx(residual["max"], rel=1e-5) and grid.min() == pytest.approx(residual["min"], rel=1e-5)
     # the counts: every listed reflection-frame row, the work rows refined, the orientation priors as restraints
     fcf = gemmi.cif.read(str(out / "reflections.fcf")).sole_block()
     status = list(fcf.find_loop("_refln_refinement_status"))

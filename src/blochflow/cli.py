@@ -34,7 +34,7 @@ REFINE_EXAMPLES = {"quartz": ("quartz_kinematical.cif", "quartz.cif_pets",
 # what each command writes in --out: a folder holding any of these is refused unless the user says
 # --overwrite (or --resume, for refine's own run); the user's files of the same names are never replaced unasked
 REFINE_OUTPUTS = ("summary.json", "refined.cif", "reflections.fcf", "frames.csv", "frame_model.json", "fo_fc.svg",
-                  "thickness.svg", "difference_map.ccp4", "refine.log", "checkpoint.pt", "inverted")
+                  "thickness.svg", "difference_map.ccp4", "residual_potential.ccp4", "refine.log", "checkpoint.pt", "inverted")
 SIMULATE_OUTPUTS = ("summary.json", "reflections.csv")
 
 
@@ -728,6 +728,7 @@ def _refine_hands(args, crystal, ds, structure, data, settings, out, checkpoint,
             log(f"  dataset {d['dataset']} ({d['path']}, {d['n_frames']} frames): R_obs {d['R_obs']:.4f}  "
                 f"wR2 {d['wR2']:.4f}  {d['n_all']} work reflections")
         for note in (disorder_line(summ["disorder"]), *rigid_bond_lines(summ["rigid_bond_test"]),
+                     residual_potential_line(summ["residual_potential"]),
                      *difference_map_lines(summ["difference_map"]),
                      axis_search_note(summ["axis_jumps"], settings),
                      determinacy_warning(summ["n_all"], summ["n_params"]),
@@ -784,6 +785,23 @@ def disorder_line(groups: list[dict]) -> str | None:
     return "disorder occupancies: " + ", ".join(
         f"{g['assembly'] + ':' if g['assembly'] else ''}{g['group']} ({g['atoms'][0]}...) "
         f"{format_su(g['occupancy'], g['occupancy_su'] or None)}" for g in groups)
+
+
+def residual_potential_line(res: dict | None) -> str:
+    """The F_o - F_c Fourier map's extremes (refined.cif's residual density), with where they lie."""
+    if not res:
+        return ""
+    if "error" in res:
+        return f"warning: the residual potential map could not be made ({res['error']}); every other output is written"
+
+    def where(q):
+        return f" at {q['xyz'][0]:.4f} {q['xyz'][1]:.4f} {q['xyz'][2]:.4f}, {q['distance']:.2f} A from {q['nearest']}"
+
+    top, hole = (res["peaks"] or [None])[0], (res["holes"] or [None])[0]
+    return (f"residual potential ({res['file']}; F_o - F_c Fourier with dynamically corrected F_o, "
+            f"{res['n_unique']} unique reflections, A^-2 as refined.cif's _refine_diff_density_*): max "
+            f"{res['max']:.3f}{where(top) if top else ''}; min {res['min']:.3f}{where(hole) if hole else ''}; "
+            f"rms {res['rms']:.3f}")
 
 
 def difference_map_lines(diff: dict | None, shown: int = 3) -> list[str]:

@@ -118,6 +118,8 @@ class RefinementSummary:
     restrained_s: float | None = None  # _refine_ls_restrained_S_all: GoF with the restraint and prior rows
     d_min: float | None = None  # A, the highest resolution of the scored reflections
     refinement_details: str = ""  # opens _refine_special_details: what the observations and parameters are
+    # residual potential (max, min, rms) of the F_o - F_c Fourier map, A^-2 (report.difference_map)
+    diff_density: tuple | None = None
 
 
 def u_equiv(cell, u_aniso) -> float:
@@ -235,7 +237,8 @@ def format_refined_cif(block_name: str, summary: RefinementSummary, atoms: list[
             f"_refine_ls_goodness_of_fit_ref {format_plain(s.gof)}",
             *([] if s.restrained_s is None else [f"_refine_ls_restrained_S_all {format_plain(s.restrained_s)}"]),
             f"_refine_ls_shift/su_max {format_plain(s.max_shift_su)}", "_refine_ls_extinction_method none",
-            "_refine_diff_density_max ?", "_refine_diff_density_min ?"]
+            *([f"_refine_diff_density_{n} {v:.3f}" for n, v in zip(("max", "min", "rms"), s.diff_density)]
+              if s.diff_density else ["_refine_diff_density_max ?", "_refine_diff_density_min ?"])]
     if s.abs_structure:
         out += ["_refine_ls_abs_structure_details", ";", *s.abs_structure.splitlines(), ";"]
     details = "\n".join(t for t in (s.refinement_details, s.special_details) if t)

@@ -12,6 +12,14 @@ each of the 12 highest peaks is then tried: a hydrogen placed there (U_iso 0.03 
 fitted by one Gauss-Newton step along its potential (a forward-mode tangent through the model), gives
 the fall of chi^2 an atom there would bring. Peaks are ranked by that fall; the map is given in units
 of its rms (sigma), as map viewers show it.
+
+The CIF's residual density (_refine_diff_density_max/min/rms) is the conventional map a kinematical
+program gives, on the same absolute scale: :func:`residual_potential_map` is the Fourier synthesis of
+F_o - F_c with the model's phases, where F_c is the model's kinematical structure factor (electron
+scattering factors in A) and F_o is its dynamically corrected observed counterpart,
+|F_o| = |F_c| sqrt(y), y the least-squares ratio of observed to calculated (dynamical, frame-scaled)
+intensities over a reflection's symmetry equivalents and frames. In the kinematical limit y is
+|F_obs|^2 / |F_c|^2 and the map is the usual difference Fourier map.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from ..physics.diffraction import simulate_frames_jvp
 from ..physics.plan import frame_subplan
 from ..physics.structure_factors import crystal_potential, potential_plan
 from ..refine.objective import klar_weights
+from ..refine.problem import equivalence_keys
 
 PROBE_U_ISO = 0.03  # A^2, the trial hydrogen's
 # structure-matrix elements (samples x beams^2) per reverse pass of the gradient: paracetamol's 402 beams at
@@ -84,6 +93,62 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k,
                "weight": w, "chi2": float(chi2)}
     return values / rms if rms > 0 else values, context
+
+
+def residual_potential_map(problem, theta: torch.Tensor, ic: torch.Tensor | None = None,
+                           spacing_A: float = 0.25) -> tuple[np.ndarray, dict]:
+    """The residual potential (A^-2: structure factors in A over the cell volume in A^3, what kinematical
+    programs report for electron data as residual density) on a grid over the cell, and its summary:
+    max, min, rms, the number of unique reflections in it, its highest peaks and deepest holes.
+
+    Each Laue-class group of work reflections gives y = sum w kIc Io / sum w (kIc)^2 over its members
+    (Klar weights, frame scales k at theta; ``ic`` the model's intensities at theta when known), the
+    ratio a kinematical |F_o|^2 / |F_c|^2 would have; every equivalent h of the group then contributes
+    (sqrt(max(y, 0)) - 1) F_c(h) exp(2 pi i h.x) / V, F_c(h) the model's elastic kinematical structure
+    factor. Free reflections stay out of the map, as of the fit."""
+    model = problem.model
+    theta = torch.as_tensor(theta, dtype=torch.float64).detach()
+    raw = {k: v.detach() for k, v in problem.split(theta).items()}
+    with torch.no_grad():
+        ic = problem.intensities(theta) if ic is None else ic.detach()
+        xyz, occ, u_frac = problem.structure.physical(raw["structure"])
+    ic = ic.to(torch.float64)
+    kic = (problem.scales(ic).detach()[model.frame] * ic).cpu().numpy()
+    w = klar_weights(model.io, model.sigma, model.settings.instability).cpu().numpy()
+    io, work = model.io.cpu().numpy(), problem.work.cpu().numpy()
+    crystal = problem.structure.crystal_at(raw["structure"])
+    sym = crystal.symmetry
+    hkl = np.asarray(model.plan.scored.hkl, np.int64)[work]
+    keys, member = np.unique(equivalence_keys(hkl, sym.rotations), axis=0, return_inverse=True)
+    member = member.reshape(-1)
+    num = np.bincount(member, (w * kic * io)[work], len(keys))
+    den = np.bincount(member, (w * kic ** 2)[work], len(keys))
+    has = den > 0
+    keys, ratio = keys[has], np.where(has, num / np.where(has, den, 1.0), 0.0)[has]
+    # every equivalent of each group (point group with inversion: a real map), once
+    ops = np.concatenate([sym.rotations, -sym.rotations]).astype(np.int64)
+    images = np.einsum("gj,sji->gsi", keys, ops).reshape(-1, 3)
+    orders, first = np.unique(images, axis=0, return_index=True)
+    group_ratio = np.repeat(ratio, len(ops))[first]
+    fplan = potential_plan(orders, model.crystal, model.dataset.wavelength)
+    with torch.no_grad():
+        u_g, _ = crystal_potential(fplan, xyz, occ, u_frac)
+    f_calc = u_g.cpu().numpy() / fplan.prefactor  # A, about the potential's origin
+    centre = sym.inversion_centre()
+    if centre is not None:  # the potential is taken about the inversion centre: back to the cell's origin
+        f_calc = f_calc * np.exp(-2j * np.pi * (orders @ np.asarray(centre, float)))
+    coef = (np.sqrt(np.clip(group_ratio, 0.0, None)) - 1.0) * f_calc / crystal.volume
+    a = cellmod.direct_basis(crystal.cell)
+    n = [max(2 * int(np.abs(orders[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
+         for i in range(3)]
+    grid = np.zeros(n, complex)
+    np.add.at(grid, tuple((orders % n).T), coef)
+    values = np.real(np.fft.ifftn(grid)) * grid.size
+    summary = {"max": float(values.max()), "min": float(values.min()), "rms": float(np.sqrt(np.mean(values ** 2))),
+               "units": "A^-2", "n_unique": int(len(keys)),
+               "peaks": map_peaks(values, crystal, 3),
+               "holes": [{**q, "height": -q["height"]} for q in map_peaks(-values, crystal, 3)]}
+    return values, summary
 
 
 def symmetrised_coefficients(hkl: np.ndarray, coef: np.ndarray, rotations: np.ndarray, translations: np.ndarray

@@ -20,7 +20,7 @@ from ..refine.objective import data_chi2, figures_of_merit, klar_weights
 from ..refine.problem import equivalence_keys
 from ..refine.frame_search import rotation_order
 from ..refine.run import RefinementResult
-from .difference_map import difference_map, write_map
+from .difference_map import difference_map, residual_potential_map, write_map
 from .plots import fo_fc_svg, thickness_svg
 
 
@@ -207,7 +207,7 @@ def abs_structure_details(hands: dict | None, inverted: bool, centrosymmetric: b
             f"{' (this one).' if hands['chosen'] == this else ' (the other file).'}", width=78)
 
 
-def refinement_details(result: RefinementResult, n_params: int, prior_rows: int) -> str:
+def refinement_details(result: RefinementResult, n_params: int, prior_rows: int, residual: bool = False) -> str:
     """The opening of _refine_special_details: what the observations are (unmerged intensities, one per
     reflection and frame, fitted by dynamical theory), how the parameters split between the structure
     and the frames, the free set and the frames' priors, so the counts of the CIF read right."""
@@ -227,7 +227,12 @@ def refinement_details(result: RefinementResult, n_params: int, prior_rows: int)
                f"(R_free in _blochflow_refine_R_free; _refln_refinement_status excl in the fcf)." if n_free else "")
             + (f" {n_hold} pairs on held-out frames are left out too." if n_hold else "")
             + (f" The restraints include {prior_rows} prior rows of the frame model ({'; '.join(priors)}), counted in "
-               f"_refine_ls_restrained_S_all and in the s.u." if prior_rows else ""))
+               f"_refine_ls_restrained_S_all and in the s.u." if prior_rows else "")
+            + (" _refine_diff_density_* are of the F_o - F_c Fourier map of the electrostatic potential in A^-2 "
+               "(electron scattering factors in A over the cell volume, as kinematical programs give electron data), "
+               "with the model's kinematical F_c and phases and |F_o| = |F_c| (I_o / I_c)^1/2^, the least-squares "
+               "ratio of observed to dynamically calculated intensities over a reflection's equivalents and frames "
+               "(residual_potential.ccp4)." if residual else ""))
     return textwrap.fill(text, width=100)
 
 
@@ -266,12 +271,19 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     n_restraints = restraint_rows(pr.restraints) + prior_rows
     chi2 = data_chi2(fig, n_params)
     restrained_s = float(np.sqrt((chi2 + prior_cost) / max(fig.n_all + n_restraints - n_params, 1)))
+    try:  # the F_o - F_c Fourier map, the CIF's residual density (a derived product: never loses the run)
+        res_values, residual = residual_potential_map(pr, result.theta, result.ic)
+        write_map(out / "residual_potential.ccp4", res_values, crystal.cell)
+        residual["file"] = "residual_potential.ccp4"
+    except Exception as exc:  # noqa: BLE001
+        residual = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     summary_cif = RefinementSummary(
         cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,
         wavelength=pr.model.dataset.wavelength, r_obs=fig.R_obs, wr2=fig.wR2, gof=fig.GoF,
         n_reflections=fig.n_all, n_obs=fig.n_obs, n_params=n_params, n_restraints=n_restraints,
         restrained_s=restrained_s if n_restraints else None,
-        refinement_details=refinement_details(result, n_params, prior_rows),
+        refinement_details=refinement_details(result, n_params, prior_rows, residual="error" not in residual),
+        diff_density=None if "error" in residual else (residual["max"], residual["min"], residual["rms"]),
         max_shift_su=result.lm.max_shift_su, r_free=None if ffree is None else ffree.R_obs, thickness=mean_t,
         r_all=fig.R_all, weighting=f"w = 1/[sigma^2^(Io) + ({pr.model.settings.instability:g} Io)^2^]",
         special_details="\n".join(t for t in (pr.structure.hydrogen_details(), pr.structure.disorder_details()) if t),
@@ -355,6 +367,7 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
                       "set": k} for assembly, group, members, param, k in pr.structure.disorder_parts],
         "rigid_bond_test": rigid,
         "difference_map": diff,
+        "residual_potential": residual,
         "datasets": dataset_figures(result, scales),
         "axis_jumps": axis_jumps(result, frames),
         "adp_at_bound": [atoms_su[a]["label"] for a in pr.structure.adp_at_bound(result.theta[:n_s])],

@@ -562,6 +562,7 @@ def test_refine_command_writes_every_output(small_dataset, quartz_paths, tmp_pat
     assert summary["iterations"] == {"adam": 2, "lm": 1}  # the flag overrides the config file
     logged = (out / "refine.log").read_text()  # every message as a plain line, the final summary included
     assert "adam    2/2" in logged and "lm      1/1" in logged and "model: R_obs" in logged
+    assert "residual potential (residual_potential.ccp4; F_o - F_c Fourier" in logged
     assert summary["device"] == "cpu"  # where the solves ran (the default)
     check = summary["integration"]  # the final model at twice the samples: 2 tilts are far from converged
     assert check["samples_per_frame_min"] == check["samples_per_frame_max"] == 2

@@ -170,3 +170,37 @@ def test_proportional_absorption():
     kappa = torch.tensor(0.1, requires_grad=True)
     proportional_absorption(torch.tensor([2.0, 3.0]), kappa).sum().backward()
     assert kappa.grad.item() == pytest.approx(5.0)
+
+
+def test_crystal_tds_potential_is_the_atoms_absorptive_factors_with_their_debye_waller_factors():
+    """The crystal's absorptive potential assembled by ``crystal_potential`` ('tds'): for two atoms in P1,
+    U'_g = gamma / (pi V) sum_j occ_j f'_j(g, U_j) exp(-2 pi^2 U_j g^2) exp(-2 pi i g.x_j), each atom's
+    absorptive factor at its own U, written out here; the elastic U_g the same with f. A 5x U' had
+    passed every other test (audit)."""
+    from blochflow.crystal import cell as cellmod
+    from blochflow.crystal.structure import AsymmetricUnit, Crystal, SymmetryOps
+    from blochflow.physics.constants import lorentz_factor
+    from blochflow.physics.structure_factors import crystal_potential, potential_plan
+
+    cell = (5.1, 6.2, 7.3, 90.0, 101.0, 90.0)
+    xyz = torch.tensor([[0.1, 0.2, 0.3], [0.55, 0.35, 0.8]], dtype=F64)
+    occ = torch.tensor([1.0, 0.7], dtype=F64)
+    u_iso = [0.008, 0.021]
+    asu = AsymmetricUnit(["Si1", "O1"], ["Si", "O"], xyz, occ,
+                         torch.tensor(np.array([cellmod.u_iso_to_frac(u, cell) for u in u_iso])), [False, False])
+    crystal = Crystal(cell, SymmetryOps.from_triplets(["x,y,z"]), asu)
+    hkl = np.array([[0, 0, 0], [1, 0, 0], [0, 2, -1], [2, -1, 3], [-3, 1, 2]])
+    plan = potential_plan(hkl, crystal, LAMBDA_200KV)
+    u_el, u_abs = crystal_potential(plan, xyz, occ, asu.u_frac, absorption="tds")
+    g = torch.as_tensor(np.linalg.norm(hkl @ cellmod.reciprocal_basis(cell).T, axis=1))
+    pref = lorentz_factor(LAMBDA_200KV) / (math.pi * cellmod.cell_volume(cell))
+    want_el = torch.zeros(len(hkl), dtype=torch.complex128)
+    want_abs = torch.zeros(len(hkl), dtype=torch.complex128)
+    for j, (z, u) in enumerate(((14, u_iso[0]), (8, u_iso[1]))):
+        phase = torch.exp(-2j * math.pi * (torch.as_tensor(hkl, dtype=F64) @ xyz[j])) * occ[j]
+        dw = torch.exp(-2 * math.pi ** 2 * u * g ** 2)
+        want_el += pref * electron_scattering_factor(torch.tensor(z), g) * dw * phase
+        want_abs += pref * fabs(z, g, u) * dw * phase
+    assert torch.allclose(u_el, want_el, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(u_abs, want_abs, rtol=1e-10, atol=1e-14)
+    assert float(u_abs[0].real / u_el[0].real) == pytest.approx(0.01, rel=0.9)  # a percent or so, as for Si

@@ -17,7 +17,7 @@ from blochflow.io.structure_cif import read_structure
 from blochflow.io.writers import atomic_write_text
 from blochflow.report.plots import fo_fc_svg, thickness_svg
 
-QUARTZ = Path(__file__).parents[2] / "shared" / "data" / "quartz" / "experimental" / "quartz_reference.cif"
+QUARTZ = Path(__file__).parents[1] / "src" / "blochflow" / "data" / "examples" / "quartz" / "quartz_reference.cif"  # bundled
 SVG = "{http://www.w3.org/2000/svg}"
 
 

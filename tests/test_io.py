@@ -9,6 +9,7 @@ import gemmi
 import numpy as np
 import pytest
 
+from blochflow.crystal.structure import crystal_from_record
 from blochflow.io.errors import InputError
 from blochflow.io.pets import read_pets
 from blochflow.io.structure_cif import read_structure
@@ -187,8 +188,12 @@ def test_atom_table_errors(tmp_path, quartz_paths, old, new, message):
             p.write_text(text.replace("O1 0.013019 0.019950 0.016200 0.004034 -0.002570 0.009504\n", ""))
             with pytest.raises(InputError, match="U_iso -0.02 is negative"):
                 read_structure(p)
-        else:
-            read_structure(p)
+        else:  # Si1's U is its aniso row's, as in the unchanged file, whatever its Uiso column says
+            original = next(a for a in read_structure(quartz_paths[0]).atoms if a.label == "Si1")
+            si = next(a for a in read_structure(p).atoms if a.label == "Si1")
+            assert si.u_aniso is not None and si.u_aniso == pytest.approx(original.u_aniso, abs=1e-12)
+            assert np.allclose(crystal_from_record(read_structure(p)).asu.u_frac[0],
+                               crystal_from_record(read_structure(quartz_paths[0])).asu.u_frac[0], atol=1e-15)
         return
     with pytest.raises(InputError, match=message):
         read_structure(p)

@@ -316,6 +316,10 @@ def test_simulate_writes_data_from_a_weighted_thickness_table(small_dataset, qua
     coef, *_ = np.linalg.lstsq(basis, mix, rcond=None)
     assert np.max(np.abs(basis @ coef - mix)) < 1e-5 * mix.max()
     assert np.max(np.abs(thin / thin.max() - thick / thick.max())) > 0.05  # the two really differ
+    # the weights themselves: with the weights swapped the ratio of the two coefficients falls by (0.75/0.25)^2,
+    # whatever the files' own scales (equal or ignored weights would give 1)
+    swapped, *_ = np.linalg.lstsq(basis, make("swapped", [(300, 0.75), (900, 0.25)]), rcond=None)
+    assert (coef[1] / coef[0]) / (swapped[1] / swapped[0]) == pytest.approx(9.0, rel=1e-4)
 
 
 def test_learned_model_starts_from_a_per_frame_fit(quartz_paths, truth):

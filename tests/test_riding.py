@@ -594,3 +594,18 @@ def test_a_strongly_h_bonded_neighbours_h_does_not_raise_the_parents_u_factor():
     sp = StructureParameters(_crystal(atoms, ["x,y,z"]))
     assert sp.labels[sp.riding[5][0]] == "O1"
     assert sp.u_factor[3] == sp.u_factor[4] == 1.2 and sp.u_factor[5] == 1.5
+
+
+def test_a_hydrogen_too_far_to_ride_names_its_nearest_atom_and_the_remedies():
+    """A start whose H lies 1.5 A from its carbon (beyond riding_max_distance 1.3 A): the error names the H, the
+    nearest non-H atom and its distance, and the two ways on (a wider search, or free hydrogens, which work)."""
+    cell = (10.0, 10.0, 10.0, 90.0, 90.0, 90.0)
+    asu = AsymmetricUnit(["C1", "H1"], ["C", "H"], torch.tensor([[0.2, 0.2, 0.2], [0.35, 0.2, 0.2]], dtype=torch.float64),
+                         torch.ones(2, dtype=torch.float64),
+                         torch.tensor(np.array([cellmod.u_iso_to_frac(0.02, cell)] * 2)), [False, False])
+    crystal = Crystal(cell=cell, symmetry=SymmetryOps.from_triplets(["x,y,z"]), asu=asu)
+    with pytest.raises(ValueError, match=r"hydrogen H1: no non-H atom within 1.3 A to ride on \(the nearest, C1, is "
+                                         r"1.50 A away\); raise riding_max_distance .* or refine hydrogens free"):
+        StructureParameters(crystal)
+    assert StructureParameters(crystal, riding_max_A=1.6).riding[1][0] == 0  # rides on C1
+    StructureParameters(crystal, hydrogens="free")

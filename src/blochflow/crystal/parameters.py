@@ -229,8 +229,10 @@ class StructureParameters:
                 if d < best[0] and dis.together(h, j, bool(np.allclose(rot, np.eye(3)))):
                     best = (d, j, rot, tr)
             if best[0] > riding_max_A:
-                raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on "
-                                 "(riding_max_distance)")
+                near = "" if best[1] is None else f" (the nearest, {self.labels[best[1]]}, is {best[0]:.2f} A away)"
+                raise ValueError(f"hydrogen {self.labels[h]}: no non-H atom within {riding_max_A} A to ride on{near}; "
+                                 f"raise riding_max_distance (--set riding_max_distance=...) or refine hydrogens free "
+                                 f"(--hydrogens free)")
             _, j, rot, tr = best
             self.riding[h] = (j, rot, tr)  # parent image = rot @ x_parent + tr
         # H per parent and disorder group, symmetry images included (a methyl on a three-fold axis: 3, not 1);

@@ -77,22 +77,35 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     grad = pot.grad.detach().cpu().numpy()
     hkl = np.asarray(model.plan.potential_hkl)
     crystal = problem.structure.crystal_at(raw["structure"])
-    centre = crystal.symmetry.inversion_centre()
-    coef = -grad
-    if centre is not None:  # the model's potential is taken about the inversion centre: back to the origin
-        coef = coef * np.exp(-2j * np.pi * (hkl @ np.asarray(centre, float)))
+    coef = about_cell_origin(hkl, -grad, crystal)
     coef[np.all(hkl == 0, axis=1)] = 0.0
     orders, coef = symmetrised_coefficients(hkl, coef, crystal.symmetry.rotations, crystal.symmetry.translations)
-    a = cellmod.direct_basis(crystal.cell)
-    n = [max(2 * int(np.abs(orders[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
-         for i in range(3)]  # (the orders are closed under the symmetry: equal sizes on equivalent axes)
-    grid = np.zeros(n, complex)
-    np.add.at(grid, tuple((orders % n).T), coef)
-    values = np.real(np.fft.ifftn(grid)) * grid.size
+    values = fourier_synthesis(orders, coef, crystal.cell, spacing_A)
     rms = float(np.sqrt(np.mean(values ** 2)))
     context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k,
                "weight": w, "chi2": float(chi2)}
     return values / rms if rms > 0 else values, context
+
+
+def about_cell_origin(hkl: np.ndarray, coef: np.ndarray, crystal: Crystal) -> np.ndarray:
+    """Fourier coefficients over ``hkl`` of the model's potential (or of a function of it), which is taken
+    about the inversion centre where there is one (structure_factors.potential_plan), moved to the
+    cell's origin."""
+    centre = crystal.symmetry.inversion_centre()
+    if centre is None:
+        return coef
+    return coef * np.exp(-2j * np.pi * (np.asarray(hkl) @ np.asarray(centre, float)))
+
+
+def fourier_synthesis(orders: np.ndarray, coef: np.ndarray, cell, spacing_A: float) -> np.ndarray:
+    """Re sum_h c_h exp(2 pi i h.x) on a grid over the cell about ``spacing_A`` apart (finer where the
+    orders need it; orders closed under the symmetry give equal sizes on equivalent axes)."""
+    a = cellmod.direct_basis(cell)
+    n = [max(2 * int(np.abs(orders[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
+         for i in range(3)]
+    grid = np.zeros(n, complex)
+    np.add.at(grid, tuple((np.asarray(orders) % n).T), coef)
+    return np.real(np.fft.ifftn(grid)) * grid.size
 
 
 def residual_potential_map(problem, theta: torch.Tensor, ic: torch.Tensor | None = None,
@@ -133,17 +146,9 @@ def residual_potential_map(problem, theta: torch.Tensor, ic: torch.Tensor | None
     fplan = potential_plan(orders, model.crystal, model.dataset.wavelength)
     with torch.no_grad():
         u_g, _ = crystal_potential(fplan, xyz, occ, u_frac)
-    f_calc = u_g.cpu().numpy() / fplan.prefactor  # A, about the potential's origin
-    centre = sym.inversion_centre()
-    if centre is not None:  # the potential is taken about the inversion centre: back to the cell's origin
-        f_calc = f_calc * np.exp(-2j * np.pi * (orders @ np.asarray(centre, float)))
+    f_calc = about_cell_origin(orders, u_g.cpu().numpy() / fplan.prefactor, crystal)  # A
     coef = (np.sqrt(np.clip(group_ratio, 0.0, None)) - 1.0) * f_calc / crystal.volume
-    a = cellmod.direct_basis(crystal.cell)
-    n = [max(2 * int(np.abs(orders[:, i]).max(initial=0)) + 1, int(math.ceil(np.linalg.norm(a[:, i]) / spacing_A)))
-         for i in range(3)]
-    grid = np.zeros(n, complex)
-    np.add.at(grid, tuple((orders % n).T), coef)
-    values = np.real(np.fft.ifftn(grid)) * grid.size
+    values = fourier_synthesis(orders, coef, crystal.cell, spacing_A)
     summary = {"max": float(values.max()), "min": float(values.min()), "rms": float(np.sqrt(np.mean(values ** 2))),
                "units": "A^-2", "n_unique": int(len(keys)),
                "peaks": map_peaks(values, crystal, 3),

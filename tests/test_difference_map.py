@@ -161,7 +161,10 @@ def test_the_reverse_pass_in_batches_of_frames_gives_the_same_map(monkeypatch):
     whole, _ = dm.gradient_map(problem, problem.theta0)
     monkeypatch.setattr(dm, "REVERSE_BUDGET", 1.0)  # one frame a pass
     frame_by_frame, _ = dm.gradient_map(problem, problem.theta0)
-    assert np.allclose(frame_by_frame, whole, rtol=1e-9, atol=1e-9)
+    # the same map to single-precision rounding (the reverse pass solves in complex64; at the truth the
+    # gradient is a sum of noise-sized terms, so the order of the sums shows at ~1e-3 sigma); a frame left
+    # out moves it by about a sigma (1.1 when measured)
+    assert np.abs(frame_by_frame - whole).max() < 1e-2
 
 
 def test_a_failed_map_is_a_warning_not_a_lost_run(monkeypatch, small_dataset, quartz_paths, tmp_path, capsys):

@@ -61,8 +61,12 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     work = problem.work
     chi2 = torch.sum((w * (model.io - k * ic) ** 2)[work])
     # the reverse pass in batches of frames (chi^2 is a sum over frames once the scales are held), each
-    # holding at most REVERSE_BUDGET elements of structure matrices
-    pot = pot.detach().clone().requires_grad_(True)
+    # holding at most REVERSE_BUDGET elements of structure matrices; solved in single precision, as the
+    # Adam phase's gradients are (the map is read to a tenth of its rms)
+    decompositions = problem.decompositions_at(theta)  # the last pass's, when it was at theta: for the probes
+    pot = pot.detach().to(torch.complex64).requires_grad_(True)
+    pot_abs32 = None if pot_abs is None else pot_abs.to(torch.complex64)
+    state32 = state.to(torch.float32)
     per_frame = max(float(np.mean(model.samples_per_frame())) * model.n_beams_mean() ** 2, 1.0)
     step = max(1, int(REVERSE_BUDGET / per_frame))
     for first in range(0, model.n_frames, step):
@@ -72,9 +76,9 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
         if not bool(rows.any()):
             continue
         sub = frame_subplan(model.plan, frames)[0]
-        ic_b = model.intensities(state, potential=(pot, pot_abs), plan=sub)
+        ic_b = model.intensities(state32, potential=(pot, pot_abs32), plan=sub).to(torch.float64)
         torch.sum((w * (model.io - k * ic_b) ** 2)[rows]).backward()
-    grad = pot.grad.detach().cpu().numpy()
+    grad = pot.grad.detach().cpu().numpy().astype(np.complex128)
     hkl = np.asarray(model.plan.potential_hkl)
     crystal = problem.structure.crystal_at(raw["structure"])
     coef = about_cell_origin(hkl, -grad, crystal)
@@ -82,8 +86,8 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     orders, coef = symmetrised_coefficients(hkl, coef, crystal.symmetry.rotations, crystal.symmetry.translations)
     values = fourier_synthesis(orders, coef, crystal.cell, spacing_A)
     rms = float(np.sqrt(np.mean(values ** 2)))
-    context = {"crystal": crystal, "potential": (pot.detach(), pot_abs), "state": state, "hkl": hkl, "k": k,
-               "weight": w, "chi2": float(chi2)}
+    context = {"crystal": crystal, "potential": (pot.detach(), pot_abs32), "state": state32, "hkl": hkl, "k": k,
+               "weight": w, "chi2": float(chi2), "decompositions": decompositions}
     return values / rms if rms > 0 else values, context
 
 
@@ -229,10 +233,12 @@ def probe_peaks(problem, context: dict, peaks: list[dict]) -> list[dict]:
         d_pot, _ = crystal_potential(potential_plan(context["hkl"], probe, model.dataset.wavelength),
                                      probe.asu.xyz, probe.asu.occupancy, probe.asu.u_frac)
         tangents.append((d_pot.to(context["potential"][0].dtype), None, tuple(None for _ in context["state"].tensors())))
-    pot, pot_abs = context["potential"]
+    pot, pot_abs = context["potential"]  # (single precision, as the gradient; the last pass's decompositions when kept)
     with torch.no_grad():
         ic, d_ic = simulate_frames_jvp(model.plan, pot, pot_abs, context["state"], tangents,
-                                       absorption_method=model.settings.absorption_method)
+                                       absorption_method=model.settings.absorption_method,
+                                       decompositions=context.get("decompositions"))
+    ic, d_ic = ic.to(torch.float64), d_ic.to(torch.float64)
     work = problem.work
     k, w = context["k"][work], context["weight"][work]
     resid = (model.io - context["k"] * ic)[work]

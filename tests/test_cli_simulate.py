@@ -196,3 +196,13 @@ def test_a_spread_applies_to_a_profile_without_one_and_two_thickness_models_are_
         assert main([*base, "--out", str(tmp_path / "bad"), *extra]) == 2, extra
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_version(capsys):
+    import pytest
+
+    from blochflow import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"blochflow {__version__}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import __version__
 from .data import example_path
 from .io.errors import InputError
 from .physics.bloch import cuda_eigh_backend, fast_cuda_eigh_available
@@ -908,6 +909,7 @@ def _first_few(items, n: int = 10) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blochflow", description="Bloch-wave refinement of 3D-ED data")
+    p.add_argument("--version", action="version", version=f"blochflow {__version__}")
     p.add_argument("--threads", type=int, help="CPU threads for the Bloch solves (default: torch's, the cores)")
     p.add_argument("--device", default="cpu", help="where the Bloch solves run: cpu (default), cuda, cuda:N, or auto "
                                                    "(cuda when torch sees one and jax or cupy can solve there); "

@@ -374,11 +374,9 @@ def solve_cost_probe(plan: DiffractionPlan, potential: torch.Tensor, potential_a
     torch.set_num_threads(1)
     try:
         # a sample of thousands of beams takes minutes: then the rate of a smaller eigendecomposition, scaled
-        # (at most PROBE_BEAMS a sample costs less than that rate's own measurement)
-        if ch.hkl.shape[1] > PROBE_BEAMS:
-            per_n3 = seconds_per_n3(potential.dtype, plan.device)
-            if per_n3 * float(ch.hkl.shape[1]) ** 3 > PROBE_SAMPLE_S:
-                return per_n3
+        per_n3 = untimed_rate(ch.hkl.shape[1], potential.dtype, plan.device)
+        if per_n3 is not None:
+            return per_n3
         with torch.no_grad():
             _chunk_intensities(plan, ch, potential, potential_abs, state, absorption_method, slice(0, 1))
             t0 = time.perf_counter()
@@ -417,6 +415,16 @@ def seconds_per_n3(dtype: torch.dtype, device: torch.device, n: int = PROBE_BEAM
         return (time.perf_counter() - t0) / float(n) ** 3
     finally:
         torch.set_num_threads(previous)
+
+
+def untimed_rate(n_beams: float, dtype: torch.dtype, device: torch.device) -> float | None:
+    """For a problem whose solves reach ``n_beams``: the rate of :func:`seconds_per_n3` when one such solve
+    would take over PROBE_SAMPLE_S, too long to time a sample of; else None, and at most PROBE_BEAMS
+    beams the rate is not even measured (a sample costs less than its measurement)."""
+    if n_beams <= PROBE_BEAMS:
+        return None
+    rate = seconds_per_n3(dtype, device)
+    return rate if rate * float(n_beams) ** 3 > PROBE_SAMPLE_S else None
 
 
 def pass_seconds(plan: DiffractionPlan, per_n3: float, workers: int | None = None) -> float:

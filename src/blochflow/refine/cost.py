@@ -17,7 +17,7 @@ import torch
 
 from ..crystal.structure import Crystal
 from ..io.pets import frame_selection, select_frames, with_wavelength
-from ..physics.diffraction import PROBE_BEAMS, PROBE_SAMPLE_S, seconds_per_n3
+from ..physics.diffraction import PROBE_BEAMS, seconds_per_n3, untimed_rate
 from .model import ForwardModel
 from .problem import RefinementProblem
 from .run import build_problem, format_duration, refined_index
@@ -108,8 +108,8 @@ def estimate_cost(crystal: Crystal, dataset, settings: RefineSettings,
     first = ForwardModel(crystal, with_wavelength(select_frames(dataset, spread(START_FRAMES)), settings.wavelength),
                          settings.model_settings())
     largest = float(first.plan.n_beams.max(initial=1))
-    eigh_rate = seconds_per_n3(torch.complex64, first.device) if largest > PROBE_BEAMS else 0.0
-    if eigh_rate * largest ** 3 > PROBE_SAMPLE_S:
+    eigh_rate = untimed_rate(largest, torch.complex64, first.device)
+    if eigh_rate is not None:
         return _extrapolated(crystal, dataset, settings, build, largest, eigh_rate, log)
     if settings.thickness == "auto":  # as the whole data's scan would find it, from these frames
         part = build(spread(START_FRAMES), settings)

@@ -141,7 +141,7 @@ def residual_potential_map(problem, theta: torch.Tensor, ic: torch.Tensor | None
     num = np.bincount(member, (w * kic * io)[work], len(keys))
     den = np.bincount(member, (w * kic ** 2)[work], len(keys))
     has = den > 0
-    keys, ratio = keys[has], np.where(has, num / np.where(has, den, 1.0), 0.0)[has]
+    keys, ratio = keys[has], num[has] / den[has]
     # every equivalent of each group (point group with inversion: a real map), once
     ops = np.concatenate([sym.rotations, -sym.rotations]).astype(np.int64)
     images = np.einsum("gj,sji->gsi", keys, ops).reshape(-1, 3)

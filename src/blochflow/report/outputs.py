@@ -236,6 +236,18 @@ def refinement_details(result: RefinementResult, n_params: int, prior_rows: int,
     return textwrap.fill(text, width=100)
 
 
+def _map_file(path: Path, make, cell) -> dict:
+    """A derived map: ``make()`` gives (values, summary); the values are written to ``path`` and the summary
+    returned with its file name. Should it fail, the refinement's own outputs are still written: the
+    summary is then {"error": "Type: first line of the message"}."""
+    try:
+        values, summary = make()
+        write_map(path, values, cell)
+        return {**summary, "file": path.name}
+    except Exception as exc:  # noqa: BLE001 (any failure of a derived product is reported, not raised)
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+
 def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, data_path: str, settings,
                   extra: dict | None = None) -> dict:
     """Write every output file; returns the summary dictionary."""
@@ -271,12 +283,9 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     n_restraints = restraint_rows(pr.restraints) + prior_rows
     chi2 = data_chi2(fig, n_params)
     restrained_s = float(np.sqrt((chi2 + prior_cost) / max(fig.n_all + n_restraints - n_params, 1)))
-    try:  # the F_o - F_c Fourier map, the CIF's residual density (a derived product: never loses the run)
-        res_values, residual = residual_potential_map(pr, result.theta, result.ic)
-        write_map(out / "residual_potential.ccp4", res_values, crystal.cell)
-        residual["file"] = "residual_potential.ccp4"
-    except Exception as exc:  # noqa: BLE001
-        residual = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    # the F_o - F_c Fourier map: the CIF's residual density
+    residual = _map_file(out / "residual_potential.ccp4", lambda: residual_potential_map(pr, result.theta, result.ic),
+                         crystal.cell)
     summary_cif = RefinementSummary(
         cell=tuple(crystal.cell), space_group=_space_group_name(crystal), symops=symops,
         wavelength=pr.model.dataset.wavelength, r_obs=fig.R_obs, wr2=fig.wR2, gof=fig.GoF,
@@ -297,14 +306,8 @@ def write_outputs(result: RefinementResult, out: Path, *, structure_path: str, d
     write_refined_cif(out / "refined.cif", block, summary_cif, atoms, bonds=bonds, angles=angles,
                       hbonds=hbonds)
     rigid = rigid_bond_test(pr.structure, result.theta[:n_s], None if result.covariance is None else cov_s)
-    diff = None
-    if getattr(settings, "difference_map", False):
-        try:  # a derived product: should it fail, the refinement's own outputs are still written
-            values, diff = difference_map(pr, result.theta)
-            write_map(out / "difference_map.ccp4", values, crystal.cell)
-            diff["file"] = "difference_map.ccp4"
-        except Exception as exc:  # noqa: BLE001 (any failure of a derived product is reported, not raised)
-            diff = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    diff = (_map_file(out / "difference_map.ccp4", lambda: difference_map(pr, result.theta), crystal.cell)
+            if getattr(settings, "difference_map", False) else None)
 
     # reflections (all scored, with the work scales)
     kic = kic.numpy()

@@ -45,10 +45,12 @@ PROBE_U_ISO = 0.03  # A^2, the trial hydrogen's
 REVERSE_BUDGET = 1e7
 
 
-def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple[np.ndarray, dict]:
+def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25,
+                 dtype: torch.dtype = torch.complex64) -> tuple[np.ndarray, dict]:
     """D(x) on a grid (N1, N2, N3) over the cell (about ``spacing_A`` apart, finer where the
     potential's orders need it), in units of its rms; and what the probes need (potential, state,
-    residuals, weights)."""
+    residuals, weights). The solves run in ``dtype`` (complex64 by default; the tests compare it with
+    complex128)."""
     model = problem.model
     theta = torch.as_tensor(theta, dtype=torch.float64).detach()
     raw = {k: v.detach() for k, v in problem.split(theta).items()}
@@ -64,9 +66,9 @@ def gradient_map(problem, theta: torch.Tensor, spacing_A: float = 0.25) -> tuple
     # holding at most REVERSE_BUDGET elements of structure matrices; solved in single precision, as the
     # Adam phase's gradients are (the map is read to a tenth of its rms)
     decompositions = problem.decompositions_at(theta)  # the last pass's, when it was at theta: for the probes
-    pot = pot.detach().to(torch.complex64).requires_grad_(True)
-    pot_abs32 = None if pot_abs is None else pot_abs.to(torch.complex64)
-    state32 = state.to(torch.float32)
+    pot = pot.detach().to(dtype).requires_grad_(True)
+    pot_abs32 = None if pot_abs is None else pot_abs.to(dtype)
+    state32 = state.to(pot.real.dtype)
     per_frame = max(float(np.mean(model.samples_per_frame())) * model.n_beams_mean() ** 2, 1.0)
     step = max(1, int(REVERSE_BUDGET / per_frame))
     for first in range(0, model.n_frames, step):
